@@ -1,0 +1,54 @@
+//! Command line: one file per subcommand.
+
+mod check;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "memfabric",
+    version,
+    about = "Kernel-assisted page sharing for hypervisor hosts"
+)]
+pub struct Cli {
+    /// More logging (-v: debug, -vv: trace). RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    command: Commands,
+}
+
+#[derive(Subcommand)]
+enum Commands {
+    /// Load and attach every probe, report verifier instruction counts and attach status,
+    /// detach. Exits non-zero if any probe could not attach: the "does this kernel support
+    /// memfabric" check to run first.
+    Check(check::CheckArgs),
+}
+
+impl Cli {
+    pub fn run(self) -> anyhow::Result<ExitCode> {
+        match self.command {
+            Commands::Check(args) => check::run(args),
+        }
+    }
+}
+
+/// Human-readable logs on stderr; aya-log records from the probes arrive through the
+/// `log` bridge.
+pub fn init_logging(verbose: u8) {
+    use tracing_subscriber::{EnvFilter, util::SubscriberInitExt as _};
+    let default = match verbose {
+        0 => "info",
+        1 => "debug",
+        _ => "trace",
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .finish()
+        .try_init();
+}

@@ -1,0 +1,140 @@
+//! Which program attaches to which tracepoint, and which record fields it needs.
+
+use memfabric_common::Offsets;
+
+/// Where a required field's offset goes in [`Offsets`].
+type Slot = fn(&mut Offsets) -> &mut u32;
+
+/// A field a program reads from its tracepoint record.
+pub struct FieldSpec {
+    pub name: &'static str,
+    pub slot: Slot,
+    /// Optional fields may be missing; the program then falls back (documented per field).
+    pub optional: bool,
+}
+
+/// One program of the eBPF object and its default tracepoint.
+pub struct ProbeSpec {
+    /// Program (function) name in the eBPF object.
+    pub program: &'static str,
+    pub category: &'static str,
+    pub tracepoint: &'static str,
+    pub fields: &'static [FieldSpec],
+    /// What the operator loses without it.
+    pub signal: &'static str,
+}
+
+const fn field(name: &'static str, slot: Slot) -> FieldSpec {
+    FieldSpec {
+        name,
+        slot,
+        optional: false,
+    }
+}
+
+/// Every probe memfabric loads.
+pub const PROBES: &[ProbeSpec] = &[
+    ProbeSpec {
+        program: "page_fault_user",
+        category: "exceptions",
+        tracepoint: "page_fault_user",
+        fields: &[
+            field("address", |o| &mut o.pf_address),
+            field("error_code", |o| &mut o.pf_error_code),
+        ],
+        signal: "per-VM read/write faults, COW breaks and write heat",
+    },
+    ProbeSpec {
+        program: "kvm_page_fault",
+        category: "kvm",
+        tracepoint: "kvm_page_fault",
+        fields: &[field("error_code", |o| &mut o.kvm_error_code)],
+        signal: "KVM guest-physical faults",
+    },
+    ProbeSpec {
+        program: "ksm_merge_with_ksm_page",
+        category: "ksm",
+        tracepoint: "ksm_merge_with_ksm_page",
+        fields: &[
+            field("rmap_item", |o| &mut o.mwk_rmap_item),
+            field("mm", |o| &mut o.mwk_mm),
+            field("err", |o| &mut o.mwk_err),
+        ],
+        signal: "per-VM KSM merges and exact KSM COW breaks",
+    },
+    ProbeSpec {
+        program: "ksm_merge_one_page",
+        category: "ksm",
+        tracepoint: "ksm_merge_one_page",
+        fields: &[
+            field("mm", |o| &mut o.mop_mm),
+            field("err", |o| &mut o.mop_err),
+        ],
+        signal: "KSM zero-page merges",
+    },
+    ProbeSpec {
+        program: "ksm_remove_ksm_page",
+        category: "ksm",
+        tracepoint: "ksm_remove_ksm_page",
+        fields: &[],
+        signal: "KSM pages freed",
+    },
+    ProbeSpec {
+        program: "ksm_enter",
+        category: "ksm",
+        tracepoint: "ksm_enter",
+        fields: &[field("mm", |o| &mut o.enter_mm)],
+        signal: "early mm attribution of processes entering KSM",
+    },
+    ProbeSpec {
+        program: "sched_process_exit",
+        category: "sched",
+        tracepoint: "sched_process_exit",
+        fields: &[FieldSpec {
+            name: "group_dead",
+            slot: |o| &mut o.exit_group_dead,
+            // Without it the main thread's exit stands for the whole process's.
+            optional: true,
+        }],
+        signal: "tracked processes leaving the maps on exit",
+    },
+];
+
+/// The spec of `program`, if memfabric has such a program.
+pub fn find(program: &str) -> Option<&'static ProbeSpec> {
+    PROBES.iter().find(|p| p.program == program)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_are_distinct() {
+        let mut o = Offsets::MISSING;
+        let mut n = 0;
+        for p in PROBES {
+            for f in p.fields {
+                n += 1;
+                *(f.slot)(&mut o) = n;
+            }
+        }
+        let mut seen = std::collections::HashSet::new();
+        for p in PROBES {
+            for f in p.fields {
+                assert!(
+                    seen.insert(*(f.slot)(&mut o)),
+                    "{}.{} shares a slot",
+                    p.program,
+                    f.name
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn program_names_are_unique() {
+        let mut seen = std::collections::HashSet::new();
+        assert!(PROBES.iter().all(|p| seen.insert(p.program)));
+    }
+}

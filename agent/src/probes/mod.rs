@@ -1,0 +1,492 @@
+//! Loads memfabric's eBPF programs, attaches them to their tracepoints, keeps the set of
+//! tracked processes, and reads what the programs counted.
+//!
+//! A tracepoint or field this kernel lacks costs only its own signal: that program is
+//! reported unavailable and the rest load and run. The caller decides whether that is
+//! fatal (`memfabric check` says it is).
+
+pub mod catalog;
+
+use std::{
+    collections::BTreeMap,
+    fmt,
+    os::fd::AsRawFd as _,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap, MapData, PerCpuArray, RingBuf},
+    programs::TracePoint,
+};
+use memfabric_common::{
+    Counter, Event, OFFSETS_GLOBAL, Offsets, PageKey, TgidStats, event_kind, maps,
+};
+
+use crate::{kernel_btf, tracefs};
+
+/// `BPF_NOEXIST` from linux/bpf.h: insert only if the key is absent.
+const BPF_NOEXIST: u64 = 1;
+
+/// The eBPF object, built by build.rs (aya-build) from the `memfabric-ebpf` crate.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/memfabric"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error("memfabric's probes need root (CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN); run as root")]
+    NotRoot,
+    #[error(transparent)]
+    Tracefs(#[from] tracefs::TracefsError),
+    #[error(
+        "loading the eBPF object failed: {0}; the kernel needs CONFIG_BPF_SYSCALL and BTF, \
+         and the caller CAP_BPF"
+    )]
+    Load(#[source] aya::EbpfError),
+    #[error("the eBPF object has no program or map named {0} (agent and object out of step?)")]
+    MissingInObject(String),
+    #[error("BPF map {map}: {source}")]
+    Map {
+        map: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("no process with PID {0}")]
+    UnknownPid(u32),
+    #[error("unknown probe program {0:?}; known: {1}")]
+    UnknownProgram(String, String),
+    #[error("invalid tracepoint {0:?}: expected CATEGORY:NAME")]
+    BadTracepoint(String),
+}
+
+/// Options for [`Probes::load`].
+#[derive(Clone, Debug, Default)]
+pub struct LoadOptions {
+    /// Attach a program to another tracepoint than its default (program -> (category, name)),
+    /// for kernels that renamed one. `memfabric check --tracepoint` sets these.
+    pub tracepoints: BTreeMap<String, (String, String)>,
+}
+
+impl LoadOptions {
+    /// Parses `PROGRAM=CATEGORY:NAME` into an override.
+    pub fn add_override(&mut self, spec: &str) -> Result<(), ProbeError> {
+        let bad = || ProbeError::BadTracepoint(spec.to_owned());
+        let (program, tp) = spec.split_once('=').ok_or_else(bad)?;
+        let (category, name) = tp.split_once(':').ok_or_else(bad)?;
+        if category.is_empty() || name.is_empty() || category.contains('/') || name.contains('/') {
+            return Err(bad());
+        }
+        if catalog::find(program).is_none() {
+            let known: Vec<_> = catalog::PROBES.iter().map(|p| p.program).collect();
+            return Err(ProbeError::UnknownProgram(program.into(), known.join(", ")));
+        }
+        self.tracepoints
+            .insert(program.into(), (category.into(), name.into()));
+        Ok(())
+    }
+}
+
+/// What became of one program.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ProbeState {
+    /// Loaded (verified) and attached.
+    Attached { verified_insns: Option<u32> },
+    /// This kernel lacks the tracepoint or a field the program needs.
+    Unavailable(String),
+    /// The verifier or the attach refused it.
+    Failed(String),
+}
+
+#[derive(Clone, Debug)]
+pub struct ProbeStatus {
+    pub program: &'static str,
+    pub tracepoint: String,
+    pub signal: &'static str,
+    pub state: ProbeState,
+}
+
+impl ProbeStatus {
+    pub fn attached(&self) -> bool {
+        matches!(self.state, ProbeState::Attached { .. })
+    }
+}
+
+/// Global counters summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GlobalCounters {
+    pub events_dropped: u64,
+    pub ksm_merges: u64,
+    pub ksm_zero_merges: u64,
+    pub ksm_pages_removed: u64,
+    pub ksm_pages_insert_failed: u64,
+    pub heat_insert_failed: u64,
+    pub ksm_merges_untracked: u64,
+}
+
+/// An event from the ring buffer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProbeEvent {
+    /// A tracked process exited and left the maps; its final counters.
+    Exit { tgid: u32, stats: TgidStats },
+}
+
+/// The loaded probes. Dropping this detaches every program and frees the maps.
+pub struct Probes {
+    status: Vec<ProbeStatus>,
+    kernel: KernelInfo,
+    tracked: HashMap<MapData, u32, TgidStats>,
+    mm_owner: HashMap<MapData, u64, u32>,
+    heat: HashMap<MapData, PageKey, u64>,
+    counters: PerCpuArray<MapData, u64>,
+    events: RingBuf<MapData>,
+    logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+    // Last: programs detach when this drops.
+    _ebpf: Ebpf,
+}
+
+/// What the loader learned about the kernel.
+#[derive(Clone, Debug)]
+pub struct KernelInfo {
+    pub tracefs: PathBuf,
+    pub btf: Result<kernel_btf::KernelOffsets, String>,
+}
+
+impl fmt::Display for KernelInfo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "tracefs {}; ", self.tracefs.display())?;
+        match &self.btf {
+            Ok(k) => {
+                let show = |o: Option<u32>| o.map_or("missing".to_string(), |v| format!("@{v}"));
+                write!(
+                    f,
+                    "BTF task_struct.mm {}, ksm_rmap_item.address {}",
+                    show(k.task_mm),
+                    show(k.rmap_address)
+                )
+            }
+            Err(e) => write!(f, "BTF unavailable: {e}"),
+        }
+    }
+}
+
+fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, ProbeError>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf
+        .take_map(name)
+        .ok_or_else(|| ProbeError::MissingInObject(name.into()))?;
+    T::try_from(map).map_err(|source| ProbeError::Map { map: name, source })
+}
+
+impl Probes {
+    /// Loads the object with offsets from tracefs and BTF, and attaches every program it can.
+    pub fn load(opts: &LoadOptions) -> Result<Self, ProbeError> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return Err(ProbeError::NotRoot);
+        }
+        let root = tracefs::ensure_mounted()?;
+
+        let mut offsets = Offsets::MISSING;
+        let mut plan = Vec::new();
+        for spec in catalog::PROBES {
+            let (category, name) = opts
+                .tracepoints
+                .get(spec.program)
+                .map(|(c, n)| (c.as_str(), n.as_str()))
+                .unwrap_or((spec.category, spec.tracepoint));
+            let unavailable = match tracefs::read_format(&root, category, name) {
+                Err(e) => Some(e.to_string()),
+                Ok(format) => {
+                    let mut missing = None;
+                    for f in spec.fields {
+                        match format.field(f.name) {
+                            Some(field) => *(f.slot)(&mut offsets) = field.offset,
+                            None if f.optional => {
+                                tracing::info!(
+                                    "{category}:{name} has no field `{}`; using the fallback",
+                                    f.name
+                                )
+                            }
+                            None => {
+                                missing = Some(format!(
+                                    "tracepoint {category}:{name} has no field `{}`",
+                                    f.name
+                                ))
+                            }
+                        }
+                    }
+                    missing
+                }
+            };
+            plan.push((spec, format!("{category}:{name}"), unavailable));
+        }
+
+        let btf = kernel_btf::kernel_offsets().map_err(|e| e.to_string());
+        match &btf {
+            Ok(k) => {
+                if let Some(v) = k.task_mm {
+                    offsets.task_mm = v;
+                }
+                if let Some(v) = k.rmap_address {
+                    offsets.rmap_address = v;
+                }
+            }
+            Err(e) => tracing::warn!(
+                "{e}: KSM events are attributed only to processes seen entering KSM, and \
+                 exact KSM COW breaks are not told apart"
+            ),
+        }
+
+        let mut ebpf = EbpfLoader::new()
+            .override_global(OFFSETS_GLOBAL, &offsets, true)
+            .load(EBPF_OBJECT)
+            .map_err(ProbeError::Load)?;
+        let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                tracing::debug!("eBPF logging unavailable: {e}");
+                None
+            }
+        };
+
+        let mut status = Vec::new();
+        for (spec, tracepoint, unavailable) in plan {
+            let state = match unavailable {
+                Some(reason) => ProbeState::Unavailable(reason),
+                None => attach(&mut ebpf, spec.program, &tracepoint)?,
+            };
+            match &state {
+                ProbeState::Attached { .. } => {}
+                ProbeState::Unavailable(r) | ProbeState::Failed(r) => tracing::warn!(
+                    "probe {} not attached, no {}: {r}",
+                    spec.program,
+                    spec.signal
+                ),
+            }
+            status.push(ProbeStatus {
+                program: spec.program,
+                tracepoint,
+                signal: spec.signal,
+                state,
+            });
+        }
+
+        Ok(Probes {
+            status,
+            kernel: KernelInfo { tracefs: root, btf },
+            tracked: take(&mut ebpf, maps::TRACKED)?,
+            mm_owner: take(&mut ebpf, maps::MM_OWNER)?,
+            heat: take(&mut ebpf, maps::WRITE_HEAT)?,
+            counters: take(&mut ebpf, maps::COUNTERS)?,
+            events: take(&mut ebpf, maps::EVENTS)?,
+            logger,
+            _ebpf: ebpf,
+        })
+    }
+
+    /// Per-program load and attach results.
+    pub fn status(&self) -> &[ProbeStatus] {
+        &self.status
+    }
+
+    /// Tracefs location and the BTF offsets in use.
+    pub fn kernel(&self) -> &KernelInfo {
+        &self.kernel
+    }
+
+    /// Whether every program attached.
+    pub fn all_attached(&self) -> bool {
+        self.status.iter().all(ProbeStatus::attached)
+    }
+
+    /// Starts counting for `tgid`. Tracking a tracked process again keeps its counters.
+    pub fn track(&mut self, tgid: u32) -> Result<(), ProbeError> {
+        if !PathBuf::from(format!("/proc/{tgid}")).exists() || tgid == 0 {
+            return Err(ProbeError::UnknownPid(tgid));
+        }
+        match self.tracked.insert(tgid, TgidStats::default(), BPF_NOEXIST) {
+            Ok(()) => Ok(()),
+            Err(aya::maps::MapError::SyscallError(e))
+                if e.io_error.raw_os_error() == Some(libc::EEXIST) =>
+            {
+                Ok(())
+            }
+            Err(source) => Err(ProbeError::Map {
+                map: maps::TRACKED,
+                source,
+            }),
+        }
+    }
+
+    /// Stops counting for `tgid` and forgets what was counted. Returns the final counters.
+    pub fn untrack(&mut self, tgid: u32) -> Result<Option<TgidStats>, ProbeError> {
+        let stats = self.stats(tgid)?;
+        if stats.is_some() {
+            // Already gone if the process exited concurrently: not an error.
+            let _ = self.tracked.remove(&tgid);
+        }
+        self.forget(tgid, stats);
+        Ok(stats)
+    }
+
+    /// Drops the side state of a process that is no longer tracked.
+    fn forget(&mut self, tgid: u32, stats: Option<TgidStats>) {
+        if let Some(mm) = stats.map(|s| s.mm).filter(|mm| *mm != 0)
+            && self.mm_owner.get(&mm, 0).ok() == Some(tgid)
+        {
+            let _ = self.mm_owner.remove(&mm);
+        }
+        // A later process reusing the PID must not inherit this one's heat.
+        let stale: Vec<PageKey> = self
+            .heat
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.tgid == tgid)
+            .collect();
+        for k in stale {
+            let _ = self.heat.remove(&k);
+        }
+    }
+
+    /// Counters of one tracked process; `None` if it is not tracked (or exited).
+    pub fn stats(&self, tgid: u32) -> Result<Option<TgidStats>, ProbeError> {
+        match self.tracked.get(&tgid, 0) {
+            Ok(s) => Ok(Some(s)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(source) => Err(ProbeError::Map {
+                map: maps::TRACKED,
+                source,
+            }),
+        }
+    }
+
+    /// Every tracked process with its counters, by TGID.
+    pub fn tracked(&self) -> Result<Vec<(u32, TgidStats)>, ProbeError> {
+        let mut v = self
+            .tracked
+            .iter()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|source| ProbeError::Map {
+                map: maps::TRACKED,
+                source,
+            })?;
+        v.sort_by_key(|(t, _)| *t);
+        Ok(v)
+    }
+
+    /// Which tracked process owns `mm`, as the probes learned it.
+    pub fn mm_owner(&self, mm: u64) -> Option<u32> {
+        self.mm_owner.get(&mm, 0).ok()
+    }
+
+    /// Write faults per page of `tgid`, hottest first.
+    pub fn write_heat(&self, tgid: u32) -> Vec<(u64, u64)> {
+        let mut v: Vec<(u64, u64)> = self
+            .heat
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(k, _)| k.tgid == tgid)
+            .map(|(k, n)| (k.page, n))
+            .collect();
+        v.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        v
+    }
+
+    /// Global counters, summed over CPUs.
+    pub fn counters(&self) -> Result<GlobalCounters, ProbeError> {
+        let mut sums = [0u64; Counter::LEN as usize];
+        for (i, sum) in sums.iter_mut().enumerate() {
+            let per_cpu = self
+                .counters
+                .get(&(i as u32), 0)
+                .map_err(|source| ProbeError::Map {
+                    map: maps::COUNTERS,
+                    source,
+                })?;
+            *sum = per_cpu.iter().sum();
+        }
+        let c = |k: Counter| sums[k as usize];
+        Ok(GlobalCounters {
+            events_dropped: c(Counter::EventsDropped),
+            ksm_merges: c(Counter::KsmMerges),
+            ksm_zero_merges: c(Counter::KsmZeroMerges),
+            ksm_pages_removed: c(Counter::KsmPagesRemoved),
+            ksm_pages_insert_failed: c(Counter::KsmPagesInsertFailed),
+            heat_insert_failed: c(Counter::HeatInsertFailed),
+            ksm_merges_untracked: c(Counter::KsmMergesUntracked),
+        })
+    }
+
+    /// Takes every pending ring-buffer event (and forwards eBPF log records to `log`).
+    pub fn drain_events(&mut self) -> Vec<ProbeEvent> {
+        if let Some(l) = self.logger.as_mut() {
+            l.flush();
+        }
+        let mut out = Vec::new();
+        while let Some(item) = self.events.next() {
+            if item.len() < size_of::<Event>() {
+                tracing::warn!("short ring-buffer record ({} bytes) ignored", item.len());
+                continue;
+            }
+            // SAFETY: the program writes whole `Event`s; read_unaligned copes with alignment.
+            let ev: Event = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+            if ev.kind == event_kind::EXIT {
+                out.push(ProbeEvent::Exit {
+                    tgid: ev.tgid,
+                    stats: ev.stats,
+                });
+            }
+        }
+        for ev in &out {
+            let ProbeEvent::Exit { tgid, stats } = *ev;
+            self.forget(tgid, Some(stats));
+        }
+        out
+    }
+
+    /// Waits up to `timeout` for at least one event, then drains.
+    pub fn wait_events(&mut self, timeout: Duration) -> Vec<ProbeEvent> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let events = self.drain_events();
+            let left = deadline.saturating_duration_since(Instant::now());
+            if !events.is_empty() || left.is_zero() {
+                return events;
+            }
+            let mut pfd = libc::pollfd {
+                fd: self.events.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd. A failed poll (EINTR) just loops.
+            unsafe { libc::poll(&mut pfd, 1, left.as_millis().min(1000) as i32) };
+        }
+    }
+}
+
+/// Verifies and attaches one program.
+fn attach(ebpf: &mut Ebpf, program: &str, tracepoint: &str) -> Result<ProbeState, ProbeError> {
+    let prog: &mut TracePoint = ebpf
+        .program_mut(program)
+        .ok_or_else(|| ProbeError::MissingInObject(program.into()))?
+        .try_into()
+        .map_err(|_| ProbeError::MissingInObject(format!("tracepoint program {program}")))?;
+    if let Err(e) = prog.load() {
+        return Ok(ProbeState::Failed(format!(
+            "verifier rejected {program}: {e}"
+        )));
+    }
+    let verified_insns = prog
+        .info()
+        .ok()
+        .and_then(|i| i.verified_instruction_count());
+    let (category, name) = tracepoint.split_once(':').unwrap_or((tracepoint, ""));
+    match prog.attach(category, name) {
+        Ok(_) => Ok(ProbeState::Attached { verified_insns }),
+        Err(e) => Ok(ProbeState::Failed(format!(
+            "attaching to {tracepoint}: {e}"
+        ))),
+    }
+}

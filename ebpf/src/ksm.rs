@@ -1,0 +1,111 @@
+//! KSM tracepoints. Merges happen in ksmd's context and carry only an `mm` pointer, so they
+//! are attributed through `MM_OWNER`, which the fault probe and `ksm_enter` fill in.
+//!
+//! ```text
+//! ksm_merge_with_ksm_page: void *ksm_page @8; unsigned long pfn @16; void *rmap_item @24;
+//!                          void *mm @32; int err @40
+//! ksm_merge_one_page:      unsigned long pfn @8; void *rmap_item @16; void *mm @24; int err @32
+//! ksm_remove_ksm_page:     unsigned long pfn @8
+//! ksm_enter:               void *mm @8
+//! ```
+//! `ksm_merge_with_ksm_page` fires for every page ksmd merges into a KSM page (both pages
+//! of a new pair, and pages joining an existing one); `ksm_merge_one_page` only for merges
+//! with the zero page (`use_zero_pages`).
+
+use core::ptr::addr_of_mut;
+
+use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
+use memfabric_common::{Counter, OFFSET_MISSING};
+
+use crate::state::{
+    KSM_PAGES, MM_OWNER, TRACKED, bump, count, current_tgid, learn_mm, mm_page, offsets,
+    read_kernel,
+};
+
+#[tracepoint]
+pub fn ksm_merge_with_ksm_page(ctx: TracePointContext) -> u32 {
+    try_merge_with_ksm_page(&ctx).unwrap_or(1)
+}
+
+fn try_merge_with_ksm_page(ctx: &TracePointContext) -> Result<u32, i32> {
+    let off = offsets();
+    let err: i32 = unsafe { ctx.read_at(off.mwk_err as usize)? };
+    if err != 0 {
+        return Ok(0);
+    }
+    count(Counter::KsmMerges);
+    let mm: u64 = unsafe { ctx.read_at(off.mwk_mm as usize)? };
+    let Some(owner) = MM_OWNER.get_ptr(mm) else {
+        count(Counter::KsmMergesUntracked);
+        return Ok(0);
+    };
+    let tgid = unsafe { *owner };
+    let Some(stats) = TRACKED.get_ptr_mut(tgid) else {
+        return Ok(0);
+    };
+    unsafe { bump(addr_of_mut!((*stats).ksm_merges)) };
+
+    if off.rmap_address != OFFSET_MISSING {
+        // Remember exactly which page was merged, so the fault probe can tell a KSM COW
+        // break from other write-protect faults.
+        let rmap_item: u64 = unsafe { ctx.read_at(off.mwk_rmap_item as usize)? };
+        let address: u64 = read_kernel(rmap_item, off.rmap_address)?;
+        if KSM_PAGES.insert(mm_page(mm, address), tgid, 0).is_err() {
+            count(Counter::KsmPagesInsertFailed);
+        }
+    }
+    Ok(0)
+}
+
+#[tracepoint]
+pub fn ksm_merge_one_page(ctx: TracePointContext) -> u32 {
+    try_merge_one_page(&ctx).unwrap_or(1)
+}
+
+fn try_merge_one_page(ctx: &TracePointContext) -> Result<u32, i32> {
+    let off = offsets();
+    let err: i32 = unsafe { ctx.read_at(off.mop_err as usize)? };
+    if err != 0 {
+        return Ok(0);
+    }
+    count(Counter::KsmZeroMerges);
+    let mm: u64 = unsafe { ctx.read_at(off.mop_mm as usize)? };
+    let Some(owner) = MM_OWNER.get_ptr(mm) else {
+        count(Counter::KsmMergesUntracked);
+        return Ok(0);
+    };
+    if let Some(stats) = TRACKED.get_ptr_mut(unsafe { *owner }) {
+        unsafe { bump(addr_of_mut!((*stats).ksm_zero_merges)) };
+    }
+    Ok(0)
+}
+
+#[tracepoint]
+pub fn ksm_remove_ksm_page(_ctx: TracePointContext) -> u32 {
+    count(Counter::KsmPagesRemoved);
+    0
+}
+
+/// `ksm_enter` fires in the context of the process whose mm joins KSM: the cheapest moment
+/// to learn a tracked process's mm, before ksmd merges anything of it.
+#[tracepoint]
+pub fn ksm_enter(ctx: TracePointContext) -> u32 {
+    try_ksm_enter(&ctx).unwrap_or(1)
+}
+
+fn try_ksm_enter(ctx: &TracePointContext) -> Result<u32, i32> {
+    let tgid = current_tgid();
+    let Some(stats) = TRACKED.get_ptr_mut(tgid) else {
+        return Ok(0);
+    };
+    let off = offsets();
+    if off.task_mm == OFFSET_MISSING {
+        // No BTF offset for task_struct.mm: take the event's own field.
+        let mm: u64 = unsafe { ctx.read_at(off.enter_mm as usize)? };
+        unsafe { *addr_of_mut!((*stats).mm) = mm };
+        let _ = MM_OWNER.insert(mm, tgid, 0);
+    } else {
+        unsafe { learn_mm(tgid, stats, &off) };
+    }
+    Ok(0)
+}

@@ -1,0 +1,68 @@
+//! `exceptions:page_fault_user`: read/write faults, the COW-break signature and exact KSM
+//! COW breaks, plus per-page write heat, for tracked processes only.
+//!
+//! ```text
+//! field:unsigned long address;     offset:8;  size:8; signed:0;
+//! field:unsigned long ip;          offset:16; size:8; signed:0;
+//! field:unsigned long error_code;  offset:24; size:8; signed:0;
+//! ```
+//! (Linux 6.18; the offsets used are read from tracefs at load time.)
+
+use core::ptr::addr_of_mut;
+
+use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
+use memfabric_common::{Counter, PAGE_MASK, PF_PROTECTION, PF_WRITE, PageKey};
+
+use crate::state::{
+    KSM_PAGES, TRACKED, WRITE_HEAT, bump, count, current_tgid, learn_mm, mm_page, offsets,
+};
+
+#[tracepoint]
+pub fn page_fault_user(ctx: TracePointContext) -> u32 {
+    try_page_fault_user(&ctx).unwrap_or(1)
+}
+
+fn try_page_fault_user(ctx: &TracePointContext) -> Result<u32, i32> {
+    let tgid = current_tgid();
+    // The in-kernel filter: untracked processes cost one hash lookup.
+    let Some(stats) = TRACKED.get_ptr_mut(tgid) else {
+        return Ok(0);
+    };
+    let off = offsets();
+    let error_code: u64 = unsafe { ctx.read_at(off.pf_error_code as usize)? };
+    let mm = unsafe { learn_mm(tgid, stats, &off) };
+    if error_code & PF_WRITE == 0 {
+        unsafe { bump(addr_of_mut!((*stats).read_faults)) };
+        return Ok(0);
+    }
+    unsafe { bump(addr_of_mut!((*stats).write_faults)) };
+    let address: u64 = unsafe { ctx.read_at(off.pf_address as usize)? };
+
+    if error_code & PF_PROTECTION != 0 {
+        // A write to a present read-only page: fork COW, the zero page, or a KSM page.
+        unsafe { bump(addr_of_mut!((*stats).write_protect_faults)) };
+        if mm != 0 {
+            let key = mm_page(mm, address);
+            if KSM_PAGES.get_ptr(key).is_some() {
+                // ksmd merged exactly this page of this mm: the write breaks that merge.
+                unsafe { bump(addr_of_mut!((*stats).ksm_cow_breaks)) };
+                let _ = KSM_PAGES.remove(key);
+            }
+        }
+    }
+
+    let key = PageKey {
+        tgid,
+        _pad: 0,
+        page: address & PAGE_MASK,
+    };
+    match WRITE_HEAT.get_ptr_mut(key) {
+        Some(heat) => unsafe { bump(heat) },
+        None => {
+            if WRITE_HEAT.insert(key, 1, 0).is_err() {
+                count(Counter::HeatInsertFailed);
+            }
+        }
+    }
+    Ok(0)
+}

@@ -1,0 +1,109 @@
+//! Maps, load-time offsets and the small helpers every probe shares.
+
+use core::{
+    intrinsics::{AtomicOrdering, atomic_xadd},
+    ptr::addr_of_mut,
+};
+
+use aya_ebpf::{
+    Global,
+    helpers::{bpf_get_current_pid_tgid, bpf_get_current_task, bpf_probe_read_kernel},
+    macros::map,
+    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+};
+use memfabric_common::{Counter, MmPage, OFFSET_MISSING, Offsets, PageKey, TgidStats, sizes};
+
+/// Field and member offsets, overridden by the agent at load time.
+#[unsafe(no_mangle)]
+static OFFSETS: Global<Offsets> = Global::new(Offsets::MISSING);
+
+#[map]
+pub static TRACKED: HashMap<u32, TgidStats> = HashMap::with_max_entries(sizes::TRACKED, 0);
+#[map]
+pub static MM_OWNER: HashMap<u64, u32> = HashMap::with_max_entries(sizes::MM_OWNER, 0);
+#[map]
+pub static WRITE_HEAT: LruHashMap<PageKey, u64> =
+    LruHashMap::with_max_entries(sizes::WRITE_HEAT, 0);
+#[map]
+pub static KSM_PAGES: LruHashMap<MmPage, u32> = LruHashMap::with_max_entries(sizes::KSM_PAGES, 0);
+#[map]
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::LEN, 0);
+#[map]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(sizes::EVENTS, 0);
+
+/// The load-time offsets.
+#[inline(always)]
+pub fn offsets() -> Offsets {
+    OFFSETS.load()
+}
+
+/// TGID (the process ID userspace knows) of the current task.
+#[inline(always)]
+pub fn current_tgid() -> u32 {
+    (bpf_get_current_pid_tgid() >> 32) as u32
+}
+
+/// Adds one to a `u64` that other CPUs update too (a field of a shared map value).
+///
+/// # Safety
+/// `field` must point into a live map value.
+#[inline(always)]
+pub unsafe fn bump(field: *mut u64) {
+    // `AtomicU64::fetch_add` is not offered on the BPF target (no CAS); the intrinsic is.
+    // The result is unused, so LLVM emits a plain BPF atomic add (no BPF_FETCH needed).
+    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(field, 1) };
+}
+
+/// Adds one to a global per-CPU counter.
+#[inline(always)]
+pub fn count(counter: Counter) {
+    if let Some(slot) = COUNTERS.get_ptr_mut(counter as u32) {
+        // Per-CPU slot: only this CPU writes it, and programs do not nest on one CPU.
+        unsafe { *slot += 1 };
+    }
+}
+
+/// Reads a `T` at `offset` into a kernel object.
+#[inline(always)]
+pub fn read_kernel<T>(base: u64, offset: u32) -> Result<T, i32> {
+    unsafe { bpf_probe_read_kernel((base + offset as u64) as *const T) }
+}
+
+/// Learns (or re-learns, after exec) the `mm_struct` of a tracked process from its own
+/// context, so that ksmd's events, which carry only an `mm`, can be attributed to it.
+/// Returns the process's current `mm`, or 0 when the kernel's BTF gave no offset for it.
+///
+/// # Safety
+/// `stats` must point at the `TRACKED` value of the current task's TGID.
+#[inline(always)]
+pub unsafe fn learn_mm(tgid: u32, stats: *mut TgidStats, off: &Offsets) -> u64 {
+    let known = unsafe { (*stats).mm };
+    if off.task_mm == OFFSET_MISSING {
+        return known;
+    }
+    let task = unsafe { bpf_get_current_task() };
+    let Ok(mm) = read_kernel::<u64>(task, off.task_mm) else {
+        return known;
+    };
+    if mm != known && mm != 0 {
+        unsafe { *addr_of_mut!((*stats).mm) = mm };
+        let _ = MM_OWNER.insert(mm, tgid, 0);
+        if known != 0
+            && let Some(owner) = MM_OWNER.get_ptr(known)
+            && unsafe { *owner } == tgid
+        {
+            // exec gave the process a new mm; the old one is gone with it.
+            let _ = MM_OWNER.remove(known);
+        }
+    }
+    mm
+}
+
+/// The page of `mm` at `address` (flag bits masked off), as a `KSM_PAGES` key.
+#[inline(always)]
+pub fn mm_page(mm: u64, address: u64) -> MmPage {
+    MmPage {
+        mm,
+        page: address & memfabric_common::PAGE_MASK,
+    }
+}

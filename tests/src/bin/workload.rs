@@ -1,0 +1,129 @@
+//! A test workload with exactly known memory behaviour, driven line by line over stdin:
+//!
+//! ```text
+//! alloc PAGES same|unique   map PAGES fresh anonymous pages (no THP) and write each once;
+//!                           replies `ok REGION`
+//! mergeable REGION          madvise(MADV_MERGEABLE) the region; replies `ok`
+//! touch REGION COUNT        write one word into each of the first COUNT pages; `ok`
+//! exit                      exits 0
+//! ```
+//! Every reply is one line; errors reply `err MESSAGE`. Starts by printing `ready PID`.
+
+use std::io::{self, BufRead, Write};
+
+const PAGE: usize = 4096;
+
+struct Region {
+    ptr: *mut u8,
+    pages: usize,
+}
+
+fn alloc(pages: usize, same: bool) -> Result<Region, String> {
+    let len = pages * PAGE;
+    // SAFETY: anonymous private mapping, no file; checked for MAP_FAILED.
+    let ptr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if ptr == libc::MAP_FAILED {
+        return Err(format!("mmap: {}", io::Error::last_os_error()));
+    }
+    // One fault per page: no transparent huge pages.
+    // SAFETY: the range was just mapped.
+    if unsafe { libc::madvise(ptr, len, libc::MADV_NOHUGEPAGE) } != 0 {
+        return Err(format!(
+            "madvise(NOHUGEPAGE): {}",
+            io::Error::last_os_error()
+        ));
+    }
+    let base = ptr.cast::<u8>();
+    for p in 0..pages {
+        // SAFETY: inside the mapping. The first access to each page is this write.
+        let page = unsafe { std::slice::from_raw_parts_mut(base.add(p * PAGE), PAGE) };
+        if same {
+            page.fill(0x5a);
+        } else {
+            for (i, chunk) in page.chunks_exact_mut(8).enumerate() {
+                let v = (p as u64) << 32 | i as u64 | 0x8000_0000_0000_0000;
+                chunk.copy_from_slice(&v.to_le_bytes());
+            }
+        }
+    }
+    Ok(Region { ptr: base, pages })
+}
+
+fn main() {
+    let stdin = io::stdin();
+    let mut out = io::stdout().lock();
+    let mut regions: Vec<Region> = Vec::new();
+    writeln!(out, "ready {}", std::process::id()).unwrap();
+    out.flush().unwrap();
+    for line in stdin.lock().lines() {
+        let Ok(line) = line else { break };
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let num = |i: usize| -> Result<usize, String> {
+            words
+                .get(i)
+                .ok_or("missing argument")?
+                .parse()
+                .map_err(|e| format!("{e}"))
+        };
+        let region = |i: usize| -> Result<&Region, String> {
+            regions
+                .get(num(i)?)
+                .ok_or_else(|| "no such region".to_string())
+        };
+        let reply: Result<String, String> = match words.first().copied() {
+            Some("alloc") => num(1).and_then(|pages| {
+                let same = match words.get(2).copied() {
+                    Some("same") => true,
+                    Some("unique") => false,
+                    _ => return Err("fill must be same|unique".into()),
+                };
+                let r = alloc(pages, same)?;
+                regions.push(r);
+                Ok(format!("ok {}", regions.len() - 1))
+            }),
+            Some("mergeable") => region(1).and_then(|r| {
+                // SAFETY: a live mapping of ours.
+                let rc =
+                    unsafe { libc::madvise(r.ptr.cast(), r.pages * PAGE, libc::MADV_MERGEABLE) };
+                if rc == 0 {
+                    Ok("ok".into())
+                } else {
+                    Err(format!(
+                        "madvise(MERGEABLE): {}",
+                        io::Error::last_os_error()
+                    ))
+                }
+            }),
+            Some("touch") => region(1).and_then(|r| {
+                let count = num(2)?.min(r.pages);
+                for p in 0..count {
+                    // SAFETY: inside a live mapping; volatile so every write happens.
+                    unsafe {
+                        r.ptr
+                            .add(p * PAGE)
+                            .cast::<u64>()
+                            .write_volatile(p as u64 + 1)
+                    };
+                }
+                Ok("ok".into())
+            }),
+            Some("exit") => std::process::exit(0),
+            _ => Err(format!("unknown command {line:?}")),
+        };
+        match reply {
+            Ok(r) => writeln!(out, "{r}"),
+            Err(e) => writeln!(out, "err {e}"),
+        }
+        .unwrap();
+        out.flush().unwrap();
+    }
+}
