@@ -11,7 +11,8 @@ pub mod maps {
     pub const TRACKED: &str = "TRACKED";
     /// `HashMap<u64 mm, u32 tgid>`: which tracked process owns an `mm_struct`.
     pub const MM_OWNER: &str = "MM_OWNER";
-    /// `LruHashMap<PageKey, u64>`: write faults per (tgid, page).
+    /// `LruHashMap<PageKey, u64>`: write-protect faults per (tgid, page): pages written
+    /// again after being shared or write-protected (COW, KSM).
     pub const WRITE_HEAT: &str = "WRITE_HEAT";
     /// `LruHashMap<MmPage, u32 tgid>`: pages of tracked processes that KSM merged.
     pub const KSM_PAGES: &str = "KSM_PAGES";

@@ -1,5 +1,5 @@
 //! `exceptions:page_fault_user`: read/write faults, the COW-break signature and exact KSM
-//! COW breaks, plus per-page write heat, for tracked processes only.
+//! COW breaks, plus per-page write heat (write-protect faults), for tracked processes only.
 //!
 //! ```text
 //! field:unsigned long address;     offset:8;  size:8; signed:0;
@@ -38,19 +38,24 @@ fn try_page_fault_user(ctx: &TracePointContext) -> Result<u32, i32> {
     unsafe { bump(addr_of_mut!((*stats).write_faults)) };
     let address: u64 = unsafe { ctx.read_at(off.pf_address as usize)? };
 
-    if error_code & PF_PROTECTION != 0 {
-        // A write to a present read-only page: fork COW, the zero page, or a KSM page.
-        unsafe { bump(addr_of_mut!((*stats).write_protect_faults)) };
-        if mm != 0 {
-            let key = mm_page(mm, address);
-            if KSM_PAGES.get_ptr(key).is_some() {
-                // ksmd merged exactly this page of this mm: the write breaks that merge.
-                unsafe { bump(addr_of_mut!((*stats).ksm_cow_breaks)) };
-                let _ = KSM_PAGES.remove(key);
-            }
+    if error_code & PF_PROTECTION == 0 {
+        // First touch of a missing page: nothing was shared or write-protected yet.
+        return Ok(0);
+    }
+    // A write to a present read-only page: fork COW, the zero page, or a KSM page.
+    unsafe { bump(addr_of_mut!((*stats).write_protect_faults)) };
+    if mm != 0 {
+        let key = mm_page(mm, address);
+        if KSM_PAGES.get_ptr(key).is_some() {
+            // ksmd merged exactly this page of this mm: the write breaks that merge.
+            unsafe { bump(addr_of_mut!((*stats).ksm_cow_breaks)) };
+            let _ = KSM_PAGES.remove(key);
         }
     }
 
+    // Write heat counts writes to pages that were present and write-protected: pages
+    // written again after being shared. First-touch faults say nothing about volatility
+    // and would flood the LRU (they doubled the fault cost of a tracked process).
     let key = PageKey {
         tgid,
         _pad: 0,

@@ -5,6 +5,8 @@
 //!                           replies `ok REGION`
 //! mergeable REGION          madvise(MADV_MERGEABLE) the region; replies `ok`
 //! touch REGION COUNT        write one word into each of the first COUNT pages; `ok`
+//! fault PAGES               map PAGES fresh pages, write one byte to each (one write
+//!                           fault per page), unmap; replies `ok NANOSECONDS` (the loop)
 //! exit                      exits 0
 //! ```
 //! Every reply is one line; errors reply `err MESSAGE`. Starts by printing `ready PID`.
@@ -56,6 +58,37 @@ fn alloc(pages: usize, same: bool) -> Result<Region, String> {
         }
     }
     Ok(Region { ptr: base, pages })
+}
+
+/// The write-fault loop of the probe benchmark: times only the faults.
+fn fault(pages: usize) -> Result<u128, String> {
+    let len = pages * PAGE;
+    // SAFETY: anonymous private mapping; checked for MAP_FAILED; unmapped below.
+    let ptr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if ptr == libc::MAP_FAILED {
+        return Err(format!("mmap: {}", io::Error::last_os_error()));
+    }
+    // SAFETY: the range was just mapped.
+    unsafe { libc::madvise(ptr, len, libc::MADV_NOHUGEPAGE) };
+    let base = ptr.cast::<u8>();
+    let start = std::time::Instant::now();
+    for p in 0..pages {
+        // SAFETY: inside the mapping; volatile so every page is really written.
+        unsafe { base.add(p * PAGE).write_volatile(1) };
+    }
+    let ns = start.elapsed().as_nanos();
+    // SAFETY: our mapping, no references into it remain.
+    unsafe { libc::munmap(ptr, len) };
+    Ok(ns)
 }
 
 fn main() {
@@ -116,6 +149,7 @@ fn main() {
                 }
                 Ok("ok".into())
             }),
+            Some("fault") => num(1).and_then(fault).map(|ns| format!("ok {ns}")),
             Some("exit") => std::process::exit(0),
             _ => Err(format!("unknown command {line:?}")),
         };

@@ -1,0 +1,40 @@
+//! `build-ebpf` and `build`.
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+
+use crate::cmd::{cargo, nightly_cargo, root, run};
+
+/// Builds the eBPF object with the flags aya-build uses (BTF kept), returns its path.
+pub fn ebpf() -> anyhow::Result<PathBuf> {
+    let flags = [
+        "--cfg=bpf_target_arch=\"x86_64\"",
+        "-Cdebuginfo=2",
+        "-Clink-arg=--btf",
+    ]
+    .join("\x1f");
+    run(nightly_cargo()
+        .args([
+            "build",
+            "--locked",
+            "--package",
+            "memfabric-ebpf",
+            "--release",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+        ])
+        .env("CARGO_ENCODED_RUSTFLAGS", flags))
+    .context("building the eBPF object (did `cargo xtask setup` run?)")?;
+    let obj = root().join("target/bpfel-unknown-none/release/memfabric");
+    eprintln!("eBPF object: {}", obj.display());
+    Ok(obj)
+}
+
+/// Builds the agent in release mode (its build.rs builds and embeds the eBPF object).
+pub fn agent() -> anyhow::Result<PathBuf> {
+    run(cargo().args(["build", "--locked", "--release", "--package", "memfabric"]))?;
+    Ok(root().join("target/release/memfabric"))
+}
