@@ -3,7 +3,12 @@
 //! headline ratios. The machine is shared and noisy: runs are interleaved and compared by
 //! median, never as lone absolute times.
 
-use std::{fmt::Write as _, fs, path::PathBuf, time::Duration};
+use std::{
+    fmt::Write as _,
+    fs,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
@@ -61,7 +66,7 @@ fn median(v: &mut [f64]) -> f64 {
     }
 }
 
-fn bench_probes(out: &PathBuf, pages: usize, rounds: usize) -> anyhow::Result<()> {
+fn bench_probes(out: &Path, pages: usize, rounds: usize) -> anyhow::Result<()> {
     let exe = std::env::current_exe()?.with_file_name("memfabric-workload");
     let exe = exe.to_str().context("workload path")?.to_owned();
     let mut samples: Vec<(usize, Mode, f64)> = Vec::new();
