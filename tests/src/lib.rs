@@ -131,12 +131,27 @@ const KSM: &str = "/sys/kernel/mm/ksm";
 /// KSM is one switch for the whole host: tests using this must be `#[serial(ksm)]`.
 pub struct KsmGuard {
     saved: Vec<(&'static str, String)>,
+    /// `pages_shared + pages_sharing` when the guard started.
+    merged_before: u64,
+}
+
+fn ksm_counter(name: &str) -> Option<u64> {
+    fs::read_to_string(Path::new(KSM).join(name))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+}
+
+fn ksm_merged() -> u64 {
+    ksm_counter("pages_shared").unwrap_or(0) + ksm_counter("pages_sharing").unwrap_or(0)
 }
 
 impl KsmGuard {
     /// Turns KSM on, scanning fast enough for a test (1000 pages every 20 ms).
     pub fn start_fast() -> KsmGuard {
-        let mut g = KsmGuard { saved: Vec::new() };
+        let mut g = KsmGuard {
+            saved: Vec::new(),
+            merged_before: ksm_merged(),
+        };
         g.set("pages_to_scan", "1000");
         g.set("sleep_millisecs", "20");
         g.set("run", "1");
@@ -155,6 +170,16 @@ impl KsmGuard {
 
 impl Drop for KsmGuard {
     fn drop(&mut self) {
+        // ksmd frees the KSM state of processes that exited while it was mid-scan only on
+        // its next pass: let it get there (merged pages back to where they were, or two
+        // more full scans) before stopping it, or the merged pages of our dead workloads
+        // stay counted and allocated until KSM runs again. So declare the guard before
+        // the workloads: they drop (die) first.
+        let scans = ksm_counter("full_scans").unwrap_or(0);
+        wait_for(Duration::from_secs(10), || {
+            ksm_merged() <= self.merged_before
+                || ksm_counter("full_scans").unwrap_or(0) >= scans + 2
+        });
         // Restore in reverse: `run` first goes back to what it was, then the scan knobs.
         for (knob, value) in self.saved.iter().rev() {
             let path = Path::new(KSM).join(knob);

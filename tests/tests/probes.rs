@@ -65,13 +65,13 @@ fn ksm_cow_breaks_match_the_kernels_cow_ksm() {
     }
     const N: i64 = 2048;
     const M: u64 = 300;
+    // Declared first so it drops last, after the workload died (see KsmGuard::drop).
+    let _ksm = KsmGuard::start_fast();
     let mut probes = load();
     let mut w = Workload::spawn(WORKLOAD);
     probes.track(w.pid).unwrap();
     let region = w.cmd(&format!("alloc {N} same"));
     w.cmd(&format!("mergeable {region}"));
-
-    let _ksm = KsmGuard::start_fast();
     let merged = wait_for(Duration::from_secs(90), || {
         ksm_stat(w.pid, "ksm_merging_pages") >= N
     });
@@ -121,6 +121,7 @@ fn ksm_cow_breaks_match_the_kernels_cow_ksm() {
     let counters = probes.counters().unwrap();
     assert!(counters.ksm_merges >= N as u64);
     assert_eq!(counters.events_dropped, 0);
+    drop(w);
 }
 
 #[test]
