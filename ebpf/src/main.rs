@@ -9,6 +9,7 @@
 mod exit;
 mod ksm;
 mod kvm;
+mod learn;
 mod page_fault;
 mod state;
 

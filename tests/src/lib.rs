@@ -6,10 +6,11 @@
 use std::{
     fs,
     io::{BufRead, BufReader, Write},
-    path::Path,
     process::{Child, ChildStdin, ChildStdout, Command, Stdio},
     time::{Duration, Instant},
 };
+
+pub use xtask::ksm::KsmSession;
 
 /// True when the tests may use root-only kernel facilities. Run by hand without root, a
 /// test skips loudly; under CI or `cargo xtask test` (which set `MEMFABRIC_REQUIRE_ROOT`)
@@ -125,67 +126,19 @@ pub fn wait_for(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     }
 }
 
-const KSM: &str = "/sys/kernel/mm/ksm";
-
-/// Saves the KSM knobs it changes and restores them on drop, also when the test panics.
-/// KSM is one switch for the whole host: tests using this must be `#[serial(ksm)]`.
-pub struct KsmGuard {
-    saved: Vec<(&'static str, String)>,
-    /// `pages_shared + pages_sharing` when the guard started.
-    merged_before: u64,
-}
-
-fn ksm_counter(name: &str) -> Option<u64> {
-    fs::read_to_string(Path::new(KSM).join(name))
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-}
-
-fn ksm_merged() -> u64 {
-    ksm_counter("pages_shared").unwrap_or(0) + ksm_counter("pages_sharing").unwrap_or(0)
-}
-
-impl KsmGuard {
-    /// Turns KSM on, scanning fast enough for a test (1000 pages every 20 ms).
-    pub fn start_fast() -> KsmGuard {
-        let mut g = KsmGuard {
-            saved: Vec::new(),
-            merged_before: ksm_merged(),
-        };
-        g.set("pages_to_scan", "1000");
-        g.set("sleep_millisecs", "20");
-        g.set("run", "1");
-        g
+/// Turns KSM on, scanning fast enough for a test (1000 pages every 20 ms). The settings
+/// are saved first (also to disk, for a crash) and restored when the session drops, also
+/// when the test panics. KSM is one switch for the whole host: tests using this must be
+/// `#[serial(ksm)]`, and should declare the session before their workloads, so that the
+/// workloads die first and ksmd reaps them before it is stopped.
+pub fn ksm_fast() -> KsmSession {
+    let mut ksm = KsmSession::begin().expect("KSM session");
+    for (knob, value) in [
+        ("pages_to_scan", "1000"),
+        ("sleep_millisecs", "20"),
+        ("run", "1"),
+    ] {
+        ksm.set(knob, value).expect("setting KSM");
     }
-
-    fn set(&mut self, knob: &'static str, value: &str) {
-        let path = Path::new(KSM).join(knob);
-        let old = fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path:?}: {e}"));
-        if !self.saved.iter().any(|(k, _)| *k == knob) {
-            self.saved.push((knob, old.trim().to_owned()));
-        }
-        fs::write(&path, value).unwrap_or_else(|e| panic!("writing {value} to {path:?}: {e}"));
-    }
-}
-
-impl Drop for KsmGuard {
-    fn drop(&mut self) {
-        // ksmd frees the KSM state of processes that exited while it was mid-scan only on
-        // its next pass: let it get there (merged pages back to where they were, or two
-        // more full scans) before stopping it, or the merged pages of our dead workloads
-        // stay counted and allocated until KSM runs again. So declare the guard before
-        // the workloads: they drop (die) first.
-        let scans = ksm_counter("full_scans").unwrap_or(0);
-        wait_for(Duration::from_secs(10), || {
-            ksm_merged() <= self.merged_before
-                || ksm_counter("full_scans").unwrap_or(0) >= scans + 2
-        });
-        // Restore in reverse: `run` first goes back to what it was, then the scan knobs.
-        for (knob, value) in self.saved.iter().rev() {
-            let path = Path::new(KSM).join(knob);
-            if let Err(e) = fs::write(&path, value) {
-                eprintln!("KsmGuard: restoring {path:?} to {value}: {e}");
-            }
-        }
-    }
+    ksm
 }

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use memfabric::probes::{LoadOptions, ProbeEvent, ProbeState, Probes};
-use memfabric_tests::{KsmGuard, Workload, ksm_stat, privileged, vmstat, wait_for};
+use memfabric_tests::{Workload, ksm_fast, ksm_stat, privileged, vmstat, wait_for};
 use serial_test::serial;
 
 const WORKLOAD: &str = env!("CARGO_BIN_EXE_memfabric-workload");
@@ -65,8 +65,8 @@ fn ksm_cow_breaks_match_the_kernels_cow_ksm() {
     }
     const N: i64 = 2048;
     const M: u64 = 300;
-    // Declared first so it drops last, after the workload died (see KsmGuard::drop).
-    let _ksm = KsmGuard::start_fast();
+    // Declared first so it drops last, after the workload died (see ksm_fast).
+    let _ksm = ksm_fast();
     let mut probes = load();
     let mut w = Workload::spawn(WORKLOAD);
     probes.track(w.pid).unwrap();
@@ -198,4 +198,37 @@ fn bad_input_gets_clear_errors() {
     assert!(err.contains("CATEGORY:NAME"), "{err}");
     let err = opts.add_override("nope=a:b").unwrap_err().to_string();
     assert!(err.contains("unknown probe program"), "{err}");
+}
+
+#[test]
+fn an_idle_process_gets_its_mm_learnt_without_faulting() {
+    if !privileged("an_idle_process_gets_its_mm_learnt_without_faulting") {
+        return;
+    }
+    let mut probes = load();
+    let mut w = Workload::spawn(WORKLOAD);
+    w.cmd("alloc 64 unique"); // populated before it is tracked, like a long-running VM
+    probes.track(w.pid).unwrap();
+    assert!(
+        probes.mm_learning(),
+        "learner attached while the mm is unknown"
+    );
+    w.cmd("touch 0 1"); // runs and sleeps again, without a page fault
+    assert!(
+        wait_for(Duration::from_secs(5), || {
+            probes.stats(w.pid).unwrap().is_some_and(|s| s.mm != 0)
+        }),
+        "mm not learnt"
+    );
+    let s = probes.stats(w.pid).unwrap().unwrap();
+    assert_eq!(
+        s.write_faults, 0,
+        "learnt from a context switch, not a fault"
+    );
+    assert_eq!(probes.mm_owner(s.mm), Some(w.pid));
+    probes.refresh_mm_learning().unwrap();
+    assert!(
+        !probes.mm_learning(),
+        "learner detached once every mm is known"
+    );
 }

@@ -5,7 +5,9 @@ use std::process::Command;
 use anyhow::bail;
 use clap::Subcommand;
 
-use crate::{cmd, setup};
+use xtask::cmd;
+
+use crate::setup;
 
 #[derive(Subcommand)]
 pub enum Bench {

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Context as _;
 
-use crate::cmd::{cargo, nightly_cargo, root, run};
+use xtask::cmd::{cargo, nightly_cargo, root, run};
 
 /// Builds the eBPF object with the flags aya-build uses (BTF kept), returns its path.
 pub fn ebpf() -> anyhow::Result<PathBuf> {

@@ -1,7 +1,9 @@
 //! `cargo xtask lint`: rustfmt and clippy with warnings denied. The eBPF crate is checked
 //! for its own target, as it only builds there.
 
-use crate::{cmd, setup};
+use xtask::cmd;
+
+use crate::setup;
 
 pub fn run() -> anyhow::Result<()> {
     setup::run()?;

@@ -4,7 +4,9 @@ use std::process::Command;
 
 use anyhow::bail;
 
-use crate::{build, cmd, setup};
+use xtask::cmd;
+
+use crate::{build, setup};
 
 pub fn run(args: &[String]) -> anyhow::Result<()> {
     setup::run()?;

@@ -5,7 +5,8 @@
 
 mod bench;
 mod build;
-mod cmd;
+mod demo;
+mod lab_cli;
 mod lint;
 mod load;
 mod setup;
@@ -43,6 +44,14 @@ enum Commands {
     },
     /// Formatting and clippy (-D warnings) over every crate, the eBPF one included.
     Lint,
+    /// The VM lab: QEMU TCG guests running workload profiles.
+    Lab {
+        #[command(subcommand)]
+        cmd: lab_cli::LabCmd,
+    },
+    /// See memfabric work: boot 3 lab guests, KSM on, the agent watching them, numbers on
+    /// screen until Ctrl-C or --seconds; then everything back as it was.
+    Demo(demo::DemoArgs),
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
@@ -60,6 +69,8 @@ fn main() -> std::process::ExitCode {
         Commands::Test { args } => test::run(&args),
         Commands::Lint => lint::run(),
         Commands::Bench { which } => bench::run(which),
+        Commands::Lab { cmd } => lab_cli::run(cmd),
+        Commands::Demo(args) => demo::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -5,7 +5,7 @@ use std::{path::Path, process::Command, time::Instant};
 
 use anyhow::{Context as _, bail};
 
-use crate::cmd::{self, output};
+use xtask::cmd::{self, output};
 
 /// Debian packages: LLVM 22 for bpf-linker, QEMU/cpio/busybox for the VM lab.
 const PACKAGES: &[&str] = &[

@@ -3,7 +3,9 @@
 
 use anyhow::bail;
 
-use crate::{cmd, setup};
+use xtask::cmd;
+
+use crate::setup;
 
 pub fn run(args: &[String]) -> anyhow::Result<()> {
     if !cmd::is_root() {

@@ -39,6 +39,10 @@ pub fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
             "{:<26} {:<36} {:<12} {insns}",
             s.program, s.tracepoint, state
         );
+        if s.attached() && memfabric::probes::catalog::find(s.program).is_some_and(|p| p.on_demand)
+        {
+            println!("    attaches on demand: only while a tracked process's mm is unknown");
+        }
         if let Some(why) = why {
             println!("    {why}");
             println!("    without it memfabric has no {}", s.signal);

@@ -1,6 +1,7 @@
 //! Command line: one file per subcommand.
 
 mod check;
+mod watch;
 
 use std::process::ExitCode;
 
@@ -26,12 +27,16 @@ enum Commands {
     /// detach. Exits non-zero if any probe could not attach: the "does this kernel support
     /// memfabric" check to run first.
     Check(check::CheckArgs),
+    /// Track processes (e.g. QEMU guests) with the probes and show what KSM merged of each
+    /// and what the probes saw, refreshing until Ctrl-C or --seconds.
+    Watch(watch::WatchArgs),
 }
 
 impl Cli {
     pub fn run(self) -> anyhow::Result<ExitCode> {
         match self.command {
             Commands::Check(args) => check::run(args),
+            Commands::Watch(args) => watch::run(args),
         }
     }
 }

@@ -22,6 +22,8 @@ pub struct ProbeSpec {
     pub fields: &'static [FieldSpec],
     /// What the operator loses without it.
     pub signal: &'static str,
+    /// Attached only while needed (see [`crate::probes::Probes::refresh_mm_learning`]).
+    pub on_demand: bool,
 }
 
 const fn field(name: &'static str, slot: Slot) -> FieldSpec {
@@ -43,6 +45,7 @@ pub const PROBES: &[ProbeSpec] = &[
             field("error_code", |o| &mut o.pf_error_code),
         ],
         signal: "per-VM read/write faults, COW breaks and write heat",
+        on_demand: false,
     },
     ProbeSpec {
         program: "kvm_page_fault",
@@ -50,6 +53,7 @@ pub const PROBES: &[ProbeSpec] = &[
         tracepoint: "kvm_page_fault",
         fields: &[field("error_code", |o| &mut o.kvm_error_code)],
         signal: "KVM guest-physical faults",
+        on_demand: false,
     },
     ProbeSpec {
         program: "ksm_merge_with_ksm_page",
@@ -61,6 +65,7 @@ pub const PROBES: &[ProbeSpec] = &[
             field("err", |o| &mut o.mwk_err),
         ],
         signal: "per-VM KSM merges and exact KSM COW breaks",
+        on_demand: false,
     },
     ProbeSpec {
         program: "ksm_merge_one_page",
@@ -71,6 +76,7 @@ pub const PROBES: &[ProbeSpec] = &[
             field("err", |o| &mut o.mop_err),
         ],
         signal: "KSM zero-page merges",
+        on_demand: false,
     },
     ProbeSpec {
         program: "ksm_remove_ksm_page",
@@ -78,6 +84,7 @@ pub const PROBES: &[ProbeSpec] = &[
         tracepoint: "ksm_remove_ksm_page",
         fields: &[],
         signal: "KSM pages freed",
+        on_demand: false,
     },
     ProbeSpec {
         program: "ksm_enter",
@@ -85,6 +92,7 @@ pub const PROBES: &[ProbeSpec] = &[
         tracepoint: "ksm_enter",
         fields: &[field("mm", |o| &mut o.enter_mm)],
         signal: "early mm attribution of processes entering KSM",
+        on_demand: false,
     },
     ProbeSpec {
         program: "sched_process_exit",
@@ -97,6 +105,15 @@ pub const PROBES: &[ProbeSpec] = &[
             optional: true,
         }],
         signal: "tracked processes leaving the maps on exit",
+        on_demand: false,
+    },
+    ProbeSpec {
+        program: "sched_switch",
+        category: "sched",
+        tracepoint: "sched_switch",
+        fields: &[],
+        signal: "KSM attribution of tracked processes that do not fault (e.g. idle TCG guests)",
+        on_demand: true,
     },
 ];
 

@@ -18,7 +18,7 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap, MapData, PerCpuArray, RingBuf},
-    programs::TracePoint,
+    programs::{TracePoint, trace_point::TracePointLinkId},
 };
 use memfabric_common::{
     Counter, Event, OFFSETS_GLOBAL, Offsets, PageKey, TgidStats, event_kind, maps,
@@ -140,9 +140,15 @@ pub struct Probes {
     counters: PerCpuArray<MapData, u64>,
     events: RingBuf<MapData>,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+    /// The on-demand mm learner: its tracepoint (if it can attach) and its link while
+    /// attached.
+    learner: Option<(String, Option<TracePointLinkId>)>,
     // Last: programs detach when this drops.
-    _ebpf: Ebpf,
+    ebpf: Ebpf,
 }
+
+/// Program name of the on-demand mm learner.
+const LEARNER: &str = "sched_switch";
 
 /// What the loader learned about the kernel.
 #[derive(Clone, Debug)]
@@ -252,10 +258,23 @@ impl Probes {
         };
 
         let mut status = Vec::new();
+        let mut learner = None;
         for (spec, tracepoint, unavailable) in plan {
             let state = match unavailable {
                 Some(reason) => ProbeState::Unavailable(reason),
-                None => attach(&mut ebpf, spec.program, &tracepoint)?,
+                None => {
+                    let (state, link) = attach(&mut ebpf, spec.program, &tracepoint)?;
+                    if let Some(link) = link
+                        && spec.on_demand
+                    {
+                        // Proven to attach; detached until a tracked process needs it.
+                        program(&mut ebpf, spec.program)?
+                            .detach(link)
+                            .map_err(|e| ProbeError::MissingInObject(e.to_string()))?;
+                        learner = Some((tracepoint.clone(), None));
+                    }
+                    state
+                }
             };
             match &state {
                 ProbeState::Attached { .. } => {}
@@ -282,8 +301,41 @@ impl Probes {
             counters: take(&mut ebpf, maps::COUNTERS)?,
             events: take(&mut ebpf, maps::EVENTS)?,
             logger,
-            _ebpf: ebpf,
+            learner,
+            ebpf,
         })
+    }
+
+    /// Attaches the mm learner while some tracked process's `mm` is unknown and detaches it
+    /// once all are known, so context switches cost nothing in the steady state. Called by
+    /// `track`; callers that run long call it now and then (a process may exec).
+    pub fn refresh_mm_learning(&mut self) -> Result<(), ProbeError> {
+        let needed = self.tracked()?.iter().any(|(_, s)| s.mm == 0);
+        let Some((tracepoint, link)) = self.learner.as_mut() else {
+            return Ok(());
+        };
+        let prog = program(&mut self.ebpf, LEARNER)?;
+        match (needed, link.is_some()) {
+            (true, false) => {
+                let (category, name) = tracepoint.split_once(':').unwrap_or_default();
+                match prog.attach(category, name) {
+                    Ok(l) => *link = Some(l),
+                    Err(e) => tracing::warn!("attaching the mm learner to {tracepoint}: {e}"),
+                }
+            }
+            (false, true) => {
+                if let Some(l) = link.take() {
+                    let _ = prog.detach(l);
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Whether the on-demand mm learner is attached right now.
+    pub fn mm_learning(&self) -> bool {
+        self.learner.as_ref().is_some_and(|(_, l)| l.is_some())
     }
 
     /// Per-program load and attach results.
@@ -307,17 +359,17 @@ impl Probes {
             return Err(ProbeError::UnknownPid(tgid));
         }
         match self.tracked.insert(tgid, TgidStats::default(), BPF_NOEXIST) {
-            Ok(()) => Ok(()),
+            Ok(()) => {}
             Err(aya::maps::MapError::SyscallError(e))
-                if e.io_error.raw_os_error() == Some(libc::EEXIST) =>
-            {
-                Ok(())
+                if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
+            Err(source) => {
+                return Err(ProbeError::Map {
+                    map: maps::TRACKED,
+                    source,
+                });
             }
-            Err(source) => Err(ProbeError::Map {
-                map: maps::TRACKED,
-                source,
-            }),
         }
+        self.refresh_mm_learning()
     }
 
     /// Stops counting for `tgid` and forgets what was counted. Returns the final counters.
@@ -466,27 +518,37 @@ impl Probes {
     }
 }
 
-/// Verifies and attaches one program.
-fn attach(ebpf: &mut Ebpf, program: &str, tracepoint: &str) -> Result<ProbeState, ProbeError> {
-    let prog: &mut TracePoint = ebpf
-        .program_mut(program)
-        .ok_or_else(|| ProbeError::MissingInObject(program.into()))?
+/// The tracepoint program `name` of the object.
+fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut TracePoint, ProbeError> {
+    ebpf.program_mut(name)
+        .ok_or_else(|| ProbeError::MissingInObject(name.into()))?
         .try_into()
-        .map_err(|_| ProbeError::MissingInObject(format!("tracepoint program {program}")))?;
+        .map_err(|_| ProbeError::MissingInObject(format!("tracepoint program {name}")))
+}
+
+/// Verifies and attaches one program.
+fn attach(
+    ebpf: &mut Ebpf,
+    name: &str,
+    tracepoint: &str,
+) -> Result<(ProbeState, Option<TracePointLinkId>), ProbeError> {
+    let prog = program(ebpf, name)?;
     if let Err(e) = prog.load() {
-        return Ok(ProbeState::Failed(format!(
-            "verifier rejected {program}: {e}"
-        )));
+        return Ok((
+            ProbeState::Failed(format!("verifier rejected {name}: {e}")),
+            None,
+        ));
     }
     let verified_insns = prog
         .info()
         .ok()
         .and_then(|i| i.verified_instruction_count());
-    let (category, name) = tracepoint.split_once(':').unwrap_or((tracepoint, ""));
-    match prog.attach(category, name) {
-        Ok(_) => Ok(ProbeState::Attached { verified_insns }),
-        Err(e) => Ok(ProbeState::Failed(format!(
-            "attaching to {tracepoint}: {e}"
-        ))),
-    }
+    let (category, tp) = tracepoint.split_once(':').unwrap_or((tracepoint, ""));
+    Ok(match prog.attach(category, tp) {
+        Ok(link) => (ProbeState::Attached { verified_insns }, Some(link)),
+        Err(e) => (
+            ProbeState::Failed(format!("attaching to {tracepoint}: {e}")),
+            None,
+        ),
+    })
 }

@@ -1,0 +1,101 @@
+//! `cargo xtask lab up|status|down`.
+
+use std::time::Duration;
+
+use anyhow::bail;
+use clap::{Args, Subcommand};
+use xtask::lab::{self, Profile, UpOptions};
+
+use crate::setup;
+
+#[derive(Subcommand)]
+pub enum LabCmd {
+    /// Boot guests in the background (kernel and initramfs cached under target/lab).
+    Up(UpArgs),
+    /// List the lab's guests: PID, name, RSS, KSM merging pages.
+    Status,
+    /// Stop exactly the lab's guests (by PID); safe to run twice.
+    Down,
+}
+
+#[derive(Args, Clone)]
+pub struct UpArgs {
+    #[arg(long, default_value_t = 3)]
+    pub guests: u32,
+    /// Guest RAM (e.g. 256M, 1G).
+    #[arg(long, default_value = "256M", value_parser = lab::parse_mem)]
+    pub mem: u32,
+    #[arg(long, value_enum, default_value = "static")]
+    pub profile: Profile,
+    /// Guest kernel version(s), e.g. 6.1.0-50 (comma-separated: guests take them in
+    /// turn). Default: today's Debian cloud kernel.
+    #[arg(long, value_delimiter = ',')]
+    pub kernel: Vec<String>,
+    /// Seconds to wait for every guest to be ready.
+    #[arg(long, default_value_t = 240)]
+    pub boot_timeout: u64,
+}
+
+impl UpArgs {
+    pub fn options(&self) -> UpOptions {
+        UpOptions {
+            guests: self.guests,
+            mem_mb: self.mem,
+            profile: self.profile,
+            kernels: self.kernel.clone(),
+            first: 1,
+            boot_timeout: Duration::from_secs(self.boot_timeout),
+        }
+    }
+}
+
+pub fn run(c: LabCmd) -> anyhow::Result<()> {
+    match c {
+        LabCmd::Up(args) => {
+            if !xtask::cmd::is_root() {
+                bail!("the lab needs root (apt-get download, KSM)");
+            }
+            setup::run()?;
+            let guests = lab::up(&args.options())?;
+            eprintln!(
+                "lab: {} guest(s) up; `cargo xtask lab status`, `cargo xtask lab down`",
+                guests.len()
+            );
+            print_status();
+            Ok(())
+        }
+        LabCmd::Status => {
+            print_status();
+            Ok(())
+        }
+        LabCmd::Down => {
+            let n = lab::down()?;
+            eprintln!("lab: {n} guest(s) stopped");
+            Ok(())
+        }
+    }
+}
+
+pub fn print_status() {
+    let rows = lab::status();
+    if rows.is_empty() {
+        println!("no lab guests");
+        return;
+    }
+    println!(
+        "{:<8} {:>8} {:<8} {:<22} {:>8} {:>9} {:<37}",
+        "NAME", "PID", "STATE", "KERNEL", "RSS MiB", "MERGING", "UUID"
+    );
+    for (g, alive, rss_kb, merging) in rows {
+        println!(
+            "{:<8} {:>8} {:<8} {:<22} {:>8} {:>9} {:<37}",
+            g.name,
+            g.pid,
+            if alive { "running" } else { "gone" },
+            g.kernel,
+            rss_kb / 1024,
+            merging,
+            g.uuid
+        );
+    }
+}
