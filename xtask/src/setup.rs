@@ -7,7 +7,7 @@ use anyhow::{Context as _, bail};
 
 use xtask::cmd::{self, output};
 
-/// Debian packages: LLVM 22 for bpf-linker, QEMU/cpio/busybox for the VM lab.
+/// Debian packages: LLVM 22 for bpf-linker, QEMU/cpio/busybox for the VM lab, a font.
 const PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -16,6 +16,8 @@ const PACKAGES: &[&str] = &[
     "qemu-system-x86",
     "cpio",
     "busybox-static",
+    // A font for the benchmark plots.
+    "fonts-dejavu-core",
 ];
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -1,4 +1,8 @@
-//! `cargo xtask bench ...`: builds the benchmark driver (release) and runs it as root.
+//! `cargo xtask bench ...`: `probes` builds the in-process benchmark driver (release) and
+//! runs it; `ksm` drives lab guests and KSM from here.
+
+mod ksm;
+mod plot;
 
 use std::process::Command;
 
@@ -20,6 +24,25 @@ pub enum Bench {
         #[arg(long, default_value_t = 9)]
         rounds: usize,
     },
+    /// KSM policies side by side on fresh lab guests: savings, time to 90 %, ksmd CPU,
+    /// COW breaks; CSV, Markdown and PNG plots.
+    Ksm {
+        #[arg(long, value_enum, default_value = "static")]
+        profile: xtask::lab::Profile,
+        /// Comma-separated policies.
+        #[arg(
+            long,
+            value_enum,
+            value_delimiter = ',',
+            default_value = "stock,advisor"
+        )]
+        policy: Vec<ksm::Policy>,
+        /// Seconds each policy runs.
+        #[arg(long, default_value_t = 180)]
+        seconds: u64,
+        #[arg(long, default_value_t = 3)]
+        guests: u32,
+    },
 }
 
 pub fn run(which: Bench) -> anyhow::Result<()> {
@@ -27,6 +50,21 @@ pub fn run(which: Bench) -> anyhow::Result<()> {
         bail!("benchmarks load eBPF programs: run them as root");
     }
     setup::run()?;
+    if let Bench::Ksm {
+        profile,
+        policy,
+        seconds,
+        guests,
+    } = &which
+    {
+        return ksm::run(
+            *profile,
+            policy,
+            *seconds,
+            *guests,
+            &cmd::root().join("reports"),
+        );
+    }
     cmd::run(cmd::cargo().args([
         "build",
         "--locked",
@@ -47,6 +85,7 @@ pub fn run(which: Bench) -> anyhow::Result<()> {
             "--rounds",
             &rounds.to_string(),
         ]),
+        Bench::Ksm { .. } => unreachable!("handled above"),
     };
     cmd::run(&mut c)
 }
