@@ -37,7 +37,17 @@ pub fn read_i64(knob: &str) -> i64 {
     read(knob).and_then(|s| s.parse().ok()).unwrap_or(0)
 }
 
+/// The value to write back for a value read from sysfs: choice knobs such as
+/// `advisor_mode` read as `[none] scan-time`, with the current choice in brackets.
+pub fn selected(value: &str) -> &str {
+    match (value.find('['), value.find(']')) {
+        (Some(a), Some(b)) if a < b => &value[a + 1..b],
+        _ => value.trim(),
+    }
+}
+
 fn write(knob: &str, value: &str) -> anyhow::Result<()> {
+    let value = selected(value);
     fs::write(Path::new(KSM).join(knob), value)
         .with_context(|| format!("writing {value} to {KSM}/{knob}"))
 }
@@ -159,5 +169,18 @@ impl Drop for KsmSession {
         if let Err(e) = self.restore_inner() {
             eprintln!("ksm: {e:#}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::selected;
+
+    #[test]
+    fn choice_knobs_write_back_their_selection() {
+        assert_eq!(selected("[none] scan-time"), "none");
+        assert_eq!(selected("none [scan-time]"), "scan-time");
+        assert_eq!(selected("100"), "100");
+        assert_eq!(selected(" 20\n"), "20");
     }
 }

@@ -11,7 +11,7 @@ use crate::setup;
 #[derive(Subcommand)]
 pub enum LabCmd {
     /// Boot guests in the background (kernel and initramfs cached under target/lab).
-    Up(UpArgs),
+    Up(LabUpArgs),
     /// List the lab's guests: PID, name, RSS, KSM merging pages.
     Status,
     /// Stop exactly the lab's guests (by PID); safe to run twice.
@@ -36,6 +36,16 @@ pub struct UpArgs {
     pub boot_timeout: u64,
 }
 
+#[derive(Args, Clone)]
+pub struct LabUpArgs {
+    #[command(flatten)]
+    pub up: UpArgs,
+    /// Play a scenario (`timeline` or a TOML file) in the foreground instead: guests start
+    /// and stop on its schedule; those still planned to run stay up at the end.
+    #[arg(long, conflicts_with_all = ["guests", "profile"])]
+    pub scenario: Option<String>,
+}
+
 impl UpArgs {
     pub fn options(&self) -> UpOptions {
         UpOptions {
@@ -56,7 +66,15 @@ pub fn run(c: LabCmd) -> anyhow::Result<()> {
                 bail!("the lab needs root (apt-get download, KSM)");
             }
             setup::run()?;
-            let guests = lab::up(&args.options())?;
+            if let Some(spec) = &args.scenario {
+                let sc = lab::scenario::Scenario::load(spec)?;
+                let images = lab::Images::prepare(&args.up.kernel, false)?;
+                eprintln!("lab: playing scenario {} ({} s)", sc.name, sc.duration_s);
+                sc.play(&images, || Ok(()), |_| Ok(()))?;
+                print_status();
+                return Ok(());
+            }
+            let guests = lab::up(&args.up.options())?;
             eprintln!(
                 "lab: {} guest(s) up; `cargo xtask lab status`, `cargo xtask lab down`",
                 guests.len()

@@ -14,7 +14,7 @@ use anyhow::{Context as _, bail};
 use clap::ValueEnum;
 use xtask::{
     ksm::{self, KsmSession},
-    lab::{self, Profile, UpOptions},
+    lab::{self, Profile, UpOptions, scenario::Scenario},
 };
 
 use super::plot::{self, Series};
@@ -102,9 +102,9 @@ fn vmstat(key: &str) -> u64 {
         .unwrap_or(0)
 }
 
-fn sample(t0: Instant, ksmd: Option<u32>, cpu0: f64, cow0: u64) -> Sample {
+fn sample(t: f64, ksmd: Option<u32>, cpu0: f64, cow0: u64) -> Sample {
     Sample {
-        t: t0.elapsed().as_secs_f64(),
+        t,
         pages_shared: ksm::read_u64("pages_shared"),
         pages_sharing: ksm::read_u64("pages_sharing"),
         general_profit: ksm::read_i64("general_profit"),
@@ -116,40 +116,100 @@ fn sample(t0: Instant, ksmd: Option<u32>, cpu0: f64, cow0: u64) -> Sample {
     }
 }
 
-/// Runs one policy on a fresh lab; returns its samples.
-fn run_policy(policy: Policy, up: &UpOptions, seconds: u64) -> anyhow::Result<Vec<Sample>> {
-    let mut ksm = KsmSession::begin()?;
-    ksm.set("run", "0")?;
-    let result = (|| {
-        lab::up(up)?;
-        policy.apply(&mut ksm)?;
+fn progress(policy: Policy, s: &Sample) {
+    if (s.t.round() as u64).is_multiple_of(15) {
+        eprintln!(
+            "bench: {} t={:>4.0}s pages_sharing={} pages_to_scan={} ksmd_cpu={:.1}s cow_ksm=+{}",
+            policy.name(),
+            s.t,
+            s.pages_sharing,
+            s.pages_to_scan,
+            s.ksmd_cpu_s,
+            s.cow_ksm
+        );
+    }
+}
+
+/// What the guests run: one profile for all, or a scenario.
+pub enum Load {
+    Profile {
+        profile: Profile,
+        guests: u32,
+        seconds: u64,
+    },
+    Scenario(Scenario),
+}
+
+impl Load {
+    fn name(&self) -> String {
+        match self {
+            Load::Profile { profile, .. } => profile.name().to_owned(),
+            Load::Scenario(s) => s.name.clone(),
+        }
+    }
+
+    fn title(&self) -> String {
+        match self {
+            Load::Profile {
+                profile,
+                guests,
+                seconds,
+            } => format!(
+                "# bench ksm: profile {}, {guests} guests, {seconds} s per policy\n\n",
+                profile.name()
+            ),
+            Load::Scenario(s) => format!(
+                "# bench ksm: scenario {}, {} s per policy\n\nEvents: {}\n\n",
+                s.name,
+                s.duration_s,
+                s.event_times()
+                    .iter()
+                    .map(|(t, e)| format!("t={t}s {e}"))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            ),
+        }
+    }
+}
+
+/// Baselines taken while KSM is still off, so the figures count only the policy's work.
+struct Baseline {
+    ksmd: Option<u32>,
+    cpu0: f64,
+    cow0: u64,
+}
+
+impl Baseline {
+    fn take() -> Baseline {
         let ksmd = ksmd_pid();
         if ksmd.is_none() {
             eprintln!("bench: ksmd not found; its CPU is not measured");
         }
-        let cpu0 = ksmd.map_or(0.0, cpu_seconds);
-        let cow0 = vmstat("cow_ksm");
-        let t0 = Instant::now();
-        let mut samples = Vec::new();
-        for i in 1..=seconds {
-            let next = t0 + Duration::from_secs(i);
-            std::thread::sleep(next.saturating_duration_since(Instant::now()));
-            let s = sample(t0, ksmd, cpu0, cow0);
-            if i % 15 == 0 {
-                eprintln!(
-                    "bench: {} t={:>4.0}s pages_sharing={} pages_to_scan={} ksmd_cpu={:.1}s cow_ksm=+{}",
-                    policy.name(),
-                    s.t,
-                    s.pages_sharing,
-                    s.pages_to_scan,
-                    s.ksmd_cpu_s,
-                    s.cow_ksm
-                );
-            }
-            samples.push(s);
+        Baseline {
+            ksmd,
+            cpu0: ksmd.map_or(0.0, cpu_seconds),
+            cow0: vmstat("cow_ksm"),
         }
-        anyhow::Ok(samples)
-    })();
+    }
+
+    fn sample(&self, t: f64) -> Sample {
+        sample(t, self.ksmd, self.cpu0, self.cow0)
+    }
+}
+
+/// Runs one policy on a fresh lab; returns its samples. The lab goes down and KSM back to
+/// what it was, also on error.
+fn run_policy(policy: Policy, load: &Load) -> anyhow::Result<Vec<Sample>> {
+    let mut ksm = KsmSession::begin()?;
+    ksm.set("run", "0")?;
+    let result = match load {
+        Load::Profile {
+            profile,
+            guests,
+            seconds,
+        } => run_profile(policy, &mut ksm, *profile, *guests, *seconds),
+        Load::Scenario(s) => run_scenario(policy, &mut ksm, s),
+    };
     let down = lab::down();
     let restore = ksm.restore();
     let samples = result?;
@@ -158,39 +218,78 @@ fn run_policy(policy: Policy, up: &UpOptions, seconds: u64) -> anyhow::Result<Ve
     Ok(samples)
 }
 
-/// Seconds until pages_sharing first reached 90 % of its final value.
-fn time_to_90(samples: &[Sample]) -> Option<f64> {
-    let last = samples.last()?.pages_sharing;
-    if last == 0 {
-        return None;
+fn run_profile(
+    policy: Policy,
+    ksm: &mut KsmSession,
+    profile: Profile,
+    guests: u32,
+    seconds: u64,
+) -> anyhow::Result<Vec<Sample>> {
+    lab::up(&UpOptions {
+        guests,
+        profile,
+        ..UpOptions::default()
+    })?;
+    let base = Baseline::take();
+    policy.apply(ksm)?;
+    let t0 = Instant::now();
+    let mut samples = Vec::new();
+    for i in 1..=seconds {
+        std::thread::sleep((t0 + Duration::from_secs(i)).saturating_duration_since(Instant::now()));
+        let s = base.sample(t0.elapsed().as_secs_f64());
+        progress(policy, &s);
+        samples.push(s);
     }
+    Ok(samples)
+}
+
+fn run_scenario(
+    policy: Policy,
+    ksm: &mut KsmSession,
+    scenario: &Scenario,
+) -> anyhow::Result<Vec<Sample>> {
+    let images = lab::Images::prepare(&[], false)?;
+    let base = Baseline::take();
+    let mut samples = Vec::new();
+    scenario.play(
+        &images,
+        || policy.apply(ksm),
+        |t| {
+            let s = base.sample(t as f64);
+            progress(policy, &s);
+            samples.push(s);
+            Ok(())
+        },
+    )?;
+    Ok(samples)
+}
+
+/// Seconds from `from` until pages_sharing first reached 90 % of its value at the end of
+/// `samples` ("never" if it ended at 0).
+fn time_to_90(samples: &[&Sample], from: f64) -> String {
+    let Some(last) = samples.last().map(|s| s.pages_sharing).filter(|n| *n > 0) else {
+        return "never".into();
+    };
     samples
         .iter()
         .find(|s| s.pages_sharing * 10 >= last * 9)
-        .map(|s| s.t)
+        .map_or("never".into(), |s| format!("{:.0}", s.t - from))
 }
 
 const MIB: f64 = 1024.0 * 1024.0;
 
-pub fn run(
-    profile: Profile,
-    policies: &[Policy],
-    seconds: u64,
-    guests: u32,
-    out: &Path,
-) -> anyhow::Result<()> {
+fn mib(pages: u64) -> f64 {
+    pages as f64 * 4096.0 / MIB
+}
+
+pub fn run(load: &Load, policies: &[Policy], out: &Path) -> anyhow::Result<()> {
     // The benchmark's own lab state: a developer's running lab is left alone.
     let state = xtask::cmd::root().join("target/lab-bench");
     // SAFETY: single-threaded at this point; nothing else reads the environment.
     unsafe { std::env::set_var("MEMFABRIC_LAB_STATE", &state) };
-    let up = UpOptions {
-        guests,
-        profile,
-        ..UpOptions::default()
-    };
     let dir: PathBuf = out.join(format!(
         "ksm-{}-{}",
-        profile.name(),
+        load.name(),
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)?
             .as_secs()
@@ -199,12 +298,12 @@ pub fn run(
     let mut runs = Vec::new();
     for &policy in policies {
         eprintln!(
-            "bench: policy {} on {guests} fresh {} guests for {seconds} s",
+            "bench: policy {} on a fresh lab running {}",
             policy.name(),
-            profile.name()
+            load.name()
         );
-        let samples = run_policy(policy, &up, seconds)
-            .with_context(|| format!("policy {}", policy.name()))?;
+        let samples =
+            run_policy(policy, load).with_context(|| format!("policy {}", policy.name()))?;
         let mut csv = String::from(
             "t_s,pages_shared,pages_sharing,general_profit_bytes,ksm_zero_pages,pages_to_scan,full_scans,ksmd_cpu_s,cow_ksm\n",
         );
@@ -227,26 +326,30 @@ pub fn run(
         runs.push((policy, samples));
     }
 
-    let mut md = format!(
-        "# bench ksm: profile {}, {guests} guests, {seconds} s per policy\n\n\
-         | policy | saved MiB (pages_sharing) | general_profit MiB | time to 90 % of final (s) | ksmd CPU s | ksmd CPU % of a core | COW breaks (cow_ksm) | full scans |\n\
+    let mut md = load.title();
+    md.push_str(
+        "| policy | saved MiB (pages_sharing) | general_profit MiB | time to 90 % of final (s) \
+         | ksmd CPU s | ksmd CPU % of a core | COW breaks (cow_ksm) | full scans |\n\
          |---|---|---|---|---|---|---|---|\n",
-        profile.name()
     );
     for (policy, samples) in &runs {
         let last = samples.last().copied().unwrap_or_default();
+        let all: Vec<&Sample> = samples.iter().collect();
         writeln!(
             md,
             "| {} | {:.1} | {:.1} | {} | {:.1} | {:.1} | {} | {} |",
             policy.name(),
-            last.pages_sharing as f64 * 4096.0 / MIB,
+            mib(last.pages_sharing),
             last.general_profit as f64 / MIB,
-            time_to_90(samples).map_or("never".into(), |t| format!("{t:.0}")),
+            time_to_90(&all, 0.0),
             last.ksmd_cpu_s,
             100.0 * last.ksmd_cpu_s / last.t.max(1.0),
             last.cow_ksm,
             last.full_scans
         )?;
+    }
+    if let Load::Scenario(sc) = load {
+        md.push_str(&phases(sc, &runs)?);
     }
     let series = |f: fn(&Sample) -> f64| -> Vec<Series> {
         runs.iter()
@@ -258,10 +361,10 @@ pub fn run(
     };
     plot::lines(
         &dir.join("saved.png"),
-        &format!("KSM savings, {} profile", profile.name()),
+        &format!("KSM savings, {}", load.name()),
         "seconds",
         "MiB saved (pages_sharing)",
-        &series(|s| s.pages_sharing as f64 * 4096.0 / MIB),
+        &series(|s| mib(s.pages_sharing)),
     )?;
     plot::lines(
         &dir.join("ksmd-cpu.png"),
@@ -282,4 +385,45 @@ pub fn run(
     println!("{md}");
     println!("report: {}", dir.display());
     Ok(())
+}
+
+/// Per scenario phase (between two events): savings at the phase's end, seconds from the
+/// phase's start to 90 % of that, ksmd CPU and COW breaks within the phase.
+fn phases(sc: &Scenario, runs: &[(Policy, Vec<Sample>)]) -> anyhow::Result<String> {
+    let mut bounds = sc.event_times();
+    bounds.push((sc.duration_s, "end".into()));
+    let mut md = String::from(
+        "\n## Phases\n\n| phase | policy | saved MiB at end | time to 90 % (s) | ksmd CPU s | COW breaks |\n\
+         |---|---|---|---|---|---|\n",
+    );
+    for w in bounds.windows(2) {
+        let ((from, what), (to, _)) = (&w[0], &w[1]);
+        if to <= from {
+            continue;
+        }
+        for (policy, samples) in runs {
+            let inside: Vec<&Sample> = samples
+                .iter()
+                .filter(|s| s.t > *from as f64 && s.t <= *to as f64)
+                .collect();
+            let Some(last) = inside.last() else {
+                continue;
+            };
+            let before = samples
+                .iter()
+                .rfind(|s| s.t <= *from as f64)
+                .copied()
+                .unwrap_or_default();
+            writeln!(
+                md,
+                "| {from}-{to} s ({what}) | {} | {:.1} | {} | {:.1} | {} |",
+                policy.name(),
+                mib(last.pages_sharing),
+                time_to_90(&inside, *from as f64),
+                last.ksmd_cpu_s - before.ksmd_cpu_s,
+                last.cow_ksm - before.cow_ksm,
+            )?;
+        }
+    }
+    Ok(md)
 }

@@ -27,8 +27,17 @@ pub enum Bench {
     /// KSM policies side by side on fresh lab guests: savings, time to 90 %, ksmd CPU,
     /// COW breaks; CSV, Markdown and PNG plots.
     Ksm {
-        #[arg(long, value_enum, default_value = "static")]
+        #[arg(
+            long,
+            value_enum,
+            default_value = "static",
+            conflicts_with = "scenario"
+        )]
         profile: xtask::lab::Profile,
+        /// Play a scenario instead (`timeline` or a TOML file); its duration replaces
+        /// --seconds.
+        #[arg(long)]
+        scenario: Option<String>,
         /// Comma-separated policies.
         #[arg(
             long,
@@ -52,18 +61,21 @@ pub fn run(which: Bench) -> anyhow::Result<()> {
     setup::run()?;
     if let Bench::Ksm {
         profile,
+        scenario,
         policy,
         seconds,
         guests,
     } = &which
     {
-        return ksm::run(
-            *profile,
-            policy,
-            *seconds,
-            *guests,
-            &cmd::root().join("reports"),
-        );
+        let load = match scenario {
+            Some(spec) => ksm::Load::Scenario(xtask::lab::scenario::Scenario::load(spec)?),
+            None => ksm::Load::Profile {
+                profile: *profile,
+                guests: *guests,
+                seconds: *seconds,
+            },
+        };
+        return ksm::run(&load, policy, &cmd::root().join("reports"));
     }
     cmd::run(cmd::cargo().args([
         "build",

@@ -7,6 +7,7 @@ mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev 2>/dev/null
 
 profile=static shared_mb=64 random_mb=16 own_mb=0 churn_mb=32 churn_secs=2 seed=0
+load_after=0 load_mb=0 load_seed=0
 for arg in $(cat /proc/cmdline); do
   case "$arg" in
     memfabric.profile=*) profile=${arg#*=} ;;
@@ -16,11 +17,14 @@ for arg in $(cat /proc/cmdline); do
     memfabric.churn_mb=*) churn_mb=${arg#*=} ;;
     memfabric.churn_secs=*) churn_secs=${arg#*=} ;;
     memfabric.seed=*) seed=${arg#*=} ;;
+    memfabric.load_after=*) load_after=${arg#*=} ;;
+    memfabric.load_mb=*) load_mb=${arg#*=} ;;
+    memfabric.load_seed=*) load_seed=${arg#*=} ;;
   esac
 done
 echo "memfabric-lab: booted $(uname -r) profile=$profile seed=$seed"
 
-mount -t tmpfs -o size=$((shared_mb + random_mb + own_mb + churn_mb + 4))m tmpfs /data
+mount -t tmpfs -o size=$((shared_mb + random_mb + own_mb + churn_mb + load_mb + 4))m tmpfs /data
 # The same bytes in every guest: what KSM should merge across guests.
 yes memfabric-shared-block | head -c ${shared_mb}m > /data/shared
 # This guest's own block: duplicated inside the guest, unlike any other guest's.
@@ -40,6 +44,15 @@ if [ "$profile" = churn ]; then
   done
 fi
 echo "memfabric-lab: ready"
+
+if [ "$load_mb" -gt 0 ]; then
+  # Later in life the guest loads a block that duplicates another guest's own block.
+  (
+    sleep "$load_after"
+    yes "memfabric-guest-$load_seed" | head -c ${load_mb}m > /data/loaded
+    echo "memfabric-lab: loaded ${load_mb} MiB like guest $load_seed"
+  ) &
+fi
 
 if [ "$profile" = churn ]; then
   i=1

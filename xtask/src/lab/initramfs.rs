@@ -87,7 +87,7 @@ mod tests {
             std::env::temp_dir().join(format!("memfabric-initramfs-{}", std::process::id()));
         let image = build(&cache).unwrap();
         let files = list(&image).unwrap();
-        for f in ["./init", "./bin/busybox", "./proc", "./data"] {
+        for f in ["init", "bin/busybox", "proc", "data"] {
             assert!(files.iter().any(|x| x == f), "{f} missing from {files:?}");
         }
         let modified = fs::metadata(&image).unwrap().modified().unwrap();

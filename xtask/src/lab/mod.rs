@@ -7,6 +7,7 @@ pub mod initramfs;
 pub mod kernel;
 pub mod profile;
 pub mod qemu;
+pub mod scenario;
 
 use std::{fs, path::PathBuf, time::Duration};
 
@@ -112,73 +113,102 @@ fn save(guests: &[Guest]) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn resolve_kernels(opts: &UpOptions) -> anyhow::Result<Vec<kernel::Kernel>> {
-    let mut packages: Vec<String> = opts
-        .kernels
-        .iter()
-        .map(|k| kernel::package_name(k))
-        .collect();
-    if packages.is_empty() {
-        let current = kernel::current_package()?;
-        packages.push(current.clone());
-        if opts.profile == Profile::Mixed {
-            // The 6.1 kernel just before today's (numerically ordered), or the newest 6.1
-            // if today's is another series.
-            let all = kernel::available_6_1()?;
-            let older = match all.iter().position(|p| *p == current) {
-                Some(i) => i.checked_sub(1).map(|j| all[j].clone()),
-                None => all.last().cloned(),
-            };
-            match older {
-                Some(p) => packages.push(p),
-                None => eprintln!("lab: mixed: the archive offers one 6.1 cloud kernel only"),
-            }
-        }
-    }
-    packages.iter().map(|p| kernel::fetch(p)).collect()
+/// Kernels and the initramfs the guests boot.
+pub struct Images {
+    pub kernels: Vec<kernel::Kernel>,
+    pub initramfs: PathBuf,
 }
 
-/// Boots guests; adds them to the lab's state. On failure stops what it started.
-pub fn up(opts: &UpOptions) -> anyhow::Result<Vec<Guest>> {
-    let kernels = resolve_kernels(opts)?;
-    let initrd = initramfs::build(&kernel::cache_dir())?;
+impl Images {
+    /// Resolves and fetches `versions` (empty: today's cloud kernel, plus the previous 6.1
+    /// one when `two_kernels` and the archive has it) and builds the initramfs.
+    pub fn prepare(versions: &[String], two_kernels: bool) -> anyhow::Result<Images> {
+        let mut packages: Vec<String> = versions.iter().map(|k| kernel::package_name(k)).collect();
+        if packages.is_empty() {
+            let current = kernel::current_package()?;
+            packages.push(current.clone());
+            if two_kernels {
+                // The 6.1 kernel just before today's (numerically ordered), or the newest
+                // 6.1 if today's is another series.
+                let all = kernel::available_6_1()?;
+                let older = match all.iter().position(|p| *p == current) {
+                    Some(i) => i.checked_sub(1).map(|j| all[j].clone()),
+                    None => all.last().cloned(),
+                };
+                match older {
+                    Some(p) => packages.push(p),
+                    None => eprintln!("lab: the archive offers one 6.1 cloud kernel only"),
+                }
+            }
+        }
+        Ok(Images {
+            kernels: packages
+                .iter()
+                .map(|p| kernel::fetch(p))
+                .collect::<Result<_, _>>()?,
+            initramfs: initramfs::build(&kernel::cache_dir())?,
+        })
+    }
+}
+
+/// Starts one guest (not waiting for it to be ready) and records it.
+pub fn start(
+    images: &Images,
+    name: &str,
+    workload: Workload,
+    mem_mb: u32,
+    kernel: usize,
+) -> anyhow::Result<Guest> {
     let mut all = guests();
     all.retain(qemu::alive);
+    if all.iter().any(|g| g.name == name) {
+        bail!("{name} is already running: `cargo xtask lab down` first");
+    }
+    let need = workload.data_mb() + 96;
+    if mem_mb < need {
+        bail!("{mem_mb} MiB is too little for {name}'s workload: give it {need} MiB or more");
+    }
     let dir = state_dir();
     fs::create_dir_all(&dir)?;
+    let spec = qemu::GuestSpec {
+        name: name.to_owned(),
+        mem_mb,
+        kernel: &images.kernels[kernel % images.kernels.len()],
+        initramfs: &images.initramfs,
+        workload,
+    };
+    let g = qemu::boot(&spec, &dir)?;
+    eprintln!(
+        "lab: booting {} (pid {}, kernel {}, {})",
+        g.name, g.pid, g.kernel, g.profile
+    );
+    all.push(g.clone());
+    save(&all)?;
+    Ok(g)
+}
+
+/// Stops one guest and drops it from the state.
+pub fn stop(guest: &Guest) -> anyhow::Result<()> {
+    qemu::stop(guest);
+    let mut all = guests();
+    all.retain(|g| g.name != guest.name && qemu::alive(g));
+    save(&all)
+}
+
+/// Boots guests and waits until all are ready. On failure stops what it started.
+pub fn up(opts: &UpOptions) -> anyhow::Result<Vec<Guest>> {
+    let images = Images::prepare(&opts.kernels, opts.profile == Profile::Mixed)?;
     let mut started = Vec::new();
     for i in 0..opts.guests {
         let n = opts.first + i;
-        let name = format!("lab-{n}");
-        if all.iter().any(|g| g.name == name) {
-            bail!("{name} is already running: `cargo xtask lab down` first");
-        }
-        let workload = Workload::new(opts.profile, n);
-        let need = workload.data_mb() + 96;
-        if opts.mem_mb < need {
-            bail!(
-                "{} MiB is too little for the {} profile: give --mem {need}M or more",
-                opts.mem_mb,
-                opts.profile.name()
-            );
-        }
-        let spec = qemu::GuestSpec {
-            name,
-            mem_mb: opts.mem_mb,
-            kernel: &kernels[i as usize % kernels.len()],
-            initramfs: &initrd,
-            workload,
-        };
-        match qemu::boot(&spec, &dir) {
-            Ok(g) => {
-                eprintln!(
-                    "lab: booting {} (pid {}, kernel {}, {})",
-                    g.name, g.pid, g.kernel, g.profile
-                );
-                started.push(g.clone());
-                all.push(g);
-                save(&all)?;
-            }
+        match start(
+            &images,
+            &format!("lab-{n}"),
+            Workload::new(opts.profile, n),
+            opts.mem_mb,
+            i as usize,
+        ) {
+            Ok(g) => started.push(g),
             Err(e) => {
                 started.iter().for_each(qemu::stop);
                 return Err(e);
@@ -186,9 +216,9 @@ pub fn up(opts: &UpOptions) -> anyhow::Result<Vec<Guest>> {
         }
     }
     if let Err(e) = qemu::wait_ready(&started, opts.boot_timeout) {
-        started.iter().for_each(qemu::stop);
-        all.retain(qemu::alive);
-        save(&all)?;
+        for g in &started {
+            let _ = stop(g);
+        }
         return Err(e);
     }
     Ok(started)

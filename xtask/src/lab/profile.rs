@@ -39,6 +39,11 @@ pub struct Workload {
     pub churn_secs: u32,
     /// Distinguishes guests' own data.
     pub seed: u32,
+    /// Seconds after it is ready, the guest loads `load_mb` MiB identical to the own block
+    /// of the guest with seed `load_seed` (0 MiB: never).
+    pub load_after_s: u32,
+    pub load_mb: u32,
+    pub load_seed: u32,
 }
 
 impl Workload {
@@ -51,6 +56,9 @@ impl Workload {
             churn_mb: 32,
             churn_secs: 2,
             seed,
+            load_after_s: 0,
+            load_mb: 0,
+            load_seed: 0,
         }
     }
 
@@ -64,8 +72,17 @@ impl Workload {
         format!(
             "console=ttyS0 quiet panic=-1 memfabric.profile={profile} \
              memfabric.shared_mb={} memfabric.random_mb={} memfabric.own_mb={} \
-             memfabric.churn_mb={} memfabric.churn_secs={} memfabric.seed={}",
-            self.shared_mb, self.random_mb, self.own_mb, self.churn_mb, self.churn_secs, self.seed
+             memfabric.churn_mb={} memfabric.churn_secs={} memfabric.seed={} \
+             memfabric.load_after={} memfabric.load_mb={} memfabric.load_seed={}",
+            self.shared_mb,
+            self.random_mb,
+            self.own_mb,
+            self.churn_mb,
+            self.churn_secs,
+            self.seed,
+            self.load_after_s,
+            self.load_mb,
+            self.load_seed
         )
     }
 
@@ -76,7 +93,7 @@ impl Workload {
         } else {
             0
         };
-        self.shared_mb + self.random_mb + self.own_mb + churn
+        self.shared_mb + self.random_mb + self.own_mb + self.load_mb + churn
     }
 }
 
