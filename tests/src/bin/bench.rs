@@ -14,6 +14,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use memfabric::probes::{LoadOptions, Probes};
 use memfabric_tests::Workload;
+use xtask::plot::{self, Series};
 
 #[derive(Parser)]
 struct Cli {
@@ -142,6 +143,25 @@ fn bench_probes(out: &Path, pages: usize, rounds: usize) -> anyhow::Result<()> {
             med / base
         )?;
     }
+    let series: Vec<Series> = Mode::ALL
+        .iter()
+        .map(|&mode| Series {
+            name: mode.name().into(),
+            points: samples
+                .iter()
+                .filter(|s| s.1 == mode)
+                .map(|s| (s.0 as f64, s.2))
+                .collect(),
+        })
+        .collect();
+    plot::lines(
+        &dir.join("ns-per-fault.png"),
+        "write-fault cost per round",
+        "round",
+        "ns per fault",
+        &series,
+    )?;
+    md.push_str("\nPlot: ns-per-fault.png. Samples: samples.csv.\n");
     fs::write(dir.join("summary.md"), &md)?;
     println!("{md}");
     println!("report: {}", dir.display());

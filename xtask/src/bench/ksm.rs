@@ -17,7 +17,7 @@ use xtask::{
     lab::{self, Profile, UpOptions, scenario::Scenario},
 };
 
-use super::plot::{self, Series};
+use xtask::plot::{self, Series};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Policy {
@@ -102,7 +102,7 @@ fn vmstat(key: &str) -> u64 {
         .unwrap_or(0)
 }
 
-fn sample(t: f64, ksmd: Option<u32>, cpu0: f64, cow0: u64) -> Sample {
+fn sample(t: f64, ksmd: Option<u32>, cpu0: f64, cow0: u64, scans0: u64) -> Sample {
     Sample {
         t,
         pages_shared: ksm::read_u64("pages_shared"),
@@ -110,7 +110,7 @@ fn sample(t: f64, ksmd: Option<u32>, cpu0: f64, cow0: u64) -> Sample {
         general_profit: ksm::read_i64("general_profit"),
         zero_pages: ksm::read_u64("ksm_zero_pages"),
         pages_to_scan: ksm::read_u64("pages_to_scan"),
-        full_scans: ksm::read_u64("full_scans"),
+        full_scans: ksm::read_u64("full_scans") - scans0,
         ksmd_cpu_s: ksmd.map_or(0.0, cpu_seconds) - cpu0,
         cow_ksm: vmstat("cow_ksm") - cow0,
     }
@@ -177,6 +177,7 @@ struct Baseline {
     ksmd: Option<u32>,
     cpu0: f64,
     cow0: u64,
+    scans0: u64,
 }
 
 impl Baseline {
@@ -189,11 +190,12 @@ impl Baseline {
             ksmd,
             cpu0: ksmd.map_or(0.0, cpu_seconds),
             cow0: vmstat("cow_ksm"),
+            scans0: ksm::read_u64("full_scans"),
         }
     }
 
     fn sample(&self, t: f64) -> Sample {
-        sample(t, self.ksmd, self.cpu0, self.cow0)
+        sample(t, self.ksmd, self.cpu0, self.cow0, self.scans0)
     }
 }
 

@@ -2,7 +2,6 @@
 //! runs it; `ksm` drives lab guests and KSM from here.
 
 mod ksm;
-mod plot;
 
 use std::process::Command;
 
