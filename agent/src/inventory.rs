@@ -1,7 +1,12 @@
-//! What a process is, as far as its command line tells: the VM name and UUID a VMM was
-//! started with. (VM discovery and guest-RAM mappings come with the daemon.)
+//! Which processes are VMs: QEMU, Firecracker, Cloud Hypervisor, crosvm, or any PID or
+//! command-line pattern the operator names; their name and UUID from the command line;
+//! the mappings that hold guest RAM and whether KSM can merge them at all.
 
-use std::fs;
+use std::{collections::BTreeMap, fs};
+
+use procfs::process::{MMPermissions, MMapPath, Process, VmFlags};
+use regex::Regex;
+use serde::{Deserialize, Serialize};
 
 /// Name and UUID from a QEMU-style command line (`-name N` or `-name guest=N,...`,
 /// `-uuid U`).
@@ -42,9 +47,267 @@ pub fn identity(pid: u32) -> VmIdentity {
         .unwrap_or_default()
 }
 
+/// The VMM a process runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum VmKind {
+    Qemu,
+    Firecracker,
+    CloudHypervisor,
+    Crosvm,
+    /// Named by `--pid` or `--match`.
+    Process,
+}
+
+impl VmKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VmKind::Qemu => "qemu",
+            VmKind::Firecracker => "firecracker",
+            VmKind::CloudHypervisor => "cloud-hypervisor",
+            VmKind::Crosvm => "crosvm",
+            VmKind::Process => "process",
+        }
+    }
+
+    /// The VMM an executable name stands for.
+    pub fn from_exe(name: &str) -> Option<VmKind> {
+        match name {
+            n if n.starts_with("qemu-system-") || n == "qemu-kvm" => Some(VmKind::Qemu),
+            "firecracker" => Some(VmKind::Firecracker),
+            "cloud-hypervisor" => Some(VmKind::CloudHypervisor),
+            "crosvm" => Some(VmKind::Crosvm),
+            _ => None,
+        }
+    }
+}
+
+/// Whether KSM can merge a guest's RAM.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mergeability {
+    /// Private anonymous memory marked MADV_MERGEABLE (or the process merges all).
+    Mergeable,
+    /// Private anonymous memory KSM could merge, but it is not marked mergeable.
+    NotMarked,
+    /// Shared (memfd, vhost-user) or hugetlbfs memory: KSM never merges it.
+    Impossible(String),
+    /// No guest-RAM mapping found.
+    Unknown,
+}
+
+/// One mapping that holds guest RAM.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RamMapping {
+    pub start: u64,
+    pub end: u64,
+    pub backing: String,
+    pub mergeable: bool,
+}
+
+/// A VM process found on the host.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Vm {
+    pub pid: u32,
+    pub kind: VmKind,
+    /// From `-name` or similar, else `pid-N`.
+    pub name: String,
+    pub uuid: Option<String>,
+    pub guest_memory_bytes: u64,
+    pub ram: Vec<RamMapping>,
+    pub mergeability: Mergeability,
+}
+
+/// What to look for besides the known VMMs.
+#[derive(Clone, Debug, Default)]
+pub struct Selector {
+    pub pids: Vec<u32>,
+    pub patterns: Vec<Regex>,
+}
+
+/// Mappings at least this large are guest-RAM candidates.
+const MIN_RAM_MAPPING: u64 = 32 << 20;
+
+/// Parses QEMU's `-m` (`-m 256`, `-m 2G`, `-m size=4G,slots=...`) into bytes.
+pub fn qemu_memory(cmdline: &[String]) -> Option<u64> {
+    let v = cmdline.windows(2).find(|w| w[0] == "-m")?[1].clone();
+    let size = v
+        .split(',')
+        .find_map(|p| p.strip_prefix("size="))
+        .unwrap_or_else(|| v.split(',').next().unwrap_or(&v))
+        .to_owned();
+    let (num, mult) = match size.chars().last()? {
+        'G' | 'g' => (&size[..size.len() - 1], 1u64 << 30),
+        'M' | 'm' => (&size[..size.len() - 1], 1 << 20),
+        'T' | 't' => (&size[..size.len() - 1], 1 << 40),
+        _ => (size.as_str(), 1 << 20),
+    };
+    num.parse::<u64>().ok().map(|n| n * mult)
+}
+
+/// The guest-RAM mappings of a process: large read-write anonymous, memfd or hugetlbfs
+/// mappings.
+fn ram_mappings(proc_: &Process) -> Vec<RamMapping> {
+    let Ok(maps) = proc_.smaps() else {
+        return Vec::new();
+    };
+    maps.into_iter()
+        .filter(|m| m.address.1 - m.address.0 >= MIN_RAM_MAPPING)
+        // Guest RAM is read-write and not executable: this skips address-space
+        // reservations (---p) and TCG's translation buffer (rwxp).
+        .filter(|m| {
+            m.perms.contains(MMPermissions::READ | MMPermissions::WRITE)
+                && !m.perms.contains(MMPermissions::EXECUTE)
+        })
+        .filter_map(|m| {
+            let flags = m.extension.vm_flags;
+            let shared = m.perms.contains(MMPermissions::SHARED);
+            let backing = match &m.pathname {
+                MMapPath::Anonymous if !shared => "private-anonymous".to_owned(),
+                MMapPath::Anonymous => "shared-anonymous".to_owned(),
+                MMapPath::Path(p) if flags.contains(VmFlags::HT) => {
+                    format!("hugetlbfs:{}", p.display())
+                }
+                MMapPath::Path(p) if p.to_string_lossy().starts_with("/memfd:") => {
+                    format!("memfd:{}", p.display())
+                }
+                MMapPath::Other(o) if o.starts_with("anon:") => "private-anonymous".to_owned(),
+                // File-backed mappings (the VMM binary, disk images) are not guest RAM.
+                _ => return None,
+            };
+            Some(RamMapping {
+                start: m.address.0,
+                end: m.address.1,
+                backing,
+                mergeable: flags.contains(VmFlags::MG),
+            })
+        })
+        .collect()
+}
+
+fn mergeability(ram: &[RamMapping]) -> Mergeability {
+    if ram.is_empty() {
+        return Mergeability::Unknown;
+    }
+    if let Some(m) = ram.iter().find(|m| m.backing != "private-anonymous") {
+        return Mergeability::Impossible(format!(
+            "guest RAM is {} memory, which KSM never merges (only private anonymous memory)",
+            m.backing
+        ));
+    }
+    if ram.iter().all(|m| m.mergeable) {
+        Mergeability::Mergeable
+    } else {
+        Mergeability::NotMarked
+    }
+}
+
+/// Describes one process as a VM of `kind`.
+pub fn describe(pid: u32, kind: VmKind) -> Option<Vm> {
+    let proc_ = Process::new(pid as i32).ok()?;
+    let cmdline = proc_.cmdline().unwrap_or_default();
+    let id = identity_from_cmdline(cmdline.join("\0").as_bytes());
+    let ram = ram_mappings(&proc_);
+    let mapped: u64 = ram.iter().map(|m| m.end - m.start).sum();
+    let guest_memory_bytes = match kind {
+        VmKind::Qemu => qemu_memory(&cmdline).unwrap_or(mapped),
+        _ => mapped,
+    };
+    Some(Vm {
+        pid,
+        kind,
+        name: id.name.unwrap_or_else(|| format!("pid-{pid}")),
+        uuid: id.uuid,
+        guest_memory_bytes,
+        mergeability: mergeability(&ram),
+        ram,
+    })
+}
+
+/// Finds the host's VMs: known VMMs by executable name, plus the selector's PIDs and
+/// command-line patterns. Processes that vanish while being read are skipped.
+pub fn discover(sel: &Selector) -> BTreeMap<u32, Vm> {
+    let mut found = BTreeMap::new();
+    let Ok(all) = procfs::process::all_processes() else {
+        return found;
+    };
+    for p in all.filter_map(Result::ok) {
+        let pid = p.pid as u32;
+        let exe_name = p
+            .exe()
+            .ok()
+            .and_then(|e| e.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .or_else(|| p.stat().ok().map(|s| s.comm));
+        let mut kind = exe_name.as_deref().and_then(VmKind::from_exe);
+        if kind.is_none() && (sel.pids.contains(&pid) || !sel.patterns.is_empty()) {
+            let named = sel.pids.contains(&pid)
+                || p.cmdline()
+                    .ok()
+                    .map(|c| c.join(" "))
+                    .is_some_and(|c| !c.is_empty() && sel.patterns.iter().any(|r| r.is_match(&c)));
+            if named {
+                kind = Some(VmKind::Process);
+            }
+        }
+        if let Some(kind) = kind
+            && pid != std::process::id()
+            && let Some(vm) = describe(pid, kind)
+        {
+            found.insert(pid, vm);
+        }
+    }
+    found
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn vmm_kinds_from_executable_names() {
+        assert_eq!(VmKind::from_exe("qemu-system-x86_64"), Some(VmKind::Qemu));
+        assert_eq!(VmKind::from_exe("qemu-kvm"), Some(VmKind::Qemu));
+        assert_eq!(
+            VmKind::from_exe("cloud-hypervisor"),
+            Some(VmKind::CloudHypervisor)
+        );
+        assert_eq!(VmKind::from_exe("bash"), None);
+    }
+
+    #[test]
+    fn qemu_memory_sizes() {
+        let c = |s: &str| s.split(' ').map(String::from).collect::<Vec<_>>();
+        assert_eq!(qemu_memory(&c("qemu -m 256")), Some(256 << 20));
+        assert_eq!(qemu_memory(&c("qemu -m 2G")), Some(2 << 30));
+        assert_eq!(
+            qemu_memory(&c("qemu -m size=4G,slots=2,maxmem=8G")),
+            Some(4 << 30)
+        );
+        assert_eq!(qemu_memory(&c("qemu -smp 2")), None);
+    }
+
+    #[test]
+    fn shared_guest_ram_is_reported_unmergeable() {
+        let m = |backing: &str, mergeable| RamMapping {
+            start: 0,
+            end: 1 << 30,
+            backing: backing.into(),
+            mergeable,
+        };
+        assert_eq!(
+            mergeability(&[m("private-anonymous", true)]),
+            Mergeability::Mergeable
+        );
+        assert_eq!(
+            mergeability(&[m("private-anonymous", false)]),
+            Mergeability::NotMarked
+        );
+        assert!(matches!(
+            mergeability(&[m("memfd:/memfd:guest-ram (deleted)", false)]),
+            Mergeability::Impossible(r) if r.contains("memfd")
+        ));
+        assert_eq!(mergeability(&[]), Mergeability::Unknown);
+    }
 
     #[test]
     fn plain_and_libvirt_names() {

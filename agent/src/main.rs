@@ -6,12 +6,46 @@ use clap::Parser as _;
 
 fn main() -> std::process::ExitCode {
     let cli = cli::Cli::parse();
-    cli::init_logging(cli.verbose);
+    cli::init_logging(cli.verbose, cli.log_format);
     match cli.run() {
         Ok(code) => code,
         Err(e) => {
             eprintln!("memfabric: error: {e:#}");
-            std::process::ExitCode::from(2)
+            std::process::ExitCode::from(exit_code(&e))
         }
+    }
+}
+
+/// Exit codes an operator can script on: 2 bad input (config, flags, unknown PID), 3 the
+/// host lacks something (root, BPF, tracefs), 4 the listen address is taken, 1 otherwise.
+fn exit_code(e: &anyhow::Error) -> u8 {
+    use memfabric::{config::ConfigError, daemon::DaemonError, probes::ProbeError};
+    for cause in e.chain() {
+        if let Some(d) = cause.downcast_ref::<DaemonError>() {
+            return match d {
+                DaemonError::Listen { .. } => 4,
+                DaemonError::UnknownPid(_) => 2,
+                DaemonError::Probes(p) => probe_code(p),
+                _ => 1,
+            };
+        }
+        if let Some(p) = cause.downcast_ref::<ProbeError>() {
+            return probe_code(p);
+        }
+        if cause.downcast_ref::<ConfigError>().is_some() {
+            return 2;
+        }
+    }
+    1
+}
+
+fn probe_code(p: &memfabric::probes::ProbeError) -> u8 {
+    use memfabric::probes::ProbeError;
+    match p {
+        ProbeError::NotRoot | ProbeError::Tracefs(_) | ProbeError::Load(_) => 3,
+        ProbeError::UnknownPid(_)
+        | ProbeError::BadTracepoint(_)
+        | ProbeError::UnknownProgram(..) => 2,
+        _ => 1,
     }
 }

@@ -1,6 +1,8 @@
 //! Command line: one file per subcommand.
 
 mod check;
+mod run;
+mod status;
 mod watch;
 
 use std::process::ExitCode;
@@ -17,6 +19,15 @@ pub struct Cli {
     /// More logging (-v: debug, -vv: trace). RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     pub verbose: u8,
+    /// Log format on stderr.
+    #[arg(
+        long,
+        value_enum,
+        default_value = "human",
+        env = "MEMFABRIC_LOG_FORMAT",
+        global = true
+    )]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     command: Commands,
 }
@@ -30,6 +41,11 @@ enum Commands {
     /// Track processes (e.g. QEMU guests) with the probes and show what KSM merged of each
     /// and what the probes saw, refreshing until Ctrl-C or --seconds.
     Watch(watch::WatchArgs),
+    /// The daemon: find VMs, track them with the probes, serve /metrics, /healthz and
+    /// /v1/status (default 127.0.0.1:9977) until SIGINT/SIGTERM.
+    Run(run::RunArgs),
+    /// The VMs and KSM state from a running daemon, or one-shot from /proc and /sys.
+    Status(status::StatusArgs),
 }
 
 impl Cli {
@@ -37,13 +53,21 @@ impl Cli {
         match self.command {
             Commands::Check(args) => check::run(args),
             Commands::Watch(args) => watch::run(args),
+            Commands::Run(args) => run::run(args),
+            Commands::Status(args) => status::run(args),
         }
     }
 }
 
-/// Human-readable logs on stderr; aya-log records from the probes arrive through the
-/// `log` bridge.
-pub fn init_logging(verbose: u8) {
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+/// Logs on stderr, human-readable or JSON; aya-log records from the probes arrive through
+/// the `log` bridge.
+pub fn init_logging(verbose: u8, format: LogFormat) {
     use tracing_subscriber::{EnvFilter, util::SubscriberInitExt as _};
     let default = match verbose {
         0 => "info",
@@ -51,9 +75,11 @@ pub fn init_logging(verbose: u8) {
         _ => "trace",
     };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .finish()
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Human => builder.finish().try_init(),
+        LogFormat::Json => builder.json().finish().try_init(),
+    };
 }

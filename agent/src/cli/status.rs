@@ -1,0 +1,112 @@
+//! `memfabric status`: the VMs and the host's KSM state, from a running daemon, or
+//! one-shot from /proc and /sys when none answers (then without the probes' counters).
+
+use std::process::ExitCode;
+
+use clap::Args;
+use memfabric::{
+    config::DEFAULT_LISTEN,
+    inventory::{self, Selector},
+    ksm_host::{KsmHost, KsmStat},
+    model::{HostState, VmState},
+};
+
+#[derive(Args)]
+pub struct StatusArgs {
+    /// Print the state as JSON.
+    #[arg(long)]
+    json: bool,
+    /// Daemon to ask.
+    #[arg(long, env = "MEMFABRIC_ENDPOINT", default_value_t = format!("http://{DEFAULT_LISTEN}"))]
+    endpoint: String,
+}
+
+fn from_daemon(endpoint: &str) -> Option<HostState> {
+    let url = format!("{}/v1/status", endpoint.trim_end_matches('/'));
+    let mut resp = ureq::get(&url).call().ok()?;
+    let body = resp.body_mut().read_to_string().ok()?;
+    serde_json::from_str(&body).ok()
+}
+
+/// What /proc and /sys tell without the daemon.
+fn one_shot() -> HostState {
+    let vms = inventory::discover(&Selector::default())
+        .into_values()
+        .map(|vm| VmState {
+            ksm: KsmStat::read(vm.pid),
+            vm,
+            probes: None,
+            write_faults_per_sec: 0.0,
+            cow_breaks_per_sec: 0.0,
+        })
+        .collect();
+    HostState {
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        taken_at_unix_ms: memfabric::telemetry::timestamp(),
+        ksm: KsmHost::read(),
+        vms,
+        probes: Default::default(),
+    }
+}
+
+const MIB: f64 = 1024.0 * 1024.0;
+
+pub fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
+    let (state, source) = match from_daemon(&args.endpoint) {
+        Some(s) => (s, format!("daemon at {}", args.endpoint)),
+        None => (
+            one_shot(),
+            "one-shot from /proc and /sys (no daemon answered; probe columns empty)".to_owned(),
+        ),
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&state)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let k = &state.ksm;
+    println!("source: {source}");
+    println!(
+        "KSM: run={} pages_to_scan={} sleep={} ms | shared={} sharing={} (saving {:.1} MiB) \
+         zero={} | general_profit={:.1} MiB | full_scans={} | cow_ksm={} | ksmd CPU {:.1} s",
+        k.run,
+        k.pages_to_scan,
+        k.sleep_millisecs,
+        k.pages_shared,
+        k.pages_sharing,
+        k.pages_sharing as f64 * 4096.0 / MIB,
+        k.ksm_zero_pages,
+        k.general_profit_bytes as f64 / MIB,
+        k.full_scans,
+        k.cow_ksm,
+        k.ksmd_cpu_seconds
+    );
+    println!(
+        "{:<16} {:>8} {:<12} {:>9} {:>11} {:>11} {:>9} {:>9}  MERGEABLE",
+        "VM", "PID", "KIND", "RAM MiB", "MERGED MiB", "PROFIT MiB", "WF/s", "COW/s"
+    );
+    for v in &state.vms {
+        let rate = |x: f64| {
+            if v.probes.is_some() {
+                format!("{x:.1}")
+            } else {
+                "-".into()
+            }
+        };
+        println!(
+            "{:<16} {:>8} {:<12} {:>9} {:>11.1} {:>11.1} {:>9} {:>9}  {:?}",
+            v.vm.name,
+            v.vm.pid,
+            v.vm.kind.as_str(),
+            v.vm.guest_memory_bytes >> 20,
+            v.ksm.merging_pages as f64 * 4096.0 / MIB,
+            v.ksm.process_profit_bytes as f64 / MIB,
+            rate(v.write_faults_per_sec),
+            rate(v.cow_breaks_per_sec),
+            v.vm.mergeability
+        );
+    }
+    if state.vms.is_empty() {
+        println!("(no VMs found)");
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,102 @@
+//! The host's KSM state as the kernel reports it: /sys/kernel/mm/ksm, the `cow_ksm`
+//! counter of /proc/vmstat, ksmd's CPU time, and per-process /proc/PID/ksm_stat.
+
+use std::fs;
+
+use serde::{Deserialize, Serialize};
+
+const KSM: &str = "/sys/kernel/mm/ksm";
+
+fn read_i64(knob: &str) -> Option<i64> {
+    fs::read_to_string(format!("{KSM}/{knob}"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Host-wide KSM figures (absent ones read as 0; `available` says whether KSM exists).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct KsmHost {
+    pub available: bool,
+    pub run: i64,
+    pub pages_to_scan: i64,
+    pub sleep_millisecs: i64,
+    pub pages_shared: i64,
+    pub pages_sharing: i64,
+    pub pages_unshared: i64,
+    pub pages_volatile: i64,
+    pub pages_skipped: i64,
+    pub ksm_zero_pages: i64,
+    pub full_scans: i64,
+    pub general_profit_bytes: i64,
+    /// `cow_ksm` from /proc/vmstat: writes that broke a KSM merge, host-wide.
+    pub cow_ksm: u64,
+    pub ksmd_cpu_seconds: f64,
+}
+
+impl KsmHost {
+    pub fn read() -> KsmHost {
+        let r = |k: &str| read_i64(k).unwrap_or(0);
+        KsmHost {
+            available: fs::metadata(KSM).is_ok(),
+            run: r("run"),
+            pages_to_scan: r("pages_to_scan"),
+            sleep_millisecs: r("sleep_millisecs"),
+            pages_shared: r("pages_shared"),
+            pages_sharing: r("pages_sharing"),
+            pages_unshared: r("pages_unshared"),
+            pages_volatile: r("pages_volatile"),
+            pages_skipped: r("pages_skipped"),
+            ksm_zero_pages: r("ksm_zero_pages"),
+            full_scans: r("full_scans"),
+            general_profit_bytes: r("general_profit"),
+            cow_ksm: vmstat("cow_ksm").unwrap_or(0),
+            ksmd_cpu_seconds: ksmd_cpu_seconds().unwrap_or(0.0),
+        }
+    }
+}
+
+/// A counter of /proc/vmstat.
+pub fn vmstat(key: &str) -> Option<u64> {
+    fs::read_to_string("/proc/vmstat")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// CPU seconds (user + system) ksmd has used since boot.
+pub fn ksmd_cpu_seconds() -> Option<f64> {
+    let ksmd = procfs::process::all_processes()
+        .ok()?
+        .filter_map(Result::ok)
+        .find(|p| p.stat().is_ok_and(|s| s.comm == "ksmd"))?;
+    let stat = ksmd.stat().ok()?;
+    Some((stat.utime + stat.stime) as f64 / procfs::ticks_per_second() as f64)
+}
+
+/// /proc/PID/ksm_stat of one process.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KsmStat {
+    pub merging_pages: i64,
+    pub zero_pages: i64,
+    pub process_profit_bytes: i64,
+    pub rmap_items: i64,
+}
+
+impl KsmStat {
+    pub fn read(pid: u32) -> KsmStat {
+        let text = fs::read_to_string(format!("/proc/{pid}/ksm_stat")).unwrap_or_default();
+        let get = |k: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(k)?.strip_prefix(' ')?.trim().parse().ok())
+                .unwrap_or(0)
+        };
+        KsmStat {
+            merging_pages: get("ksm_merging_pages"),
+            zero_pages: get("ksm_zero_pages"),
+            process_profit_bytes: get("ksm_process_profit"),
+            rmap_items: get("ksm_rmap_items"),
+        }
+    }
+}

@@ -1,0 +1,63 @@
+//! The host's view, refreshed by the daemon and served as /metrics, /v1/status and the
+//! `status` table: per VM what KSM merged and what the probes saw, and the host's KSM.
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    inventory::Vm,
+    ksm_host::{KsmHost, KsmStat},
+};
+
+/// Counters the probes keep for one VM (absent when the probes are not loaded).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmProbeCounters {
+    pub read_faults: u64,
+    pub write_faults: u64,
+    pub write_protect_faults: u64,
+    pub cow_breaks: u64,
+    pub kvm_faults: u64,
+    pub kvm_write_faults: u64,
+    pub ksm_merges: u64,
+}
+
+impl From<memfabric_common::TgidStats> for VmProbeCounters {
+    fn from(s: memfabric_common::TgidStats) -> Self {
+        VmProbeCounters {
+            read_faults: s.read_faults,
+            write_faults: s.write_faults,
+            write_protect_faults: s.write_protect_faults,
+            cow_breaks: s.ksm_cow_breaks,
+            kvm_faults: s.kvm_faults,
+            kvm_write_faults: s.kvm_write_faults,
+            ksm_merges: s.ksm_merges + s.ksm_zero_merges,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VmState {
+    #[serde(flatten)]
+    pub vm: Vm,
+    pub ksm: KsmStat,
+    pub probes: Option<VmProbeCounters>,
+    /// Rates over the last refresh interval.
+    pub write_faults_per_sec: f64,
+    pub cow_breaks_per_sec: f64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ProbeSummary {
+    pub attached: Vec<String>,
+    pub missing: Vec<String>,
+    pub events_dropped: u64,
+}
+
+/// Everything the daemon knows, as of `taken_at_unix_ms`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct HostState {
+    pub version: String,
+    pub taken_at_unix_ms: u64,
+    pub ksm: KsmHost,
+    pub vms: Vec<VmState>,
+    pub probes: ProbeSummary,
+}

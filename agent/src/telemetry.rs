@@ -1,0 +1,338 @@
+//! Prometheus metrics (OpenMetrics text via prometheus-client, read from the current
+//! [`HostState`] at scrape time) and the HTTP endpoints: /metrics, /healthz, /v1/status.
+//! Metric names are a contract: units in names, counters end in `_total` (prometheus-client
+//! appends it to counters), a superset of node_exporter's ksmd collector.
+
+use std::{
+    fmt,
+    sync::{Arc, RwLock},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use axum::{Json, Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric, MetricEncoder},
+    metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge},
+    registry::Registry,
+};
+
+use crate::model::HostState;
+
+/// The state shared between the refresh loop and the HTTP handlers.
+pub type Shared = Arc<RwLock<HostState>>;
+
+#[derive(Debug)]
+struct HostCollector(Shared);
+
+type Labels = Vec<(&'static str, String)>;
+
+/// Encodes one metric family with several label sets.
+fn family<V: Copy>(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    kind: MetricType,
+    rows: &[(Labels, V)],
+    encode: fn(V, MetricEncoder<'_>) -> fmt::Result,
+) -> fmt::Result {
+    let mut m = enc.encode_descriptor(name, help, None, kind)?;
+    for (labels, v) in rows {
+        encode(*v, m.encode_family(labels)?)?;
+    }
+    Ok(())
+}
+
+fn enc_gauge(v: i64, m: MetricEncoder<'_>) -> fmt::Result {
+    ConstGauge::new(v).encode(m)
+}
+
+fn enc_counter(v: u64, m: MetricEncoder<'_>) -> fmt::Result {
+    ConstCounter::new(v).encode(m)
+}
+
+fn gauge(enc: &mut DescriptorEncoder, name: &str, help: &str, v: i64) -> fmt::Result {
+    let g = ConstGauge::new(v);
+    g.encode(enc.encode_descriptor(name, help, None, g.metric_type())?)
+}
+
+fn gauge_f(enc: &mut DescriptorEncoder, name: &str, help: &str, v: f64) -> fmt::Result {
+    let g = ConstGauge::new(v);
+    g.encode(enc.encode_descriptor(name, help, None, g.metric_type())?)
+}
+
+/// `name` without `_total`: prometheus-client adds it to counters.
+fn counter(enc: &mut DescriptorEncoder, name: &str, help: &str, v: u64) -> fmt::Result {
+    let c = ConstCounter::new(v);
+    c.encode(enc.encode_descriptor(name, help, None, c.metric_type())?)
+}
+
+fn counter_f(enc: &mut DescriptorEncoder, name: &str, help: &str, v: f64) -> fmt::Result {
+    let c = ConstCounter::new(v);
+    c.encode(enc.encode_descriptor(name, help, None, c.metric_type())?)
+}
+
+impl Collector for HostCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> fmt::Result {
+        let s = self.0.read().map_err(|_| fmt::Error)?;
+        let k = &s.ksm;
+        let e = &mut enc;
+        gauge(
+            e,
+            "memfabric_ksm_pages_shared",
+            "KSM pages in use (shared by several pages)",
+            k.pages_shared,
+        )?;
+        gauge(
+            e,
+            "memfabric_ksm_pages_sharing",
+            "Pages merged into KSM pages: roughly the pages saved",
+            k.pages_sharing,
+        )?;
+        gauge(
+            e,
+            "memfabric_ksm_pages_unshared",
+            "Pages KSM checked that are unique so far",
+            k.pages_unshared,
+        )?;
+        gauge(
+            e,
+            "memfabric_ksm_pages_volatile",
+            "Pages changing too fast to be merged",
+            k.pages_volatile,
+        )?;
+        gauge(
+            e,
+            "memfabric_ksm_pages_skipped",
+            "Pages KSM's smart scan skipped",
+            k.pages_skipped,
+        )?;
+        gauge(
+            e,
+            "memfabric_ksm_zero_pages",
+            "Pages merged with the zero page (use_zero_pages)",
+            k.ksm_zero_pages,
+        )?;
+        counter(
+            e,
+            "memfabric_ksm_full_scans",
+            "Full scans of mergeable memory by ksmd",
+            k.full_scans.max(0) as u64,
+        )?;
+        gauge(
+            e,
+            "memfabric_ksm_general_profit_bytes",
+            "KSM's own estimate of bytes saved net of its metadata (may be negative)",
+            k.general_profit_bytes,
+        )?;
+        gauge(
+            e,
+            "memfabric_ksm_run",
+            "KSM run state (0 stopped, 1 running, 2 unmerging)",
+            k.run,
+        )?;
+        gauge(
+            e,
+            "memfabric_ksm_pages_to_scan",
+            "Pages ksmd scans per wake-up",
+            k.pages_to_scan,
+        )?;
+        gauge_f(
+            e,
+            "memfabric_ksm_sleep_seconds",
+            "Sleep between ksmd wake-ups",
+            k.sleep_millisecs as f64 / 1000.0,
+        )?;
+        counter(
+            e,
+            "memfabric_ksm_cow_breaks",
+            "Writes that broke a KSM merge, host-wide (vmstat cow_ksm)",
+            k.cow_ksm,
+        )?;
+        counter_f(
+            e,
+            "memfabric_ksmd_cpu_seconds",
+            "CPU time ksmd has used",
+            k.ksmd_cpu_seconds,
+        )?;
+
+        let label = |v: &crate::model::VmState| -> Labels {
+            vec![
+                ("vm", v.vm.name.clone()),
+                ("pid", v.vm.pid.to_string()),
+                ("kind", v.vm.kind.as_str().to_owned()),
+            ]
+        };
+        let rows = |f: &dyn Fn(&crate::model::VmState) -> i64| -> Vec<(Labels, i64)> {
+            s.vms.iter().map(|v| (label(v), f(v))).collect()
+        };
+        family(
+            e,
+            "memfabric_vm_guest_memory_bytes",
+            "Guest RAM of the VM",
+            MetricType::Gauge,
+            &rows(&|v| v.vm.guest_memory_bytes as i64),
+            enc_gauge,
+        )?;
+        family(
+            e,
+            "memfabric_vm_ksm_merging_pages",
+            "Pages of the VM that KSM merged (ksm_stat)",
+            MetricType::Gauge,
+            &rows(&|v| v.ksm.merging_pages),
+            enc_gauge,
+        )?;
+        family(
+            e,
+            "memfabric_vm_ksm_profit_bytes",
+            "KSM's profit for the VM (ksm_stat ksm_process_profit)",
+            MetricType::Gauge,
+            &rows(&|v| v.ksm.process_profit_bytes),
+            enc_gauge,
+        )?;
+
+        let probed: Vec<_> = s
+            .vms
+            .iter()
+            .filter_map(|v| v.probes.map(|p| (v, p)))
+            .collect();
+        let mut faults = Vec::new();
+        for (v, p) in &probed {
+            let mut r = label(v);
+            r.push(("access", "read".into()));
+            faults.push((r, p.read_faults));
+            let mut w = label(v);
+            w.push(("access", "write".into()));
+            faults.push((w, p.write_faults));
+        }
+        family(
+            e,
+            "memfabric_vm_page_faults",
+            "User page faults of the VM process",
+            MetricType::Counter,
+            &faults,
+            enc_counter,
+        )?;
+        let prow = |f: &dyn Fn(&crate::model::VmProbeCounters) -> u64| -> Vec<(Labels, u64)> {
+            probed.iter().map(|(v, p)| (label(v), f(p))).collect()
+        };
+        family(
+            e,
+            "memfabric_vm_cow_breaks",
+            "Writes to pages KSM merged for the VM (exact KSM COW breaks)",
+            MetricType::Counter,
+            &prow(&|p| p.cow_breaks),
+            enc_counter,
+        )?;
+        family(
+            e,
+            "memfabric_vm_kvm_faults",
+            "KVM guest-physical faults of the VM",
+            MetricType::Counter,
+            &prow(&|p| p.kvm_faults),
+            enc_counter,
+        )?;
+        family(
+            e,
+            "memfabric_vm_ksm_merges",
+            "Pages of the VM ksmd merged",
+            MetricType::Counter,
+            &prow(&|p| p.ksm_merges),
+            enc_counter,
+        )?;
+
+        counter(
+            e,
+            "memfabric_probe_events_dropped",
+            "Probe events lost because the ring buffer was full",
+            s.probes.events_dropped,
+        )?;
+        let info: Vec<(Labels, i64)> = vec![(vec![("version", s.version.clone())], 1)];
+        family(
+            e,
+            "memfabric_build_info",
+            "memfabric build",
+            MetricType::Gauge,
+            &info,
+            enc_gauge,
+        )?;
+        Ok(())
+    }
+}
+
+/// The registry serving `state`.
+pub fn registry(state: Shared) -> Registry {
+    let mut r = Registry::default();
+    r.register_collector(Box::new(HostCollector(state)));
+    r
+}
+
+#[derive(Clone)]
+struct App {
+    state: Shared,
+    registry: Arc<Registry>,
+    /// /healthz fails when the state is older than this.
+    stale_after: Duration,
+}
+
+async fn metrics(State(app): State<App>) -> impl IntoResponse {
+    let mut body = String::new();
+    match prometheus_client::encoding::text::encode(&mut body, &app.registry) {
+        Ok(()) => (
+            StatusCode::OK,
+            [(
+                "content-type",
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            body,
+        ),
+        Err(_) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            [("content-type", "text/plain")],
+            "encoding failed\n".into(),
+        ),
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+async fn healthz(State(app): State<App>) -> impl IntoResponse {
+    let taken = app.state.read().map_or(0, |s| s.taken_at_unix_ms);
+    let age = now_ms().saturating_sub(taken);
+    if taken > 0 && age <= app.stale_after.as_millis() as u64 {
+        (StatusCode::OK, format!("ok (state {age} ms old)\n"))
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("stale: state {age} ms old\n"),
+        )
+    }
+}
+
+async fn status(State(app): State<App>) -> impl IntoResponse {
+    let s = app.state.read().map(|s| s.clone()).unwrap_or_default();
+    Json(s)
+}
+
+/// The HTTP routes.
+pub fn router(state: Shared, stale_after: Duration) -> Router {
+    let registry = Arc::new(registry(state.clone()));
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .route("/v1/status", get(status))
+        .with_state(App {
+            state,
+            registry,
+            stale_after,
+        })
+}
+
+/// Milliseconds since the epoch, for `HostState::taken_at_unix_ms`.
+pub fn timestamp() -> u64 {
+    now_ms()
+}
