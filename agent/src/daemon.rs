@@ -12,8 +12,8 @@ use tokio::net::TcpListener;
 
 use crate::{
     config::Config,
-    inventory::{self, Selector, Vm},
-    ksm_host::{KsmHost, KsmStat},
+    inventory::{self, Scanner, Selector, Vm},
+    ksm_host::{self, KsmHost, KsmStat},
     model::{HostState, ProbeSummary, VmProbeCounters, VmState},
     probes::{LoadOptions, ProbeError, ProbeEvent, Probes},
     telemetry,
@@ -40,7 +40,8 @@ pub enum DaemonError {
 /// The refresh side of the daemon.
 pub struct Daemon {
     probes: Probes,
-    selector: Selector,
+    scanner: Scanner,
+    ksmd: Option<u32>,
     vms: BTreeMap<u32, Vm>,
     previous: HashMap<u32, (Instant, VmProbeCounters)>,
     exited: BTreeMap<u32, VmProbeCounters>,
@@ -65,10 +66,11 @@ impl Daemon {
         }
         Ok(Daemon {
             probes,
-            selector: Selector {
+            scanner: Scanner::new(Selector {
                 pids: cfg.pids.clone(),
                 patterns: cfg.matches.clone(),
-            },
+            }),
+            ksmd: ksm_host::ksmd_pid(),
             vms: BTreeMap::new(),
             previous: HashMap::new(),
             exited: BTreeMap::new(),
@@ -86,7 +88,7 @@ impl Daemon {
             let ProbeEvent::Exit { tgid, stats } = ev;
             self.exited.insert(tgid, stats.into());
         }
-        let found = inventory::discover(&self.selector);
+        let found = self.scanner.scan();
         // Gone: exited, or no longer matching.
         let gone: Vec<u32> = self
             .vms
@@ -103,8 +105,12 @@ impl Daemon {
                 tracing::info!("VM {} (pid {pid}) is gone", vm.name);
             }
         }
-        for (pid, vm) in found {
+        for (pid, kind) in found {
             if !self.vms.contains_key(&pid) {
+                // Described once: reading smaps is the costly part of discovery.
+                let Some(vm) = inventory::describe(pid, kind) else {
+                    continue; // exited meanwhile
+                };
                 match self.probes.track(pid) {
                     Ok(()) => tracing::info!(
                         "tracking VM {} (pid {pid}, {}, {} MiB, {:?})",
@@ -151,7 +157,7 @@ impl Daemon {
         let state = HostState {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             taken_at_unix_ms: telemetry::timestamp(),
-            ksm: KsmHost::read(),
+            ksm: KsmHost::read_with(self.ksmd),
             vms,
             probes: ProbeSummary {
                 attached: self

@@ -224,39 +224,121 @@ pub fn describe(pid: u32, kind: VmKind) -> Option<Vm> {
     })
 }
 
-/// Finds the host's VMs: known VMMs by executable name, plus the selector's PIDs and
-/// command-line patterns. Processes that vanish while being read are skipped.
-pub fn discover(sel: &Selector) -> BTreeMap<u32, Vm> {
-    let mut found = BTreeMap::new();
-    let Ok(all) = procfs::process::all_processes() else {
-        return found;
-    };
-    for p in all.filter_map(Result::ok) {
-        let pid = p.pid as u32;
-        let exe_name = p
-            .exe()
-            .ok()
-            .and_then(|e| e.file_name().map(|n| n.to_string_lossy().into_owned()))
-            .or_else(|| p.stat().ok().map(|s| s.comm));
-        let mut kind = exe_name.as_deref().and_then(VmKind::from_exe);
-        if kind.is_none() && (sel.pids.contains(&pid) || !sel.patterns.is_empty()) {
-            let named = sel.pids.contains(&pid)
-                || p.cmdline()
-                    .ok()
-                    .map(|c| c.join(" "))
-                    .is_some_and(|c| !c.is_empty() && sel.patterns.iter().any(|r| r.is_match(&c)));
-            if named {
-                kind = Some(VmKind::Process);
-            }
-        }
-        if let Some(kind) = kind
-            && pid != std::process::id()
-            && let Some(vm) = describe(pid, kind)
-        {
-            found.insert(pid, vm);
+/// The VMM an executable's `comm` (at most 15 bytes, so `qemu-system-x86_64` reads as
+/// `qemu-system-x86`) may stand for.
+fn kind_from_comm(comm: &str) -> Option<VmKind> {
+    match comm {
+        c if c.starts_with("qemu-system-") || c == "qemu-kvm" => Some(VmKind::Qemu),
+        "firecracker" => Some(VmKind::Firecracker),
+        c if "cloud-hypervisor".starts_with(c) && c.len() >= 15 => Some(VmKind::CloudHypervisor),
+        "crosvm" => Some(VmKind::Crosvm),
+        _ => None,
+    }
+}
+
+/// Finds VM processes cheaply enough to run every few seconds: one read of
+/// /proc/PID/comm per process, and more only for candidates and new processes. Processes
+/// found not to be VMs are remembered with their `comm` (exec changes it), so a PID is
+/// looked at again only when it is new or has exec'd.
+#[derive(Debug, Default)]
+pub struct Scanner {
+    selector: Selector,
+    not_vms: std::collections::HashMap<u32, String>,
+}
+
+impl Scanner {
+    pub fn new(selector: Selector) -> Scanner {
+        Scanner {
+            selector,
+            not_vms: Default::default(),
         }
     }
-    found
+
+    /// The VM processes now, by PID, with their kind.
+    pub fn scan(&mut self) -> BTreeMap<u32, VmKind> {
+        let mut found = BTreeMap::new();
+        let mut not_vms = std::collections::HashMap::with_capacity(self.not_vms.len());
+        let Ok(dir) = fs::read_dir("/proc") else {
+            return found;
+        };
+        let me = std::process::id();
+        for entry in dir.filter_map(Result::ok) {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let Ok(comm) = fs::read_to_string(format!("/proc/{pid}/comm")) else {
+                continue; // exited meanwhile
+            };
+            let comm = comm.trim_end().to_owned();
+            if pid == me
+                || self.not_vms.get(&pid) == Some(&comm) && !self.selector.pids.contains(&pid)
+            {
+                not_vms.insert(pid, comm);
+                continue;
+            }
+            match self.kind(pid, &comm) {
+                Some(kind) => {
+                    found.insert(pid, kind);
+                }
+                None => {
+                    not_vms.insert(pid, comm);
+                }
+            }
+        }
+        self.not_vms = not_vms;
+        found
+    }
+
+    fn kind(&self, pid: u32, comm: &str) -> Option<VmKind> {
+        if kind_from_comm(comm).is_some() {
+            // Confirm with the executable's full name where it can be read.
+            let exe = fs::read_link(format!("/proc/{pid}/exe")).ok();
+            match exe
+                .as_ref()
+                .and_then(|e| e.file_name())
+                .map(|n| n.to_string_lossy().into_owned())
+            {
+                Some(name) => {
+                    if let Some(k) = VmKind::from_exe(&name) {
+                        return Some(k);
+                    }
+                }
+                None => return kind_from_comm(comm),
+            }
+        }
+        if self.selector.pids.contains(&pid) {
+            return Some(VmKind::Process);
+        }
+        if !self.selector.patterns.is_empty()
+            && let Ok(raw) = fs::read(format!("/proc/{pid}/cmdline"))
+        {
+            let line = String::from_utf8_lossy(&raw).replace('\0', " ");
+            if !line.trim().is_empty()
+                && self
+                    .selector
+                    .patterns
+                    .iter()
+                    .any(|r| r.is_match(line.trim()))
+            {
+                return Some(VmKind::Process);
+            }
+        }
+        None
+    }
+}
+
+/// Finds and describes the host's VMs at once (for one-shot use; the daemon keeps a
+/// [`Scanner`] and describes only new VMs).
+pub fn discover(sel: &Selector) -> BTreeMap<u32, Vm> {
+    Scanner::new(sel.clone())
+        .scan()
+        .into_iter()
+        .filter_map(|(pid, kind)| Some((pid, describe(pid, kind)?)))
+        .collect()
 }
 
 #[cfg(test)]
@@ -272,6 +354,12 @@ mod tests {
             Some(VmKind::CloudHypervisor)
         );
         assert_eq!(VmKind::from_exe("bash"), None);
+        assert_eq!(kind_from_comm("qemu-system-x86"), Some(VmKind::Qemu));
+        assert_eq!(
+            kind_from_comm("cloud-hyperviso"),
+            Some(VmKind::CloudHypervisor)
+        );
+        assert_eq!(kind_from_comm("cloud"), None);
     }
 
     #[test]

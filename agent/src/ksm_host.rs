@@ -36,7 +36,13 @@ pub struct KsmHost {
 }
 
 impl KsmHost {
+    /// Reads everything, looking ksmd up among all processes.
     pub fn read() -> KsmHost {
+        Self::read_with(ksmd_pid())
+    }
+
+    /// Reads everything, with ksmd's PID already known (the daemon caches it).
+    pub fn read_with(ksmd: Option<u32>) -> KsmHost {
         let r = |k: &str| read_i64(k).unwrap_or(0);
         KsmHost {
             available: fs::metadata(KSM).is_ok(),
@@ -52,7 +58,7 @@ impl KsmHost {
             full_scans: r("full_scans"),
             general_profit_bytes: r("general_profit"),
             cow_ksm: vmstat("cow_ksm").unwrap_or(0),
-            ksmd_cpu_seconds: ksmd_cpu_seconds().unwrap_or(0.0),
+            ksmd_cpu_seconds: ksmd.and_then(ksmd_cpu_seconds).unwrap_or(0.0),
         }
     }
 }
@@ -65,13 +71,26 @@ pub fn vmstat(key: &str) -> Option<u64> {
         .find_map(|l| l.strip_prefix(key)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
-/// CPU seconds (user + system) ksmd has used since boot.
-pub fn ksmd_cpu_seconds() -> Option<f64> {
-    let ksmd = procfs::process::all_processes()
+/// The PID of the ksmd kernel thread.
+pub fn ksmd_pid() -> Option<u32> {
+    fs::read_dir("/proc")
         .ok()?
         .filter_map(Result::ok)
-        .find(|p| p.stat().is_ok_and(|s| s.comm == "ksmd"))?;
-    let stat = ksmd.stat().ok()?;
+        .find_map(|e| {
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            (fs::read_to_string(e.path().join("comm")).ok()?.trim_end() == "ksmd").then_some(pid)
+        })
+}
+
+/// CPU seconds (user + system) the process `ksmd` (ksmd's PID) has used since boot.
+pub fn ksmd_cpu_seconds(ksmd: u32) -> Option<f64> {
+    let stat = procfs::process::Process::new(ksmd as i32)
+        .ok()?
+        .stat()
+        .ok()?;
+    if stat.comm != "ksmd" {
+        return None;
+    }
     Some((stat.utime + stat.stime) as f64 / procfs::ticks_per_second() as f64)
 }
 

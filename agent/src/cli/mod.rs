@@ -3,6 +3,7 @@
 mod check;
 mod run;
 mod status;
+mod top;
 mod watch;
 
 use std::process::ExitCode;
@@ -46,6 +47,8 @@ enum Commands {
     Run(run::RunArgs),
     /// The VMs and KSM state from a running daemon, or one-shot from /proc and /sys.
     Status(status::StatusArgs),
+    /// `status`, refreshing in place; sort by savings (s), churn (c) or name (n).
+    Top(top::TopArgs),
 }
 
 impl Cli {
@@ -55,6 +58,7 @@ impl Cli {
             Commands::Watch(args) => watch::run(args),
             Commands::Run(args) => run::run(args),
             Commands::Status(args) => status::run(args),
+            Commands::Top(args) => top::run(args),
         }
     }
 }

@@ -51,14 +51,19 @@ fn one_shot() -> HostState {
 
 const MIB: f64 = 1024.0 * 1024.0;
 
-pub fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
-    let (state, source) = match from_daemon(&args.endpoint) {
-        Some(s) => (s, format!("daemon at {}", args.endpoint)),
+/// The state from the daemon at `endpoint`, or one-shot; with a line saying which.
+pub fn load(endpoint: &str) -> (HostState, String) {
+    match from_daemon(endpoint) {
+        Some(s) => (s, format!("daemon at {endpoint}")),
         None => (
             one_shot(),
             "one-shot from /proc and /sys (no daemon answered; probe columns empty)".to_owned(),
         ),
-    };
+    }
+}
+
+pub fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
+    let (state, source) = load(&args.endpoint);
     if args.json {
         println!("{}", serde_json::to_string_pretty(&state)?);
         return Ok(ExitCode::SUCCESS);

@@ -1,6 +1,7 @@
 //! `cargo xtask bench ...`: `probes` builds the in-process benchmark driver (release) and
 //! runs it; `ksm` drives lab guests and KSM from here.
 
+mod agent;
 mod ksm;
 
 use std::process::Command;
@@ -22,6 +23,13 @@ pub enum Bench {
         /// Interleaved rounds.
         #[arg(long, default_value_t = 9)]
         rounds: usize,
+    },
+    /// What `memfabric run` costs (CPU, RSS) while it tracks lab guests.
+    Agent {
+        #[arg(long, default_value_t = 3)]
+        guests: u32,
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
     },
     /// KSM policies side by side on fresh lab guests: savings, time to 90 %, ksmd CPU,
     /// COW breaks; CSV, Markdown and PNG plots.
@@ -76,6 +84,10 @@ pub fn run(which: Bench) -> anyhow::Result<()> {
         };
         return ksm::run(&load, policy, &cmd::root().join("reports"));
     }
+    if let Bench::Agent { guests, seconds } = &which {
+        let agent = crate::build::agent()?;
+        return agent::run(&agent, *guests, *seconds, &cmd::root().join("reports"));
+    }
     cmd::run(cmd::cargo().args([
         "build",
         "--locked",
@@ -96,7 +108,7 @@ pub fn run(which: Bench) -> anyhow::Result<()> {
             "--rounds",
             &rounds.to_string(),
         ]),
-        Bench::Ksm { .. } => unreachable!("handled above"),
+        Bench::Ksm { .. } | Bench::Agent { .. } => unreachable!("handled above"),
     };
     cmd::run(&mut c)
 }

@@ -1,0 +1,117 @@
+//! The metric names are a contract (dashboards and alerts depend on them): the exposition
+//! has every name the design promises, and the shipped Grafana dashboard and example config
+//! only use what exists. Needs no root: it encodes a state built here.
+
+use std::{
+    collections::BTreeSet,
+    sync::{Arc, RwLock},
+};
+
+use memfabric::{
+    config::FileConfig,
+    inventory::{Mergeability, Vm, VmKind},
+    model::{HostState, VmProbeCounters, VmState},
+    telemetry,
+};
+
+fn exposition() -> String {
+    let state = HostState {
+        version: "test".into(),
+        taken_at_unix_ms: 1,
+        vms: vec![VmState {
+            vm: Vm {
+                pid: 42,
+                kind: VmKind::Qemu,
+                name: "vm1".into(),
+                uuid: None,
+                guest_memory_bytes: 1 << 30,
+                ram: vec![],
+                mergeability: Mergeability::Mergeable,
+            },
+            ksm: Default::default(),
+            probes: Some(VmProbeCounters::default()),
+            write_faults_per_sec: 0.0,
+            cow_breaks_per_sec: 0.0,
+        }],
+        ..Default::default()
+    };
+    let registry = telemetry::registry(Arc::new(RwLock::new(state)));
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    text
+}
+
+fn names(text: &str) -> BTreeSet<String> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn every_promised_metric_is_exported() {
+    let got = names(&exposition());
+    for name in [
+        "memfabric_ksm_pages_shared",
+        "memfabric_ksm_pages_sharing",
+        "memfabric_ksm_pages_unshared",
+        "memfabric_ksm_pages_volatile",
+        "memfabric_ksm_pages_skipped",
+        "memfabric_ksm_zero_pages",
+        "memfabric_ksm_full_scans_total",
+        "memfabric_ksm_general_profit_bytes",
+        "memfabric_ksm_run",
+        "memfabric_ksm_pages_to_scan",
+        "memfabric_ksm_sleep_seconds",
+        "memfabric_ksm_cow_breaks_total",
+        "memfabric_ksmd_cpu_seconds_total",
+        "memfabric_vm_guest_memory_bytes",
+        "memfabric_vm_ksm_merging_pages",
+        "memfabric_vm_ksm_profit_bytes",
+        "memfabric_vm_page_faults_total",
+        "memfabric_vm_cow_breaks_total",
+        "memfabric_vm_kvm_faults_total",
+        "memfabric_vm_ksm_merges_total",
+        "memfabric_probe_events_dropped_total",
+        "memfabric_build_info",
+    ] {
+        assert!(got.contains(name), "{name} missing; exported: {got:?}");
+    }
+    let text = exposition();
+    assert!(
+        text.contains(
+            "memfabric_vm_page_faults_total{vm=\"vm1\",pid=\"42\",kind=\"qemu\",access=\"write\"}"
+        ),
+        "{text}"
+    );
+}
+
+#[test]
+fn the_grafana_dashboard_uses_only_exported_metrics() {
+    let got = names(&exposition());
+    let dash: serde_json::Value =
+        serde_json::from_str(include_str!("../../packaging/grafana-dashboard.json")).unwrap();
+    let mut used = 0;
+    for panel in dash["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+                if word.starts_with("memfabric_") {
+                    used += 1;
+                    assert!(
+                        got.contains(word),
+                        "dashboard uses {word}, which is not exported"
+                    );
+                }
+            }
+        }
+    }
+    assert!(used >= 8);
+}
+
+#[test]
+fn the_example_config_parses() {
+    let cfg = FileConfig::parse(include_str!("../../packaging/memfabric.toml")).unwrap();
+    assert!(cfg.listen.unwrap().ip().is_loopback());
+}

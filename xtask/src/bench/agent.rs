@@ -1,0 +1,164 @@
+//! `cargo xtask bench agent`: what the daemon costs while it tracks lab guests. Boots the
+//! lab with KSM on, runs `memfabric run` (release) on them, scrapes /metrics every 5 s as
+//! a Prometheus would, and samples the daemon's CPU and RSS every second. Goal: at most
+//! 1 % of a core and 64 MiB RSS (medians).
+
+use std::{
+    fmt::Write as _,
+    fs,
+    net::TcpListener,
+    path::Path,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use xtask::{
+    ksm::KsmSession,
+    lab::{self, UpOptions},
+    plot::{self, Series},
+};
+
+/// utime + stime (s) and RSS (KiB) of a process.
+fn usage(pid: u32) -> Option<(f64, u64)> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let cpu = (f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?) as f64 / hz;
+    let rss = lab::proc_field(pid, "status", "VmRSS:")?;
+    Some((cpu, rss))
+}
+
+/// A plain HTTP/1.0 GET on loopback (xtask keeps no HTTP client dependency).
+fn get(port: u16, path: &str) -> Option<String> {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).ok()?;
+    let (head, body) = resp.split_once("\r\n\r\n")?;
+    head.split_whitespace().nth(1).filter(|c| *c == "200")?;
+    Some(body.to_owned())
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+pub fn run(agent: &Path, guests: u32, seconds: u64, out: &Path) -> anyhow::Result<()> {
+    let state = xtask::cmd::root().join("target/lab-bench");
+    // SAFETY: single-threaded here; nothing else reads the environment.
+    unsafe { std::env::set_var("MEMFABRIC_LAB_STATE", &state) };
+    let mut ksm = KsmSession::begin()?;
+    let result = (|| {
+        let started = lab::up(&UpOptions {
+            guests,
+            ..UpOptions::default()
+        })?;
+        ksm.set("pages_to_scan", "1000")?;
+        ksm.set("run", "1")?;
+        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let mut daemon = Command::new(agent)
+            .args(["run", "--listen", &format!("127.0.0.1:{port}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting memfabric run")?;
+        let pid = daemon.id();
+        let measured = (|| {
+            let t0 = Instant::now();
+            // Wait until it serves, then measure from a clean baseline.
+            let text = loop {
+                if let Some(body) = get(port, "/metrics") {
+                    break body;
+                }
+                if t0.elapsed() > Duration::from_secs(30) {
+                    bail!("the daemon did not serve /metrics within 30 s");
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            };
+            for g in &started {
+                if !text.contains(&format!("vm=\"{}\"", g.name)) {
+                    bail!("/metrics does not show {}", g.name);
+                }
+            }
+            let (mut cpu_prev, _) = usage(pid).context("daemon gone")?;
+            let start = Instant::now();
+            let mut rows = Vec::new();
+            for i in 1..=seconds {
+                std::thread::sleep(
+                    (start + Duration::from_secs(i)).saturating_duration_since(Instant::now()),
+                );
+                if i % 5 == 0 {
+                    get(port, "/metrics").context("scrape failed")?;
+                }
+                let (cpu, rss) = usage(pid).context("daemon exited during the benchmark")?;
+                rows.push((i as f64, 100.0 * (cpu - cpu_prev), rss as f64 / 1024.0));
+                cpu_prev = cpu;
+            }
+            Ok(rows)
+        })();
+        // SAFETY: our own child.
+        unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+        let status = daemon.wait()?;
+        let rows = measured?;
+        if !status.success() {
+            bail!("memfabric run exited with {status} on SIGTERM");
+        }
+        anyhow::Ok(rows)
+    })();
+    let down = lab::down();
+    let restore = ksm.restore();
+    let rows = result?;
+    down?;
+    restore?;
+
+    let dir = out.join(format!(
+        "agent-{}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_secs()
+    ));
+    fs::create_dir_all(&dir)?;
+    let mut csv = String::from("t_s,cpu_percent_of_core,rss_mib\n");
+    for (t, c, r) in &rows {
+        writeln!(csv, "{t:.0},{c:.2},{r:.1}")?;
+    }
+    fs::write(dir.join("samples.csv"), csv)?;
+    let cpu_med = median(rows.iter().map(|r| r.1).collect());
+    let cpu_mean = rows.iter().map(|r| r.1).sum::<f64>() / rows.len().max(1) as f64;
+    let rss_med = median(rows.iter().map(|r| r.2).collect());
+    let rss_max = rows.iter().map(|r| r.2).fold(0.0, f64::max);
+    let md = format!(
+        "# bench agent: memfabric run tracking {guests} lab guests, {seconds} s, /metrics scraped every 5 s\n\n\
+         | figure | value | goal |\n|---|---|---|\n\
+         | CPU, median of 1 s samples | {cpu_med:.2} % of a core | ≤ 1 % |\n\
+         | CPU, mean | {cpu_mean:.2} % of a core | |\n\
+         | RSS, median | {rss_med:.1} MiB | ≤ 64 MiB |\n\
+         | RSS, max | {rss_max:.1} MiB | |\n\nPlot: usage.png. Samples: samples.csv.\n"
+    );
+    plot::lines(
+        &dir.join("usage.png"),
+        "memfabric run: CPU and RSS",
+        "seconds",
+        "CPU % of a core / RSS MiB",
+        &[
+            Series {
+                name: "CPU %".into(),
+                points: rows.iter().map(|r| (r.0, r.1)).collect(),
+            },
+            Series {
+                name: "RSS MiB".into(),
+                points: rows.iter().map(|r| (r.0, r.2)).collect(),
+            },
+        ],
+    )?;
+    fs::write(dir.join("summary.md"), &md)?;
+    println!("{md}");
+    println!("report: {}", dir.display());
+    Ok(())
+}
