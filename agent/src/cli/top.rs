@@ -47,7 +47,7 @@ impl SortBy {
 
 pub fn sort(vms: &mut [VmState], by: SortBy) {
     match by {
-        SortBy::Savings => vms.sort_by(|a, b| b.ksm.merging_pages.cmp(&a.ksm.merging_pages)),
+        SortBy::Savings => vms.sort_by_key(|v| std::cmp::Reverse(v.ksm.merging_pages)),
         SortBy::Churn => vms.sort_by(|a, b| {
             b.cow_breaks_per_sec
                 .total_cmp(&a.cow_breaks_per_sec)
