@@ -6,28 +6,35 @@ use anyhow::Context as _;
 
 use xtask::cmd::{cargo, nightly_cargo, root, run};
 
-/// Builds the eBPF object with the flags aya-build uses (BTF kept), returns its path.
-pub fn ebpf() -> anyhow::Result<PathBuf> {
+/// `cargo SUBCOMMAND` for the eBPF crate on its own target, with the flags aya-build
+/// uses (BTF kept). Shared by `build-ebpf` and `lint`.
+pub fn ebpf_cargo(subcommand: &str) -> std::process::Command {
     let flags = [
         "--cfg=bpf_target_arch=\"x86_64\"",
         "-Cdebuginfo=2",
         "-Clink-arg=--btf",
     ]
     .join("\x1f");
-    run(nightly_cargo()
-        .args([
-            "build",
-            "--locked",
-            "--package",
-            "memfabric-ebpf",
-            "--release",
-            "--target",
-            "bpfel-unknown-none",
-            "-Z",
-            "build-std=core",
-        ])
-        .env("CARGO_ENCODED_RUSTFLAGS", flags))
-    .context("building the eBPF object (did `cargo xtask setup` run?)")?;
+    let mut c = nightly_cargo();
+    c.args([
+        subcommand,
+        "--locked",
+        "--package",
+        "memfabric-ebpf",
+        "--release",
+        "--target",
+        "bpfel-unknown-none",
+        "-Z",
+        "build-std=core",
+    ])
+    .env("CARGO_ENCODED_RUSTFLAGS", flags);
+    c
+}
+
+/// Builds the eBPF object alone, returns its path.
+pub fn ebpf() -> anyhow::Result<PathBuf> {
+    run(&mut ebpf_cargo("build"))
+        .context("building the eBPF object (did `cargo xtask setup` run?)")?;
     let obj = root().join("target/bpfel-unknown-none/release/memfabric");
     eprintln!("eBPF object: {}", obj.display());
     Ok(obj)

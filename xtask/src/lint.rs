@@ -19,25 +19,5 @@ pub fn run() -> anyhow::Result<()> {
         "-D",
         "warnings",
     ]))?;
-    cmd::run(
-        cmd::nightly_cargo()
-            .args([
-                "clippy",
-                "--locked",
-                "--package",
-                "memfabric-ebpf",
-                "--release",
-                "--target",
-                "bpfel-unknown-none",
-                "-Z",
-                "build-std=core",
-                "--",
-                "-D",
-                "warnings",
-            ])
-            .env(
-                "CARGO_ENCODED_RUSTFLAGS",
-                "--cfg=bpf_target_arch=\"x86_64\"",
-            ),
-    )
+    cmd::run(crate::build::ebpf_cargo("clippy").args(["--", "-D", "warnings"]))
 }

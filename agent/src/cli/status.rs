@@ -51,6 +51,40 @@ fn one_shot() -> HostState {
 
 const MIB: f64 = 1024.0 * 1024.0;
 
+/// One VM's cells under [`COLUMNS`] (shared with `top`). Rates need the probes: "-"
+/// without them.
+pub fn row(v: &VmState) -> [String; 8] {
+    let rate = |x: f64| {
+        if v.probes.is_some() {
+            format!("{x:.1}")
+        } else {
+            "-".into()
+        }
+    };
+    [
+        v.vm.name.clone(),
+        v.vm.pid.to_string(),
+        v.vm.kind.as_str().to_owned(),
+        (v.vm.guest_memory_bytes >> 20).to_string(),
+        format!("{:.1}", v.ksm.merging_pages as f64 * 4096.0 / MIB),
+        format!("{:.1}", v.ksm.process_profit_bytes as f64 / MIB),
+        rate(v.write_faults_per_sec),
+        rate(v.cow_breaks_per_sec),
+    ]
+}
+
+/// Column titles of [`row`].
+pub const COLUMNS: [&str; 8] = [
+    "VM",
+    "PID",
+    "KIND",
+    "RAM MiB",
+    "MERGED MiB",
+    "PROFIT MiB",
+    "WF/s",
+    "COW/s",
+];
+
 /// The state from the daemon at `endpoint`, or one-shot; with a line saying which.
 pub fn load(endpoint: &str) -> (HostState, String) {
     match from_daemon(endpoint) {
@@ -85,28 +119,12 @@ pub fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
         k.cow_ksm,
         k.ksmd_cpu_seconds
     );
-    println!(
-        "{:<16} {:>8} {:<12} {:>9} {:>11} {:>11} {:>9} {:>9}  MERGEABLE",
-        "VM", "PID", "KIND", "RAM MiB", "MERGED MiB", "PROFIT MiB", "WF/s", "COW/s"
-    );
+    let [c0, c1, c2, c3, c4, c5, c6, c7] = COLUMNS;
+    println!("{c0:<16} {c1:>8} {c2:<12} {c3:>9} {c4:>11} {c5:>11} {c6:>9} {c7:>9}  MERGEABLE");
     for v in &state.vms {
-        let rate = |x: f64| {
-            if v.probes.is_some() {
-                format!("{x:.1}")
-            } else {
-                "-".into()
-            }
-        };
+        let [name, pid, kind, ram, merged, profit, wf, cow] = row(v);
         println!(
-            "{:<16} {:>8} {:<12} {:>9} {:>11.1} {:>11.1} {:>9} {:>9}  {:?}",
-            v.vm.name,
-            v.vm.pid,
-            v.vm.kind.as_str(),
-            v.vm.guest_memory_bytes >> 20,
-            v.ksm.merging_pages as f64 * 4096.0 / MIB,
-            v.ksm.process_profit_bytes as f64 / MIB,
-            rate(v.write_faults_per_sec),
-            rate(v.cow_breaks_per_sec),
+            "{name:<16} {pid:>8} {kind:<12} {ram:>9} {merged:>11} {profit:>11} {wf:>9} {cow:>9}  {:?}",
             v.vm.mergeability
         );
     }

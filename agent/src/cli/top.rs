@@ -59,26 +59,6 @@ pub fn sort(vms: &mut [VmState], by: SortBy) {
 
 const MIB: f64 = 1024.0 * 1024.0;
 
-fn cells(v: &VmState) -> [String; 8] {
-    let rate = |x: f64| {
-        if v.probes.is_some() {
-            format!("{x:.1}")
-        } else {
-            "-".into()
-        }
-    };
-    [
-        v.vm.name.clone(),
-        v.vm.pid.to_string(),
-        v.vm.kind.as_str().to_owned(),
-        (v.vm.guest_memory_bytes >> 20).to_string(),
-        format!("{:.1}", v.ksm.merging_pages as f64 * 4096.0 / MIB),
-        format!("{:.1}", v.ksm.process_profit_bytes as f64 / MIB),
-        rate(v.write_faults_per_sec),
-        rate(v.cow_breaks_per_sec),
-    ]
-}
-
 pub fn run(args: TopArgs) -> anyhow::Result<ExitCode> {
     let mut terminal = ratatui::try_init()?;
     let result = (|| -> anyhow::Result<()> {
@@ -96,7 +76,7 @@ pub fn run(args: TopArgs) -> anyhow::Result<ExitCode> {
             let k = &state.ksm;
             terminal.draw(|f| {
                 let [head, body, foot] = Layout::vertical([
-                    Constraint::Length(3),
+                    Constraint::Length(4),
                     Constraint::Min(3),
                     Constraint::Length(1),
                 ])
@@ -118,11 +98,11 @@ pub fn run(args: TopArgs) -> anyhow::Result<ExitCode> {
                     .block(Block::bordered().title(" memfabric top ")),
                     head,
                 );
-                let header = Row::new(["VM", "PID", "KIND", "RAM MiB", "MERGED MiB", "PROFIT MiB", "WF/s", "COW/s"])
+                let header = Row::new(super::status::COLUMNS)
                     .style(Style::new().add_modifier(Modifier::BOLD));
-                let rows = vms.iter().map(|v| Row::new(cells(v)));
+                let rows = vms.iter().map(|v| Row::new(super::status::row(v)));
                 let widths = [
-                    Constraint::Min(14),
+                    Constraint::Length(18),
                     Constraint::Length(8),
                     Constraint::Length(12),
                     Constraint::Length(8),
@@ -199,7 +179,7 @@ mod tests {
 
     #[test]
     fn rates_show_a_dash_without_probes() {
-        assert_eq!(cells(&vm("x", 256, 0.0))[4], "1.0");
-        assert_eq!(cells(&vm("x", 0, 0.0))[7], "-");
+        assert_eq!(super::super::status::row(&vm("x", 256, 0.0))[4], "1.0");
+        assert_eq!(super::super::status::row(&vm("x", 0, 0.0))[7], "-");
     }
 }

@@ -2,12 +2,13 @@
 //! merged of each and what the probes saw (merges, COW breaks, faults), until Ctrl-C or
 //! `--seconds`.
 
-use std::{collections::BTreeMap, fs, process::ExitCode, time::Duration};
+use std::{collections::BTreeMap, process::ExitCode, time::Duration};
 
 use anyhow::Context as _;
 use clap::Args;
 use memfabric::{
     inventory,
+    ksm_host::{KsmHost, KsmStat, vmstat},
     probes::{LoadOptions, ProbeEvent, Probes},
 };
 use memfabric_common::TgidStats;
@@ -25,27 +26,14 @@ pub struct WatchArgs {
     seconds: Option<u64>,
 }
 
-fn ksm(knob: &str) -> i64 {
-    fs::read_to_string(format!("/sys/kernel/mm/ksm/{knob}"))
+/// RSS of a process in MiB (0 once it is gone).
+fn rss_mib(pid: u32) -> u64 {
+    procfs::process::Process::new(pid as i32)
+        .and_then(|p| p.status())
         .ok()
-        .and_then(|s| s.trim().parse().ok())
+        .and_then(|s| s.vmrss)
         .unwrap_or(0)
-}
-
-fn vmstat(key: &str) -> u64 {
-    fs::read_to_string("/proc/vmstat")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix(key)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or(0)
-}
-
-fn proc_num(pid: u32, file: &str, key: &str) -> u64 {
-    fs::read_to_string(format!("/proc/{pid}/{file}"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix(key)?.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
+        / 1024
 }
 
 const MIB: f64 = 1024.0 * 1024.0;
@@ -76,7 +64,7 @@ pub fn run(args: WatchArgs) -> anyhow::Result<ExitCode> {
         let mut tick = tokio::time::interval(Duration::from_millis(args.interval_ms.max(100)));
         let start = tokio::time::Instant::now();
         let deadline = args.seconds.map(|s| start + Duration::from_secs(s));
-        let cow_start = vmstat("cow_ksm");
+        let cow_start = vmstat("cow_ksm").unwrap_or(0);
         let mut exited: BTreeMap<u32, TgidStats> = BTreeMap::new();
         loop {
             tokio::select! {
@@ -107,17 +95,18 @@ fn print_table(
     cow_start: u64,
 ) -> anyhow::Result<()> {
     let page = 4096.0;
-    let shared = ksm("pages_shared");
-    let sharing = ksm("pages_sharing");
+    let k = KsmHost::read();
     println!(
-        "\n[{:>4} s] KSM run={} pages_shared={shared} pages_sharing={sharing} (saving {:.1} MiB) \
+        "\n[{:>4} s] KSM run={} pages_shared={} pages_sharing={} (saving {:.1} MiB) \
          general_profit={:.1} MiB full_scans={} cow_ksm=+{}",
         elapsed.as_secs(),
-        ksm("run"),
-        sharing as f64 * page / MIB,
-        ksm("general_profit") as f64 / MIB,
-        ksm("full_scans"),
-        vmstat("cow_ksm") - cow_start,
+        k.run,
+        k.pages_shared,
+        k.pages_sharing,
+        k.pages_sharing as f64 * page / MIB,
+        k.general_profit_bytes as f64 / MIB,
+        k.full_scans,
+        k.cow_ksm - cow_start,
     );
     println!(
         "{:<14} {:>8} {:>8} {:>9} {:>9} {:>9} {:>10} {:>10} {:>9}",
@@ -136,12 +125,12 @@ fn print_table(
             Some(s) => (s, ""),
             None => (exited.get(&pid).copied().unwrap_or_default(), " (exited)"),
         };
-        let merging = proc_num(pid, "ksm_stat", "ksm_merging_pages");
+        let merging = KsmStat::read(pid).merging_pages;
         println!(
             "{:<14} {:>8} {:>8} {:>9} {:>10.1} {:>9} {:>10} {:>10} {:>9}{state}",
             name,
             pid,
-            proc_num(pid, "status", "VmRSS:") / 1024,
+            rss_mib(pid),
             merging,
             merging as f64 * page / MIB,
             stats.ksm_merges,

@@ -20,7 +20,9 @@ struct Region {
     pages: usize,
 }
 
-fn alloc(pages: usize, same: bool) -> Result<Region, String> {
+/// Maps `pages` fresh anonymous private pages without transparent huge pages (one fault
+/// per page), nothing touched yet.
+fn map_fresh(pages: usize) -> Result<*mut u8, String> {
     let len = pages * PAGE;
     // SAFETY: anonymous private mapping, no file; checked for MAP_FAILED.
     let ptr = unsafe {
@@ -36,7 +38,6 @@ fn alloc(pages: usize, same: bool) -> Result<Region, String> {
     if ptr == libc::MAP_FAILED {
         return Err(format!("mmap: {}", io::Error::last_os_error()));
     }
-    // One fault per page: no transparent huge pages.
     // SAFETY: the range was just mapped.
     if unsafe { libc::madvise(ptr, len, libc::MADV_NOHUGEPAGE) } != 0 {
         return Err(format!(
@@ -44,7 +45,12 @@ fn alloc(pages: usize, same: bool) -> Result<Region, String> {
             io::Error::last_os_error()
         ));
     }
-    let base = ptr.cast::<u8>();
+    Ok(ptr.cast())
+}
+
+fn alloc(pages: usize, same: bool) -> Result<Region, String> {
+    let base = map_fresh(pages)?;
+
     for p in 0..pages {
         // SAFETY: inside the mapping. The first access to each page is this write.
         let page = unsafe { std::slice::from_raw_parts_mut(base.add(p * PAGE), PAGE) };
@@ -62,24 +68,8 @@ fn alloc(pages: usize, same: bool) -> Result<Region, String> {
 
 /// The write-fault loop of the probe benchmark: times only the faults.
 fn fault(pages: usize) -> Result<u128, String> {
-    let len = pages * PAGE;
-    // SAFETY: anonymous private mapping; checked for MAP_FAILED; unmapped below.
-    let ptr = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        )
-    };
-    if ptr == libc::MAP_FAILED {
-        return Err(format!("mmap: {}", io::Error::last_os_error()));
-    }
-    // SAFETY: the range was just mapped.
-    unsafe { libc::madvise(ptr, len, libc::MADV_NOHUGEPAGE) };
-    let base = ptr.cast::<u8>();
+    let base = map_fresh(pages)?;
+
     let start = std::time::Instant::now();
     for p in 0..pages {
         // SAFETY: inside the mapping; volatile so every page is really written.
@@ -87,7 +77,7 @@ fn fault(pages: usize) -> Result<u128, String> {
     }
     let ns = start.elapsed().as_nanos();
     // SAFETY: our mapping, no references into it remain.
-    unsafe { libc::munmap(ptr, len) };
+    unsafe { libc::munmap(base.cast(), pages * PAGE) };
     Ok(ns)
 }
 
