@@ -62,7 +62,17 @@ impl TestDaemon {
     /// The scraped samples: `name{labels}` -> value. Panics on a malformed line.
     fn metrics(&self) -> BTreeMap<String, f64> {
         let text = self.get("/metrics").expect("scrape");
-        parse_exposition(&text)
+        // A real parser first (prometheus-parse), then our stricter checks.
+        let lines = text.lines().map(|l| Ok(l.to_owned()));
+        let scrape = prometheus_parse::Scrape::parse(lines)
+            .expect("prometheus-parse rejected the exposition");
+        let parsed = parse_exposition(&text);
+        assert_eq!(
+            scrape.samples.len(),
+            parsed.len(),
+            "parsers disagree on the sample count"
+        );
+        parsed
     }
 }
 
@@ -222,19 +232,29 @@ fn a_vm_process_is_discovered_by_name_and_uuid() {
     let exe = dir.join("qemu-system-x86_64");
     std::fs::copy(WORKLOAD, &exe).unwrap();
     let uuid = "5f1c2a3e-0000-4000-8000-00000000abcd";
-    let mut child = std::process::Command::new(&exe)
-        .args([
-            "-name",
-            "guest=testvm,debug-threads=on",
-            "-uuid",
-            uuid,
-            "-m",
-            "64",
-        ])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut cmd = std::process::Command::new(&exe);
+    cmd.args([
+        "-name",
+        "guest=testvm,debug-threads=on",
+        "-uuid",
+        uuid,
+        "-m",
+        "64",
+    ])
+    .stdin(std::process::Stdio::piped())
+    .stdout(std::process::Stdio::piped());
+    // A thread of the other test may fork while the copy's write descriptor is open,
+    // and exec then fails with ETXTBSY until that child has exec'd too: retry briefly.
+    let mut tries = 0;
+    let mut child = loop {
+        match cmd.spawn() {
+            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && tries < 50 => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            other => break other.unwrap(),
+        }
+    };
     let pid = child.id();
     let d = TestDaemon::start(vec![]);
     let series =
