@@ -73,6 +73,25 @@ pub fn row(v: &VmState) -> [String; 8] {
     ]
 }
 
+/// The host's KSM state on one line (shared with `top`).
+pub fn ksm_line(k: &memfabric::ksm_host::KsmHost) -> String {
+    format!(
+        "KSM: run={} pages_to_scan={} sleep={} ms | shared={} sharing={} (saving {:.1} MiB) \
+         zero={} | general_profit={:.1} MiB | full_scans={} | cow_ksm={} | ksmd CPU {:.1} s",
+        k.run,
+        k.pages_to_scan,
+        k.sleep_millisecs,
+        k.pages_shared,
+        k.pages_sharing,
+        k.pages_sharing as f64 * 4096.0 / MIB,
+        k.ksm_zero_pages,
+        k.general_profit_bytes as f64 / MIB,
+        k.full_scans,
+        k.cow_ksm,
+        k.ksmd_cpu_seconds
+    )
+}
+
 /// Column titles of [`row`].
 pub const COLUMNS: [&str; 8] = [
     "VM",
@@ -104,21 +123,7 @@ pub fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
     }
     let k = &state.ksm;
     println!("source: {source}");
-    println!(
-        "KSM: run={} pages_to_scan={} sleep={} ms | shared={} sharing={} (saving {:.1} MiB) \
-         zero={} | general_profit={:.1} MiB | full_scans={} | cow_ksm={} | ksmd CPU {:.1} s",
-        k.run,
-        k.pages_to_scan,
-        k.sleep_millisecs,
-        k.pages_shared,
-        k.pages_sharing,
-        k.pages_sharing as f64 * 4096.0 / MIB,
-        k.ksm_zero_pages,
-        k.general_profit_bytes as f64 / MIB,
-        k.full_scans,
-        k.cow_ksm,
-        k.ksmd_cpu_seconds
-    );
+    println!("{}", ksm_line(k));
     let [c0, c1, c2, c3, c4, c5, c6, c7] = COLUMNS;
     println!("{c0:<16} {c1:>8} {c2:<12} {c3:>9} {c4:>11} {c5:>11} {c6:>9} {c7:>9}  MERGEABLE");
     for v in &state.vms {

@@ -57,8 +57,6 @@ pub fn sort(vms: &mut [VmState], by: SortBy) {
     }
 }
 
-const MIB: f64 = 1024.0 * 1024.0;
-
 pub fn run(args: TopArgs) -> anyhow::Result<ExitCode> {
     let mut terminal = ratatui::try_init()?;
     let result = (|| -> anyhow::Result<()> {
@@ -83,16 +81,7 @@ pub fn run(args: TopArgs) -> anyhow::Result<ExitCode> {
                 .areas(f.area());
                 f.render_widget(
                     Paragraph::new(vec![
-                        Line::from(format!(
-                            "KSM run={} pages_to_scan={} | saving {:.1} MiB (sharing {}) | general_profit {:.1} MiB | cow_ksm {} | ksmd CPU {:.1} s",
-                            k.run,
-                            k.pages_to_scan,
-                            k.pages_sharing as f64 * 4096.0 / MIB,
-                            k.pages_sharing,
-                            k.general_profit_bytes as f64 / MIB,
-                            k.cow_ksm,
-                            k.ksmd_cpu_seconds
-                        )),
+                        Line::from(super::status::ksm_line(k)),
                         Line::from(format!("source: {source}")),
                     ])
                     .block(Block::bordered().title(" memfabric top ")),
@@ -112,12 +101,19 @@ pub fn run(args: TopArgs) -> anyhow::Result<ExitCode> {
                     Constraint::Length(9),
                 ];
                 f.render_widget(
-                    Table::new(rows, widths)
-                        .header(header)
-                        .block(Block::bordered().title(format!(" {} VMs, sorted by {} ", vms.len(), by.label()))),
+                    Table::new(rows, widths).header(header).block(
+                        Block::bordered().title(format!(
+                            " {} VMs, sorted by {} ",
+                            vms.len(),
+                            by.label()
+                        )),
+                    ),
                     body,
                 );
-                f.render_widget(Paragraph::new("q quit · s sort by savings · c by churn · n by name"), foot);
+                f.render_widget(
+                    Paragraph::new("q quit · s sort by savings · c by churn · n by name"),
+                    foot,
+                );
             })?;
             if event::poll(Duration::from_millis(200))?
                 && let Event::Key(key) = event::read()?
