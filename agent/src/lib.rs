@@ -11,5 +11,6 @@ pub mod kernel_btf;
 pub mod ksm_host;
 pub mod model;
 pub mod probes;
+pub mod scan;
 pub mod telemetry;
 pub mod tracefs;

@@ -2,6 +2,7 @@
 
 mod check;
 mod run;
+mod scan;
 mod status;
 mod top;
 mod watch;
@@ -47,6 +48,8 @@ enum Commands {
     Run(run::RunArgs),
     /// The VMs and KSM state from a running daemon, or one-shot from /proc and /sys.
     Status(status::StatusArgs),
+    /// One-shot page scan: stable, volatile, duplicate, merged and mergeable pages.
+    Scan(scan::ScanArgs),
     /// `status`, refreshing in place; sort by savings (s), churn (c) or name (n).
     Top(top::TopArgs),
 }
@@ -59,6 +62,7 @@ impl Cli {
             Commands::Run(args) => run::run(args),
             Commands::Status(args) => status::run(args),
             Commands::Top(args) => top::run(args),
+            Commands::Scan(args) => scan::run(args),
         }
     }
 }

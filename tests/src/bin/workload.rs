@@ -5,6 +5,9 @@
 //!                           replies `ok REGION`
 //! mergeable REGION          madvise(MADV_MERGEABLE) the region; replies `ok`
 //! touch REGION COUNT        write one word into each of the first COUNT pages; `ok`
+//! alloc PAGES zero          (also) pages written with zeros: present, content zero
+//! sparse PAGES              map PAGES pages and write every other one (half stay absent)
+//! churn REGION              a thread rewrites every page of REGION every 20 ms
 //! fault PAGES               map PAGES fresh pages, write one byte to each (one write
 //!                           fault per page), unmap; replies `ok NANOSECONDS` (the loop)
 //! exit                      exits 0
@@ -48,13 +51,22 @@ fn map_fresh(pages: usize) -> Result<*mut u8, String> {
     Ok(ptr.cast())
 }
 
-fn alloc(pages: usize, same: bool) -> Result<Region, String> {
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Fill {
+    Same,
+    Unique,
+    Zero,
+}
+
+fn alloc(pages: usize, fill: Fill) -> Result<Region, String> {
     let base = map_fresh(pages)?;
 
     for p in 0..pages {
         // SAFETY: inside the mapping. The first access to each page is this write.
         let page = unsafe { std::slice::from_raw_parts_mut(base.add(p * PAGE), PAGE) };
-        if same {
+        if fill == Fill::Zero {
+            page.fill(0);
+        } else if fill == Fill::Same {
             page.fill(0x5a);
         } else {
             for (i, chunk) in page.chunks_exact_mut(8).enumerate() {
@@ -104,12 +116,13 @@ fn main() {
         };
         let reply: Result<String, String> = match words.first().copied() {
             Some("alloc") => num(1).and_then(|pages| {
-                let same = match words.get(2).copied() {
-                    Some("same") => true,
-                    Some("unique") => false,
-                    _ => return Err("fill must be same|unique".into()),
+                let fill = match words.get(2).copied() {
+                    Some("same") => Fill::Same,
+                    Some("unique") => Fill::Unique,
+                    Some("zero") => Fill::Zero,
+                    _ => return Err("fill must be same|unique|zero".into()),
                 };
-                let r = alloc(pages, same)?;
+                let r = alloc(pages, fill)?;
                 regions.push(r);
                 Ok(format!("ok {}", regions.len() - 1))
             }),
@@ -138,6 +151,30 @@ fn main() {
                     };
                 }
                 Ok("ok".into())
+            }),
+            Some("sparse") => num(1).and_then(|pages| {
+                let base = map_fresh(pages)?;
+                for p in (0..pages).step_by(2) {
+                    // SAFETY: inside the fresh mapping.
+                    unsafe { base.add(p * PAGE).write_volatile(p as u8 | 1) };
+                }
+                regions.push(Region { ptr: base, pages });
+                Ok(format!("ok {}", regions.len() - 1))
+            }),
+            Some("churn") => region(1).map(|r| {
+                let (addr, pages) = (r.ptr as usize, r.pages);
+                std::thread::spawn(move || {
+                    let mut round = 1u64;
+                    loop {
+                        for p in 0..pages {
+                            // SAFETY: the region is never unmapped while the process lives.
+                            unsafe { ((addr + p * PAGE) as *mut u64).write_volatile(round) };
+                        }
+                        round += 1;
+                        std::thread::sleep(std::time::Duration::from_millis(20));
+                    }
+                });
+                "ok".to_owned()
             }),
             Some("fault") => num(1).and_then(fault).map(|ns| format!("ok {ns}")),
             Some("exit") => std::process::exit(0),

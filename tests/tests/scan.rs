@@ -1,0 +1,120 @@
+//! The page scanner on workload children with known content: D identical pages, U unique,
+//! Z zero, R rewritten continuously; and scanning never grows a process's RSS.
+
+use std::time::Duration;
+
+use memfabric::scan::{PAGE, Scanner};
+use memfabric_tests::{Workload, privileged};
+
+const WORKLOAD: &str = env!("CARGO_BIN_EXE_memfabric-workload");
+
+fn rss_kb(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("VmRSS:")?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap()
+}
+
+fn scan(pids: &[u32], passes: u32) -> memfabric::scan::Report {
+    let mut s = Scanner::new(2);
+    for i in 0..passes {
+        if i > 0 {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        s.pass(pids).unwrap();
+    }
+    s.report()
+}
+
+/// `v` is `want`, give or take `slack` pages the process itself has elsewhere (its
+/// threads' stacks and allocator arenas are anonymous memory too).
+fn about(what: &str, v: u64, want: u64, slack: u64) {
+    assert!(
+        v >= want && v <= want + slack,
+        "{what}: {v}, expected {want} (+{slack})"
+    );
+}
+
+#[test]
+fn known_content_is_classified_exactly() {
+    if !privileged("known_content_is_classified_exactly") {
+        return;
+    }
+    const D: u64 = 1024;
+    const U: u64 = 512;
+    const Z: u64 = 512;
+    const R: u64 = 512;
+    let mut a = Workload::spawn(WORKLOAD);
+    a.cmd(&format!("alloc {D} same"));
+    a.cmd(&format!("alloc {U} unique"));
+    a.cmd(&format!("alloc {Z} zero"));
+    let r = a.cmd(&format!("alloc {R} unique"));
+    a.cmd(&format!("churn {r}"));
+    // A second process holding 256 more copies of the same page as a's D group.
+    let mut b = Workload::spawn(WORKLOAD);
+    b.cmd("alloc 256 same");
+
+    let report = scan(&[a.pid, b.pid], 4);
+    let ca = report.per_pid[&a.pid];
+    eprintln!(
+        "a: {ca:?}\nb: {:?}\ntotal: {:?}",
+        report.per_pid[&b.pid], report.total
+    );
+    about("zero pages", ca.zero_pages, Z, 32);
+    about("stable pages", ca.stable_pages, D + U, 32);
+    // The churn thread rewrites R pages every 20 ms; a 1 % tolerance for timing.
+    assert!(
+        ca.volatile_pages >= R * 99 / 100 && ca.volatile_pages <= R + 32,
+        "volatile {}",
+        ca.volatile_pages
+    );
+    about("duplicate pages of a", ca.duplicate_pages, D, 16);
+    assert_eq!(report.per_pid[&b.pid].duplicate_pages, 256);
+    // One copy of the group stays (charged to the lower PID).
+    about(
+        "mergeable duplicates",
+        report.total.mergeable_duplicate_pages,
+        D + 256 - 1,
+        16,
+    );
+    assert_eq!(report.total.merged_pages, 0, "KSM is off");
+    assert_eq!(
+        report.total.potential_savings_bytes,
+        report.total.mergeable_duplicate_pages * PAGE as u64
+    );
+    assert!(report.bytes_read > 0);
+    assert_eq!(report.state_bytes_per_page, 10);
+}
+
+#[test]
+fn scanning_never_faults_pages_in() {
+    if !privileged("scanning_never_faults_pages_in") {
+        return;
+    }
+    let mut w = Workload::spawn(WORKLOAD);
+    w.cmd("sparse 8192"); // 32 MiB mapped, half of it never touched
+    let before = rss_kb(w.pid);
+    let report = scan(&[w.pid], 3);
+    let after = rss_kb(w.pid);
+    assert!(report.per_pid[&w.pid].pages_present >= 4096);
+    assert!(
+        after <= before + 64,
+        "RSS grew from {before} kB to {after} kB while scanning"
+    );
+}
+
+#[test]
+fn an_unknown_pid_is_an_error() {
+    if !privileged("an_unknown_pid_is_an_error") {
+        return;
+    }
+    let err = Scanner::new(2).pass(&[99_999_999]).unwrap_err().to_string();
+    assert!(err.contains("no process with PID 99999999"), "{err}");
+}
