@@ -24,6 +24,8 @@ impl Entry {
 const KPF_KSM: u64 = 1 << 21;
 /// `KPF_ZERO_PAGE`.
 const KPF_ZERO_PAGE: u64 = 1 << 24;
+/// `KPF_THP`.
+const KPF_THP: u64 = 1 << 22;
 
 /// Open pagemap of one process plus the host's kpageflags.
 pub struct Pagemap {
@@ -51,17 +53,22 @@ impl Pagemap {
         Ok(())
     }
 
-    /// (KSM-merged, zero page) for a frame; (false, false) when kpageflags is unreadable.
-    pub fn frame_flags(&self, pfn: u64) -> (bool, bool) {
+    /// (KSM-merged, shared zero page, part of a THP) for a frame; all false when
+    /// kpageflags is unreadable.
+    pub fn frame_flags(&self, pfn: u64) -> (bool, bool, bool) {
         let Some(f) = &self.kpageflags else {
-            return (false, false);
+            return (false, false, false);
         };
         let mut b = [0u8; 8];
         if pfn == 0 || f.read_exact_at(&mut b, pfn * 8).is_err() {
-            return (false, false);
+            return (false, false, false);
         }
         let flags = u64::from_le_bytes(b);
-        (flags & KPF_KSM != 0, flags & KPF_ZERO_PAGE != 0)
+        (
+            flags & KPF_KSM != 0,
+            flags & KPF_ZERO_PAGE != 0,
+            flags & KPF_THP != 0,
+        )
     }
 }
 
