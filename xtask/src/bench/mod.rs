@@ -24,6 +24,14 @@ pub enum Bench {
         #[arg(long, default_value_t = 9)]
         rounds: usize,
     },
+    /// The page scanner on lab guests: xxh3 vs memcpy, scan throughput, state bytes per
+    /// page, accuracy against an exact recount.
+    Scan {
+        #[arg(long, default_value_t = 2)]
+        guests: u32,
+        #[arg(long, default_value_t = 7)]
+        rounds: usize,
+    },
     /// What `memfabric run` costs (CPU, RSS) while it tracks lab guests.
     Agent {
         #[arg(long, default_value_t = 3)]
@@ -105,6 +113,13 @@ pub fn run(which: Bench) -> anyhow::Result<()> {
             "probes",
             "--pages",
             &pages.to_string(),
+            "--rounds",
+            &rounds.to_string(),
+        ]),
+        Bench::Scan { guests, rounds } => c.args([
+            "scan",
+            "--guests",
+            &guests.to_string(),
             "--rounds",
             &rounds.to_string(),
         ]),

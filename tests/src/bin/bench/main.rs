@@ -16,6 +16,8 @@ use memfabric::probes::{LoadOptions, Probes};
 use memfabric_tests::Workload;
 use xtask::plot::{self, Series};
 
+mod scan;
+
 #[derive(Parser)]
 struct Cli {
     /// Report directory (created).
@@ -35,6 +37,14 @@ enum Which {
         pages: usize,
         /// Interleaved rounds; each round runs every mode once, in rotating order.
         #[arg(long, default_value_t = 9)]
+        rounds: usize,
+    },
+    /// The page scanner on lab guests: xxh3 vs memcpy of the same bytes, scan throughput,
+    /// state bytes per page, and hash grouping against an exact byte-for-byte recount.
+    Scan {
+        #[arg(long, default_value_t = 2)]
+        guests: u32,
+        #[arg(long, default_value_t = 7)]
         rounds: usize,
     },
 }
@@ -57,7 +67,7 @@ impl Mode {
     }
 }
 
-fn median(v: &mut [f64]) -> f64 {
+pub(crate) fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
     let n = v.len();
     if n % 2 == 1 {
@@ -172,5 +182,6 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.which {
         Which::Probes { pages, rounds } => bench_probes(&cli.out, pages, rounds.max(1)),
+        Which::Scan { guests, rounds } => scan::run(&cli.out, guests, rounds.max(1)),
     }
 }
