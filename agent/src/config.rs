@@ -22,10 +22,12 @@ pub enum ConfigError {
     Pattern { pattern: String, message: String },
     #[error("refresh interval must be between 100 ms and 1 h, got {0} ms")]
     Refresh(u64),
+    #[error("scan CPU budget must be between 0 and 100 % of a core, got {0}")]
+    ScanCpu(f64),
 }
 
 /// The TOML file. Every key is optional.
-#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
     pub listen: Option<SocketAddr>,
@@ -34,6 +36,8 @@ pub struct FileConfig {
     #[serde(default, rename = "match")]
     pub matches: Vec<String>,
     pub refresh_ms: Option<u64>,
+    /// Percent of one core the page scanner may use (0 turns it off).
+    pub scan_cpu_percent: Option<f64>,
 }
 
 impl FileConfig {
@@ -58,6 +62,8 @@ pub struct Config {
     pub pids: Vec<u32>,
     pub matches: Vec<Regex>,
     pub refresh: Duration,
+    /// Fraction of one core for the page scanner (0: off).
+    pub scan_cpu: f64,
 }
 
 impl Config {
@@ -68,7 +74,12 @@ impl Config {
         pids: Vec<u32>,
         matches: Vec<String>,
         refresh_ms: Option<u64>,
+        scan_cpu_percent: Option<f64>,
     ) -> Result<Config, ConfigError> {
+        let scan = scan_cpu_percent.or(file.scan_cpu_percent).unwrap_or(5.0);
+        if !(0.0..=100.0).contains(&scan) {
+            return Err(ConfigError::ScanCpu(scan));
+        }
         let refresh_ms = refresh_ms.or(file.refresh_ms).unwrap_or(2000);
         if !(100..=3_600_000).contains(&refresh_ms) {
             return Err(ConfigError::Refresh(refresh_ms));
@@ -95,6 +106,7 @@ impl Config {
             pids,
             matches,
             refresh: Duration::from_millis(refresh_ms),
+            scan_cpu: scan / 100.0,
         })
     }
 }
@@ -107,7 +119,7 @@ mod tests {
     fn flags_win_over_the_file_and_defaults_fill_the_rest() {
         let file = FileConfig::parse("listen = \"127.0.0.1:1234\"\npids = [7]\nrefresh_ms = 500\n")
             .unwrap();
-        let c = Config::merge(file.clone(), None, vec![], vec![], None).unwrap();
+        let c = Config::merge(file.clone(), None, vec![], vec![], None, None).unwrap();
         assert_eq!(c.listen.port(), 1234);
         assert_eq!(c.pids, vec![7]);
         assert_eq!(c.refresh, Duration::from_millis(500));
@@ -117,13 +129,14 @@ mod tests {
             vec![8],
             vec![],
             Some(1000),
+            Some(0.0),
         )
         .unwrap();
         assert_eq!(
-            (c.listen.port(), c.pids, c.refresh.as_millis()),
-            (99, vec![8], 1000)
+            (c.listen.port(), c.pids, c.refresh.as_millis(), c.scan_cpu),
+            (99, vec![8], 1000, 0.0)
         );
-        let d = Config::merge(FileConfig::default(), None, vec![], vec![], None).unwrap();
+        let d = Config::merge(FileConfig::default(), None, vec![], vec![], None, None).unwrap();
         assert_eq!(d.listen.to_string(), DEFAULT_LISTEN);
         assert!(d.listen.ip().is_loopback());
     }
@@ -134,10 +147,28 @@ mod tests {
         assert!(e.contains("listen"), "{e}");
         let e = FileConfig::parse("bogus = 1\n").unwrap_err();
         assert!(e.contains("bogus"), "{e}");
-        let e =
-            Config::merge(FileConfig::default(), None, vec![], vec!["(".into()], None).unwrap_err();
+        let e = Config::merge(
+            FileConfig::default(),
+            None,
+            vec![],
+            vec!["(".into()],
+            None,
+            None,
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("invalid --match pattern"), "{e}");
-        let e = Config::merge(FileConfig::default(), None, vec![], vec![], Some(5)).unwrap_err();
+        let e =
+            Config::merge(FileConfig::default(), None, vec![], vec![], Some(5), None).unwrap_err();
         assert!(e.to_string().contains("refresh interval"), "{e}");
+        let e = Config::merge(
+            FileConfig::default(),
+            None,
+            vec![],
+            vec![],
+            None,
+            Some(150.0),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("scan CPU budget"), "{e}");
     }
 }

@@ -45,6 +45,7 @@ pub struct Daemon {
     vms: BTreeMap<u32, Vm>,
     previous: HashMap<u32, (Instant, VmProbeCounters)>,
     exited: BTreeMap<u32, VmProbeCounters>,
+    scan: Option<crate::scan_worker::ScanWorker>,
     state: telemetry::Shared,
 }
 
@@ -74,6 +75,7 @@ impl Daemon {
             vms: BTreeMap::new(),
             previous: HashMap::new(),
             exited: BTreeMap::new(),
+            scan: (cfg.scan_cpu > 0.0).then(|| crate::scan_worker::ScanWorker::start(cfg.scan_cpu)),
             state: Arc::new(RwLock::new(HostState::default())),
         })
     }
@@ -127,6 +129,15 @@ impl Daemon {
             }
         }
         self.probes.refresh_mm_learning()?;
+        let scan = self.scan.as_ref().map(|w| {
+            w.set_targets(self.vms.keys().copied().collect());
+            w.status()
+        });
+        let scan_counts = |pid: u32| {
+            scan.as_ref()
+                .and_then(|s| s.report.as_ref())
+                .and_then(|r| r.per_pid.get(&pid).copied())
+        };
 
         let now = Instant::now();
         let mut vms = Vec::new();
@@ -148,6 +159,7 @@ impl Daemon {
             vms.push(VmState {
                 vm: vm.clone(),
                 ksm: KsmStat::read(*pid),
+                scan: scan_counts(*pid),
                 probes,
                 write_faults_per_sec: wf,
                 cow_breaks_per_sec: cb,
@@ -176,6 +188,8 @@ impl Daemon {
                     .collect(),
                 events_dropped: counters.events_dropped,
             },
+            scan_pass_seconds: scan.as_ref().map_or(0.0, |s| s.pass_seconds),
+            scan_bytes_total: scan.as_ref().map_or(0, |s| s.bytes_read),
         };
         if let Ok(mut s) = self.state.write() {
             *s = state;

@@ -12,5 +12,6 @@ pub mod ksm_host;
 pub mod model;
 pub mod probes;
 pub mod scan;
+pub mod scan_worker;
 pub mod telemetry;
 pub mod tracefs;

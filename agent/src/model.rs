@@ -40,6 +40,8 @@ pub struct VmState {
     pub vm: Vm,
     pub ksm: KsmStat,
     pub probes: Option<VmProbeCounters>,
+    /// The page scanner's last figures for this VM (absent until a pass completed).
+    pub scan: Option<crate::scan::Counts>,
     /// Rates over the last refresh interval.
     pub write_faults_per_sec: f64,
     pub cow_breaks_per_sec: f64,
@@ -60,4 +62,7 @@ pub struct HostState {
     pub ksm: KsmHost,
     pub vms: Vec<VmState>,
     pub probes: ProbeSummary,
+    /// Seconds the last full scan pass over all VMs took (0: none yet or scanning off).
+    pub scan_pass_seconds: f64,
+    pub scan_bytes_total: u64,
 }

@@ -241,6 +241,53 @@ impl Collector for HostCollector {
             enc_counter,
         )?;
 
+        let scanned: Vec<_> = s
+            .vms
+            .iter()
+            .filter_map(|v| v.scan.map(|c| (v, c)))
+            .collect();
+        let srow = |f: &dyn Fn(&crate::scan::Counts) -> u64| -> Vec<(Labels, i64)> {
+            scanned
+                .iter()
+                .map(|(v, c)| (label(v), f(c) as i64))
+                .collect()
+        };
+        family(
+            e,
+            "memfabric_vm_stable_pages",
+            "Pages unchanged for the last scans (page scanner)",
+            MetricType::Gauge,
+            &srow(&|c| c.stable_pages),
+            enc_gauge,
+        )?;
+        family(
+            e,
+            "memfabric_vm_volatile_pages",
+            "Pages that changed since the previous scan",
+            MetricType::Gauge,
+            &srow(&|c| c.volatile_pages),
+            enc_gauge,
+        )?;
+        family(
+            e,
+            "memfabric_vm_duplicate_pages",
+            "Stable non-zero pages whose content exists elsewhere on the host",
+            MetricType::Gauge,
+            &srow(&|c| c.duplicate_pages),
+            enc_gauge,
+        )?;
+        gauge_f(
+            e,
+            "memfabric_scan_pass_seconds",
+            "Wall time of the last full scan pass over every tracked VM",
+            s.scan_pass_seconds,
+        )?;
+        counter(
+            e,
+            "memfabric_scan_bytes",
+            "Bytes the page scanner has read",
+            s.scan_bytes_total,
+        )?;
         counter(
             e,
             "memfabric_probe_events_dropped",

@@ -30,6 +30,7 @@ fn exposition() -> String {
             },
             ksm: Default::default(),
             probes: Some(VmProbeCounters::default()),
+            scan: Some(Default::default()),
             write_faults_per_sec: 0.0,
             cow_breaks_per_sec: 0.0,
         }],
@@ -75,6 +76,11 @@ fn every_promised_metric_is_exported() {
         "memfabric_vm_ksm_merges_total",
         "memfabric_probe_events_dropped_total",
         "memfabric_build_info",
+        "memfabric_vm_stable_pages",
+        "memfabric_vm_volatile_pages",
+        "memfabric_vm_duplicate_pages",
+        "memfabric_scan_pass_seconds",
+        "memfabric_scan_bytes_total",
     ] {
         assert!(got.contains(name), "{name} missing; exported: {got:?}");
     }

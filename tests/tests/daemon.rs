@@ -29,6 +29,7 @@ impl TestDaemon {
             pids,
             matches: Vec::new(),
             refresh: Duration::from_millis(300),
+            scan_cpu: 0.05,
         };
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::spawn(move || {
@@ -201,6 +202,17 @@ fn scraped_counters_follow_the_kernel() {
     assert!(
         (probe_delta - cow_delta as f64).abs() <= 3.0,
         "scraped {probe_delta} vs kernel {cow_delta}"
+    );
+
+    // The background scan (5 % of a core) finds the pages still identical (the M touched
+    // ones became unique) as duplicates.
+    let dups = (N as u64 - M) as f64;
+    assert!(
+        wait_for(Duration::from_secs(20), || {
+            vm_metric(&d.metrics(), "memfabric_vm_duplicate_pages", w.pid) == Some(dups)
+        }),
+        "scan never reported the {dups} duplicate pages: {}",
+        d.get("/v1/status").unwrap_or_default()
     );
 
     // The JSON status agrees.

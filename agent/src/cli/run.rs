@@ -25,6 +25,9 @@ pub struct RunArgs {
     /// How often to rescan VMs and refresh the state [default: 2000].
     #[arg(long, env = "MEMFABRIC_REFRESH_MS")]
     refresh_ms: Option<u64>,
+    /// Percent of one core the page scanner may use; 0 turns it off [default: 5].
+    #[arg(long, env = "MEMFABRIC_SCAN_CPU")]
+    scan_cpu: Option<f64>,
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
@@ -32,7 +35,14 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         Some(p) => FileConfig::load(p)?,
         None => FileConfig::default(),
     };
-    let cfg = Config::merge(file, args.listen, args.pids, args.matches, args.refresh_ms)?;
+    let cfg = Config::merge(
+        file,
+        args.listen,
+        args.pids,
+        args.matches,
+        args.refresh_ms,
+        args.scan_cpu,
+    )?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;

@@ -36,6 +36,7 @@ fn one_shot() -> HostState {
             ksm: KsmStat::read(vm.pid),
             vm,
             probes: None,
+            scan: None,
             write_faults_per_sec: 0.0,
             cow_breaks_per_sec: 0.0,
         })
@@ -46,6 +47,7 @@ fn one_shot() -> HostState {
         ksm: KsmHost::read(),
         vms,
         probes: Default::default(),
+        ..Default::default()
     }
 }
 

@@ -156,6 +156,7 @@ mod tests {
                 ..Default::default()
             },
             probes: None,
+            scan: None,
             write_faults_per_sec: 0.0,
             cow_breaks_per_sec: cow,
         }

@@ -104,6 +104,10 @@ pub struct Scanner {
     passes: u32,
     bytes_read: u64,
     zero_hash: u64,
+    /// Fraction of one core the scan may use (1.0: unpaced).
+    budget: f64,
+    /// Set to stop a pass early (the daemon's shutdown).
+    cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
 /// The mappings to scan: a VM's guest RAM; for any other process, its private anonymous
@@ -162,7 +166,36 @@ impl Scanner {
             passes: 0,
             bytes_read: 0,
             zero_hash: xxh3_64(&[0u8; PAGE]),
+            budget: 1.0,
+            cancel: None,
         }
+    }
+
+    /// A flag that, once set, ends the current pass early.
+    pub fn set_cancel(&mut self, flag: std::sync::Arc<std::sync::atomic::AtomicBool>) {
+        self.cancel = Some(flag);
+    }
+
+    fn cancelled(&self) -> bool {
+        self.cancel
+            .as_ref()
+            .is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    /// Paces the scan to `fraction` of one core: after each 1 MiB chunk it sleeps in
+    /// proportion to the time the chunk took, so the scan never spikes.
+    pub fn set_budget(&mut self, fraction: f64) {
+        self.budget = fraction.clamp(0.001, 1.0);
+    }
+
+    /// Forgets processes not in `pids` (exited or no longer tracked).
+    pub fn retain(&mut self, pids: &[u32]) {
+        self.procs.retain(|p, _| pids.contains(p));
+    }
+
+    /// Bytes read from processes so far.
+    pub fn bytes_read(&self) -> u64 {
+        self.bytes_read
     }
 
     /// One pass over every page of `pids`.
@@ -208,6 +241,7 @@ impl Scanner {
         let pages = m.hash.len();
         let mut first = 0;
         while first < pages {
+            let chunk_start = std::time::Instant::now();
             let n = CHUNK.min(pages - first);
             let addr = m.start + (first * PAGE) as u64;
             map.read(addr, n, &mut self.entries)
@@ -260,6 +294,13 @@ impl Scanner {
                 i = j;
             }
             first += n;
+            if self.cancelled() {
+                break;
+            }
+            if self.budget < 1.0 {
+                let busy = chunk_start.elapsed();
+                std::thread::sleep(busy.mul_f64(1.0 / self.budget - 1.0));
+            }
         }
         Ok(())
     }

@@ -1,0 +1,98 @@
+//! The daemon's background page scan: one thread, paced to the configured share of a core,
+//! scanning the tracked VMs pass after pass and publishing the latest report.
+
+use std::{
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use crate::scan::{Report, Scanner};
+
+/// What the scan thread publishes.
+#[derive(Clone, Debug, Default)]
+pub struct ScanStatus {
+    pub report: Option<Report>,
+    /// Wall time of the last full pass over every tracked VM.
+    pub pass_seconds: f64,
+    pub bytes_read: u64,
+}
+
+pub struct ScanWorker {
+    pids: Arc<Mutex<Vec<u32>>>,
+    status: Arc<Mutex<ScanStatus>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl ScanWorker {
+    /// Starts the thread; `budget` is the fraction of one core it may use.
+    pub fn start(budget: f64) -> ScanWorker {
+        let pids: Arc<Mutex<Vec<u32>>> = Arc::default();
+        let status: Arc<Mutex<ScanStatus>> = Arc::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (p, st, sp) = (pids.clone(), status.clone(), stop.clone());
+        let thread = std::thread::Builder::new()
+            .name("memfabric-scan".into())
+            .spawn(move || {
+                let mut scanner = Scanner::new(2);
+                scanner.set_budget(budget);
+                scanner.set_cancel(sp.clone());
+                while !sp.load(Ordering::Relaxed) {
+                    let targets = p.lock().map(|v| v.clone()).unwrap_or_default();
+                    if targets.is_empty() {
+                        std::thread::sleep(Duration::from_millis(500));
+                        continue;
+                    }
+                    scanner.retain(&targets);
+                    let t = Instant::now();
+                    for pid in &targets {
+                        if let Err(e) = scanner.pass(&[*pid]) {
+                            // It exited mid-scan: the next refresh drops it.
+                            tracing::debug!("scan of {pid} skipped: {e}");
+                        }
+                    }
+                    if sp.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    if let Ok(mut s) = st.lock() {
+                        s.report = Some(scanner.report());
+                        s.pass_seconds = t.elapsed().as_secs_f64();
+                        s.bytes_read = scanner.bytes_read();
+                    }
+                    // At least a second between passes, even for tiny VMs.
+                    std::thread::sleep(Duration::from_secs(1).saturating_sub(t.elapsed()));
+                }
+            })
+            .expect("spawning the scan thread");
+        ScanWorker {
+            pids,
+            status,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// The VMs to scan from now on.
+    pub fn set_targets(&self, pids: Vec<u32>) {
+        if let Ok(mut p) = self.pids.lock() {
+            *p = pids;
+        }
+    }
+
+    pub fn status(&self) -> ScanStatus {
+        self.status.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+}
+
+impl Drop for ScanWorker {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
