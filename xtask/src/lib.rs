@@ -5,3 +5,4 @@ pub mod cmd;
 pub mod ksm;
 pub mod lab;
 pub mod plot;
+pub mod report;

@@ -17,6 +17,7 @@ use xtask::{
     ksm::KsmSession,
     lab::{self, UpOptions},
     plot::{self, Series},
+    report::median,
 };
 
 /// utime + stime (s) and RSS (KiB) of a process.
@@ -42,11 +43,6 @@ fn get(port: u16, path: &str) -> Option<String> {
     let (head, body) = resp.split_once("\r\n\r\n")?;
     head.split_whitespace().nth(1).filter(|c| *c == "200")?;
     Some(body.to_owned())
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
 
 type Rows = Vec<(f64, f64, f64)>;
@@ -137,13 +133,7 @@ pub fn run(agent: &Path, guests: u32, seconds: u64, out: &Path) -> anyhow::Resul
     down?;
     restore?;
 
-    let dir = out.join(format!(
-        "agent-{}",
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)?
-            .as_secs()
-    ));
-    fs::create_dir_all(&dir)?;
+    let dir = xtask::report::dir(out, "agent")?;
     let mut csv = String::from("config,t_s,cpu_percent_of_core,rss_mib\n");
     let mut md = format!(
         "# bench agent: memfabric run tracking {guests} lab guests, {seconds} s per config, /metrics scraped every 5 s\n\n\
@@ -159,8 +149,8 @@ pub fn run(agent: &Path, guests: u32, seconds: u64, out: &Path) -> anyhow::Resul
         writeln!(
             md,
             "| {name} | {cpu_mean:.2} | {:.2} | {:.1} | {:.1} |",
-            median(rows.iter().map(|r| r.1).collect()),
-            median(rows.iter().map(|r| r.2).collect()),
+            median(&mut rows.iter().map(|r| r.1).collect::<Vec<_>>()),
+            median(&mut rows.iter().map(|r| r.2).collect::<Vec<_>>()),
             rows.iter().map(|r| r.2).fold(0.0, f64::max)
         )?;
         series.push(Series {

@@ -6,7 +6,7 @@
 use std::{
     fmt::Write as _,
     fs,
-    path::{Path, PathBuf},
+    path::Path,
     time::{Duration, Instant},
 };
 
@@ -289,14 +289,7 @@ pub fn run(load: &Load, policies: &[Policy], out: &Path) -> anyhow::Result<()> {
     let state = xtask::cmd::root().join("target/lab-bench");
     // SAFETY: single-threaded at this point; nothing else reads the environment.
     unsafe { std::env::set_var("MEMFABRIC_LAB_STATE", &state) };
-    let dir: PathBuf = out.join(format!(
-        "ksm-{}-{}",
-        load.name(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)?
-            .as_secs()
-    ));
-    fs::create_dir_all(&dir)?;
+    let dir = xtask::report::dir(out, &format!("ksm-{}", load.name()))?;
     let mut runs = Vec::new();
     for &policy in policies {
         eprintln!(

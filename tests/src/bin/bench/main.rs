@@ -67,16 +67,6 @@ impl Mode {
     }
 }
 
-pub(crate) fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
-
 fn bench_probes(out: &Path, pages: usize, rounds: usize) -> anyhow::Result<()> {
     let exe = std::env::current_exe()?.with_file_name("memfabric-workload");
     let exe = exe.to_str().context("workload path")?.to_owned();
@@ -116,13 +106,7 @@ fn bench_probes(out: &Path, pages: usize, rounds: usize) -> anyhow::Result<()> {
     }
     w.exit();
 
-    let dir = out.join(format!(
-        "probes-{}",
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)?
-            .as_secs()
-    ));
-    fs::create_dir_all(&dir)?;
+    let dir = xtask::report::dir(out, "probes")?;
     let mut csv = String::from("round,mode,pages,ns_per_fault\n");
     for (r, m, v) in &samples {
         writeln!(csv, "{r},{},{pages},{v:.2}", m.name())?;
@@ -135,7 +119,7 @@ fn bench_probes(out: &Path, pages: usize, rounds: usize) -> anyhow::Result<()> {
             .filter(|s| s.1 == mode)
             .map(|s| s.2)
             .collect();
-        let med = median(&mut v);
+        let med = xtask::report::median(&mut v);
         (med, v[0], v[v.len() - 1])
     };
     let (base, _, _) = stats(Mode::Detached);

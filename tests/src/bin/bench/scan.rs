@@ -161,15 +161,9 @@ pub fn run(out: &Path, guests: u32, rounds: usize) -> anyhow::Result<()> {
     down?;
     restore?;
 
-    let med = |v: &mut Vec<f64>| crate::median(v);
+    let med = |v: &mut Vec<f64>| xtask::report::median(v);
     let (h, c, p) = (med(&mut hash_mbs), med(&mut copy_mbs), med(&mut pass_mbs));
-    let dir = out.join(format!(
-        "scan-{}",
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)?
-            .as_secs()
-    ));
-    fs::create_dir_all(&dir)?;
+    let dir = xtask::report::dir(out, "scan")?;
     let mut csv = String::from("round,xxh3_mib_s,memcpy_mib_s,scan_pass_mib_s\n");
     for i in 0..hash_mbs.len().min(copy_mbs.len()).min(pass_mbs.len()) {
         writeln!(
