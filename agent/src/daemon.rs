@@ -15,7 +15,11 @@ use crate::{
     inventory::{self, Scanner, Selector, Vm},
     ksm_host::{self, KsmHost, KsmStat},
     model::{HostState, ProbeSummary, VmProbeCounters, VmState},
-    probes::{LoadOptions, ProbeError, ProbeEvent, Probes},
+    probes::{LoadOptions, ProbeError, ProbeEvent, Probes, RangeHeatMap},
+    scan::{
+        RANGE_BYTES, Report,
+        rank::{RankPolicy, RankedRanges, heat_since},
+    },
     telemetry,
 };
 
@@ -46,7 +50,41 @@ pub struct Daemon {
     previous: HashMap<u32, (Instant, VmProbeCounters)>,
     exited: BTreeMap<u32, VmProbeCounters>,
     scan: Option<crate::scan_worker::ScanWorker>,
+    ranking: Ranking,
     state: telemetry::Shared,
+}
+
+/// Ranking of the scanned ranges, redone once per scan pass with the probes' heat of the
+/// interval since the previous ranking.
+struct Ranking {
+    policy: RankPolicy,
+    heat_before: RangeHeatMap,
+    heat_since: Instant,
+    ranked: Arc<RankedRanges>,
+}
+
+impl Ranking {
+    fn new() -> Ranking {
+        Ranking {
+            policy: RankPolicy::default(),
+            heat_before: RangeHeatMap::new(),
+            heat_since: Instant::now(),
+            ranked: Arc::default(),
+        }
+    }
+
+    /// Ranks `report` if it is newer than the last ranked one.
+    fn update(&mut self, report: &Report, probes: &Probes) {
+        if report.passes == self.ranked.passes {
+            return;
+        }
+        let heat = probes.heat_by_range(RANGE_BYTES);
+        let window = heat_since(&heat, &self.heat_before);
+        let seconds = self.heat_since.elapsed().as_secs_f64();
+        self.heat_before = heat;
+        self.heat_since = Instant::now();
+        self.ranked = Arc::new(RankedRanges::rank(report, &window, seconds, self.policy));
+    }
 }
 
 impl Daemon {
@@ -76,6 +114,7 @@ impl Daemon {
             previous: HashMap::new(),
             exited: BTreeMap::new(),
             scan: (cfg.scan_cpu > 0.0).then(|| crate::scan_worker::ScanWorker::start(cfg.scan_cpu)),
+            ranking: Ranking::new(),
             state: Arc::new(RwLock::new(HostState::default())),
         })
     }
@@ -133,11 +172,11 @@ impl Daemon {
             w.set_targets(self.vms.keys().copied().collect());
             w.status()
         });
-        let scan_counts = |pid: u32| {
-            scan.as_ref()
-                .and_then(|s| s.report.as_ref())
-                .and_then(|r| r.per_pid.get(&pid).copied())
-        };
+        let report = scan.as_ref().and_then(|s| s.report.clone());
+        if let Some(r) = &report {
+            self.ranking.update(r, &self.probes);
+        }
+        let scan_counts = |pid: u32| report.as_ref().and_then(|r| r.per_pid.get(&pid).copied());
 
         let now = Instant::now();
         let mut vms = Vec::new();
@@ -160,6 +199,7 @@ impl Daemon {
                 vm: vm.clone(),
                 ksm: KsmStat::read(*pid),
                 scan: scan_counts(*pid),
+                range_classes: self.ranking.ranked.class_counts(*pid),
                 probes,
                 write_faults_per_sec: wf,
                 cow_breaks_per_sec: cb,
@@ -190,6 +230,7 @@ impl Daemon {
             },
             scan_pass_seconds: scan.as_ref().map_or(0.0, |s| s.pass_seconds),
             scan_bytes_total: scan.as_ref().map_or(0, |s| s.bytes_read),
+            ranges: self.ranking.ranked.clone(),
         };
         if let Ok(mut s) = self.state.write() {
             *s = state;

@@ -1,11 +1,14 @@
 //! The host's view, refreshed by the daemon and served as /metrics, /v1/status and the
 //! `status` table: per VM what KSM merged and what the probes saw, and the host's KSM.
 
+use std::{collections::BTreeMap, sync::Arc};
+
 use serde::{Deserialize, Serialize};
 
 use crate::{
     inventory::Vm,
     ksm_host::{KsmHost, KsmStat},
+    scan::rank::{RangeClass, RankedRanges},
 };
 
 /// Counters the probes keep for one VM (absent when the probes are not loaded).
@@ -42,6 +45,9 @@ pub struct VmState {
     pub probes: Option<VmProbeCounters>,
     /// The page scanner's last figures for this VM (absent until a pass completed).
     pub scan: Option<crate::scan::Counts>,
+    /// How many of the VM's 2 MiB ranges fall in each class (absent until ranked).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub range_classes: Option<BTreeMap<RangeClass, u32>>,
     /// Rates over the last refresh interval.
     pub write_faults_per_sec: f64,
     pub cow_breaks_per_sec: f64,
@@ -65,4 +71,8 @@ pub struct HostState {
     /// Seconds the last full scan pass over all VMs took (0: none yet or scanning off).
     pub scan_pass_seconds: f64,
     pub scan_bytes_total: u64,
+    /// The ranked 2 MiB ranges per VM, served by `/v1/ranges` (not part of /v1/status:
+    /// a large host has hundreds of thousands).
+    #[serde(skip)]
+    pub ranges: Arc<RankedRanges>,
 }

@@ -15,7 +15,8 @@ use crate::scan::{Report, Scanner};
 /// What the scan thread publishes.
 #[derive(Clone, Debug, Default)]
 pub struct ScanStatus {
-    pub report: Option<Report>,
+    /// Shared, not copied: each refresh of the daemon reads it.
+    pub report: Option<Arc<Report>>,
     /// Wall time of the last full pass over every tracked VM.
     pub pass_seconds: f64,
     pub bytes_read: u64,
@@ -72,7 +73,7 @@ impl ScanWorker {
                         break;
                     }
                     if let Ok(mut s) = st.lock() {
-                        s.report = Some(scanner.report());
+                        s.report = Some(Arc::new(scanner.report()));
                         s.pass_seconds = t.elapsed().as_secs_f64();
                         s.bytes_read = scanner.bytes_read();
                     }

@@ -1,5 +1,6 @@
 //! Prometheus metrics (OpenMetrics text via prometheus-client, read from the current
-//! [`HostState`] at scrape time) and the HTTP endpoints: /metrics, /healthz, /v1/status.
+//! [`HostState`] at scrape time) and the HTTP endpoints: /metrics, /healthz, /v1/status,
+//! /v1/ranges.
 //! Metric names are a contract: units in names, counters end in `_total` (prometheus-client
 //! appends it to counters), a superset of node_exporter's ksmd collector.
 
@@ -276,6 +277,41 @@ impl Collector for HostCollector {
             &srow(&|c| c.duplicate_pages),
             enc_gauge,
         )?;
+        let mut savings = Vec::new();
+        for (v, c) in &scanned {
+            for (scope, bytes) in [
+                ("intra", c.potential_savings_intra_bytes),
+                ("inter", c.potential_savings_inter_bytes),
+            ] {
+                let mut l = label(v);
+                l.push(("scope", scope.into()));
+                savings.push((l, bytes as i64));
+            }
+        }
+        family(
+            e,
+            "memfabric_vm_potential_savings_bytes",
+            "Duplicates KSM has not merged yet: within the VM (intra) or with another VM (inter)",
+            MetricType::Gauge,
+            &savings,
+            enc_gauge,
+        )?;
+        let mut ranges = Vec::new();
+        for v in &s.vms {
+            for (class, n) in v.range_classes.iter().flatten() {
+                let mut l = label(v);
+                l.push(("class", class.as_str().into()));
+                ranges.push((l, i64::from(*n)));
+            }
+        }
+        family(
+            e,
+            "memfabric_vm_ranges",
+            "2 MiB ranges of guest RAM per class (stable-duplicate, volatile, stable-unique, cold-unknown)",
+            MetricType::Gauge,
+            &ranges,
+            enc_gauge,
+        )?;
         gauge_f(
             e,
             "memfabric_scan_pass_seconds",
@@ -365,6 +401,71 @@ async fn status(State(app): State<App>) -> impl IntoResponse {
     Json(s)
 }
 
+#[derive(serde::Deserialize)]
+struct RangesQuery {
+    vm: Option<String>,
+}
+
+fn error(code: StatusCode, msg: String) -> axum::response::Response {
+    (code, Json(serde_json::json!({ "error": msg }))).into_response()
+}
+
+/// `/v1/ranges?vm=<name|pid|uuid>`: the VM's 2 MiB ranges with their figures, probe heat
+/// and class, in address order.
+async fn ranges(
+    State(app): State<App>,
+    axum::extract::Query(q): axum::extract::Query<RangesQuery>,
+) -> axum::response::Response {
+    let Ok(s) = app.state.read().map(|s| s.clone()) else {
+        return error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "state unavailable".into(),
+        );
+    };
+    let known = || {
+        s.vms
+            .iter()
+            .map(|v| format!("{} (pid {})", v.vm.name, v.vm.pid))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let Some(want) = q.vm.filter(|v| !v.is_empty()) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("give ?vm=<name|pid|uuid>; VMs: {}", known()),
+        );
+    };
+    let Some(vm) = s.vms.iter().find(|v| {
+        v.vm.name == want || v.vm.pid.to_string() == want || v.vm.uuid.as_deref() == Some(&want)
+    }) else {
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("no VM {want:?}; VMs: {}", known()),
+        );
+    };
+    let Some(list) = s.ranges.by_pid.get(&vm.vm.pid) else {
+        let why = if s.scan_pass_seconds == 0.0 && s.scan_bytes_total == 0 {
+            "no scan pass has completed yet (or the scanner is off: --scan-cpu 0)"
+        } else {
+            "the VM has not been through a full scan pass yet"
+        };
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("no ranges for VM {}: {why}", vm.vm.name),
+        );
+    };
+    Json(serde_json::json!({
+        "vm": vm.vm.name,
+        "pid": vm.vm.pid,
+        "passes": s.ranges.passes,
+        "heat_window_seconds": s.ranges.heat_window_seconds,
+        "policy": s.ranges.policy,
+        "classes": vm.range_classes,
+        "ranges": list,
+    }))
+    .into_response()
+}
+
 /// The HTTP routes.
 pub fn router(state: Shared, stale_after: Duration) -> Router {
     let registry = Arc::new(registry(state.clone()));
@@ -372,6 +473,7 @@ pub fn router(state: Shared, stale_after: Duration) -> Router {
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/v1/status", get(status))
+        .route("/v1/ranges", get(ranges))
         .with_state(App {
             state,
             registry,

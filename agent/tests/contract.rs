@@ -11,6 +11,7 @@ use memfabric::{
     config::FileConfig,
     inventory::{Mergeability, Vm, VmKind},
     model::{HostState, VmProbeCounters, VmState},
+    scan::rank::RangeClass,
     telemetry,
 };
 
@@ -31,6 +32,7 @@ fn exposition() -> String {
             ksm: Default::default(),
             probes: Some(VmProbeCounters::default()),
             scan: Some(Default::default()),
+            range_classes: Some(RangeClass::ALL.iter().map(|c| (*c, 1)).collect()),
             write_faults_per_sec: 0.0,
             cow_breaks_per_sec: 0.0,
         }],
@@ -81,6 +83,8 @@ fn every_promised_metric_is_exported() {
         "memfabric_vm_duplicate_pages",
         "memfabric_scan_pass_seconds",
         "memfabric_scan_bytes_total",
+        "memfabric_vm_potential_savings_bytes",
+        "memfabric_vm_ranges",
     ] {
         assert!(got.contains(name), "{name} missing; exported: {got:?}");
     }
@@ -91,6 +95,19 @@ fn every_promised_metric_is_exported() {
         ),
         "{text}"
     );
+    for scope in ["intra", "inter"] {
+        let series = format!(
+            "memfabric_vm_potential_savings_bytes{{vm=\"vm1\",pid=\"42\",kind=\"qemu\",scope=\"{scope}\"}}"
+        );
+        assert!(text.contains(&series), "{series} missing: {text}");
+    }
+    for class in RangeClass::ALL {
+        let series = format!(
+            "memfabric_vm_ranges{{vm=\"vm1\",pid=\"42\",kind=\"qemu\",class=\"{}\"}} 1",
+            class.as_str()
+        );
+        assert!(text.contains(&series), "{series} missing: {text}");
+    }
 }
 
 #[test]

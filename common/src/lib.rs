@@ -11,8 +11,9 @@ pub mod maps {
     pub const TRACKED: &str = "TRACKED";
     /// `HashMap<u64 mm, u32 tgid>`: which tracked process owns an `mm_struct`.
     pub const MM_OWNER: &str = "MM_OWNER";
-    /// `LruHashMap<PageKey, u64>`: write-protect faults per (tgid, page): pages written
-    /// again after being shared or write-protected (COW, KSM).
+    /// `LruHashMap<PageKey, u64>`: write heat per (tgid, page): write-protect faults (pages
+    /// written again after being shared or write-protected: COW, KSM) in the low 32 bits,
+    /// of which KSM COW breaks in the high 32 bits (see [`crate::heat`]).
     pub const WRITE_HEAT: &str = "WRITE_HEAT";
     /// `LruHashMap<MmPage, u32 tgid>`: pages of tracked processes that KSM merged.
     pub const KSM_PAGES: &str = "KSM_PAGES";
@@ -36,6 +37,19 @@ pub mod sizes {
     pub const KSM_PAGES: u32 = 262_144;
     /// Ring buffer bytes (must be a power of two multiple of the page size).
     pub const EVENTS: u32 = 256 * 1024;
+}
+
+/// The `WRITE_HEAT` value: two counters in one u64 so one atomic add updates both.
+pub mod heat {
+    /// Added for a KSM COW break (on top of [`WRITE_PROTECT`]).
+    pub const COW_BREAK: u64 = 1 << 32;
+    /// Added for every write-protect fault.
+    pub const WRITE_PROTECT: u64 = 1;
+
+    /// (write-protect faults, KSM COW breaks) of a `WRITE_HEAT` value.
+    pub fn split(v: u64) -> (u32, u32) {
+        (v as u32, (v >> 32) as u32)
+    }
 }
 
 /// Page geometry of the architectures memfabric supports (x86_64, aarch64 with 4 KiB pages).

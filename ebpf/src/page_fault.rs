@@ -1,5 +1,6 @@
 //! `exceptions:page_fault_user`: read/write faults, the COW-break signature and exact KSM
-//! COW breaks, plus per-page write heat (write-protect faults), for tracked processes only.
+//! COW breaks, plus per-page write heat (write-protect faults and KSM COW breaks), for
+//! tracked processes only.
 //!
 //! ```text
 //! field:unsigned long address;     offset:8;  size:8; signed:0;
@@ -11,10 +12,10 @@
 use core::ptr::addr_of_mut;
 
 use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
-use memfabric_common::{Counter, PAGE_MASK, PF_PROTECTION, PF_WRITE, PageKey};
+use memfabric_common::{Counter, PAGE_MASK, PF_PROTECTION, PF_WRITE, PageKey, heat};
 
 use crate::state::{
-    KSM_PAGES, TRACKED, WRITE_HEAT, bump, count, current_tgid, learn_mm, mm_page, offsets,
+    KSM_PAGES, TRACKED, WRITE_HEAT, add_to, bump, count, current_tgid, learn_mm, mm_page, offsets,
 };
 
 #[tracepoint]
@@ -44,12 +45,14 @@ fn try_page_fault_user(ctx: &TracePointContext) -> Result<u32, i32> {
     }
     // A write to a present read-only page: fork COW, the zero page, or a KSM page.
     unsafe { bump(addr_of_mut!((*stats).write_protect_faults)) };
+    let mut add = heat::WRITE_PROTECT;
     if mm != 0 {
         let key = mm_page(mm, address);
         if KSM_PAGES.get_ptr(key).is_some() {
             // ksmd merged exactly this page of this mm: the write breaks that merge.
             unsafe { bump(addr_of_mut!((*stats).ksm_cow_breaks)) };
             let _ = KSM_PAGES.remove(key);
+            add += heat::COW_BREAK;
         }
     }
 
@@ -62,9 +65,9 @@ fn try_page_fault_user(ctx: &TracePointContext) -> Result<u32, i32> {
         page: address & PAGE_MASK,
     };
     match WRITE_HEAT.get_ptr_mut(key) {
-        Some(heat) => unsafe { bump(heat) },
+        Some(v) => unsafe { add_to(v, add) },
         None => {
-            if WRITE_HEAT.insert(key, 1, 0).is_err() {
+            if WRITE_HEAT.insert(key, add, 0).is_err() {
                 count(Counter::HeatInsertFailed);
             }
         }

@@ -49,9 +49,18 @@ pub fn current_tgid() -> u32 {
 /// `field` must point into a live map value.
 #[inline(always)]
 pub unsafe fn bump(field: *mut u64) {
+    unsafe { add_to(field, 1) };
+}
+
+/// Atomically adds `n` to a u64 in a map value.
+///
+/// # Safety
+/// `field` must point into a live map value.
+#[inline(always)]
+pub unsafe fn add_to(field: *mut u64, n: u64) {
     // `AtomicU64::fetch_add` is not offered on the BPF target (no CAS); the intrinsic is.
     // The result is unused, so LLVM emits a plain BPF atomic add (no BPF_FETCH needed).
-    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(field, 1) };
+    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(field, n) };
 }
 
 /// Adds one to a global per-CPU counter.

@@ -74,6 +74,21 @@ impl Workload {
         }
     }
 
+    /// Where region `region` (as `alloc` replied) lies: [start, end) in the child.
+    pub fn span(&mut self, region: &str) -> (u64, u64) {
+        let reply = self.cmd(&format!("where {region}"));
+        let mut words = reply.split_whitespace();
+        let start = words
+            .next()
+            .and_then(|w| u64::from_str_radix(w.trim_start_matches("0x"), 16).ok())
+            .expect("where: start");
+        let pages: u64 = words
+            .next()
+            .and_then(|w| w.parse().ok())
+            .expect("where: pages");
+        (start, start + pages * 4096)
+    }
+
     /// Asks the child to exit and reaps it.
     pub fn exit(mut self) {
         let _ = writeln!(self.stdin, "exit");

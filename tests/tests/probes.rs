@@ -117,7 +117,17 @@ fn ksm_cow_breaks_match_the_kernels_cow_ksm() {
         "write heat has {} pages < {M}",
         heat.len()
     );
-    assert!(heat.iter().all(|(_, n)| *n >= 1));
+    assert!(heat.iter().all(|(_, h)| h.write_protect_faults >= 1));
+    // The heat map carries the exact breaks per page too (the ranking's COW heat).
+    let broken: u64 = heat.iter().map(|(_, h)| u64::from(h.cow_breaks)).sum();
+    assert_eq!(
+        broken, after.ksm_cow_breaks,
+        "COW breaks in the heat map vs the process counter"
+    );
+    assert!(
+        heat.iter()
+            .all(|(_, h)| h.cow_breaks <= h.write_protect_faults)
+    );
     let counters = probes.counters().unwrap();
     assert!(counters.ksm_merges >= N as u64);
     assert_eq!(counters.events_dropped, 0);

@@ -1,9 +1,16 @@
 //! The page scanner on workload children with known content: D identical pages, U unique,
-//! Z zero, R rewritten continuously; and scanning never grows a process's RSS.
+//! Z zero, R rewritten continuously, their intra/inter split and 2 MiB range classes; and
+//! scanning never grows a process's RSS.
 
 use std::time::Duration;
 
-use memfabric::scan::{PAGE, Scanner};
+use memfabric::{
+    probes::RangeHeatMap,
+    scan::{
+        PAGE, RANGE_BYTES, RangeCounts, Scanner,
+        rank::{RangeClass, RankPolicy, RankedRanges},
+    },
+};
 use memfabric_tests::{Workload, privileged};
 
 const WORKLOAD: &str = env!("CARGO_BIN_EXE_memfabric-workload");
@@ -50,13 +57,21 @@ fn known_content_is_classified_exactly() {
     const D: u64 = 1024;
     const U: u64 = 512;
     const Z: u64 = 512;
-    const R: u64 = 512;
+    const R: u64 = 1024;
     let mut a = Workload::spawn(WORKLOAD);
     a.cmd(&format!("alloc {D} same"));
     a.cmd(&format!("alloc {U} unique"));
     a.cmd(&format!("alloc {Z} zero"));
     let r = a.cmd(&format!("alloc {R} unique"));
     a.cmd(&format!("churn {r}"));
+    // 2 MiB-sized regions for the range classes.
+    let dup_region = a.cmd("alloc 2048 same");
+    let uni_region = a.cmd("alloc 2048 unique");
+    let spans = [
+        (a.span(&dup_region), RangeClass::StableDuplicate),
+        (a.span(&uni_region), RangeClass::StableUnique),
+        (a.span(&r), RangeClass::Volatile),
+    ];
     // A second process holding 256 more copies of the same page as a's D group.
     let mut b = Workload::spawn(WORKLOAD);
     b.cmd("alloc 256 same");
@@ -68,29 +83,70 @@ fn known_content_is_classified_exactly() {
         report.per_pid[&b.pid], report.total
     );
     about("zero pages", ca.zero_pages, Z, 32);
-    about("stable pages", ca.stable_pages, D + U, 32);
+    about("stable pages", ca.stable_pages, D + U + 4096, 32);
     // The churn thread rewrites R pages every 20 ms; a 1 % tolerance for timing.
     assert!(
         ca.volatile_pages >= R * 99 / 100 && ca.volatile_pages <= R + 32,
         "volatile {}",
         ca.volatile_pages
     );
-    about("duplicate pages of a", ca.duplicate_pages, D, 16);
-    assert_eq!(report.per_pid[&b.pid].duplicate_pages, 256);
+    // D pages of 0x5a plus the 2048-page region of the same content.
+    let d_all = D + 2048;
+    about("duplicate pages of a", ca.duplicate_pages, d_all, 16);
+    let cb = report.per_pid[&b.pid];
+    assert_eq!(cb.duplicate_pages, 256);
     // One copy of the group stays (charged to the lower PID).
     about(
         "mergeable duplicates",
         report.total.mergeable_duplicate_pages,
-        D + 256 - 1,
+        d_all + 256 - 1,
         16,
     );
+    // Intra/inter: a merges d_all - 1 copies inside itself; b holds 255 further copies
+    // of its own and one copy that only exists because a has the content.
+    let (lo, hi) = if a.pid < b.pid { (ca, cb) } else { (cb, ca) };
+    assert_eq!(hi.mergeable_inter_pages, 1, "higher PID: {hi:?}");
+    assert_eq!(
+        lo.mergeable_inter_pages, 0,
+        "lower PID keeps the copy: {lo:?}"
+    );
+    about("intra of a", ca.mergeable_intra_pages, d_all - 1, 16);
+    assert_eq!(cb.mergeable_intra_pages, 255);
     assert_eq!(report.total.merged_pages, 0, "KSM is off");
     assert_eq!(
         report.total.potential_savings_bytes,
         report.total.mergeable_duplicate_pages * PAGE as u64
     );
+    assert_eq!(
+        report.total.potential_savings_intra_bytes + report.total.potential_savings_inter_bytes,
+        report.total.potential_savings_bytes
+    );
+    assert_eq!(report.total.potential_savings_inter_bytes, PAGE as u64);
     assert!(report.bytes_read > 0);
-    assert_eq!(report.state_bytes_per_page, 10);
+    assert_eq!(report.state_bytes_per_page, 8);
+
+    // Ranges: a's figures are the sum of its ranges', and the 2 MiB ranges inside each
+    // region get the region's class.
+    let ranked = RankedRanges::rank(&report, &RangeHeatMap::new(), 0.0, RankPolicy::default());
+    let ranges = &ranked.by_pid[&a.pid];
+    let sum =
+        |f: fn(&RangeCounts) -> u32| ranges.iter().map(|r| u64::from(f(&r.counts))).sum::<u64>();
+    assert_eq!(sum(|r| r.stable_pages), ca.stable_pages);
+    assert_eq!(sum(|r| r.volatile_pages), ca.volatile_pages);
+    assert_eq!(sum(|r| r.duplicate_pages), ca.duplicate_pages);
+    for ((start, end), want) in spans {
+        let inside: Vec<_> = ranges
+            .iter()
+            .filter(|r| r.counts.start >= start && r.counts.start + RANGE_BYTES <= end)
+            .collect();
+        assert!(
+            !inside.is_empty(),
+            "no whole 2 MiB range in {start:#x}..{end:#x}"
+        );
+        for r in inside {
+            assert_eq!(r.class, want, "range {:#x}: {:?}", r.counts.start, r.counts);
+        }
+    }
 }
 
 #[test]

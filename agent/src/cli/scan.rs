@@ -1,10 +1,19 @@
 //! `memfabric scan`: one-shot page scan of processes (passes at an interval), reporting
-//! what is stable, volatile, duplicated, merged and still mergeable.
+//! what is stable, volatile, duplicated, merged and still mergeable, with a progress bar
+//! on a terminal. `--ranges` adds the ranked 2 MiB ranges (scan history only: the probes'
+//! heat is the daemon's, see `/v1/ranges`).
 
-use std::{process::ExitCode, time::Duration};
+use std::{io::IsTerminal as _, process::ExitCode, time::Duration};
 
 use clap::Args;
-use memfabric::scan::{Counts, Scanner};
+use indicatif::{ProgressBar, ProgressStyle};
+use memfabric::{
+    probes::RangeHeatMap,
+    scan::{
+        Counts, Scanner,
+        rank::{RankPolicy, RankedRanges},
+    },
+};
 
 #[derive(Args)]
 pub struct ScanArgs {
@@ -21,14 +30,19 @@ pub struct ScanArgs {
     /// Unchanged scans after which a page is stable.
     #[arg(long, default_value_t = 2)]
     stable_after: u8,
+    /// Also report every 2 MiB range with its class.
+    #[arg(long)]
+    ranges: bool,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
 }
 
+const MIB: f64 = 1024.0 * 1024.0;
+
 fn line(label: &str, c: &Counts) {
     println!(
-        "{label:<10} {:>10} {:>8} {:>9} {:>9} {:>10} {:>10} {:>8} {:>12.1}",
+        "{label:<10} {:>10} {:>8} {:>9} {:>9} {:>10} {:>10} {:>8} {:>10.1} {:>10.1}",
         c.pages_present,
         c.zero_pages,
         c.stable_pages,
@@ -36,8 +50,26 @@ fn line(label: &str, c: &Counts) {
         c.duplicate_pages,
         c.mergeable_duplicate_pages,
         c.merged_pages,
-        c.potential_savings_bytes as f64 / (1024.0 * 1024.0)
+        c.potential_savings_intra_bytes as f64 / MIB,
+        c.potential_savings_inter_bytes as f64 / MIB,
     );
+}
+
+/// A progress bar over the pages of one pass, on stderr when it is a terminal (hidden
+/// otherwise, so pipes and logs stay clean).
+fn progress_bar(pages: u64, pass: u32, passes: u32) -> ProgressBar {
+    let bar = if std::io::stderr().is_terminal() {
+        ProgressBar::new(pages)
+    } else {
+        ProgressBar::hidden()
+    };
+    if let Ok(style) = ProgressStyle::with_template(
+        "{prefix} [{bar:40}] {percent:>3}% {pos}/{len} pages, {per_sec}, eta {eta}",
+    ) {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar.set_prefix(format!("pass {pass}/{passes}"));
+    bar
 }
 
 pub fn run(args: ScanArgs) -> anyhow::Result<ExitCode> {
@@ -47,18 +79,25 @@ pub fn run(args: ScanArgs) -> anyhow::Result<ExitCode> {
         if i > 0 {
             std::thread::sleep(Duration::from_millis(args.interval_ms));
         }
-        scanner.pass(&args.pids)?;
-        if !args.json {
-            eprintln!("pass {}/{} done", i + 1, args.passes);
-        }
+        let bar = progress_bar(Scanner::pages_to_walk(&args.pids)?, i + 1, args.passes);
+        scanner.pass_with_progress(&args.pids, &mut |n| bar.inc(n))?;
+        bar.finish_and_clear();
     }
-    let report = scanner.report();
+    let mut report = scanner.report();
+    let ranked = args
+        .ranges
+        .then(|| RankedRanges::rank(&report, &RangeHeatMap::new(), 0.0, RankPolicy::default()));
+    report.ranges.clear(); // the ranked ranges carry them
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        let mut value = serde_json::to_value(&report)?;
+        if let Some(r) = &ranked {
+            value["ranges"] = serde_json::to_value(&r.by_pid)?;
+        }
+        println!("{}", serde_json::to_string_pretty(&value)?);
         return Ok(ExitCode::SUCCESS);
     }
     println!(
-        "{:<10} {:>10} {:>8} {:>9} {:>9} {:>10} {:>10} {:>8} {:>12}",
+        "{:<10} {:>10} {:>8} {:>9} {:>9} {:>10} {:>10} {:>8} {:>10} {:>10}",
         "PID",
         "PRESENT",
         "ZERO",
@@ -67,17 +106,43 @@ pub fn run(args: ScanArgs) -> anyhow::Result<ExitCode> {
         "DUPLICATE",
         "MERGEABLE",
         "MERGED",
-        "POTENTIAL MiB"
+        "INTRA MiB",
+        "INTER MiB"
     );
     for (pid, c) in &report.per_pid {
         line(&pid.to_string(), c);
     }
     line("total", &report.total);
     println!(
-        "{} passes, {:.1} MiB read, {} bytes of state per page",
+        "{} passes, {:.1} MiB read, {} bytes of state per page, {} distinct stable contents",
         report.passes,
-        report.bytes_read as f64 / (1024.0 * 1024.0),
-        report.state_bytes_per_page
+        report.bytes_read as f64 / MIB,
+        report.state_bytes_per_page,
+        report.distinct_stable_contents,
     );
+    println!("INTRA/INTER: what merging could still save within each VM / across VMs");
+    if let Some(r) = ranked {
+        for (pid, ranges) in &r.by_pid {
+            println!("\nPID {pid}: 2 MiB ranges");
+            println!(
+                "{:<18} {:<16} {:>7} {:>7} {:>8} {:>9} {:>10} {:>7}",
+                "START", "CLASS", "PRESENT", "STABLE", "VOLATILE", "MERGEABLE", "POTENTIAL", "ZERO"
+            );
+            for x in ranges {
+                let c = &x.counts;
+                println!(
+                    "{:<#18x} {:<16} {:>7} {:>7} {:>8} {:>9} {:>10} {:>7}",
+                    c.start,
+                    x.class.as_str(),
+                    c.pages_present,
+                    c.stable_pages,
+                    c.volatile_pages,
+                    c.mergeable_intra_pages + c.mergeable_inter_pages,
+                    c.potential_intra_pages + c.potential_inter_pages,
+                    c.zero_pages,
+                );
+            }
+        }
+    }
     Ok(ExitCode::SUCCESS)
 }

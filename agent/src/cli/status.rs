@@ -37,6 +37,7 @@ fn one_shot() -> HostState {
             vm,
             probes: None,
             scan: None,
+            range_classes: None,
             write_faults_per_sec: 0.0,
             cow_breaks_per_sec: 0.0,
         })

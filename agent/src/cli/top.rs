@@ -157,6 +157,7 @@ mod tests {
             },
             probes: None,
             scan: None,
+            range_classes: None,
             write_faults_per_sec: 0.0,
             cow_breaks_per_sec: cow,
         }

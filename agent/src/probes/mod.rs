@@ -97,6 +97,50 @@ pub enum ProbeState {
     Failed(String),
 }
 
+/// tgid -> range start -> heat summed over the range's pages.
+pub type RangeHeatMap = std::collections::HashMap<u32, std::collections::HashMap<u64, PageHeat>>;
+
+/// Write heat of a page (or summed over a range): since tracking began, or over an
+/// interval when two readings are subtracted. The LRU forgets the coldest pages when full.
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+pub struct PageHeat {
+    /// Writes to the page while it was present and write-protected (COW signature).
+    pub write_protect_faults: u32,
+    /// Of those, writes that broke a merge ksmd made.
+    pub cow_breaks: u32,
+}
+
+impl PageHeat {
+    /// What was added since `earlier` (zero where the LRU forgot pages meanwhile).
+    pub fn since(self, earlier: PageHeat) -> PageHeat {
+        PageHeat {
+            write_protect_faults: self
+                .write_protect_faults
+                .saturating_sub(earlier.write_protect_faults),
+            cow_breaks: self.cow_breaks.saturating_sub(earlier.cow_breaks),
+        }
+    }
+
+    fn from_raw(v: u64) -> PageHeat {
+        let (write_protect_faults, cow_breaks) = memfabric_common::heat::split(v);
+        PageHeat {
+            write_protect_faults,
+            cow_breaks,
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct ProbeStatus {
     pub program: &'static str,
@@ -433,17 +477,37 @@ impl Probes {
         self.mm_owner.get(&mm, 0).ok()
     }
 
-    /// Write faults per page of `tgid`, hottest first.
-    pub fn write_heat(&self, tgid: u32) -> Vec<(u64, u64)> {
-        let mut v: Vec<(u64, u64)> = self
+    /// Write heat per page of `tgid`, hottest first.
+    pub fn write_heat(&self, tgid: u32) -> Vec<(u64, PageHeat)> {
+        let mut v: Vec<(u64, PageHeat)> = self
             .heat
             .iter()
             .filter_map(Result::ok)
             .filter(|(k, _)| k.tgid == tgid)
-            .map(|(k, n)| (k.page, n))
+            .map(|(k, n)| (k.page, PageHeat::from_raw(n)))
             .collect();
         v.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
         v
+    }
+
+    /// Write heat of every tracked process summed per aligned range of `range_bytes`
+    /// (a power of two): tgid -> range start -> heat. One walk over the map (up to
+    /// 64 Ki entries), so callers do it once per scan pass, not per refresh.
+    pub fn heat_by_range(&self, range_bytes: u64) -> RangeHeatMap {
+        let mut out = RangeHeatMap::new();
+        for (k, n) in self.heat.iter().filter_map(Result::ok) {
+            let h = PageHeat::from_raw(n);
+            let r = out
+                .entry(k.tgid)
+                .or_default()
+                .entry(k.page & !(range_bytes - 1))
+                .or_default();
+            r.write_protect_faults = r
+                .write_protect_faults
+                .saturating_add(h.write_protect_faults);
+            r.cow_breaks = r.cow_breaks.saturating_add(h.cow_breaks);
+        }
+        out
     }
 
     /// Global counters, summed over CPUs.

@@ -1,16 +1,23 @@
 //! Page scanner: reads the guest RAM of tracked processes (present pages only, found via
 //! pagemap, so scanning never faults memory in), hashes every page (xxh3-64), keeps a
-//! compact per-page history, and tells what is stable, volatile, duplicated, merged and
-//! still mergeable. This is the one-shot core behind `memfabric scan`.
-//!
-//! Per-page state is 10 bytes: last hash (8), consecutive unchanged scans (1), flags (1).
+//! compact per-page history (8 bytes, [`page_state`]), and tells what is stable, volatile,
+//! duplicated, merged and still mergeable ([`account`]), per VM and per 2 MiB range, and
+//! how each range ranks as a merge candidate ([`rank`]). This is the core behind
+//! `memfabric scan` and the daemon's background scan.
 
+pub mod account;
+pub mod content;
+pub mod page_state;
 pub mod pagemap;
+pub mod rank;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
-use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::xxh3_64;
+
+use account::Mapping;
+pub use account::{Counts, RANGE_BYTES, RangeCounts, Report};
+use page_state::{F_MERGED, F_THP, F_ZERO, F_ZERO_FRAME, PageState};
 
 use crate::inventory::{self, VmKind};
 
@@ -18,81 +25,12 @@ pub const PAGE: usize = 4096;
 /// Pages read per process_vm_readv call (buffer reused).
 const CHUNK: usize = 256;
 
-const F_PRESENT: u8 = 1;
-/// Zero content on a frame of its own (KSM can save it).
-const F_ZERO: u8 = 2;
-const F_MERGED: u8 = 4;
-/// Present in the previous pass too (so "changed" is meaningful).
-const F_SEEN: u8 = 8;
-/// Mapped to the kernel's shared zero page (read, never written): costs nothing.
-const F_ZERO_FRAME: u8 = 16;
-/// Part of a transparent huge page.
-const F_THP: u8 = 32;
-
 #[derive(Debug, thiserror::Error)]
 pub enum ScanError {
     #[error("no process with PID {0}")]
     UnknownPid(u32),
     #[error("reading /proc/{pid}/pagemap: {source} (needs root for frame numbers)")]
     Pagemap { pid: u32, source: std::io::Error },
-}
-
-/// One scanned mapping and its pages' history.
-struct Mapping {
-    start: u64,
-    hash: Vec<u64>,
-    unchanged: Vec<u8>,
-    flags: Vec<u8>,
-}
-
-/// Figures for a set of pages (contract: field names are the JSON of `memfabric scan`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Counts {
-    pub pages_present: u64,
-    /// Pages of zero bytes on frames of their own: what KSM saves by merging them (into
-    /// one KSM page, or into the zero page with `use_zero_pages`).
-    pub zero_pages: u64,
-    /// Pages mapped to the kernel's shared zero page (read, never written): they use no
-    /// memory and KSM leaves them alone.
-    pub zero_frame_pages: u64,
-    /// Of `zero_pages`, those inside transparent huge pages.
-    pub zero_thp_pages: u64,
-    pub stable_pages: u64,
-    pub volatile_pages: u64,
-    pub duplicate_pages: u64,
-    pub mergeable_duplicate_pages: u64,
-    pub merged_pages: u64,
-    pub potential_savings_bytes: u64,
-}
-
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct Report {
-    #[serde(flatten)]
-    pub total: Counts,
-    pub per_pid: BTreeMap<u32, Counts>,
-    pub passes: u32,
-    pub bytes_read: u64,
-    /// Bytes of per-page state kept per tracked page.
-    pub state_bytes_per_page: u32,
-}
-
-impl Counts {
-    /// Pages KSM should end up saving (`pages_sharing + ksm_zero_pages` once it has
-    /// converged): every mergeable duplicate, plus zero-filled pages that are not part of a
-    /// transparent huge page. Zero-filled subpages of THPs are left out because on the
-    /// kernel this was measured on (6.18, `use_zero_pages=0`, QEMU guests with THP-backed
-    /// RAM) ksmd merged none of them in 8+ full scans while it merged every other
-    /// duplicate (see tests/tests/scan_lab.rs). With `use_zero_pages=1` zero pages map to
-    /// the zero page instead of one KSM page, so none of them is kept.
-    pub fn predicted_ksm_pages(&self, use_zero_pages: bool) -> u64 {
-        let zero = self.zero_pages - self.zero_thp_pages;
-        let zero_saved = if use_zero_pages {
-            zero
-        } else {
-            zero.saturating_sub(1)
-        };
-        self.mergeable_duplicate_pages + zero_saved
-    }
 }
 
 /// Scans processes pass after pass, keeping per-page history between passes.
@@ -200,30 +138,46 @@ impl Scanner {
 
     /// One pass over every page of `pids`.
     pub fn pass(&mut self, pids: &[u32]) -> Result<(), ScanError> {
+        self.pass_with_progress(pids, &mut |_| {})
+    }
+
+    /// Pages of guest RAM (present or not) a pass over `pids` walks: the progress total.
+    pub fn pages_to_walk(pids: &[u32]) -> Result<u64, ScanError> {
+        let mut pages = 0;
+        for &pid in pids {
+            pages += targets(pid)?
+                .iter()
+                .map(|(s, e)| (e - s) / PAGE as u64)
+                .sum::<u64>();
+        }
+        Ok(pages)
+    }
+
+    /// [`Scanner::pass`], calling `progress` with the number of pages walked after each
+    /// chunk.
+    pub fn pass_with_progress(
+        &mut self,
+        pids: &[u32],
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<(), ScanError> {
         for &pid in pids {
             let ranges = targets(pid)?;
             let map =
                 pagemap::Pagemap::open(pid).map_err(|source| ScanError::Pagemap { pid, source })?;
-            let known = self.procs.remove(&pid).unwrap_or_default();
+            let mut known = self.procs.remove(&pid).unwrap_or_default();
             let mut mappings = Vec::with_capacity(ranges.len());
             for (start, end) in ranges {
                 let pages = ((end - start) as usize) / PAGE;
+                // A mapping seen before (same place, same size) keeps its history.
                 let mut m = known
                     .iter()
-                    .position(|k| k.start == start && k.hash.len() == pages)
-                    .map(|i| Mapping {
-                        start,
-                        hash: known[i].hash.clone(),
-                        unchanged: known[i].unchanged.clone(),
-                        flags: known[i].flags.clone(),
-                    })
+                    .position(|k| k.start == start && k.pages.len() == pages)
+                    .map(|i| known.swap_remove(i))
                     .unwrap_or_else(|| Mapping {
                         start,
-                        hash: vec![0; pages],
-                        unchanged: vec![0; pages],
-                        flags: vec![0; pages],
+                        pages: vec![PageState::ABSENT; pages],
                     });
-                self.scan_mapping(pid, &map, &mut m)?;
+                self.scan_mapping(pid, &map, &mut m, progress)?;
                 mappings.push(m);
             }
             self.procs.insert(pid, mappings);
@@ -237,8 +191,10 @@ impl Scanner {
         pid: u32,
         map: &pagemap::Pagemap,
         m: &mut Mapping,
+        progress: &mut dyn FnMut(u64),
     ) -> Result<(), ScanError> {
-        let pages = m.hash.len();
+        let pages = m.pages.len();
+        let readable = |e: &pagemap::Entry| e.present() && !e.swapped();
         let mut first = 0;
         while first < pages {
             let chunk_start = std::time::Instant::now();
@@ -249,15 +205,13 @@ impl Scanner {
             // Read runs of present pages only.
             let mut i = 0;
             while i < n {
-                if !self.entries[i].present() || self.entries[i].swapped() {
-                    let p = first + i;
-                    m.flags[p] = 0;
-                    m.unchanged[p] = 0;
+                if !readable(&self.entries[i]) {
+                    m.pages[first + i] = PageState::ABSENT;
                     i += 1;
                     continue;
                 }
                 let mut j = i;
-                while j < n && self.entries[j].present() && !self.entries[j].swapped() {
+                while j < n && readable(&self.entries[j]) {
                     j += 1;
                 }
                 let bytes = (j - i) * PAGE;
@@ -268,32 +222,23 @@ impl Scanner {
                     let off = (k - i) * PAGE;
                     if off + PAGE > got {
                         // Unmapped meanwhile: treat as not present.
-                        m.flags[p] = 0;
-                        m.unchanged[p] = 0;
+                        m.pages[p] = PageState::ABSENT;
                         continue;
                     }
                     let page = &self.buf[off..off + PAGE];
                     let h = xxh3_64(page);
                     let (merged, zero_frame, thp) = map.frame_flags(self.entries[k].pfn());
-                    let was = m.flags[p];
-                    let same = was & F_PRESENT != 0 && m.hash[p] == h;
-                    m.unchanged[p] = if same {
-                        m.unchanged[p].saturating_add(1)
-                    } else {
-                        0
-                    };
-                    m.hash[p] = h;
                     let zero = !zero_frame && h == self.zero_hash && page.iter().all(|b| *b == 0);
-                    m.flags[p] = F_PRESENT
-                        | if zero { F_ZERO } else { 0 }
+                    let flags = if zero { F_ZERO } else { 0 }
                         | if zero_frame { F_ZERO_FRAME } else { 0 }
                         | if thp { F_THP } else { 0 }
-                        | if merged { F_MERGED } else { 0 }
-                        | if was & F_PRESENT != 0 { F_SEEN } else { 0 };
+                        | if merged { F_MERGED } else { 0 };
+                    m.pages[p] = m.pages[p].rescanned(h, flags);
                 }
                 i = j;
             }
             first += n;
+            progress(n as u64);
             if self.cancelled() {
                 break;
             }
@@ -307,111 +252,15 @@ impl Scanner {
 
     /// What the last pass found, with duplicates counted across every scanned process.
     pub fn report(&self) -> Report {
-        // Content table over stable non-zero pages: hash -> (pages, merged pages, owner pid).
-        let mut groups: HashMap<u64, (u64, u64, u32)> = HashMap::new();
-        let stable = |m: &Mapping, p: usize| {
-            m.flags[p] & F_PRESENT != 0
-                && m.flags[p] & (F_ZERO | F_ZERO_FRAME) == 0
-                && m.unchanged[p] >= self.stable_after
-        };
-        for (&pid, maps) in &self.procs {
-            for m in maps {
-                for p in 0..m.hash.len() {
-                    if stable(m, p) {
-                        let g = groups.entry(m.hash[p]).or_insert((0, 0, pid));
-                        g.0 += 1;
-                        if m.flags[p] & F_MERGED != 0 {
-                            g.1 += 1;
-                        }
-                    }
-                }
-            }
-        }
-        let mut report = Report {
-            passes: self.passes,
-            bytes_read: self.bytes_read,
-            state_bytes_per_page: 10,
-            ..Default::default()
-        };
-        for (&pid, maps) in &self.procs {
-            let mut c = Counts::default();
-            let mut owned = std::collections::HashSet::new();
-            for m in maps {
-                for p in 0..m.hash.len() {
-                    let f = m.flags[p];
-                    if f & F_PRESENT == 0 {
-                        continue;
-                    }
-                    c.pages_present += 1;
-                    if f & F_MERGED != 0 {
-                        c.merged_pages += 1;
-                    }
-                    if f & F_ZERO_FRAME != 0 {
-                        c.zero_frame_pages += 1;
-                        continue;
-                    }
-                    if f & F_ZERO != 0 {
-                        c.zero_pages += 1;
-                        if f & F_THP != 0 {
-                            c.zero_thp_pages += 1;
-                        }
-                        continue;
-                    }
-                    if stable(m, p) {
-                        c.stable_pages += 1;
-                        let (n, _, owner) = groups[&m.hash[p]];
-                        if n >= 2 {
-                            c.duplicate_pages += 1;
-                            if owner == pid {
-                                owned.insert(m.hash[p]);
-                            }
-                        }
-                    } else if f & F_SEEN != 0 && m.unchanged[p] == 0 {
-                        c.volatile_pages += 1;
-                    }
-                }
-            }
-            // One copy of each group stays: charged to the lowest PID holding it.
-            c.mergeable_duplicate_pages = c.duplicate_pages - owned.len() as u64;
-            let potential: u64 = owned
-                .iter()
-                .map(|h| {
-                    let (n, merged, _) = groups[h];
-                    (n - 1).saturating_sub(merged.saturating_sub(1))
-                })
-                .sum();
-            c.potential_savings_bytes = potential * PAGE as u64;
-            report.total.pages_present += c.pages_present;
-            report.total.zero_pages += c.zero_pages;
-            report.total.zero_frame_pages += c.zero_frame_pages;
-            report.total.zero_thp_pages += c.zero_thp_pages;
-            report.total.stable_pages += c.stable_pages;
-            report.total.volatile_pages += c.volatile_pages;
-            report.total.duplicate_pages += c.duplicate_pages;
-            report.total.mergeable_duplicate_pages += c.mergeable_duplicate_pages;
-            report.total.merged_pages += c.merged_pages;
-            report.total.potential_savings_bytes += c.potential_savings_bytes;
-            report.per_pid.insert(pid, c);
-        }
-        report
+        self.report_and_table().0
     }
-}
 
-#[cfg(test)]
-mod tests {
-    use super::Counts;
-
-    #[test]
-    fn prediction_counts_duplicates_and_non_thp_zero_pages() {
-        let c = Counts {
-            mergeable_duplicate_pages: 100,
-            zero_pages: 50,
-            zero_thp_pages: 20,
-            ..Default::default()
-        };
-        // 30 zero pages outside THPs: one KSM page keeps them, or the zero page does.
-        assert_eq!(c.predicted_ksm_pages(false), 129);
-        assert_eq!(c.predicted_ksm_pages(true), 130);
-        assert_eq!(Counts::default().predicted_ksm_pages(false), 0);
+    /// The report and the content table it was built from (for sizing measurements).
+    pub fn report_and_table(&self) -> (Report, content::ContentTable) {
+        let (mut report, table) = account::account(&self.procs, self.stable_after);
+        report.passes = self.passes;
+        report.bytes_read = self.bytes_read;
+        report.state_bytes_per_page = page_state::BYTES_PER_PAGE;
+        (report, table)
     }
 }

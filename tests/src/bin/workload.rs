@@ -10,6 +10,7 @@
 //! churn REGION              a thread rewrites every page of REGION every 20 ms
 //! fault PAGES               map PAGES fresh pages, write one byte to each (one write
 //!                           fault per page), unmap; replies `ok NANOSECONDS` (the loop)
+//! where REGION              replies `ok START PAGES` (START in hex, 0x...)
 //! exit                      exits 0
 //! ```
 //! Every reply is one line; errors reply `err MESSAGE`. Starts by printing `ready PID`.
@@ -58,8 +59,13 @@ enum Fill {
     Zero,
 }
 
+/// Unique pages written so far: every unique page of every region differs from every
+/// other, in this process and (the PID is in each word) in any other workload.
+static UNIQUE_SERIAL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 fn alloc(pages: usize, fill: Fill) -> Result<Region, String> {
     let base = map_fresh(pages)?;
+    let pid = u64::from(std::process::id()) & 0xff_ffff;
 
     for p in 0..pages {
         // SAFETY: inside the mapping. The first access to each page is this write.
@@ -69,8 +75,9 @@ fn alloc(pages: usize, fill: Fill) -> Result<Region, String> {
         } else if fill == Fill::Same {
             page.fill(0x5a);
         } else {
+            let serial = UNIQUE_SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             for (i, chunk) in page.chunks_exact_mut(8).enumerate() {
-                let v = (p as u64) << 32 | i as u64 | 0x8000_0000_0000_0000;
+                let v = pid << 40 | (serial & 0x7fff_ffff) << 9 | i as u64;
                 chunk.copy_from_slice(&v.to_le_bytes());
             }
         }
@@ -177,6 +184,7 @@ fn main() {
                 "ok".to_owned()
             }),
             Some("fault") => num(1).and_then(fault).map(|ns| format!("ok {ns}")),
+            Some("where") => region(1).map(|r| format!("ok {:#x} {}", r.ptr as usize, r.pages)),
             Some("exit") => std::process::exit(0),
             _ => Err(format!("unknown command {line:?}")),
         };

@@ -1,0 +1,346 @@
+//! Turns the scanner's per-page history into figures: per VM and per 2 MiB range, what is
+//! present, zero, stable, volatile, duplicated, merged, and what merging could still save,
+//! split into intra-VM (copies inside one VM) and inter-VM (copies that only another VM
+//! holds). Every figure is a sum over pages, so a VM's numbers are the sum of its ranges'.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use super::{
+    PAGE,
+    content::{ContentTable, Role},
+    page_state::{F_MERGED, F_PRESENT, F_SEEN, F_THP, F_ZERO, F_ZERO_FRAME, PageState},
+};
+
+/// Ranges are 2 MiB (a huge page): the unit the policy can madvise without splitting THPs.
+pub const RANGE_BYTES: u64 = 2 << 20;
+
+/// Figures for a set of pages (contract: field names are the JSON of `memfabric scan`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counts {
+    pub pages_present: u64,
+    /// Pages of zero bytes on frames of their own: what KSM saves by merging them (into
+    /// one KSM page, or into the zero page with `use_zero_pages`).
+    pub zero_pages: u64,
+    /// Pages mapped to the kernel's shared zero page (read, never written): they use no
+    /// memory and KSM leaves them alone.
+    pub zero_frame_pages: u64,
+    /// Of `zero_pages`, those inside transparent huge pages.
+    pub zero_thp_pages: u64,
+    /// Non-zero pages unchanged for the last `stable_after` scans.
+    pub stable_pages: u64,
+    /// Pages whose content changed since the previous scan.
+    pub volatile_pages: u64,
+    /// Stable non-zero pages whose content exists elsewhere (this VM or another).
+    pub duplicate_pages: u64,
+    /// Σ (group size − 1): pages KSM saves by merging every duplicate group, one copy of
+    /// each group kept (charged to the first VM holding it). = intra + inter.
+    pub mergeable_duplicate_pages: u64,
+    /// Of those, further copies inside the same VM (KSM saves them within the VM alone).
+    pub mergeable_intra_pages: u64,
+    /// Of those, a VM's first copy of content another VM holds first: saved only by
+    /// sharing across VMs (what placement and migration care about).
+    pub mergeable_inter_pages: u64,
+    /// Pages on KSM frames now.
+    pub merged_pages: u64,
+    /// Mergeable duplicates KSM has not merged yet, in bytes. = intra + inter.
+    pub potential_savings_bytes: u64,
+    pub potential_savings_intra_bytes: u64,
+    pub potential_savings_inter_bytes: u64,
+}
+
+impl Counts {
+    /// Pages KSM should end up saving (`pages_sharing + ksm_zero_pages` once it has
+    /// converged): every mergeable duplicate, plus zero-filled pages that are not part of a
+    /// transparent huge page. Zero-filled subpages of THPs are left out because on the
+    /// kernel this was measured on (6.18, `use_zero_pages=0`, QEMU guests with THP-backed
+    /// RAM) ksmd merged none of them in 8+ full scans while it merged every other
+    /// duplicate (see tests/tests/scan_lab.rs). With `use_zero_pages=1` zero pages map to
+    /// the zero page instead of one KSM page, so none of them is kept.
+    pub fn predicted_ksm_pages(&self, use_zero_pages: bool) -> u64 {
+        let zero = self.zero_pages - self.zero_thp_pages;
+        let zero_saved = if use_zero_pages {
+            zero
+        } else {
+            zero.saturating_sub(1)
+        };
+        self.mergeable_duplicate_pages + zero_saved
+    }
+
+    fn add(&mut self, o: &Counts) {
+        self.pages_present += o.pages_present;
+        self.zero_pages += o.zero_pages;
+        self.zero_frame_pages += o.zero_frame_pages;
+        self.zero_thp_pages += o.zero_thp_pages;
+        self.stable_pages += o.stable_pages;
+        self.volatile_pages += o.volatile_pages;
+        self.duplicate_pages += o.duplicate_pages;
+        self.mergeable_duplicate_pages += o.mergeable_duplicate_pages;
+        self.mergeable_intra_pages += o.mergeable_intra_pages;
+        self.mergeable_inter_pages += o.mergeable_inter_pages;
+        self.merged_pages += o.merged_pages;
+        self.potential_savings_bytes += o.potential_savings_bytes;
+        self.potential_savings_intra_bytes += o.potential_savings_intra_bytes;
+        self.potential_savings_inter_bytes += o.potential_savings_inter_bytes;
+    }
+}
+
+/// The figures of one 2 MiB range of a VM's guest RAM (page counts; 512 at most each).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RangeCounts {
+    /// First byte (2 MiB aligned; the range may be cut by its mapping's ends).
+    pub start: u64,
+    /// Pages of the range inside the scanned mapping.
+    pub pages: u32,
+    pub pages_present: u32,
+    /// Zero-filled pages on frames of their own (KSM can save them).
+    pub zero_pages: u32,
+    pub zero_frame_pages: u32,
+    pub stable_pages: u32,
+    pub volatile_pages: u32,
+    pub duplicate_pages: u32,
+    pub mergeable_intra_pages: u32,
+    pub mergeable_inter_pages: u32,
+    pub merged_pages: u32,
+    pub potential_intra_pages: u32,
+    pub potential_inter_pages: u32,
+}
+
+impl RangeCounts {
+    fn counts(&self) -> Counts {
+        let page = PAGE as u64;
+        let (pi, pe) = (
+            u64::from(self.potential_intra_pages),
+            u64::from(self.potential_inter_pages),
+        );
+        Counts {
+            pages_present: self.pages_present.into(),
+            zero_pages: self.zero_pages.into(),
+            zero_frame_pages: self.zero_frame_pages.into(),
+            zero_thp_pages: 0, // added by the caller, it is not kept per range
+            stable_pages: self.stable_pages.into(),
+            volatile_pages: self.volatile_pages.into(),
+            duplicate_pages: self.duplicate_pages.into(),
+            mergeable_duplicate_pages: u64::from(self.mergeable_intra_pages)
+                + u64::from(self.mergeable_inter_pages),
+            mergeable_intra_pages: self.mergeable_intra_pages.into(),
+            mergeable_inter_pages: self.mergeable_inter_pages.into(),
+            merged_pages: self.merged_pages.into(),
+            potential_savings_bytes: (pi + pe) * page,
+            potential_savings_intra_bytes: pi * page,
+            potential_savings_inter_bytes: pe * page,
+        }
+    }
+}
+
+/// What the last pass found.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    #[serde(flatten)]
+    pub total: Counts,
+    pub per_pid: BTreeMap<u32, Counts>,
+    /// Per PID, its 2 MiB ranges in address order (left out of JSON when empty).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub ranges: BTreeMap<u32, Vec<RangeCounts>>,
+    pub passes: u32,
+    pub bytes_read: u64,
+    /// Bytes of per-page history kept per tracked page.
+    pub state_bytes_per_page: u32,
+    /// Distinct stable page contents on the host (entries of the content table).
+    pub distinct_stable_contents: u64,
+    /// Unchanged scans after which a page counts as stable.
+    pub stable_after: u8,
+}
+
+/// One scanned mapping of a process: where it starts and each page's history.
+pub struct Mapping {
+    pub start: u64,
+    pub pages: Vec<PageState>,
+}
+
+/// Figures over `procs` (PID order) with duplicates counted across all of them.
+pub fn account(procs: &BTreeMap<u32, Vec<Mapping>>, stable_after: u8) -> (Report, ContentTable) {
+    let stable = |s: PageState| {
+        s.has(F_PRESENT)
+            && !s.has(F_ZERO)
+            && !s.has(F_ZERO_FRAME)
+            && s.unchanged() >= u16::from(stable_after)
+    };
+    let mut table = ContentTable::new();
+    for maps in procs.values() {
+        for m in maps {
+            for s in m.pages.iter().filter(|s| stable(**s)) {
+                table.add(s.hash(), s.has(F_MERGED));
+            }
+        }
+    }
+    let mut report = Report {
+        stable_after,
+        distinct_stable_contents: table.len() as u64,
+        ..Default::default()
+    };
+    for (vm, (&pid, maps)) in procs.iter().enumerate() {
+        let mut ranges: Vec<RangeCounts> = Vec::new();
+        let mut zero_thp = 0u64;
+        for m in maps {
+            for (i, &s) in m.pages.iter().enumerate() {
+                let addr = m.start + (i * PAGE) as u64;
+                let base = addr & !(RANGE_BYTES - 1);
+                if ranges.last().is_none_or(|r| r.start != base) {
+                    ranges.push(RangeCounts {
+                        start: base,
+                        ..Default::default()
+                    });
+                }
+                let r = ranges.last_mut().expect("pushed above");
+                r.pages += 1;
+                if !s.has(F_PRESENT) {
+                    continue;
+                }
+                r.pages_present += 1;
+                if s.has(F_MERGED) {
+                    r.merged_pages += 1;
+                }
+                if s.has(F_ZERO_FRAME) {
+                    r.zero_frame_pages += 1;
+                    continue;
+                }
+                if s.has(F_ZERO) {
+                    r.zero_pages += 1;
+                    zero_thp += u64::from(s.has(F_THP));
+                    continue;
+                }
+                if !stable(s) {
+                    if s.has(F_SEEN) && s.unchanged() == 0 {
+                        r.volatile_pages += 1;
+                    }
+                    continue;
+                }
+                r.stable_pages += 1;
+                let Some(a) = table.attribute(s.hash(), vm as u32) else {
+                    continue;
+                };
+                if a.copies < 2 {
+                    continue;
+                }
+                r.duplicate_pages += 1;
+                match a.role {
+                    Role::Kept => {}
+                    Role::Inter => r.mergeable_inter_pages += 1,
+                    Role::Intra => r.mergeable_intra_pages += 1,
+                }
+                // Not merged yet and not the copy that stays: merging would still save it.
+                // When a copy elsewhere is already a KSM page, even the kept copy can merge
+                // into it (counted as inter: the KSM page may be in another VM).
+                if !s.has(F_MERGED) && (a.role != Role::Kept || a.any_merged) {
+                    match a.role {
+                        Role::Intra => r.potential_intra_pages += 1,
+                        _ => r.potential_inter_pages += 1,
+                    }
+                }
+            }
+        }
+        let mut c = Counts::default();
+        for r in &ranges {
+            c.add(&r.counts());
+        }
+        c.zero_thp_pages = zero_thp;
+        report.total.add(&c);
+        report.per_pid.insert(pid, c);
+        report.ranges.insert(pid, ranges);
+    }
+    (report, table)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scan::page_state::PageState;
+
+    fn page(hash: u64, flags: u8, unchanged: u16) -> PageState {
+        PageState::new(hash << 16, flags | F_PRESENT | F_SEEN, unchanged)
+    }
+
+    #[test]
+    fn splits_savings_into_intra_and_inter() {
+        // PID 10: content A twice, B once, one zero page, one volatile page.
+        // PID 20: content A once, B twice (one of them already merged), one unique.
+        let mut procs = BTreeMap::new();
+        procs.insert(
+            10,
+            vec![Mapping {
+                start: 0x4000_0000,
+                pages: vec![
+                    page(1, 0, 5),
+                    page(1, 0, 5),
+                    page(2, 0, 5),
+                    page(0, F_ZERO, 5),
+                    page(3, 0, 0),
+                ],
+            }],
+        );
+        procs.insert(
+            20,
+            vec![Mapping {
+                start: 0x4000_0000 + RANGE_BYTES - 2 * PAGE as u64,
+                pages: vec![
+                    page(1, 0, 5),
+                    page(2, F_MERGED, 5),
+                    page(2, 0, 5),
+                    page(4, 0, 5),
+                ],
+            }],
+        );
+        let (r, table) = account(&procs, 2);
+        // Stable contents only: 1, 2 and 4 (3 is volatile).
+        assert_eq!(table.len(), 3);
+        let a = r.per_pid[&10];
+        assert_eq!(
+            (
+                a.pages_present,
+                a.zero_pages,
+                a.stable_pages,
+                a.volatile_pages
+            ),
+            (5, 1, 3, 1)
+        );
+        assert_eq!(a.duplicate_pages, 3);
+        // A: kept + intra; B: kept (but B has a KSM page elsewhere, so it can still merge).
+        assert_eq!((a.mergeable_intra_pages, a.mergeable_inter_pages), (1, 0));
+        assert_eq!(a.potential_savings_intra_bytes, PAGE as u64);
+        assert_eq!(a.potential_savings_inter_bytes, PAGE as u64);
+        let b = r.per_pid[&20];
+        assert_eq!(b.duplicate_pages, 3);
+        // A: inter; B: inter (merged) + intra.
+        assert_eq!((b.mergeable_intra_pages, b.mergeable_inter_pages), (1, 2));
+        assert_eq!(b.merged_pages, 1);
+        // Not merged yet: A's copy (inter) and B's second copy (intra).
+        assert_eq!(b.potential_savings_inter_bytes, PAGE as u64);
+        assert_eq!(b.potential_savings_intra_bytes, PAGE as u64);
+        // Σ (group size − 1): A 3−1, B 3−1.
+        assert_eq!(r.total.mergeable_duplicate_pages, 4);
+        // n − max(merged, 1) per group: A 2, B 2.
+        assert_eq!(r.total.potential_savings_bytes, 4 * PAGE as u64);
+        // PID 20's mapping straddles a 2 MiB boundary: two ranges, 2 and 2 pages.
+        let ranges = &r.ranges[&20];
+        assert_eq!(ranges.len(), 2);
+        assert_eq!((ranges[0].pages, ranges[1].pages), (2, 2));
+        assert_eq!(ranges[1].start, 0x4000_0000 + RANGE_BYTES);
+        assert_eq!(r.ranges[&10].len(), 1);
+    }
+
+    #[test]
+    fn prediction_counts_duplicates_and_non_thp_zero_pages() {
+        let c = Counts {
+            mergeable_duplicate_pages: 100,
+            zero_pages: 50,
+            zero_thp_pages: 20,
+            ..Default::default()
+        };
+        // 30 zero pages outside THPs: one KSM page keeps them, or the zero page does.
+        assert_eq!(c.predicted_ksm_pages(false), 129);
+        assert_eq!(c.predicted_ksm_pages(true), 130);
+        assert_eq!(Counts::default().predicted_ksm_pages(false), 0);
+    }
+}

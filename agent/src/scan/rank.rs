@@ -1,0 +1,268 @@
+//! Ranking of 2 MiB ranges from the scan history and the probes' heat: which ranges are
+//! merge candidates, which only churn (keep them out of KSM: every merge there is broken
+//! again, costing ksmd CPU and a COW copy), which hold nothing worth merging, and which the
+//! scan does not know well enough yet. The next step, the merge policy, acts on these.
+
+use serde::{Deserialize, Serialize};
+
+use std::collections::BTreeMap;
+
+use super::account::{RangeCounts, Report};
+pub use crate::probes::{PageHeat, RangeHeatMap};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RangeClass {
+    /// Stable pages with copies elsewhere (or zero pages): merging pays.
+    StableDuplicate,
+    /// Pages change between scans, or merged pages get written again: exclude from KSM.
+    Volatile,
+    /// Stable, but nothing in it exists elsewhere: nothing to gain.
+    StableUnique,
+    /// Not present, or not scanned often enough to say.
+    ColdUnknown,
+}
+
+impl RangeClass {
+    pub const ALL: [RangeClass; 4] = [
+        RangeClass::StableDuplicate,
+        RangeClass::Volatile,
+        RangeClass::StableUnique,
+        RangeClass::ColdUnknown,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RangeClass::StableDuplicate => "stable-duplicate",
+            RangeClass::Volatile => "volatile",
+            RangeClass::StableUnique => "stable-unique",
+            RangeClass::ColdUnknown => "cold-unknown",
+        }
+    }
+}
+
+/// Thresholds of the ranking (fractions of the range's present pages).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RankPolicy {
+    /// Volatile when changed pages plus write-protect faults reach this share.
+    pub volatile_share: f64,
+    /// Volatile when this many merges were broken in the interval, whatever the share:
+    /// the guest undoes what ksmd does there.
+    pub cow_breaks_volatile: u32,
+    /// A merge candidate when mergeable duplicates plus zero pages reach this share.
+    pub duplicate_share: f64,
+    /// Below this share of pages with a settled history (stable, volatile or zero) the
+    /// range is unknown.
+    pub known_share: f64,
+}
+
+impl Default for RankPolicy {
+    fn default() -> Self {
+        RankPolicy {
+            volatile_share: 0.25,
+            cow_breaks_volatile: 8,
+            // 64 of 512 pages: 256 KiB saved per 2 MiB range.
+            duplicate_share: 0.125,
+            known_share: 0.5,
+        }
+    }
+}
+
+impl RankPolicy {
+    /// The class of range `r` after `passes` scans (`stable_after` of them are needed
+    /// before any page can be stable), given the probes' heat over the last interval.
+    pub fn classify(
+        &self,
+        r: &RangeCounts,
+        heat: PageHeat,
+        passes: u32,
+        stable_after: u8,
+    ) -> RangeClass {
+        // Pages that use memory of their own (zero-frame pages cost nothing).
+        let present = f64::from(r.pages_present - r.zero_frame_pages);
+        if present == 0.0 || passes <= u32::from(stable_after) {
+            return RangeClass::ColdUnknown;
+        }
+        let churn = f64::from(r.volatile_pages) + f64::from(heat.write_protect_faults);
+        if heat.cow_breaks >= self.cow_breaks_volatile || churn >= self.volatile_share * present {
+            return RangeClass::Volatile;
+        }
+        let known = f64::from(r.stable_pages + r.volatile_pages + r.zero_pages);
+        if known < self.known_share * present {
+            return RangeClass::ColdUnknown;
+        }
+        let gain = f64::from(r.mergeable_intra_pages + r.mergeable_inter_pages + r.zero_pages);
+        if gain >= self.duplicate_share * present {
+            RangeClass::StableDuplicate
+        } else {
+            RangeClass::StableUnique
+        }
+    }
+}
+
+/// One ranked range, as `/v1/ranges` serves it.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RankedRange {
+    pub class: RangeClass,
+    #[serde(flatten)]
+    pub counts: RangeCounts,
+    #[serde(flatten)]
+    pub heat: PageHeat,
+}
+
+/// Ranked ranges of every scanned VM, as of one scan pass.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct RankedRanges {
+    /// Scan passes done when these were ranked.
+    pub passes: u32,
+    /// Seconds of probe heat the ranking saw (since the previous ranking).
+    pub heat_window_seconds: f64,
+    pub policy: RankPolicy,
+    pub by_pid: BTreeMap<u32, Vec<RankedRange>>,
+}
+
+impl RankedRanges {
+    /// Ranks every range of `report` with `heat` (tgid -> range start -> heat over the
+    /// last `window_seconds`).
+    pub fn rank(
+        report: &Report,
+        heat: &RangeHeatMap,
+        window_seconds: f64,
+        policy: RankPolicy,
+    ) -> RankedRanges {
+        let by_pid = report
+            .ranges
+            .iter()
+            .map(|(pid, ranges)| {
+                let vm_heat = heat.get(pid);
+                let ranked = ranges
+                    .iter()
+                    .map(|r| {
+                        let h = vm_heat
+                            .and_then(|m| m.get(&r.start))
+                            .copied()
+                            .unwrap_or_default();
+                        RankedRange {
+                            class: policy.classify(r, h, report.passes, report.stable_after),
+                            counts: *r,
+                            heat: h,
+                        }
+                    })
+                    .collect();
+                (*pid, ranked)
+            })
+            .collect();
+        RankedRanges {
+            passes: report.passes,
+            heat_window_seconds: window_seconds,
+            policy,
+            by_pid,
+        }
+    }
+
+    /// Ranges of `pid` per class (every class present, zeros included).
+    pub fn class_counts(&self, pid: u32) -> Option<BTreeMap<RangeClass, u32>> {
+        let ranges = self.by_pid.get(&pid)?;
+        let mut counts: BTreeMap<RangeClass, u32> =
+            RangeClass::ALL.iter().map(|c| (*c, 0)).collect();
+        for r in ranges {
+            *counts.entry(r.class).or_default() += 1;
+        }
+        Some(counts)
+    }
+}
+
+/// `later - earlier` per range: the heat of one interval.
+pub fn heat_since(later: &RangeHeatMap, earlier: &RangeHeatMap) -> RangeHeatMap {
+    later
+        .iter()
+        .map(|(tgid, ranges)| {
+            let before = earlier.get(tgid);
+            let delta = ranges
+                .iter()
+                .map(|(start, h)| {
+                    let b = before
+                        .and_then(|m| m.get(start))
+                        .copied()
+                        .unwrap_or_default();
+                    (*start, h.since(b))
+                })
+                .filter(|(_, h)| *h != PageHeat::default())
+                .collect();
+            (*tgid, delta)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn range(present: u32, stable: u32, volatile: u32, zero: u32, mergeable: u32) -> RangeCounts {
+        RangeCounts {
+            pages: 512,
+            pages_present: present,
+            stable_pages: stable,
+            volatile_pages: volatile,
+            zero_pages: zero,
+            mergeable_inter_pages: mergeable,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn classes() {
+        let p = RankPolicy::default();
+        let cool = PageHeat::default();
+        let c = |r: RangeCounts, h: PageHeat| p.classify(&r, h, 5, 2);
+        assert_eq!(
+            c(range(512, 500, 0, 0, 400), cool),
+            RangeClass::StableDuplicate
+        );
+        assert_eq!(
+            c(range(512, 300, 0, 200, 0), cool),
+            RangeClass::StableDuplicate
+        );
+        assert_eq!(c(range(512, 500, 0, 0, 10), cool), RangeClass::StableUnique);
+        assert_eq!(c(range(512, 200, 300, 0, 100), cool), RangeClass::Volatile);
+        // Stable to the scan, but the guest breaks the merges between scans.
+        let hot = PageHeat {
+            write_protect_faults: 8,
+            cow_breaks: 8,
+        };
+        assert_eq!(c(range(512, 500, 0, 0, 400), hot), RangeClass::Volatile);
+        // Nothing present, or too little history.
+        assert_eq!(c(range(0, 0, 0, 0, 0), cool), RangeClass::ColdUnknown);
+        assert_eq!(c(range(512, 100, 0, 0, 100), cool), RangeClass::ColdUnknown);
+        assert_eq!(
+            p.classify(&range(512, 500, 0, 0, 400), cool, 2, 2),
+            RangeClass::ColdUnknown
+        );
+    }
+
+    #[test]
+    fn class_names_are_the_documented_ones() {
+        let names: Vec<String> = RangeClass::ALL
+            .iter()
+            .map(|c| {
+                serde_json::to_value(c)
+                    .unwrap()
+                    .as_str()
+                    .unwrap()
+                    .to_owned()
+            })
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "stable-duplicate",
+                "volatile",
+                "stable-unique",
+                "cold-unknown"
+            ]
+        );
+        for c in RangeClass::ALL {
+            assert_eq!(serde_json::to_value(c).unwrap(), c.as_str());
+        }
+    }
+}
