@@ -60,6 +60,24 @@ impl TestDaemon {
         r.body_mut().read_to_string().ok()
     }
 
+    /// Status code and body, whatever the status.
+    fn get_any(&self, path: &str) -> (u16, String) {
+        let mut r = ureq::get(&format!("http://127.0.0.1:{}{path}", self.port))
+            .config()
+            .http_status_as_error(false)
+            .build()
+            .call()
+            .expect("request");
+        let code = r.status().as_u16();
+        (code, r.body_mut().read_to_string().unwrap_or_default())
+    }
+
+    /// `/v1/ranges?vm=PID` as JSON, once it has ranges.
+    fn ranges(&self, pid: u32) -> Option<serde_json::Value> {
+        let (code, body) = self.get_any(&format!("/v1/ranges?vm={pid}"));
+        (code == 200).then(|| serde_json::from_str(&body).expect("ranges JSON"))
+    }
+
     /// The scraped samples: `name{labels}` -> value. Panics on a malformed line.
     fn metrics(&self) -> BTreeMap<String, f64> {
         let text = self.get("/metrics").expect("scrape");
@@ -292,5 +310,144 @@ fn a_vm_process_is_discovered_by_name_and_uuid() {
             .metrics()
             .contains_key(&series)),
         "series stayed after the process was killed"
+    );
+}
+
+/// The 2 MiB ranges of `ranges` (a `/v1/ranges` answer) lying wholly in [start, end).
+fn ranges_in(ranges: &serde_json::Value, (start, end): (u64, u64)) -> Vec<serde_json::Value> {
+    ranges["ranges"]
+        .as_array()
+        .expect("ranges array")
+        .iter()
+        .filter(|r| {
+            let s = r["start"].as_u64().unwrap();
+            s >= start && s + (2 << 20) <= end
+        })
+        .cloned()
+        .collect()
+}
+
+fn classes(ranges: &[serde_json::Value]) -> Vec<String> {
+    ranges
+        .iter()
+        .map(|r| r["class"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[test]
+#[serial(ksm)]
+fn ranges_are_ranked_from_scan_history_and_cow_heat() {
+    if !privileged("ranges_are_ranked_from_scan_history_and_cow_heat") {
+        return;
+    }
+    let _ksm = ksm_fast(); // declared first: dropped after the workload died
+    let mut w = Workload::spawn(WORKLOAD);
+    let d = TestDaemon::start(vec![w.pid]);
+
+    // Bad queries get clear answers.
+    let (code, body) = d.get_any("/v1/ranges");
+    assert_eq!(code, 400, "{body}");
+    assert!(
+        body.contains("?vm=") && body.contains(&w.pid.to_string()),
+        "{body}"
+    );
+    let (code, body) = d.get_any("/v1/ranges?vm=no-such-vm");
+    assert_eq!(code, 404, "{body}");
+    assert!(body.contains("no-such-vm"), "{body}");
+
+    let dup = w.cmd("alloc 2048 same");
+    w.cmd(&format!("mergeable {dup}"));
+    let uni = w.cmd("alloc 2048 unique");
+    let churn = w.cmd("alloc 2048 unique");
+    w.cmd(&format!("churn {churn}"));
+    let (dup_span, uni_span, churn_span) = (w.span(&dup), w.span(&uni), w.span(&churn));
+    assert!(
+        wait_for(Duration::from_secs(90), || ksm_stat(
+            w.pid,
+            "ksm_merging_pages"
+        ) >= 2048),
+        "KSM did not merge the duplicate region"
+    );
+
+    // After a few passes each region's whole ranges carry its class.
+    let mut last = None;
+    let settled = wait_for(Duration::from_secs(60), || {
+        let Some(r) = d.ranges(w.pid) else {
+            return false;
+        };
+        let ok = [
+            (dup_span, "stable-duplicate"),
+            (uni_span, "stable-unique"),
+            (churn_span, "volatile"),
+        ]
+        .iter()
+        .all(|(span, want)| {
+            let inside = classes(&ranges_in(&r, *span));
+            !inside.is_empty() && inside.iter().all(|c| c == want)
+        });
+        // ... and a pass has seen KSM's merges.
+        let merged = ranges_in(&r, dup_span)
+            .iter()
+            .all(|x| x["merged_pages"] == 512);
+        last = Some(r);
+        ok && merged
+    });
+    assert!(settled, "classes never settled: {last:#?}");
+    let r = last.unwrap();
+    assert!(r["passes"].as_u64().unwrap() >= 3);
+    for range in ranges_in(&r, dup_span) {
+        assert_eq!(range["merged_pages"], 512, "{range}");
+        assert_eq!(range["potential_intra_pages"], 0, "all merged: {range}");
+    }
+
+    // Writing the first 2 MiB of merged pages breaks 512 merges: the ranking of that pass
+    // interval sees the COW heat and calls the range volatile.
+    w.cmd(&format!("touch {dup} 512"));
+    let first_whole = ranges_in(&r, dup_span)[0]["start"].as_u64().unwrap();
+    let mut seen = None;
+    let hot = wait_for(Duration::from_secs(30), || {
+        let Some(r) = d.ranges(w.pid) else {
+            return false;
+        };
+        let breaks: u64 = ranges_in(&r, (dup_span.0 & !((2 << 20) - 1), dup_span.1 + (2 << 20)))
+            .iter()
+            .map(|x| x["cow_breaks"].as_u64().unwrap())
+            .sum();
+        let class_of_first = r["ranges"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["start"].as_u64() == Some(first_whole))
+            .map(|x| x["class"].as_str().unwrap().to_owned());
+        seen = Some((breaks, class_of_first));
+        breaks > 0
+    });
+    let (breaks, class) = seen.unwrap_or_default();
+    assert!(hot, "no COW heat ever reached /v1/ranges");
+    eprintln!("COW breaks in one ranking window: {breaks}, first range: {class:?}");
+    // The touched pages cover the first whole range from its start up to 2 MiB into the
+    // region: all of it when the region is 2 MiB aligned.
+    let touched_in_first = (dup_span.0 + (2 << 20)).saturating_sub(first_whole) / 4096;
+    assert!(
+        class.as_deref() == Some("volatile") || touched_in_first < 8,
+        "range {first_whole:#x} with {touched_in_first} broken merges ranked {class:?}"
+    );
+
+    // The class counts reach the metrics.
+    let m = d.metrics();
+    let volatile = m
+        .iter()
+        .find(|(k, _)| {
+            k.starts_with("memfabric_vm_ranges{")
+                && k.contains(&format!("pid=\"{}\"", w.pid))
+                && k.contains("class=\"volatile\"")
+        })
+        .map(|(_, v)| *v);
+    assert!(volatile.is_some_and(|v| v >= 1.0), "{m:?}");
+    assert!(
+        m.keys()
+            .any(|k| k.starts_with("memfabric_vm_potential_savings_bytes{")
+                && k.contains("scope=\"inter\"")),
+        "{m:?}"
     );
 }

@@ -39,6 +39,8 @@ pub struct Scanner {
     procs: BTreeMap<u32, Vec<Mapping>>,
     buf: Vec<u8>,
     entries: Vec<pagemap::Entry>,
+    /// (KSM, zero page, THP) of the frames of the run being read.
+    frames: Vec<(bool, bool, bool)>,
     passes: u32,
     bytes_read: u64,
     zero_hash: u64,
@@ -101,6 +103,7 @@ impl Scanner {
             procs: BTreeMap::new(),
             buf: vec![0; CHUNK * PAGE],
             entries: Vec::new(),
+            frames: Vec::with_capacity(CHUNK),
             passes: 0,
             bytes_read: 0,
             zero_hash: xxh3_64(&[0u8; PAGE]),
@@ -215,6 +218,11 @@ impl Scanner {
                     j += 1;
                 }
                 let bytes = (j - i) * PAGE;
+                // Frame flags first: read right after process_vm_readv pinned the page,
+                // kpageflags (6.18) reported KSM pages without KPF_KSM.
+                self.frames.clear();
+                self.frames
+                    .extend((i..j).map(|k| map.frame_flags(self.entries[k].pfn())));
                 let got = read_remote(pid, addr + (i * PAGE) as u64, &mut self.buf[..bytes]);
                 self.bytes_read += got as u64;
                 for k in i..j {
@@ -227,7 +235,7 @@ impl Scanner {
                     }
                     let page = &self.buf[off..off + PAGE];
                     let h = xxh3_64(page);
-                    let (merged, zero_frame, thp) = map.frame_flags(self.entries[k].pfn());
+                    let (merged, zero_frame, thp) = self.frames[k - i];
                     let zero = !zero_frame && h == self.zero_hash && page.iter().all(|b| *b == 0);
                     let flags = if zero { F_ZERO } else { 0 }
                         | if zero_frame { F_ZERO_FRAME } else { 0 }
