@@ -39,8 +39,8 @@ pub struct Scanner {
     procs: BTreeMap<u32, Vec<Mapping>>,
     buf: Vec<u8>,
     entries: Vec<pagemap::Entry>,
-    /// (KSM, zero page, THP) of the frames of the run being read.
-    frames: Vec<(bool, bool, bool)>,
+    /// kpageflags of the frames of the run being read.
+    frames: Vec<pagemap::FrameFlags>,
     passes: u32,
     bytes_read: u64,
     zero_hash: u64,
@@ -220,9 +220,7 @@ impl Scanner {
                 let bytes = (j - i) * PAGE;
                 // Frame flags first: read right after process_vm_readv pinned the page,
                 // kpageflags (6.18) reported KSM pages without KPF_KSM.
-                self.frames.clear();
-                self.frames
-                    .extend((i..j).map(|k| map.frame_flags(self.entries[k].pfn())));
+                map.frame_flags_of(&self.entries[i..j], &mut self.frames);
                 let got = read_remote(pid, addr + (i * PAGE) as u64, &mut self.buf[..bytes]);
                 self.bytes_read += got as u64;
                 for k in i..j {
@@ -235,7 +233,11 @@ impl Scanner {
                     }
                     let page = &self.buf[off..off + PAGE];
                     let h = xxh3_64(page);
-                    let (merged, zero_frame, thp) = self.frames[k - i];
+                    let pagemap::FrameFlags {
+                        ksm: merged,
+                        zero_page: zero_frame,
+                        thp,
+                    } = self.frames[k - i];
                     let zero = !zero_frame && h == self.zero_hash && page.iter().all(|b| *b == 0);
                     let flags = if zero { F_ZERO } else { 0 }
                         | if zero_frame { F_ZERO_FRAME } else { 0 }

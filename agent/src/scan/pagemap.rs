@@ -53,23 +53,60 @@ impl Pagemap {
         Ok(())
     }
 
-    /// (KSM-merged, shared zero page, part of a THP) for a frame; all false when
-    /// kpageflags is unreadable.
-    pub fn frame_flags(&self, pfn: u64) -> (bool, bool, bool) {
+    /// The kpageflags of every entry's frame into `out` (reused): one read per run of
+    /// consecutive frame numbers (a huge page's 512 frames cost one system call instead of
+    /// 512), and none for a frame equal to the previous one (pages merged into one KSM
+    /// page).
+    pub fn frame_flags_of(&self, entries: &[Entry], out: &mut Vec<FrameFlags>) {
+        out.clear();
         let Some(f) = &self.kpageflags else {
-            return (false, false, false);
+            out.resize(entries.len(), FrameFlags::default());
+            return;
         };
-        let mut b = [0u8; 8];
-        if pfn == 0 || f.read_exact_at(&mut b, pfn * 8).is_err() {
-            return (false, false, false);
+        let mut raw = [0u8; 8 * 512];
+        let mut i = 0;
+        while i < entries.len() {
+            let first = entries[i].pfn();
+            if i > 0 && first != 0 && first == entries[i - 1].pfn() {
+                out.push(out[i - 1]);
+                i += 1;
+                continue;
+            }
+            let mut j = i + 1;
+            while j < entries.len()
+                && j - i < 512
+                && first != 0
+                && entries[j].pfn() == first + (j - i) as u64
+            {
+                j += 1;
+            }
+            let buf = &mut raw[..8 * (j - i)];
+            if first == 0 || f.read_exact_at(buf, first * 8).is_err() {
+                out.extend(std::iter::repeat_n(FrameFlags::default(), j - i));
+            } else {
+                out.extend(buf.chunks_exact(8).map(|c| {
+                    let flags = u64::from_le_bytes(c.try_into().expect("8 bytes"));
+                    FrameFlags {
+                        ksm: flags & KPF_KSM != 0,
+                        zero_page: flags & KPF_ZERO_PAGE != 0,
+                        thp: flags & KPF_THP != 0,
+                    }
+                }));
+            }
+            i = j;
         }
-        let flags = u64::from_le_bytes(b);
-        (
-            flags & KPF_KSM != 0,
-            flags & KPF_ZERO_PAGE != 0,
-            flags & KPF_THP != 0,
-        )
     }
+}
+
+/// What kpageflags says of a frame (all false when it cannot be read).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FrameFlags {
+    /// A KSM page.
+    pub ksm: bool,
+    /// The kernel's shared zero page.
+    pub zero_page: bool,
+    /// Part of a transparent huge page.
+    pub thp: bool,
 }
 
 #[cfg(test)]
