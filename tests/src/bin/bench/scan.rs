@@ -197,7 +197,7 @@ pub fn run(out: &Path, guests: u32, rounds: usize) -> anyhow::Result<()> {
         scale_ns = scale.ns_per_insert,
         state_b = memfabric::scan::page_state::BYTES_PER_PAGE,
         scale_n = SCALE_DISTINCT,
-        scale_gib = SCALE_DISTINCT * PAGE as u64 >> 30,
+        scale_gib = (SCALE_DISTINCT * PAGE as u64) >> 30,
     );
     fs::write(dir.join("summary.md"), &md)?;
     println!("{md}");
