@@ -90,6 +90,53 @@ fn predicted_savings_match_what_ksm_achieves() {
         "prediction {predicted} vs KSM {got}: {:.1} % apart",
         err * 100.0
     );
+
+    // Intra/inter on real guests: the lower PID keeps the first copies, the other guest's
+    // copies of content the first one holds are inter-VM; each guest's split adds up.
+    let (lo, hi) = (pids[0].min(pids[1]), pids[0].max(pids[1]));
+    let (clo, chi) = (r.per_pid[&lo], r.per_pid[&hi]);
+    eprintln!(
+        "intra/inter mergeable pages: pid {lo} {}/{}, pid {hi} {}/{}",
+        clo.mergeable_intra_pages,
+        clo.mergeable_inter_pages,
+        chi.mergeable_intra_pages,
+        chi.mergeable_inter_pages
+    );
+    assert_eq!(clo.mergeable_inter_pages, 0);
+    assert!(
+        chi.mergeable_inter_pages > 0,
+        "the guests share a kernel and data"
+    );
+    for c in [clo, chi] {
+        assert_eq!(
+            c.mergeable_intra_pages + c.mergeable_inter_pages,
+            c.mergeable_duplicate_pages
+        );
+    }
+
+    // After KSM converged the scanner sees its merges: merged pages per guest as the
+    // kernel counts them (ksm_stat), and almost nothing left to save.
+    scanner.pass(&pids).unwrap();
+    let after = scanner.report();
+    for pid in &pids {
+        let kernel = memfabric::ksm_host::KsmStat::read(*pid).merging_pages as u64;
+        let seen = after.per_pid[pid].merged_pages;
+        eprintln!("pid {pid}: scanner sees {seen} merged pages, ksm_stat {kernel}");
+        assert!(
+            seen.abs_diff(kernel) as f64 <= 0.02 * kernel as f64 + 16.0,
+            "pid {pid}: scanner {seen} merged pages vs ksm_stat {kernel}"
+        );
+    }
+    let left = after.total.potential_savings_bytes;
+    eprintln!(
+        "potential savings before KSM {} MiB, after {} MiB",
+        r.total.potential_savings_bytes >> 20,
+        left >> 20
+    );
+    assert!(
+        left <= r.total.potential_savings_bytes / 20,
+        "KSM converged but {left} bytes are still reported mergeable"
+    );
     drop(_down);
     let _ = std::fs::remove_dir_all(&state);
 }

@@ -56,7 +56,7 @@ const MIB: f64 = 1024.0 * 1024.0;
 
 /// One VM's cells under [`COLUMNS`] (shared with `top`). Rates need the probes: "-"
 /// without them.
-pub fn row(v: &VmState) -> [String; 8] {
+pub fn row(v: &VmState) -> [String; 9] {
     let rate = |x: f64| {
         if v.probes.is_some() {
             format!("{x:.1}")
@@ -73,6 +73,10 @@ pub fn row(v: &VmState) -> [String; 8] {
         format!("{:.1}", v.ksm.process_profit_bytes as f64 / MIB),
         rate(v.write_faults_per_sec),
         rate(v.cow_breaks_per_sec),
+        // What merging could still save (page scanner): "-" until a pass completed.
+        v.scan.map_or("-".into(), |c| {
+            format!("{:.1}", c.potential_savings_bytes as f64 / MIB)
+        }),
     ]
 }
 
@@ -96,7 +100,7 @@ pub fn ksm_line(k: &memfabric::ksm_host::KsmHost) -> String {
 }
 
 /// Column titles of [`row`].
-pub const COLUMNS: [&str; 8] = [
+pub const COLUMNS: [&str; 9] = [
     "VM",
     "PID",
     "KIND",
@@ -105,6 +109,7 @@ pub const COLUMNS: [&str; 8] = [
     "PROFIT MiB",
     "WF/s",
     "COW/s",
+    "COULD MiB",
 ];
 
 /// The state from the daemon at `endpoint`, or one-shot; with a line saying which.
@@ -127,15 +132,18 @@ pub fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
     let k = &state.ksm;
     println!("source: {source}");
     println!("{}", ksm_line(k));
-    let [c0, c1, c2, c3, c4, c5, c6, c7] = COLUMNS;
-    println!("{c0:<16} {c1:>8} {c2:<12} {c3:>9} {c4:>11} {c5:>11} {c6:>9} {c7:>9}  MERGEABLE");
+    let [c0, c1, c2, c3, c4, c5, c6, c7, c8] = COLUMNS;
+    println!(
+        "{c0:<16} {c1:>8} {c2:<12} {c3:>9} {c4:>11} {c5:>11} {c6:>9} {c7:>9} {c8:>10}  MERGEABLE"
+    );
     for v in &state.vms {
-        let [name, pid, kind, ram, merged, profit, wf, cow] = row(v);
+        let [name, pid, kind, ram, merged, profit, wf, cow, could] = row(v);
         println!(
-            "{name:<16} {pid:>8} {kind:<12} {ram:>9} {merged:>11} {profit:>11} {wf:>9} {cow:>9}  {:?}",
+            "{name:<16} {pid:>8} {kind:<12} {ram:>9} {merged:>11} {profit:>11} {wf:>9} {cow:>9} {could:>10}  {:?}",
             v.vm.mergeability
         );
     }
+    println!("COULD: what merging could still save, from the page scanner (intra + inter VM)");
     if state.vms.is_empty() {
         println!("(no VMs found)");
     }

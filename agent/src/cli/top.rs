@@ -99,6 +99,7 @@ pub fn run(args: TopArgs) -> anyhow::Result<ExitCode> {
                     Constraint::Length(11),
                     Constraint::Length(9),
                     Constraint::Length(9),
+                    Constraint::Length(10),
                 ];
                 f.render_widget(
                     Table::new(rows, widths).header(header).block(
@@ -179,5 +180,6 @@ mod tests {
     fn rates_show_a_dash_without_probes() {
         assert_eq!(super::super::status::row(&vm("x", 256, 0.0))[4], "1.0");
         assert_eq!(super::super::status::row(&vm("x", 0, 0.0))[7], "-");
+        assert_eq!(super::super::status::row(&vm("x", 0, 0.0))[8], "-");
     }
 }
