@@ -46,6 +46,9 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         if interrupted.load(Ordering::SeqCst) {
             return Ok(());
         }
+        // Before KSM runs: what the page scanner says merging can save, and where.
+        eprintln!("demo: page scan of the guests' RAM before KSM runs");
+        scan(&agent, &guests)?;
         ksm.set("pages_to_scan", &args.pages_to_scan.to_string())?;
         ksm.set("sleep_millisecs", "20")?;
         ksm.set("run", "1")?;
@@ -65,10 +68,14 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
             watch.arg("--seconds").arg(s.to_string());
         }
         let status = watch.status().context("running memfabric watch")?;
-        if !status.success() && !interrupted.load(Ordering::SeqCst) {
+        if interrupted.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        if !status.success() {
             anyhow::bail!("memfabric watch failed ({status})");
         }
-        Ok(())
+        eprintln!("demo: page scan again: what KSM merged and what is left");
+        scan(&agent, &guests)
     })();
     eprintln!("demo: stopping the lab and restoring KSM settings");
     let down = lab::down();
@@ -76,4 +83,16 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     result?;
     down?;
     restore
+}
+
+/// `memfabric scan` over the guests (three passes, so pages can prove stable).
+fn scan(agent: &std::path::Path, guests: &[lab::Guest]) -> anyhow::Result<()> {
+    let mut c = Command::new(agent);
+    c.args(["scan", "--passes", "3", "--interval-ms", "500"]);
+    for g in guests {
+        c.arg("--pid").arg(g.pid.to_string());
+    }
+    let status = c.status().context("running memfabric scan")?;
+    anyhow::ensure!(status.success(), "memfabric scan failed ({status})");
+    Ok(())
 }

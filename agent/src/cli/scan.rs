@@ -121,6 +121,15 @@ pub fn run(args: ScanArgs) -> anyhow::Result<ExitCode> {
         report.distinct_stable_contents,
     );
     println!("INTRA/INTER: what merging could still save within each VM / across VMs");
+    let use_zero_pages =
+        std::fs::read_to_string("/sys/kernel/mm/ksm/use_zero_pages").is_ok_and(|v| v.trim() == "1");
+    let predicted = report.total.predicted_ksm_pages(use_zero_pages);
+    println!(
+        "KSM can save {predicted} pages ({:.1} MiB) here once it converges: mergeable duplicates \
+         plus zero pages outside THPs (use_zero_pages={})",
+        predicted as f64 * 4096.0 / MIB,
+        u8::from(use_zero_pages)
+    );
     if let Some(r) = ranked {
         for (pid, ranges) in &r.by_pid {
             println!("\nPID {pid}: 2 MiB ranges");
