@@ -19,7 +19,9 @@ fn main() -> std::process::ExitCode {
 /// Exit codes an operator can script on: 2 bad input (config, flags, unknown PID), 3 the
 /// host lacks something (root, BPF, tracefs), 4 the listen address is taken, 1 otherwise.
 fn exit_code(e: &anyhow::Error) -> u8 {
-    use memfabric::{config::ConfigError, daemon::DaemonError, probes::ProbeError};
+    use memfabric::{
+        config::ConfigError, daemon::DaemonError, probes::ProbeError, scan::ScanError,
+    };
     for cause in e.chain() {
         if let Some(d) = cause.downcast_ref::<DaemonError>() {
             return match d {
@@ -34,6 +36,17 @@ fn exit_code(e: &anyhow::Error) -> u8 {
         }
         if cause.downcast_ref::<ConfigError>().is_some() {
             return 2;
+        }
+        if let Some(s) = cause.downcast_ref::<ScanError>() {
+            return match s {
+                ScanError::UnknownPid(_) => 2,
+                ScanError::Pagemap { source, .. } | ScanError::Mem { source, .. }
+                    if source.kind() == std::io::ErrorKind::PermissionDenied =>
+                {
+                    3
+                }
+                _ => 1,
+            };
         }
     }
     1

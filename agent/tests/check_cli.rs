@@ -1,24 +1,12 @@
 //! `memfabric check` as an operator runs it: real probes, real kernel.
 
+mod common;
+
 use std::process::Command;
 
-const MEMFABRIC: &str = env!("CARGO_BIN_EXE_memfabric");
+use common::root_or_skip;
 
-/// Root is required under `cargo xtask test`/CI (MEMFABRIC_REQUIRE_ROOT); by hand without
-/// root the test is skipped, loudly.
-fn root_or_skip(test: &str) -> bool {
-    // SAFETY: no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    let required = std::env::var_os("MEMFABRIC_REQUIRE_ROOT").is_some();
-    assert!(
-        root || !required,
-        "{test} needs root and this run requires it"
-    );
-    if !root {
-        eprintln!("\n!!! SKIPPED {test}: needs root (eBPF). Run `sudo cargo xtask test`. !!!\n");
-    }
-    root
-}
+const MEMFABRIC: &str = env!("CARGO_BIN_EXE_memfabric");
 
 #[test]
 fn check_attaches_every_probe() {

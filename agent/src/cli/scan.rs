@@ -21,8 +21,8 @@ pub struct ScanArgs {
     /// memory.
     #[arg(long = "pid", required = true)]
     pids: Vec<u32>,
-    /// Passes over all pages.
-    #[arg(long, default_value_t = 3)]
+    /// Passes over all pages (stable needs `--stable-after` + 1).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
     passes: u32,
     /// Pause between passes.
     #[arg(long, default_value_t = 1000)]
@@ -73,7 +73,6 @@ fn progress_bar(pages: u64, pass: u32, passes: u32) -> ProgressBar {
 }
 
 pub fn run(args: ScanArgs) -> anyhow::Result<ExitCode> {
-    anyhow::ensure!(args.passes >= 1, "--passes must be at least 1");
     let mut scanner = Scanner::new(args.stable_after);
     for i in 0..args.passes {
         if i > 0 {

@@ -1,0 +1,19 @@
+//! Helpers shared by the CLI tests.
+
+/// Root is required under `cargo xtask test`/CI (MEMFABRIC_REQUIRE_ROOT); by hand without
+/// root the test is skipped, loudly.
+pub fn root_or_skip(test: &str) -> bool {
+    // SAFETY: no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let required = std::env::var_os("MEMFABRIC_REQUIRE_ROOT").is_some();
+    assert!(
+        root || !required,
+        "{test} needs root and this run requires it"
+    );
+    if !root {
+        eprintln!(
+            "\n!!! SKIPPED {test}: needs root (eBPF, /proc/PID/mem). Run `sudo cargo xtask test`. !!!\n"
+        );
+    }
+    root
+}
