@@ -200,6 +200,9 @@ impl Daemon {
                 ksm: KsmStat::read(*pid),
                 scan: scan_counts(*pid),
                 range_classes: self.ranking.ranked.class_counts(*pid),
+                scan_pass_seconds: scan
+                    .as_ref()
+                    .and_then(|s| s.vm_pass_seconds.get(pid).copied()),
                 probes,
                 write_faults_per_sec: wf,
                 cow_breaks_per_sec: cb,

@@ -45,6 +45,9 @@ pub struct VmState {
     pub probes: Option<VmProbeCounters>,
     /// The page scanner's last figures for this VM (absent until a pass completed).
     pub scan: Option<crate::scan::Counts>,
+    /// Wall time of the scanner's last pass over this VM (absent until one completed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scan_pass_seconds: Option<f64>,
     /// How many of the VM's 2 MiB ranges fall in each class (absent until ranked).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub range_classes: Option<BTreeMap<RangeClass, u32>>,

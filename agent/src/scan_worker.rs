@@ -19,6 +19,8 @@ pub struct ScanStatus {
     pub report: Option<Arc<Report>>,
     /// Wall time of the last full pass over every tracked VM.
     pub pass_seconds: f64,
+    /// Wall time of the last pass over each VM, by PID.
+    pub vm_pass_seconds: std::collections::BTreeMap<u32, f64>,
     pub bytes_read: u64,
 }
 
@@ -63,10 +65,15 @@ impl ScanWorker {
                     scanner.retain(&targets);
                     let t = Instant::now();
                     let cpu0 = thread_cpu();
+                    let mut per_vm = std::collections::BTreeMap::new();
                     for pid in &targets {
-                        if let Err(e) = scanner.pass(&[*pid]) {
+                        let started = Instant::now();
+                        match scanner.pass(&[*pid]) {
+                            Ok(()) => {
+                                per_vm.insert(*pid, started.elapsed().as_secs_f64());
+                            }
                             // It exited mid-scan: the next refresh drops it.
-                            tracing::debug!("scan of {pid} skipped: {e}");
+                            Err(e) => tracing::debug!("scan of {pid} skipped: {e}"),
                         }
                     }
                     if sp.load(Ordering::Relaxed) {
@@ -75,6 +82,7 @@ impl ScanWorker {
                     if let Ok(mut s) = st.lock() {
                         s.report = Some(Arc::new(scanner.report()));
                         s.pass_seconds = t.elapsed().as_secs_f64();
+                        s.vm_pass_seconds = per_vm;
                         s.bytes_read = scanner.bytes_read();
                     }
                     // The chunks are paced as they go; what the pass spent outside them

@@ -48,6 +48,10 @@ fn enc_gauge(v: i64, m: MetricEncoder<'_>) -> fmt::Result {
     ConstGauge::new(v).encode(m)
 }
 
+fn enc_gauge_f(v: f64, m: MetricEncoder<'_>) -> fmt::Result {
+    ConstGauge::new(v).encode(m)
+}
+
 fn enc_counter(v: u64, m: MetricEncoder<'_>) -> fmt::Result {
     ConstCounter::new(v).encode(m)
 }
@@ -311,6 +315,19 @@ impl Collector for HostCollector {
             MetricType::Gauge,
             &ranges,
             enc_gauge,
+        )?;
+        let vm_pass: Vec<(Labels, f64)> = s
+            .vms
+            .iter()
+            .filter_map(|v| v.scan_pass_seconds.map(|t| (label(v), t)))
+            .collect();
+        family(
+            e,
+            "memfabric_vm_scan_pass_seconds",
+            "Wall time of the page scanner's last full pass over the VM (paced to the budget)",
+            MetricType::Gauge,
+            &vm_pass,
+            enc_gauge_f,
         )?;
         gauge_f(
             e,

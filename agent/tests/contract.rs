@@ -33,6 +33,7 @@ fn exposition() -> String {
             probes: Some(VmProbeCounters::default()),
             scan: Some(Default::default()),
             range_classes: Some(RangeClass::ALL.iter().map(|c| (*c, 1)).collect()),
+            scan_pass_seconds: Some(1.5),
             write_faults_per_sec: 0.0,
             cow_breaks_per_sec: 0.0,
         }],
@@ -85,6 +86,7 @@ fn every_promised_metric_is_exported() {
         "memfabric_scan_bytes_total",
         "memfabric_vm_potential_savings_bytes",
         "memfabric_vm_ranges",
+        "memfabric_vm_scan_pass_seconds",
     ] {
         assert!(got.contains(name), "{name} missing; exported: {got:?}");
     }

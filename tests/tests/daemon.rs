@@ -450,4 +450,7 @@ fn ranges_are_ranked_from_scan_history_and_cow_heat() {
                 && k.contains("scope=\"inter\"")),
         "{m:?}"
     );
+    // Each VM's last full pass is reported as a duration.
+    let pass = vm_metric(&m, "memfabric_vm_scan_pass_seconds", w.pid);
+    assert!(pass.is_some_and(|t| t > 0.0), "no pass duration: {m:?}");
 }

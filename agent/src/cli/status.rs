@@ -38,6 +38,7 @@ fn one_shot() -> HostState {
             probes: None,
             scan: None,
             range_classes: None,
+            scan_pass_seconds: None,
             write_faults_per_sec: 0.0,
             cow_breaks_per_sec: 0.0,
         })

@@ -159,6 +159,7 @@ mod tests {
             probes: None,
             scan: None,
             range_classes: None,
+            scan_pass_seconds: None,
             write_faults_per_sec: 0.0,
             cow_breaks_per_sec: cow,
         }
