@@ -474,7 +474,7 @@ async fn ranges(
     Json(serde_json::json!({
         "vm": vm.vm.name,
         "pid": vm.vm.pid,
-        "passes": s.ranges.passes,
+        "passes": s.ranges.vm_passes.get(&vm.vm.pid),
         "heat_window_seconds": s.ranges.heat_window_seconds,
         "policy": s.ranges.policy,
         "classes": vm.range_classes,

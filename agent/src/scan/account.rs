@@ -143,7 +143,10 @@ pub struct Report {
     /// Per PID, its 2 MiB ranges in address order (left out of JSON when empty).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub ranges: BTreeMap<u32, Vec<RangeCounts>>,
+    /// Calls of `pass` (each over one or more processes).
     pub passes: u32,
+    /// Passes over each process, by PID: how much history its pages have.
+    pub vm_passes: BTreeMap<u32, u32>,
     pub bytes_read: u64,
     /// Bytes of per-page history kept per tracked page.
     pub state_bytes_per_page: u32,

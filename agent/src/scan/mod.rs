@@ -44,6 +44,8 @@ pub struct Scanner {
     /// kpageflags of the frames of the run being read.
     frames: Vec<pagemap::FrameFlags>,
     passes: u32,
+    /// Passes over each process (the daemon scans VMs one at a time).
+    vm_passes: BTreeMap<u32, u32>,
     bytes_read: u64,
     zero_hash: u64,
     /// Fraction of one core the scan may use (1.0: unpaced).
@@ -112,6 +114,7 @@ impl Scanner {
             entries: Vec::new(),
             frames: Vec::with_capacity(CHUNK),
             passes: 0,
+            vm_passes: BTreeMap::new(),
             bytes_read: 0,
             zero_hash: xxh3_64(&[0u8; PAGE]),
             budget: 1.0,
@@ -139,6 +142,7 @@ impl Scanner {
     /// Forgets processes not in `pids` (exited or no longer tracked).
     pub fn retain(&mut self, pids: &[u32]) {
         self.procs.retain(|p, _| pids.contains(p));
+        self.vm_passes.retain(|p, _| pids.contains(p));
     }
 
     /// Bytes read from processes so far.
@@ -193,6 +197,7 @@ impl Scanner {
                 mappings.push(m);
             }
             self.procs.insert(pid, mappings);
+            *self.vm_passes.entry(pid).or_default() += 1;
         }
         self.passes += 1;
         Ok(())
@@ -278,6 +283,7 @@ impl Scanner {
     pub fn report_and_table(&self) -> (Report, content::ContentTable) {
         let (mut report, table) = account::account(&self.procs, self.stable_after);
         report.passes = self.passes;
+        report.vm_passes = self.vm_passes.clone();
         report.bytes_read = self.bytes_read;
         report.state_bytes_per_page = page_state::BYTES_PER_PAGE;
         (report, table)

@@ -113,8 +113,10 @@ pub struct RankedRange {
 /// Ranked ranges of every scanned VM, as of one scan pass.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct RankedRanges {
-    /// Scan passes done when these were ranked.
+    /// Scan passes done when these were ranked (calls of `pass`; see `vm_passes`).
     pub passes: u32,
+    /// Passes over each VM, by PID.
+    pub vm_passes: BTreeMap<u32, u32>,
     /// Seconds of probe heat the ranking saw (since the previous ranking).
     pub heat_window_seconds: f64,
     pub policy: RankPolicy,
@@ -135,6 +137,7 @@ impl RankedRanges {
             .iter()
             .map(|(pid, ranges)| {
                 let vm_heat = heat.get(pid);
+                let passes = report.vm_passes.get(pid).copied().unwrap_or(0);
                 let ranked = ranges
                     .iter()
                     .map(|r| {
@@ -143,7 +146,7 @@ impl RankedRanges {
                             .copied()
                             .unwrap_or_default();
                         RankedRange {
-                            class: policy.classify(r, h, report.passes, report.stable_after),
+                            class: policy.classify(r, h, passes, report.stable_after),
                             counts: *r,
                             heat: h,
                         }
@@ -154,6 +157,7 @@ impl RankedRanges {
             .collect();
         RankedRanges {
             passes: report.passes,
+            vm_passes: report.vm_passes.clone(),
             heat_window_seconds: window_seconds,
             policy,
             by_pid,
@@ -237,6 +241,57 @@ mod tests {
         assert_eq!(
             p.classify(&range(512, 500, 0, 0, 400), cool, 2, 2),
             RangeClass::ColdUnknown
+        );
+    }
+
+    #[test]
+    fn each_vm_is_ranked_by_its_own_passes() {
+        // The daemon scans VMs one at a time: the global pass count runs ahead of a VM
+        // that joined late, whose pages cannot be stable yet.
+        let mut report = Report {
+            passes: 10,
+            stable_after: 2,
+            ..Default::default()
+        };
+        report.ranges.insert(1, vec![range(512, 500, 0, 0, 400)]);
+        report.ranges.insert(2, vec![range(512, 500, 0, 0, 400)]);
+        report.vm_passes.insert(1, 8);
+        report.vm_passes.insert(2, 2);
+        let r = RankedRanges::rank(&report, &RangeHeatMap::new(), 1.0, RankPolicy::default());
+        assert_eq!(r.by_pid[&1][0].class, RangeClass::StableDuplicate);
+        assert_eq!(r.by_pid[&2][0].class, RangeClass::ColdUnknown);
+        let counts = r.class_counts(2).unwrap();
+        assert_eq!(counts[&RangeClass::ColdUnknown], 1);
+        assert_eq!(counts[&RangeClass::Volatile], 0);
+        assert_eq!(r.class_counts(3), None);
+    }
+
+    #[test]
+    fn heat_of_an_interval_is_the_difference_of_two_readings() {
+        let reading = |wp: u32, cow: u32| -> RangeHeatMap {
+            let mut m = RangeHeatMap::new();
+            m.entry(7).or_default().insert(
+                0x20_0000,
+                PageHeat {
+                    write_protect_faults: wp,
+                    cow_breaks: cow,
+                },
+            );
+            m
+        };
+        let d = heat_since(&reading(30, 10), &reading(12, 4));
+        assert_eq!(
+            d[&7][&0x20_0000],
+            PageHeat {
+                write_protect_faults: 18,
+                cow_breaks: 6
+            }
+        );
+        // No change: no entry. The LRU forgot pages: no negative heat.
+        assert!(heat_since(&reading(5, 1), &reading(5, 1))[&7].is_empty());
+        assert_eq!(
+            heat_since(&reading(1, 0), &reading(5, 1))[&7].get(&0x20_0000),
+            None
         );
     }
 
