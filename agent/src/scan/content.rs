@@ -55,10 +55,9 @@ impl ContentTable {
     /// Counts one stable page with content `hash`.
     pub fn add(&mut self, hash: u64, merged: bool) {
         let g = self.groups.entry(hash).or_default();
-        g.pages = g.pages.saturating_add(1) | (g.pages & ANY_MERGED);
-        if merged {
-            g.pages |= ANY_MERGED;
-        }
+        // The count saturates below the flag bit (2^31 copies: 8 TiB of one page).
+        let count = ((g.pages & !ANY_MERGED) + 1).min(!ANY_MERGED);
+        g.pages = count | (g.pages & ANY_MERGED) | if merged { ANY_MERGED } else { 0 };
     }
 
     /// Distinct contents.
