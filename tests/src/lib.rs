@@ -157,3 +157,18 @@ pub fn ksm_fast() -> KsmSession {
     }
     ksm
 }
+
+/// Resident set size of `pid`, in kB (VmRSS).
+pub fn rss_kb(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .expect("reading /proc/PID/status")
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("VmRSS:")?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .expect("VmRSS in /proc/PID/status")
+}

@@ -12,24 +12,10 @@ use memfabric::{
         rank::{RangeClass, RankPolicy, RankedRanges},
     },
 };
-use memfabric_tests::{Workload, ksm_fast, privileged, wait_for};
+use memfabric_tests::{Workload, ksm_fast, privileged, rss_kb, wait_for};
 use serial_test::serial;
 
 const WORKLOAD: &str = env!("CARGO_BIN_EXE_memfabric-workload");
-
-fn rss_kb(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap()
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("VmRSS:")?
-                .split_whitespace()
-                .next()?
-                .parse()
-                .ok()
-        })
-        .unwrap()
-}
 
 fn scan(pids: &[u32], passes: u32) -> memfabric::scan::Report {
     let mut s = Scanner::new(2);

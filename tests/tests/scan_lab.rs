@@ -1,9 +1,10 @@
-//! The scanner's prediction against what KSM then achieves, on real lab guests.
+//! The scanner on real lab guests: its prediction against what KSM then achieves, the
+//! intra/inter split, merged pages against ksm_stat, and a guest's RSS while it is read.
 
 use std::time::Duration;
 
 use memfabric::scan::Scanner;
-use memfabric_tests::{privileged, wait_for};
+use memfabric_tests::{privileged, rss_kb, wait_for};
 use xtask::{
     ksm,
     lab::{self, Profile, UpOptions},
@@ -38,6 +39,7 @@ fn predicted_savings_match_what_ksm_achieves() {
     let pids: Vec<u32> = guests.iter().map(|g| g.pid).collect();
 
     // Predict before KSM runs.
+    let rss_before: Vec<u64> = pids.iter().map(|p| rss_kb(*p)).collect();
     let mut scanner = Scanner::new(2);
     for i in 0..3 {
         if i > 0 {
@@ -46,6 +48,16 @@ fn predicted_savings_match_what_ksm_achieves() {
         scanner.pass(&pids).unwrap();
     }
     let r = scanner.report();
+    // Reading never faults guest RAM in: a third of each guest's RAM is not present, and
+    // scanning would add all of it (~80 MiB) to the QEMU process's RSS.
+    for (pid, before) in pids.iter().zip(rss_before) {
+        let after = rss_kb(*pid);
+        eprintln!("guest {pid}: RSS {before} kB before 3 scan passes, {after} kB after");
+        assert!(
+            after <= before + 4096,
+            "guest {pid}: RSS grew from {before} kB to {after} kB while scanning"
+        );
+    }
     let use_zero_pages = ksm::read_u64("use_zero_pages") == 1;
     let predicted = r.total.predicted_ksm_pages(use_zero_pages);
 
