@@ -49,7 +49,9 @@ pub struct RankPolicy {
     /// Volatile when this many merges were broken in the interval, whatever the share:
     /// the guest undoes what ksmd does there.
     pub cow_breaks_volatile: u32,
-    /// A merge candidate when mergeable duplicates plus zero pages reach this share.
+    /// A merge candidate when duplicate pages (content found elsewhere on the host,
+    /// including the copy that would be kept: the others merge into it) plus zero pages
+    /// reach this share.
     pub duplicate_share: f64,
     /// Below this share of pages with a settled history (stable, volatile or zero) the
     /// range is unknown.
@@ -91,7 +93,10 @@ impl RankPolicy {
         if known < self.known_share * present {
             return RangeClass::ColdUnknown;
         }
-        let gain = f64::from(r.mergeable_intra_pages + r.mergeable_inter_pages + r.zero_pages);
+        // Duplicates, not mergeable pages: a range of kept copies (the first VM holding
+        // content others have) counts no mergeable page of its own, yet the others merge
+        // into it; keeping it out of KSM would lose a page per group.
+        let gain = f64::from(r.duplicate_pages + r.zero_pages);
         if gain >= self.duplicate_share * present {
             RangeClass::StableDuplicate
         } else {
@@ -202,14 +207,14 @@ pub fn heat_since(later: &RangeHeatMap, earlier: &RangeHeatMap) -> RangeHeatMap 
 mod tests {
     use super::*;
 
-    fn range(present: u32, stable: u32, volatile: u32, zero: u32, mergeable: u32) -> RangeCounts {
+    fn range(present: u32, stable: u32, volatile: u32, zero: u32, duplicate: u32) -> RangeCounts {
         RangeCounts {
             pages: 512,
             pages_present: present,
             stable_pages: stable,
             volatile_pages: volatile,
             zero_pages: zero,
-            mergeable_inter_pages: mergeable,
+            duplicate_pages: duplicate,
             ..Default::default()
         }
     }
@@ -228,6 +233,15 @@ mod tests {
             RangeClass::StableDuplicate
         );
         assert_eq!(c(range(512, 500, 0, 0, 10), cool), RangeClass::StableUnique);
+        // The first VM's copies of content other VMs hold: nothing mergeable of its own,
+        // but the others merge into it.
+        let kept = RangeCounts {
+            mergeable_intra_pages: 0,
+            mergeable_inter_pages: 0,
+            merged_pages: 512,
+            ..range(512, 512, 0, 0, 512)
+        };
+        assert_eq!(c(kept, cool), RangeClass::StableDuplicate);
         assert_eq!(c(range(512, 200, 300, 0, 100), cool), RangeClass::Volatile);
         // Stable to the scan, but the guest breaks the merges between scans.
         let hot = PageHeat {
