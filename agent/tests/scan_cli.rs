@@ -78,6 +78,26 @@ fn the_json_has_every_contract_field_and_the_ranges() {
     ];
     for r in ranges {
         assert!(classes.contains(&r["class"].as_str().unwrap()), "{r}");
+        for f in [
+            "duplicate_pages",
+            "mergeable_duplicate_pages",
+            "merged_pages",
+            "potential_savings_bytes",
+            "potential_savings_intra_bytes",
+            "potential_savings_inter_bytes",
+            "cow_breaks",
+        ] {
+            assert!(r[f].is_u64(), "range without {f}: {r}");
+        }
+    }
+    // The ranges add up to the process's figures.
+    let sum = |f: &str| ranges.iter().map(|r| r[f].as_u64().unwrap()).sum::<u64>();
+    for f in [
+        "mergeable_duplicate_pages",
+        "potential_savings_bytes",
+        "stable_pages",
+    ] {
+        assert_eq!(sum(f), me[f].as_u64().unwrap(), "{f}");
     }
     assert!(
         ranges.iter().any(|r| r["class"] == "stable-duplicate"),

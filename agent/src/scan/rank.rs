@@ -112,7 +112,34 @@ pub struct RankedRange {
     #[serde(flatten)]
     pub counts: RangeCounts,
     #[serde(flatten)]
+    pub savings: RangeSavings,
+    #[serde(flatten)]
     pub heat: PageHeat,
+}
+
+/// A range's savings under the names `memfabric scan` uses for VMs and hosts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RangeSavings {
+    pub mergeable_duplicate_pages: u32,
+    pub potential_savings_bytes: u64,
+    pub potential_savings_intra_bytes: u64,
+    pub potential_savings_inter_bytes: u64,
+}
+
+impl From<&RangeCounts> for RangeSavings {
+    fn from(r: &RangeCounts) -> Self {
+        let page = super::PAGE as u64;
+        let (intra, inter) = (
+            u64::from(r.potential_intra_pages) * page,
+            u64::from(r.potential_inter_pages) * page,
+        );
+        RangeSavings {
+            mergeable_duplicate_pages: r.mergeable_intra_pages + r.mergeable_inter_pages,
+            potential_savings_bytes: intra + inter,
+            potential_savings_intra_bytes: intra,
+            potential_savings_inter_bytes: inter,
+        }
+    }
 }
 
 /// Ranked ranges of every scanned VM, as of one scan pass.
@@ -153,6 +180,7 @@ impl RankedRanges {
                         RankedRange {
                             class: policy.classify(r, h, passes, report.stable_after),
                             counts: *r,
+                            savings: r.into(),
                             heat: h,
                         }
                     })
