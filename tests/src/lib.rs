@@ -172,3 +172,30 @@ pub fn rss_kb(pid: u32) -> u64 {
         })
         .expect("VmRSS in /proc/PID/status")
 }
+
+/// A private VM lab for one test: its own state directory, so a developer's running lab is
+/// never touched; on drop (also when the test panics) its guests are stopped and the
+/// directory removed. Declare it after any KSM session, so the guests are gone before KSM
+/// settings are restored. Sets `MEMFABRIC_LAB_STATE`: one per test binary.
+pub struct TestLab {
+    state: std::path::PathBuf,
+}
+
+impl TestLab {
+    pub fn new(name: &str) -> TestLab {
+        let state = std::env::temp_dir().join(format!("memfabric-{name}-{}", std::process::id()));
+        // SAFETY: lab tests are alone in their binary; no other thread reads the
+        // environment while it is set.
+        unsafe { std::env::set_var("MEMFABRIC_LAB_STATE", &state) };
+        TestLab { state }
+    }
+}
+
+impl Drop for TestLab {
+    fn drop(&mut self) {
+        if let Err(e) = xtask::lab::down() {
+            eprintln!("stopping the test lab: {e:#}");
+        }
+        let _ = std::fs::remove_dir_all(&self.state);
+    }
+}

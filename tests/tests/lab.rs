@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use memfabric_tests::{ksm_fast, ksm_stat, privileged, wait_for};
+use memfabric_tests::{TestLab, ksm_fast, ksm_stat, privileged, wait_for};
 use xtask::lab::{self, Profile, UpOptions};
 
 #[test]
@@ -10,12 +10,8 @@ fn a_static_guest_gets_merged_and_lab_down_leaves_nothing_running() {
     if !privileged("a_static_guest_gets_merged_and_lab_down_leaves_nothing_running") {
         return;
     }
-    // Our own state directory: a developer's running lab is never touched.
-    let state = std::env::temp_dir().join(format!("memfabric-lab-test-{}", std::process::id()));
-    // SAFETY: the only test in this binary; no other thread reads the environment now.
-    unsafe { std::env::set_var("MEMFABRIC_LAB_STATE", &state) };
-
     let _ksm = ksm_fast();
+    let _lab = TestLab::new("lab-test");
     let guests = lab::up(&UpOptions {
         guests: 1,
         profile: Profile::Static,
@@ -39,5 +35,4 @@ fn a_static_guest_gets_merged_and_lab_down_leaves_nothing_running() {
     assert!(!lab::qemu::alive(g), "guest still running");
     assert_eq!(lab::down().unwrap(), 0, "down is safe to run twice");
     assert!(lab::guests().is_empty());
-    let _ = std::fs::remove_dir_all(&state);
 }

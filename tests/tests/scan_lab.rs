@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use memfabric::scan::Scanner;
-use memfabric_tests::{privileged, rss_kb, wait_for};
+use memfabric_tests::{TestLab, privileged, rss_kb, wait_for};
 use xtask::{
     ksm,
     lab::{self, Profile, UpOptions},
@@ -15,27 +15,17 @@ fn predicted_savings_match_what_ksm_achieves() {
     if !privileged("predicted_savings_match_what_ksm_achieves") {
         return;
     }
-    let state = std::env::temp_dir().join(format!("memfabric-scan-lab-{}", std::process::id()));
-    // SAFETY: the only test in this binary; no other thread reads the environment now.
-    unsafe { std::env::set_var("MEMFABRIC_LAB_STATE", &state) };
-    struct Down;
-    impl Drop for Down {
-        fn drop(&mut self) {
-            let _ = lab::down();
-        }
-    }
-
-    // KSM stays off while the scanner predicts; declared before the guests so that they
-    // are gone before it restores the settings.
+    // KSM stays off while the scanner predicts; the session is declared before the lab so
+    // that the guests are gone before it restores the settings.
     let mut ksm = ksm::KsmSession::begin().unwrap();
     ksm.set("run", "0").unwrap();
+    let _lab = TestLab::new("scan-lab");
     let guests = lab::up(&UpOptions {
         guests: 2,
         profile: Profile::Static,
         ..UpOptions::default()
     })
     .expect("booting lab guests");
-    let _down = Down;
     let pids: Vec<u32> = guests.iter().map(|g| g.pid).collect();
 
     // Predict before KSM runs.
@@ -149,6 +139,4 @@ fn predicted_savings_match_what_ksm_achieves() {
         left <= r.total.potential_savings_bytes / 20,
         "KSM converged but {left} bytes are still reported mergeable"
     );
-    drop(_down);
-    let _ = std::fs::remove_dir_all(&state);
 }
