@@ -6,7 +6,7 @@
 use std::{io::IsTerminal as _, process::ExitCode, time::Duration};
 
 use clap::Args;
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use memfabric::{
     probes::RangeHeatMap,
     scan::{
@@ -55,14 +55,11 @@ fn line(label: &str, c: &Counts) {
     );
 }
 
-/// A progress bar over the pages of one pass, on stderr when it is a terminal (hidden
-/// otherwise, so pipes and logs stay clean).
-fn progress_bar(pages: u64, pass: u32, passes: u32) -> ProgressBar {
-    let bar = if std::io::stderr().is_terminal() {
-        ProgressBar::new(pages)
-    } else {
-        ProgressBar::hidden()
-    };
+/// A progress bar over the pages of one pass. It starts hidden and shows on stderr, when
+/// that is a terminal, once the pass has told how many pages it walks (so pipes and logs
+/// stay clean, and no empty bar flashes first).
+fn progress_bar(pass: u32, passes: u32) -> ProgressBar {
+    let bar = ProgressBar::hidden();
     if let Ok(style) = ProgressStyle::with_template(
         "{prefix} [{bar:40}] {percent:>3}% {pos}/{len} pages, {per_sec}, eta {eta}",
     ) {
@@ -78,8 +75,17 @@ pub fn run(args: ScanArgs) -> anyhow::Result<ExitCode> {
         if i > 0 {
             std::thread::sleep(Duration::from_millis(args.interval_ms));
         }
-        let bar = progress_bar(Scanner::pages_to_walk(&args.pids)?, i + 1, args.passes);
-        scanner.pass_with_progress(&args.pids, &mut |n| bar.inc(n))?;
+        let bar = progress_bar(i + 1, args.passes);
+        let terminal = std::io::stderr().is_terminal();
+        scanner.pass_with_progress(&args.pids, &mut |walked, total| {
+            if bar.length() != Some(total) {
+                bar.set_length(total);
+                if terminal {
+                    bar.set_draw_target(ProgressDrawTarget::stderr());
+                }
+            }
+            bar.set_position(walked);
+        })?;
         bar.finish_and_clear();
     }
     let mut report = scanner.report();

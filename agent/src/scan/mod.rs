@@ -152,30 +152,31 @@ impl Scanner {
 
     /// One pass over every page of `pids`.
     pub fn pass(&mut self, pids: &[u32]) -> Result<(), ScanError> {
-        self.pass_with_progress(pids, &mut |_| {})
+        self.pass_with_progress(pids, &mut |_, _| {})
     }
 
-    /// Pages of guest RAM (present or not) a pass over `pids` walks: the progress total.
-    pub fn pages_to_walk(pids: &[u32]) -> Result<u64, ScanError> {
-        let mut pages = 0;
-        for &pid in pids {
-            pages += targets(pid)?
-                .iter()
-                .map(|(s, e)| (e - s) / PAGE as u64)
-                .sum::<u64>();
-        }
-        Ok(pages)
-    }
-
-    /// [`Scanner::pass`], calling `progress` with the number of pages walked after each
-    /// chunk.
+    /// [`Scanner::pass`], calling `progress(walked, total)` with the pages of guest RAM
+    /// (present or not) walked so far and to walk in this pass, after each chunk.
     pub fn pass_with_progress(
         &mut self,
         pids: &[u32],
-        progress: &mut dyn FnMut(u64),
+        progress: &mut dyn FnMut(u64, u64),
     ) -> Result<(), ScanError> {
-        for &pid in pids {
-            let ranges = targets(pid)?;
+        let plan = pids
+            .iter()
+            .map(|&pid| Ok((pid, targets(pid)?)))
+            .collect::<Result<Vec<_>, ScanError>>()?;
+        let total: u64 = plan
+            .iter()
+            .flat_map(|(_, ranges)| ranges)
+            .map(|(s, e)| (e - s) / PAGE as u64)
+            .sum();
+        let mut walked = 0;
+        let mut advance = |n: u64| {
+            walked += n;
+            progress(walked, total);
+        };
+        for (pid, ranges) in plan {
             let map =
                 pagemap::Pagemap::open(pid).map_err(|source| ScanError::Pagemap { pid, source })?;
             let mem = std::fs::File::open(format!("/proc/{pid}/mem"))
@@ -193,7 +194,7 @@ impl Scanner {
                         start,
                         pages: vec![PageState::ABSENT; pages],
                     });
-                self.scan_mapping(pid, &map, &mem, &mut m, progress)?;
+                self.scan_mapping(pid, &map, &mem, &mut m, &mut advance)?;
                 mappings.push(m);
             }
             self.procs.insert(pid, mappings);
