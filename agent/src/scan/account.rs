@@ -108,12 +108,23 @@ pub struct RangeCounts {
 }
 
 impl RangeCounts {
-    fn counts(&self) -> Counts {
+    /// The range's savings under the names used for VMs and hosts.
+    pub fn savings(&self) -> RangeSavings {
         let page = PAGE as u64;
-        let (pi, pe) = (
-            u64::from(self.potential_intra_pages),
-            u64::from(self.potential_inter_pages),
+        let (intra, inter) = (
+            u64::from(self.potential_intra_pages) * page,
+            u64::from(self.potential_inter_pages) * page,
         );
+        RangeSavings {
+            mergeable_duplicate_pages: self.mergeable_intra_pages + self.mergeable_inter_pages,
+            potential_savings_bytes: intra + inter,
+            potential_savings_intra_bytes: intra,
+            potential_savings_inter_bytes: inter,
+        }
+    }
+
+    fn counts(&self) -> Counts {
+        let savings = self.savings();
         Counts {
             pages_present: self.pages_present.into(),
             zero_pages: self.zero_pages.into(),
@@ -122,16 +133,24 @@ impl RangeCounts {
             stable_pages: self.stable_pages.into(),
             volatile_pages: self.volatile_pages.into(),
             duplicate_pages: self.duplicate_pages.into(),
-            mergeable_duplicate_pages: u64::from(self.mergeable_intra_pages)
-                + u64::from(self.mergeable_inter_pages),
+            mergeable_duplicate_pages: savings.mergeable_duplicate_pages.into(),
             mergeable_intra_pages: self.mergeable_intra_pages.into(),
             mergeable_inter_pages: self.mergeable_inter_pages.into(),
             merged_pages: self.merged_pages.into(),
-            potential_savings_bytes: (pi + pe) * page,
-            potential_savings_intra_bytes: pi * page,
-            potential_savings_inter_bytes: pe * page,
+            potential_savings_bytes: savings.potential_savings_bytes,
+            potential_savings_intra_bytes: savings.potential_savings_intra_bytes,
+            potential_savings_inter_bytes: savings.potential_savings_inter_bytes,
         }
     }
+}
+
+/// A range's savings under the names `memfabric scan` uses for VMs and hosts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RangeSavings {
+    pub mergeable_duplicate_pages: u32,
+    pub potential_savings_bytes: u64,
+    pub potential_savings_intra_bytes: u64,
+    pub potential_savings_inter_bytes: u64,
 }
 
 /// What the last pass found.

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use std::collections::BTreeMap;
 
-use super::account::{RangeCounts, Report};
+use super::account::{RangeCounts, RangeSavings, Report};
 pub use crate::probes::{PageHeat, RangeHeatMap};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -117,31 +117,6 @@ pub struct RankedRange {
     pub heat: PageHeat,
 }
 
-/// A range's savings under the names `memfabric scan` uses for VMs and hosts.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RangeSavings {
-    pub mergeable_duplicate_pages: u32,
-    pub potential_savings_bytes: u64,
-    pub potential_savings_intra_bytes: u64,
-    pub potential_savings_inter_bytes: u64,
-}
-
-impl From<&RangeCounts> for RangeSavings {
-    fn from(r: &RangeCounts) -> Self {
-        let page = super::PAGE as u64;
-        let (intra, inter) = (
-            u64::from(r.potential_intra_pages) * page,
-            u64::from(r.potential_inter_pages) * page,
-        );
-        RangeSavings {
-            mergeable_duplicate_pages: r.mergeable_intra_pages + r.mergeable_inter_pages,
-            potential_savings_bytes: intra + inter,
-            potential_savings_intra_bytes: intra,
-            potential_savings_inter_bytes: inter,
-        }
-    }
-}
-
 /// Ranked ranges of every scanned VM, as of one scan pass.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct RankedRanges {
@@ -180,7 +155,7 @@ impl RankedRanges {
                         RankedRange {
                             class: policy.classify(r, h, passes, report.stable_after),
                             counts: *r,
-                            savings: r.into(),
+                            savings: r.savings(),
                             heat: h,
                         }
                     })
