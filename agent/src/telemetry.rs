@@ -13,7 +13,9 @@ use std::{
 use axum::{Json, Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
 use prometheus_client::{
     collector::Collector,
-    encoding::{DescriptorEncoder, EncodeMetric, MetricEncoder},
+    encoding::{
+        DescriptorEncoder, EncodeCounterValue, EncodeGaugeValue, EncodeMetric, MetricEncoder,
+    },
     metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge},
     registry::Registry,
 };
@@ -44,11 +46,7 @@ fn family<V: Copy>(
     Ok(())
 }
 
-fn enc_gauge(v: i64, m: MetricEncoder<'_>) -> fmt::Result {
-    ConstGauge::new(v).encode(m)
-}
-
-fn enc_gauge_f(v: f64, m: MetricEncoder<'_>) -> fmt::Result {
+fn enc_gauge<N: EncodeGaugeValue>(v: N, m: MetricEncoder<'_>) -> fmt::Result {
     ConstGauge::new(v).encode(m)
 }
 
@@ -56,23 +54,25 @@ fn enc_counter(v: u64, m: MetricEncoder<'_>) -> fmt::Result {
     ConstCounter::new(v).encode(m)
 }
 
-fn gauge(enc: &mut DescriptorEncoder, name: &str, help: &str, v: i64) -> fmt::Result {
+/// One unlabelled gauge (integer or float).
+fn gauge<N: EncodeGaugeValue>(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    v: N,
+) -> fmt::Result {
     let g = ConstGauge::new(v);
     g.encode(enc.encode_descriptor(name, help, None, g.metric_type())?)
 }
 
-fn gauge_f(enc: &mut DescriptorEncoder, name: &str, help: &str, v: f64) -> fmt::Result {
-    let g = ConstGauge::new(v);
-    g.encode(enc.encode_descriptor(name, help, None, g.metric_type())?)
-}
-
-/// `name` without `_total`: prometheus-client adds it to counters.
-fn counter(enc: &mut DescriptorEncoder, name: &str, help: &str, v: u64) -> fmt::Result {
-    let c = ConstCounter::new(v);
-    c.encode(enc.encode_descriptor(name, help, None, c.metric_type())?)
-}
-
-fn counter_f(enc: &mut DescriptorEncoder, name: &str, help: &str, v: f64) -> fmt::Result {
+/// One unlabelled counter (integer or float); `name` without `_total`: prometheus-client
+/// adds it to counters.
+fn counter<N: EncodeCounterValue>(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    v: N,
+) -> fmt::Result {
     let c = ConstCounter::new(v);
     c.encode(enc.encode_descriptor(name, help, None, c.metric_type())?)
 }
@@ -142,7 +142,7 @@ impl Collector for HostCollector {
             "Pages ksmd scans per wake-up",
             k.pages_to_scan,
         )?;
-        gauge_f(
+        gauge(
             e,
             "memfabric_ksm_sleep_seconds",
             "Sleep between ksmd wake-ups",
@@ -154,7 +154,7 @@ impl Collector for HostCollector {
             "Writes that broke a KSM merge, host-wide (vmstat cow_ksm)",
             k.cow_ksm,
         )?;
-        counter_f(
+        counter(
             e,
             "memfabric_ksmd_cpu_seconds",
             "CPU time ksmd has used",
@@ -327,9 +327,9 @@ impl Collector for HostCollector {
             "Wall time of the page scanner's last full pass over the VM (paced to the budget)",
             MetricType::Gauge,
             &vm_pass,
-            enc_gauge_f,
+            enc_gauge,
         )?;
-        gauge_f(
+        gauge(
             e,
             "memfabric_scan_pass_seconds",
             "Wall time of the last full scan pass over every tracked VM",
