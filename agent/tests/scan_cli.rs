@@ -9,6 +9,20 @@ use common::root_or_skip;
 
 const MEMFABRIC: &str = env!("CARGO_BIN_EXE_memfabric");
 
+/// The JSON fields `memfabric scan` promises for the whole set, per PID and per range.
+const CONTRACT: [&str; 10] = [
+    "pages_present",
+    "zero_pages",
+    "stable_pages",
+    "volatile_pages",
+    "duplicate_pages",
+    "mergeable_duplicate_pages",
+    "merged_pages",
+    "potential_savings_bytes",
+    "potential_savings_intra_bytes",
+    "potential_savings_inter_bytes",
+];
+
 fn scan(args: &[&str]) -> (Option<i32>, String, String) {
     let out = Command::new(MEMFABRIC)
         .arg("scan")
@@ -43,20 +57,8 @@ fn the_json_has_every_contract_field_and_the_ranges() {
     std::hint::black_box(&block);
     assert_eq!(code, Some(0), "{err}");
     let v: serde_json::Value = serde_json::from_str(&out).expect("JSON on stdout");
-    let fields = [
-        "pages_present",
-        "zero_pages",
-        "stable_pages",
-        "volatile_pages",
-        "duplicate_pages",
-        "mergeable_duplicate_pages",
-        "merged_pages",
-        "potential_savings_bytes",
-        "potential_savings_intra_bytes",
-        "potential_savings_inter_bytes",
-    ];
     let me = &v["per_pid"][&pid];
-    for f in fields {
+    for f in CONTRACT {
         assert!(v[f].is_u64(), "total {f} missing: {out}");
         assert!(me[f].is_u64(), "per-PID {f} missing: {out}");
     }
@@ -78,15 +80,7 @@ fn the_json_has_every_contract_field_and_the_ranges() {
     ];
     for r in ranges {
         assert!(classes.contains(&r["class"].as_str().unwrap()), "{r}");
-        for f in [
-            "duplicate_pages",
-            "mergeable_duplicate_pages",
-            "merged_pages",
-            "potential_savings_bytes",
-            "potential_savings_intra_bytes",
-            "potential_savings_inter_bytes",
-            "cow_breaks",
-        ] {
+        for f in CONTRACT.iter().chain(&["cow_breaks"]) {
             assert!(r[f].is_u64(), "range without {f}: {r}");
         }
     }
