@@ -14,12 +14,9 @@ use crate::{
     config::Config,
     inventory::{self, Scanner, Selector, Vm},
     ksm_host::{self, KsmHost, KsmStat},
-    model::{HostState, ProbeSummary, VmProbeCounters, VmState},
-    probes::{LoadOptions, ProbeError, ProbeEvent, Probes, RangeHeatMap},
-    scan::{
-        RANGE_BYTES, Report,
-        rank::{RankPolicy, RankedRanges, heat_since},
-    },
+    model::{HostState, ProbeSummary, Ranking, VmProbeCounters, VmState},
+    probes::{LoadOptions, ProbeError, ProbeEvent, Probes},
+    scan::RANGE_BYTES,
     telemetry,
 };
 
@@ -54,39 +51,6 @@ pub struct Daemon {
     state: telemetry::Shared,
 }
 
-/// Ranking of the scanned ranges, redone once per scan pass with the probes' heat of the
-/// interval since the previous ranking.
-struct Ranking {
-    policy: RankPolicy,
-    heat_before: RangeHeatMap,
-    heat_since: Instant,
-    ranked: Arc<RankedRanges>,
-}
-
-impl Ranking {
-    fn new() -> Ranking {
-        Ranking {
-            policy: RankPolicy::default(),
-            heat_before: RangeHeatMap::new(),
-            heat_since: Instant::now(),
-            ranked: Arc::default(),
-        }
-    }
-
-    /// Ranks `report` if it is newer than the last ranked one.
-    fn update(&mut self, report: &Report, probes: &Probes) {
-        if report.passes == self.ranked.passes {
-            return;
-        }
-        let heat = probes.heat_by_range(RANGE_BYTES);
-        let window = heat_since(&heat, &self.heat_before);
-        let seconds = self.heat_since.elapsed().as_secs_f64();
-        self.heat_before = heat;
-        self.heat_since = Instant::now();
-        self.ranked = Arc::new(RankedRanges::rank(report, &window, seconds, self.policy));
-    }
-}
-
 impl Daemon {
     pub fn new(cfg: &Config) -> Result<Daemon, DaemonError> {
         for &pid in &cfg.pids {
@@ -114,7 +78,7 @@ impl Daemon {
             previous: HashMap::new(),
             exited: BTreeMap::new(),
             scan: (cfg.scan_cpu > 0.0).then(|| crate::scan_worker::ScanWorker::start(cfg.scan_cpu)),
-            ranking: Ranking::new(),
+            ranking: Ranking::default(),
             state: Arc::new(RwLock::new(HostState::default())),
         })
     }
@@ -174,7 +138,8 @@ impl Daemon {
         });
         let report = scan.as_ref().and_then(|s| s.report.clone());
         if let Some(r) = &report {
-            self.ranking.update(r, &self.probes);
+            let probes = &self.probes;
+            self.ranking.update(r, || probes.heat_by_range(RANGE_BYTES));
         }
         let scan_counts = |pid: u32| report.as_ref().and_then(|r| r.per_pid.get(&pid).copied());
 

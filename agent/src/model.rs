@@ -1,14 +1,18 @@
 //! The host's view, refreshed by the daemon and served as /metrics, /v1/status and the
 //! `status` table: per VM what KSM merged and what the probes saw, and the host's KSM.
 
-use std::{collections::BTreeMap, sync::Arc};
+use std::{collections::BTreeMap, sync::Arc, time::Instant};
 
 use serde::{Deserialize, Serialize};
 
 use crate::{
+    heat::RangeHeatMap,
     inventory::Vm,
     ksm_host::{KsmHost, KsmStat},
-    scan::rank::{RangeClass, RankedRanges},
+    scan::{
+        Report,
+        rank::{RangeClass, RankPolicy, RankedRanges, heat_since},
+    },
 };
 
 /// Counters the probes keep for one VM (absent when the probes are not loaded).
@@ -23,6 +27,7 @@ pub struct VmProbeCounters {
     pub ksm_merges: u64,
 }
 
+#[cfg(feature = "ebpf")]
 impl From<memfabric_common::TgidStats> for VmProbeCounters {
     fn from(s: memfabric_common::TgidStats) -> Self {
         VmProbeCounters {
@@ -78,4 +83,40 @@ pub struct HostState {
     /// a large host has hundreds of thousands).
     #[serde(skip)]
     pub ranges: Arc<RankedRanges>,
+}
+
+/// Where scan results and probe heat are joined: the scanned ranges ranked once per scan
+/// pass, with the probes' write heat of the interval since the previous ranking.
+pub struct Ranking {
+    policy: RankPolicy,
+    heat_before: RangeHeatMap,
+    heat_since: Instant,
+    pub ranked: Arc<RankedRanges>,
+}
+
+impl Default for Ranking {
+    fn default() -> Ranking {
+        Ranking {
+            policy: RankPolicy::default(),
+            heat_before: RangeHeatMap::new(),
+            heat_since: Instant::now(),
+            ranked: Arc::default(),
+        }
+    }
+}
+
+impl Ranking {
+    /// Ranks `report` if it is newer than the last ranked one; `heat` reads the probes'
+    /// cumulative heat per range (only called when there is something to rank).
+    pub fn update(&mut self, report: &Report, heat: impl FnOnce() -> RangeHeatMap) {
+        if report.passes == self.ranked.passes {
+            return;
+        }
+        let heat = heat();
+        let window = heat_since(&heat, &self.heat_before);
+        let seconds = self.heat_since.elapsed().as_secs_f64();
+        self.heat_before = heat;
+        self.heat_since = Instant::now();
+        self.ranked = Arc::new(RankedRanges::rank(report, &window, seconds, self.policy));
+    }
 }

@@ -133,11 +133,13 @@ pub enum Counter {
     HeatInsertFailed = 5,
     /// Merge events whose `mm` belongs to no tracked process.
     KsmMergesUntracked = 6,
+    /// `ksm_enter` events, any process: an `mm` joined KSM (new mergeable memory).
+    KsmEnters = 7,
 }
 
 impl Counter {
     /// Every counter, in index order.
-    pub const ALL: [Counter; 7] = [
+    pub const ALL: [Counter; 8] = [
         Counter::EventsDropped,
         Counter::KsmMerges,
         Counter::KsmZeroMerges,
@@ -145,6 +147,7 @@ impl Counter {
         Counter::KsmPagesInsertFailed,
         Counter::HeatInsertFailed,
         Counter::KsmMergesUntracked,
+        Counter::KsmEnters,
     ];
     /// Entries in the `COUNTERS` array.
     pub const LEN: u32 = Self::ALL.len() as u32;

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use memfabric::scan::pagemap::Pagemap;
 use memfabric::{
-    probes::RangeHeatMap,
+    heat::RangeHeatMap,
     scan::{
         PAGE, RANGE_BYTES, RangeCounts, Scanner,
         rank::{RangeClass, RankPolicy, RankedRanges},

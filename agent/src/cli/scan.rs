@@ -8,7 +8,7 @@ use std::{io::IsTerminal as _, process::ExitCode, time::Duration};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use memfabric::{
-    probes::RangeHeatMap,
+    heat::RangeHeatMap,
     scan::{
         Counts, Scanner,
         rank::{RankPolicy, RankedRanges},

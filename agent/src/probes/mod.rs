@@ -97,47 +97,14 @@ pub enum ProbeState {
     Failed(String),
 }
 
-/// tgid -> range start -> heat summed over the range's pages.
-pub type RangeHeatMap = std::collections::HashMap<u32, std::collections::HashMap<u64, PageHeat>>;
+pub use crate::heat::{PageHeat, RangeHeatMap};
 
-/// Write heat of a page (or summed over a range): since tracking began, or over an
-/// interval when two readings are subtracted. The LRU forgets the coldest pages when full.
-#[derive(
-    Clone,
-    Copy,
-    Debug,
-    Default,
-    PartialEq,
-    Eq,
-    PartialOrd,
-    Ord,
-    serde::Serialize,
-    serde::Deserialize,
-)]
-pub struct PageHeat {
-    /// Writes to the page while it was present and write-protected (COW signature).
-    pub write_protect_faults: u32,
-    /// Of those, writes that broke a merge ksmd made.
-    pub cow_breaks: u32,
-}
-
-impl PageHeat {
-    /// What was added since `earlier` (zero where the LRU forgot pages meanwhile).
-    pub fn since(self, earlier: PageHeat) -> PageHeat {
-        PageHeat {
-            write_protect_faults: self
-                .write_protect_faults
-                .saturating_sub(earlier.write_protect_faults),
-            cow_breaks: self.cow_breaks.saturating_sub(earlier.cow_breaks),
-        }
-    }
-
-    fn from_raw(v: u64) -> PageHeat {
-        let (write_protect_faults, cow_breaks) = memfabric_common::heat::split(v);
-        PageHeat {
-            write_protect_faults,
-            cow_breaks,
-        }
+/// A `WRITE_HEAT` value as [`PageHeat`].
+fn heat_from_raw(v: u64) -> PageHeat {
+    let (write_protect_faults, cow_breaks) = memfabric_common::heat::split(v);
+    PageHeat {
+        write_protect_faults,
+        cow_breaks,
     }
 }
 
@@ -165,6 +132,8 @@ pub struct GlobalCounters {
     pub ksm_pages_insert_failed: u64,
     pub heat_insert_failed: u64,
     pub ksm_merges_untracked: u64,
+    /// `mm`s that joined KSM (any process) since the probes were loaded.
+    pub ksm_enters: u64,
 }
 
 /// An event from the ring buffer.
@@ -484,7 +453,7 @@ impl Probes {
             .iter()
             .filter_map(Result::ok)
             .filter(|(k, _)| k.tgid == tgid)
-            .map(|(k, n)| (k.page, PageHeat::from_raw(n)))
+            .map(|(k, n)| (k.page, heat_from_raw(n)))
             .collect();
         v.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
         v
@@ -496,7 +465,7 @@ impl Probes {
     pub fn heat_by_range(&self, range_bytes: u64) -> RangeHeatMap {
         let mut out = RangeHeatMap::new();
         for (k, n) in self.heat.iter().filter_map(Result::ok) {
-            let h = PageHeat::from_raw(n);
+            let h = heat_from_raw(n);
             let r = out
                 .entry(k.tgid)
                 .or_default()
@@ -532,6 +501,7 @@ impl Probes {
             ksm_pages_insert_failed: c(Counter::KsmPagesInsertFailed),
             heat_insert_failed: c(Counter::HeatInsertFailed),
             ksm_merges_untracked: c(Counter::KsmMergesUntracked),
+            ksm_enters: c(Counter::KsmEnters),
         })
     }
 

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 use super::account::{RangeCounts, RangeSavings, Report};
-pub use crate::probes::{PageHeat, RangeHeatMap};
+pub use crate::heat::{PageHeat, RangeHeatMap};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]

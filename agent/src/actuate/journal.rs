@@ -1,0 +1,337 @@
+//! The state directory: a lock held for the owner's life and a journal of every original
+//! value memfabric changed, so that exit and the next start after a crash put them back.
+
+use std::{
+    fs::{self, File, OpenOptions},
+    io::{Read as _, Write as _},
+    os::{
+        fd::AsRawFd as _,
+        unix::fs::{DirBuilderExt as _, OpenOptionsExt as _},
+    },
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use serde::{Deserialize, Serialize};
+
+use super::ActuateError;
+
+const LOCK_FILE: &str = "memfabric.lock";
+const JOURNAL_FILE: &str = "journal.json";
+/// The journal format this code writes and understands.
+pub const JOURNAL_FORMAT: u32 = 1;
+/// A journal is a few hundred bytes; anything much larger is not ours.
+const JOURNAL_MAX_BYTES: u64 = 1 << 20;
+
+/// An exclusive `flock` on `<dir>/memfabric.lock`, released when dropped (or when the
+/// process dies, however it dies: the kernel drops the lock with the file).
+#[derive(Debug)]
+pub struct StateLock {
+    dir: PathBuf,
+    _file: File,
+}
+
+impl StateLock {
+    /// Takes the lock, creating the directory (0700) if needed. `wait`: how long to wait
+    /// for another holder to finish (`None`: refuse at once); `on_wait` is told once who
+    /// holds it.
+    pub fn acquire(
+        dir: &Path,
+        wait: Option<Duration>,
+        on_wait: impl FnOnce(&str),
+    ) -> Result<StateLock, ActuateError> {
+        let state_err = |source| ActuateError::StateDir {
+            path: dir.to_owned(),
+            source,
+        };
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(state_err)?;
+        let path = dir.join(LOCK_FILE);
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
+            .open(&path)
+            .map_err(state_err)?;
+        let deadline = wait.map(|w| Instant::now() + w);
+        let mut on_wait = Some(on_wait);
+        loop {
+            // SAFETY: flock on a file descriptor we own.
+            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+                break;
+            }
+            let err = std::io::Error::last_os_error();
+            if err.raw_os_error() != Some(libc::EWOULDBLOCK) {
+                return Err(state_err(err));
+            }
+            let holder = holder(&path);
+            match deadline {
+                Some(d) if Instant::now() < d => {
+                    if let Some(f) = on_wait.take() {
+                        f(&holder);
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                _ => {
+                    return Err(ActuateError::Locked {
+                        path: path.clone(),
+                        holder: if holder.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" ({holder})")
+                        },
+                    });
+                }
+            }
+        }
+        // Who holds it, for the message another process will show.
+        let me = format!("PID {}\n", std::process::id());
+        let _ = file.set_len(0);
+        let _ = file.write_all(me.as_bytes());
+        Ok(StateLock {
+            dir: dir.to_owned(),
+            _file: file,
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn journal_path(&self) -> PathBuf {
+        self.dir.join(JOURNAL_FILE)
+    }
+}
+
+/// "PID 1234 (comm)" of the lock's holder, as far as it can be told.
+fn holder(lock: &Path) -> String {
+    let mut text = String::new();
+    let _ = File::open(lock).and_then(|f| f.take(64).read_to_string(&mut text));
+    let Some(pid) = text
+        .trim()
+        .strip_prefix("PID ")
+        .and_then(|p| p.parse::<u32>().ok())
+    else {
+        return String::new();
+    };
+    let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    let comm: String = comm
+        .trim()
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(16)
+        .collect();
+    format!("PID {pid} {comm}").trim().to_owned()
+}
+
+/// One KSM knob memfabric changed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KnobEntry {
+    pub knob: String,
+    /// What it was before memfabric first changed it.
+    pub original: String,
+    /// What memfabric last set it to (or read back after a write that moved it, like
+    /// `pages_to_scan` after `advisor_mode`). A different value at restore time means
+    /// someone else changed it since: theirs is kept.
+    pub ours: Option<String>,
+}
+
+/// What the state directory remembers, written before every change.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Journal {
+    pub format: u32,
+    /// The process that wrote it (for messages only; the lock is the authority).
+    pub owner_pid: u32,
+    /// `/proc/sys/kernel/random/boot_id` when written: after a reboot the kernel starts
+    /// from its own defaults and the journal no longer describes the host.
+    pub boot_id: String,
+    /// In the order they were first changed.
+    pub ksm: Vec<KnobEntry>,
+}
+
+/// This boot's identity.
+pub fn boot_id() -> String {
+    fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
+}
+
+impl Journal {
+    pub fn new() -> Journal {
+        Journal {
+            format: JOURNAL_FORMAT,
+            owner_pid: std::process::id(),
+            boot_id: boot_id(),
+            ksm: Vec::new(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ksm.is_empty()
+    }
+
+    /// The journal a previous owner left, if any. The lock must be held.
+    pub fn load(lock: &StateLock) -> Result<Option<Journal>, ActuateError> {
+        let path = lock.journal_path();
+        let corrupt = |message: String| ActuateError::CorruptJournal {
+            path: path.clone(),
+            message,
+        };
+        let file = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => {
+                return Err(ActuateError::StateDir {
+                    path: path.clone(),
+                    source,
+                });
+            }
+        };
+        let mut text = String::new();
+        file.take(JOURNAL_MAX_BYTES + 1)
+            .read_to_string(&mut text)
+            .map_err(|e| corrupt(e.to_string()))?;
+        if text.len() as u64 > JOURNAL_MAX_BYTES {
+            return Err(corrupt(format!("larger than {JOURNAL_MAX_BYTES} bytes")));
+        }
+        let j: Journal = serde_json::from_str(&text).map_err(|e| corrupt(e.to_string()))?;
+        if j.format != JOURNAL_FORMAT {
+            return Err(corrupt(format!(
+                "format {} (this memfabric reads {JOURNAL_FORMAT})",
+                j.format
+            )));
+        }
+        if let Some(e) = j
+            .ksm
+            .iter()
+            .find(|e| !super::knobs::KNOBS.contains(&e.knob.as_str()))
+        {
+            return Err(corrupt(format!("unknown knob {:?}", e.knob)));
+        }
+        Ok(Some(j))
+    }
+
+    /// Writes the journal atomically: a temp file in the same directory, fsync, rename,
+    /// fsync of the directory. A crash leaves the old journal or the new one, never half.
+    pub fn save(&self, lock: &StateLock) -> Result<(), ActuateError> {
+        let path = lock.journal_path();
+        let err = |source| ActuateError::JournalWrite {
+            path: path.clone(),
+            source,
+        };
+        let tmp = lock.dir().join(format!(".{JOURNAL_FILE}.tmp"));
+        let text = serde_json::to_string_pretty(self)
+            .map_err(std::io::Error::other)
+            .map_err(err)?;
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
+            .open(&tmp)
+            .map_err(err)?;
+        f.write_all(text.as_bytes()).map_err(err)?;
+        f.sync_all().map_err(err)?;
+        fs::rename(&tmp, &path).map_err(err)?;
+        File::open(lock.dir())
+            .and_then(|d| d.sync_all())
+            .map_err(err)?;
+        Ok(())
+    }
+
+    /// Removes the journal once everything in it was put back.
+    pub fn remove(lock: &StateLock) -> Result<(), ActuateError> {
+        match fs::remove_file(lock.journal_path()) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(ActuateError::JournalWrite {
+                path: lock.journal_path(),
+                source,
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tempdir(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!(
+            "memfabric-journal-{name}-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let _ = fs::remove_dir_all(&d);
+        d
+    }
+
+    #[test]
+    fn the_lock_is_exclusive_and_names_its_holder() {
+        let d = tempdir("lock");
+        let first = StateLock::acquire(&d, None, |_| {}).unwrap();
+        let e = StateLock::acquire(&d, None, |_| {}).unwrap_err();
+        let msg = e.to_string();
+        assert!(matches!(e, ActuateError::Locked { .. }), "{msg}");
+        assert!(
+            msg.contains(&format!("PID {}", std::process::id())),
+            "{msg}"
+        );
+        let mut told = String::new();
+        let e = StateLock::acquire(&d, Some(Duration::from_millis(300)), |h| told = h.into())
+            .unwrap_err();
+        assert!(matches!(e, ActuateError::Locked { .. }));
+        assert!(told.starts_with("PID "), "{told}");
+        drop(first);
+        StateLock::acquire(&d, None, |_| {}).unwrap();
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn the_journal_round_trips_and_refuses_what_is_not_one() {
+        let d = tempdir("journal");
+        let lock = StateLock::acquire(&d, None, |_| {}).unwrap();
+        assert_eq!(Journal::load(&lock).unwrap(), None);
+        let mut j = Journal::new();
+        j.ksm.push(KnobEntry {
+            knob: "pages_to_scan".into(),
+            original: "100".into(),
+            ours: Some("2000".into()),
+        });
+        j.save(&lock).unwrap();
+        assert_eq!(Journal::load(&lock).unwrap(), Some(j));
+        let mode = fs::metadata(lock.journal_path()).unwrap().permissions();
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+            0o600
+        );
+
+        for bad in [
+            "{",
+            "[]",
+            r#"{"format":9,"owner_pid":1,"boot_id":"x","ksm":[]}"#,
+            r#"{"format":1,"owner_pid":1,"boot_id":"x","ksm":[{"knob":"../x","original":"1","ours":null}]}"#,
+        ] {
+            fs::write(lock.journal_path(), bad).unwrap();
+            let e = Journal::load(&lock).unwrap_err();
+            assert!(
+                matches!(e, ActuateError::CorruptJournal { .. }),
+                "{bad}: {e}"
+            );
+            // Still there: a corrupt journal is the operator's to inspect.
+            assert!(lock.journal_path().exists());
+        }
+        Journal::remove(&lock).unwrap();
+        assert_eq!(Journal::load(&lock).unwrap(), None);
+        drop(lock);
+        fs::remove_dir_all(&d).unwrap();
+    }
+}

@@ -1,0 +1,323 @@
+use proptest::prelude::*;
+
+use super::*;
+
+/// A host with 200 Ki pages of mergeable guest RAM, KSM counters at rest.
+fn base() -> Observation {
+    Observation {
+        t: 0.0,
+        mergeable_pages: 200_000,
+        mem_available_bytes: 16 << 30,
+        mem_total_bytes: 24 << 30,
+        ..Observation::default()
+    }
+}
+
+/// Advances `o` by `dt` seconds of ksmd scanning at `knobs`, each page costing `cost` s,
+/// with a full scan every `scan` pages; `merged` pages merged per full scan.
+fn advance(
+    o: &Observation,
+    knobs: Knobs,
+    dt: f64,
+    cost: f64,
+    scan: u64,
+    merged: u64,
+) -> Observation {
+    let mut n = o.clone();
+    n.t += dt;
+    let pages = (knobs.pace() * dt) as u64;
+    n.ksm.pages_scanned += pages;
+    n.ksmd_cpu_seconds += pages as f64 * cost;
+    let scans = n.ksm.pages_scanned / scan;
+    n.ksm.pages_sharing += (scans - o.ksm.full_scans) * merged;
+    n.ksm.full_scans = scans;
+    n
+}
+
+/// Runs the controller on a simulated ksmd until `t_end`; returns the decisions.
+fn simulate(c: &mut KsmdController, mut o: Observation, t_end: f64, merged: u64) -> Vec<Decision> {
+    let mut out = vec![c.decide(&o)];
+    while o.t < t_end {
+        o = advance(&o, out.last().unwrap().knobs, 2.0, 2e-6, 200_000, merged);
+        out.push(c.decide(&o));
+    }
+    out
+}
+
+#[test]
+fn starts_hot_then_goes_quiet_when_scans_merge_nothing() {
+    let mut c = KsmdController::new(KsmdPolicy::default());
+    let d = simulate(&mut c, base(), 200.0, 0);
+    assert_eq!(d[0].reason, Reason::Starting);
+    // 200 Ki pages in 8 s: 25 Ki pages/s, well above stock's 5,000.
+    assert!(d[0].knobs.pace() >= 25_000.0 * 0.95, "{:?}", d[0]);
+    let last = d.last().unwrap();
+    assert_eq!(last.reason, Reason::Quiet, "{last:?}");
+    // A full scan every 300 s.
+    assert!((600.0..=800.0).contains(&last.knobs.pace()), "{last:?}");
+    assert!(!last.capped);
+}
+
+#[test]
+fn a_full_scan_that_merged_earns_another() {
+    let mut c = KsmdController::new(KsmdPolicy::default());
+    // 5,000 pages merged per full scan: the controller never settles.
+    let d = simulate(&mut c, base(), 300.0, 5_000);
+    assert!(
+        d.iter().skip(10).all(|d| d.reason == Reason::Merging),
+        "{:?}",
+        d.last()
+    );
+    assert!(d.last().unwrap().knobs.pace() >= 20_000.0);
+}
+
+fn settled() -> (KsmdController, Observation) {
+    let mut c = KsmdController::new(KsmdPolicy::default());
+    let mut o = base();
+    let mut k = c.decide(&o).knobs;
+    while o.t < 200.0 {
+        o = advance(&o, k, 2.0, 2e-6, 200_000, 0);
+        k = c.decide(&o).knobs;
+    }
+    assert_eq!(c.last().unwrap().reason, Reason::Quiet);
+    (c, o)
+}
+
+#[test]
+fn each_change_has_its_reason() {
+    type Change = fn(&mut Observation);
+    let cases: [(Change, Reason); 5] = [
+        (|o| o.ksm_enters += 1, Reason::NewMemory),
+        (|o| o.vms_arrived += 1, Reason::NewMemory),
+        (|o| o.guest_writes += 4096, Reason::GuestsWriting),
+        (
+            |o| o.potential_savings_pages = Some(10_000),
+            Reason::Unmerged,
+        ),
+        (|o| o.mem_available_bytes = 1 << 30, Reason::MemoryPressure),
+    ];
+    for (change, reason) in cases {
+        let (mut c, mut o) = settled();
+        o.t += 2.0;
+        change(&mut o);
+        let d = c.decide(&o);
+        assert_eq!(d.reason, reason);
+        assert!(d.knobs.pace() >= 5_000.0, "{reason:?}: {d:?}");
+    }
+    // Small guest writes and unchanged scanner figures are no change.
+    let (mut c, mut o) = settled();
+    o.t += 2.0;
+    o.guest_writes += 100;
+    assert_eq!(c.decide(&o).reason, Reason::Quiet);
+}
+
+#[test]
+fn the_budget_caps_an_expensive_ksmd() {
+    let mut c = KsmdController::new(KsmdPolicy {
+        ksmd_cpu: 0.02,
+        ..KsmdPolicy::default()
+    });
+    let mut o = base();
+    let mut d = c.decide(&o);
+    for _ in 0..20 {
+        // 20 us per page: 10x the prior.
+        o = advance(&o, d.knobs, 2.0, 20e-6, 200_000, 0);
+        d = c.decide(&o);
+    }
+    assert!(d.capped, "{d:?}");
+    // 2 % of a core at 20 us per page: 1,000 pages/s.
+    assert!(d.knobs.pace() <= 1_000.0 * 1.05, "{d:?}");
+    assert!((d.cost_us_per_page - 20.0).abs() < 1.0, "{d:?}");
+}
+
+#[test]
+fn knobs_for_a_pace() {
+    assert_eq!(
+        knobs_for(5_000.0, 1e9),
+        Knobs {
+            run: true,
+            pages_to_scan: 100,
+            sleep_millisecs: 20
+        }
+    );
+    let slow = knobs_for(500.0, 1e9);
+    assert_eq!((slow.pages_to_scan, slow.sleep_millisecs), (100, 200));
+    assert_eq!(knobs_for(0.01, 1e9).sleep_millisecs, 1000);
+    assert!(knobs_for(40_000.0, 30_000.0).pace() <= 30_000.0);
+}
+
+/// `d`'s pace is at least `floor`, to the knobs' granularity (one page per wake-up).
+fn at_least(d: &Decision, floor: f64) -> bool {
+    let grain = 1.0 / d.knobs.pages_to_scan.max(1) as f64;
+    d.knobs.pace() >= floor * (1.0 - grain) * 0.999
+}
+
+/// One tick of a random host: how far each counter moves.
+#[derive(Clone, Debug)]
+struct Step {
+    dt: f64,
+    cost: f64,
+    full_scans: u64,
+    merged: u64,
+    enters: u64,
+    writes: u64,
+    savings: Option<u64>,
+    available_gib: u64,
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    (
+        0.2f64..10.0,
+        1e-7f64..1e-4,
+        prop_oneof![8 => Just(0u64), 2 => 1u64..3],
+        prop_oneof![6 => Just(0u64), 4 => 0u64..20_000],
+        prop_oneof![9 => Just(0u64), 1 => Just(1u64)],
+        prop_oneof![7 => Just(0u64), 3 => 0u64..10_000],
+        proptest::option::of(0u64..100_000),
+        0u64..24,
+    )
+        .prop_map(
+            |(dt, cost, full_scans, merged, enters, writes, savings, available_gib)| Step {
+                dt,
+                cost,
+                full_scans,
+                merged,
+                enters,
+                writes,
+                savings,
+                available_gib,
+            },
+        )
+}
+
+fn apply(o: &Observation, knobs: Knobs, s: &Step) -> Observation {
+    let mut n = o.clone();
+    n.t += s.dt;
+    let pages = (knobs.pace() * s.dt) as u64;
+    n.ksm.pages_scanned += pages;
+    n.ksmd_cpu_seconds += pages as f64 * s.cost;
+    n.ksm.full_scans += s.full_scans;
+    n.ksm.pages_sharing += s.merged;
+    n.ksm_enters += s.enters;
+    n.guest_writes += s.writes;
+    n.potential_savings_pages = s.savings;
+    n.mem_available_bytes = s.available_gib << 30;
+    n
+}
+
+fn policy() -> impl Strategy<Value = KsmdPolicy> {
+    (0.001f64..1.0, 2.0f64..60.0, 60.0f64..1000.0).prop_map(|(cpu, hot, idle)| KsmdPolicy {
+        ksmd_cpu: cpu,
+        hot_scan_seconds: hot,
+        idle_scan_seconds: idle,
+        ..KsmdPolicy::default()
+    })
+}
+
+proptest! {
+    /// Whatever happens, ksmd is never asked for more than its budget at the measured cost.
+    #[test]
+    fn the_budget_holds(policy in policy(), steps in prop::collection::vec(step(), 1..60)) {
+        let mut c = KsmdController::new(policy);
+        let mut o = base();
+        let mut d = c.decide(&o);
+        for s in &steps {
+            o = apply(&o, d.knobs, s);
+            d = c.decide(&o);
+            let pace = d.knobs.pace();
+            prop_assert!(pace <= d.budget_pages_per_sec.max(1.0) * 1.0001,
+                "pace {pace} over budget {}", d.budget_pages_per_sec);
+            prop_assert!(pace * c.cost_per_page() <= policy.ksmd_cpu.max(c.cost_per_page()) * 1.0001);
+        }
+    }
+
+    /// From a new mm on, the pace does not drop under the hot floor until KSM has made the
+    /// full scans it needs (or the trigger expired).
+    #[test]
+    fn a_new_mm_is_never_starved(
+        policy in policy(),
+        before in prop::collection::vec(step(), 0..30),
+        after in prop::collection::vec(step(), 1..30),
+    ) {
+        let mut c = KsmdController::new(policy);
+        let mut o = base();
+        let mut d = c.decide(&o);
+        for s in &before {
+            o = apply(&o, d.knobs, s);
+            d = c.decide(&o);
+        }
+        o.t += 1.0;
+        o.ksm_enters += 1;
+        let (t0, scans0) = (o.t, o.ksm.full_scans);
+        d = c.decide(&o);
+        let check = |d: &Decision, o: &Observation, c: &KsmdController| {
+            if o.ksm.full_scans < scans0 + policy.hot_scans && o.t < t0 + policy.hot_max_seconds {
+                prop_assert!(at_least(d, c.hot_floor()),
+                    "pace {} under floor {} at t={}", d.knobs.pace(), c.hot_floor(), o.t - t0);
+                prop_assert_ne!(d.reason, Reason::Quiet);
+            }
+            Ok(())
+        };
+        check(&d, &o, &c)?;
+        for s in &after {
+            o = apply(&o, d.knobs, s);
+            d = c.decide(&o);
+            check(&d, &o, &c)?;
+        }
+    }
+
+    /// Savings the scanner reports (more than before) get the same floor.
+    #[test]
+    fn reported_savings_are_never_starved(policy in policy(), savings in 2048u64..1_000_000) {
+        let mut c = KsmdController::new(policy);
+        let mut o = base();
+        let mut d = c.decide(&o);
+        for _ in 0..200 {
+            o = advance(&o, d.knobs, 2.0, 2e-6, 200_000, 0);
+            d = c.decide(&o);
+        }
+        o.t += 2.0;
+        o.potential_savings_pages = Some(savings);
+        let d = c.decide(&o);
+        prop_assert_eq!(d.reason, Reason::Unmerged);
+        prop_assert!(at_least(&d, c.hot_floor()), "{d:?} floor {}", c.hot_floor());
+    }
+
+    /// The same observation, over and over: one setting, never a flip.
+    #[test]
+    fn constant_input_gives_constant_output(policy in policy(), steps in prop::collection::vec(step(), 0..20)) {
+        let mut c = KsmdController::new(policy);
+        let mut o = base();
+        let mut d = c.decide(&o);
+        for s in &steps {
+            o = apply(&o, d.knobs, s);
+            d = c.decide(&o);
+        }
+        let first = c.decide(&o);
+        for _ in 0..50 {
+            prop_assert_eq!(c.decide(&o).knobs, first.knobs);
+        }
+    }
+
+    /// A steady host (ksmd scanning at the asked pace, nothing merging, a constant cost):
+    /// once quiet, the knobs are written at most once more.
+    #[test]
+    fn a_steady_host_sees_no_oscillation(policy in policy(), cost in 1e-7f64..5e-5) {
+        let mut c = KsmdController::new(policy);
+        let mut o = base();
+        let mut d = c.decide(&o);
+        let mut changes = 0;
+        let mut quiet = false;
+        for _ in 0..600 {
+            o = advance(&o, d.knobs, 2.0, cost, 200_000, 0);
+            let n = c.decide(&o);
+            if quiet && n.knobs != d.knobs {
+                changes += 1;
+            }
+            quiet |= n.reason == Reason::Quiet;
+            d = n;
+        }
+        prop_assert!(quiet);
+        prop_assert!(changes <= 1, "{changes} knob changes on a steady host");
+    }
+}
