@@ -1,7 +1,11 @@
 //! Daemon configuration: defaults, overridden by a TOML file (`--config`), overridden by
 //! `MEMFABRIC_*` environment variables, overridden by flags (clap applies the last two).
 
-use std::{net::SocketAddr, path::Path, time::Duration};
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use regex::Regex;
 use serde::Deserialize;
@@ -24,6 +28,28 @@ pub enum ConfigError {
     Refresh(u64),
     #[error("scan CPU budget must be between 0 and 100 % of a core, got {0}")]
     ScanCpu(f64),
+    #[error("ksmd CPU budget must be above 0 and at most 100 % of a core, got {0}")]
+    KsmdCpu(f64),
+    #[error("unknown action {0:?}: memfabric can act on `ksmd` (steer its scan rate)")]
+    Act(String),
+}
+
+/// What the daemon may change on the host (nothing unless told).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Act {
+    /// Steer ksmd's scan rate (`run`, `pages_to_scan`, `sleep_millisecs`).
+    Ksmd,
+}
+
+impl std::str::FromStr for Act {
+    type Err = ConfigError;
+    fn from_str(s: &str) -> Result<Act, ConfigError> {
+        match s {
+            "ksmd" => Ok(Act::Ksmd),
+            other => Err(ConfigError::Act(other.into())),
+        }
+    }
 }
 
 /// The TOML file. Every key is optional.
@@ -38,6 +64,13 @@ pub struct FileConfig {
     pub refresh_ms: Option<u64>,
     /// Percent of one core the page scanner may use (0 turns it off).
     pub scan_cpu_percent: Option<f64>,
+    /// What the daemon may change (`["ksmd"]`); nothing by default.
+    #[serde(default)]
+    pub act: Vec<Act>,
+    /// Percent of one core ksmd may use while memfabric steers it.
+    pub ksmd_cpu_percent: Option<f64>,
+    /// Where the journal of changed settings and the daemon's lock live.
+    pub state_dir: Option<PathBuf>,
 }
 
 impl FileConfig {
@@ -64,22 +97,55 @@ pub struct Config {
     pub refresh: Duration,
     /// Fraction of one core for the page scanner (0: off).
     pub scan_cpu: f64,
+    /// What the daemon changes on the host (empty: it only observes and recommends).
+    pub act: Vec<Act>,
+    /// Fraction of one core ksmd may use.
+    pub ksmd_cpu: f64,
+    pub state_dir: PathBuf,
 }
+
+/// What flags and the environment set; `None`/empty leaves the file's value.
+#[derive(Clone, Debug, Default)]
+pub struct Overrides {
+    pub listen: Option<SocketAddr>,
+    pub pids: Vec<u32>,
+    pub matches: Vec<String>,
+    pub refresh_ms: Option<u64>,
+    pub scan_cpu_percent: Option<f64>,
+    pub act: Vec<Act>,
+    pub ksmd_cpu_percent: Option<f64>,
+    pub state_dir: Option<PathBuf>,
+}
+
+/// ksmd's CPU budget unless configured: 10 % of a core while it has work that pays.
+pub const DEFAULT_KSMD_CPU_PERCENT: f64 = 10.0;
 
 impl Config {
     /// Merges the file with what flags/environment set (`Some`/non-empty wins).
-    pub fn merge(
-        file: FileConfig,
-        listen: Option<SocketAddr>,
-        pids: Vec<u32>,
-        matches: Vec<String>,
-        refresh_ms: Option<u64>,
-        scan_cpu_percent: Option<f64>,
-    ) -> Result<Config, ConfigError> {
+    pub fn merge(file: FileConfig, o: Overrides) -> Result<Config, ConfigError> {
+        let Overrides {
+            listen,
+            pids,
+            matches,
+            refresh_ms,
+            scan_cpu_percent,
+            act,
+            ksmd_cpu_percent,
+            state_dir,
+        } = o;
         let scan = scan_cpu_percent.or(file.scan_cpu_percent).unwrap_or(5.0);
         if !(0.0..=100.0).contains(&scan) {
             return Err(ConfigError::ScanCpu(scan));
         }
+        let ksmd = ksmd_cpu_percent
+            .or(file.ksmd_cpu_percent)
+            .unwrap_or(DEFAULT_KSMD_CPU_PERCENT);
+        // At least 0.1 %: below that ksmd could not visit one page a second.
+        if !(ksmd.is_finite() && (0.1..=100.0).contains(&ksmd)) {
+            return Err(ConfigError::KsmdCpu(ksmd));
+        }
+        let mut act = if act.is_empty() { file.act } else { act };
+        act.dedup();
         let refresh_ms = refresh_ms.or(file.refresh_ms).unwrap_or(2000);
         if !(100..=3_600_000).contains(&refresh_ms) {
             return Err(ConfigError::Refresh(refresh_ms));
@@ -107,6 +173,11 @@ impl Config {
             matches,
             refresh: Duration::from_millis(refresh_ms),
             scan_cpu: scan / 100.0,
+            act,
+            ksmd_cpu: ksmd / 100.0,
+            state_dir: state_dir
+                .or(file.state_dir)
+                .unwrap_or_else(|| crate::actuate::DEFAULT_STATE_DIR.into()),
         })
     }
 }
@@ -119,26 +190,40 @@ mod tests {
     fn flags_win_over_the_file_and_defaults_fill_the_rest() {
         let file = FileConfig::parse("listen = \"127.0.0.1:1234\"\npids = [7]\nrefresh_ms = 500\n")
             .unwrap();
-        let c = Config::merge(file.clone(), None, vec![], vec![], None, None).unwrap();
+        let c = Config::merge(file.clone(), Overrides::default()).unwrap();
         assert_eq!(c.listen.port(), 1234);
         assert_eq!(c.pids, vec![7]);
         assert_eq!(c.refresh, Duration::from_millis(500));
         let c = Config::merge(
             file,
-            Some("127.0.0.1:99".parse().unwrap()),
-            vec![8],
-            vec![],
-            Some(1000),
-            Some(0.0),
+            Overrides {
+                listen: Some("127.0.0.1:99".parse().unwrap()),
+                pids: vec![8],
+                refresh_ms: Some(1000),
+                scan_cpu_percent: Some(0.0),
+                ..Overrides::default()
+            },
         )
         .unwrap();
         assert_eq!(
             (c.listen.port(), c.pids, c.refresh.as_millis(), c.scan_cpu),
             (99, vec![8], 1000, 0.0)
         );
-        let d = Config::merge(FileConfig::default(), None, vec![], vec![], None, None).unwrap();
+        let d = Config::merge(FileConfig::default(), Overrides::default()).unwrap();
         assert_eq!(d.listen.to_string(), DEFAULT_LISTEN);
         assert!(d.listen.ip().is_loopback());
+        // Observe only unless told to act.
+        assert!(d.act.is_empty());
+        assert_eq!(d.ksmd_cpu, 0.10);
+        assert_eq!(d.state_dir, PathBuf::from("/var/lib/memfabric"));
+        let f =
+            FileConfig::parse("act = [\"ksmd\"]\nksmd_cpu_percent = 3\nstate_dir = \"/tmp/x\"\n")
+                .unwrap();
+        let c = Config::merge(f, Overrides::default()).unwrap();
+        assert_eq!(
+            (c.act, c.ksmd_cpu, c.state_dir),
+            (vec![Act::Ksmd], 0.03, "/tmp/x".into())
+        );
     }
 
     #[test]
@@ -147,28 +232,37 @@ mod tests {
         assert!(e.contains("listen"), "{e}");
         let e = FileConfig::parse("bogus = 1\n").unwrap_err();
         assert!(e.contains("bogus"), "{e}");
-        let e = Config::merge(
-            FileConfig::default(),
-            None,
-            vec![],
-            vec!["(".into()],
-            None,
-            None,
-        )
-        .unwrap_err();
-        assert!(e.to_string().contains("invalid --match pattern"), "{e}");
-        let e =
-            Config::merge(FileConfig::default(), None, vec![], vec![], Some(5), None).unwrap_err();
-        assert!(e.to_string().contains("refresh interval"), "{e}");
-        let e = Config::merge(
-            FileConfig::default(),
-            None,
-            vec![],
-            vec![],
-            None,
-            Some(150.0),
-        )
-        .unwrap_err();
-        assert!(e.to_string().contains("scan CPU budget"), "{e}");
+        let bad = |o: Overrides| {
+            Config::merge(FileConfig::default(), o)
+                .unwrap_err()
+                .to_string()
+        };
+        let e = bad(Overrides {
+            matches: vec!["(".into()],
+            ..Overrides::default()
+        });
+        assert!(e.contains("invalid --match pattern"), "{e}");
+        let e = bad(Overrides {
+            refresh_ms: Some(5),
+            ..Overrides::default()
+        });
+        assert!(e.contains("refresh interval"), "{e}");
+        let e = bad(Overrides {
+            scan_cpu_percent: Some(150.0),
+            ..Overrides::default()
+        });
+        assert!(e.contains("scan CPU budget"), "{e}");
+        for ksmd in [0.0, 250.0, -1.0, f64::NAN] {
+            let e = bad(Overrides {
+                ksmd_cpu_percent: Some(ksmd),
+                ..Overrides::default()
+            });
+            assert!(e.contains("ksmd CPU budget"), "{ksmd}: {e}");
+        }
+        assert!("ksmd".parse::<Act>().is_ok());
+        let e = "hints".parse::<Act>().unwrap_err().to_string();
+        assert!(e.contains("unknown action"), "{e}");
+        let e = FileConfig::parse("act = [\"everything\"]\n").unwrap_err();
+        assert!(e.contains("everything"), "{e}");
     }
 }

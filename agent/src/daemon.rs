@@ -1,22 +1,29 @@
 //! `memfabric run`: finds the VMs, tracks them with the probes, and keeps the shared
-//! [`HostState`] fresh for the HTTP endpoints, until SIGINT/SIGTERM. The probes detach when
-//! it returns; the daemon changes no KSM setting, so there is nothing else to restore.
+//! [`HostState`] fresh for the HTTP endpoints, until SIGINT/SIGTERM. Each refresh runs
+//! observe -> decide -> act on its own thread (a slow /proc or sysfs never stalls
+//! `/metrics`): the ksmd controller decides every tick, and with `--act ksmd` its settings
+//! are applied. On the way out ksmd's settings are put back and the probes detach; after a
+//! crash the next start puts the settings back from the journal.
 
 use std::{
     collections::{BTreeMap, HashMap},
-    sync::{Arc, RwLock},
+    sync::{Arc, RwLock, mpsc},
     time::Instant,
 };
 
 use tokio::net::TcpListener;
 
 use crate::{
-    config::Config,
+    actuate::{ActuateError, KsmControl},
+    config::{Act, Config},
     inventory::{self, Scanner, Selector, Vm},
     ksm_host::{self, KsmHost, KsmStat},
     model::{HostState, ProbeSummary, Ranking, VmProbeCounters, VmState},
+    policy::{KsmCounters, KsmdPolicy, Observation},
     probes::{LoadOptions, ProbeError, ProbeEvent, Probes},
     scan::RANGE_BYTES,
+    scan_worker::thread_cpu,
+    steer::Steering,
     telemetry,
 };
 
@@ -36,6 +43,10 @@ pub enum DaemonError {
     Serve(std::io::Error),
     #[error("signal handler: {0}")]
     Signal(std::io::Error),
+    #[error(transparent)]
+    Actuate(#[from] ActuateError),
+    #[error("the refresh thread died: {0}")]
+    Refresh(String),
 }
 
 /// The refresh side of the daemon.
@@ -49,10 +60,17 @@ pub struct Daemon {
     scan: Option<crate::scan_worker::ScanWorker>,
     ranking: Ranking,
     state: telemetry::Shared,
+    /// The ksmd controller (absent when the host has no KSM).
+    steering: Option<Steering>,
+    /// Mergeable VMs that appeared, and write faults of tracked VMs, since the start.
+    vms_arrived: u64,
+    guest_writes: u64,
+    started: Instant,
 }
 
 impl Daemon {
-    pub fn new(cfg: &Config) -> Result<Daemon, DaemonError> {
+    /// `control`: ksmd's knobs when steering (`--act ksmd`), taken before the probes load.
+    pub fn new(cfg: &Config, control: Option<KsmControl>) -> Result<Daemon, DaemonError> {
         for &pid in &cfg.pids {
             if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
                 return Err(DaemonError::UnknownPid(pid));
@@ -80,6 +98,18 @@ impl Daemon {
             scan: (cfg.scan_cpu > 0.0).then(|| crate::scan_worker::ScanWorker::start(cfg.scan_cpu)),
             ranking: Ranking::default(),
             state: Arc::new(RwLock::new(HostState::default())),
+            steering: crate::actuate::knobs::available().then(|| {
+                Steering::new(
+                    KsmdPolicy {
+                        ksmd_cpu: cfg.ksmd_cpu,
+                        ..KsmdPolicy::default()
+                    },
+                    control,
+                )
+            }),
+            vms_arrived: 0,
+            guest_writes: 0,
+            started: Instant::now(),
         })
     }
 
@@ -128,6 +158,9 @@ impl Daemon {
                     Err(ProbeError::UnknownPid(_)) => continue,
                     Err(e) => return Err(e.into()),
                 }
+                if vm.mergeability == inventory::Mergeability::Mergeable {
+                    self.vms_arrived += 1;
+                }
                 self.vms.insert(pid, vm);
             }
         }
@@ -150,6 +183,8 @@ impl Daemon {
             let (wf, cb) = match (probes, self.previous.get(pid)) {
                 (Some(p), Some((t, prev))) => {
                     let dt = now.duration_since(*t).as_secs_f64().max(1e-3);
+                    self.guest_writes += p.write_faults.saturating_sub(prev.write_faults)
+                        + p.kvm_write_faults.saturating_sub(prev.kvm_write_faults);
                     (
                         (p.write_faults.saturating_sub(prev.write_faults)) as f64 / dt,
                         (p.cow_breaks.saturating_sub(prev.cow_breaks)) as f64 / dt,
@@ -174,10 +209,48 @@ impl Daemon {
             });
         }
         let counters = self.probes.counters()?;
+        let ksm = KsmHost::read_with(self.ksmd);
+        let ksmd = self.steering.as_mut().map(|steering| {
+            let cpu0 = thread_cpu();
+            let (mem_total_bytes, mem_available_bytes) = meminfo();
+            let obs = Observation {
+                t: self.started.elapsed().as_secs_f64(),
+                ksm: KsmCounters {
+                    pages_scanned: ksm.pages_scanned.max(0) as u64,
+                    pages_shared: ksm.pages_shared.max(0) as u64,
+                    pages_sharing: ksm.pages_sharing.max(0) as u64,
+                    pages_unshared: ksm.pages_unshared.max(0) as u64,
+                    pages_volatile: ksm.pages_volatile.max(0) as u64,
+                    full_scans: ksm.full_scans.max(0) as u64,
+                    general_profit: ksm.general_profit_bytes,
+                },
+                ksmd_cpu_seconds: ksm.ksmd_cpu_seconds,
+                cow_ksm: ksm.cow_ksm,
+                ksm_enters: counters.ksm_enters,
+                vms_arrived: self.vms_arrived,
+                guest_writes: self.guest_writes,
+                mergeable_pages: vms
+                    .iter()
+                    .filter(|v| v.vm.mergeability == inventory::Mergeability::Mergeable)
+                    .map(|v| v.vm.guest_memory_bytes / 4096)
+                    .sum(),
+                potential_savings_pages: report.as_ref().map(|r| {
+                    r.per_pid
+                        .values()
+                        .map(|c| c.potential_savings_bytes / 4096)
+                        .sum()
+                }),
+                mem_available_bytes,
+                mem_total_bytes,
+            };
+            steering.tick(&obs, thread_cpu() - cpu0)
+        });
         let state = HostState {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             taken_at_unix_ms: telemetry::timestamp(),
-            ksm: KsmHost::read_with(self.ksmd),
+            ksm,
+            ksmd,
+            agent_cpu_seconds: process_cpu_seconds(),
             vms,
             probes: ProbeSummary {
                 attached: self
@@ -239,49 +312,142 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     serve(cfg, stop).await
 }
 
-/// Runs until `stop` completes (tests stop it themselves).
+/// MemTotal and MemAvailable in bytes (0 if unreadable).
+fn meminfo() -> (u64, u64) {
+    let text = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let kib = |key: &str| {
+        text.lines()
+            .find_map(|l| {
+                l.strip_prefix(key)?
+                    .trim()
+                    .strip_suffix("kB")?
+                    .trim()
+                    .parse::<u64>()
+                    .ok()
+            })
+            .unwrap_or(0)
+            * 1024
+    };
+    (kib("MemTotal:"), kib("MemAvailable:"))
+}
+
+/// CPU seconds this process has used, every thread.
+fn process_cpu_seconds() -> f64 {
+    procfs::process::Process::myself()
+        .and_then(|p| p.stat())
+        .map_or(0.0, |s| {
+            (s.utime + s.stime) as f64 / procfs::ticks_per_second() as f64
+        })
+}
+
+/// With `--act ksmd`: the state directory's lock (a second daemon is refused here, before
+/// it loads anything) and the repair of what a crashed predecessor left. Without it: only
+/// the repair, when a journal exists and no steering daemon holds it.
+fn take_ksm(cfg: &Config) -> Result<Option<KsmControl>, DaemonError> {
+    let say = |r: Option<crate::actuate::Restored>| {
+        if let Some(r) = r.filter(|r| !r.is_empty() || r.other_boot) {
+            tracing::warn!("KSM settings left by a memfabric that did not exit cleanly: {r}");
+        }
+    };
+    if cfg.act.contains(&Act::Ksmd) {
+        let (control, restored) = KsmControl::begin(&cfg.state_dir, None, |_| {})?;
+        say(restored);
+        tracing::info!(
+            "steering ksmd within {:.1} % of a core; journal in {}",
+            cfg.ksmd_cpu * 100.0,
+            cfg.state_dir.display()
+        );
+        return Ok(Some(control));
+    }
+    if cfg.state_dir.join("journal.json").exists() {
+        match KsmControl::begin(&cfg.state_dir, None, |_| {}) {
+            Ok((_control, restored)) => say(restored),
+            Err(ActuateError::Locked { .. }) => {}
+            Err(e) => tracing::warn!("not repairing KSM settings: {e}"),
+        }
+    }
+    tracing::info!("observing only: ksmd decisions are recommended, not applied (--act ksmd)");
+    Ok(None)
+}
+
+/// Runs until `stop` completes (tests stop it themselves). The listener is bound and the
+/// state directory locked first, so a second daemon fails before it loads any probe.
 pub async fn serve(
     cfg: Config,
     stop: impl std::future::Future<Output = ()>,
 ) -> Result<(), DaemonError> {
-    let mut daemon = Daemon::new(&cfg)?;
     let listener = bind(&cfg).await?;
-    daemon.refresh()?;
-    let app = telemetry::router(
-        daemon.shared(),
-        cfg.refresh * 3 + std::time::Duration::from_secs(5),
-    );
+    let control = take_ksm(&cfg)?;
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    let (stop_tx, stop_rx) = mpsc::channel::<()>();
+    let refresh = cfg.refresh;
+    let thread_cfg = cfg.clone();
+    std::thread::Builder::new()
+        .name("memfabric-refresh".into())
+        .spawn(move || {
+            let mut daemon = match Daemon::new(&thread_cfg, control).and_then(|mut d| {
+                d.refresh()?;
+                Ok(d)
+            }) {
+                Ok(d) => d,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
+            };
+            let _ = ready_tx.send(Ok(daemon.shared()));
+            let result = loop {
+                match stop_rx.recv_timeout(refresh) {
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
+                        if let Err(e) = daemon.refresh() {
+                            break Err(e);
+                        }
+                    }
+                    _ => break Ok(()),
+                }
+            };
+            if let Some(r) = daemon.steering.as_mut().and_then(Steering::finish) {
+                tracing::info!("KSM settings: {r}");
+            }
+            drop(daemon); // detaches the probes
+            let _ = done_tx.send(result);
+        })
+        .map_err(|e| DaemonError::Refresh(e.to_string()))?;
+    let shared = match ready_rx.await {
+        Ok(Ok(shared)) => shared,
+        Ok(Err(e)) => return Err(e),
+        Err(_) => return Err(DaemonError::Refresh("panicked while starting".into())),
+    };
+    let app = telemetry::router(shared, cfg.refresh * 3 + std::time::Duration::from_secs(5));
     tracing::info!(
         "serving /metrics, /healthz, /v1/status on http://{}",
         cfg.listen
     );
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let (http_stop_tx, http_stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(async move {
         axum::serve(listener, app)
             .with_graceful_shutdown(async {
-                let _ = stop_rx.await;
+                let _ = http_stop_rx.await;
             })
             .await
     });
-    let mut tick = tokio::time::interval(cfg.refresh);
     tokio::pin!(stop);
-    let result = loop {
-        tokio::select! {
-            _ = tick.tick() => {
-                if let Err(e) = daemon.refresh() {
-                    break Err(e);
-                }
-            }
-            _ = &mut stop => break Ok(()),
+    let mut done_rx = done_rx;
+    let result = tokio::select! {
+        _ = &mut stop => {
+            let _ = stop_tx.send(());
+            (&mut done_rx).await
         }
+        r = &mut done_rx => r,
     };
-    let _ = stop_tx.send(());
+    let result = result.unwrap_or_else(|_| Err(DaemonError::Refresh("panicked".into())));
+    let _ = http_stop_tx.send(());
     match server.await {
         Ok(Err(e)) => tracing::warn!("HTTP server: {e}"),
         Err(e) => tracing::warn!("HTTP server task: {e}"),
         Ok(Ok(())) => {}
     }
-    drop(daemon); // detaches the probes
     tracing::info!("probes detached; bye");
     result
 }

@@ -27,6 +27,9 @@ pub struct KsmHost {
     pub pages_unshared: i64,
     pub pages_volatile: i64,
     pub pages_skipped: i64,
+    /// Page visits by ksmd since boot (6.7+; 0 where missing).
+    #[serde(default)]
+    pub pages_scanned: i64,
     pub ksm_zero_pages: i64,
     pub full_scans: i64,
     pub general_profit_bytes: i64,
@@ -54,6 +57,7 @@ impl KsmHost {
             pages_unshared: r("pages_unshared"),
             pages_volatile: r("pages_volatile"),
             pages_skipped: r("pages_skipped"),
+            pages_scanned: r("pages_scanned"),
             ksm_zero_pages: r("ksm_zero_pages"),
             full_scans: r("full_scans"),
             general_profit_bytes: r("general_profit"),

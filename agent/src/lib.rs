@@ -22,5 +22,6 @@ pub mod policy;
 pub mod probes;
 pub mod scan;
 pub mod scan_worker;
+pub mod steer;
 pub mod telemetry;
 pub mod tracefs;

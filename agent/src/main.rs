@@ -16,8 +16,10 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-/// Exit codes an operator can script on: 2 bad input (config, flags, unknown PID), 3 the
-/// host lacks something (root, BPF, tracefs), 4 the listen address is taken, 1 otherwise.
+/// Exit codes an operator can script on: 2 bad input (config, flags, unknown PID, a corrupt
+/// journal), 3 the host lacks something (root, BPF, tracefs, KSM, a writable state
+/// directory), 4 the listen address or the state directory is taken by another memfabric,
+/// 1 otherwise.
 fn exit_code(e: &anyhow::Error) -> u8 {
     use memfabric::{
         config::ConfigError, daemon::DaemonError, probes::ProbeError, scan::ScanError,
@@ -28,6 +30,7 @@ fn exit_code(e: &anyhow::Error) -> u8 {
                 DaemonError::Listen { .. } => 4,
                 DaemonError::UnknownPid(_) => 2,
                 DaemonError::Probes(p) => probe_code(p),
+                DaemonError::Actuate(a) => actuate_code(a),
                 _ => 1,
             };
         }
@@ -50,6 +53,16 @@ fn exit_code(e: &anyhow::Error) -> u8 {
         }
     }
     1
+}
+
+fn actuate_code(a: &memfabric::actuate::ActuateError) -> u8 {
+    use memfabric::actuate::ActuateError;
+    match a {
+        ActuateError::Locked { .. } => 4,
+        ActuateError::CorruptJournal { .. } | ActuateError::UnknownKnob { .. } => 2,
+        a if a.is_host_problem() => 3,
+        _ => 1,
+    }
 }
 
 fn probe_code(p: &memfabric::probes::ProbeError) -> u8 {

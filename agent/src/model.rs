@@ -79,6 +79,13 @@ pub struct HostState {
     /// Seconds the last full scan pass over all VMs took (0: none yet or scanning off).
     pub scan_pass_seconds: f64,
     pub scan_bytes_total: u64,
+    /// The ksmd controller: its decision and whether memfabric applies it (absent when
+    /// the host has no KSM).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ksmd: Option<KsmdStatus>,
+    /// CPU seconds the daemon has used, every thread (the scanner included).
+    #[serde(default)]
+    pub agent_cpu_seconds: f64,
     /// The ranked 2 MiB ranges per VM, served by `/v1/ranges` (not part of /v1/status:
     /// a large host has hundreds of thousands).
     #[serde(skip)]
@@ -119,4 +126,24 @@ impl Ranking {
         self.heat_since = Instant::now();
         self.ranked = Arc::new(RankedRanges::rank(report, &window, seconds, self.policy));
     }
+}
+
+/// The ksmd controller as the daemon runs it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct KsmdStatus {
+    /// True when memfabric writes the decision to ksmd (`--act ksmd`); false when it
+    /// only recommends it.
+    pub steering: bool,
+    pub decision: crate::policy::Decision,
+    /// Decisions taken, by reason, since the daemon started.
+    pub decisions_total: BTreeMap<crate::policy::Reason, u64>,
+    /// ksmd's CPU budget, a fraction of one core.
+    pub ksmd_cpu_budget: f64,
+    /// ksmd's CPU over the last tick, a fraction of one core.
+    pub ksmd_cpu_recent: f64,
+    /// CPU seconds the controller itself has used (observe, decide, act).
+    pub controller_cpu_seconds: f64,
+    /// The last error applying a decision (a knob write the kernel refused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
 }

@@ -25,7 +25,7 @@ pub struct ScanStatus {
 }
 
 /// CPU time this thread has used, in seconds.
-fn thread_cpu() -> f64 {
+pub(crate) fn thread_cpu() -> f64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,

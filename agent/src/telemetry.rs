@@ -347,6 +347,15 @@ impl Collector for HostCollector {
             "Probe events lost because the ring buffer was full",
             s.probes.events_dropped,
         )?;
+        counter(
+            e,
+            "memfabric_agent_cpu_seconds",
+            "CPU time the daemon has used, every thread (scanner included)",
+            s.agent_cpu_seconds,
+        )?;
+        if let Some(k) = &s.ksmd {
+            encode_ksmd(e, k)?;
+        }
         let info: Vec<(Labels, i64)> = vec![(vec![("version", s.version.clone())], 1)];
         family(
             e,
@@ -358,6 +367,72 @@ impl Collector for HostCollector {
         )?;
         Ok(())
     }
+}
+
+/// The ksmd controller: its targets, its decisions by reason, its own CPU.
+fn encode_ksmd(e: &mut DescriptorEncoder, k: &crate::model::KsmdStatus) -> fmt::Result {
+    let d = &k.decision;
+    gauge(
+        e,
+        "memfabric_ksmd_steering",
+        "1 when memfabric applies its ksmd decisions (--act ksmd), 0 when it only recommends",
+        i64::from(k.steering),
+    )?;
+    gauge(
+        e,
+        "memfabric_ksmd_target_pages_to_scan",
+        "pages_to_scan the controller chose",
+        i64::from(d.knobs.pages_to_scan),
+    )?;
+    gauge(
+        e,
+        "memfabric_ksmd_target_sleep_seconds",
+        "sleep_millisecs the controller chose, in seconds",
+        f64::from(d.knobs.sleep_millisecs) / 1000.0,
+    )?;
+    gauge(
+        e,
+        "memfabric_ksmd_target_pages_per_second",
+        "Scan pace the controller chose",
+        d.knobs.pace(),
+    )?;
+    gauge(
+        e,
+        "memfabric_ksmd_budget_pages_per_second",
+        "Scan pace the ksmd CPU budget allows at the measured cost per page",
+        d.budget_pages_per_sec,
+    )?;
+    gauge(
+        e,
+        "memfabric_ksmd_cpu_budget_ratio",
+        "ksmd CPU budget, fraction of one core",
+        k.ksmd_cpu_budget,
+    )?;
+    gauge(
+        e,
+        "memfabric_ksmd_cost_seconds_per_page",
+        "Measured ksmd CPU per page visit",
+        d.cost_us_per_page * 1e-6,
+    )?;
+    let rows: Vec<(Labels, u64)> = k
+        .decisions_total
+        .iter()
+        .map(|(r, n)| (vec![("reason", r.as_str().to_owned())], *n))
+        .collect();
+    family(
+        e,
+        "memfabric_ksmd_decisions",
+        "Controller decisions by reason",
+        MetricType::Counter,
+        &rows,
+        enc_counter,
+    )?;
+    counter(
+        e,
+        "memfabric_ksmd_controller_cpu_seconds",
+        "CPU time of the ksmd controller itself (observe, decide, act)",
+        k.controller_cpu_seconds,
+    )
 }
 
 /// The registry serving `state`.

@@ -30,6 +30,10 @@ impl TestDaemon {
             matches: Vec::new(),
             refresh: Duration::from_millis(300),
             scan_cpu: 0.05,
+            // Observe only: these tests never change KSM through the daemon.
+            act: Vec::new(),
+            ksmd_cpu: 0.1,
+            state_dir: std::env::temp_dir().join(format!("memfabric-test-{port}")),
         };
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::spawn(move || {

@@ -190,6 +190,17 @@ impl KsmControl {
         self.journal.save(&self.lock)
     }
 
+    /// Applies the controller's settings. The advisor is turned off first (the kernel
+    /// refuses `pages_to_scan` while it steers); ksmd is started last, once its pace is set.
+    pub fn apply(&mut self, k: &crate::policy::Knobs) -> Result<(), ActuateError> {
+        if knobs::exists("advisor_mode") && knobs::read("advisor_mode")? != "none" {
+            self.set("advisor_mode", "none")?;
+        }
+        self.set("pages_to_scan", &k.pages_to_scan.to_string())?;
+        self.set("sleep_millisecs", &k.sleep_millisecs.to_string())?;
+        self.set("run", if k.run { "1" } else { "0" })
+    }
+
     /// Puts every changed knob back (see the module doc for the order). Idempotent.
     pub fn restore(&mut self) -> Result<Restored, ActuateError> {
         if self.done {

@@ -4,13 +4,14 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
 
 use clap::Args;
 use memfabric::{
-    config::{Config, FileConfig},
+    config::{Act, Config, FileConfig, Overrides},
     daemon,
 };
 
 #[derive(Args)]
 pub struct RunArgs {
-    /// TOML config file (keys: listen, pids, match, refresh_ms).
+    /// TOML config file (keys: listen, pids, match, refresh_ms, scan_cpu_percent, act,
+    /// ksmd_cpu_percent, state_dir).
     #[arg(long, env = "MEMFABRIC_CONFIG")]
     config: Option<PathBuf>,
     /// HTTP address for /metrics, /healthz, /v1/status [default: 127.0.0.1:9977].
@@ -28,6 +29,17 @@ pub struct RunArgs {
     /// Percent of one core the page scanner may use; 0 turns it off [default: 5].
     #[arg(long, env = "MEMFABRIC_SCAN_CPU")]
     scan_cpu: Option<f64>,
+    /// Change the host: `ksmd` steers ksmd's scan rate. Without it the daemon only
+    /// recommends (the decision and its reason in /v1/status, `status` and `top`).
+    #[arg(long = "act", env = "MEMFABRIC_ACT", value_delimiter = ',')]
+    act: Vec<Act>,
+    /// Percent of one core ksmd may use while steered (0.1-100) [default: 10].
+    #[arg(long, env = "MEMFABRIC_KSMD_CPU")]
+    ksmd_cpu: Option<f64>,
+    /// Journal of every setting changed, and the lock one steering daemon holds
+    /// [default: /var/lib/memfabric].
+    #[arg(long, env = "MEMFABRIC_STATE_DIR")]
+    state_dir: Option<PathBuf>,
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
@@ -37,11 +49,16 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     };
     let cfg = Config::merge(
         file,
-        args.listen,
-        args.pids,
-        args.matches,
-        args.refresh_ms,
-        args.scan_cpu,
+        Overrides {
+            listen: args.listen,
+            pids: args.pids,
+            matches: args.matches,
+            refresh_ms: args.refresh_ms,
+            scan_cpu_percent: args.scan_cpu,
+            act: args.act,
+            ksmd_cpu_percent: args.ksmd_cpu,
+            state_dir: args.state_dir,
+        },
     )?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

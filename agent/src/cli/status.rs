@@ -100,6 +100,35 @@ pub fn ksm_line(k: &memfabric::ksm_host::KsmHost) -> String {
     )
 }
 
+/// The ksmd controller's line: what it applies (or recommends) and why.
+pub fn ksmd_line(state: &HostState) -> Option<String> {
+    let k = state.ksmd.as_ref()?;
+    let d = &k.decision;
+    Some(format!(
+        "ksmd: {} pages_to_scan={} sleep_millisecs={} ({:.0} pages/s, {}{}); ksmd CPU {:.1} % of a core (budget {:.1} %){}",
+        if k.steering {
+            "steered to"
+        } else {
+            "memfabric recommends"
+        },
+        d.knobs.pages_to_scan,
+        d.knobs.sleep_millisecs,
+        d.knobs.pace(),
+        d.reason.as_str(),
+        if d.capped {
+            ", capped by the budget"
+        } else {
+            ""
+        },
+        k.ksmd_cpu_recent * 100.0,
+        k.ksmd_cpu_budget * 100.0,
+        k.last_error
+            .as_deref()
+            .map(|e| format!("; last error: {e}"))
+            .unwrap_or_default(),
+    ))
+}
+
 /// Column titles of [`row`].
 pub const COLUMNS: [&str; 9] = [
     "VM",
@@ -133,6 +162,9 @@ pub fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
     let k = &state.ksm;
     println!("source: {source}");
     println!("{}", ksm_line(k));
+    if let Some(line) = ksmd_line(&state) {
+        println!("{line}");
+    }
     let [c0, c1, c2, c3, c4, c5, c6, c7, c8] = COLUMNS;
     println!(
         "{c0:<16} {c1:>8} {c2:<12} {c3:>9} {c4:>11} {c5:>11} {c6:>9} {c7:>9} {c8:>10}  MERGEABLE"

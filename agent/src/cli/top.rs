@@ -74,7 +74,7 @@ pub fn run(args: TopArgs) -> anyhow::Result<ExitCode> {
             let k = &state.ksm;
             terminal.draw(|f| {
                 let [head, body, foot] = Layout::vertical([
-                    Constraint::Length(4),
+                    Constraint::Length(5),
                     Constraint::Min(3),
                     Constraint::Length(1),
                 ])
@@ -82,6 +82,7 @@ pub fn run(args: TopArgs) -> anyhow::Result<ExitCode> {
                 f.render_widget(
                     Paragraph::new(vec![
                         Line::from(super::status::ksm_line(k)),
+                        Line::from(super::status::ksmd_line(&state).unwrap_or_default()),
                         Line::from(format!("source: {source}")),
                     ])
                     .block(Block::bordered().title(" memfabric top ")),

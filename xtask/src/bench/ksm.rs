@@ -1,7 +1,9 @@
 //! `cargo xtask bench ksm`: KSM policies against real lab guests. For each policy the lab
 //! is booted afresh (same image, same profile), KSM runs under the policy for a fixed
 //! time, and the host is sampled every second. Everything KSM-related is restored after
-//! each policy.
+//! each policy. The `memfabric` policy is the release daemon steering ksmd
+//! (`memfabric run --act ksmd`); its bill is ksmd's CPU plus the daemon's own (every
+//! thread), so every policy gets an agent CPU and a total CPU column.
 
 use std::{
     fmt::Write as _,
@@ -25,6 +27,8 @@ pub enum Policy {
     Stock,
     /// The kernel's scan-time advisor (advisor_mode=scan-time) steers pages_to_scan.
     Advisor,
+    /// `memfabric run --act ksmd` (release, scanner off) steers ksmd.
+    Memfabric,
 }
 
 impl Policy {
@@ -32,10 +36,12 @@ impl Policy {
         match self {
             Policy::Stock => "stock",
             Policy::Advisor => "advisor",
+            Policy::Memfabric => "memfabric",
         }
     }
 
-    fn apply(self, ksm: &mut KsmSession) -> anyhow::Result<()> {
+    /// Sets KSM up for the policy; for `memfabric` starts the daemon that steers it.
+    fn apply(self, ksm: &mut KsmSession, agent: Option<&Path>) -> anyhow::Result<Option<Daemon>> {
         match self {
             Policy::Stock => {
                 ksm.set("pages_to_scan", "100")?;
@@ -53,8 +59,72 @@ impl Policy {
                 ksm.set("sleep_millisecs", "20")?;
                 ksm.set("advisor_mode", "scan-time")?;
             }
+            Policy::Memfabric => {
+                // The daemon takes it from here (it turns ksmd on itself).
+                let agent = agent.context("the memfabric policy needs the agent binary")?;
+                return Daemon::start(agent).map(Some);
+            }
         }
-        ksm.set("run", "1")
+        ksm.set("run", "1")?;
+        Ok(None)
+    }
+}
+
+/// The steering daemon of the `memfabric` policy: its own state directory (the bench's
+/// session holds xtask's), stopped with SIGTERM, which must put ksmd's knobs back.
+struct Daemon {
+    child: std::process::Child,
+    state: std::path::PathBuf,
+}
+
+impl Daemon {
+    fn start(agent: &Path) -> anyhow::Result<Daemon> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let state = xtask::cmd::root().join("target/lab-bench/memfabric-state");
+        let log = fs::File::create(xtask::cmd::root().join("target/lab-bench/memfabric.log"))?;
+        let child = std::process::Command::new(agent)
+            .args(["run", "--act", "ksmd", "--scan-cpu", "0", "--listen"])
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--state-dir")
+            .arg(&state)
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("starting memfabric run --act ksmd")?;
+        Ok(Daemon { child, state })
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGTERM, then checks that it exited cleanly and left no journal.
+    fn stop(mut self) -> anyhow::Result<()> {
+        // SAFETY: our own child.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        let status = self.child.wait()?;
+        if !status.success() {
+            bail!("memfabric run exited with {status} on SIGTERM");
+        }
+        if self.state.join("journal.json").exists() {
+            bail!(
+                "memfabric left a journal in {}: knobs not restored",
+                self.state.display()
+            );
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            // SAFETY: our own child.
+            unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+            let _ = self.child.wait();
+        }
     }
 }
 
@@ -69,6 +139,8 @@ struct Sample {
     pages_to_scan: u64,
     full_scans: u64,
     ksmd_cpu_s: f64,
+    /// The steering daemon's CPU (every thread); 0 for the kernel's own policies.
+    agent_cpu_s: f64,
     cow_ksm: u64,
 }
 
@@ -102,8 +174,16 @@ fn vmstat(key: &str) -> u64 {
         .unwrap_or(0)
 }
 
-fn sample(t: f64, ksmd: Option<u32>, cpu0: f64, cow0: u64, scans0: u64) -> Sample {
+fn sample(
+    t: f64,
+    ksmd: Option<u32>,
+    cpu0: f64,
+    cow0: u64,
+    scans0: u64,
+    agent: Option<(u32, f64)>,
+) -> Sample {
     Sample {
+        agent_cpu_s: agent.map_or(0.0, |(pid, cpu0)| cpu_seconds(pid) - cpu0),
         t,
         pages_shared: ksm::read_u64("pages_shared"),
         pages_sharing: ksm::read_u64("pages_sharing"),
@@ -119,12 +199,13 @@ fn sample(t: f64, ksmd: Option<u32>, cpu0: f64, cow0: u64, scans0: u64) -> Sampl
 fn progress(policy: Policy, s: &Sample) {
     if (s.t.round() as u64).is_multiple_of(15) {
         eprintln!(
-            "bench: {} t={:>4.0}s pages_sharing={} pages_to_scan={} ksmd_cpu={:.1}s cow_ksm=+{}",
+            "bench: {} t={:>4.0}s pages_sharing={} pages_to_scan={} ksmd_cpu={:.1}s agent_cpu={:.1}s cow_ksm=+{}",
             policy.name(),
             s.t,
             s.pages_sharing,
             s.pages_to_scan,
             s.ksmd_cpu_s,
+            s.agent_cpu_s,
             s.cow_ksm
         );
     }
@@ -178,6 +259,8 @@ struct Baseline {
     cpu0: f64,
     cow0: u64,
     scans0: u64,
+    /// The steering daemon and its CPU when it started.
+    agent: Option<(u32, f64)>,
 }
 
 impl Baseline {
@@ -191,27 +274,43 @@ impl Baseline {
             cpu0: ksmd.map_or(0.0, cpu_seconds),
             cow0: vmstat("cow_ksm"),
             scans0: ksm::read_u64("full_scans"),
+            agent: None,
         }
     }
 
+    fn watch(&mut self, daemon: Option<&Daemon>) {
+        self.agent = daemon.map(|d| (d.pid(), cpu_seconds(d.pid())));
+    }
+
     fn sample(&self, t: f64) -> Sample {
-        sample(t, self.ksmd, self.cpu0, self.cow0, self.scans0)
+        sample(t, self.ksmd, self.cpu0, self.cow0, self.scans0, self.agent)
     }
 }
 
 /// Runs one policy on a fresh lab; returns its samples. The lab goes down and KSM back to
 /// what it was, also on error.
-fn run_policy(policy: Policy, load: &Load) -> anyhow::Result<Vec<Sample>> {
+fn run_policy(policy: Policy, load: &Load, agent: Option<&Path>) -> anyhow::Result<Vec<Sample>> {
     let mut ksm = KsmSession::begin()?;
     ksm.set("run", "0")?;
+    let mut daemon = None;
     let result = match load {
         Load::Profile {
             profile,
             guests,
             seconds,
-        } => run_profile(policy, &mut ksm, *profile, *guests, *seconds),
-        Load::Scenario(s) => run_scenario(policy, &mut ksm, s),
+        } => run_profile(
+            policy,
+            &mut ksm,
+            &mut daemon,
+            agent,
+            *profile,
+            *guests,
+            *seconds,
+        ),
+        Load::Scenario(s) => run_scenario(policy, &mut ksm, &mut daemon, agent, s),
     };
+    let stopped = daemon.map_or(Ok(()), Daemon::stop);
+    let result = result.and_then(|s| stopped.map(|()| s));
     let down = lab::down();
     let restore = ksm.restore();
     let samples = result?;
@@ -223,6 +322,8 @@ fn run_policy(policy: Policy, load: &Load) -> anyhow::Result<Vec<Sample>> {
 fn run_profile(
     policy: Policy,
     ksm: &mut KsmSession,
+    daemon: &mut Option<Daemon>,
+    agent: Option<&Path>,
     profile: Profile,
     guests: u32,
     seconds: u64,
@@ -232,8 +333,9 @@ fn run_profile(
         profile,
         ..UpOptions::default()
     })?;
-    let base = Baseline::take();
-    policy.apply(ksm)?;
+    let mut base = Baseline::take();
+    *daemon = policy.apply(ksm, agent)?;
+    base.watch(daemon.as_ref());
     let t0 = Instant::now();
     let mut samples = Vec::new();
     for i in 1..=seconds {
@@ -248,15 +350,23 @@ fn run_profile(
 fn run_scenario(
     policy: Policy,
     ksm: &mut KsmSession,
+    daemon: &mut Option<Daemon>,
+    agent: Option<&Path>,
     scenario: &Scenario,
 ) -> anyhow::Result<Vec<Sample>> {
     let images = lab::Images::prepare(&[], false)?;
-    let base = Baseline::take();
+    let mut base = Baseline::take();
     let mut samples = Vec::new();
+    let base_cell = std::cell::RefCell::new(&mut base);
     scenario.play(
         &images,
-        || policy.apply(ksm),
+        || {
+            *daemon = policy.apply(ksm, agent)?;
+            base_cell.borrow_mut().watch(daemon.as_ref());
+            Ok(())
+        },
         |t| {
+            let base = base_cell.borrow();
             let s = base.sample(t as f64);
             progress(policy, &s);
             samples.push(s);
@@ -284,7 +394,12 @@ fn mib(pages: u64) -> f64 {
     pages as f64 * 4096.0 / MIB
 }
 
-pub fn run(load: &Load, policies: &[Policy], out: &Path) -> anyhow::Result<()> {
+pub fn run(
+    load: &Load,
+    policies: &[Policy],
+    agent: Option<&Path>,
+    out: &Path,
+) -> anyhow::Result<()> {
     // The benchmark's own lab state: a developer's running lab is left alone.
     let state = xtask::cmd::root().join("target/lab-bench");
     // SAFETY: single-threaded at this point; nothing else reads the environment.
@@ -298,7 +413,7 @@ pub fn run(load: &Load, policies: &[Policy], out: &Path) -> anyhow::Result<()> {
             load.name()
         );
         let samples =
-            run_policy(policy, load).with_context(|| format!("policy {}", policy.name()))?;
+            run_policy(policy, load, agent).with_context(|| format!("policy {}", policy.name()))?;
         let mut csv = String::from(
             "t_s,pages_shared,pages_sharing,general_profit_bytes,ksm_zero_pages,pages_to_scan,full_scans,ksmd_cpu_s,cow_ksm\n",
         );
@@ -324,28 +439,38 @@ pub fn run(load: &Load, policies: &[Policy], out: &Path) -> anyhow::Result<()> {
     let mut md = load.title();
     md.push_str(
         "| policy | saved MiB (pages_sharing) | general_profit MiB | time to 90 % of final (s) \
-         | ksmd CPU s | ksmd CPU % of a core | COW breaks (cow_ksm) | full scans |\n\
-         |---|---|---|---|---|---|---|---|\n",
+         | ksmd CPU s | agent CPU s | total CPU s | total CPU % of a core | COW breaks (cow_ksm) | full scans |\n\
+         |---|---|---|---|---|---|---|---|---|---|\n",
     );
     for (policy, samples) in &runs {
         let last = samples.last().copied().unwrap_or_default();
         let all: Vec<&Sample> = samples.iter().collect();
+        let total = last.ksmd_cpu_s + last.agent_cpu_s;
         writeln!(
             md,
-            "| {} | {:.1} | {:.1} | {} | {:.1} | {:.1} | {} | {} |",
+            "| {} | {:.1} | {:.1} | {} | {:.1} | {:.1} | {:.1} | {:.2} | {} | {} |",
             policy.name(),
             mib(last.pages_sharing),
             last.general_profit as f64 / MIB,
             time_to_90(&all, 0.0),
             last.ksmd_cpu_s,
-            100.0 * last.ksmd_cpu_s / last.t.max(1.0),
+            last.agent_cpu_s,
+            total,
+            100.0 * total / last.t.max(1.0),
             last.cow_ksm,
             last.full_scans
         )?;
     }
-    if let Load::Scenario(sc) = load {
-        md.push_str(&phases(sc, &runs)?);
-    }
+    let bounds = match load {
+        Load::Scenario(sc) => {
+            let mut b = sc.event_times();
+            b.push((sc.duration_s, "end".into()));
+            b
+        }
+        Load::Profile { seconds, .. } => vec![(0, "start".into()), (*seconds, "end".into())],
+    };
+    md.push_str(&phases(&bounds, &runs)?);
+    md.push_str(&goals(&bounds, &runs));
     let series = |f: fn(&Sample) -> f64| -> Vec<Series> {
         runs.iter()
             .map(|(p, s)| Series {
@@ -382,43 +507,168 @@ pub fn run(load: &Load, policies: &[Policy], out: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Per scenario phase (between two events): savings at the phase's end, seconds from the
-/// phase's start to 90 % of that, ksmd CPU and COW breaks within the phase.
-fn phases(sc: &Scenario, runs: &[(Policy, Vec<Sample>)]) -> anyhow::Result<String> {
-    let mut bounds = sc.event_times();
-    bounds.push((sc.duration_s, "end".into()));
-    let mut md = String::from(
-        "\n## Phases\n\n| phase | policy | saved MiB at end | time to 90 % (s) | ksmd CPU s | COW breaks |\n\
-         |---|---|---|---|---|---|\n",
-    );
+/// One policy's figures over one phase.
+struct Phase {
+    saved_end: u64,
+    t90: Option<f64>,
+    ksmd_cpu: f64,
+    agent_cpu: f64,
+    cow: u64,
+    starved_s: f64,
+}
+
+/// The phases between `bounds` with each policy's figures; "savings left" and "90 %" are
+/// measured against the best policy's savings at the phase's end.
+fn phase_figures(
+    bounds: &[(u64, String)],
+    runs: &[(Policy, Vec<Sample>)],
+) -> Vec<(u64, u64, String, Vec<(Policy, Phase)>)> {
+    let mut out = Vec::new();
     for w in bounds.windows(2) {
         let ((from, what), (to, _)) = (&w[0], &w[1]);
         if to <= from {
             continue;
         }
+        let inside = |s: &Vec<Sample>| -> Vec<Sample> {
+            s.iter()
+                .filter(|x| x.t > *from as f64 && x.t <= *to as f64)
+                .copied()
+                .collect()
+        };
+        let best = runs
+            .iter()
+            .filter_map(|(_, s)| inside(s).last().map(|x| x.pages_sharing))
+            .max()
+            .unwrap_or(0);
+        let mut rows = Vec::new();
         for (policy, samples) in runs {
-            let inside: Vec<&Sample> = samples
-                .iter()
-                .filter(|s| s.t > *from as f64 && s.t <= *to as f64)
-                .collect();
-            let Some(last) = inside.last() else {
-                continue;
-            };
+            let within = inside(samples);
+            let Some(last) = within.last() else { continue };
             let before = samples
                 .iter()
                 .rfind(|s| s.t <= *from as f64)
                 .copied()
                 .unwrap_or_default();
+            let t90 = (best > 0)
+                .then(|| within.iter().find(|s| s.pages_sharing * 10 >= best * 9))
+                .flatten()
+                .map(|s| s.t - *from as f64);
+            // Longest stretch with savings left (under 98 % of the best) and no merge.
+            let (mut run_s, mut longest, mut prev) = (0.0f64, 0.0f64, before);
+            for s in &within {
+                if s.pages_sharing * 50 < best * 49 && s.pages_sharing <= prev.pages_sharing {
+                    run_s += s.t - prev.t;
+                    longest = longest.max(run_s);
+                } else {
+                    run_s = 0.0;
+                }
+                prev = *s;
+            }
+            rows.push((
+                *policy,
+                Phase {
+                    saved_end: last.pages_sharing,
+                    t90,
+                    ksmd_cpu: last.ksmd_cpu_s - before.ksmd_cpu_s,
+                    agent_cpu: last.agent_cpu_s - before.agent_cpu_s,
+                    cow: last.cow_ksm - before.cow_ksm,
+                    starved_s: longest,
+                },
+            ));
+        }
+        out.push((*from, *to, what.clone(), rows));
+    }
+    out
+}
+
+/// Per phase: savings at the phase's end, seconds from the phase's start to 90 % of the
+/// best policy's savings, CPU, COW breaks, starvation.
+fn phases(bounds: &[(u64, String)], runs: &[(Policy, Vec<Sample>)]) -> anyhow::Result<String> {
+    let mut md = String::from(
+        "\n## Phases\n\nTime to 90 %: from the phase's start to 90 % of the best policy's savings at \
+         the phase's end. Starved: longest stretch with savings left (under 98 % of the best) and \
+         no merge.\n\n| phase | policy | saved MiB at end | time to 90 % (s) | ksmd CPU s | agent CPU s \
+         | COW breaks | starved s |\n|---|---|---|---|---|---|---|---|\n",
+    );
+    for (from, to, what, rows) in phase_figures(bounds, runs) {
+        for (policy, p) in rows {
             writeln!(
                 md,
-                "| {from}-{to} s ({what}) | {} | {:.1} | {} | {:.1} | {} |",
+                "| {from}-{to} s ({what}) | {} | {:.1} | {} | {:.1} | {:.1} | {} | {:.0} |",
                 policy.name(),
-                mib(last.pages_sharing),
-                time_to_90(&inside, *from as f64),
-                last.ksmd_cpu_s - before.ksmd_cpu_s,
-                last.cow_ksm - before.cow_ksm,
+                mib(p.saved_end),
+                p.t90.map_or("never".into(), |t| format!("{t:.0}")),
+                p.ksmd_cpu,
+                p.agent_cpu,
+                p.cow,
+                p.starved_s,
             )?;
         }
     }
     Ok(md)
+}
+
+/// The issue's goals for `memfabric`, per phase and over the run, met or not.
+fn goals(bounds: &[(u64, String)], runs: &[(Policy, Vec<Sample>)]) -> String {
+    let find = |p: Policy| runs.iter().find(|(q, _)| *q == p).map(|(_, s)| s);
+    let (Some(mf), Some(stock)) = (find(Policy::Memfabric), find(Policy::Stock)) else {
+        return String::new();
+    };
+    let mut md = String::from(
+        "\n## Goals (memfabric)\n\n| phase | savings vs better of stock/advisor (>= 98 %) \
+         | time to 90 % vs faster (<=) | starved s (0) |\n|---|---|---|---|\n",
+    );
+    let ok = |b: bool| if b { "met" } else { "NOT met" };
+    for (from, to, what, rows) in phase_figures(bounds, runs) {
+        let get = |p: Policy| rows.iter().find(|(q, _)| *q == p).map(|(_, x)| x);
+        let Some(m) = get(Policy::Memfabric) else {
+            continue;
+        };
+        let others: Vec<&Phase> = [Policy::Stock, Policy::Advisor]
+            .into_iter()
+            .filter_map(get)
+            .collect();
+        let better = others.iter().map(|p| p.saved_end).max().unwrap_or(0);
+        let faster = others
+            .iter()
+            .filter_map(|p| p.t90)
+            .fold(f64::INFINITY, f64::min);
+        let ratio = if better == 0 {
+            1.0
+        } else {
+            m.saved_end as f64 / better as f64
+        };
+        let t_ok = match m.t90 {
+            Some(t) => t <= faster,
+            None => faster.is_infinite(),
+        };
+        let _ = writeln!(
+            md,
+            "| {from}-{to} s ({what}) | {:.1} % ({}) | {} vs {} ({}) | {:.0} ({}) |",
+            ratio * 100.0,
+            ok(ratio >= 0.98),
+            m.t90.map_or("never".into(), |t| format!("{t:.0} s")),
+            if faster.is_finite() {
+                format!("{faster:.0} s")
+            } else {
+                "never".into()
+            },
+            ok(t_ok),
+            m.starved_s,
+            ok(m.starved_s == 0.0),
+        );
+    }
+    let total = |s: &Vec<Sample>| s.last().map_or(0.0, |x| x.ksmd_cpu_s + x.agent_cpu_s);
+    let (m, st) = (total(mf), total(stock));
+    let agent = mf.last().map_or(0.0, |x| x.agent_cpu_s);
+    let secs = mf.last().map_or(1.0, |x| x.t.max(1.0));
+    let _ = writeln!(
+        md,
+        "\nTotal CPU (ksmd + agent) over the run: memfabric {m:.1} s vs stock {st:.1} s = {:.0} % \
+         (goal <= 50 %: {}). The agent alone: {agent:.1} s, {:.2} % of a core.",
+        100.0 * m / st.max(1e-9),
+        ok(m <= 0.5 * st),
+        100.0 * agent / secs,
+    );
+    md
 }

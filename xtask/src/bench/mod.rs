@@ -58,7 +58,7 @@ pub enum Bench {
             long,
             value_enum,
             value_delimiter = ',',
-            default_value = "stock,advisor"
+            default_value = "stock,advisor,memfabric"
         )]
         policy: Vec<ksm::Policy>,
         /// Seconds each policy runs.
@@ -90,7 +90,17 @@ pub fn run(which: Bench) -> anyhow::Result<()> {
                 seconds: *seconds,
             },
         };
-        return ksm::run(&load, policy, &cmd::root().join("reports"));
+        let agent = if policy.contains(&ksm::Policy::Memfabric) {
+            Some(crate::build::agent()?)
+        } else {
+            None
+        };
+        return ksm::run(
+            &load,
+            policy,
+            agent.as_deref(),
+            &cmd::root().join("reports"),
+        );
     }
     if let Bench::Agent { guests, seconds } = &which {
         let agent = crate::build::agent()?;
