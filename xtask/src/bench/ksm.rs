@@ -507,6 +507,9 @@ pub fn run(
     Ok(())
 }
 
+/// (from, to, what started it, each policy's figures).
+type PhaseRows = (u64, u64, String, Vec<(Policy, Phase)>);
+
 /// One policy's figures over one phase.
 struct Phase {
     saved_end: u64,
@@ -519,10 +522,7 @@ struct Phase {
 
 /// The phases between `bounds` with each policy's figures; "savings left" and "90 %" are
 /// measured against the best policy's savings at the phase's end.
-fn phase_figures(
-    bounds: &[(u64, String)],
-    runs: &[(Policy, Vec<Sample>)],
-) -> Vec<(u64, u64, String, Vec<(Policy, Phase)>)> {
+fn phase_figures(bounds: &[(u64, String)], runs: &[(Policy, Vec<Sample>)]) -> Vec<PhaseRows> {
     let mut out = Vec::new();
     for w in bounds.windows(2) {
         let ((from, what), (to, _)) = (&w[0], &w[1]);
