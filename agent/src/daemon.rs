@@ -183,7 +183,11 @@ impl Daemon {
             let (wf, cb) = match (probes, self.previous.get(pid)) {
                 (Some(p), Some((t, prev))) => {
                     let dt = now.duration_since(*t).as_secs_f64().max(1e-3);
-                    self.guest_writes += p.write_faults.saturating_sub(prev.write_faults)
+                    // First touches only: writes to present pages (COW breaks of churning
+                    // memory) are no new memory, and re-merging churn does not pay.
+                    let first =
+                        |c: &VmProbeCounters| c.write_faults.saturating_sub(c.write_protect_faults);
+                    self.guest_writes += first(&p).saturating_sub(first(prev))
                         + p.kvm_write_faults.saturating_sub(prev.kvm_write_faults);
                     (
                         (p.write_faults.saturating_sub(prev.write_faults)) as f64 / dt,

@@ -94,8 +94,10 @@ pub struct Observation {
     pub ksm_enters: u64,
     /// VMs with mergeable RAM that appeared since the daemon started.
     pub vms_arrived: u64,
-    /// Write faults of tracked VMs (user and KVM) since the daemon started: guests
-    /// populating memory.
+    /// First-touch write faults of tracked VMs (user faults on pages not present, and KVM
+    /// guest write faults) since the daemon started: guests populating memory. Writes to
+    /// present pages (COW breaks of churning memory) are left out: re-merging them does
+    /// not pay.
     pub guest_writes: u64,
     /// Guest RAM of tracked mergeable VMs, in pages: the scan size before one is measured.
     pub mergeable_pages: u64,
