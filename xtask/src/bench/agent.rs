@@ -13,6 +13,8 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
+
+use super::get;
 use xtask::{
     ksm::KsmSession,
     lab::{self, UpOptions},
@@ -30,19 +32,6 @@ fn usage(pid: u32) -> Option<(f64, u64)> {
     let cpu = (f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?) as f64 / hz;
     let rss = lab::proc_field(pid, "status", "VmRSS:")?;
     Some((cpu, rss))
-}
-
-/// A plain HTTP/1.0 GET on loopback (xtask keeps no HTTP client dependency).
-fn get(port: u16, path: &str) -> Option<String> {
-    use std::io::{Read as _, Write as _};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).ok()?;
-    let (head, body) = resp.split_once("\r\n\r\n")?;
-    head.split_whitespace().nth(1).filter(|c| *c == "200")?;
-    Some(body.to_owned())
 }
 
 type Rows = Vec<(f64, f64, f64)>;

@@ -75,6 +75,7 @@ impl Policy {
 struct Daemon {
     child: std::process::Child,
     state: std::path::PathBuf,
+    port: u16,
 }
 
 impl Daemon {
@@ -93,7 +94,17 @@ impl Daemon {
             .stderr(log)
             .spawn()
             .context("starting memfabric run --act ksmd")?;
-        Ok(Daemon { child, state })
+        Ok(Daemon { child, state, port })
+    }
+
+    /// The controller's own CPU seconds, from the daemon's /metrics.
+    fn controller_cpu(&self) -> Option<f64> {
+        super::get(self.port, "/metrics")?.lines().find_map(|l| {
+            l.strip_prefix("memfabric_ksmd_controller_cpu_seconds_total ")?
+                .trim()
+                .parse()
+                .ok()
+        })
     }
 
     fn pid(&self) -> u32 {
@@ -289,7 +300,10 @@ impl Baseline {
 
 /// Runs one policy on a fresh lab; returns its samples. The lab goes down and KSM back to
 /// what it was, also on error.
-fn run_policy(policy: Policy, load: &Load, agent: Option<&Path>) -> anyhow::Result<Vec<Sample>> {
+/// One policy's run: its samples and, for `memfabric`, the controller's own CPU seconds.
+type Run = (Vec<Sample>, Option<f64>);
+
+fn run_policy(policy: Policy, load: &Load, agent: Option<&Path>) -> anyhow::Result<Run> {
     let mut ksm = KsmSession::begin()?;
     ksm.set("run", "0")?;
     let mut daemon = None;
@@ -309,8 +323,9 @@ fn run_policy(policy: Policy, load: &Load, agent: Option<&Path>) -> anyhow::Resu
         ),
         Load::Scenario(s) => run_scenario(policy, &mut ksm, &mut daemon, agent, s),
     };
+    let controller = daemon.as_ref().and_then(Daemon::controller_cpu);
     let stopped = daemon.map_or(Ok(()), Daemon::stop);
-    let result = result.and_then(|s| stopped.map(|()| s));
+    let result = result.and_then(|s| stopped.map(|()| (s, controller)));
     let down = lab::down();
     let restore = ksm.restore();
     let samples = result?;
@@ -406,14 +421,18 @@ pub fn run(
     unsafe { std::env::set_var("MEMFABRIC_LAB_STATE", &state) };
     let dir = xtask::report::dir(out, &format!("ksm-{}", load.name()))?;
     let mut runs = Vec::new();
+    let mut controller_cpu = None;
     for &policy in policies {
         eprintln!(
             "bench: policy {} on a fresh lab running {}",
             policy.name(),
             load.name()
         );
-        let samples =
+        let (samples, controller) =
             run_policy(policy, load, agent).with_context(|| format!("policy {}", policy.name()))?;
+        if let Some(c) = controller {
+            controller_cpu = Some(c);
+        }
         let mut csv = String::from(
             "t_s,pages_shared,pages_sharing,general_profit_bytes,ksm_zero_pages,pages_to_scan,full_scans,ksmd_cpu_s,cow_ksm\n",
         );
@@ -471,6 +490,24 @@ pub fn run(
     };
     md.push_str(&phases(&bounds, &runs)?);
     md.push_str(&goals(&bounds, &runs));
+    if let Some(c) = controller_cpu {
+        let secs = runs
+            .iter()
+            .find(|(p, _)| *p == Policy::Memfabric)
+            .and_then(|(_, s)| s.last())
+            .map_or(1.0, |x| x.t.max(1.0));
+        writeln!(
+            md,
+            "The ksmd controller itself (observe, decide, act; from the daemon's /metrics): \
+             {c:.3} s, {:.3} % of a core (goal < 0.2 %: {}).",
+            100.0 * c / secs,
+            if 100.0 * c / secs < 0.2 {
+                "met"
+            } else {
+                "NOT met"
+            }
+        )?;
+    }
     let series = |f: fn(&Sample) -> f64| -> Vec<Series> {
         runs.iter()
             .map(|(p, s)| Series {

@@ -137,3 +137,17 @@ pub fn run(which: Bench) -> anyhow::Result<()> {
     };
     cmd::run(&mut c)
 }
+
+/// A plain HTTP/1.0 GET on loopback (xtask keeps no HTTP client dependency).
+pub(crate) fn get(port: u16, path: &str) -> Option<String> {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).ok()?;
+    let (head, body) = resp.split_once("\r\n\r\n")?;
+    head.split_whitespace().nth(1).filter(|c| *c == "200")?;
+    Some(body.to_owned())
+}
