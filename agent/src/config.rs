@@ -71,6 +71,11 @@ pub struct FileConfig {
     pub ksmd_cpu_percent: Option<f64>,
     /// Where the journal of changed settings and the daemon's lock live.
     pub state_dir: Option<PathBuf>,
+    /// Take processes named like a VMM for VMs even when their executable is not
+    /// root-owned or is writable by others (default false: anyone can name a copy of
+    /// `sleep` `qemu-system-x86_64`).
+    #[serde(default)]
+    pub untrusted_vmm_executables: bool,
 }
 
 impl FileConfig {
@@ -102,6 +107,8 @@ pub struct Config {
     /// Fraction of one core ksmd may use.
     pub ksmd_cpu: f64,
     pub state_dir: PathBuf,
+    /// See [`FileConfig::untrusted_vmm_executables`].
+    pub untrusted_vmm_executables: bool,
 }
 
 /// What flags and the environment set; `None`/empty leaves the file's value.
@@ -178,6 +185,7 @@ impl Config {
             state_dir: state_dir
                 .or(file.state_dir)
                 .unwrap_or_else(|| crate::actuate::DEFAULT_STATE_DIR.into()),
+            untrusted_vmm_executables: file.untrusted_vmm_executables,
         })
     }
 }

@@ -66,6 +66,8 @@ pub struct Daemon {
     vms_arrived: u64,
     guest_writes: u64,
     started: Instant,
+    /// VMs the probes could not track (a full map).
+    track_failures: u64,
 }
 
 impl Daemon {
@@ -90,6 +92,7 @@ impl Daemon {
             scanner: Scanner::new(Selector {
                 pids: cfg.pids.clone(),
                 patterns: cfg.matches.clone(),
+                untrusted_vmm_executables: cfg.untrusted_vmm_executables,
             }),
             ksmd: ksm_host::ksmd_pid(),
             vms: BTreeMap::new(),
@@ -110,6 +113,7 @@ impl Daemon {
             vms_arrived: 0,
             guest_writes: 0,
             started: Instant::now(),
+            track_failures: 0,
         })
     }
 
@@ -146,7 +150,7 @@ impl Daemon {
                 let Some(vm) = inventory::describe(pid, kind) else {
                     continue; // exited meanwhile
                 };
-                match self.probes.track(pid) {
+                match self.probes.track_deferred(pid) {
                     Ok(()) => tracing::info!(
                         "tracking VM {} (pid {pid}, {}, {} MiB, {:?})",
                         vm.name,
@@ -156,7 +160,19 @@ impl Daemon {
                     ),
                     // It exited between discovery and tracking: next refresh drops it.
                     Err(ProbeError::UnknownPid(_)) => continue,
-                    Err(e) => return Err(e.into()),
+                    // A full map (thousands of VMs) is this VM's problem, not the daemon's:
+                    // it is monitored from /proc without the probes' counters.
+                    Err(e) => {
+                        self.track_failures += 1;
+                        if self.track_failures == 1 {
+                            tracing::warn!(
+                                "cannot track VM {} (pid {pid}) with the probes: {e}; it is \
+                                 monitored without them (further failures are counted in \
+                                 memfabric_vm_track_failures_total)",
+                                vm.name
+                            );
+                        }
+                    }
                 }
                 if vm.mergeability == inventory::Mergeability::Mergeable {
                     self.vms_arrived += 1;
@@ -255,6 +271,8 @@ impl Daemon {
             ksm,
             ksmd,
             agent_cpu_seconds: process_cpu_seconds(),
+            track_failures: self.track_failures,
+            untrusted_vmm_processes: self.scanner.untrusted() as u64,
             vms,
             probes: ProbeSummary {
                 attached: self

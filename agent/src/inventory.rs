@@ -123,6 +123,37 @@ pub struct Vm {
 pub struct Selector {
     pub pids: Vec<u32>,
     pub patterns: Vec<Regex>,
+    /// Take a process named like a VMM for one even when its executable is not
+    /// root-owned or is writable by others (anyone can copy `sleep` to `qemu-system-x`).
+    pub untrusted_vmm_executables: bool,
+}
+
+/// Why a process named like a VMM was not taken for one.
+pub fn untrusted_reason(meta: &fs::Metadata) -> Option<String> {
+    use std::os::unix::fs::MetadataExt as _;
+    if meta.uid() != 0 {
+        return Some(format!(
+            "its executable is owned by uid {}, not root",
+            meta.uid()
+        ));
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Some(format!(
+            "its executable is writable by others (mode {:o})",
+            meta.mode() & 0o7777
+        ));
+    }
+    None
+}
+
+/// The file name of an executable link target, without the ` (deleted)` the kernel adds
+/// once the file was replaced (a package upgrade under a running QEMU).
+pub fn exe_file_name(target: &std::path::Path) -> Option<String> {
+    let name = target.file_name()?.to_string_lossy().into_owned();
+    Some(match name.strip_suffix(" (deleted)") {
+        Some(n) => n.to_owned(),
+        None => name,
+    })
 }
 
 /// Mappings at least this large are guest-RAM candidates.
@@ -244,6 +275,8 @@ fn kind_from_comm(comm: &str) -> Option<VmKind> {
 pub struct Scanner {
     selector: Selector,
     not_vms: std::collections::HashMap<u32, String>,
+    /// Processes named like a VMM whose executable is not trusted, last scan.
+    untrusted: usize,
 }
 
 impl Scanner {
@@ -251,7 +284,14 @@ impl Scanner {
         Scanner {
             selector,
             not_vms: Default::default(),
+            untrusted: 0,
         }
+    }
+
+    /// How many processes named like a VMM were refused (untrusted executable) when they
+    /// were first seen, since the start.
+    pub fn untrusted(&self) -> usize {
+        self.untrusted
     }
 
     /// The VM processes now, by PID, with their kind.
@@ -293,21 +333,33 @@ impl Scanner {
         found
     }
 
-    fn kind(&self, pid: u32, comm: &str) -> Option<VmKind> {
+    fn kind(&mut self, pid: u32, comm: &str) -> Option<VmKind> {
         if kind_from_comm(comm).is_some() {
             // Confirm with the executable's full name where it can be read.
             let exe = fs::read_link(format!("/proc/{pid}/exe")).ok();
-            match exe
-                .as_ref()
-                .and_then(|e| e.file_name())
-                .map(|n| n.to_string_lossy().into_owned())
-            {
-                Some(name) => {
-                    if let Some(k) = VmKind::from_exe(&name) {
-                        return Some(k);
+            let kind = match exe.as_deref().and_then(exe_file_name) {
+                Some(name) => VmKind::from_exe(&name),
+                None => kind_from_comm(comm),
+            };
+            if let Some(k) = kind {
+                // The link's target file, even when it was deleted or replaced.
+                let untrusted = match fs::metadata(format!("/proc/{pid}/exe")) {
+                    Ok(meta) => untrusted_reason(&meta),
+                    Err(_) => Some("its executable cannot be inspected".to_owned()),
+                };
+                match untrusted {
+                    Some(why) if !self.selector.untrusted_vmm_executables => {
+                        self.untrusted += 1;
+                        if self.untrusted == 1 {
+                            tracing::warn!(
+                                "pid {pid} is named like a VMM but {why}: not taken for a VM \
+                                 (further ones are counted in memfabric_untrusted_vmm_processes; \
+                                 untrusted_vmm_executables = true trusts them)"
+                            );
+                        }
                     }
+                    _ => return Some(k),
                 }
-                None => return kind_from_comm(comm),
             }
         }
         if self.selector.pids.contains(&pid) {
@@ -360,6 +412,43 @@ mod tests {
             Some(VmKind::CloudHypervisor)
         );
         assert_eq!(kind_from_comm("cloud"), None);
+    }
+
+    #[test]
+    fn a_replaced_executable_is_still_its_vmm() {
+        let p = std::path::Path::new;
+        assert_eq!(
+            exe_file_name(p("/usr/bin/qemu-kvm (deleted)")).as_deref(),
+            Some("qemu-kvm")
+        );
+        assert_eq!(
+            VmKind::from_exe(&exe_file_name(p("/usr/bin/qemu-system-x86_64 (deleted)")).unwrap()),
+            Some(VmKind::Qemu)
+        );
+        assert_eq!(exe_file_name(p("/bin/sleep")).as_deref(), Some("sleep"));
+    }
+
+    #[test]
+    fn only_root_owned_unwritable_executables_are_trusted() {
+        let dir = std::env::temp_dir().join(format!("memfabric-trust-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("qemu-system-x");
+        fs::write(&f, "").unwrap();
+        use std::os::unix::fs::PermissionsExt as _;
+        fs::set_permissions(&f, fs::Permissions::from_mode(0o755)).unwrap();
+        let meta = fs::metadata(&f).unwrap();
+        // SAFETY: no preconditions.
+        let me = unsafe { libc::geteuid() };
+        if me == 0 {
+            assert_eq!(untrusted_reason(&meta), None);
+            fs::set_permissions(&f, fs::Permissions::from_mode(0o777)).unwrap();
+            let why = untrusted_reason(&fs::metadata(&f).unwrap()).unwrap();
+            assert!(why.contains("writable by others"), "{why}");
+        } else {
+            let why = untrusted_reason(&meta).unwrap();
+            assert!(why.contains(&format!("uid {me}")), "{why}");
+        }
+        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -86,6 +86,13 @@ pub struct HostState {
     /// CPU seconds the daemon has used, every thread (the scanner included).
     #[serde(default)]
     pub agent_cpu_seconds: f64,
+    /// VMs the probes could not track (their map was full): monitored without probes.
+    #[serde(default)]
+    pub track_failures: u64,
+    /// Processes named like a VMM whose executable is not trusted (not root-owned, or
+    /// writable by others): not taken for VMs.
+    #[serde(default)]
+    pub untrusted_vmm_processes: u64,
     /// The ranked 2 MiB ranges per VM, served by `/v1/ranges` (not part of /v1/status:
     /// a large host has hundreds of thousands).
     #[serde(skip)]

@@ -353,6 +353,19 @@ impl Collector for HostCollector {
             "CPU time the daemon has used, every thread (scanner included)",
             s.agent_cpu_seconds,
         )?;
+        counter(
+            e,
+            "memfabric_vm_track_failures",
+            "VMs the probes could not track (map full): monitored from /proc without probes",
+            s.track_failures,
+        )?;
+        counter(
+            e,
+            "memfabric_untrusted_vmm_processes",
+            "Processes named like a VMM refused because their executable is not root-owned \
+             or is writable by others",
+            s.untrusted_vmm_processes,
+        )?;
         if let Some(k) = &s.ksmd {
             encode_ksmd(e, k)?;
         }

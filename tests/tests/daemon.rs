@@ -34,6 +34,7 @@ impl TestDaemon {
             act: Vec::new(),
             ksmd_cpu: 0.1,
             state_dir: std::env::temp_dir().join(format!("memfabric-test-{port}")),
+            untrusted_vmm_executables: false,
         };
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::spawn(move || {

@@ -366,8 +366,11 @@ impl Probes {
         self.status.iter().all(ProbeStatus::attached)
     }
 
-    /// Starts counting for `tgid`. Tracking a tracked process again keeps its counters.
-    pub fn track(&mut self, tgid: u32) -> Result<(), ProbeError> {
+    /// Starts counting for `tgid` (tracking a tracked process again keeps its counters),
+    /// leaving the mm learner to the caller's next
+    /// [`Probes::refresh_mm_learning`]: that walks every tracked process, so calling it per
+    /// process made tracking n VMs O(n^2).
+    pub fn track_deferred(&mut self, tgid: u32) -> Result<(), ProbeError> {
         if !PathBuf::from(format!("/proc/{tgid}")).exists() || tgid == 0 {
             return Err(ProbeError::UnknownPid(tgid));
         }
@@ -382,6 +385,12 @@ impl Probes {
                 });
             }
         }
+        Ok(())
+    }
+
+    /// Starts counting for `tgid` and attaches the mm learner if its mm is unknown.
+    pub fn track(&mut self, tgid: u32) -> Result<(), ProbeError> {
+        self.track_deferred(tgid)?;
         self.refresh_mm_learning()
     }
 

@@ -1,0 +1,203 @@
+//! Processes that look like VMs but are not: anyone can copy `sleep` to a file named
+//! `qemu-system-x86_64`. The daemon must not take an untrusted executable for a VMM, and
+//! thousands of (trusted) ones must not bring it down.
+
+mod common;
+
+use std::{
+    fs,
+    net::TcpListener,
+    os::unix::fs::PermissionsExt as _,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+const MEMFABRIC: &str = env!("CARGO_BIN_EXE_memfabric");
+
+/// A copy of `sleep` named `name` in a fresh directory, owned by `uid`.
+fn fake_vmm(test: &str, name: &str, uid: u32) -> (PathBuf, PathBuf) {
+    let dir = std::env::temp_dir().join(format!("memfabric-{test}-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).unwrap();
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
+    let exe = dir.join(name);
+    fs::copy("/bin/sleep", &exe).unwrap();
+    fs::set_permissions(&exe, fs::Permissions::from_mode(0o755)).unwrap();
+    std::os::unix::fs::chown(&exe, Some(uid), Some(uid)).unwrap();
+    (dir, exe)
+}
+
+struct Daemon {
+    child: Child,
+    port: u16,
+}
+
+impl Daemon {
+    fn start(args: &[&str]) -> Daemon {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new(MEMFABRIC)
+            .args(["run", "--scan-cpu", "0", "--listen"])
+            .arg(format!("127.0.0.1:{port}"))
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        Daemon { child, port }
+    }
+
+    fn get(&self, path: &str) -> Option<String> {
+        let mut r = ureq::get(&format!("http://127.0.0.1:{}{path}", self.port))
+            .call()
+            .ok()?;
+        r.body_mut().read_to_string().ok()
+    }
+
+    /// PIDs in /v1/status, once it answers.
+    fn vm_pids(&self) -> Option<Vec<u64>> {
+        let v: serde_json::Value = serde_json::from_str(&self.get("/v1/status")?).ok()?;
+        Some(
+            v["vms"]
+                .as_array()?
+                .iter()
+                .filter_map(|vm| vm["pid"].as_u64())
+                .collect(),
+        )
+    }
+
+    fn metric(&self, name: &str) -> Option<f64> {
+        self.get("/metrics")?
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+    }
+
+    fn rss_kib(&self) -> u64 {
+        fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("VmRSS:")?
+                    .trim()
+                    .strip_suffix("kB")?
+                    .trim()
+                    .parse()
+                    .ok()
+            })
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        // SAFETY: our own child.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        let _ = self.child.wait();
+    }
+}
+
+/// Children killed on drop.
+struct Procs(Vec<Child>);
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+        }
+        for c in &mut self.0 {
+            let _ = c.wait();
+        }
+    }
+}
+
+fn spawn(exe: &Path, n: usize) -> Procs {
+    Procs(
+        (0..n)
+            .map(|_| {
+                Command::new(exe)
+                    .arg("600")
+                    .spawn()
+                    .expect("spawning a fake VMM")
+            })
+            .collect(),
+    )
+}
+
+fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn a_vmm_name_on_an_untrusted_executable_is_not_a_vm() {
+    if !common::root_or_skip("a_vmm_name_on_an_untrusted_executable_is_not_a_vm") {
+        return;
+    }
+    // Owned by `nobody`: what an unprivileged user can make.
+    let (dir, exe) = fake_vmm("untrusted", "qemu-system-x86_64", 65534);
+    let fake = spawn(&exe, 1);
+    let pid = u64::from(fake.0[0].id());
+    let d = Daemon::start(&[]);
+    let pids = wait_for(Duration::from_secs(20), || d.vm_pids()).expect("daemon up");
+    assert!(
+        !pids.contains(&pid),
+        "an untrusted fake QEMU was taken for a VM"
+    );
+    let refused = d
+        .metric("memfabric_untrusted_vmm_processes_total")
+        .expect("metric");
+    assert!(refused >= 1.0, "{refused}");
+    drop(d);
+    // The operator can choose to trust them.
+    let cfg = dir.join("trust.toml");
+    fs::write(&cfg, "untrusted_vmm_executables = true\n").unwrap();
+    let d = Daemon::start(&["--config", cfg.to_str().unwrap()]);
+    let listed = wait_for(Duration::from_secs(20), || {
+        d.vm_pids().filter(|p| p.contains(&pid))
+    });
+    assert!(listed.is_some(), "trusted by config, yet not listed");
+    drop(d);
+    drop(fake);
+    fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn thousands_of_vmms_do_not_bring_the_daemon_down() {
+    if !common::root_or_skip("thousands_of_vmms_do_not_bring_the_daemon_down") {
+        return;
+    }
+    // Root-owned and not writable by others: trusted, so every one is a "VM". One more
+    // than the probes' map holds.
+    const N: usize = 4_097;
+    let (dir, exe) = fake_vmm("capacity", "qemu-system-x86_64", 0);
+    let fakes = spawn(&exe, N);
+    let d = Daemon::start(&[]);
+    let all = wait_for(Duration::from_secs(120), || {
+        d.vm_pids().filter(|p| p.len() >= N)
+    });
+    assert!(all.is_some(), "the daemon did not list {N} VMs (or died)");
+    let failures = d
+        .metric("memfabric_vm_track_failures_total")
+        .expect("metric");
+    assert!(failures >= 1.0, "the map holds 4,096: {failures}");
+    // Still serving, still refreshing.
+    assert!(d.get("/healthz").is_some_and(|h| h.starts_with("ok")));
+    let rss = d.rss_kib();
+    assert!(rss < 512 * 1024, "RSS {rss} KiB with {N} fake VMs");
+    eprintln!("{N} fake VMs: {failures} not tracked by the probes, daemon RSS {rss} KiB");
+    drop(d);
+    drop(fakes);
+    fs::remove_dir_all(&dir).unwrap();
+}
