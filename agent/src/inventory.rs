@@ -16,6 +16,28 @@ pub struct VmIdentity {
     pub uuid: Option<String>,
 }
 
+/// Longest VM name kept (libvirt's own limit is far below; a name is a label, not data).
+const MAX_NAME_CHARS: usize = 64;
+
+/// A name from a command line, made safe to print and to use as a label: anyone who can
+/// start a process chooses it. Control characters (terminal escapes, BEL, C1 controls)
+/// and bidirectional overrides become `?`, and it is cut at [`MAX_NAME_CHARS`].
+pub fn clean_name(raw: &str) -> String {
+    raw.chars()
+        .take(MAX_NAME_CHARS)
+        .map(|c| {
+            let bidi = matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
+            if c.is_control() || bidi { '?' } else { c }
+        })
+        .collect()
+}
+
+/// A UUID as QEMU takes it (hex digits and dashes), or nothing.
+fn clean_uuid(raw: &str) -> Option<String> {
+    (raw.len() <= 36 && !raw.is_empty() && raw.chars().all(|c| c.is_ascii_hexdigit() || c == '-'))
+        .then(|| raw.to_owned())
+}
+
 /// Parses NUL-separated `/proc/PID/cmdline` bytes.
 pub fn identity_from_cmdline(cmdline: &[u8]) -> VmIdentity {
     let args: Vec<String> = cmdline
@@ -29,14 +51,15 @@ pub fn identity_from_cmdline(cmdline: &[u8]) -> VmIdentity {
     };
     let name = value("-name").map(|v| {
         // libvirt: -name guest=NAME,debug-threads=on
-        v.split(',')
-            .find_map(|p| p.strip_prefix("guest="))
-            .unwrap_or_else(|| v.split(',').next().unwrap_or(&v))
-            .to_owned()
+        clean_name(
+            v.split(',')
+                .find_map(|p| p.strip_prefix("guest="))
+                .unwrap_or_else(|| v.split(',').next().unwrap_or(&v)),
+        )
     });
     VmIdentity {
         name,
-        uuid: value("-uuid"),
+        uuid: value("-uuid").as_deref().and_then(clean_uuid),
     }
 }
 
@@ -504,6 +527,26 @@ mod tests {
         assert_eq!(
             identity_from_cmdline(b"sleep\x0010\0"),
             VmIdentity::default()
+        );
+    }
+
+    #[test]
+    fn hostile_names_are_made_printable() {
+        let evil = b"qemu-system-x86_64\0-name\0\x1b[2J\x1b]0;pwned\x07vm\xe2\x80\xaeexe\0-uuid\0$(reboot)\0";
+        let id = identity_from_cmdline(evil);
+        let name = id.name.unwrap();
+        assert!(!name.chars().any(|c| c.is_control()), "{name:?}");
+        assert_eq!(name, "?[2J?]0;pwned?vm?exe");
+        assert_eq!(id.uuid, None, "not a UUID");
+        let long = format!("qemu\0-name\0{}\0", "a".repeat(10_000));
+        assert_eq!(
+            identity_from_cmdline(long.as_bytes()).name.unwrap().len(),
+            MAX_NAME_CHARS
+        );
+        let ok = b"qemu\0-uuid\0A1B2C3D4-0000-4000-8000-000000000001\0";
+        assert_eq!(
+            identity_from_cmdline(ok).uuid.as_deref(),
+            Some("A1B2C3D4-0000-4000-8000-000000000001")
         );
     }
 }
