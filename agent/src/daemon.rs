@@ -272,6 +272,7 @@ impl Daemon {
             ksmd,
             agent_cpu_seconds: process_cpu_seconds(),
             track_failures: self.track_failures,
+            scan_failed: scan.as_ref().and_then(|s| s.failed.clone()),
             untrusted_vmm_processes: self.scanner.untrusted() as u64,
             vms,
             probes: ProbeSummary {

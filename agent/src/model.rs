@@ -86,6 +86,9 @@ pub struct HostState {
     /// CPU seconds the daemon has used, every thread (the scanner included).
     #[serde(default)]
     pub agent_cpu_seconds: f64,
+    /// Set when the page scanner's thread died: /healthz fails with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scan_failed: Option<String>,
     /// VMs the probes could not track (their map was full): monitored without probes.
     #[serde(default)]
     pub track_failures: u64,

@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::scan::{Report, Scanner};
+use crate::scan::{Report, Scanner, sleep_unless};
 
 /// What the scan thread publishes.
 #[derive(Clone, Debug, Default)]
@@ -22,6 +22,8 @@ pub struct ScanStatus {
     /// Wall time of the last pass over each VM, by PID.
     pub vm_pass_seconds: std::collections::BTreeMap<u32, f64>,
     pub bytes_read: u64,
+    /// Set when the scan thread died (a panic): the daemon reports it on /healthz.
+    pub failed: Option<String>,
 }
 
 /// CPU time this thread has used, in seconds.
@@ -42,8 +44,71 @@ pub struct ScanWorker {
     thread: Option<JoinHandle<()>>,
 }
 
+/// The text of a caught panic.
+fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
+}
+
+/// Pass after pass over the targets until `stop`. The report is built before the status
+/// lock is taken (it walks every page: holding the lock meanwhile froze `/metrics`), and
+/// every sleep ends early at shutdown.
+fn scan_loop(
+    targets: &Mutex<Vec<u32>>,
+    status: &Mutex<ScanStatus>,
+    stop: &Arc<AtomicBool>,
+    budget: f64,
+) {
+    let mut scanner = Scanner::new(2);
+    scanner.set_budget(budget);
+    scanner.set_cancel(stop.clone());
+    while !stop.load(Ordering::Relaxed) {
+        let targets = targets.lock().map(|v| v.clone()).unwrap_or_default();
+        if targets.is_empty() {
+            sleep_unless(Some(stop), Duration::from_millis(500));
+            continue;
+        }
+        scanner.retain(&targets);
+        let t = Instant::now();
+        let cpu0 = thread_cpu();
+        let mut per_vm = std::collections::BTreeMap::new();
+        for pid in &targets {
+            let started = Instant::now();
+            match scanner.pass(&[*pid]) {
+                Ok(()) => {
+                    per_vm.insert(*pid, started.elapsed().as_secs_f64());
+                }
+                // It exited mid-scan: the next refresh drops it.
+                Err(e) => tracing::debug!("scan of {pid} skipped: {e}"),
+            }
+        }
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
+        let report = Arc::new(scanner.report());
+        if let Ok(mut s) = status.lock() {
+            s.report = Some(report);
+            s.pass_seconds = t.elapsed().as_secs_f64();
+            s.vm_pass_seconds = per_vm;
+            s.bytes_read = scanner.bytes_read();
+        }
+        // The chunks are paced as they go; what the pass spent outside them (mapping
+        // lookups, the report) is paid back here, so the average holds the budget. At
+        // least a second between passes, even for tiny VMs.
+        let owed = Duration::from_secs_f64((thread_cpu() - cpu0) / budget);
+        sleep_unless(
+            Some(stop),
+            owed.max(Duration::from_secs(1)).saturating_sub(t.elapsed()),
+        );
+    }
+}
+
 impl ScanWorker {
-    /// Starts the thread; `budget` is the fraction of one core it may use.
+    /// Starts the thread; `budget` is the fraction of one core it may use. A panic in it
+    /// is caught and published (`ScanStatus::failed`), never silent.
     pub fn start(budget: f64) -> ScanWorker {
         let budget = budget.clamp(0.001, 1.0);
         let pids: Arc<Mutex<Vec<u32>>> = Arc::default();
@@ -53,45 +118,11 @@ impl ScanWorker {
         let thread = std::thread::Builder::new()
             .name("memfabric-scan".into())
             .spawn(move || {
-                let mut scanner = Scanner::new(2);
-                scanner.set_budget(budget);
-                scanner.set_cancel(sp.clone());
-                while !sp.load(Ordering::Relaxed) {
-                    let targets = p.lock().map(|v| v.clone()).unwrap_or_default();
-                    if targets.is_empty() {
-                        std::thread::sleep(Duration::from_millis(500));
-                        continue;
-                    }
-                    scanner.retain(&targets);
-                    let t = Instant::now();
-                    let cpu0 = thread_cpu();
-                    let mut per_vm = std::collections::BTreeMap::new();
-                    for pid in &targets {
-                        let started = Instant::now();
-                        match scanner.pass(&[*pid]) {
-                            Ok(()) => {
-                                per_vm.insert(*pid, started.elapsed().as_secs_f64());
-                            }
-                            // It exited mid-scan: the next refresh drops it.
-                            Err(e) => tracing::debug!("scan of {pid} skipped: {e}"),
-                        }
-                    }
-                    if sp.load(Ordering::Relaxed) {
-                        break;
-                    }
-                    if let Ok(mut s) = st.lock() {
-                        s.report = Some(Arc::new(scanner.report()));
-                        s.pass_seconds = t.elapsed().as_secs_f64();
-                        s.vm_pass_seconds = per_vm;
-                        s.bytes_read = scanner.bytes_read();
-                    }
-                    // The chunks are paced as they go; what the pass spent outside them
-                    // (mapping lookups, the report) is paid back here, so the average
-                    // holds the budget. At least a second between passes, even for tiny VMs.
-                    let owed = Duration::from_secs_f64((thread_cpu() - cpu0) / budget);
-                    std::thread::sleep(
-                        owed.max(Duration::from_secs(1)).saturating_sub(t.elapsed()),
-                    );
+                let body = std::panic::AssertUnwindSafe(|| scan_loop(&p, &st, &sp, budget));
+                if let Err(panic) = std::panic::catch_unwind(body) {
+                    let msg = panic_text(panic.as_ref());
+                    tracing::error!("the scan thread died: {msg}");
+                    st.lock().unwrap_or_else(|e| e.into_inner()).failed = Some(msg);
                 }
             })
             .expect("spawning the scan thread");
@@ -111,7 +142,11 @@ impl ScanWorker {
     }
 
     pub fn status(&self) -> ScanStatus {
-        self.status.lock().map(|s| s.clone()).unwrap_or_default()
+        // A poisoned lock still holds the last status (and the failure).
+        self.status
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 }
 

@@ -488,16 +488,31 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-async fn healthz(State(app): State<App>) -> impl IntoResponse {
-    let taken = app.state.read().map_or(0, |s| s.taken_at_unix_ms);
-    let age = now_ms().saturating_sub(taken);
-    if taken > 0 && age <= app.stale_after.as_millis() as u64 {
-        (StatusCode::OK, format!("ok (state {age} ms old)\n"))
-    } else {
-        (
+/// The daemon's health: the state must be fresh, and no worker may have died.
+fn health(s: &HostState, now_ms: u64, stale_after: Duration) -> (StatusCode, String) {
+    let age = now_ms.saturating_sub(s.taken_at_unix_ms);
+    if s.taken_at_unix_ms == 0 || age > stale_after.as_millis() as u64 {
+        return (
             StatusCode::SERVICE_UNAVAILABLE,
             format!("stale: state {age} ms old\n"),
-        )
+        );
+    }
+    if let Some(why) = &s.scan_failed {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("the page scanner died: {why}\n"),
+        );
+    }
+    (StatusCode::OK, format!("ok (state {age} ms old)\n"))
+}
+
+async fn healthz(State(app): State<App>) -> impl IntoResponse {
+    match app.state.read() {
+        Ok(s) => health(&s, now_ms(), app.stale_after),
+        Err(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "state lock poisoned\n".into(),
+        ),
     }
 }
 
@@ -589,4 +604,34 @@ pub fn router(state: Shared, stale_after: Duration) -> Router {
 /// Milliseconds since the epoch, for `HostState::taken_at_unix_ms`.
 pub fn timestamp() -> u64 {
     now_ms()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn health_fails_on_stale_state_and_on_a_dead_scanner() {
+        let stale = Duration::from_secs(5);
+        let mut s = HostState {
+            taken_at_unix_ms: 1_000_000,
+            ..HostState::default()
+        };
+        assert_eq!(health(&s, 1_001_000, stale).0, StatusCode::OK);
+        assert_eq!(
+            health(&s, 1_010_000, stale).0,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert_eq!(
+            health(&HostState::default(), 5, stale).0,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        s.scan_failed = Some("index out of bounds".into());
+        let (code, body) = health(&s, 1_001_000, stale);
+        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(
+            body.contains("page scanner died: index out of bounds"),
+            "{body}"
+        );
+    }
 }

@@ -269,7 +269,10 @@ impl Scanner {
             }
             if self.budget < 1.0 {
                 let busy = chunk_start.elapsed();
-                std::thread::sleep(busy.mul_f64(1.0 / self.budget - 1.0));
+                sleep_unless(
+                    self.cancel.as_deref(),
+                    busy.mul_f64(1.0 / self.budget - 1.0),
+                );
             }
         }
         Ok(())
@@ -288,5 +291,21 @@ impl Scanner {
         report.bytes_read = self.bytes_read;
         report.state_bytes_per_page = page_state::BYTES_PER_PAGE;
         (report, table)
+    }
+}
+
+/// Sleeps for `d`, in slices of at most 50 ms, and returns early once `stop` is set: at
+/// a small budget a pacing sleep lasts seconds, and shutdown must not wait for it.
+pub fn sleep_unless(stop: Option<&std::sync::atomic::AtomicBool>, d: std::time::Duration) {
+    let end = std::time::Instant::now() + d;
+    loop {
+        if stop.is_some_and(|s| s.load(std::sync::atomic::Ordering::Relaxed)) {
+            return;
+        }
+        let left = end.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return;
+        }
+        std::thread::sleep(left.min(std::time::Duration::from_millis(50)));
     }
 }
