@@ -115,16 +115,20 @@ impl Drop for Procs {
 }
 
 fn spawn(exe: &Path, n: usize) -> Procs {
-    Procs(
-        (0..n)
-            .map(|_| {
-                Command::new(exe)
-                    .arg("600")
-                    .spawn()
-                    .expect("spawning a fake VMM")
-            })
-            .collect(),
-    )
+    let one = || {
+        // The copy was just written: a child forked meanwhile by another test thread can
+        // still hold it open for writing (ETXTBSY) until it execs. Retry briefly.
+        for _ in 0..250 {
+            match Command::new(exe).arg("600").spawn() {
+                Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                r => return r.expect("spawning a fake VMM"),
+            }
+        }
+        panic!("{} stayed busy (ETXTBSY)", exe.display())
+    };
+    Procs((0..n).map(|_| one()).collect())
 }
 
 fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
