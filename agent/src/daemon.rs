@@ -254,12 +254,9 @@ impl Daemon {
                     .filter(|v| v.vm.mergeability == inventory::Mergeability::Mergeable)
                     .map(|v| v.vm.guest_memory_bytes / 4096)
                     .sum(),
-                potential_savings_pages: report.as_ref().map(|r| {
-                    r.per_pid
-                        .values()
-                        .map(|c| c.potential_savings_bytes / 4096)
-                        .sum()
-                }),
+                potential_savings_pages: report
+                    .as_ref()
+                    .map(|r| r.total.potential_savings_bytes / 4096),
                 mem_available_bytes,
                 mem_total_bytes,
             };
@@ -270,7 +267,7 @@ impl Daemon {
             taken_at_unix_ms: telemetry::timestamp(),
             ksm,
             ksmd,
-            agent_cpu_seconds: process_cpu_seconds(),
+            agent_cpu_seconds: ksm_host::cpu_seconds(std::process::id()).unwrap_or(0.0),
             track_failures: self.track_failures,
             scan_failed: scan.as_ref().and_then(|s| s.failed.clone()),
             untrusted_vmm_processes: self.scanner.untrusted() as u64,
@@ -337,30 +334,8 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
 
 /// MemTotal and MemAvailable in bytes (0 if unreadable).
 fn meminfo() -> (u64, u64) {
-    let text = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    let kib = |key: &str| {
-        text.lines()
-            .find_map(|l| {
-                l.strip_prefix(key)?
-                    .trim()
-                    .strip_suffix("kB")?
-                    .trim()
-                    .parse::<u64>()
-                    .ok()
-            })
-            .unwrap_or(0)
-            * 1024
-    };
-    (kib("MemTotal:"), kib("MemAvailable:"))
-}
-
-/// CPU seconds this process has used, every thread.
-fn process_cpu_seconds() -> f64 {
-    procfs::process::Process::myself()
-        .and_then(|p| p.stat())
-        .map_or(0.0, |s| {
-            (s.utime + s.stime) as f64 / procfs::ticks_per_second() as f64
-        })
+    use procfs::Current as _;
+    procfs::Meminfo::current().map_or((0, 0), |m| (m.mem_total, m.mem_available.unwrap_or(0)))
 }
 
 /// With `--act ksmd`: the state directory's lock (a second daemon is refused here, before

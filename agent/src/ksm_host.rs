@@ -86,16 +86,24 @@ pub fn ksmd_pid() -> Option<u32> {
         })
 }
 
-/// CPU seconds (user + system) the process `ksmd` (ksmd's PID) has used since boot.
-pub fn ksmd_cpu_seconds(ksmd: u32) -> Option<f64> {
-    let stat = procfs::process::Process::new(ksmd as i32)
+/// CPU seconds (user + system) a process has used, with its `comm`.
+fn cpu_and_comm(pid: u32) -> Option<(f64, String)> {
+    let stat = procfs::process::Process::new(pid as i32)
         .ok()?
         .stat()
         .ok()?;
-    if stat.comm != "ksmd" {
-        return None;
-    }
-    Some((stat.utime + stat.stime) as f64 / procfs::ticks_per_second() as f64)
+    let seconds = (stat.utime + stat.stime) as f64 / procfs::ticks_per_second() as f64;
+    Some((seconds, stat.comm))
+}
+
+/// CPU seconds (user + system) process `pid` has used, every thread.
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    cpu_and_comm(pid).map(|(s, _)| s)
+}
+
+/// CPU seconds (user + system) the process `ksmd` (ksmd's PID) has used since boot.
+pub fn ksmd_cpu_seconds(ksmd: u32) -> Option<f64> {
+    cpu_and_comm(ksmd).and_then(|(s, comm)| (comm == "ksmd").then_some(s))
 }
 
 /// /proc/PID/ksm_stat of one process.

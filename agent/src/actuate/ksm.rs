@@ -126,15 +126,6 @@ impl KsmControl {
         self.settle = Some(limit);
     }
 
-    pub fn state_dir(&self) -> &Path {
-        self.lock.dir()
-    }
-
-    /// Whether any knob was changed.
-    pub fn changed(&self) -> bool {
-        !self.journal.is_empty()
-    }
-
     fn journal_original(&mut self, knob: &str) -> Result<bool, ActuateError> {
         if self.journal.ksm.iter().any(|e| e.knob == knob) {
             return Ok(false);

@@ -14,6 +14,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use clap::ValueEnum;
+use memfabric::ksm_host;
 use xtask::{
     ksm::{self, KsmSession},
     lab::{self, Profile, UpOptions, scenario::Scenario},
@@ -155,34 +156,13 @@ struct Sample {
     cow_ksm: u64,
 }
 
-fn ksmd_pid() -> Option<u32> {
-    fs::read_dir("/proc")
-        .ok()?
-        .filter_map(Result::ok)
-        .find_map(|e| {
-            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
-            (fs::read_to_string(e.path().join("comm")).ok()?.trim() == "ksmd").then_some(pid)
-        })
-}
-
-/// utime + stime of a process, in seconds.
+/// CPU seconds a process has used (0 once it is gone).
 fn cpu_seconds(pid: u32) -> f64 {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the parenthesised comm: state is field 3, utime 14, stime 15.
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    (ticks(11) + ticks(12)) as f64 / hz
+    ksm_host::cpu_seconds(pid).unwrap_or(0.0)
 }
 
 fn vmstat(key: &str) -> u64 {
-    fs::read_to_string("/proc/vmstat")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix(key)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or(0)
+    ksm_host::vmstat(key).unwrap_or(0)
 }
 
 fn sample(
@@ -276,7 +256,7 @@ struct Baseline {
 
 impl Baseline {
     fn take() -> Baseline {
-        let ksmd = ksmd_pid();
+        let ksmd = ksm_host::ksmd_pid();
         if ksmd.is_none() {
             eprintln!("bench: ksmd not found; its CPU is not measured");
         }
