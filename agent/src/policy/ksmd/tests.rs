@@ -205,6 +205,29 @@ fn apply(o: &Observation, knobs: Knobs, s: &Step) -> Observation {
     n
 }
 
+/// Decides on `o`, then on each of `steps` applied in turn; `each` sees every decision.
+/// Returns the last observation and decision.
+fn play(
+    c: &mut KsmdController,
+    mut o: Observation,
+    steps: &[Step],
+    mut each: impl FnMut(&Decision, &Observation, &KsmdController) -> Result<(), TestCaseError>,
+) -> Result<(Observation, Decision), TestCaseError> {
+    let mut d = c.decide(&o);
+    each(&d, &o, c)?;
+    for s in steps {
+        o = apply(&o, d.knobs, s);
+        d = c.decide(&o);
+        each(&d, &o, c)?;
+    }
+    Ok((o, d))
+}
+
+/// For [`play`] when only the end matters.
+fn nothing(_: &Decision, _: &Observation, _: &KsmdController) -> Result<(), TestCaseError> {
+    Ok(())
+}
+
 fn policy() -> impl Strategy<Value = KsmdPolicy> {
     (0.001f64..1.0, 2.0f64..60.0, 60.0f64..1000.0).prop_map(|(cpu, hot, idle)| KsmdPolicy {
         ksmd_cpu: cpu,
@@ -219,16 +242,13 @@ proptest! {
     #[test]
     fn the_budget_holds(policy in policy(), steps in prop::collection::vec(step(), 1..60)) {
         let mut c = KsmdController::new(policy);
-        let mut o = base();
-        let mut d = c.decide(&o);
-        for s in &steps {
-            o = apply(&o, d.knobs, s);
-            d = c.decide(&o);
+        play(&mut c, base(), &steps, |d, _, c| {
             let pace = d.knobs.pace();
             prop_assert!(pace <= d.budget_pages_per_sec.max(1.0) * 1.0001,
                 "pace {pace} over budget {}", d.budget_pages_per_sec);
             prop_assert!(pace * c.cost_per_page() <= policy.ksmd_cpu.max(c.cost_per_page()) * 1.0001);
-        }
+            Ok(())
+        })?;
     }
 
     /// From a new mm on, the pace does not drop under the hot floor until KSM has made the
@@ -240,30 +260,18 @@ proptest! {
         after in prop::collection::vec(step(), 1..30),
     ) {
         let mut c = KsmdController::new(policy);
-        let mut o = base();
-        let mut d = c.decide(&o);
-        for s in &before {
-            o = apply(&o, d.knobs, s);
-            d = c.decide(&o);
-        }
+        let (mut o, _) = play(&mut c, base(), &before, nothing)?;
         o.t += 1.0;
         o.ksm_enters += 1;
         let (t0, scans0) = (o.t, o.ksm.full_scans);
-        d = c.decide(&o);
-        let check = |d: &Decision, o: &Observation, c: &KsmdController| {
+        play(&mut c, o, &after, |d, o, c| {
             if o.ksm.full_scans < scans0 + policy.hot_scans && o.t < t0 + policy.hot_max_seconds {
                 prop_assert!(at_least(d, c.hot_floor()),
                     "pace {} under floor {} at t={}", d.knobs.pace(), c.hot_floor(), o.t - t0);
                 prop_assert_ne!(d.reason, Reason::Quiet);
             }
             Ok(())
-        };
-        check(&d, &o, &c)?;
-        for s in &after {
-            o = apply(&o, d.knobs, s);
-            d = c.decide(&o);
-            check(&d, &o, &c)?;
-        }
+        })?;
     }
 
     /// Savings the scanner reports (more than before) get the same floor.
@@ -287,12 +295,7 @@ proptest! {
     #[test]
     fn constant_input_gives_constant_output(policy in policy(), steps in prop::collection::vec(step(), 0..20)) {
         let mut c = KsmdController::new(policy);
-        let mut o = base();
-        let mut d = c.decide(&o);
-        for s in &steps {
-            o = apply(&o, d.knobs, s);
-            d = c.decide(&o);
-        }
+        let (o, _) = play(&mut c, base(), &steps, nothing)?;
         let first = c.decide(&o);
         for _ in 0..50 {
             prop_assert_eq!(c.decide(&o).knobs, first.knobs);
