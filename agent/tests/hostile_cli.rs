@@ -3,17 +3,18 @@
 //! thousands of (trusted) ones must not bring it down.
 
 mod common;
+#[path = "common/daemon.rs"]
+mod daemon;
 
 use std::{
     fs,
-    net::TcpListener,
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Child, Command},
     time::{Duration, Instant},
 };
 
-const MEMFABRIC: &str = env!("CARGO_BIN_EXE_memfabric");
+use daemon::Daemon;
 
 /// A copy of `sleep` named `name` in a fresh directory, owned by `uid`.
 fn fake_vmm(test: &str, name: &str, uid: u32) -> (PathBuf, PathBuf) {
@@ -28,76 +29,37 @@ fn fake_vmm(test: &str, name: &str, uid: u32) -> (PathBuf, PathBuf) {
     (dir, exe)
 }
 
-struct Daemon {
-    child: Child,
-    port: u16,
+/// PIDs in /v1/status, once it answers.
+fn vm_pids(d: &Daemon) -> Option<Vec<u64>> {
+    let v = d.json("/v1/status")?;
+    Some(
+        v["vms"]
+            .as_array()?
+            .iter()
+            .filter_map(|vm| vm["pid"].as_u64())
+            .collect(),
+    )
 }
 
-impl Daemon {
-    fn start(args: &[&str]) -> Daemon {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let child = Command::new(MEMFABRIC)
-            .args(["run", "--scan-cpu", "0", "--listen"])
-            .arg(format!("127.0.0.1:{port}"))
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        Daemon { child, port }
-    }
-
-    fn get(&self, path: &str) -> Option<String> {
-        let mut r = ureq::get(&format!("http://127.0.0.1:{}{path}", self.port))
-            .call()
-            .ok()?;
-        r.body_mut().read_to_string().ok()
-    }
-
-    /// PIDs in /v1/status, once it answers.
-    fn vm_pids(&self) -> Option<Vec<u64>> {
-        let v: serde_json::Value = serde_json::from_str(&self.get("/v1/status")?).ok()?;
-        Some(
-            v["vms"]
-                .as_array()?
-                .iter()
-                .filter_map(|vm| vm["pid"].as_u64())
-                .collect(),
-        )
-    }
-
-    fn metric(&self, name: &str) -> Option<f64> {
-        self.get("/metrics")?
-            .lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-    }
-
-    fn rss_kib(&self) -> u64 {
-        fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .unwrap_or_default()
-            .lines()
-            .find_map(|l| {
-                l.strip_prefix("VmRSS:")?
-                    .trim()
-                    .strip_suffix("kB")?
-                    .trim()
-                    .parse()
-                    .ok()
-            })
-            .unwrap_or(0)
-    }
+fn metric(d: &Daemon, name: &str) -> Option<f64> {
+    d.get("/metrics")?
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        // SAFETY: our own child.
-        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
-        let _ = self.child.wait();
-    }
+fn rss_kib(pid: u32) -> u64 {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("VmRSS:")?
+                .trim()
+                .strip_suffix("kB")?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0)
 }
 
 /// Children killed on drop.
@@ -154,14 +116,12 @@ fn a_vmm_name_on_an_untrusted_executable_is_not_a_vm() {
     let fake = spawn(&exe, 1);
     let pid = u64::from(fake.0[0].id());
     let d = Daemon::start(&[]);
-    let pids = wait_for(Duration::from_secs(20), || d.vm_pids()).expect("daemon up");
+    let pids = wait_for(Duration::from_secs(20), || vm_pids(&d)).expect("daemon up");
     assert!(
         !pids.contains(&pid),
         "an untrusted fake QEMU was taken for a VM"
     );
-    let refused = d
-        .metric("memfabric_untrusted_vmm_processes_total")
-        .expect("metric");
+    let refused = metric(&d, "memfabric_untrusted_vmm_processes_total").expect("metric");
     assert!(refused >= 1.0, "{refused}");
     drop(d);
     // The operator can choose to trust them.
@@ -169,7 +129,7 @@ fn a_vmm_name_on_an_untrusted_executable_is_not_a_vm() {
     fs::write(&cfg, "untrusted_vmm_executables = true\n").unwrap();
     let d = Daemon::start(&["--config", cfg.to_str().unwrap()]);
     let listed = wait_for(Duration::from_secs(20), || {
-        d.vm_pids().filter(|p| p.contains(&pid))
+        vm_pids(&d).filter(|p| p.contains(&pid))
     });
     assert!(listed.is_some(), "trusted by config, yet not listed");
     drop(d);
@@ -189,16 +149,14 @@ fn thousands_of_vmms_do_not_bring_the_daemon_down() {
     let fakes = spawn(&exe, N);
     let d = Daemon::start(&[]);
     let all = wait_for(Duration::from_secs(120), || {
-        d.vm_pids().filter(|p| p.len() >= N)
+        vm_pids(&d).filter(|p| p.len() >= N)
     });
     assert!(all.is_some(), "the daemon did not list {N} VMs (or died)");
-    let failures = d
-        .metric("memfabric_vm_track_failures_total")
-        .expect("metric");
+    let failures = metric(&d, "memfabric_vm_track_failures_total").expect("metric");
     assert!(failures >= 1.0, "the map holds 4,096: {failures}");
     // Still serving, still refreshing.
     assert!(d.get("/healthz").is_some_and(|h| h.starts_with("ok")));
-    let rss = d.rss_kib();
+    let rss = rss_kib(d.pid());
     assert!(rss < 512 * 1024, "RSS {rss} KiB with {N} fake VMs");
     eprintln!("{N} fake VMs: {failures} not tracked by the probes, daemon RSS {rss} KiB");
     drop(d);

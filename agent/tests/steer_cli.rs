@@ -5,17 +5,18 @@
 //! host: these tests run one at a time and each puts the knobs back, even on panic.
 
 mod common;
+#[path = "common/daemon.rs"]
+mod daemon;
 
 use std::{
     fs,
-    net::TcpListener,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
-    sync::Mutex,
+    sync::{Mutex, MutexGuard},
     time::{Duration, Instant},
 };
 
-const MEMFABRIC: &str = env!("CARGO_BIN_EXE_memfabric");
+use daemon::Daemon;
+
 const KSM: &str = "/sys/kernel/mm/ksm";
 /// The knobs the daemon may touch, in the order a restore must write them.
 const KNOBS: [&str; 4] = ["advisor_mode", "pages_to_scan", "sleep_millisecs", "run"];
@@ -59,73 +60,26 @@ fn state_dir(test: &str) -> PathBuf {
     d
 }
 
-fn port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// A daemon on `state`, tracking this process, refreshing every 500 ms.
+fn start(state: &Path, extra: &[&str]) -> Daemon {
+    let me = std::process::id().to_string();
+    let mut args = vec!["--refresh-ms", "500", "--state-dir"];
+    args.push(state.to_str().unwrap());
+    args.extend(["--pid", &me]);
+    args.extend(extra);
+    Daemon::start(&args)
 }
 
-struct Daemon {
-    child: Child,
-    port: u16,
-}
-
-impl Daemon {
-    fn start(state: &Path, extra: &[&str]) -> Daemon {
-        let port = port();
-        let child = Command::new(MEMFABRIC)
-            .args(["run", "--scan-cpu", "0", "--refresh-ms", "500", "--listen"])
-            .arg(format!("127.0.0.1:{port}"))
-            .arg("--state-dir")
-            .arg(state)
-            .arg("--pid")
-            .arg(std::process::id().to_string())
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        Daemon { child, port }
-    }
-
-    fn status(&self) -> Option<serde_json::Value> {
-        let mut r = ureq::get(&format!("http://127.0.0.1:{}/v1/status", self.port))
-            .call()
-            .ok()?;
-        serde_json::from_str(&r.body_mut().read_to_string().ok()?).ok()
-    }
-
-    fn signal(&self, sig: i32) {
-        // SAFETY: our own child.
-        unsafe { libc::kill(self.child.id() as libc::pid_t, sig) };
-    }
-
-    /// Waits for the exit; returns the code and stderr.
-    fn wait(mut self) -> (Option<i32>, String) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while self.child.try_wait().unwrap().is_none() {
-            assert!(Instant::now() < deadline, "memfabric did not exit");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let out = std::mem::replace(&mut self.child, Command::new("true").spawn().unwrap())
-            .wait_with_output()
-            .unwrap();
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            self.signal(libc::SIGTERM);
-            let _ = self.child.wait();
-        }
-    }
+/// This test alone on KSM, and the knobs as found now (put back at the end, whatever
+/// happens: the test's own safety net).
+fn exclusive() -> (
+    MutexGuard<'static, ()>,
+    Vec<(&'static str, String)>,
+    KnobGuard,
+) {
+    let one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let before = snapshot();
+    (one, before.clone(), KnobGuard(before))
 }
 
 fn wait_for(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
@@ -196,12 +150,10 @@ fn steers_ksmd_merges_and_puts_every_knob_back_on_sigterm() {
     if !common::root_or_skip("steers_ksmd_merges_and_puts_every_knob_back_on_sigterm") {
         return;
     }
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let before = snapshot();
-    let _guard = KnobGuard(before.clone());
+    let (_one, before, _guard) = exclusive();
     let dups = Duplicates::new();
     let state = state_dir("sigterm");
-    let d = Daemon::start(&state, &["--act", "ksmd"]);
+    let d = start(&state, &["--act", "ksmd"]);
     assert!(
         wait_for(Duration::from_secs(20), || read("run") == "1"),
         "ksmd was not started"
@@ -215,7 +167,7 @@ fn steers_ksmd_merges_and_puts_every_knob_back_on_sigterm() {
         "KSM merged only {} of 4,080 duplicate pages",
         merging_pages()
     );
-    let status = d.status().expect("/v1/status");
+    let status = d.json("/v1/status").expect("/v1/status");
     let ksmd = &status["ksmd"];
     assert_eq!(ksmd["steering"], true, "{ksmd}");
     assert_eq!(
@@ -226,9 +178,7 @@ fn steers_ksmd_merges_and_puts_every_knob_back_on_sigterm() {
         read("pages_to_scan"),
         "the daemon reports what it applied: {ksmd}"
     );
-    d.signal(libc::SIGTERM);
-    let (code, err) = d.wait();
-    assert_eq!(code, Some(0), "{err}");
+    let err = d.stop();
     assert_eq!(snapshot(), before, "knobs not restored on SIGTERM: {err}");
     assert!(!state.join("journal.json").exists(), "journal left behind");
     // run=0 keeps every merge: restoring the knobs unmerged nothing.
@@ -242,11 +192,9 @@ fn after_kill_9_the_next_start_puts_the_knobs_back() {
     if !common::root_or_skip("after_kill_9_the_next_start_puts_the_knobs_back") {
         return;
     }
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let before = snapshot();
-    let _guard = KnobGuard(before.clone());
+    let (_one, before, _guard) = exclusive();
     let state = state_dir("kill9");
-    let d = Daemon::start(&state, &["--act", "ksmd"]);
+    let d = start(&state, &["--act", "ksmd"]);
     assert!(wait_for(Duration::from_secs(20), || changed(&before)));
     d.signal(libc::SIGKILL);
     let _ = d.wait();
@@ -256,16 +204,14 @@ fn after_kill_9_the_next_start_puts_the_knobs_back() {
     );
     assert!(state.join("journal.json").exists());
     // The next start, even one that only observes, repairs the host first.
-    let d = Daemon::start(&state, &[]);
+    let d = start(&state, &[]);
     assert!(
         wait_for(Duration::from_secs(20), || snapshot() == before),
         "not restored after kill -9: {:?} vs {before:?}",
         snapshot()
     );
     assert!(!state.join("journal.json").exists());
-    d.signal(libc::SIGTERM);
-    let (code, err) = d.wait();
-    assert_eq!(code, Some(0), "{err}");
+    let err = d.stop();
     assert!(err.contains("did not exit cleanly"), "{err}");
     assert_eq!(snapshot(), before);
     fs::remove_dir_all(&state).unwrap();
@@ -276,16 +222,14 @@ fn a_second_steering_daemon_is_refused_before_it_loads_anything() {
     if !common::root_or_skip("a_second_steering_daemon_is_refused_before_it_loads_anything") {
         return;
     }
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let before = snapshot();
-    let _guard = KnobGuard(before.clone());
+    let (_one, before, _guard) = exclusive();
     let state = state_dir("second");
-    let first = Daemon::start(&state, &["--act", "ksmd"]);
+    let first = start(&state, &["--act", "ksmd"]);
     assert!(wait_for(Duration::from_secs(20), || first
-        .status()
+        .json("/v1/status")
         .is_some()));
     let t = Instant::now();
-    let (code, err) = Daemon::start(&state, &["--act", "ksmd"]).wait();
+    let (code, err) = start(&state, &["--act", "ksmd"]).wait();
     assert_eq!(code, Some(4), "{err}");
     assert!(
         err.contains("another memfabric process") && err.contains("steering KSM"),
@@ -294,10 +238,8 @@ fn a_second_steering_daemon_is_refused_before_it_loads_anything() {
     assert!(!err.contains("probe"), "it got as far as the probes: {err}");
     assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
     // The first one still steers, and still restores.
-    assert!(first.status().is_some());
-    first.signal(libc::SIGTERM);
-    let (code, err) = first.wait();
-    assert_eq!(code, Some(0), "{err}");
+    assert!(first.json("/v1/status").is_some());
+    first.stop();
     assert_eq!(snapshot(), before);
     fs::remove_dir_all(&state).unwrap();
 }
@@ -311,23 +253,20 @@ fn an_advisor_the_operator_turned_on_comes_back_on() {
         eprintln!("this kernel has no KSM advisor (Linux < 6.7): nothing to test");
         return;
     }
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let _guard = KnobGuard(snapshot());
+    let (_one, _, _guard) = exclusive();
     // The operator's choice, made before memfabric starts (ksmd stays off, so the
     // advisor does not move pages_to_scan meanwhile).
     fs::write(Path::new(KSM).join("run"), "0").unwrap();
     fs::write(Path::new(KSM).join("advisor_mode"), "scan-time").unwrap();
     let before = snapshot();
     let state = state_dir("advisor");
-    let d = Daemon::start(&state, &["--act", "ksmd"]);
+    let d = start(&state, &["--act", "ksmd"]);
     assert!(
         wait_for(Duration::from_secs(20), || read("advisor_mode") == "none"
             && read("run") == "1"),
         "the controller needs the advisor off to set pages_to_scan"
     );
-    d.signal(libc::SIGTERM);
-    let (code, err) = d.wait();
-    assert_eq!(code, Some(0), "{err}");
+    let err = d.stop();
     assert_eq!(snapshot(), before, "{err}");
     fs::remove_dir_all(&state).unwrap();
 }
@@ -337,29 +276,27 @@ fn bad_input_is_refused_and_the_host_left_untouched() {
     if !common::root_or_skip("bad_input_is_refused_and_the_host_left_untouched") {
         return;
     }
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let before = snapshot();
-    let _guard = KnobGuard(before.clone());
+    let (_one, before, _guard) = exclusive();
     let state = state_dir("bad");
     for (budget, code) in [("0", 2), ("250", 2), ("-5", 2)] {
         let flag = format!("--ksmd-cpu={budget}");
-        let (c, err) = Daemon::start(&state, &["--act", "ksmd", &flag]).wait();
+        let (c, err) = start(&state, &["--act", "ksmd", &flag]).wait();
         assert_eq!(c, Some(code), "--ksmd-cpu {budget}: {err}");
         assert!(err.contains("ksmd CPU budget"), "{err}");
     }
-    let (c, err) = Daemon::start(&state, &["--act", "everything"]).wait();
+    let (c, err) = start(&state, &["--act", "everything"]).wait();
     assert_eq!(c, Some(2), "{err}");
     // A state directory that cannot be created: under a regular file.
     let file = std::env::temp_dir().join(format!("memfabric-steer-file-{}", std::process::id()));
     fs::write(&file, "not a directory").unwrap();
-    let (c, err) = Daemon::start(&file.join("state"), &["--act", "ksmd"]).wait();
+    let (c, err) = start(&file.join("state"), &["--act", "ksmd"]).wait();
     assert_eq!(c, Some(3), "{err}");
     assert!(err.contains("state directory"), "{err}");
     fs::remove_file(&file).unwrap();
     // A corrupt journal: refused, kept for the operator, nothing written.
     fs::create_dir_all(&state).unwrap();
     fs::write(state.join("journal.json"), "{ not json").unwrap();
-    let (c, err) = Daemon::start(&state, &["--act", "ksmd"]).wait();
+    let (c, err) = start(&state, &["--act", "ksmd"]).wait();
     assert_eq!(c, Some(2), "{err}");
     assert!(
         err.contains("corrupt") && err.contains("untouched"),
