@@ -68,6 +68,8 @@ pub struct Daemon {
     started: Instant,
     /// VMs the probes could not track (a full map).
     track_failures: u64,
+    /// Pages found already merged when their process was tracked, remembered for the probes.
+    merged_pages_seeded: u64,
 }
 
 impl Daemon {
@@ -114,7 +116,35 @@ impl Daemon {
             guest_writes: 0,
             started: Instant::now(),
             track_failures: 0,
+            merged_pages_seeded: 0,
         })
+    }
+
+    /// Tells the probes which pages of a newly tracked process KSM merged before memfabric
+    /// was watching (a restarted daemon on a host whose VMs are merged), so writes to them
+    /// count as COW breaks. Costs one pagemap walk, only for a process that has merged pages.
+    fn seed_merged(&mut self, pid: u32) {
+        let expected = KsmStat::read(pid).merging_pages.max(0) as usize;
+        if expected == 0 {
+            return;
+        }
+        let t = Instant::now();
+        match crate::scan::merged::find(pid, expected, Probes::SEED_LIMIT)
+            .map_err(|e| e.to_string())
+            .and_then(|pages| {
+                self.probes
+                    .seed_merged(pid, &pages)
+                    .map_err(|e| e.to_string())
+            }) {
+            Ok(n) => {
+                self.merged_pages_seeded += n as u64;
+                tracing::info!(
+                    "pid {pid}: {n} of its {expected} merged pages remembered for COW-break                      counting ({:.0} ms)",
+                    t.elapsed().as_secs_f64() * 1e3
+                );
+            }
+            Err(e) => tracing::warn!("pid {pid}: finding its merged pages: {e}"),
+        }
     }
 
     pub fn shared(&self) -> telemetry::Shared {
@@ -151,13 +181,16 @@ impl Daemon {
                     continue; // exited meanwhile
                 };
                 match self.probes.track_deferred(pid) {
-                    Ok(()) => tracing::info!(
-                        "tracking VM {} (pid {pid}, {}, {} MiB, {:?})",
-                        vm.name,
-                        vm.kind.as_str(),
-                        vm.guest_memory_bytes >> 20,
-                        vm.mergeability
-                    ),
+                    Ok(()) => {
+                        tracing::info!(
+                            "tracking VM {} (pid {pid}, {}, {} MiB, {:?})",
+                            vm.name,
+                            vm.kind.as_str(),
+                            vm.guest_memory_bytes >> 20,
+                            vm.mergeability
+                        );
+                        self.seed_merged(pid);
+                    }
                     // It exited between discovery and tracking: next refresh drops it.
                     Err(ProbeError::UnknownPid(_)) => continue,
                     // A full map (thousands of VMs) is this VM's problem, not the daemon's:
@@ -288,6 +321,12 @@ impl Daemon {
                     .map(|s| s.tracepoint.clone())
                     .collect(),
                 events_dropped: counters.events_dropped,
+                ksm_pages_insert_failed: counters.ksm_pages_insert_failed,
+                heat_insert_failed: counters.heat_insert_failed,
+                ksm_merges_untracked: counters.ksm_merges_untracked,
+                ksm_merges_unowned: counters.ksm_merges_unowned,
+                ksm_pages_stale: counters.ksm_pages_stale,
+                merged_pages_seeded: self.merged_pages_seeded,
             },
             scan_pass_seconds: scan.as_ref().map_or(0.0, |s| s.pass_seconds),
             scan_bytes_total: scan.as_ref().map_or(0, |s| s.bytes_read),

@@ -66,6 +66,24 @@ pub struct ProbeSummary {
     pub attached: Vec<String>,
     pub missing: Vec<String>,
     pub events_dropped: u64,
+    /// Inserts the probes could not make: into `KSM_PAGES` (a merge whose COW break will
+    /// be missed) and into `WRITE_HEAT` (write heat lost).
+    #[serde(default)]
+    pub ksm_pages_insert_failed: u64,
+    #[serde(default)]
+    pub heat_insert_failed: u64,
+    /// Merges of processes no tracked process owns (as far as the probes knew).
+    #[serde(default)]
+    pub ksm_merges_untracked: u64,
+    /// Of those, remembered while some tracked process's mm was still unknown.
+    #[serde(default)]
+    pub ksm_merges_unowned: u64,
+    /// Remembered merges that turned out to be a freed and reused mm's (no COW break).
+    #[serde(default)]
+    pub ksm_pages_stale: u64,
+    /// Pages found already merged when their process was tracked, and remembered.
+    #[serde(default)]
+    pub merged_pages_seeded: u64,
 }
 
 /// Everything the daemon knows, as of `taken_at_unix_ms`.

@@ -347,6 +347,48 @@ impl Collector for HostCollector {
             "Probe events lost because the ring buffer was full",
             s.probes.events_dropped,
         )?;
+        let p = &s.probes;
+        family(
+            e,
+            "memfabric_probe_insert_failures",
+            "Probe map inserts that failed: a merge whose COW break will be missed \
+             (KSM_PAGES) or write heat lost (WRITE_HEAT)",
+            MetricType::Counter,
+            &[
+                (
+                    vec![("map", "KSM_PAGES".to_owned())],
+                    p.ksm_pages_insert_failed,
+                ),
+                (vec![("map", "WRITE_HEAT".to_owned())], p.heat_insert_failed),
+            ],
+            enc_counter,
+        )?;
+        counter(
+            e,
+            "memfabric_probe_ksm_merges_untracked",
+            "KSM merges of an mm that no tracked process was known to own",
+            p.ksm_merges_untracked,
+        )?;
+        counter(
+            e,
+            "memfabric_probe_ksm_merges_unowned",
+            "Of those, merges remembered anyway while a tracked process's mm was unknown",
+            p.ksm_merges_unowned,
+        )?;
+        counter(
+            e,
+            "memfabric_probe_ksm_pages_stale",
+            "Remembered merges of a freed and reused mm address, dropped without counting \
+             a COW break",
+            p.ksm_pages_stale,
+        )?;
+        counter(
+            e,
+            "memfabric_probe_merged_pages_seeded",
+            "Pages found already merged (pagemap, KPF_KSM) when their process was tracked, \
+             remembered so writes to them count as COW breaks",
+            p.merged_pages_seeded,
+        )?;
         counter(
             e,
             "memfabric_agent_cpu_seconds",

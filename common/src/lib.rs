@@ -15,8 +15,12 @@ pub mod maps {
     /// written again after being shared or write-protected: COW, KSM) in the low 32 bits,
     /// of which KSM COW breaks in the high 32 bits (see [`crate::heat`]).
     pub const WRITE_HEAT: &str = "WRITE_HEAT";
-    /// `LruHashMap<MmPage, u32 tgid>`: pages of tracked processes that KSM merged.
+    /// `LruHashMap<MmPage, u32 tgid>`: pages of tracked processes that KSM merged, keyed
+    /// by `mm` (merges the probes saw) or by [`MmPage::seeded`] (pages the agent found
+    /// already merged). The value is the owner's TGID, or [`UNKNOWN_OWNER`].
     pub const KSM_PAGES: &str = "KSM_PAGES";
+    /// `Array<u32>` of [`Setting`]s the agent changes at run time.
+    pub const SETTINGS: &str = "SETTINGS";
     /// `PerCpuArray<u64>` indexed by [`crate::Counter`].
     pub const COUNTERS: &str = "COUNTERS";
     /// `RingBuf` of [`crate::Event`] records.
@@ -115,6 +119,39 @@ pub struct MmPage {
     pub page: u64,
 }
 
+impl MmPage {
+    /// The key of a page the agent found already merged (pagemap + kpageflags `KPF_KSM`)
+    /// in a tracked process whose `mm` it cannot know: the TGID stands in for the `mm`.
+    /// A TGID (< 2^22) is never a kernel address, so the two kinds of key cannot collide.
+    pub fn seeded(tgid: u32, address: u64) -> MmPage {
+        MmPage {
+            mm: tgid as u64,
+            page: address & PAGE_MASK,
+        }
+    }
+}
+
+/// `KSM_PAGES` value of a merge whose `mm` no tracked process was known to own when ksmd
+/// merged it (a tracked process that had not run since it was tracked). The first write
+/// fault through that `mm` claims it.
+pub const UNKNOWN_OWNER: u32 = 0;
+
+/// Indexes of the `SETTINGS` array.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Setting {
+    /// Non-zero while some tracked process's `mm` is unknown: merges of unowned `mm`s are
+    /// then remembered too (with [`UNKNOWN_OWNER`]), so a process that sleeps while ksmd
+    /// merges it still has its COW breaks counted. Zero otherwise, so that untracked
+    /// processes' merges do not crowd tracked ones out of the LRU.
+    RememberUnowned = 0,
+}
+
+impl Setting {
+    /// Entries in the `SETTINGS` array.
+    pub const LEN: u32 = 1;
+}
+
 /// Indexes of the global `COUNTERS` per-CPU array.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -135,11 +172,16 @@ pub enum Counter {
     KsmMergesUntracked = 6,
     /// `ksm_enter` events, any process: an `mm` joined KSM (new mergeable memory).
     KsmEnters = 7,
+    /// Remembered merges dropped at a write fault because another process owned them: the
+    /// `mm` address was freed and reused (a recycled `mm`), so the write is no COW break.
+    KsmPagesStale = 8,
+    /// Merges remembered without a known owner ([`UNKNOWN_OWNER`]).
+    KsmMergesUnowned = 9,
 }
 
 impl Counter {
     /// Every counter, in index order.
-    pub const ALL: [Counter; 8] = [
+    pub const ALL: [Counter; 10] = [
         Counter::EventsDropped,
         Counter::KsmMerges,
         Counter::KsmZeroMerges,
@@ -148,6 +190,8 @@ impl Counter {
         Counter::HeatInsertFailed,
         Counter::KsmMergesUntracked,
         Counter::KsmEnters,
+        Counter::KsmPagesStale,
+        Counter::KsmMergesUnowned,
     ];
     /// Entries in the `COUNTERS` array.
     pub const LEN: u32 = Self::ALL.len() as u32;

@@ -15,11 +15,11 @@
 use core::ptr::addr_of_mut;
 
 use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
-use memfabric_common::{Counter, OFFSET_MISSING};
+use memfabric_common::{Counter, OFFSET_MISSING, Setting, UNKNOWN_OWNER};
 
 use crate::state::{
     KSM_PAGES, MM_OWNER, TRACKED, bump, count, current_tgid, learn_mm, mm_page, offsets,
-    read_kernel,
+    read_kernel, setting,
 };
 
 #[tracepoint]
@@ -35,22 +35,34 @@ fn try_merge_with_ksm_page(ctx: &TracePointContext) -> Result<u32, i32> {
     }
     count(Counter::KsmMerges);
     let mm: u64 = unsafe { ctx.read_at(off.mwk_mm as usize)? };
-    let Some(owner) = MM_OWNER.get_ptr(mm) else {
-        count(Counter::KsmMergesUntracked);
-        return Ok(0);
+    let owner = match MM_OWNER.get_ptr(mm) {
+        Some(owner) => {
+            let tgid = unsafe { *owner };
+            let Some(stats) = TRACKED.get_ptr_mut(tgid) else {
+                return Ok(0);
+            };
+            unsafe { bump(addr_of_mut!((*stats).ksm_merges)) };
+            tgid
+        }
+        None => {
+            count(Counter::KsmMergesUntracked);
+            // A tracked process that has not run since it was tracked has no known mm,
+            // yet ksmd merges it all the same: remember the merge without an owner, and
+            // let the process's first write fault through this mm claim it.
+            if !setting(Setting::RememberUnowned) {
+                return Ok(0);
+            }
+            count(Counter::KsmMergesUnowned);
+            UNKNOWN_OWNER
+        }
     };
-    let tgid = unsafe { *owner };
-    let Some(stats) = TRACKED.get_ptr_mut(tgid) else {
-        return Ok(0);
-    };
-    unsafe { bump(addr_of_mut!((*stats).ksm_merges)) };
 
     if off.rmap_address != OFFSET_MISSING {
         // Remember exactly which page was merged, so the fault probe can tell a KSM COW
         // break from other write-protect faults.
         let rmap_item: u64 = unsafe { ctx.read_at(off.mwk_rmap_item as usize)? };
         let address: u64 = read_kernel(rmap_item, off.rmap_address)?;
-        if KSM_PAGES.insert(mm_page(mm, address), tgid, 0).is_err() {
+        if KSM_PAGES.insert(mm_page(mm, address), owner, 0).is_err() {
             count(Counter::KsmPagesInsertFailed);
         }
     }

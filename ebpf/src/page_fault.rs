@@ -12,7 +12,9 @@
 use core::ptr::addr_of_mut;
 
 use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
-use memfabric_common::{Counter, PAGE_MASK, PF_PROTECTION, PF_WRITE, PageKey, heat};
+use memfabric_common::{
+    Counter, MmPage, PAGE_MASK, PF_PROTECTION, PF_WRITE, PageKey, UNKNOWN_OWNER, heat,
+};
 
 use crate::state::{
     KSM_PAGES, TRACKED, WRITE_HEAT, add_to, bump, count, current_tgid, learn_mm, mm_page, offsets,
@@ -46,14 +48,9 @@ fn try_page_fault_user(ctx: &TracePointContext) -> Result<u32, i32> {
     // A write to a present read-only page: fork COW, the zero page, or a KSM page.
     unsafe { bump(addr_of_mut!((*stats).write_protect_faults)) };
     let mut add = heat::WRITE_PROTECT;
-    if mm != 0 {
-        let key = mm_page(mm, address);
-        if KSM_PAGES.get_ptr(key).is_some() {
-            // ksmd merged exactly this page of this mm: the write breaks that merge.
-            unsafe { bump(addr_of_mut!((*stats).ksm_cow_breaks)) };
-            let _ = KSM_PAGES.remove(key);
-            add += heat::COW_BREAK;
-        }
+    if ksm_cow_break(tgid, mm, address) {
+        unsafe { bump(addr_of_mut!((*stats).ksm_cow_breaks)) };
+        add += heat::COW_BREAK;
     }
 
     // Write heat counts writes to pages that were present and write-protected: pages
@@ -73,4 +70,31 @@ fn try_page_fault_user(ctx: &TracePointContext) -> Result<u32, i32> {
         }
     }
     Ok(0)
+}
+
+/// Whether this write-protect fault breaks a merge the probes remembered: one ksmd merged
+/// through this `mm` (seen by `ksm_merge_with_ksm_page`) or one the agent found already
+/// merged when it began tracking the process (keyed by TGID). Either is forgotten here: the
+/// write leaves the page unshared.
+#[inline(always)]
+fn ksm_cow_break(tgid: u32, mm: u64, address: u64) -> bool {
+    if mm != 0 {
+        let key = mm_page(mm, address);
+        if let Some(owner) = KSM_PAGES.get_ptr(key) {
+            let owner = unsafe { *owner };
+            let _ = KSM_PAGES.remove(key);
+            if owner == tgid || owner == UNKNOWN_OWNER {
+                return true;
+            }
+            // Another process's merge at the same mm address: that mm was freed and its
+            // address reused by this one. Not a COW break.
+            count(Counter::KsmPagesStale);
+        }
+    }
+    let seeded = MmPage::seeded(tgid, address);
+    if KSM_PAGES.get_ptr(seeded).is_some() {
+        let _ = KSM_PAGES.remove(seeded);
+        return true;
+    }
+    false
 }

@@ -9,9 +9,11 @@ use aya_ebpf::{
     Global,
     helpers::{bpf_get_current_pid_tgid, bpf_get_current_task, bpf_probe_read_kernel},
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
-use memfabric_common::{Counter, MmPage, OFFSET_MISSING, Offsets, PageKey, TgidStats, sizes};
+use memfabric_common::{
+    Counter, MmPage, OFFSET_MISSING, Offsets, PageKey, Setting, TgidStats, sizes,
+};
 
 /// Field and member offsets, overridden by the agent at load time.
 #[unsafe(no_mangle)]
@@ -28,6 +30,8 @@ pub static WRITE_HEAT: LruHashMap<PageKey, u64> =
 pub static KSM_PAGES: LruHashMap<MmPage, u32> = LruHashMap::with_max_entries(sizes::KSM_PAGES, 0);
 #[map]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::LEN, 0);
+#[map]
+pub static SETTINGS: Array<u32> = Array::with_max_entries(Setting::LEN, 0);
 #[map]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(sizes::EVENTS, 0);
 
@@ -61,6 +65,12 @@ pub unsafe fn add_to(field: *mut u64, n: u64) {
     // `AtomicU64::fetch_add` is not offered on the BPF target (no CAS); the intrinsic is.
     // The result is unused, so LLVM emits a plain BPF atomic add (no BPF_FETCH needed).
     unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(field, n) };
+}
+
+/// Whether a run-time setting is on.
+#[inline(always)]
+pub fn setting(s: Setting) -> bool {
+    SETTINGS.get(s as u32).is_some_and(|v| *v != 0)
 }
 
 /// Adds one to a global per-CPU counter.

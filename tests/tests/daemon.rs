@@ -204,9 +204,20 @@ fn scraped_counters_follow_the_kernel() {
     ] {
         assert!(m.contains_key(name), "{name} missing");
     }
-    let writes_before =
-        vm_metric(&m, "memfabric_vm_page_faults_total", w.pid).expect("page faults series");
-    assert!(writes_before >= 0.0);
+    // The N pages were first written after the daemon tracked the process.
+    let writes = m
+        .iter()
+        .find(|(k, _)| {
+            k.starts_with("memfabric_vm_page_faults_total{")
+                && k.contains(&format!("pid=\"{}\"", w.pid))
+                && k.contains("access=\"write\"")
+        })
+        .map(|(_, v)| *v)
+        .expect("write faults series");
+    assert!(
+        writes >= N as f64,
+        "{writes} write faults < the {N} pages written"
+    );
 
     let cow_before = vmstat("cow_ksm");
     let breaks_before = vm_metric(&m, "memfabric_vm_cow_breaks_total", w.pid).unwrap();
@@ -458,4 +469,103 @@ fn ranges_are_ranked_from_scan_history_and_cow_heat() {
     // Each VM's last full pass is reported as a duration.
     let pass = vm_metric(&m, "memfabric_vm_scan_pass_seconds", w.pid);
     assert!(pass.is_some_and(|t| t > 0.0), "no pass duration: {m:?}");
+}
+
+/// Writes `m` pages of the workload's merged `region` and returns (kernel `cow_ksm`
+/// delta, the daemon's `memfabric_vm_cow_breaks_total` delta once it stops growing).
+fn cow_breaks_of_writes(d: &TestDaemon, w: &mut Workload, region: &str, m: u64) -> (u64, f64) {
+    let pid = w.pid;
+    let series = |d: &TestDaemon| {
+        vm_metric(&d.metrics(), "memfabric_vm_cow_breaks_total", pid).expect("COW breaks series")
+    };
+    let before = series(d);
+    let cow_before = vmstat("cow_ksm");
+    w.cmd(&format!("touch {region} {m}"));
+    let cow_delta = vmstat("cow_ksm") - cow_before;
+    let mut got = 0.0;
+    wait_for(Duration::from_secs(5), || {
+        got = series(d) - before;
+        got >= cow_delta as f64
+    });
+    (cow_delta, got)
+}
+
+/// Both cases where the probes cannot see the merge happen with the owner known: a
+/// tracked process that sleeps while ksmd merges it (its `mm` is learnt only when it next
+/// runs), and pages merged before the daemon started (a restarted daemon). Every write
+/// to a merged page must still count: >= 99 % of the kernel's `cow_ksm`.
+#[test]
+#[serial(ksm)]
+fn cow_breaks_of_sleeping_and_premerged_processes_are_counted() {
+    if !privileged("cow_breaks_of_sleeping_and_premerged_processes_are_counted") {
+        return;
+    }
+    const N: i64 = 4000;
+    const M: u64 = 1000;
+    let mut ksm; // declared first: dropped after the workloads died
+
+    // Merged before the daemon starts.
+    let mut early = Workload::spawn(WORKLOAD);
+    let early_region = early.cmd(&format!("alloc {N} same"));
+    early.cmd(&format!("mergeable {early_region}"));
+    ksm = ksm_fast();
+    assert!(
+        wait_for(Duration::from_secs(90), || ksm_stat(
+            early.pid,
+            "ksm_merging_pages"
+        ) >= N),
+        "KSM did not merge the early workload"
+    );
+
+    // Joins KSM before it is tracked, then sleeps in read(2) while ksmd merges it.
+    let mut sleeper = Workload::spawn(WORKLOAD);
+    let sleeper_region = sleeper.cmd(&format!("alloc {N} same"));
+    // Let ksmd go past it until the daemon is up: pause KSM (the session restores it).
+    ksm.set("run", "0").expect("pausing KSM");
+    sleeper.cmd(&format!("mergeable {sleeper_region}"));
+    let d = TestDaemon::start(vec![early.pid, sleeper.pid]);
+    assert!(
+        wait_for(Duration::from_secs(10), || {
+            let s = d.get("/v1/status").unwrap_or_default();
+            s.contains(&format!("\"pid\":{}", sleeper.pid))
+                && s.contains(&format!("\"pid\":{}", early.pid))
+        }),
+        "daemon did not track both workloads"
+    );
+    let merged_before = ksm_stat(sleeper.pid, "ksm_merging_pages");
+    ksm.set("run", "1").expect("resuming KSM");
+    assert!(
+        wait_for(Duration::from_secs(90), || ksm_stat(
+            sleeper.pid,
+            "ksm_merging_pages"
+        ) >= N),
+        "KSM did not merge the sleeping workload"
+    );
+    let m = d.metrics();
+    let seeded = m["memfabric_probe_merged_pages_seeded_total"];
+    assert!(
+        seeded >= N as f64,
+        "the early workload's {N} merged pages were not found at tracking: {seeded}"
+    );
+    eprintln!(
+        "sleeper: {merged_before} pages merged before the daemon, unowned merges remembered: {}",
+        m["memfabric_probe_ksm_merges_unowned_total"]
+    );
+
+    for (what, w, region) in [
+        (
+            "merged before the daemon started",
+            &mut early,
+            &early_region,
+        ),
+        ("merged while it slept", &mut sleeper, &sleeper_region),
+    ] {
+        let (kernel, counted) = cow_breaks_of_writes(&d, w, region, M);
+        eprintln!("{what}: cow_ksm +{kernel}, memfabric +{counted}");
+        assert!(kernel >= M * 99 / 100, "{what}: only {kernel} COW breaks");
+        assert!(
+            counted >= 0.99 * kernel as f64 && counted <= kernel as f64 + 3.0,
+            "{what}: memfabric counted {counted} COW breaks, the kernel {kernel}"
+        );
+    }
 }

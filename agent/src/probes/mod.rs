@@ -17,11 +17,12 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
     programs::{TracePoint, trace_point::TracePointLinkId},
 };
 use memfabric_common::{
-    Counter, Event, OFFSETS_GLOBAL, Offsets, PageKey, TgidStats, event_kind, maps,
+    Counter, Event, MmPage, OFFSETS_GLOBAL, Offsets, PageKey, Setting, TgidStats, event_kind, maps,
+    sizes,
 };
 
 use crate::{kernel_btf, tracefs};
@@ -134,6 +135,11 @@ pub struct GlobalCounters {
     pub ksm_merges_untracked: u64,
     /// `mm`s that joined KSM (any process) since the probes were loaded.
     pub ksm_enters: u64,
+    /// Remembered merges found at a write fault to belong to another process (a freed and
+    /// reused `mm` address): not counted as COW breaks.
+    pub ksm_pages_stale: u64,
+    /// Merges remembered while their `mm`'s owner was not yet known.
+    pub ksm_merges_unowned: u64,
 }
 
 /// An event from the ring buffer.
@@ -150,6 +156,11 @@ pub struct Probes {
     tracked: HashMap<MapData, u32, TgidStats>,
     mm_owner: HashMap<MapData, u64, u32>,
     heat: HashMap<MapData, PageKey, u64>,
+    ksm_pages: HashMap<MapData, MmPage, u32>,
+    settings: Array<MapData, u32>,
+    /// Pages seeded into `KSM_PAGES` per tracked process, removed again when it goes
+    /// (a later process with the same PID must not inherit them).
+    seeded: std::collections::HashMap<u32, Vec<u64>>,
     counters: PerCpuArray<MapData, u64>,
     events: RingBuf<MapData>,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
@@ -311,6 +322,9 @@ impl Probes {
             tracked: take(&mut ebpf, maps::TRACKED)?,
             mm_owner: take(&mut ebpf, maps::MM_OWNER)?,
             heat: take(&mut ebpf, maps::WRITE_HEAT)?,
+            ksm_pages: take(&mut ebpf, maps::KSM_PAGES)?,
+            settings: take(&mut ebpf, maps::SETTINGS)?,
+            seeded: Default::default(),
             counters: take(&mut ebpf, maps::COUNTERS)?,
             events: take(&mut ebpf, maps::EVENTS)?,
             logger,
@@ -324,6 +338,13 @@ impl Probes {
     /// `track`; callers that run long call it now and then (a process may exec).
     pub fn refresh_mm_learning(&mut self) -> Result<(), ProbeError> {
         let needed = self.tracked()?.iter().any(|(_, s)| s.mm == 0);
+        // Merges of an unknown mm may be a sleeping tracked process's: remember them too.
+        self.settings
+            .set(Setting::RememberUnowned as u32, u32::from(needed), 0)
+            .map_err(|source| ProbeError::Map {
+                map: maps::SETTINGS,
+                source,
+            })?;
         let Some((tracepoint, link)) = self.learner.as_mut() else {
             return Ok(());
         };
@@ -405,8 +426,36 @@ impl Probes {
         Ok(stats)
     }
 
+    /// Remembers pages of tracked process `tgid` that were already merged when tracking
+    /// began (see [`crate::scan::merged`]), so that writes to them count as the COW breaks
+    /// they are, although the probes never saw them merge. At most a quarter of the map per
+    /// process, so one large VM cannot evict every other's merges. Returns how many pages
+    /// were remembered.
+    pub fn seed_merged(&mut self, tgid: u32, pages: &[u64]) -> Result<usize, ProbeError> {
+        let take = pages.len().min(Self::SEED_LIMIT);
+        let mut done = Vec::with_capacity(take);
+        for &page in &pages[..take] {
+            self.ksm_pages
+                .insert(MmPage::seeded(tgid, page), tgid, 0)
+                .map_err(|source| ProbeError::Map {
+                    map: maps::KSM_PAGES,
+                    source,
+                })?;
+            done.push(page);
+        }
+        let n = done.len();
+        self.seeded.entry(tgid).or_default().extend(done);
+        Ok(n)
+    }
+
+    /// The most pages [`Probes::seed_merged`] remembers for one process.
+    pub const SEED_LIMIT: usize = sizes::KSM_PAGES as usize / 4;
+
     /// Drops the side state of a process that is no longer tracked.
     fn forget(&mut self, tgid: u32, stats: Option<TgidStats>) {
+        for page in self.seeded.remove(&tgid).unwrap_or_default() {
+            let _ = self.ksm_pages.remove(&MmPage::seeded(tgid, page));
+        }
         if let Some(mm) = stats.map(|s| s.mm).filter(|mm| *mm != 0)
             && self.mm_owner.get(&mm, 0).ok() == Some(tgid)
         {
@@ -511,6 +560,8 @@ impl Probes {
             heat_insert_failed: c(Counter::HeatInsertFailed),
             ksm_merges_untracked: c(Counter::KsmMergesUntracked),
             ksm_enters: c(Counter::KsmEnters),
+            ksm_pages_stale: c(Counter::KsmPagesStale),
+            ksm_merges_unowned: c(Counter::KsmMergesUnowned),
         })
     }
 

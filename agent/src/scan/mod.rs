@@ -7,6 +7,7 @@
 
 pub mod account;
 pub mod content;
+pub mod merged;
 pub mod page_state;
 pub mod pagemap;
 pub mod rank;
