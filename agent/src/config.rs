@@ -13,6 +13,56 @@ use serde::Deserialize;
 /// Where the daemon listens unless told otherwise: loopback only.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:9977";
 
+/// Where the HTTP endpoints listen: a TCP address, or `unix:/path` for a unix socket
+/// that only root can reach (mode 0600).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize)]
+#[serde(try_from = "String")]
+pub enum Listen {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl Listen {
+    /// Whether only this host can connect (loopback, or a unix socket).
+    pub fn is_local(&self) -> bool {
+        match self {
+            Listen::Tcp(a) => a.ip().is_loopback(),
+            Listen::Unix(_) => true,
+        }
+    }
+}
+
+impl std::str::FromStr for Listen {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Listen, String> {
+        if let Some(path) = s.strip_prefix("unix:") {
+            if !path.starts_with('/') {
+                return Err(format!("unix socket path must be absolute, got {path:?}"));
+            }
+            return Ok(Listen::Unix(path.into()));
+        }
+        s.parse()
+            .map(Listen::Tcp)
+            .map_err(|e| format!("{s:?} is neither HOST:PORT nor unix:/PATH ({e})"))
+    }
+}
+
+impl TryFrom<String> for Listen {
+    type Error = String;
+    fn try_from(s: String) -> Result<Listen, String> {
+        s.parse()
+    }
+}
+
+impl std::fmt::Display for Listen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Listen::Tcp(a) => write!(f, "http://{a}"),
+            Listen::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("reading config {path}: {source}")]
@@ -56,7 +106,11 @@ impl std::str::FromStr for Act {
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
-    pub listen: Option<SocketAddr>,
+    pub listen: Option<Listen>,
+    /// Serve guest-RAM virtual addresses in /v1/status and /v1/ranges (default false:
+    /// they defeat every VMM's address-space randomisation for whoever reads them).
+    #[serde(default)]
+    pub expose_addresses: bool,
     #[serde(default)]
     pub pids: Vec<u32>,
     #[serde(default, rename = "match")]
@@ -96,7 +150,9 @@ impl FileConfig {
 /// The effective configuration.
 #[derive(Clone, Debug)]
 pub struct Config {
-    pub listen: SocketAddr,
+    pub listen: Listen,
+    /// See [`FileConfig::expose_addresses`].
+    pub expose_addresses: bool,
     pub pids: Vec<u32>,
     pub matches: Vec<Regex>,
     pub refresh: Duration,
@@ -114,7 +170,9 @@ pub struct Config {
 /// What flags and the environment set; `None`/empty leaves the file's value.
 #[derive(Clone, Debug, Default)]
 pub struct Overrides {
-    pub listen: Option<SocketAddr>,
+    pub listen: Option<Listen>,
+    /// `--expose-addresses` (it can only turn the file's setting on).
+    pub expose_addresses: bool,
     pub pids: Vec<u32>,
     pub matches: Vec<String>,
     pub refresh_ms: Option<u64>,
@@ -132,6 +190,7 @@ impl Config {
     pub fn merge(file: FileConfig, o: Overrides) -> Result<Config, ConfigError> {
         let Overrides {
             listen,
+            expose_addresses,
             pids,
             matches,
             refresh_ms,
@@ -176,6 +235,7 @@ impl Config {
             listen: listen
                 .or(file.listen)
                 .unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("valid default")),
+            expose_addresses: expose_addresses || file.expose_addresses,
             pids,
             matches,
             refresh: Duration::from_millis(refresh_ms),
@@ -199,7 +259,7 @@ mod tests {
         let file = FileConfig::parse("listen = \"127.0.0.1:1234\"\npids = [7]\nrefresh_ms = 500\n")
             .unwrap();
         let c = Config::merge(file.clone(), Overrides::default()).unwrap();
-        assert_eq!(c.listen.port(), 1234);
+        assert_eq!(c.listen, "127.0.0.1:1234".parse().unwrap());
         assert_eq!(c.pids, vec![7]);
         assert_eq!(c.refresh, Duration::from_millis(500));
         let c = Config::merge(
@@ -214,12 +274,17 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            (c.listen.port(), c.pids, c.refresh.as_millis(), c.scan_cpu),
-            (99, vec![8], 1000, 0.0)
+            (c.listen, c.pids, c.refresh.as_millis(), c.scan_cpu),
+            ("127.0.0.1:99".parse().unwrap(), vec![8], 1000, 0.0)
         );
         let d = Config::merge(FileConfig::default(), Overrides::default()).unwrap();
-        assert_eq!(d.listen.to_string(), DEFAULT_LISTEN);
-        assert!(d.listen.ip().is_loopback());
+        assert_eq!(d.listen.to_string(), format!("http://{DEFAULT_LISTEN}"));
+        assert!(d.listen.is_local());
+        // Addresses stay private unless asked for.
+        assert!(!d.expose_addresses);
+        let u = FileConfig::parse("listen = \"unix:/run/m.sock\"\n").unwrap();
+        assert_eq!(u.listen, Some(Listen::Unix("/run/m.sock".into())));
+        assert!(FileConfig::parse("listen = \"unix:rel.sock\"\n").is_err());
         // Observe only unless told to act.
         assert!(d.act.is_empty());
         assert_eq!(d.ksmd_cpu, 0.10);

@@ -15,7 +15,7 @@ use tokio::net::TcpListener;
 
 use crate::{
     actuate::{ActuateError, KsmControl},
-    config::{Act, Config},
+    config::{Act, Config, Listen},
     inventory::{self, Scanner, Selector, Vm},
     ksm_host::{self, KsmHost, KsmStat},
     model::{HostState, ProbeSummary, Ranking, VmProbeCounters, VmState},
@@ -33,7 +33,7 @@ pub enum DaemonError {
     Probes(#[from] ProbeError),
     #[error("cannot listen on {addr}: {source}{hint}")]
     Listen {
-        addr: std::net::SocketAddr,
+        addr: String,
         source: std::io::Error,
         hint: &'static str,
     },
@@ -70,6 +70,8 @@ pub struct Daemon {
     track_failures: u64,
     /// Pages found already merged when their process was tracked, remembered for the probes.
     merged_pages_seeded: u64,
+    /// /proc reads that failed for another reason than a process's exit.
+    proc_errors: u64,
 }
 
 impl Daemon {
@@ -117,6 +119,7 @@ impl Daemon {
             started: Instant::now(),
             track_failures: 0,
             merged_pages_seeded: 0,
+            proc_errors: 0,
         })
     }
 
@@ -157,12 +160,24 @@ impl Daemon {
             let ProbeEvent::Exit { tgid, stats } = ev;
             self.exited.insert(tgid, stats.into());
         }
-        let found = self.scanner.scan();
-        // Gone: exited, or no longer matching.
+        let found = match self.scanner.scan() {
+            Ok(f) => f,
+            Err(e) => {
+                // /proc did not answer (out of descriptors?): the VMs are as they were.
+                self.proc_errors += 1;
+                tracing::warn!("listing /proc: {e}; keeping the VMs as they were");
+                inventory::Found {
+                    unknown: self.vms.keys().copied().collect(),
+                    ..Default::default()
+                }
+            }
+        };
+        self.proc_errors += found.unknown.len() as u64;
+        // Gone: exited, or no longer matching. A VM whose /proc could not be read stays.
         let gone: Vec<u32> = self
             .vms
             .keys()
-            .filter(|p| !found.contains_key(p))
+            .filter(|p| !found.vms.contains_key(p) && !found.unknown.contains(p))
             .copied()
             .collect();
         for pid in gone {
@@ -174,7 +189,7 @@ impl Daemon {
                 tracing::info!("VM {} (pid {pid}) is gone", vm.name);
             }
         }
-        for (pid, kind) in found {
+        for (pid, kind) in found.vms {
             if !self.vms.contains_key(&pid) {
                 // Described once: reading smaps is the costly part of discovery.
                 let Some(vm) = inventory::describe(pid, kind) else {
@@ -304,6 +319,7 @@ impl Daemon {
             track_failures: self.track_failures,
             scan_failed: scan.as_ref().and_then(|s| s.failed.clone()),
             untrusted_vmm_processes: self.scanner.untrusted() as u64,
+            proc_read_errors: self.proc_errors,
             vms,
             probes: ProbeSummary {
                 attached: self
@@ -339,22 +355,52 @@ impl Daemon {
     }
 }
 
-/// Binds the listener (a clear error when the port is taken).
-pub async fn bind(cfg: &Config) -> Result<TcpListener, DaemonError> {
-    TcpListener::bind(cfg.listen).await.map_err(|source| {
+/// A bound listener.
+pub enum Bound {
+    Tcp(TcpListener),
+    /// A unix socket (mode 0600), removed again when the daemon stops.
+    Unix(tokio::net::UnixListener, std::path::PathBuf),
+}
+
+/// Binds the listener (a clear error when the address is taken).
+pub async fn bind(cfg: &Config) -> Result<Bound, DaemonError> {
+    let fail = |source: std::io::Error| {
         let hint = match source.kind() {
             std::io::ErrorKind::AddrInUse => {
-                " (the port is taken: is another memfabric running? choose another with --listen)"
+                " (the address is taken: is another memfabric running? choose another with \
+                 --listen)"
             }
             std::io::ErrorKind::PermissionDenied => " (permission denied)",
             _ => "",
         };
         DaemonError::Listen {
-            addr: cfg.listen,
+            addr: cfg.listen.to_string(),
             source,
             hint,
         }
-    })
+    };
+    match &cfg.listen {
+        Listen::Tcp(addr) => TcpListener::bind(addr).await.map(Bound::Tcp).map_err(fail),
+        Listen::Unix(path) => {
+            use std::os::unix::fs::FileTypeExt as _;
+            if let Ok(meta) = std::fs::symlink_metadata(path) {
+                // A socket nobody answers on is a crashed daemon's: replace it. Anything
+                // else (a live daemon's socket, a file) is not ours to remove.
+                let live = std::os::unix::net::UnixStream::connect(path).is_ok();
+                if !meta.file_type().is_socket() || live {
+                    return Err(fail(std::io::ErrorKind::AddrInUse.into()));
+                }
+                std::fs::remove_file(path).map_err(fail)?;
+            }
+            // Created 0600 from the start (no window in which others could connect).
+            // SAFETY: umask has no preconditions; no other thread creates files now.
+            let old = unsafe { libc::umask(0o177) };
+            let l = tokio::net::UnixListener::bind(path);
+            // SAFETY: as above.
+            unsafe { libc::umask(old) };
+            Ok(Bound::Unix(l.map_err(fail)?, path.clone()))
+        }
+    }
 }
 
 /// Runs until SIGINT or SIGTERM.
@@ -456,19 +502,43 @@ pub async fn serve(
         Ok(Err(e)) => return Err(e),
         Err(_) => return Err(DaemonError::Refresh("panicked while starting".into())),
     };
-    let app = telemetry::router(shared, cfg.refresh * 3 + std::time::Duration::from_secs(5));
+    let http_stats = Arc::new(crate::http::Stats::default());
+    let app = telemetry::router(
+        shared,
+        telemetry::Options {
+            stale_after: cfg.refresh * 3 + std::time::Duration::from_secs(5),
+            expose_addresses: cfg.expose_addresses,
+            http: http_stats.clone(),
+        },
+    );
     tracing::info!(
-        "serving /metrics, /healthz, /v1/status on http://{}",
+        "serving /metrics, /healthz, /v1/status, /v1/ranges on {}",
         cfg.listen
     );
+    if !cfg.listen.is_local() {
+        tracing::warn!(
+            "LISTENING BEYOND LOOPBACK ({}) WITHOUT AUTHENTICATION: anyone who reaches it \
+             reads every VM's name, size and sharing figures. Bind to loopback or a unix \
+             socket (--listen unix:/run/memfabric.sock) and scrape through a proxy that \
+             authenticates.",
+            cfg.listen
+        );
+    }
     let (http_stop_tx, http_stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async {
-                let _ = http_stop_rx.await;
-            })
-            .await
-    });
+    let limits = crate::http::Limits::default();
+    let stopped = async {
+        let _ = http_stop_rx.await;
+    };
+    let (server, socket) = match listener {
+        Bound::Tcp(l) => (
+            tokio::spawn(crate::http::serve(l, app, limits, http_stats, stopped)),
+            None,
+        ),
+        Bound::Unix(l, path) => (
+            tokio::spawn(crate::http::serve(l, app, limits, http_stats, stopped)),
+            Some(path),
+        ),
+    };
     tokio::pin!(stop);
     let mut done_rx = done_rx;
     let result = tokio::select! {
@@ -480,10 +550,11 @@ pub async fn serve(
     };
     let result = result.unwrap_or_else(|_| Err(DaemonError::Refresh("panicked".into())));
     let _ = http_stop_tx.send(());
-    match server.await {
-        Ok(Err(e)) => tracing::warn!("HTTP server: {e}"),
-        Err(e) => tracing::warn!("HTTP server task: {e}"),
-        Ok(Ok(())) => {}
+    if let Err(e) = server.await {
+        tracing::warn!("HTTP server task: {e}");
+    }
+    if let Some(path) = socket {
+        let _ = std::fs::remove_file(path);
     }
     tracing::info!("probes detached; bye");
     result

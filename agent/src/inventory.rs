@@ -122,7 +122,11 @@ pub enum Mergeability {
 /// One mapping that holds guest RAM.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RamMapping {
+    /// Virtual addresses in the VMM; absent from /v1/status unless the daemon runs with
+    /// `--expose-addresses` (then 0 here).
+    #[serde(default)]
     pub start: u64,
+    #[serde(default)]
     pub end: u64,
     pub backing: String,
     pub mergeable: bool,
@@ -290,6 +294,22 @@ fn kind_from_comm(comm: &str) -> Option<VmKind> {
     }
 }
 
+/// What one [`Scanner::scan`] found.
+#[derive(Debug, Default)]
+pub struct Found {
+    /// The VM processes, by PID.
+    pub vms: BTreeMap<u32, VmKind>,
+    /// Processes whose /proc files could not be read for another reason than their exit
+    /// (EMFILE, EAGAIN): whether they are VMs is unknown this time.
+    pub unknown: std::collections::BTreeSet<u32>,
+}
+
+/// Whether a /proc read failed because the process is gone (rather than because the
+/// reader could not read).
+pub fn gone(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ESRCH)
+}
+
 /// Finds VM processes cheaply enough to run every few seconds: one read of
 /// /proc/PID/comm per process, and more only for candidates and new processes. Processes
 /// found not to be VMs are remembered with their `comm` (exec changes it), so a PID is
@@ -317,15 +337,17 @@ impl Scanner {
         self.untrusted
     }
 
-    /// The VM processes now, by PID, with their kind.
-    pub fn scan(&mut self) -> BTreeMap<u32, VmKind> {
-        let mut found = BTreeMap::new();
+    /// The VM processes now, by PID, with their kind. `/proc` failing to answer (out of
+    /// file descriptors, say) is not the VMs' exit: an unreadable `/proc` is an error,
+    /// and a process whose files fail with anything but "no such process" is listed in
+    /// [`Found::unknown`], to be kept as it was.
+    pub fn scan(&mut self) -> std::io::Result<Found> {
+        let mut found = Found::default();
         let mut not_vms = std::collections::HashMap::with_capacity(self.not_vms.len());
-        let Ok(dir) = fs::read_dir("/proc") else {
-            return found;
-        };
+        let dir = fs::read_dir("/proc")?;
         let me = std::process::id();
-        for entry in dir.filter_map(Result::ok) {
+        for entry in dir {
+            let entry = entry?;
             let Some(pid) = entry
                 .file_name()
                 .to_str()
@@ -333,8 +355,16 @@ impl Scanner {
             else {
                 continue;
             };
-            let Ok(comm) = fs::read_to_string(format!("/proc/{pid}/comm")) else {
-                continue; // exited meanwhile
+            let comm = match fs::read_to_string(format!("/proc/{pid}/comm")) {
+                Ok(c) => c,
+                Err(e) if gone(&e) => continue, // exited meanwhile
+                Err(_) => {
+                    found.unknown.insert(pid);
+                    if let Some(c) = self.not_vms.get(&pid) {
+                        not_vms.insert(pid, c.clone());
+                    }
+                    continue;
+                }
             };
             let comm = comm.trim_end().to_owned();
             if pid == me
@@ -345,7 +375,7 @@ impl Scanner {
             }
             match self.kind(pid, &comm) {
                 Some(kind) => {
-                    found.insert(pid, kind);
+                    found.vms.insert(pid, kind);
                 }
                 None => {
                     not_vms.insert(pid, comm);
@@ -353,7 +383,7 @@ impl Scanner {
             }
         }
         self.not_vms = not_vms;
-        found
+        Ok(found)
     }
 
     fn kind(&mut self, pid: u32, comm: &str) -> Option<VmKind> {
@@ -411,6 +441,8 @@ impl Scanner {
 pub fn discover(sel: &Selector) -> BTreeMap<u32, Vm> {
     Scanner::new(sel.clone())
         .scan()
+        .map(|f| f.vms)
+        .unwrap_or_default()
         .into_iter()
         .filter_map(|(pid, kind)| Some((pid, describe(pid, kind)?)))
         .collect()

@@ -36,6 +36,9 @@ pub struct KsmHost {
     /// `cow_ksm` from /proc/vmstat: writes that broke a KSM merge, host-wide.
     pub cow_ksm: u64,
     pub ksmd_cpu_seconds: f64,
+    /// What could not be read (see [`KsmHost::known`]); the fields read 0.
+    #[serde(default)]
+    pub unreadable: Vec<String>,
 }
 
 impl KsmHost {
@@ -46,8 +49,14 @@ impl KsmHost {
 
     /// Reads everything, with ksmd's PID already known (the daemon caches it).
     pub fn read_with(ksmd: Option<u32>) -> KsmHost {
-        let r = |k: &str| read_i64(k).unwrap_or(0);
-        KsmHost {
+        let mut unreadable = Vec::new();
+        let mut r = |k: &'static str| {
+            read_i64(k).unwrap_or_else(|| {
+                unreadable.push(k.to_owned());
+                0
+            })
+        };
+        let mut host = KsmHost {
             available: fs::metadata(KSM).is_ok(),
             run: r("run"),
             pages_to_scan: r("pages_to_scan"),
@@ -61,9 +70,26 @@ impl KsmHost {
             ksm_zero_pages: r("ksm_zero_pages"),
             full_scans: r("full_scans"),
             general_profit_bytes: r("general_profit"),
-            cow_ksm: vmstat("cow_ksm").unwrap_or(0),
-            ksmd_cpu_seconds: ksmd.and_then(ksmd_cpu_seconds).unwrap_or(0.0),
-        }
+            cow_ksm: 0,
+            ksmd_cpu_seconds: 0.0,
+            unreadable: Vec::new(),
+        };
+        host.cow_ksm = vmstat("cow_ksm").unwrap_or_else(|| {
+            unreadable.push("cow_ksm".into());
+            0
+        });
+        host.ksmd_cpu_seconds = ksmd.and_then(ksmd_cpu_seconds).unwrap_or_else(|| {
+            unreadable.push("ksmd".into());
+            0.0
+        });
+        host.unreadable = unreadable;
+        host
+    }
+
+    /// Whether `knob` (a file of /sys/kernel/mm/ksm, `cow_ksm` or `ksmd`) was read: one
+    /// that could not be is absent from the metrics, never exported as 0.
+    pub fn known(&self, knob: &str) -> bool {
+        !self.unreadable.iter().any(|u| u == knob)
     }
 }
 

@@ -13,6 +13,7 @@ pub mod config;
 #[cfg(feature = "ebpf")]
 pub mod daemon;
 pub mod heat;
+pub mod http;
 pub mod inventory;
 pub mod kernel_btf;
 pub mod ksm_host;

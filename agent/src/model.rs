@@ -114,6 +114,10 @@ pub struct HostState {
     /// writable by others): not taken for VMs.
     #[serde(default)]
     pub untrusted_vmm_processes: u64,
+    /// /proc reads that failed for another reason than a process's exit (such VMs are
+    /// kept as they were, not taken as gone).
+    #[serde(default)]
+    pub proc_read_errors: u64,
     /// The ranked 2 MiB ranges per VM, served by `/v1/ranges` (not part of /v1/status:
     /// a large host has hundreds of thousands).
     #[serde(skip)]

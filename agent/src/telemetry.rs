@@ -82,85 +82,110 @@ impl Collector for HostCollector {
         let s = self.0.read().map_err(|_| fmt::Error)?;
         let k = &s.ksm;
         let e = &mut enc;
-        gauge(
-            e,
-            "memfabric_ksm_pages_shared",
-            "KSM pages in use (shared by several pages)",
-            k.pages_shared,
-        )?;
-        gauge(
-            e,
-            "memfabric_ksm_pages_sharing",
-            "Pages merged into KSM pages: roughly the pages saved",
-            k.pages_sharing,
-        )?;
-        gauge(
-            e,
-            "memfabric_ksm_pages_unshared",
-            "Pages KSM checked that are unique so far",
-            k.pages_unshared,
-        )?;
-        gauge(
-            e,
-            "memfabric_ksm_pages_volatile",
-            "Pages changing too fast to be merged",
-            k.pages_volatile,
-        )?;
-        gauge(
-            e,
-            "memfabric_ksm_pages_skipped",
-            "Pages KSM's smart scan skipped",
-            k.pages_skipped,
-        )?;
-        gauge(
-            e,
-            "memfabric_ksm_zero_pages",
-            "Pages merged with the zero page (use_zero_pages)",
-            k.ksm_zero_pages,
-        )?;
-        counter(
-            e,
-            "memfabric_ksm_full_scans",
-            "Full scans of mergeable memory by ksmd",
-            k.full_scans.max(0) as u64,
-        )?;
-        gauge(
-            e,
-            "memfabric_ksm_general_profit_bytes",
-            "KSM's own estimate of bytes saved net of its metadata (may be negative)",
-            k.general_profit_bytes,
-        )?;
-        gauge(
-            e,
-            "memfabric_ksm_run",
-            "KSM run state (0 stopped, 1 running, 2 unmerging)",
-            k.run,
-        )?;
-        gauge(
-            e,
-            "memfabric_ksm_pages_to_scan",
-            "Pages ksmd scans per wake-up",
-            k.pages_to_scan,
-        )?;
-        gauge(
-            e,
-            "memfabric_ksm_sleep_seconds",
-            "Sleep between ksmd wake-ups",
-            k.sleep_millisecs as f64 / 1000.0,
-        )?;
-        counter(
-            e,
-            "memfabric_ksm_cow_breaks",
-            "Writes that broke a KSM merge, host-wide (vmstat cow_ksm)",
-            k.cow_ksm,
-        )?;
-        counter(
-            e,
-            "memfabric_ksmd_cpu_seconds",
-            "CPU time ksmd has used",
-            k.ksmd_cpu_seconds,
-        )?;
-
+        if k.known("pages_shared") {
+            gauge(
+                e,
+                "memfabric_ksm_pages_shared",
+                "KSM pages in use (shared by several pages)",
+                k.pages_shared,
+            )?;
+        }
+        if k.known("pages_sharing") {
+            gauge(
+                e,
+                "memfabric_ksm_pages_sharing",
+                "Pages merged into KSM pages: roughly the pages saved",
+                k.pages_sharing,
+            )?;
+        }
+        if k.known("pages_unshared") {
+            gauge(
+                e,
+                "memfabric_ksm_pages_unshared",
+                "Pages KSM checked that are unique so far",
+                k.pages_unshared,
+            )?;
+        }
+        if k.known("pages_volatile") {
+            gauge(
+                e,
+                "memfabric_ksm_pages_volatile",
+                "Pages changing too fast to be merged",
+                k.pages_volatile,
+            )?;
+        }
+        if k.known("pages_skipped") {
+            gauge(
+                e,
+                "memfabric_ksm_pages_skipped",
+                "Pages KSM's smart scan skipped",
+                k.pages_skipped,
+            )?;
+        }
+        if k.known("ksm_zero_pages") {
+            gauge(
+                e,
+                "memfabric_ksm_zero_pages",
+                "Pages merged with the zero page (use_zero_pages)",
+                k.ksm_zero_pages,
+            )?;
+        }
+        if k.known("full_scans") {
+            counter(
+                e,
+                "memfabric_ksm_full_scans",
+                "Full scans of mergeable memory by ksmd",
+                k.full_scans.max(0) as u64,
+            )?;
+        }
+        if k.known("general_profit") {
+            gauge(
+                e,
+                "memfabric_ksm_general_profit_bytes",
+                "KSM's own estimate of bytes saved net of its metadata (may be negative)",
+                k.general_profit_bytes,
+            )?;
+        }
+        if k.known("run") {
+            gauge(
+                e,
+                "memfabric_ksm_run",
+                "KSM run state (0 stopped, 1 running, 2 unmerging)",
+                k.run,
+            )?;
+        }
+        if k.known("pages_to_scan") {
+            gauge(
+                e,
+                "memfabric_ksm_pages_to_scan",
+                "Pages ksmd scans per wake-up",
+                k.pages_to_scan,
+            )?;
+        }
+        if k.known("sleep_millisecs") {
+            gauge(
+                e,
+                "memfabric_ksm_sleep_seconds",
+                "Sleep between ksmd wake-ups",
+                k.sleep_millisecs as f64 / 1000.0,
+            )?;
+        }
+        if k.known("cow_ksm") {
+            counter(
+                e,
+                "memfabric_ksm_cow_breaks",
+                "Writes that broke a KSM merge, host-wide (vmstat cow_ksm)",
+                k.cow_ksm,
+            )?;
+        }
+        if k.known("ksmd") {
+            counter(
+                e,
+                "memfabric_ksmd_cpu_seconds",
+                "CPU time ksmd has used",
+                k.ksmd_cpu_seconds,
+            )?;
+        }
         let label = |v: &crate::model::VmState| -> Labels {
             vec![
                 ("vm", v.vm.name.clone()),
@@ -408,6 +433,13 @@ impl Collector for HostCollector {
              or is writable by others",
             s.untrusted_vmm_processes,
         )?;
+        counter(
+            e,
+            "memfabric_proc_read_errors",
+            "/proc reads that failed for another reason than the process's exit (EMFILE...): \
+             the VM is kept as it was, not taken as gone",
+            s.proc_read_errors,
+        )?;
         if let Some(k) = &s.ksmd {
             encode_ksmd(e, k)?;
         }
@@ -490,31 +522,168 @@ fn encode_ksmd(e: &mut DescriptorEncoder, k: &crate::model::KsmdStatus) -> fmt::
     )
 }
 
-/// The registry serving `state`.
-pub fn registry(state: Shared) -> Registry {
+/// The HTTP server's own counters.
+#[derive(Debug)]
+struct HttpCollector(Arc<crate::http::Stats>);
+
+impl Collector for HttpCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> fmt::Result {
+        use std::sync::atomic::Ordering::Relaxed;
+        let s = &self.0;
+        let e = &mut enc;
+        gauge(
+            e,
+            "memfabric_http_connections",
+            "HTTP connections open now",
+            s.open.load(Relaxed) as i64,
+        )?;
+        counter(
+            e,
+            "memfabric_http_connections_accepted",
+            "HTTP connections accepted",
+            s.accepted.load(Relaxed),
+        )?;
+        counter(
+            e,
+            "memfabric_http_connections_evicted",
+            "HTTP connections closed to make room under the connection cap (oldest first)",
+            s.evicted.load(Relaxed),
+        )?;
+        counter(
+            e,
+            "memfabric_http_accept_errors",
+            "Failed accepts (for example out of file descriptors)",
+            s.accept_errors.load(Relaxed),
+        )?;
+        counter(
+            e,
+            "memfabric_http_busy_rejections",
+            "JSON requests answered 503 because too many were being served at once",
+            s.busy.load(Relaxed),
+        )
+    }
+}
+
+/// The registry serving `state` (and the HTTP server's counters, when given).
+pub fn registry(state: Shared, http: Option<Arc<crate::http::Stats>>) -> Registry {
     let mut r = Registry::default();
     r.register_collector(Box::new(HostCollector(state)));
+    if let Some(h) = http {
+        r.register_collector(Box::new(HttpCollector(h)));
+    }
     r
 }
+
+/// How the routes behave.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// /healthz fails when the state is older than this.
+    pub stale_after: Duration,
+    /// Serve guest-RAM virtual addresses (an ASLR leak for every VMM on the host):
+    /// off unless asked for (`--expose-addresses`); ranges are given as offsets into the
+    /// VM's guest RAM instead.
+    pub expose_addresses: bool,
+    /// The HTTP server's counters.
+    pub http: Arc<crate::http::Stats>,
+}
+
+/// JSON documents served at once (/v1/status, /v1/ranges): each is built in memory, so
+/// their number bounds the memory slow or many clients can make the daemon hold.
+const MAX_JSON_READERS: usize = 4;
 
 #[derive(Clone)]
 struct App {
     state: Shared,
     registry: Arc<Registry>,
-    /// /healthz fails when the state is older than this.
-    stale_after: Duration,
+    opts: Options,
+    readers: Arc<tokio::sync::Semaphore>,
 }
 
-async fn metrics(State(app): State<App>) -> impl IntoResponse {
+impl App {
+    /// A permit to build a JSON document, or `None` (counted) when too many are.
+    fn reader(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        let permit = self.readers.clone().try_acquire_owned().ok();
+        if permit.is_none() {
+            self.opts
+                .http
+                .busy
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        permit
+    }
+}
+
+/// The answer when too many JSON documents are being built.
+fn busy() -> axum::response::Response {
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        [("retry-after", "1")],
+        Json(serde_json::json!({ "error": "busy: too many JSON requests at once; retry" })),
+    )
+        .into_response()
+}
+
+/// Prometheus's text format 0.0.4, what scrapers get unless they ask for OpenMetrics.
+const TEXT_004: &str = "text/plain; version=0.0.4; charset=utf-8";
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Whether an `Accept` header asks for OpenMetrics (as client_golang negotiates: the
+/// Prometheus server asks for it first, curl and older scrapers do not).
+fn wants_openmetrics(accept: &str) -> bool {
+    accept.split(',').any(|part| {
+        let mut it = part.split(';').map(str::trim);
+        let media = it.next().unwrap_or("");
+        let q = it
+            .find_map(|p| p.strip_prefix("q="))
+            .and_then(|q| q.parse::<f32>().ok())
+            .unwrap_or(1.0);
+        media.eq_ignore_ascii_case("application/openmetrics-text") && q > 0.0
+    })
+}
+
+/// OpenMetrics text (prometheus-client's only output) as the Prometheus text format
+/// 0.0.4: a counter family `x` becomes `x_total` in HELP and TYPE (its samples already
+/// are), `# UNIT` and `# EOF` go. promtool checks the result.
+fn openmetrics_to_text(om: &str) -> String {
+    let counters: std::collections::HashSet<&str> = om
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(om.len());
+    for line in om.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let meta = ["# HELP ", "# TYPE "]
+            .into_iter()
+            .find_map(|p| line.strip_prefix(p).map(|rest| (p, rest)));
+        if let Some((prefix, rest)) = meta {
+            let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+            if counters.contains(name) && !name.ends_with("_total") {
+                out.push_str(&format!("{prefix}{name}_total {tail}\n"));
+                continue;
+            }
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
+}
+
+async fn metrics(State(app): State<App>, headers: axum::http::HeaderMap) -> impl IntoResponse {
+    let accept = headers
+        .get(axum::http::header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
     let mut body = String::new();
     match prometheus_client::encoding::text::encode(&mut body, &app.registry) {
+        Ok(()) if wants_openmetrics(accept) => {
+            (StatusCode::OK, [("content-type", OPENMETRICS)], body)
+        }
         Ok(()) => (
             StatusCode::OK,
-            [(
-                "content-type",
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            )],
-            body,
+            [("content-type", TEXT_004)],
+            openmetrics_to_text(&body),
         ),
         Err(_) => (
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -550,7 +719,7 @@ fn health(s: &HostState, now_ms: u64, stale_after: Duration) -> (StatusCode, Str
 
 async fn healthz(State(app): State<App>) -> impl IntoResponse {
     match app.state.read() {
-        Ok(s) => health(&s, now_ms(), app.stale_after),
+        Ok(s) => health(&s, now_ms(), app.opts.stale_after),
         Err(_) => (
             StatusCode::SERVICE_UNAVAILABLE,
             "state lock poisoned\n".into(),
@@ -558,15 +727,55 @@ async fn healthz(State(app): State<App>) -> impl IntoResponse {
     }
 }
 
-async fn status(State(app): State<App>) -> impl IntoResponse {
+async fn status(State(app): State<App>) -> axum::response::Response {
+    let Some(_permit) = app.reader() else {
+        return busy();
+    };
     let s = app.state.read().map(|s| s.clone()).unwrap_or_default();
-    Json(s)
+    let mut v = serde_json::to_value(&s).unwrap_or_default();
+    if !app.opts.expose_addresses {
+        redact_addresses(&mut v);
+    }
+    Json(v).into_response()
+}
+
+/// Removes guest-RAM virtual addresses from a `/v1/status` document: each mapping keeps
+/// its size and kind.
+fn redact_addresses(status: &mut serde_json::Value) {
+    let Some(vms) = status.get_mut("vms").and_then(|v| v.as_array_mut()) else {
+        return;
+    };
+    for ram in vms
+        .iter_mut()
+        .filter_map(|v| v.get_mut("ram").and_then(|r| r.as_array_mut()))
+    {
+        for m in ram.iter_mut().filter_map(|m| m.as_object_mut()) {
+            let size = match (m.get("start"), m.get("end")) {
+                (Some(s), Some(e)) => e
+                    .as_u64()
+                    .unwrap_or(0)
+                    .saturating_sub(s.as_u64().unwrap_or(0)),
+                _ => 0,
+            };
+            m.remove("start");
+            m.remove("end");
+            m.insert("bytes".into(), size.into());
+        }
+    }
 }
 
 #[derive(serde::Deserialize)]
 struct RangesQuery {
     vm: Option<String>,
+    /// First range to return (in address order) and how many: a 64 GiB guest has 32 Ki
+    /// ranges, so the list comes in pages.
+    offset: Option<usize>,
+    limit: Option<usize>,
 }
+
+/// Ranges per `/v1/ranges` page unless `limit` says otherwise, and the most it may say.
+const RANGES_PAGE: usize = 1024;
+const RANGES_PAGE_MAX: usize = 8192;
 
 fn error(code: StatusCode, msg: String) -> axum::response::Response {
     (code, Json(serde_json::json!({ "error": msg }))).into_response()
@@ -578,6 +787,9 @@ async fn ranges(
     State(app): State<App>,
     axum::extract::Query(q): axum::extract::Query<RangesQuery>,
 ) -> axum::response::Response {
+    let Some(_permit) = app.reader() else {
+        return busy();
+    };
     let Ok(s) = app.state.read().map(|s| s.clone()) else {
         return error(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -616,6 +828,33 @@ async fn ranges(
             format!("no ranges for VM {}: {why}", vm.vm.name),
         );
     };
+    let offset = q.offset.unwrap_or(0);
+    let limit = q.limit.unwrap_or(RANGES_PAGE).clamp(1, RANGES_PAGE_MAX);
+    let page = list.iter().skip(offset).take(limit);
+    let mut rows: Vec<serde_json::Value> = page
+        .map(|r| serde_json::to_value(r).unwrap_or_default())
+        .collect();
+    if !app.opts.expose_addresses {
+        // Offsets into the guest RAM (its mappings laid end to end) instead of addresses.
+        let ram = &vm.vm.ram;
+        for row in rows.iter_mut().filter_map(|r| r.as_object_mut()) {
+            let Some(start) = row.remove("start").and_then(|v| v.as_u64()) else {
+                continue;
+            };
+            let mut before = 0u64;
+            let mut off = None;
+            for m in ram {
+                // A range is 2 MiB aligned: its start may lie just below its mapping's.
+                if start < m.end && start + crate::scan::RANGE_BYTES > m.start {
+                    off = Some(before + start.saturating_sub(m.start));
+                    break;
+                }
+                before += m.end - m.start;
+            }
+            row.insert("offset".into(), off.into());
+        }
+    }
+    let next = (offset + rows.len() < list.len()).then_some(offset + rows.len());
     Json(serde_json::json!({
         "vm": vm.vm.name,
         "pid": vm.vm.pid,
@@ -623,14 +862,17 @@ async fn ranges(
         "heat_window_seconds": s.ranges.heat_window_seconds,
         "policy": s.ranges.policy,
         "classes": vm.range_classes,
-        "ranges": list,
+        "total": list.len(),
+        "offset": offset,
+        "next_offset": next,
+        "ranges": rows,
     }))
     .into_response()
 }
 
 /// The HTTP routes.
-pub fn router(state: Shared, stale_after: Duration) -> Router {
-    let registry = Arc::new(registry(state.clone()));
+pub fn router(state: Shared, opts: Options) -> Router {
+    let registry = Arc::new(registry(state.clone(), Some(opts.http.clone())));
     Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
@@ -639,7 +881,8 @@ pub fn router(state: Shared, stale_after: Duration) -> Router {
         .with_state(App {
             state,
             registry,
-            stale_after,
+            opts,
+            readers: Arc::new(tokio::sync::Semaphore::new(MAX_JSON_READERS)),
         })
 }
 
@@ -651,6 +894,57 @@ pub fn timestamp() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn scrapers_get_text_0_0_4_unless_they_ask_for_openmetrics() {
+        // What Prometheus 2.x/3.x sends, then curl's and a text-only scraper's.
+        assert!(wants_openmetrics(
+            "application/openmetrics-text;version=1.0.0,application/openmetrics-text;\
+             version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
+        ));
+        assert!(!wants_openmetrics("*/*"));
+        assert!(!wants_openmetrics(""));
+        assert!(!wants_openmetrics("text/plain;version=0.0.4"));
+        assert!(!wants_openmetrics("application/openmetrics-text;q=0"));
+    }
+
+    #[test]
+    fn openmetrics_becomes_text_0_0_4() {
+        let om = "# HELP memfabric_x_bytes Bytes.\n# TYPE memfabric_x_bytes gauge\n\
+                  # UNIT memfabric_x_bytes bytes\nmemfabric_x_bytes 3\n\
+                  # HELP memfabric_y Ys seen.\n# TYPE memfabric_y counter\n\
+                  memfabric_y_total{vm=\"a b\"} 7\n# EOF\n";
+        assert_eq!(
+            openmetrics_to_text(om),
+            "# HELP memfabric_x_bytes Bytes.\n# TYPE memfabric_x_bytes gauge\n\
+             memfabric_x_bytes 3\n# HELP memfabric_y_total Ys seen.\n\
+             # TYPE memfabric_y_total counter\nmemfabric_y_total{vm=\"a b\"} 7\n"
+        );
+    }
+
+    #[test]
+    fn an_unreadable_ksm_value_is_absent_not_zero() {
+        let mut s = HostState::default();
+        s.ksm.unreadable = vec!["pages_sharing".into(), "cow_ksm".into()];
+        let reg = registry(Arc::new(RwLock::new(s)), None);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &reg).unwrap();
+        assert!(text.contains("memfabric_ksm_pages_shared 0"), "{text}");
+        assert!(!text.contains("memfabric_ksm_pages_sharing"), "{text}");
+        assert!(!text.contains("memfabric_ksm_cow_breaks"), "{text}");
+    }
+
+    #[test]
+    fn addresses_are_redacted_to_sizes() {
+        let mut v = serde_json::json!({"vms": [{"ram": [
+            {"start": 4096, "end": 4096 * 3, "backing": "private-anonymous"}
+        ]}]});
+        redact_addresses(&mut v);
+        assert_eq!(
+            v["vms"][0]["ram"][0],
+            serde_json::json!({"bytes": 8192, "backing": "private-anonymous"})
+        );
+    }
 
     #[test]
     fn health_fails_on_stale_state_and_on_a_dead_scanner() {

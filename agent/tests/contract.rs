@@ -39,7 +39,10 @@ fn exposition() -> String {
         }],
         ..Default::default()
     };
-    let registry = telemetry::registry(Arc::new(RwLock::new(state)));
+    let registry = telemetry::registry(
+        Arc::new(RwLock::new(state)),
+        Some(Arc::new(memfabric::http::Stats::default())),
+    );
     let mut text = String::new();
     prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
     text
@@ -87,6 +90,16 @@ fn every_promised_metric_is_exported() {
         "memfabric_vm_potential_savings_bytes",
         "memfabric_vm_ranges",
         "memfabric_vm_scan_pass_seconds",
+        "memfabric_probe_insert_failures_total",
+        "memfabric_probe_ksm_merges_untracked_total",
+        "memfabric_probe_ksm_merges_unowned_total",
+        "memfabric_probe_ksm_pages_stale_total",
+        "memfabric_probe_merged_pages_seeded_total",
+        "memfabric_proc_read_errors_total",
+        "memfabric_http_connections",
+        "memfabric_http_connections_evicted_total",
+        "memfabric_http_accept_errors_total",
+        "memfabric_http_busy_rejections_total",
     ] {
         assert!(got.contains(name), "{name} missing; exported: {got:?}");
     }
@@ -138,5 +151,5 @@ fn the_grafana_dashboard_uses_only_exported_metrics() {
 #[test]
 fn the_example_config_parses() {
     let cfg = FileConfig::parse(include_str!("../../packaging/memfabric.toml")).unwrap();
-    assert!(cfg.listen.unwrap().ip().is_loopback());
+    assert!(cfg.listen.unwrap().is_local());
 }

@@ -52,7 +52,7 @@ fn a_taken_port_is_refused_with_exit_code_4() {
     let addr = taken.local_addr().unwrap().to_string();
     let (code, err) = run(&["run", "--listen", &addr]);
     assert_eq!(code, Some(4), "{err}");
-    assert!(err.contains("port is taken"), "{err}");
+    assert!(err.contains("address is taken"), "{err}");
 }
 
 #[test]

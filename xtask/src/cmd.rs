@@ -63,6 +63,9 @@ pub fn output(c: &mut Command) -> Option<String> {
 }
 
 /// Whether we run as root.
+/// Where `cargo xtask setup` puts promtool; the tests check the exposition with it.
+pub const PROMTOOL: &str = "/usr/local/bin/promtool";
+
 pub fn is_root() -> bool {
     output(Command::new("id").arg("-u")).is_some_and(|s| s.trim() == "0")
 }

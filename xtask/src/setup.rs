@@ -5,7 +5,7 @@ use std::{path::Path, process::Command, time::Instant};
 
 use anyhow::{Context as _, bail};
 
-use xtask::cmd::{self, output};
+use xtask::cmd::{self, PROMTOOL, output};
 
 /// Debian packages: LLVM 22 for bpf-linker, QEMU/cpio/busybox for the VM lab, a font.
 const PACKAGES: &[&str] = &[
@@ -35,6 +35,7 @@ pub fn run() -> anyhow::Result<()> {
     packages()?;
     nightly()?;
     bpf_linker()?;
+    promtool()?;
     tracefs()?;
     kernel_features();
     eprintln!("setup: done in {:.1} s", start.elapsed().as_secs_f64());
@@ -73,6 +74,42 @@ fn packages() -> anyhow::Result<()> {
         bail!("package {p} is still not installed after apt-get install");
     }
     Ok(())
+}
+
+/// promtool, from Debian's `prometheus` package, unpacked rather than installed: installing
+/// the package would also start a Prometheus server on the host.
+fn promtool() -> anyhow::Result<()> {
+    if Path::new(PROMTOOL).exists() {
+        eprintln!("setup: [ok] promtool ({PROMTOOL})");
+        return Ok(());
+    }
+    eprintln!("setup: unpacking promtool from Debian's prometheus package to {PROMTOOL}");
+    let dir = std::env::temp_dir().join(format!("memfabric-promtool-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let result = (|| {
+        let download =
+            |c: &mut Command| cmd::run(c.current_dir(&dir).arg("download").arg("prometheus"));
+        if download(&mut Command::new("apt-get")).is_err() {
+            cmd::run(Command::new("apt-get").arg("update"))?;
+            download(&mut Command::new("apt-get")).context("apt-get download prometheus")?;
+        }
+        let deb = std::fs::read_dir(&dir)?
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .find(|p| p.extension().is_some_and(|x| x == "deb"))
+            .context("apt-get download left no .deb")?;
+        cmd::run(
+            Command::new("dpkg-deb")
+                .arg("-x")
+                .arg(&deb)
+                .arg(dir.join("x")),
+        )?;
+        std::fs::copy(dir.join("x/usr/bin/promtool"), PROMTOOL)
+            .with_context(|| format!("copying promtool to {PROMTOOL}"))?;
+        anyhow::Ok(())
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    result
 }
 
 fn nightly() -> anyhow::Result<()> {

@@ -1,10 +1,10 @@
 //! `memfabric run`: the daemon.
 
-use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
+use std::{path::PathBuf, process::ExitCode};
 
 use clap::Args;
 use memfabric::{
-    config::{Act, Config, FileConfig, Overrides},
+    config::{Act, Config, FileConfig, Listen, Overrides},
     daemon,
 };
 
@@ -14,9 +14,14 @@ pub struct RunArgs {
     /// ksmd_cpu_percent, state_dir).
     #[arg(long, env = "MEMFABRIC_CONFIG")]
     config: Option<PathBuf>,
-    /// HTTP address for /metrics, /healthz, /v1/status [default: 127.0.0.1:9977].
+    /// Where /metrics, /healthz, /v1/status and /v1/ranges listen: HOST:PORT, or
+    /// unix:/PATH for a socket only root can open [default: 127.0.0.1:9977].
     #[arg(long, env = "MEMFABRIC_LISTEN")]
-    listen: Option<SocketAddr>,
+    listen: Option<Listen>,
+    /// Serve guest-RAM virtual addresses in /v1/status and /v1/ranges (off: they
+    /// defeat the VMMs' address-space randomisation for anyone who can read them).
+    #[arg(long, env = "MEMFABRIC_EXPOSE_ADDRESSES")]
+    expose_addresses: bool,
     /// Also track this process as a VM (repeatable; env: comma-separated).
     #[arg(long = "pid", env = "MEMFABRIC_PIDS", value_delimiter = ',')]
     pids: Vec<u32>,
@@ -51,6 +56,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         file,
         Overrides {
             listen: args.listen,
+            expose_addresses: args.expose_addresses,
             pids: args.pids,
             matches: args.matches,
             refresh_ms: args.refresh_ms,

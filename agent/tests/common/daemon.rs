@@ -45,6 +45,10 @@ impl Daemon {
         self.child.id()
     }
 
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
     pub fn get(&self, path: &str) -> Option<String> {
         let mut r = ureq::get(&format!("http://127.0.0.1:{}{path}", self.port))
             .call()

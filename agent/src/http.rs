@@ -1,0 +1,174 @@
+//! The daemon's HTTP server: axum's router behind an accept loop that a root daemon can
+//! afford to face anyone on the host with. `axum::serve` sets no timer, so an idle or
+//! half-sent connection is held forever; enough of them exhaust file descriptors, and one
+//! blocks graceful shutdown. Here:
+//! - every connection must send a complete request head within `header_timeout`, also
+//!   between keep-alive requests (hyper's header-read timer also runs while idle);
+//! - at most `max_connections` are open: past that the oldest is closed, so a flood of
+//!   idle sockets cannot lock a scraper out (its fresh connection is the newest);
+//! - a failed accept (EMFILE) backs off instead of spinning;
+//! - shutdown asks every connection to finish and drops whatever is left after
+//!   `shutdown_deadline`.
+
+use std::{
+    collections::VecDeque,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use axum::Router;
+use hyper_util::{
+    rt::{TokioIo, TokioTimer},
+    service::TowerToHyperService,
+};
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    sync::{Notify, watch},
+};
+
+/// Bounds on what clients may hold.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub max_connections: usize,
+    /// Time to send a request head, and the longest idle keep-alive.
+    pub header_timeout: Duration,
+    /// The longest a connection lives, however busy (a slow reader of a large response).
+    pub max_connection_age: Duration,
+    /// How long shutdown waits for connections to finish.
+    pub shutdown_deadline: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 256,
+            header_timeout: Duration::from_secs(5),
+            max_connection_age: Duration::from_secs(120),
+            shutdown_deadline: Duration::from_secs(2),
+        }
+    }
+}
+
+/// Counters of the server, for the exposition.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub open: AtomicU64,
+    pub accepted: AtomicU64,
+    /// Closed to make room for a newer connection.
+    pub evicted: AtomicU64,
+    pub accept_errors: AtomicU64,
+    /// JSON requests refused (503) because too many were being built at once.
+    pub busy: AtomicU64,
+}
+
+/// Something that accepts connections (a TCP or a unix listener).
+pub trait Accept: Send + 'static {
+    type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    fn accept(&self) -> impl Future<Output = std::io::Result<Self::Io>> + Send;
+}
+
+impl Accept for tokio::net::TcpListener {
+    type Io = tokio::net::TcpStream;
+    async fn accept(&self) -> std::io::Result<Self::Io> {
+        let (s, _) = tokio::net::TcpListener::accept(self).await?;
+        let _ = s.set_nodelay(true);
+        Ok(s)
+    }
+}
+
+impl Accept for tokio::net::UnixListener {
+    type Io = tokio::net::UnixStream;
+    async fn accept(&self) -> std::io::Result<Self::Io> {
+        Ok(tokio::net::UnixListener::accept(self).await?.0)
+    }
+}
+
+/// Open connections, oldest first: (id, the signal that closes it).
+type Registry = Arc<Mutex<VecDeque<(u64, Arc<Notify>)>>>;
+
+/// Serves `app` on `listener` until `shutdown` completes, then closes every connection
+/// within the deadline.
+pub async fn serve<L: Accept>(
+    listener: L,
+    app: Router,
+    limits: Limits,
+    stats: Arc<Stats>,
+    shutdown: impl Future<Output = ()>,
+) {
+    let open: Registry = Arc::default();
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut next_id = 0u64;
+    tokio::pin!(shutdown);
+    loop {
+        let io = tokio::select! {
+            _ = &mut shutdown => break,
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
+            r = listener.accept() => r,
+        };
+        let io = match io {
+            Ok(io) => io,
+            Err(e) => {
+                // Out of descriptors (EMFILE/ENFILE) or a reset before accept: the
+                // connection waits in the backlog; retry a little later, not in a loop.
+                if stats.accept_errors.fetch_add(1, Ordering::Relaxed) == 0 {
+                    tracing::warn!("accepting an HTTP connection: {e} (counted from now on)");
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        stats.accepted.fetch_add(1, Ordering::Relaxed);
+        let close = Arc::new(Notify::new());
+        let id = next_id;
+        next_id += 1;
+        {
+            let mut reg = open.lock().unwrap_or_else(|e| e.into_inner());
+            while reg.len() >= limits.max_connections.max(1) {
+                if let Some((_, oldest)) = reg.pop_front() {
+                    oldest.notify_one();
+                    stats.evicted.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            reg.push_back((id, close.clone()));
+        }
+        stats.open.fetch_add(1, Ordering::Relaxed);
+        let (app, open, stats, mut stop) =
+            (app.clone(), open.clone(), stats.clone(), stop_rx.clone());
+        tasks.spawn(async move {
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(limits.header_timeout)
+                .max_buf_size(64 * 1024);
+            let conn = builder.serve_connection(TokioIo::new(io), TowerToHyperService::new(app));
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = close.notified() => {}
+                _ = tokio::time::sleep(limits.max_connection_age) => {}
+                _ = async { let _ = stop.wait_for(|s| *s).await; } => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(limits.shutdown_deadline, conn).await;
+                }
+            }
+            open.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .retain(|(i, _)| *i != id);
+            stats.open.fetch_sub(1, Ordering::Relaxed);
+        });
+    }
+    let _ = stop_tx.send(true);
+    let drained = tokio::time::timeout(
+        limits.shutdown_deadline + Duration::from_millis(500),
+        async { while tasks.join_next().await.is_some() {} },
+    )
+    .await;
+    if drained.is_err() {
+        tracing::warn!("HTTP connections still open at the shutdown deadline: dropped");
+    }
+    tasks.abort_all();
+}

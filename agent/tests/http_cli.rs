@@ -1,0 +1,181 @@
+//! The daemon's HTTP side against clients a root daemon must survive: thousands of idle
+//! sockets, a request that never finishes, and a unix socket only root may open. All on
+//! loopback, bounded in count and time.
+
+mod common;
+#[path = "common/daemon.rs"]
+mod daemon;
+
+use std::{
+    io::{Read as _, Write as _},
+    net::TcpStream,
+    os::unix::fs::{FileTypeExt as _, PermissionsExt as _},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use daemon::Daemon;
+
+/// Raises this process's open-file limit so it can hold `n` sockets.
+fn allow_files(n: u64) {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: valid out-pointer.
+    assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) }, 0);
+    lim.rlim_cur = lim.rlim_max.min(n.max(lim.rlim_cur));
+    // SAFETY: valid pointer; raising the soft limit up to the hard one.
+    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) }, 0);
+    assert!(lim.rlim_cur >= n, "hard file limit {} < {n}", lim.rlim_max);
+}
+
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// Waits until the daemon answers /healthz (it tracks nothing, so it is quick).
+fn up(d: &Daemon) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while d.get("/healthz").is_none() {
+        assert!(Instant::now() < deadline, "daemon did not come up");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+#[test]
+fn two_thousand_idle_sockets_do_not_lock_out_a_scraper() {
+    if !common::root_or_skip("two_thousand_idle_sockets_do_not_lock_out_a_scraper") {
+        return;
+    }
+    const IDLE: usize = 2000;
+    allow_files(IDLE as u64 + 256);
+    let d = Daemon::start(&[]);
+    up(&d);
+    let addr = format!("127.0.0.1:{}", d.port());
+    let mut idle = Vec::with_capacity(IDLE);
+    for _ in 0..IDLE {
+        match TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_secs(2)) {
+            Ok(s) => idle.push(s),
+            Err(e) => panic!("connect #{}: {e}", idle.len()),
+        }
+    }
+    // Let the daemon accept (and shed) them all.
+    std::thread::sleep(Duration::from_millis(500));
+    let t = Instant::now();
+    let body = d
+        .get("/metrics")
+        .expect("/metrics while 2,000 sockets are open");
+    let took = t.elapsed();
+    let fds = open_fds(d.pid());
+    eprintln!(
+        "{IDLE} idle sockets held: /metrics in {:.0} ms, daemon fds {fds}, evicted {:?}",
+        took.as_secs_f64() * 1e3,
+        metric(&body, "memfabric_http_connections_evicted_total")
+    );
+    assert!(took < Duration::from_secs(1), "/metrics took {took:?}");
+    assert!(fds < 400, "the daemon holds {fds} descriptors");
+    assert!(
+        metric(&body, "memfabric_http_connections_evicted_total").unwrap_or(0.0)
+            >= (IDLE - 300) as f64,
+        "{body}"
+    );
+    // Idle connections the cap kept are closed by the header timeout (5 s).
+    std::thread::sleep(Duration::from_secs(6));
+    let body = d.get("/metrics").unwrap();
+    let open = metric(&body, "memfabric_http_connections").unwrap();
+    assert!(
+        open <= 2.0,
+        "{open} connections still open after the idle timeout"
+    );
+    drop(idle);
+    d.stop();
+}
+
+#[test]
+fn a_half_sent_request_does_not_hold_up_shutdown() {
+    if !common::root_or_skip("a_half_sent_request_does_not_hold_up_shutdown") {
+        return;
+    }
+    let d = Daemon::start(&[]);
+    up(&d);
+    let mut s = TcpStream::connect(format!("127.0.0.1:{}", d.port())).unwrap();
+    // No blank line: the request head never ends.
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
+    // And a slow reader of a finished response alongside.
+    let mut slow = TcpStream::connect(format!("127.0.0.1:{}", d.port())).unwrap();
+    slow.write_all(b"GET /v1/status HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let t = Instant::now();
+    d.signal(libc::SIGTERM);
+    let (code, err) = d.wait();
+    let took = t.elapsed();
+    eprintln!("exit after SIGTERM in {:.0} ms", took.as_secs_f64() * 1e3);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(took < Duration::from_secs(5), "shutdown took {took:?}");
+}
+
+#[test]
+fn a_unix_socket_is_root_only_and_removed_on_exit() {
+    if !common::root_or_skip("a_unix_socket_is_root_only_and_removed_on_exit") {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("memfabric-unix-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let sock = dir.join("memfabric.sock");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_memfabric"))
+        .args(["run", "--scan-cpu", "0", "--listen"])
+        .arg(format!("unix:{}", sock.display()))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let get = |path: &str| -> Option<String> {
+        let mut s = std::os::unix::net::UnixStream::connect(&sock).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: memfabric\r\nConnection: close\r\n\r\n"
+        )
+        .ok()?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).ok()?;
+        Some(out)
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let reply = loop {
+        if let Some(r) = get("/healthz").filter(|r| r.starts_with("HTTP/1.1 200")) {
+            break r;
+        }
+        assert!(Instant::now() < deadline, "no answer on {}", sock.display());
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(reply.contains("ok"), "{reply}");
+    let meta = std::fs::metadata(&sock).unwrap();
+    assert!(meta.file_type().is_socket());
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600, "socket mode");
+    // A second daemon on the same socket is refused, and the first keeps it.
+    let second = Command::new(env!("CARGO_BIN_EXE_memfabric"))
+        .args(["run", "--scan-cpu", "0", "--listen"])
+        .arg(format!("unix:{}", sock.display()))
+        .output()
+        .unwrap();
+    assert_eq!(second.status.code(), Some(4), "{second:?}");
+    assert!(get("/healthz").is_some_and(|r| r.starts_with("HTTP/1.1 200")));
+    // SAFETY: our child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(!sock.exists(), "socket left behind");
+    let _ = std::fs::remove_dir_all(&dir);
+}
