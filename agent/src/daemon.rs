@@ -39,6 +39,8 @@ pub enum DaemonError {
     },
     #[error("no process with PID {0} (given with --pid)")]
     UnknownPid(u32),
+    #[error("PID {0} (given with --pid) is a kernel thread: it has no user memory to track")]
+    KernelThread(u32),
     #[error("HTTP server: {0}")]
     Serve(std::io::Error),
     #[error("signal handler: {0}")]
@@ -49,12 +51,20 @@ pub enum DaemonError {
     Refresh(String),
 }
 
+/// Refreshes between two descriptions of a known VM (about 30 s at the default 2 s).
+const REDESCRIBE: u32 = 15;
+
 /// The refresh side of the daemon.
 pub struct Daemon {
     probes: Probes,
     scanner: Scanner,
     ksmd: Option<u32>,
     vms: BTreeMap<u32, Vm>,
+    /// Each VM's process start time and when it was last described: a PID reused by a new
+    /// process is a new VM, and a VM is described again now and then (its RAM appears
+    /// after it starts; merging is turned on and off).
+    described: HashMap<u32, (Option<u64>, u32)>,
+    refreshes: u32,
     previous: HashMap<u32, (Instant, VmProbeCounters)>,
     exited: BTreeMap<u32, VmProbeCounters>,
     scan: Option<crate::scan_worker::ScanWorker>,
@@ -77,10 +87,15 @@ pub struct Daemon {
 impl Daemon {
     /// `control`: ksmd's knobs when steering (`--act ksmd`), taken before the probes load.
     pub fn new(cfg: &Config, control: Option<KsmControl>) -> Result<Daemon, DaemonError> {
+        let mut pid_starts = HashMap::new();
         for &pid in &cfg.pids {
-            if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            let Some(t) = inventory::start_time(pid) else {
                 return Err(DaemonError::UnknownPid(pid));
+            };
+            if inventory::is_kernel_thread(pid) {
+                return Err(DaemonError::KernelThread(pid));
             }
+            pid_starts.insert(pid, t);
         }
         let probes = Probes::load(&LoadOptions::default())?;
         for s in probes.status().iter().filter(|s| !s.attached()) {
@@ -95,11 +110,14 @@ impl Daemon {
             probes,
             scanner: Scanner::new(Selector {
                 pids: cfg.pids.clone(),
+                pid_starts,
                 patterns: cfg.matches.clone(),
                 untrusted_vmm_executables: cfg.untrusted_vmm_executables,
             }),
             ksmd: ksm_host::ksmd_pid(),
             vms: BTreeMap::new(),
+            described: HashMap::new(),
+            refreshes: 0,
             previous: HashMap::new(),
             exited: BTreeMap::new(),
             scan: (cfg.scan_cpu > 0.0).then(|| crate::scan_worker::ScanWorker::start(cfg.scan_cpu)),
@@ -173,15 +191,28 @@ impl Daemon {
             }
         };
         self.proc_errors += found.unknown.len() as u64;
-        // Gone: exited, or no longer matching. A VM whose /proc could not be read stays.
+        self.refreshes = self.refreshes.wrapping_add(1);
+        // Gone: exited, or no longer matching, or its PID now belongs to another process.
+        // A VM whose /proc could not be read stays.
         let gone: Vec<u32> = self
             .vms
             .keys()
-            .filter(|p| !found.vms.contains_key(p) && !found.unknown.contains(p))
+            .filter(|p| {
+                if found.unknown.contains(p) {
+                    return false;
+                }
+                let reused = || {
+                    let then = self.described.get(p).and_then(|d| d.0);
+                    then.is_some()
+                        && inventory::start_time(**p).is_some_and(|now| Some(now) != then)
+                };
+                !found.vms.contains_key(p) || reused()
+            })
             .copied()
             .collect();
         for pid in gone {
             let vm = self.vms.remove(&pid);
+            self.described.remove(&pid);
             let _ = self.probes.untrack(pid);
             self.previous.remove(&pid);
             self.exited.remove(&pid);
@@ -189,7 +220,30 @@ impl Daemon {
                 tracing::info!("VM {} (pid {pid}) is gone", vm.name);
             }
         }
-        for (pid, kind) in found.vms {
+        for (&pid, &kind) in &found.vms {
+            // Described again: while its RAM is not mapped yet (a VMM seen at its start),
+            // and every REDESCRIBE refreshes (merging turned on or off since).
+            if let Some(old) = self.vms.get(&pid)
+                && let Some(d) = self.described.get(&pid)
+                && (old.mergeability == inventory::Mergeability::Unknown
+                    || self.refreshes.wrapping_sub(d.1) >= REDESCRIBE)
+            {
+                if let Some(vm) = inventory::describe(pid, kind) {
+                    if vm.mergeability != old.mergeability {
+                        tracing::info!(
+                            "VM {} (pid {pid}): {:?} -> {:?}",
+                            vm.name,
+                            old.mergeability,
+                            vm.mergeability
+                        );
+                        if vm.mergeability == inventory::Mergeability::Mergeable {
+                            self.vms_arrived += 1;
+                        }
+                    }
+                    self.vms.insert(pid, vm);
+                }
+                self.described.insert(pid, (d.0, self.refreshes));
+            }
             if !self.vms.contains_key(&pid) {
                 // Described once: reading smaps is the costly part of discovery.
                 let Some(vm) = inventory::describe(pid, kind) else {
@@ -225,6 +279,8 @@ impl Daemon {
                 if vm.mergeability == inventory::Mergeability::Mergeable {
                     self.vms_arrived += 1;
                 }
+                self.described
+                    .insert(pid, (inventory::start_time(pid), self.refreshes));
                 self.vms.insert(pid, vm);
             }
         }

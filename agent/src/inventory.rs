@@ -149,10 +149,24 @@ pub struct Vm {
 #[derive(Clone, Debug, Default)]
 pub struct Selector {
     pub pids: Vec<u32>,
+    /// Start times of `pids` when they were given: a PID whose process exited and whose
+    /// number was reused by another process no longer matches.
+    pub pid_starts: std::collections::HashMap<u32, u64>,
     pub patterns: Vec<Regex>,
     /// Take a process named like a VMM for one even when its executable is not
     /// root-owned or is writable by others (anyone can copy `sleep` to `qemu-system-x`).
     pub untrusted_vmm_executables: bool,
+}
+
+impl Selector {
+    /// Whether `pid` is one given with `--pid`, still the same process.
+    pub fn given(&self, pid: u32) -> bool {
+        self.pids.contains(&pid)
+            && match self.pid_starts.get(&pid) {
+                Some(&t) => start_time(pid) == Some(t),
+                None => true,
+            }
+    }
 }
 
 /// Why a process named like a VMM was not taken for one.
@@ -294,6 +308,28 @@ fn kind_from_comm(comm: &str) -> Option<VmKind> {
     }
 }
 
+/// Fields of /proc/PID/stat after the command name (which may hold spaces and ')').
+fn stat_fields(pid: u32) -> Option<Vec<String>> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    Some(rest.split_whitespace().map(str::to_owned).collect())
+}
+
+/// When the process started (clock ticks after boot): with the PID, a process's identity,
+/// since PIDs are reused.
+pub fn start_time(pid: u32) -> Option<u64> {
+    // Field 22 of stat; the 20th after the command name.
+    stat_fields(pid)?.get(19)?.parse().ok()
+}
+
+/// Whether `pid` is a kernel thread (`PF_KTHREAD`): no user memory to track.
+pub fn is_kernel_thread(pid: u32) -> bool {
+    const PF_KTHREAD: u64 = 0x0020_0000;
+    stat_fields(pid)
+        .and_then(|f| f.get(6)?.parse::<u64>().ok())
+        .is_some_and(|flags| flags & PF_KTHREAD != 0)
+}
+
 /// What one [`Scanner::scan`] found.
 #[derive(Debug, Default)]
 pub struct Found {
@@ -367,9 +403,7 @@ impl Scanner {
                 }
             };
             let comm = comm.trim_end().to_owned();
-            if pid == me
-                || self.not_vms.get(&pid) == Some(&comm) && !self.selector.pids.contains(&pid)
-            {
+            if pid == me || self.not_vms.get(&pid) == Some(&comm) && !self.selector.given(pid) {
                 not_vms.insert(pid, comm);
                 continue;
             }
@@ -415,7 +449,7 @@ impl Scanner {
                 }
             }
         }
-        if self.selector.pids.contains(&pid) {
+        if self.selector.given(pid) {
             return Some(VmKind::Process);
         }
         if !self.selector.patterns.is_empty()

@@ -669,3 +669,34 @@ fn the_exposition_passes_promtool_and_addresses_stay_private() {
         assert!(m["bytes"].as_u64().unwrap() > 0, "{m}");
     }
 }
+
+/// A VMM seen before it mapped its guest RAM is described again until it has: its RAM
+/// and mergeability appear without a restart of the daemon.
+#[test]
+fn a_vm_seen_before_its_ram_is_described_again() {
+    if !privileged("a_vm_seen_before_its_ram_is_described_again") {
+        return;
+    }
+    let mut w = Workload::spawn(WORKLOAD);
+    let d = TestDaemon::start(vec![w.pid]);
+    let pid = w.pid;
+    let ram = |d: &TestDaemon| -> Option<usize> {
+        let v: serde_json::Value = serde_json::from_str(&d.get("/v1/status")?).ok()?;
+        let vm = v["vms"]
+            .as_array()?
+            .iter()
+            .find(|x| x["pid"] == pid)?
+            .clone();
+        Some(vm["ram"].as_array()?.len())
+    };
+    assert!(
+        wait_for(Duration::from_secs(10), || ram(&d) == Some(0)),
+        "the fresh workload should have no guest RAM yet"
+    );
+    w.cmd("alloc 9000 unique"); // 35 MiB: guest-RAM sized
+    assert!(
+        wait_for(Duration::from_secs(10), || ram(&d).is_some_and(|n| n >= 1)),
+        "the VM's RAM never appeared: {}",
+        d.get("/v1/status").unwrap_or_default()
+    );
+}

@@ -167,12 +167,18 @@ pub struct Probes {
     /// The on-demand mm learner: its tracepoint (if it can attach) and its link while
     /// attached.
     learner: Option<(String, Option<TracePointLinkId>)>,
+    /// When the learner was attached, or until when it rests (see [`LEARNER_SPELL`]).
+    learner_since: Option<Instant>,
+    learner_rest_until: Option<Instant>,
     // Last: programs detach when this drops.
     ebpf: Ebpf,
 }
 
 /// Program name of the on-demand mm learner.
 const LEARNER: &str = "sched_switch";
+/// The longest the learner stays attached at once, and its rest after a fruitless spell.
+pub const LEARNER_SPELL: Duration = Duration::from_secs(30);
+pub const LEARNER_REST: Duration = Duration::from_secs(300);
 
 /// What the loader learned about the kernel.
 #[derive(Clone, Debug)]
@@ -329,13 +335,19 @@ impl Probes {
             events: take(&mut ebpf, maps::EVENTS)?,
             logger,
             learner,
+            learner_since: None,
+            learner_rest_until: None,
             ebpf,
         })
     }
 
     /// Attaches the mm learner while some tracked process's `mm` is unknown and detaches it
-    /// once all are known, so context switches cost nothing in the steady state. Called by
-    /// `track`; callers that run long call it now and then (a process may exec).
+    /// once all are known, so context switches cost nothing in the steady state. A process
+    /// that never runs (a stopped VM) would keep it attached host-wide forever: after
+    /// [`LEARNER_SPELL`] attached it rests for [`LEARNER_REST`], then tries again. Merges
+    /// of unknown `mm`s are remembered all the while, so a sleeper's COW breaks still
+    /// count. Called by `track`; callers that run long call it now and then (a process may
+    /// exec).
     pub fn refresh_mm_learning(&mut self) -> Result<(), ProbeError> {
         let needed = self.tracked()?.iter().any(|(_, s)| s.mm == 0);
         // Merges of an unknown mm may be a sleeping tracked process's: remember them too.
@@ -345,21 +357,41 @@ impl Probes {
                 map: maps::SETTINGS,
                 source,
             })?;
+        let now = Instant::now();
+        let resting = self.learner_rest_until.is_some_and(|t| now < t);
+        let spell_over = self
+            .learner_since
+            .is_some_and(|t| now.duration_since(t) >= LEARNER_SPELL);
+        let want = needed && !resting && !spell_over;
         let Some((tracepoint, link)) = self.learner.as_mut() else {
             return Ok(());
         };
         let prog = program(&mut self.ebpf, LEARNER)?;
-        match (needed, link.is_some()) {
+        match (want, link.is_some()) {
             (true, false) => {
                 let (category, name) = tracepoint.split_once(':').unwrap_or_default();
                 match prog.attach(category, name) {
-                    Ok(l) => *link = Some(l),
+                    Ok(l) => {
+                        *link = Some(l);
+                        self.learner_since = Some(now);
+                        self.learner_rest_until = None;
+                    }
                     Err(e) => tracing::warn!("attaching the mm learner to {tracepoint}: {e}"),
                 }
             }
             (false, true) => {
                 if let Some(l) = link.take() {
                     let _ = prog.detach(l);
+                }
+                self.learner_since = None;
+                if spell_over && needed {
+                    tracing::info!(
+                        "a tracked process has not run for {} s (stopped?): the mm learner \
+                         rests for {} s",
+                        LEARNER_SPELL.as_secs(),
+                        LEARNER_REST.as_secs()
+                    );
+                    self.learner_rest_until = Some(now + LEARNER_REST);
                 }
             }
             _ => {}
