@@ -82,6 +82,8 @@ pub enum ConfigError {
     KsmdCpu(f64),
     #[error("unknown action {0:?}: memfabric can act on `ksmd` (steer its scan rate)")]
     Act(String),
+    #[error("[web]: tls_cert_file and tls_key_file go together (one is missing)")]
+    TlsPair,
 }
 
 /// What the daemon may change on the host (nothing unless told).
@@ -99,6 +101,26 @@ impl std::str::FromStr for Act {
             "ksmd" => Ok(Act::Ksmd),
             other => Err(ConfigError::Act(other.into())),
         }
+    }
+}
+
+/// `[web]`: what exporters offer (node_exporter's web config): TLS and basic auth.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct WebConfig {
+    /// PEM certificate chain and private key: serve HTTPS instead of HTTP.
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_key_file: Option<PathBuf>,
+    /// User name -> bcrypt hash (`htpasswd -nbB user pass`): every endpoint then asks
+    /// for one of them.
+    #[serde(default)]
+    pub basic_auth_users: std::collections::BTreeMap<String, String>,
+}
+
+impl WebConfig {
+    /// Whether clients must authenticate.
+    pub fn authenticates(&self) -> bool {
+        !self.basic_auth_users.is_empty()
     }
 }
 
@@ -130,6 +152,9 @@ pub struct FileConfig {
     /// `sleep` `qemu-system-x86_64`).
     #[serde(default)]
     pub untrusted_vmm_executables: bool,
+    /// TLS and basic auth for the endpoints.
+    #[serde(default)]
+    pub web: WebConfig,
 }
 
 impl FileConfig {
@@ -165,6 +190,7 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// See [`FileConfig::untrusted_vmm_executables`].
     pub untrusted_vmm_executables: bool,
+    pub web: WebConfig,
 }
 
 /// What flags and the environment set; `None`/empty leaves the file's value.
@@ -210,6 +236,9 @@ impl Config {
         if !(ksmd.is_finite() && (0.1..=100.0).contains(&ksmd)) {
             return Err(ConfigError::KsmdCpu(ksmd));
         }
+        if file.web.tls_cert_file.is_some() != file.web.tls_key_file.is_some() {
+            return Err(ConfigError::TlsPair);
+        }
         let mut act = if act.is_empty() { file.act } else { act };
         act.dedup();
         let refresh_ms = refresh_ms.or(file.refresh_ms).unwrap_or(2000);
@@ -246,6 +275,7 @@ impl Config {
                 .or(file.state_dir)
                 .unwrap_or_else(|| crate::actuate::DEFAULT_STATE_DIR.into()),
             untrusted_vmm_executables: file.untrusted_vmm_executables,
+            web: file.web,
         })
     }
 }

@@ -49,6 +49,8 @@ pub enum DaemonError {
     Actuate(#[from] ActuateError),
     #[error("the refresh thread died: {0}")]
     Refresh(String),
+    #[error("config [web]: {0}")]
+    Web(String),
 }
 
 /// Refreshes between two descriptions of a known VM (about 30 s at the default 2 s).
@@ -515,6 +517,21 @@ pub async fn serve(
     cfg: Config,
     stop: impl std::future::Future<Output = ()>,
 ) -> Result<(), DaemonError> {
+    // TLS files and password hashes are checked before anything else happens.
+    let tls = match (&cfg.web.tls_cert_file, &cfg.web.tls_key_file) {
+        (Some(cert), Some(key)) => Some(
+            crate::http::tls_acceptor(cert, key).map_err(|e| DaemonError::Web(e.to_string()))?,
+        ),
+        _ => None,
+    };
+    let auth = if cfg.web.authenticates() {
+        Some(
+            crate::http_auth::BasicAuth::new(cfg.web.basic_auth_users.clone())
+                .map_err(|e| DaemonError::Web(e.to_string()))?,
+        )
+    } else {
+        None
+    };
     let listener = bind(&cfg).await?;
     let control = take_ksm(&cfg)?;
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
@@ -567,16 +584,29 @@ pub async fn serve(
             http: http_stats.clone(),
         },
     );
+    let app = match auth {
+        Some(a) => app.layer(axum::middleware::from_fn_with_state(
+            a,
+            crate::http_auth::require,
+        )),
+        None => app,
+    };
     tracing::info!(
-        "serving /metrics, /healthz, /v1/status, /v1/ranges on {}",
-        cfg.listen
+        "serving /metrics, /healthz, /v1/status, /v1/ranges on {}{}{}",
+        cfg.listen,
+        if tls.is_some() { " over TLS" } else { "" },
+        if cfg.web.authenticates() {
+            " with basic auth"
+        } else {
+            ""
+        }
     );
-    if !cfg.listen.is_local() {
+    if !cfg.listen.is_local() && !cfg.web.authenticates() {
         tracing::warn!(
             "LISTENING BEYOND LOOPBACK ({}) WITHOUT AUTHENTICATION: anyone who reaches it \
              reads every VM's name, size and sharing figures. Bind to loopback or a unix \
-             socket (--listen unix:/run/memfabric.sock) and scrape through a proxy that \
-             authenticates.",
+             socket (--listen unix:/run/memfabric.sock), or set [web] basic_auth_users \
+             (and TLS) in the config.",
             cfg.listen
         );
     }
@@ -587,11 +617,11 @@ pub async fn serve(
     };
     let (server, socket) = match listener {
         Bound::Tcp(l) => (
-            tokio::spawn(crate::http::serve(l, app, limits, http_stats, stopped)),
+            tokio::spawn(crate::http::serve(l, app, limits, tls, http_stats, stopped)),
             None,
         ),
         Bound::Unix(l, path) => (
-            tokio::spawn(crate::http::serve(l, app, limits, http_stats, stopped)),
+            tokio::spawn(crate::http::serve(l, app, limits, tls, http_stats, stopped)),
             Some(path),
         ),
     };

@@ -62,6 +62,8 @@ pub struct Stats {
     pub accept_errors: AtomicU64,
     /// JSON requests refused (503) because too many were being built at once.
     pub busy: AtomicU64,
+    /// TLS handshakes that failed or did not finish in time.
+    pub tls_failures: AtomicU64,
 }
 
 /// Something that accepts connections (a TCP or a unix listener).
@@ -95,6 +97,7 @@ pub async fn serve<L: Accept>(
     listener: L,
     app: Router,
     limits: Limits,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     stats: Arc<Stats>,
     shutdown: impl Future<Output = ()>,
 ) {
@@ -136,24 +139,21 @@ pub async fn serve<L: Accept>(
             reg.push_back((id, close.clone()));
         }
         stats.open.fetch_add(1, Ordering::Relaxed);
-        let (app, open, stats, mut stop) =
-            (app.clone(), open.clone(), stats.clone(), stop_rx.clone());
+        let (app, open, stats, stop) = (app.clone(), open.clone(), stats.clone(), stop_rx.clone());
+        let tls = tls.clone();
         tasks.spawn(async move {
-            let mut builder = hyper::server::conn::http1::Builder::new();
-            builder
-                .timer(TokioTimer::new())
-                .header_read_timeout(limits.header_timeout)
-                .max_buf_size(64 * 1024);
-            let conn = builder.serve_connection(TokioIo::new(io), TowerToHyperService::new(app));
-            tokio::pin!(conn);
-            tokio::select! {
-                _ = conn.as_mut() => {}
-                _ = close.notified() => {}
-                _ = tokio::time::sleep(limits.max_connection_age) => {}
-                _ = async { let _ = stop.wait_for(|s| *s).await; } => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = tokio::time::timeout(limits.shutdown_deadline, conn).await;
+            match tls {
+                // The handshake runs here, not in the accept loop, and within the header
+                // timeout: a client that never finishes it holds only its own task.
+                Some(acceptor) => {
+                    match tokio::time::timeout(limits.header_timeout, acceptor.accept(io)).await {
+                        Ok(Ok(stream)) => connection(stream, app, limits, close, stop).await,
+                        Ok(Err(_)) | Err(_) => {
+                            stats.tls_failures.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
                 }
+                None => connection(io, app, limits, close, stop).await,
             }
             open.lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -171,4 +171,73 @@ pub async fn serve<L: Accept>(
         tracing::warn!("HTTP connections still open at the shutdown deadline: dropped");
     }
     tasks.abort_all();
+}
+
+/// Serves HTTP/1.1 on one connection until it ends, is evicted, grows too old, or the
+/// server stops (then it may finish within the shutdown deadline).
+async fn connection<I: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+    io: I,
+    app: Router,
+    limits: Limits,
+    close: Arc<Notify>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .max_buf_size(64 * 1024);
+    let conn = builder.serve_connection(TokioIo::new(io), TowerToHyperService::new(app));
+    tokio::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        _ = close.notified() => {}
+        _ = tokio::time::sleep(limits.max_connection_age) => {}
+        _ = async { let _ = stop.wait_for(|s| *s).await; } => {
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(limits.shutdown_deadline, conn).await;
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("reading TLS {what} {path}: {message}")]
+    Read {
+        what: &'static str,
+        path: String,
+        message: String,
+    },
+    #[error("TLS certificate and key do not make a server configuration: {0}")]
+    Config(String),
+}
+
+/// A TLS acceptor from PEM files (a certificate chain and its private key).
+pub fn tls_acceptor(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> Result<tokio_rustls::TlsAcceptor, TlsError> {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _};
+    let read =
+        |what: &'static str, path: &std::path::Path, e: &dyn std::fmt::Display| TlsError::Read {
+            what,
+            path: path.display().to_string(),
+            message: e.to_string(),
+        };
+    let certs = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| read("certificate", cert, &e))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| read("certificate", cert, &e))?;
+    if certs.is_empty() {
+        return Err(read("certificate", cert, &"no certificate in the file"));
+    }
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| read("key", key, &e))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }

@@ -14,6 +14,7 @@ pub mod config;
 pub mod daemon;
 pub mod heat;
 pub mod http;
+pub mod http_auth;
 pub mod inventory;
 pub mod kernel_btf;
 pub mod ksm_host;

@@ -28,7 +28,9 @@ fn exit_code(e: &anyhow::Error) -> u8 {
         if let Some(d) = cause.downcast_ref::<DaemonError>() {
             return match d {
                 DaemonError::Listen { .. } => 4,
-                DaemonError::UnknownPid(_) | DaemonError::KernelThread(_) => 2,
+                DaemonError::UnknownPid(_) | DaemonError::KernelThread(_) | DaemonError::Web(_) => {
+                    2
+                }
                 DaemonError::Probes(p) => probe_code(p),
                 DaemonError::Actuate(a) => actuate_code(a),
                 _ => 1,

@@ -179,3 +179,135 @@ fn a_unix_socket_is_root_only_and_removed_on_exit() {
     assert!(!sock.exists(), "socket left behind");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// One HTTPS GET trusting only `ca`; (status line, body) or the TLS/IO error.
+fn https_get(port: u16, ca: &[u8], path: &str, auth: Option<&str>) -> Result<String, String> {
+    use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject as _};
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(ca) {
+        roots
+            .add(c.map_err(|e| e.to_string())?)
+            .map_err(|e| e.to_string())?;
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let conn = rustls::ClientConnection::new(
+        std::sync::Arc::new(config),
+        ServerName::try_from("localhost").unwrap(),
+    )
+    .map_err(|e| e.to_string())?;
+    let tcp = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+    tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    let auth = auth.map_or(String::new(), |a| {
+        use base64::Engine as _;
+        format!(
+            "Authorization: Basic {}\r\n",
+            base64::engine::general_purpose::STANDARD.encode(a)
+        )
+    });
+    write!(
+        tls,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\n{auth}Connection: close\r\n\r\n"
+    )
+    .map_err(|e| e.to_string())?;
+    let mut out = String::new();
+    tls.read_to_string(&mut out).map_err(|e| e.to_string())?;
+    Ok(out)
+}
+
+#[test]
+fn tls_and_basic_auth_guard_every_endpoint() {
+    if !common::root_or_skip("tls_and_basic_auth_guard_every_endpoint") {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("memfabric-tls-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let (cert_pem, key_pem) = (cert.cert.pem(), cert.signing_key.serialize_pem());
+    std::fs::write(dir.join("tls.crt"), &cert_pem).unwrap();
+    std::fs::write(dir.join("tls.key"), &key_pem).unwrap();
+    let hash = bcrypt::hash("s3cret", 4).unwrap();
+    let cfg = dir.join("memfabric.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[web]\ntls_cert_file = \"{}\"\ntls_key_file = \"{}\"\n\
+             basic_auth_users = {{ prometheus = \"{hash}\" }}\n",
+            dir.join("tls.crt").display(),
+            dir.join("tls.key").display()
+        ),
+    )
+    .unwrap();
+    let d = Daemon::start(&["--config", cfg.to_str().unwrap()]);
+    let port = d.port();
+    let ca = cert_pem.as_bytes();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let ok = loop {
+        match https_get(port, ca, "/metrics", Some("prometheus:s3cret")) {
+            Ok(r) if r.starts_with("HTTP/1.1 200") => break r,
+            _ => {
+                assert!(Instant::now() < deadline, "no HTTPS answer");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    };
+    assert!(ok.contains("memfabric_ksm_run"), "{ok}");
+    for (path, auth) in [
+        ("/metrics", None),
+        ("/v1/status", Some("prometheus:wrong")),
+        ("/healthz", Some("nobody:s3cret")),
+    ] {
+        let r = https_get(port, ca, path, auth).unwrap();
+        assert!(r.starts_with("HTTP/1.1 401"), "{path} {auth:?}: {r}");
+        assert!(r.contains("www-authenticate: Basic"), "{r}");
+    }
+    // Plain HTTP gets no answer at all from a TLS listener.
+    assert!(d.get("/healthz").is_none());
+    // A client that does not trust the certificate is refused by the handshake.
+    let other = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    assert!(https_get(port, other.cert.pem().as_bytes(), "/healthz", None).is_err());
+    d.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_bad_web_config_is_refused_before_anything_starts() {
+    let dir = std::env::temp_dir().join(format!("memfabric-badweb-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    for (name, body, says) in [
+        (
+            "half.toml",
+            "[web]\ntls_cert_file = \"/x.crt\"\n",
+            "go together",
+        ),
+        (
+            "plain.toml",
+            "[web]\nbasic_auth_users = { a = \"plain\" }\n",
+            "bcrypt",
+        ),
+        (
+            "missing.toml",
+            "[web]\ntls_cert_file = \"/nonexistent.crt\"\ntls_key_file = \"/nonexistent.key\"\n",
+            "/nonexistent.crt",
+        ),
+    ] {
+        let cfg = dir.join(name);
+        std::fs::write(&cfg, body).unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_memfabric"))
+            .args(["run", "--listen", "127.0.0.1:0", "--config"])
+            .arg(&cfg)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{name}: {err}");
+        assert!(err.contains(says), "{name}: {err}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -41,6 +41,7 @@ impl TestDaemon {
             ksmd_cpu: 0.1,
             state_dir: std::env::temp_dir().join(format!("memfabric-test-{port}")),
             untrusted_vmm_executables: false,
+            web: Default::default(),
         };
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::spawn(move || {

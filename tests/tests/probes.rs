@@ -109,24 +109,30 @@ fn ksm_cow_breaks_match_the_kernels_cow_ksm() {
         probe_delta.abs_diff(cow_delta) <= 3,
         "probe {probe_delta} vs kernel cow_ksm {cow_delta}"
     );
-    assert!(signature_delta >= probe_delta);
-    // Every broken merge is a hot page now, one write each.
-    let heat = probes.write_heat(w.pid);
-    assert!(
-        heat.len() as u64 >= M,
-        "write heat has {} pages < {M}",
-        heat.len()
+    // One write to each of M merged pages: M write-protect faults, every one of them a
+    // KSM COW break (nothing else write-protected these pages).
+    assert_eq!(
+        signature_delta, probe_delta,
+        "write-protect faults vs KSM COW breaks of {M} single writes"
     );
-    assert!(heat.iter().all(|(_, h)| h.write_protect_faults >= 1));
+    // Exactly the touched pages are hot now, one write-protect fault and one break each.
+    let (start, _) = w.span(&region);
+    let touched = start..start + M * 4096;
+    let heat = probes.write_heat(w.pid);
+    let hot: Vec<_> = heat.iter().filter(|(p, _)| touched.contains(p)).collect();
+    assert_eq!(hot.len() as u64, M, "hot pages in the touched range");
+    for (page, h) in &hot {
+        assert_eq!(
+            (h.write_protect_faults, h.cow_breaks),
+            (1, 1),
+            "page {page:#x}"
+        );
+    }
     // The heat map carries the exact breaks per page too (the ranking's COW heat).
     let broken: u64 = heat.iter().map(|(_, h)| u64::from(h.cow_breaks)).sum();
     assert_eq!(
         broken, after.ksm_cow_breaks,
         "COW breaks in the heat map vs the process counter"
-    );
-    assert!(
-        heat.iter()
-            .all(|(_, h)| h.cow_breaks <= h.write_protect_faults)
     );
     let counters = probes.counters().unwrap();
     assert!(counters.ksm_merges >= N as u64);

@@ -38,6 +38,7 @@ fn about(what: &str, v: u64, want: u64, slack: u64) {
 }
 
 #[test]
+#[serial(ksm)] // asserts nothing merged: never alongside a test that merges
 fn known_content_is_classified_exactly() {
     if !privileged("known_content_is_classified_exactly") {
         return;
@@ -100,7 +101,10 @@ fn known_content_is_classified_exactly() {
     );
     about("intra of a", ca.mergeable_intra_pages, d_all - 1, 16);
     assert_eq!(cb.mergeable_intra_pages, 255);
-    assert_eq!(report.total.merged_pages, 0, "KSM is off");
+    assert_eq!(
+        report.total.merged_pages, 0,
+        "the regions were never madvised mergeable, so KSM cannot have merged them"
+    );
     assert_eq!(
         report.total.potential_savings_bytes,
         report.total.mergeable_duplicate_pages * PAGE as u64

@@ -119,6 +119,23 @@ mod tests {
         let a = t.attribute(9, 0).unwrap();
         assert_eq!((a.copies, a.any_merged, a.role), (1, true, Kept));
         assert_eq!(t.attribute(8, 0), None);
-        assert!(t.allocated_bytes() >= 2 * 17);
+    }
+
+    #[test]
+    fn allocated_bytes_follow_the_load_factor() {
+        // hashbrown keeps at most 7/8 of its buckets full and doubles: per distinct content
+        // the table holds between one bucket (entry + control byte) * 8/7 and twice that.
+        let bucket = (std::mem::size_of::<(u64, Group)>() + 1) as f64;
+        let mut t = ContentTable::new();
+        for n in [1_000u64, 10_000, 100_000] {
+            while (t.len() as u64) < n {
+                t.add((t.len() as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15), false);
+            }
+            let per = t.allocated_bytes() as f64 / n as f64;
+            assert!(
+                (bucket * 8.0 / 7.0 - 0.01..=bucket * 16.0 / 7.0 + 0.01).contains(&per),
+                "{per} bytes per content at {n} (bucket {bucket})"
+            );
+        }
     }
 }

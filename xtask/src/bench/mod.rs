@@ -20,8 +20,8 @@ pub enum Bench {
         /// Fresh pages written per run (262144 = 1 GiB).
         #[arg(long, default_value_t = 262_144)]
         pages: usize,
-        /// Interleaved rounds.
-        #[arg(long, default_value_t = 9)]
+        /// Interleaved rounds (each with an A/A control run).
+        #[arg(long, default_value_t = 15)]
         rounds: usize,
     },
     /// The page scanner on lab guests: xxh3 vs memcpy, scan throughput, state bytes per

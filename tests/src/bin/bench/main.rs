@@ -59,7 +59,7 @@ enum Which {
         #[arg(long, default_value_t = 262_144)]
         pages: usize,
         /// Interleaved rounds; each round runs every mode once, in rotating order.
-        #[arg(long, default_value_t = 9)]
+        #[arg(long, default_value_t = 15)]
         rounds: usize,
     },
     /// The page scanner on lab guests: xxh3 vs memcpy of the same bytes, scan throughput,
@@ -75,19 +75,45 @@ enum Which {
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Mode {
     Detached,
+    /// Detached again: the A/A control. Its spread against `Detached` is the noise band
+    /// no figure inside of which means anything.
+    Control,
     Untracked,
     Tracked,
 }
 
 impl Mode {
-    const ALL: [Mode; 3] = [Mode::Detached, Mode::Untracked, Mode::Tracked];
+    const ALL: [Mode; 4] = [
+        Mode::Detached,
+        Mode::Control,
+        Mode::Untracked,
+        Mode::Tracked,
+    ];
     fn name(self) -> &'static str {
         match self {
             Mode::Detached => "detached",
+            Mode::Control => "detached-again (A/A)",
             Mode::Untracked => "attached-untracked",
             Mode::Tracked => "attached-tracked",
         }
     }
+}
+
+/// Pins `pid` to the host's last CPU, so runs do not migrate between CPUs mid-measure.
+fn pin_to_last_cpu(pid: u32) -> anyhow::Result<usize> {
+    let cpus = std::thread::available_parallelism()?.get();
+    let cpu = cpus - 1;
+    // SAFETY: a zeroed cpu_set_t is empty; CPU_SET and sched_setaffinity get valid pointers.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        anyhow::ensure!(
+            libc::sched_setaffinity(pid as i32, size_of::<libc::cpu_set_t>(), &set) == 0,
+            "sched_setaffinity: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(cpu)
 }
 
 fn bench_probes(out: &Path, pages: usize, rounds: usize) -> anyhow::Result<()> {
@@ -95,13 +121,14 @@ fn bench_probes(out: &Path, pages: usize, rounds: usize) -> anyhow::Result<()> {
     let exe = exe.to_str().context("workload path")?.to_owned();
     let mut samples: Vec<(usize, Mode, f64)> = Vec::new();
     let mut w = Workload::spawn(&exe);
+    let cpu = pin_to_last_cpu(w.pid)?;
     // Warm-up: first-touch costs of the allocator and page tables.
     w.cmd(&format!("fault {pages}"));
     for round in 0..rounds {
         for i in 0..Mode::ALL.len() {
             let mode = Mode::ALL[(round + i) % Mode::ALL.len()];
             let probes = match mode {
-                Mode::Detached => None,
+                Mode::Detached | Mode::Control => None,
                 Mode::Untracked | Mode::Tracked => {
                     let mut p = Probes::load(&LoadOptions::default())?;
                     anyhow::ensure!(p.all_attached(), "not every probe attached");
@@ -145,19 +172,48 @@ fn bench_probes(out: &Path, pages: usize, rounds: usize) -> anyhow::Result<()> {
         let med = xtask::report::median(&mut v);
         (med, v[0], v[v.len() - 1])
     };
-    let (base, _, _) = stats(Mode::Detached);
+    // Per-round ratios to that round's detached run; the A/A control's spread is the band.
+    let ratios = |mode: Mode| -> Vec<f64> {
+        (0..rounds)
+            .filter_map(|r| {
+                let of = |m: Mode| samples.iter().find(|s| s.0 == r && s.1 == m).map(|s| s.2);
+                Some(of(mode)? / of(Mode::Detached)?)
+            })
+            .collect()
+    };
+    // The band: the A/A ratios' 10th to 90th percentile (one stray round does not widen
+    // it to everything).
+    let mut aa = ratios(Mode::Control);
+    aa.sort_by(f64::total_cmp);
+    let cut = aa.len() / 10;
+    let band = (aa[cut], aa[aa.len() - 1 - cut]);
     let mut md = format!(
         "# bench probes\n\n{rounds} interleaved rounds, {pages} fresh pages written per run \
-         (one write fault each).\n\n| mode | median ns/fault | min | max | ratio to detached |\n\
-         |---|---|---|---|---|\n"
+         (one write fault each), the workload pinned to CPU {cpu}. Ratios are medians of \
+         per-round ratios to that round's detached run; the A/A control (detached twice) \
+         spans {:.3}-{:.3} (10th-90th percentile), and a ratio inside that band is no \
+         measurable difference.\n\n\
+         | mode | median ns/fault | min | max | ratio to detached | verdict |\n\
+         |---|---|---|---|---|---|\n",
+        band.0, band.1
     );
     for mode in Mode::ALL {
         let (med, min, max) = stats(mode);
+        let mut r = ratios(mode);
+        let ratio = xtask::report::median(&mut r);
+        let verdict = if mode == Mode::Detached {
+            "baseline".to_owned()
+        } else if mode == Mode::Control {
+            "A/A control".to_owned()
+        } else if (band.0..=band.1).contains(&ratio) {
+            "no measurable difference".to_owned()
+        } else {
+            format!("{:+.1} %", (ratio - 1.0) * 100.0)
+        };
         writeln!(
             md,
-            "| {} | {med:.1} | {min:.1} | {max:.1} | {:.3} |",
+            "| {} | {med:.1} | {min:.1} | {max:.1} | {ratio:.3} | {verdict} |",
             mode.name(),
-            med / base
         )?;
     }
     let series: Vec<Series> = Mode::ALL
