@@ -401,6 +401,7 @@ impl Daemon {
                 ksm_merges_unowned: counters.ksm_merges_unowned,
                 ksm_pages_stale: counters.ksm_pages_stale,
                 merged_pages_seeded: self.merged_pages_seeded,
+                kvm_cow_breaks: counters.kvm_cow_breaks,
             },
             scan_pass_seconds: scan.as_ref().map_or(0.0, |s| s.pass_seconds),
             scan_bytes_total: scan.as_ref().map_or(0, |s| s.bytes_read),

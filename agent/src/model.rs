@@ -84,6 +84,9 @@ pub struct ProbeSummary {
     /// Pages found already merged when their process was tracked, and remembered.
     #[serde(default)]
     pub merged_pages_seeded: u64,
+    /// COW breaks caught through KVM's MMU notifier (guest writes: no user page fault).
+    #[serde(default)]
+    pub kvm_cow_breaks: u64,
 }
 
 /// Everything the daemon knows, as of `taken_at_unix_ms`.

@@ -409,6 +409,13 @@ impl Collector for HostCollector {
         )?;
         counter(
             e,
+            "memfabric_probe_kvm_cow_breaks",
+            "KSM COW breaks of tracked VMMs seen through KVM's MMU notifier (a guest write \
+             KVM resolved: no user page fault); included in memfabric_vm_cow_breaks_total",
+            p.kvm_cow_breaks,
+        )?;
+        counter(
+            e,
             "memfabric_probe_merged_pages_seeded",
             "Pages found already merged (pagemap, KPF_KSM) when their process was tracked, \
              remembered so writes to them count as COW breaks",

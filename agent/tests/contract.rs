@@ -95,6 +95,7 @@ fn every_promised_metric_is_exported() {
         "memfabric_probe_ksm_merges_unowned_total",
         "memfabric_probe_ksm_pages_stale_total",
         "memfabric_probe_merged_pages_seeded_total",
+        "memfabric_probe_kvm_cow_breaks_total",
         "memfabric_proc_read_errors_total",
         "memfabric_http_connections",
         "memfabric_http_connections_evicted_total",

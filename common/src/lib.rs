@@ -69,6 +69,15 @@ pub const PF_WRITE: u64 = 1 << 1;
 /// `error_code` bit of `kvm:kvm_page_fault` (PFERR_WRITE_MASK): the guest access was a write.
 pub const KVM_PF_WRITE: u64 = 1 << 1;
 
+/// The page a `kvm:kvm_unmap_hva_range` event stands for when it can be a COW break: KVM's
+/// MMU notifier fires for every invalidation of a VMM's memory (ksmd's own merges, THP
+/// splits, reclaim, munmap, mprotect), and a COW break invalidates exactly one page, in the
+/// writer's context. Other sizes are not COW breaks; the caller also drops events outside
+/// tracked VMMs' own context (ksmd, kswapd).
+pub fn kvm_unmap_page(start: u64, end: u64) -> Option<u64> {
+    (end.wrapping_sub(start) == 1 << PAGE_SHIFT && start & !PAGE_MASK == 0).then_some(start)
+}
+
 /// Sentinel for a load-time offset global whose tracepoint field or kernel struct member
 /// could not be found: the program that needs it skips that part of its work.
 pub const OFFSET_MISSING: u32 = u32::MAX;
@@ -177,11 +186,14 @@ pub enum Counter {
     KsmPagesStale = 8,
     /// Merges remembered without a known owner ([`UNKNOWN_OWNER`]).
     KsmMergesUnowned = 9,
+    /// KSM COW breaks of tracked KVM processes seen through `kvm:kvm_unmap_hva_range`
+    /// (a guest write resolved by KVM, or a write through GUP): no user page fault.
+    KvmCowBreaks = 10,
 }
 
 impl Counter {
     /// Every counter, in index order.
-    pub const ALL: [Counter; 10] = [
+    pub const ALL: [Counter; 11] = [
         Counter::EventsDropped,
         Counter::KsmMerges,
         Counter::KsmZeroMerges,
@@ -192,6 +204,7 @@ impl Counter {
         Counter::KsmEnters,
         Counter::KsmPagesStale,
         Counter::KsmMergesUnowned,
+        Counter::KvmCowBreaks,
     ];
     /// Entries in the `COUNTERS` array.
     pub const LEN: u32 = Self::ALL.len() as u32;
@@ -237,6 +250,9 @@ pub struct Offsets {
     pub mop_err: u32,
     /// `ksm:ksm_enter`: `mm`.
     pub enter_mm: u32,
+    /// `kvm:kvm_unmap_hva_range`: `start`, `end`.
+    pub kvm_unmap_start: u32,
+    pub kvm_unmap_end: u32,
     /// `sched:sched_process_exit`: `group_dead` (absent on older kernels: then the
     /// main thread's exit stands for the process's).
     pub exit_group_dead: u32,
@@ -258,6 +274,8 @@ impl Offsets {
         mop_mm: OFFSET_MISSING,
         mop_err: OFFSET_MISSING,
         enter_mm: OFFSET_MISSING,
+        kvm_unmap_start: OFFSET_MISSING,
+        kvm_unmap_end: OFFSET_MISSING,
         exit_group_dead: OFFSET_MISSING,
         task_mm: OFFSET_MISSING,
         rmap_address: OFFSET_MISSING,
@@ -286,6 +304,24 @@ mod tests {
         assert_eq!(size_of::<PageKey>(), 16);
         assert_eq!(size_of::<MmPage>(), 16);
         assert_eq!(size_of::<Event>(), 8 + size_of::<TgidStats>());
+    }
+
+    #[test]
+    fn kvm_unmaps_of_one_page_are_cow_candidates() {
+        // Recorded on this kernel (6.18) from a process holding a KVM VM: MADV_DONTNEED of
+        // one page, then munmap of the 4 MiB mapping; then what a COW break looks like.
+        let recorded = [
+            (0x007f1d14c03000, 0x007f1d14c04000, Some(0x007f1d14c03000)),
+            (0x007f1d14c00000, 0x007f1d15000000, None),
+        ];
+        for (start, end, want) in recorded {
+            assert_eq!(kvm_unmap_page(start, end), want, "{start:#x}-{end:#x}");
+        }
+        // A THP split or collapse (2 MiB), an empty or inverted range, an unaligned start.
+        assert_eq!(kvm_unmap_page(0x200000, 0x400000), None);
+        assert_eq!(kvm_unmap_page(0x1000, 0x1000), None);
+        assert_eq!(kvm_unmap_page(0x2000, 0x1000), None);
+        assert_eq!(kvm_unmap_page(0x1800, 0x2800), None);
     }
 
     #[test]

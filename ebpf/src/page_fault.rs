@@ -12,13 +12,9 @@
 use core::ptr::addr_of_mut;
 
 use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
-use memfabric_common::{
-    Counter, MmPage, PAGE_MASK, PF_PROTECTION, PF_WRITE, PageKey, UNKNOWN_OWNER, heat,
-};
+use memfabric_common::{PF_PROTECTION, PF_WRITE, heat};
 
-use crate::state::{
-    KSM_PAGES, TRACKED, WRITE_HEAT, add_to, bump, count, current_tgid, learn_mm, mm_page, offsets,
-};
+use crate::state::{TRACKED, add_heat, bump, current_tgid, ksm_cow_break, learn_mm, offsets};
 
 #[tracepoint]
 pub fn page_fault_user(ctx: TracePointContext) -> u32 {
@@ -52,49 +48,9 @@ fn try_page_fault_user(ctx: &TracePointContext) -> Result<u32, i32> {
         unsafe { bump(addr_of_mut!((*stats).ksm_cow_breaks)) };
         add += heat::COW_BREAK;
     }
-
     // Write heat counts writes to pages that were present and write-protected: pages
     // written again after being shared. First-touch faults say nothing about volatility
     // and would flood the LRU (they doubled the fault cost of a tracked process).
-    let key = PageKey {
-        tgid,
-        _pad: 0,
-        page: address & PAGE_MASK,
-    };
-    match WRITE_HEAT.get_ptr_mut(key) {
-        Some(v) => unsafe { add_to(v, add) },
-        None => {
-            if WRITE_HEAT.insert(key, add, 0).is_err() {
-                count(Counter::HeatInsertFailed);
-            }
-        }
-    }
+    add_heat(tgid, address, add);
     Ok(0)
-}
-
-/// Whether this write-protect fault breaks a merge the probes remembered: one ksmd merged
-/// through this `mm` (seen by `ksm_merge_with_ksm_page`) or one the agent found already
-/// merged when it began tracking the process (keyed by TGID). Either is forgotten here: the
-/// write leaves the page unshared.
-#[inline(always)]
-fn ksm_cow_break(tgid: u32, mm: u64, address: u64) -> bool {
-    if mm != 0 {
-        let key = mm_page(mm, address);
-        if let Some(owner) = KSM_PAGES.get_ptr(key) {
-            let owner = unsafe { *owner };
-            let _ = KSM_PAGES.remove(key);
-            if owner == tgid || owner == UNKNOWN_OWNER {
-                return true;
-            }
-            // Another process's merge at the same mm address: that mm was freed and its
-            // address reused by this one. Not a COW break.
-            count(Counter::KsmPagesStale);
-        }
-    }
-    let seeded = MmPage::seeded(tgid, address);
-    if KSM_PAGES.get_ptr(seeded).is_some() {
-        let _ = KSM_PAGES.remove(seeded);
-        return true;
-    }
-    false
 }

@@ -12,7 +12,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use memfabric_common::{
-    Counter, MmPage, OFFSET_MISSING, Offsets, PageKey, Setting, TgidStats, sizes,
+    Counter, MmPage, OFFSET_MISSING, Offsets, PageKey, Setting, TgidStats, UNKNOWN_OWNER, sizes,
 };
 
 /// Field and member offsets, overridden by the agent at load time.
@@ -116,6 +116,52 @@ pub unsafe fn learn_mm(tgid: u32, stats: *mut TgidStats, off: &Offsets) -> u64 {
         }
     }
     mm
+}
+
+/// Whether a write by `tgid` (whose `mm` is `mm`, 0 if unknown) to `address` breaks a
+/// merge the probes remembered: one ksmd merged through this `mm` (seen by
+/// `ksm_merge_with_ksm_page`) or one the agent found already merged when it began tracking
+/// the process (keyed by TGID). Either is forgotten here: the write leaves the page
+/// unshared.
+#[inline(always)]
+pub fn ksm_cow_break(tgid: u32, mm: u64, address: u64) -> bool {
+    if mm != 0 {
+        let key = mm_page(mm, address);
+        if let Some(owner) = KSM_PAGES.get_ptr(key) {
+            let owner = unsafe { *owner };
+            let _ = KSM_PAGES.remove(key);
+            if owner == tgid || owner == UNKNOWN_OWNER {
+                return true;
+            }
+            // Another process's merge at the same mm address: that mm was freed and its
+            // address reused by this one. Not a COW break.
+            count(Counter::KsmPagesStale);
+        }
+    }
+    let seeded = MmPage::seeded(tgid, address);
+    if KSM_PAGES.get_ptr(seeded).is_some() {
+        let _ = KSM_PAGES.remove(seeded);
+        return true;
+    }
+    false
+}
+
+/// Adds `add` to the write heat of `tgid`'s page at `address`.
+#[inline(always)]
+pub fn add_heat(tgid: u32, address: u64, add: u64) {
+    let key = PageKey {
+        tgid,
+        _pad: 0,
+        page: address & memfabric_common::PAGE_MASK,
+    };
+    match WRITE_HEAT.get_ptr_mut(key) {
+        Some(v) => unsafe { add_to(v, add) },
+        None => {
+            if WRITE_HEAT.insert(key, add, 0).is_err() {
+                count(Counter::HeatInsertFailed);
+            }
+        }
+    }
 }
 
 /// The page of `mm` at `address` (flag bits masked off), as a `KSM_PAGES` key.

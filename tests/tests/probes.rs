@@ -248,3 +248,67 @@ fn an_idle_process_gets_its_mm_learnt_without_faulting() {
         "learner detached once every mm is known"
     );
 }
+
+/// A COW break KVM resolves (a guest write: GUP with FOLL_WRITE) raises no user page fault;
+/// `kvm:kvm_unmap_hva_range` on the writing thread catches it. This machine's /dev/kvm
+/// cannot boot a stock guest, but KVM_CREATE_VM works: a VM in the workload makes KVM's
+/// MMU notifier watch its mm, and writes through /proc/self/mem take the same GUP path.
+#[test]
+#[serial(ksm)]
+fn kvm_cow_breaks_without_a_user_fault_are_counted() {
+    if !privileged("kvm_cow_breaks_without_a_user_fault_are_counted") {
+        return;
+    }
+    if !std::path::Path::new("/dev/kvm").exists() {
+        panic!("/dev/kvm is missing: this test needs KVM (modprobe kvm_intel or kvm_amd)");
+    }
+    const N: i64 = 1024;
+    const M: u64 = 200;
+    let _ksm = ksm_fast();
+    let mut probes = load();
+    let mut w = Workload::spawn(WORKLOAD);
+    w.cmd("kvm");
+    probes.track(w.pid).unwrap();
+    let region = w.cmd(&format!("alloc {N} same"));
+    w.cmd(&format!("mergeable {region}"));
+    assert!(
+        wait_for(Duration::from_secs(90), || ksm_stat(
+            w.pid,
+            "ksm_merging_pages"
+        ) >= N),
+        "KSM did not merge the workload"
+    );
+    let before = probes.stats(w.pid).unwrap().unwrap();
+    let kvm_before = probes.counters().unwrap().kvm_cow_breaks;
+    let cow_before = vmstat("cow_ksm");
+    w.cmd(&format!("memwrite {region} {M}"));
+    let cow_delta = vmstat("cow_ksm") - cow_before;
+    let after = probes.stats(w.pid).unwrap().unwrap();
+    let breaks = after.ksm_cow_breaks - before.ksm_cow_breaks;
+    let via_kvm = probes.counters().unwrap().kvm_cow_breaks - kvm_before;
+    eprintln!("cow_ksm +{cow_delta}, memfabric +{breaks} (through KVM's notifier: {via_kvm})");
+    assert!(
+        cow_delta >= M,
+        "the kernel counted {cow_delta} COW breaks < {M}"
+    );
+    assert_eq!(
+        after.write_protect_faults, before.write_protect_faults,
+        "writes through GUP raised user page faults"
+    );
+    assert!(
+        breaks.abs_diff(cow_delta) <= 2 && via_kvm == breaks,
+        "memfabric {breaks} (kvm {via_kvm}) vs kernel {cow_delta}"
+    );
+    // Plain user writes in the same process are still counted once, not twice.
+    let before = probes.stats(w.pid).unwrap().unwrap();
+    let cow_before = vmstat("cow_ksm");
+    w.cmd(&format!("touch {region} {N}"));
+    let cow_delta = vmstat("cow_ksm") - cow_before;
+    let after = probes.stats(w.pid).unwrap().unwrap();
+    let breaks = after.ksm_cow_breaks - before.ksm_cow_breaks;
+    assert!(
+        breaks.abs_diff(cow_delta) <= 2,
+        "user writes: memfabric {breaks} vs kernel {cow_delta}"
+    );
+    drop(w);
+}

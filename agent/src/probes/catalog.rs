@@ -8,6 +8,9 @@ type Slot = fn(&mut Offsets) -> &mut u32;
 /// A field a program reads from its tracepoint record.
 pub struct FieldSpec {
     pub name: &'static str,
+    /// Bytes the program reads: a kernel whose record has another size for the field
+    /// would be misread, so the program is not attached there.
+    pub size: u32,
     pub slot: Slot,
     /// Optional fields may be missing; the program then falls back (documented per field).
     pub optional: bool,
@@ -26,9 +29,10 @@ pub struct ProbeSpec {
     pub on_demand: bool,
 }
 
-const fn field(name: &'static str, slot: Slot) -> FieldSpec {
+const fn field(name: &'static str, size: u32, slot: Slot) -> FieldSpec {
     FieldSpec {
         name,
+        size,
         slot,
         optional: false,
     }
@@ -41,8 +45,8 @@ pub const PROBES: &[ProbeSpec] = &[
         category: "exceptions",
         tracepoint: "page_fault_user",
         fields: &[
-            field("address", |o| &mut o.pf_address),
-            field("error_code", |o| &mut o.pf_error_code),
+            field("address", 8, |o| &mut o.pf_address),
+            field("error_code", 8, |o| &mut o.pf_error_code),
         ],
         signal: "per-VM read/write faults, COW breaks and write heat",
         on_demand: false,
@@ -51,8 +55,19 @@ pub const PROBES: &[ProbeSpec] = &[
         program: "kvm_page_fault",
         category: "kvm",
         tracepoint: "kvm_page_fault",
-        fields: &[field("error_code", |o| &mut o.kvm_error_code)],
+        fields: &[field("error_code", 8, |o| &mut o.kvm_error_code)],
         signal: "KVM guest-physical faults",
+        on_demand: false,
+    },
+    ProbeSpec {
+        program: "kvm_unmap_hva_range",
+        category: "kvm",
+        tracepoint: "kvm_unmap_hva_range",
+        fields: &[
+            field("start", 8, |o| &mut o.kvm_unmap_start),
+            field("end", 8, |o| &mut o.kvm_unmap_end),
+        ],
+        signal: "KSM COW breaks of KVM guests (guest writes resolved by KVM)",
         on_demand: false,
     },
     ProbeSpec {
@@ -60,9 +75,9 @@ pub const PROBES: &[ProbeSpec] = &[
         category: "ksm",
         tracepoint: "ksm_merge_with_ksm_page",
         fields: &[
-            field("rmap_item", |o| &mut o.mwk_rmap_item),
-            field("mm", |o| &mut o.mwk_mm),
-            field("err", |o| &mut o.mwk_err),
+            field("rmap_item", 8, |o| &mut o.mwk_rmap_item),
+            field("mm", 8, |o| &mut o.mwk_mm),
+            field("err", 4, |o| &mut o.mwk_err),
         ],
         signal: "per-VM KSM merges and exact KSM COW breaks",
         on_demand: false,
@@ -72,8 +87,8 @@ pub const PROBES: &[ProbeSpec] = &[
         category: "ksm",
         tracepoint: "ksm_merge_one_page",
         fields: &[
-            field("mm", |o| &mut o.mop_mm),
-            field("err", |o| &mut o.mop_err),
+            field("mm", 8, |o| &mut o.mop_mm),
+            field("err", 4, |o| &mut o.mop_err),
         ],
         signal: "KSM zero-page merges",
         on_demand: false,
@@ -90,7 +105,7 @@ pub const PROBES: &[ProbeSpec] = &[
         program: "ksm_enter",
         category: "ksm",
         tracepoint: "ksm_enter",
-        fields: &[field("mm", |o| &mut o.enter_mm)],
+        fields: &[field("mm", 8, |o| &mut o.enter_mm)],
         signal: "early mm attribution of processes entering KSM",
         on_demand: false,
     },
@@ -100,6 +115,7 @@ pub const PROBES: &[ProbeSpec] = &[
         tracepoint: "sched_process_exit",
         fields: &[FieldSpec {
             name: "group_dead",
+            size: 1,
             slot: |o| &mut o.exit_group_dead,
             // Without it the main thread's exit stands for the whole process's.
             optional: true,

@@ -140,6 +140,8 @@ pub struct GlobalCounters {
     pub ksm_pages_stale: u64,
     /// Merges remembered while their `mm`'s owner was not yet known.
     pub ksm_merges_unowned: u64,
+    /// KSM COW breaks seen through KVM's MMU notifier (no user page fault).
+    pub kvm_cow_breaks: u64,
 }
 
 /// An event from the ring buffer.
@@ -235,25 +237,7 @@ impl Probes {
             let unavailable = match tracefs::read_format(&root, category, name) {
                 Err(e) => Some(e.to_string()),
                 Ok(format) => {
-                    let mut missing = None;
-                    for f in spec.fields {
-                        match format.field(f.name) {
-                            Some(field) => *(f.slot)(&mut offsets) = field.offset,
-                            None if f.optional => {
-                                tracing::info!(
-                                    "{category}:{name} has no field `{}`; using the fallback",
-                                    f.name
-                                )
-                            }
-                            None => {
-                                missing = Some(format!(
-                                    "tracepoint {category}:{name} has no field `{}`",
-                                    f.name
-                                ))
-                            }
-                        }
-                    }
-                    missing
+                    place_fields(&format, spec, &format!("{category}:{name}"), &mut offsets)
                 }
             };
             plan.push((spec, format!("{category}:{name}"), unavailable));
@@ -594,6 +578,7 @@ impl Probes {
             ksm_enters: c(Counter::KsmEnters),
             ksm_pages_stale: c(Counter::KsmPagesStale),
             ksm_merges_unowned: c(Counter::KsmMergesUnowned),
+            kvm_cow_breaks: c(Counter::KvmCowBreaks),
         })
     }
 
@@ -644,6 +629,34 @@ impl Probes {
     }
 }
 
+/// Puts the offsets of `spec`'s fields in `format` into `offsets`; the reason the program
+/// cannot run on this record layout, if it cannot (a field missing, or of another size than
+/// the program reads: it would misread the record).
+fn place_fields(
+    format: &tracefs::Format,
+    spec: &catalog::ProbeSpec,
+    tracepoint: &str,
+    offsets: &mut Offsets,
+) -> Option<String> {
+    let mut missing = None;
+    for f in spec.fields {
+        match format.field(f.name) {
+            Some(field) if field.size != f.size => {
+                missing = Some(format!(
+                    "tracepoint {tracepoint} field `{}` is {} bytes; the program reads {}",
+                    f.name, field.size, f.size
+                ))
+            }
+            Some(field) => *(f.slot)(offsets) = field.offset,
+            None if f.optional => {
+                tracing::info!("{tracepoint} has no field `{}`; using the fallback", f.name)
+            }
+            None => missing = Some(format!("tracepoint {tracepoint} has no field `{}`", f.name)),
+        }
+    }
+    missing
+}
+
 /// The tracepoint program `name` of the object.
 fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut TracePoint, ProbeError> {
     ebpf.program_mut(name)
@@ -677,4 +690,35 @@ fn attach(
             None,
         ),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `kvm:kvm_unmap_hva_range` as 6.18 lays it out, and as a kernel with 4-byte fields
+    /// would: the program must not attach to the second.
+    #[test]
+    fn fields_of_another_size_keep_the_program_off() {
+        let spec = catalog::find("kvm_unmap_hva_range").unwrap();
+        let real = "name: kvm_unmap_hva_range\nID: 27\nformat:\n\
+            \tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;\n\
+            \tfield:unsigned long start;\toffset:8;\tsize:8;\tsigned:0;\n\
+            \tfield:unsigned long end;\toffset:16;\tsize:8;\tsigned:0;\n";
+        let mut o = Offsets::MISSING;
+        let f = tracefs::parse_format(real).unwrap();
+        assert_eq!(
+            place_fields(&f, spec, "kvm:kvm_unmap_hva_range", &mut o),
+            None
+        );
+        assert_eq!((o.kvm_unmap_start, o.kvm_unmap_end), (8, 16));
+        let narrow = real.replace("offset:16;\tsize:8", "offset:16;\tsize:4");
+        let f = tracefs::parse_format(&narrow).unwrap();
+        let why = place_fields(&f, spec, "kvm:kvm_unmap_hva_range", &mut o);
+        assert!(why.is_some_and(|w| w.contains("`end` is 4 bytes")));
+        let without = real.replace("end;", "stop;");
+        let f = tracefs::parse_format(&without).unwrap();
+        let why = place_fields(&f, spec, "kvm:kvm_unmap_hva_range", &mut o);
+        assert!(why.is_some_and(|w| w.contains("no field `end`")));
+    }
 }

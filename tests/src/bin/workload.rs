@@ -100,10 +100,30 @@ fn fault(pages: usize) -> Result<u128, String> {
     Ok(ns)
 }
 
+/// Creates a KVM VM (`KVM_CREATE_VM` on /dev/kvm) and returns its file.
+fn kvm_vm() -> Result<std::fs::File, String> {
+    use std::os::fd::FromRawFd as _;
+    use std::os::unix::io::AsRawFd as _;
+    const KVM_CREATE_VM: libc::c_ulong = 0xAE01;
+    let kvm = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .map_err(|e| format!("/dev/kvm: {e}"))?;
+    // SAFETY: a valid fd and the documented argument (machine type 0).
+    let fd = unsafe { libc::ioctl(kvm.as_raw_fd(), KVM_CREATE_VM, 0) };
+    if fd < 0 {
+        return Err(format!("KVM_CREATE_VM: {}", io::Error::last_os_error()));
+    }
+    // SAFETY: a fresh fd we own.
+    Ok(unsafe { std::fs::File::from_raw_fd(fd) })
+}
+
 fn main() {
     let stdin = io::stdin();
     let mut out = io::stdout().lock();
     let mut regions: Vec<Region> = Vec::new();
+    let mut kvm_fds: Vec<std::fs::File> = Vec::new();
     writeln!(out, "ready {}", std::process::id()).unwrap();
     out.flush().unwrap();
     for line in stdin.lock().lines() {
@@ -156,6 +176,33 @@ fn main() {
                             .cast::<u64>()
                             .write_volatile(p as u64 + 1)
                     };
+                }
+                Ok("ok".into())
+            }),
+            Some("kvm") => {
+                // A KVM VM in this process (no vCPU, no memory slot): KVM's MMU notifier now
+                // sees every invalidation of this mm, as it does a VMM's.
+                match kvm_vm() {
+                    Ok(fd) => {
+                        kvm_fds.push(fd);
+                        Ok("ok".into())
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+            Some("memwrite") => region(1).and_then(|r| {
+                // Writes through /proc/self/mem: GUP with FOLL_WRITE, no user page fault,
+                // the path KVM takes for a guest's write.
+                use std::os::unix::fs::FileExt as _;
+                let count = num(2)?.min(r.pages);
+                let mem = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open("/proc/self/mem")
+                    .map_err(|e| format!("/proc/self/mem: {e}"))?;
+                for p in 0..count {
+                    let addr = r.ptr as u64 + (p * PAGE) as u64;
+                    mem.write_all_at(&(p as u64 + 7).to_le_bytes(), addr)
+                        .map_err(|e| format!("writing /proc/self/mem: {e}"))?;
                 }
                 Ok("ok".into())
             }),
