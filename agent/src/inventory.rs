@@ -214,7 +214,7 @@ pub fn qemu_memory(cmdline: &[String]) -> Option<u64> {
         'T' | 't' => (&size[..size.len() - 1], 1 << 40),
         _ => (size.as_str(), 1 << 20),
     };
-    num.parse::<u64>().ok().map(|n| n * mult)
+    num.parse::<u64>().ok()?.checked_mul(mult)
 }
 
 /// The guest-RAM mappings of a process: large read-write anonymous, memfd or hugetlbfs

@@ -95,9 +95,12 @@ impl KsmHost {
 
 /// A counter of /proc/vmstat.
 pub fn vmstat(key: &str) -> Option<u64> {
-    fs::read_to_string("/proc/vmstat")
-        .ok()?
-        .lines()
+    vmstat_in(&fs::read_to_string("/proc/vmstat").ok()?, key)
+}
+
+/// The value of `key` in /proc/vmstat's text (`key value` lines).
+pub fn vmstat_in(text: &str, key: &str) -> Option<u64> {
+    text.lines()
         .find_map(|l| l.strip_prefix(key)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
@@ -143,7 +146,11 @@ pub struct KsmStat {
 
 impl KsmStat {
     pub fn read(pid: u32) -> KsmStat {
-        let text = fs::read_to_string(format!("/proc/{pid}/ksm_stat")).unwrap_or_default();
+        Self::parse(&fs::read_to_string(format!("/proc/{pid}/ksm_stat")).unwrap_or_default())
+    }
+
+    /// /proc/PID/ksm_stat's text (`key value` lines; absent keys read 0).
+    pub fn parse(text: &str) -> KsmStat {
         let get = |k: &str| {
             text.lines()
                 .find_map(|l| l.strip_prefix(k)?.strip_prefix(' ')?.trim().parse().ok())

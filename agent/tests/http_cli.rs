@@ -311,3 +311,83 @@ fn a_bad_web_config_is_refused_before_anything_starts() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Out of file descriptors (what a flood of sockets did before the connection cap), /proc
+/// reads fail: that must leave the VMs as they were, not take them for exited.
+#[test]
+fn out_of_descriptors_the_vms_stay_tracked() {
+    if !common::root_or_skip("out_of_descriptors_the_vms_stay_tracked") {
+        return;
+    }
+    let mut vm = Command::new("sleep").arg("600").spawn().unwrap();
+    let pid = vm.id();
+    let d = Daemon::start(&["--pid", &pid.to_string(), "--refresh-ms", "200"]);
+    up(&d);
+    let listed = |d: &Daemon| {
+        d.json("/v1/status")
+            .map(|v| v["vms"].as_array().unwrap().iter().any(|x| x["pid"] == pid))
+    };
+    assert_eq!(listed(&d), Some(true));
+    // Leave the daemon a few descriptors, then take them with idle connections.
+    let fds = open_fds(d.pid()) as u64;
+    let set = |soft: u64, hard: u64| {
+        let lim = libc::rlimit {
+            rlim_cur: soft,
+            rlim_max: hard,
+        };
+        // SAFETY: valid pointers; the daemon is our child.
+        let rc = unsafe {
+            libc::prlimit(
+                d.pid() as i32,
+                libc::RLIMIT_NOFILE,
+                &lim,
+                std::ptr::null_mut(),
+            )
+        };
+        assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+    };
+    let mut old = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: valid out-pointer.
+    unsafe {
+        libc::prlimit(
+            d.pid() as i32,
+            libc::RLIMIT_NOFILE,
+            std::ptr::null(),
+            &mut old,
+        )
+    };
+    set(fds + 4, old.rlim_max);
+    let idle: Vec<TcpStream> = (0..64)
+        .filter_map(|_| TcpStream::connect(("127.0.0.1", d.port())).ok())
+        .collect();
+    // Several refreshes with no descriptor to spare.
+    std::thread::sleep(Duration::from_secs(2));
+    drop(idle);
+    set(old.rlim_cur, old.rlim_max);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let body = loop {
+        if let Some(b) = d.get("/metrics") {
+            break b;
+        }
+        assert!(Instant::now() < deadline, "the daemon never answered again");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let errors = metric(&body, "memfabric_proc_read_errors_total").unwrap_or(0.0);
+    let accept_errors = metric(&body, "memfabric_http_accept_errors_total").unwrap_or(0.0);
+    eprintln!("/proc read errors {errors}, accept errors {accept_errors}");
+    assert!(
+        errors > 0.0,
+        "the daemon never ran out of descriptors: {body}"
+    );
+    assert_eq!(listed(&d), Some(true), "the VM was dropped");
+    let log = d.stop();
+    assert!(
+        !log.contains(&format!("(pid {pid}) is gone")),
+        "the VM was taken for gone while /proc could not be read: {log}"
+    );
+    let _ = vm.kill();
+    let _ = vm.wait();
+}

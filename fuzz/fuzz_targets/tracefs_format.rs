@@ -1,0 +1,7 @@
+//! A tracefs `format` file.
+#![no_main]
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    if let Ok(text) = std::str::from_utf8(data) {
+        let _ = memfabric::tracefs::parse_format(text);
+    }
+});
