@@ -1,6 +1,8 @@
 //! Command line: one file per subcommand.
 
 mod check;
+mod hint;
+mod launch;
 mod run;
 mod scan;
 mod status;
@@ -52,6 +54,12 @@ enum Commands {
     Scan(scan::ScanArgs),
     /// `status`, refreshing in place; sort by savings (s), churn (c) or name (n).
     Top(top::TopArgs),
+    /// Run a VMM (any command) with KSM merging of all its memory turned on
+    /// (PR_SET_MEMORY_MERGE, inherited by children), or off with --no-merge.
+    Launch(launch::LaunchArgs),
+    /// Mark a running process's memory mergeable or unmergeable (madvise injected
+    /// through ptrace; the process is stopped for well under a millisecond).
+    Hint(hint::HintArgs),
 }
 
 impl Cli {
@@ -63,6 +71,8 @@ impl Cli {
             Commands::Status(args) => status::run(args),
             Commands::Top(args) => top::run(args),
             Commands::Scan(args) => scan::run(args),
+            Commands::Launch(args) => launch::run(args),
+            Commands::Hint(args) => hint::run(args),
         }
     }
 }

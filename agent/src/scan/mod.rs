@@ -57,7 +57,7 @@ pub struct Scanner {
 
 /// The mappings to scan: a VM's guest RAM; for any other process, its private anonymous
 /// read-write mappings of 1 MiB or more.
-fn targets(pid: u32) -> Result<Vec<(u64, u64)>, ScanError> {
+pub fn targets(pid: u32) -> Result<Vec<(u64, u64)>, ScanError> {
     let proc_ =
         procfs::process::Process::new(pid as i32).map_err(|_| ScanError::UnknownPid(pid))?;
     let exe = proc_

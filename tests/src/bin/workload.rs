@@ -119,7 +119,46 @@ fn kvm_vm() -> Result<std::fs::File, String> {
     Ok(unsafe { std::fs::File::from_raw_fd(fd) })
 }
 
+/// `memfabric-workload heartbeat FILE PAGES THREADS`: maps PAGES pages (printed as
+/// `ready PID ADDR PAGES`), then every thread (the main one included) sleeps in nanosleep
+/// and bumps its own counter in FILE (8 bytes per thread) every 10 ms: a target whose
+/// every thread is in a restartable sleep, and whose progress the test can see.
+fn heartbeat(path: &str, pages: usize, threads: usize) -> ! {
+    use std::os::unix::fs::FileExt as _;
+    let base = map_fresh(pages).expect("mapping");
+    // SAFETY: inside the fresh mapping.
+    unsafe { base.write_volatile(1) };
+    let file = std::sync::Arc::new(
+        std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .open(path)
+            .expect("heartbeat file"),
+    );
+    println!("ready {} {:#x} {pages}", std::process::id(), base as usize);
+    io::stdout().flush().unwrap();
+    let beat = move |slot: usize, file: std::sync::Arc<std::fs::File>| -> ! {
+        let mut n = 0u64;
+        loop {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            n += 1;
+            let _ = file.write_all_at(&n.to_le_bytes(), (slot * 8) as u64);
+        }
+    };
+    for slot in 1..threads.max(1) {
+        let f = file.clone();
+        std::thread::spawn(move || beat(slot, f));
+    }
+    beat(0, file)
+}
+
 fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("heartbeat") {
+        let n = |i: usize, d: usize| args.get(i).and_then(|v| v.parse().ok()).unwrap_or(d);
+        heartbeat(&args[2], n(3, 1024), n(4, 1));
+    }
     let stdin = io::stdin();
     let mut out = io::stdout().lock();
     let mut regions: Vec<Region> = Vec::new();
