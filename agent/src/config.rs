@@ -80,10 +80,15 @@ pub enum ConfigError {
     ScanCpu(f64),
     #[error("ksmd CPU budget must be above 0 and at most 100 % of a core, got {0}")]
     KsmdCpu(f64),
-    #[error("unknown action {0:?}: memfabric can act on `ksmd` (steer its scan rate)")]
+    #[error(
+        "unknown action {0:?}: memfabric can act on `ksmd` (steer its scan rate) and \
+         `hints` (make VM ranges mergeable or not)"
+    )]
     Act(String),
     #[error("[web]: tls_cert_file and tls_key_file go together (one is missing)")]
     TlsPair,
+    #[error("[[domain]] {name:?}: {message}")]
+    Domain { name: String, message: String },
 }
 
 /// What the daemon may change on the host (nothing unless told).
@@ -92,6 +97,8 @@ pub enum ConfigError {
 pub enum Act {
     /// Steer ksmd's scan rate (`run`, `pages_to_scan`, `sleep_millisecs`).
     Ksmd,
+    /// Make VMs' ranges mergeable or unmergeable (madvise injected; see `[[domain]]`).
+    Hints,
 }
 
 impl std::str::FromStr for Act {
@@ -99,6 +106,7 @@ impl std::str::FromStr for Act {
     fn from_str(s: &str) -> Result<Act, ConfigError> {
         match s {
             "ksmd" => Ok(Act::Ksmd),
+            "hints" => Ok(Act::Hints),
             other => Err(ConfigError::Act(other.into())),
         }
     }
@@ -121,6 +129,39 @@ impl WebConfig {
     /// Whether clients must authenticate.
     pub fn authenticates(&self) -> bool {
         !self.basic_auth_users.is_empty()
+    }
+}
+
+/// `[[domain]]`: a security domain. KSM merges across every mergeable mapping of the host,
+/// so VMs that must not share memory with others (a tenant, a compliance zone) have their
+/// guest RAM made unmergeable; only VMs of sharing domains are ever made mergeable.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DomainConfig {
+    pub name: String,
+    /// A regex over VM names.
+    #[serde(default, rename = "match")]
+    pub name_match: Option<String>,
+    /// VM UUIDs.
+    #[serde(default)]
+    pub uuids: Vec<String>,
+    pub share: bool,
+}
+
+/// A domain with its regex compiled.
+#[derive(Clone, Debug)]
+pub struct Domain {
+    pub name: String,
+    pub name_match: Option<Regex>,
+    pub uuids: Vec<String>,
+    pub share: bool,
+}
+
+impl Domain {
+    /// Whether a VM with `name` and `uuid` belongs here.
+    pub fn contains(&self, name: &str, uuid: Option<&str>) -> bool {
+        self.name_match.as_ref().is_some_and(|r| r.is_match(name))
+            || uuid.is_some_and(|u| self.uuids.iter().any(|x| x.eq_ignore_ascii_case(u)))
     }
 }
 
@@ -155,6 +196,12 @@ pub struct FileConfig {
     /// TLS and basic auth for the endpoints.
     #[serde(default)]
     pub web: WebConfig,
+    /// Security domains (merge hints act only on VMs in one).
+    #[serde(default, rename = "domain")]
+    pub domains: Vec<DomainConfig>,
+    /// Leave merge hints in place when the daemon stops.
+    #[serde(default)]
+    pub keep_hints: bool,
 }
 
 impl FileConfig {
@@ -191,6 +238,9 @@ pub struct Config {
     /// See [`FileConfig::untrusted_vmm_executables`].
     pub untrusted_vmm_executables: bool,
     pub web: WebConfig,
+    pub domains: Vec<Domain>,
+    /// `--keep-hints`: hinted ranges stay as memfabric left them at exit.
+    pub keep_hints: bool,
 }
 
 /// What flags and the environment set; `None`/empty leaves the file's value.
@@ -199,6 +249,8 @@ pub struct Overrides {
     pub listen: Option<Listen>,
     /// `--expose-addresses` (it can only turn the file's setting on).
     pub expose_addresses: bool,
+    /// `--keep-hints` (likewise).
+    pub keep_hints: bool,
     pub pids: Vec<u32>,
     pub matches: Vec<String>,
     pub refresh_ms: Option<u64>,
@@ -217,6 +269,7 @@ impl Config {
         let Overrides {
             listen,
             expose_addresses,
+            keep_hints,
             pids,
             matches,
             refresh_ms,
@@ -239,6 +292,33 @@ impl Config {
         if file.web.tls_cert_file.is_some() != file.web.tls_key_file.is_some() {
             return Err(ConfigError::TlsPair);
         }
+        let domains = file
+            .domains
+            .iter()
+            .map(|d| {
+                let bad = |message: String| ConfigError::Domain {
+                    name: d.name.clone(),
+                    message,
+                };
+                if d.name.is_empty() {
+                    return Err(bad("a domain needs a name".into()));
+                }
+                if d.name_match.is_none() && d.uuids.is_empty() {
+                    return Err(bad("give `match` (a VM name regex) or `uuids`".into()));
+                }
+                Ok(Domain {
+                    name: d.name.clone(),
+                    name_match: d
+                        .name_match
+                        .as_deref()
+                        .map(Regex::new)
+                        .transpose()
+                        .map_err(|e| bad(e.to_string()))?,
+                    uuids: d.uuids.clone(),
+                    share: d.share,
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let mut act = if act.is_empty() { file.act } else { act };
         act.dedup();
         let refresh_ms = refresh_ms.or(file.refresh_ms).unwrap_or(2000);
@@ -276,6 +356,8 @@ impl Config {
                 .unwrap_or_else(|| crate::actuate::DEFAULT_STATE_DIR.into()),
             untrusted_vmm_executables: file.untrusted_vmm_executables,
             web: file.web,
+            domains,
+            keep_hints: keep_hints || file.keep_hints,
         })
     }
 }
@@ -363,7 +445,8 @@ mod tests {
             assert!(e.contains("ksmd CPU budget"), "{ksmd}: {e}");
         }
         assert!("ksmd".parse::<Act>().is_ok());
-        let e = "hints".parse::<Act>().unwrap_err().to_string();
+        assert!("hints".parse::<Act>().is_ok());
+        let e = "everything".parse::<Act>().unwrap_err().to_string();
         assert!(e.contains("unknown action"), "{e}");
         let e = FileConfig::parse("act = [\"everything\"]\n").unwrap_err();
         assert!(e.contains("everything"), "{e}");

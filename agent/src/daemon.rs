@@ -74,6 +74,8 @@ pub struct Daemon {
     state: telemetry::Shared,
     /// The ksmd controller (absent when the host has no KSM).
     steering: Option<Steering>,
+    /// Merge hints (recommended, or applied with `--act hints`).
+    hinting: crate::hinting::Hinting,
     /// Mergeable VMs that appeared, and write faults of tracked VMs, since the start.
     vms_arrived: u64,
     guest_writes: u64,
@@ -88,7 +90,11 @@ pub struct Daemon {
 
 impl Daemon {
     /// `control`: ksmd's knobs when steering (`--act ksmd`), taken before the probes load.
-    pub fn new(cfg: &Config, control: Option<KsmControl>) -> Result<Daemon, DaemonError> {
+    pub fn new(cfg: &Config, controls: Controls) -> Result<Daemon, DaemonError> {
+        let Controls {
+            ksm: control,
+            hints,
+        } = controls;
         let mut pid_starts = HashMap::new();
         for &pid in &cfg.pids {
             let Some(t) = inventory::start_time(pid) else {
@@ -125,6 +131,7 @@ impl Daemon {
             scan: (cfg.scan_cpu > 0.0).then(|| crate::scan_worker::ScanWorker::start(cfg.scan_cpu)),
             ranking: Ranking::default(),
             state: Arc::new(RwLock::new(HostState::default())),
+            hinting: crate::hinting::Hinting::new(hints, cfg.domains.clone()),
             steering: crate::actuate::knobs::available().then(|| {
                 Steering::new(
                     KsmdPolicy {
@@ -214,6 +221,7 @@ impl Daemon {
             .collect();
         for pid in gone {
             let vm = self.vms.remove(&pid);
+            self.hinting.gone(pid);
             self.described.remove(&pid);
             let _ = self.probes.untrack(pid);
             self.previous.remove(&pid);
@@ -334,6 +342,11 @@ impl Daemon {
                 cow_breaks_per_sec: cb,
             });
         }
+        let hints = self.hinting.tick(
+            self.started.elapsed().as_secs_f64(),
+            &self.vms,
+            &self.ranking.ranked,
+        );
         let counters = self.probes.counters()?;
         let ksm = KsmHost::read_with(self.ksmd);
         let ksmd = self.steering.as_mut().map(|steering| {
@@ -406,6 +419,7 @@ impl Daemon {
             scan_pass_seconds: scan.as_ref().map_or(0.0, |s| s.pass_seconds),
             scan_bytes_total: scan.as_ref().map_or(0, |s| s.bytes_read),
             ranges: self.ranking.ranked.clone(),
+            hints: Some(hints),
         };
         if let Ok(mut s) = self.state.write() {
             *s = state;
@@ -482,34 +496,64 @@ fn meminfo() -> (u64, u64) {
     procfs::Meminfo::current().map_or((0, 0), |m| (m.mem_total, m.mem_available.unwrap_or(0)))
 }
 
-/// With `--act ksmd`: the state directory's lock (a second daemon is refused here, before
-/// it loads anything) and the repair of what a crashed predecessor left. Without it: only
-/// the repair, when a journal exists and no steering daemon holds it.
-fn take_ksm(cfg: &Config) -> Result<Option<KsmControl>, DaemonError> {
-    let say = |r: Option<crate::actuate::Restored>| {
-        if let Some(r) = r.filter(|r| !r.is_empty() || r.other_boot) {
+/// What the daemon may change, each owning its part of the state directory's journal.
+#[derive(Default)]
+pub struct Controls {
+    pub ksm: Option<KsmControl>,
+    pub hints: Option<crate::actuate::hints::HintControl>,
+}
+
+/// With `--act`: the state directory's lock (a second daemon is refused here, before it
+/// loads anything) and the repair of what a crashed predecessor left (KSM knobs, hinted
+/// ranges). Without it: only the repair, when a journal exists and no acting daemon holds
+/// the lock.
+fn take_state(cfg: &Config) -> Result<Controls, DaemonError> {
+    use crate::actuate::{StateLock, hints::HintControl, knobs};
+    let steer = cfg.act.contains(&Act::Ksmd);
+    let hint = cfg.act.contains(&Act::Hints);
+    let leftovers = ["journal.json", "hints.json"]
+        .iter()
+        .any(|f| cfg.state_dir.join(f).exists());
+    if !steer {
+        tracing::info!("observing only: ksmd decisions are recommended, not applied (--act ksmd)");
+    }
+    if !steer && !hint && !leftovers {
+        return Ok(Controls::default());
+    }
+    let lock = match StateLock::acquire(&cfg.state_dir, None, |_| {}) {
+        Ok(l) => std::sync::Arc::new(l),
+        Err(ActuateError::Locked { .. }) if !steer && !hint => return Ok(Controls::default()),
+        Err(e) if !steer && !hint => {
+            tracing::warn!("not repairing what a previous memfabric left: {e}");
+            return Ok(Controls::default());
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let mut controls = Controls::default();
+    if knobs::available() {
+        let (control, restored) = KsmControl::begin_locked(lock.clone())?;
+        if let Some(r) = restored.filter(|r| !r.is_empty() || r.other_boot) {
             tracing::warn!("KSM settings left by a memfabric that did not exit cleanly: {r}");
         }
-    };
-    if cfg.act.contains(&Act::Ksmd) {
-        let (control, restored) = KsmControl::begin(&cfg.state_dir, None, |_| {})?;
-        say(restored);
-        tracing::info!(
-            "steering ksmd within {:.1} % of a core; journal in {}",
-            cfg.ksmd_cpu * 100.0,
-            cfg.state_dir.display()
-        );
-        return Ok(Some(control));
-    }
-    if cfg.state_dir.join("journal.json").exists() {
-        match KsmControl::begin(&cfg.state_dir, None, |_| {}) {
-            Ok((_control, restored)) => say(restored),
-            Err(ActuateError::Locked { .. }) => {}
-            Err(e) => tracing::warn!("not repairing KSM settings: {e}"),
+        if steer {
+            tracing::info!(
+                "steering ksmd within {:.1} % of a core; journal in {}",
+                cfg.ksmd_cpu * 100.0,
+                cfg.state_dir.display()
+            );
+            controls.ksm = Some(control);
         }
+    } else if steer {
+        return Err(ActuateError::NoKsm.into());
     }
-    tracing::info!("observing only: ksmd decisions are recommended, not applied (--act ksmd)");
-    Ok(None)
+    let (hints, restored) = HintControl::begin(lock, cfg.keep_hints)?;
+    if let Some(r) = restored {
+        tracing::warn!("merge hints left by a memfabric that did not exit cleanly: {r}");
+    }
+    if hint {
+        controls.hints = Some(hints);
+    }
+    Ok(controls)
 }
 
 /// Runs until `stop` completes (tests stop it themselves). The listener is bound and the
@@ -534,7 +578,7 @@ pub async fn serve(
         None
     };
     let listener = bind(&cfg).await?;
-    let control = take_ksm(&cfg)?;
+    let control = take_state(&cfg)?;
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     let (stop_tx, stop_rx) = mpsc::channel::<()>();
@@ -564,6 +608,9 @@ pub async fn serve(
                     _ => break Ok(()),
                 }
             };
+            if let Some(r) = daemon.hinting.finish() {
+                tracing::info!("merge hints: {r}");
+            }
             if let Some(r) = daemon.steering.as_mut().and_then(Steering::finish) {
                 tracing::info!("KSM settings: {r}");
             }

@@ -13,6 +13,8 @@ pub mod config;
 #[cfg(feature = "ebpf")]
 pub mod daemon;
 pub mod heat;
+#[cfg(feature = "ebpf")]
+pub mod hinting;
 pub mod http;
 pub mod http_auth;
 pub mod inventory;

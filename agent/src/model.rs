@@ -104,6 +104,9 @@ pub struct HostState {
     /// the host has no KSM).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ksmd: Option<KsmdStatus>,
+    /// Merge hints: what the planner decided and what was done.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hints: Option<HintsStatus>,
     /// CPU seconds the daemon has used, every thread (the scanner included).
     #[serde(default)]
     pub agent_cpu_seconds: f64,
@@ -181,4 +184,38 @@ pub struct KsmdStatus {
     /// The last error applying a decision (a knob write the kernel refused).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+}
+
+/// One merge-hint decision and what became of it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HintView {
+    pub vm: String,
+    pub pid: u32,
+    pub start: u64,
+    pub end: u64,
+    pub target: crate::policy::hints::Target,
+    pub reason: crate::policy::hints::HintReason,
+    /// `applied`, `already` (nothing to do), `recommended` (not acting), `rate-limited`,
+    /// `deferred` (next ranking), `failed: ...`.
+    pub outcome: String,
+    /// How long the VM was stopped for the injection.
+    pub stopped_us: Option<f64>,
+}
+
+/// Merge hints as of the last ranking.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct HintsStatus {
+    /// Whether memfabric changes VMs (`--act hints` with domains configured).
+    pub acting: bool,
+    /// Why not, when it does not.
+    pub note: Option<String>,
+    pub applied_total: u64,
+    pub already_total: u64,
+    pub failed_total: u64,
+    /// Time VMs spent stopped for injections.
+    pub stop_seconds_total: f64,
+    /// Mapping pieces memfabric changed and will put back.
+    pub changed_ranges: u64,
+    /// The latest decisions, oldest first.
+    pub recent: Vec<HintView>,
 }

@@ -440,6 +440,38 @@ impl Collector for HostCollector {
              or is writable by others",
             s.untrusted_vmm_processes,
         )?;
+        if let Some(h) = &s.hints {
+            family(
+                e,
+                "memfabric_hints",
+                "Merge hints carried out (applied), found already in place, or failed",
+                MetricType::Counter,
+                &[
+                    (vec![("outcome", "applied".to_owned())], h.applied_total),
+                    (vec![("outcome", "already".to_owned())], h.already_total),
+                    (vec![("outcome", "failed".to_owned())], h.failed_total),
+                ],
+                enc_counter,
+            )?;
+            counter(
+                e,
+                "memfabric_hint_stop_seconds",
+                "Time VMs spent stopped for merge-hint injections",
+                h.stop_seconds_total,
+            )?;
+            gauge(
+                e,
+                "memfabric_hint_changed_ranges",
+                "Mapping pieces memfabric changed and will put back on exit",
+                h.changed_ranges as i64,
+            )?;
+            gauge(
+                e,
+                "memfabric_hints_acting",
+                "1 when merge hints are applied, 0 when only recommended",
+                i64::from(h.acting),
+            )?;
+        }
         counter(
             e,
             "memfabric_proc_read_errors",
@@ -771,6 +803,33 @@ fn redact_addresses(status: &mut serde_json::Value) {
     }
 }
 
+/// `/v1/recommendations`: the ksmd decision and the merge hints (decided, applied or only
+/// recommended, each with its reason and outcome).
+async fn recommendations(State(app): State<App>) -> axum::response::Response {
+    let Some(_permit) = app.reader() else {
+        return busy();
+    };
+    let s = app.state.read().map(|s| s.clone()).unwrap_or_default();
+    let mut v = serde_json::json!({ "ksmd": s.ksmd, "hints": s.hints });
+    if !app.opts.expose_addresses
+        && let Some(recent) = v
+            .pointer_mut("/hints/recent")
+            .and_then(|r| r.as_array_mut())
+    {
+        for h in recent.iter_mut().filter_map(|h| h.as_object_mut()) {
+            let bytes = match (h.remove("start"), h.remove("end")) {
+                (Some(s), Some(e)) => e
+                    .as_u64()
+                    .unwrap_or(0)
+                    .saturating_sub(s.as_u64().unwrap_or(0)),
+                _ => 0,
+            };
+            h.insert("bytes".into(), bytes.into());
+        }
+    }
+    Json(v).into_response()
+}
+
 #[derive(serde::Deserialize)]
 struct RangesQuery {
     vm: Option<String>,
@@ -885,6 +944,7 @@ pub fn router(state: Shared, opts: Options) -> Router {
         .route("/healthz", get(healthz))
         .route("/v1/status", get(status))
         .route("/v1/ranges", get(ranges))
+        .route("/v1/recommendations", get(recommendations))
         .with_state(App {
             state,
             registry,

@@ -42,6 +42,8 @@ impl TestDaemon {
             state_dir: std::env::temp_dir().join(format!("memfabric-test-{port}")),
             untrusted_vmm_executables: false,
             web: Default::default(),
+            domains: Vec::new(),
+            keep_hints: false,
         };
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::spawn(move || {

@@ -64,7 +64,7 @@ impl std::fmt::Display for Restored {
 /// The owner of ksmd's knobs while it lives.
 #[derive(Debug)]
 pub struct KsmControl {
-    lock: StateLock,
+    lock: std::sync::Arc<StateLock>,
     journal: Journal,
     /// Before stopping ksmd on restore, let it reap the KSM state of processes that exited
     /// mid-scan (with `run=0` that state stays allocated), for at most this long.
@@ -89,7 +89,17 @@ impl KsmControl {
         if !knobs::available() {
             return Err(ActuateError::NoKsm);
         }
-        let lock = StateLock::acquire(dir, wait, on_wait)?;
+        Self::begin_locked(std::sync::Arc::new(StateLock::acquire(dir, wait, on_wait)?))
+    }
+
+    /// As [`KsmControl::begin`], with the state directory's lock already held (the
+    /// daemon shares it with the merge hints).
+    pub fn begin_locked(
+        lock: std::sync::Arc<StateLock>,
+    ) -> Result<(KsmControl, Option<Restored>), ActuateError> {
+        if !knobs::available() {
+            return Err(ActuateError::NoKsm);
+        }
         let leftover = match Journal::load(&lock)? {
             None => None,
             Some(j) if j.boot_id != boot_id() => {

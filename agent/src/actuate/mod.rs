@@ -1,4 +1,5 @@
-//! The only code that changes the host. Today: ksmd's sysfs knobs (`/sys/kernel/mm/ksm`).
+//! The only code that changes the host: ksmd's sysfs knobs (`/sys/kernel/mm/ksm`) and merge
+//! hints (`madvise` injected into VMMs, [`hints`], [`inject`]).
 //!
 //! Every change is journaled *before* it is made: the original value goes into
 //! `journal.json` in the state directory (atomic write: temp file, fsync, rename), and a
@@ -11,6 +12,7 @@
 //! benchmarks) both use this module, so there is one implementation of "leave the host as
 //! found". The module needs no eBPF: xtask builds the agent library without its probes.
 
+pub mod hints;
 pub mod inject;
 pub mod journal;
 pub mod knobs;

@@ -22,6 +22,10 @@ pub struct RunArgs {
     /// defeat the VMMs' address-space randomisation for anyone who can read them).
     #[arg(long, env = "MEMFABRIC_EXPOSE_ADDRESSES")]
     expose_addresses: bool,
+    /// With --act hints: leave hinted ranges as they are when the daemon stops (by
+    /// default every range is put back as it was).
+    #[arg(long, env = "MEMFABRIC_KEEP_HINTS")]
+    keep_hints: bool,
     /// Also track this process as a VM (repeatable; env: comma-separated).
     #[arg(long = "pid", env = "MEMFABRIC_PIDS", value_delimiter = ',')]
     pids: Vec<u32>,
@@ -34,8 +38,9 @@ pub struct RunArgs {
     /// Percent of one core the page scanner may use; 0 turns it off [default: 5].
     #[arg(long, env = "MEMFABRIC_SCAN_CPU")]
     scan_cpu: Option<f64>,
-    /// Change the host: `ksmd` steers ksmd's scan rate. Without it the daemon only
-    /// recommends (the decision and its reason in /v1/status, `status` and `top`).
+    /// Change the host: `ksmd` steers ksmd's scan rate; `hints` makes VM ranges mergeable
+    /// or unmergeable (only VMs of a `[[domain]]` in the config). Without it the daemon
+    /// only recommends (/v1/recommendations, /v1/status, `status`, `top`).
     #[arg(long = "act", env = "MEMFABRIC_ACT", value_delimiter = ',')]
     act: Vec<Act>,
     /// Percent of one core ksmd may use while steered (0.1-100) [default: 10].
@@ -57,6 +62,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         Overrides {
             listen: args.listen,
             expose_addresses: args.expose_addresses,
+            keep_hints: args.keep_hints,
             pids: args.pids,
             matches: args.matches,
             refresh_ms: args.refresh_ms,

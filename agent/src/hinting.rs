@@ -1,0 +1,184 @@
+//! The daemon's hand on merge hints: at every new ranking the planner
+//! ([`crate::policy::hints`]) decides which ranges of which VM to make mergeable or not,
+//! and with `--act hints` (and security domains configured) [`crate::actuate::hints`]
+//! carries it out. Otherwise the decisions are published as recommendations, with why.
+
+use std::collections::BTreeMap;
+
+use crate::{
+    actuate::hints::{Applied, HintControl},
+    config::Domain,
+    inventory::Vm,
+    model::{HintView, HintsStatus},
+    policy::hints::{HintPlanner, HintPolicy, Sharing, Target, VmRanges},
+    scan::{RANGE_BYTES, rank::RankedRanges},
+};
+
+/// Decisions kept for /v1/recommendations.
+const RECENT: usize = 256;
+/// Injections per ranking at most (each stops its VM for well under a millisecond).
+const MAX_PER_RANKING: usize = 64;
+
+pub struct Hinting {
+    planner: HintPlanner,
+    control: Option<HintControl>,
+    domains: Vec<Domain>,
+    last_passes: Option<u32>,
+    status: HintsStatus,
+}
+
+impl Hinting {
+    /// `control`: present with `--act hints`. Without domains nothing is ever changed.
+    pub fn new(control: Option<HintControl>, domains: Vec<Domain>) -> Hinting {
+        let note = match (&control, domains.is_empty()) {
+            (None, _) => {
+                Some("observing only: hints are recommendations (memfabric run --act hints)".into())
+            }
+            (Some(_), true) => Some(
+                "no [[domain]] in the config: KSM merges across every mergeable mapping of the \
+                 host, so memfabric changes no VM until the config says which VMs may share \
+                 (hints are recommendations)"
+                    .into(),
+            ),
+            (Some(_), false) => None,
+        };
+        if let Some(n) = &note
+            && control.is_some()
+        {
+            tracing::warn!("{n}");
+        }
+        Hinting {
+            planner: HintPlanner::new(HintPolicy::default()),
+            control,
+            last_passes: None,
+            status: HintsStatus {
+                acting: note.is_none(),
+                note,
+                ..HintsStatus::default()
+            },
+            domains,
+        }
+    }
+
+    /// The domain of a VM, by name or UUID (first match).
+    fn domain(&self, vm: &Vm) -> Option<&Domain> {
+        self.domains
+            .iter()
+            .find(|d| d.contains(&vm.name, vm.uuid.as_deref()))
+    }
+
+    /// A VM is gone: nothing of it to put back, nothing to plan.
+    pub fn gone(&mut self, pid: u32) {
+        if let Some(c) = &mut self.control {
+            c.forget(pid);
+        }
+    }
+
+    /// Plans (and acts) once per new ranking; returns the status to publish.
+    pub fn tick(&mut self, t: f64, vms: &BTreeMap<u32, Vm>, ranked: &RankedRanges) -> HintsStatus {
+        if self.last_passes == Some(ranked.passes) || ranked.by_pid.is_empty() {
+            return self.status();
+        }
+        self.last_passes = Some(ranked.passes);
+        let pids: Vec<u32> = vms.keys().copied().collect();
+        self.planner.retain(&pids);
+        let mut inputs = Vec::new();
+        for (pid, vm) in vms {
+            let sharing = match (self.domains.is_empty(), self.domain(vm)) {
+                (true, _) => Sharing::Ranges,
+                (false, Some(d)) if d.share => Sharing::Ranges,
+                (false, Some(_)) => Sharing::Never,
+                (false, None) => continue,
+            };
+            let Ok(maps) = crate::scan::targets(*pid) else {
+                continue;
+            };
+            let clamp = |s: u64| {
+                maps.iter()
+                    .find(|(a, b)| s < *b && s + RANGE_BYTES > *a)
+                    .map(|(a, b)| (s.max(*a), (s + RANGE_BYTES).min(*b)))
+            };
+            let ranges = ranked
+                .by_pid
+                .get(pid)
+                .map(|list| {
+                    list.iter()
+                        .filter_map(|r| clamp(r.counts.start).map(|(s, e)| (s, e, r.class)))
+                        .collect()
+                })
+                .unwrap_or_default();
+            inputs.push(VmRanges {
+                pid: *pid,
+                sharing,
+                ram: maps,
+                ranges,
+            });
+        }
+        let decisions = self.planner.plan(t, &inputs);
+        let acting = self.status.acting;
+        let mut done = 0;
+        for d in decisions {
+            let name = vms.get(&d.pid).map_or_else(String::new, |v| v.name.clone());
+            let mut view = HintView {
+                vm: name,
+                pid: d.pid,
+                start: d.start,
+                end: d.end,
+                target: d.target,
+                reason: d.reason,
+                outcome: "recommended".into(),
+                stopped_us: None,
+            };
+            if !d.within_rate {
+                view.outcome = "rate-limited".into();
+            } else if acting && done < MAX_PER_RANKING {
+                let control = self.control.as_mut().expect("acting implies control");
+                done += 1;
+                match control.apply(d.pid, d.start, d.end, d.target == Target::Mergeable) {
+                    Ok(Applied::Injected(stopped)) => {
+                        view.outcome = "applied".into();
+                        view.stopped_us = Some(stopped.as_secs_f64() * 1e6);
+                        self.status.applied_total += 1;
+                        self.status.stop_seconds_total += stopped.as_secs_f64();
+                    }
+                    Ok(Applied::Already) => {
+                        view.outcome = "already".into();
+                        self.status.already_total += 1;
+                    }
+                    Err(e) => {
+                        tracing::warn!(
+                            "hint {:?} {:#x}-{:#x} of pid {}: {e}",
+                            d.target,
+                            d.start,
+                            d.end,
+                            d.pid
+                        );
+                        view.outcome = format!("failed: {e}");
+                        self.status.failed_total += 1;
+                        self.planner.failed(&d);
+                    }
+                }
+            } else if acting {
+                self.planner.failed(&d); // over this ranking's budget: next time
+                view.outcome = "deferred".into();
+            }
+            self.status.recent.push(view);
+        }
+        let excess = self.status.recent.len().saturating_sub(RECENT);
+        self.status.recent.drain(..excess);
+        self.status()
+    }
+
+    fn status(&self) -> HintsStatus {
+        HintsStatus {
+            changed_ranges: self.control.as_ref().map_or(0, |c| c.changed() as u64),
+            ..self.status.clone()
+        }
+    }
+
+    /// Puts every hinted range back (unless `--keep-hints`); at shutdown.
+    pub fn finish(&mut self) -> Option<String> {
+        let c = self.control.as_mut()?;
+        c.restore().ok().map(|r| r.to_string())
+    }
+}
