@@ -129,6 +129,39 @@ pub fn ksmd_line(state: &HostState) -> Option<String> {
     ))
 }
 
+/// The merge hints' line: acting or not (and why), what was done, the latest decision.
+pub fn hints_line(state: &HostState) -> Option<String> {
+    let h = state.hints.as_ref()?;
+    let last = h.recent.last().map(|d| {
+        format!(
+            "; last: {} {} MiB of {} {:?} ({:?}, {})",
+            if d.outcome == "applied" {
+                "made"
+            } else {
+                "make"
+            },
+            (d.end.saturating_sub(d.start)) >> 20,
+            memfabric::inventory::clean_name(&d.vm),
+            d.target,
+            d.reason,
+            d.outcome
+        )
+    });
+    Some(format!(
+        "hints: {}; {} applied, {} already so, {} failed, {} range(s) changed{}",
+        if h.acting {
+            "applied".to_owned()
+        } else {
+            h.note.clone().unwrap_or_else(|| "recommended".into())
+        },
+        h.applied_total,
+        h.already_total,
+        h.failed_total,
+        h.changed_ranges,
+        last.unwrap_or_default()
+    ))
+}
+
 /// Column titles of [`row`].
 pub const COLUMNS: [&str; 9] = [
     "VM",
@@ -163,6 +196,9 @@ pub fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
     println!("source: {source}");
     println!("{}", ksm_line(k));
     if let Some(line) = ksmd_line(&state) {
+        println!("{line}");
+    }
+    if let Some(line) = hints_line(&state) {
         println!("{line}");
     }
     let [c0, c1, c2, c3, c4, c5, c6, c7, c8] = COLUMNS;

@@ -30,6 +30,10 @@ pub enum Policy {
     Advisor,
     /// `memfabric run --act ksmd` (release, scanner off) steers ksmd.
     Memfabric,
+    /// `memfabric run --act ksmd,hints` (scanner at 5 %, every guest in one sharing
+    /// domain): ksmd steered, and rewritten ranges taken out of KSM.
+    #[value(name = "memfabric-hints")]
+    MemfabricHints,
 }
 
 impl Policy {
@@ -38,6 +42,7 @@ impl Policy {
             Policy::Stock => "stock",
             Policy::Advisor => "advisor",
             Policy::Memfabric => "memfabric",
+            Policy::MemfabricHints => "memfabric-hints",
         }
     }
 
@@ -60,10 +65,10 @@ impl Policy {
                 ksm.set("sleep_millisecs", "20")?;
                 ksm.set("advisor_mode", "scan-time")?;
             }
-            Policy::Memfabric => {
+            Policy::Memfabric | Policy::MemfabricHints => {
                 // The daemon takes it from here (it turns ksmd on itself).
                 let agent = agent.context("the memfabric policy needs the agent binary")?;
-                return Daemon::start(agent).map(Some);
+                return Daemon::start(agent, self == Policy::MemfabricHints).map(Some);
             }
         }
         ksm.set("run", "1")?;
@@ -80,14 +85,27 @@ struct Daemon {
 }
 
 impl Daemon {
-    fn start(agent: &Path) -> anyhow::Result<Daemon> {
+    fn start(agent: &Path, hints: bool) -> anyhow::Result<Daemon> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
         let state = xtask::cmd::root().join("target/lab-bench/memfabric-state");
         let log = fs::File::create(xtask::cmd::root().join("target/lab-bench/memfabric.log"))?;
+        let cfg = xtask::cmd::root().join("target/lab-bench/hints.toml");
+        // Every lab guest in one domain that shares: the hints may act on all of them.
+        fs::write(
+            &cfg,
+            "[[domain]]\nname = \"lab\"\nmatch = \".*\"\nshare = true\n",
+        )?;
         let child = std::process::Command::new(agent)
-            .args(["run", "--act", "ksmd", "--scan-cpu", "0", "--listen"])
+            .args(if hints {
+                ["run", "--act", "ksmd,hints", "--scan-cpu", "5"]
+            } else {
+                ["run", "--act", "ksmd", "--scan-cpu", "0"]
+            })
+            .arg("--config")
+            .arg(&cfg)
+            .arg("--listen")
             .arg(format!("127.0.0.1:{port}"))
             .arg("--state-dir")
             .arg(&state)
@@ -119,6 +137,12 @@ impl Daemon {
         let status = self.child.wait()?;
         if !status.success() {
             bail!("memfabric run exited with {status} on SIGTERM");
+        }
+        if self.state.join("hints.json").exists() {
+            bail!(
+                "memfabric left a hints journal in {}: ranges not restored",
+                self.state.display()
+            );
         }
         if self.state.join("journal.json").exists() {
             bail!(
@@ -470,6 +494,7 @@ pub fn run(
     };
     md.push_str(&phases(&bounds, &runs)?);
     md.push_str(&goals(&bounds, &runs));
+    md.push_str(&hint_goals(&runs));
     if let Some(c) = controller_cpu {
         let secs = runs
             .iter()
@@ -623,6 +648,35 @@ fn phases(bounds: &[(u64, String)], runs: &[(Policy, Vec<Sample>)]) -> anyhow::R
         }
     }
     Ok(md)
+}
+
+/// The merge-hint goals: COW breaks <= 20 % of stock's while savings stay >= 98 % of
+/// stock's (over the whole run: the bench cannot split stable from rewritten memory).
+fn hint_goals(runs: &[(Policy, Vec<Sample>)]) -> String {
+    let last = |p: Policy| {
+        runs.iter()
+            .find(|(q, _)| *q == p)
+            .and_then(|(_, s)| s.last())
+    };
+    let (Some(h), Some(stock)) = (last(Policy::MemfabricHints), last(Policy::Stock)) else {
+        return String::new();
+    };
+    let cow = h.cow_ksm as f64 / stock.cow_ksm.max(1) as f64;
+    let saved = h.pages_sharing as f64 / stock.pages_sharing.max(1) as f64;
+    let ok = |b: bool| if b { "met" } else { "NOT met" };
+    format!(
+        "\n## Goals (memfabric-hints vs stock)\n\n- COW breaks {} vs {} = {:.1} % of stock's \
+         (goal <= 20 %: {})\n- savings at the end {:.1} MiB vs {:.1} MiB = {:.1} % of stock's \
+         (goal >= 98 % on stable memory; this is all memory: {})\n",
+        h.cow_ksm,
+        stock.cow_ksm,
+        cow * 100.0,
+        ok(cow <= 0.2),
+        h.pages_sharing as f64 * 4096.0 / (1 << 20) as f64,
+        stock.pages_sharing as f64 * 4096.0 / (1 << 20) as f64,
+        saved * 100.0,
+        ok(saved >= 0.98)
+    )
 }
 
 /// The issue's goals for `memfabric`, per phase and over the run, met or not.

@@ -90,7 +90,9 @@ pub fn run(which: Bench) -> anyhow::Result<()> {
                 seconds: *seconds,
             },
         };
-        let agent = if policy.contains(&ksm::Policy::Memfabric) {
+        let agent = if policy.contains(&ksm::Policy::Memfabric)
+            || policy.contains(&ksm::Policy::MemfabricHints)
+        {
             Some(crate::build::agent()?)
         } else {
             None
