@@ -17,6 +17,7 @@ pub mod inject;
 pub mod journal;
 pub mod knobs;
 pub mod ksm;
+pub mod qmp;
 
 pub use journal::{Journal, StateLock};
 pub use ksm::{KsmControl, Restored};

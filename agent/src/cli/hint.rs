@@ -16,13 +16,17 @@ pub struct HintArgs {
     /// START-END in hex (0x...) or decimal, page-aligned.
     #[arg(
         long,
-        conflicts_with = "all_guest_ram",
-        required_unless_present = "all_guest_ram"
+        conflicts_with_all = ["all_guest_ram", "qmp"],
+        required_unless_present_any = ["all_guest_ram", "qmp"]
     )]
     range: Option<String>,
     /// Every guest-RAM mapping of the VMM.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "qmp")]
     all_guest_ram: bool,
+    /// A QEMU guest: switch its memory backends' `merge` over its QMP socket (no ptrace;
+    /// refused for a guest started with mem-merge=off).
+    #[arg(long)]
+    qmp: bool,
     /// Make it mergeable (MADV_MERGEABLE).
     #[arg(long, conflicts_with = "unmerge", required_unless_present = "unmerge")]
     merge: bool,
@@ -62,6 +66,26 @@ pub fn run(args: HintArgs) -> anyhow::Result<ExitCode> {
     } else {
         Advice::Unmergeable
     };
+    if args.qmp {
+        use memfabric::actuate::qmp::{self, QmpError};
+        return Ok(match qmp::set_guest_merge(args.pid, args.merge) {
+            Ok(backends) => {
+                println!(
+                    "{}: merge {} over QMP",
+                    backends.join(", "),
+                    if args.merge { "on" } else { "off" }
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("memfabric hint: {e}");
+                ExitCode::from(match e {
+                    QmpError::NoSocket(_) | QmpError::MergeOff(_) => 2,
+                    _ => 1,
+                })
+            }
+        });
+    }
     let bad = |msg: String| {
         eprintln!("memfabric hint: {msg}");
         Ok(ExitCode::from(2))

@@ -498,7 +498,7 @@ pub fn run(
     if let Some(c) = controller_cpu {
         let secs = runs
             .iter()
-            .find(|(p, _)| *p == Policy::Memfabric)
+            .find(|(p, _)| matches!(p, Policy::Memfabric | Policy::MemfabricHints))
             .and_then(|(_, s)| s.last())
             .map_or(1.0, |x| x.t.max(1.0));
         writeln!(

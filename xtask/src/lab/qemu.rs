@@ -69,6 +69,12 @@ pub fn boot(spec: &GuestSpec<'_>, dir: &Path) -> anyhow::Result<Guest> {
             .arg(spec.workload.append())
             .arg("-pidfile")
             .arg(&pidfile)
+            // QMP, for memfabric's merge switch (`qom-set /objects/pc.ram merge`).
+            .arg("-qmp")
+            .arg(format!(
+                "unix:{},server=on,wait=off",
+                dir.join(format!("{}.qmp", spec.name)).display()
+            ))
             .arg("-daemonize"),
     )
     .with_context(|| {
