@@ -322,12 +322,16 @@ pub fn start_time(pid: u32) -> Option<u64> {
     stat_fields(pid)?.get(19)?.parse().ok()
 }
 
+/// A process's state letter and `flags` (PF_*) from /proc/PID/stat.
+pub fn state_and_flags(pid: u32) -> Option<(String, u64)> {
+    let f = stat_fields(pid)?;
+    Some((f.first()?.clone(), f.get(6)?.parse().ok()?))
+}
+
 /// Whether `pid` is a kernel thread (`PF_KTHREAD`): no user memory to track.
 pub fn is_kernel_thread(pid: u32) -> bool {
     const PF_KTHREAD: u64 = 0x0020_0000;
-    stat_fields(pid)
-        .and_then(|f| f.get(6)?.parse::<u64>().ok())
-        .is_some_and(|flags| flags & PF_KTHREAD != 0)
+    state_and_flags(pid).is_some_and(|(_, flags)| flags & PF_KTHREAD != 0)
 }
 
 /// What one [`Scanner::scan`] found.

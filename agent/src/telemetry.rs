@@ -652,6 +652,49 @@ impl App {
     }
 }
 
+/// A response body that holds a reader permit until the client has taken all of it (or
+/// gone): a slow reader of a large document counts against the cap for as long as the
+/// document sits in memory, not only while it is built.
+struct Held {
+    inner: axum::body::Body,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl hyper::body::Body for Held {
+    type Data = axum::body::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_frame(cx)
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+}
+
+/// `value` as a JSON response whose body keeps `permit` until it is sent.
+fn held_json(
+    value: serde_json::Value,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) -> axum::response::Response {
+    let (parts, body) = Json(value).into_response().into_parts();
+    axum::response::Response::from_parts(
+        parts,
+        axum::body::Body::new(Held {
+            inner: body,
+            _permit: permit,
+        }),
+    )
+}
+
 /// The answer when too many JSON documents are being built.
 fn busy() -> axum::response::Response {
     (
@@ -767,7 +810,7 @@ async fn healthz(State(app): State<App>) -> impl IntoResponse {
 }
 
 async fn status(State(app): State<App>) -> axum::response::Response {
-    let Some(_permit) = app.reader() else {
+    let Some(permit) = app.reader() else {
         return busy();
     };
     let s = app.state.read().map(|s| s.clone()).unwrap_or_default();
@@ -775,7 +818,7 @@ async fn status(State(app): State<App>) -> axum::response::Response {
     if !app.opts.expose_addresses {
         redact_addresses(&mut v);
     }
-    Json(v).into_response()
+    held_json(v, permit)
 }
 
 /// Removes guest-RAM virtual addresses from a `/v1/status` document: each mapping keeps
@@ -806,7 +849,7 @@ fn redact_addresses(status: &mut serde_json::Value) {
 /// `/v1/recommendations`: the ksmd decision and the merge hints (decided, applied or only
 /// recommended, each with its reason and outcome).
 async fn recommendations(State(app): State<App>) -> axum::response::Response {
-    let Some(_permit) = app.reader() else {
+    let Some(permit) = app.reader() else {
         return busy();
     };
     let s = app.state.read().map(|s| s.clone()).unwrap_or_default();
@@ -827,7 +870,7 @@ async fn recommendations(State(app): State<App>) -> axum::response::Response {
             h.insert("bytes".into(), bytes.into());
         }
     }
-    Json(v).into_response()
+    held_json(v, permit)
 }
 
 #[derive(serde::Deserialize)]
@@ -853,14 +896,33 @@ async fn ranges(
     State(app): State<App>,
     axum::extract::Query(q): axum::extract::Query<RangesQuery>,
 ) -> axum::response::Response {
-    let Some(_permit) = app.reader() else {
+    let Some(permit) = app.reader() else {
         return busy();
     };
-    let Ok(s) = app.state.read().map(|s| s.clone()) else {
-        return error(
+    // Off the async thread: a page of 8,192 ranges is megabytes of JSON, and /metrics
+    // must not wait behind it.
+    let (state, expose) = (app.state.clone(), app.opts.expose_addresses);
+    match tokio::task::spawn_blocking(move || ranges_document(&state, q, expose)).await {
+        Ok(Ok(v)) => held_json(v, permit),
+        Ok(Err(answer)) => answer,
+        Err(_) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "building the ranges document failed".into(),
+        ),
+    }
+}
+
+/// The `/v1/ranges` document, or the error to answer.
+fn ranges_document(
+    state: &Shared,
+    q: RangesQuery,
+    expose: bool,
+) -> Result<serde_json::Value, axum::response::Response> {
+    let Ok(s) = state.read().map(|s| s.clone()) else {
+        return Err(error(
             StatusCode::INTERNAL_SERVER_ERROR,
             "state unavailable".into(),
-        );
+        ));
     };
     let known = || {
         s.vms
@@ -870,18 +932,18 @@ async fn ranges(
             .join(", ")
     };
     let Some(want) = q.vm.filter(|v| !v.is_empty()) else {
-        return error(
+        return Err(error(
             StatusCode::BAD_REQUEST,
             format!("give ?vm=<name|pid|uuid>; VMs: {}", known()),
-        );
+        ));
     };
     let Some(vm) = s.vms.iter().find(|v| {
         v.vm.name == want || v.vm.pid.to_string() == want || v.vm.uuid.as_deref() == Some(&want)
     }) else {
-        return error(
+        return Err(error(
             StatusCode::NOT_FOUND,
             format!("no VM {want:?}; VMs: {}", known()),
-        );
+        ));
     };
     let Some(list) = s.ranges.by_pid.get(&vm.vm.pid) else {
         let why = if s.scan_pass_seconds == 0.0 && s.scan_bytes_total == 0 {
@@ -889,10 +951,10 @@ async fn ranges(
         } else {
             "the VM has not been through a full scan pass yet"
         };
-        return error(
+        return Err(error(
             StatusCode::SERVICE_UNAVAILABLE,
             format!("no ranges for VM {}: {why}", vm.vm.name),
-        );
+        ));
     };
     let offset = q.offset.unwrap_or(0);
     let limit = q.limit.unwrap_or(RANGES_PAGE).clamp(1, RANGES_PAGE_MAX);
@@ -900,7 +962,7 @@ async fn ranges(
     let mut rows: Vec<serde_json::Value> = page
         .map(|r| serde_json::to_value(r).unwrap_or_default())
         .collect();
-    if !app.opts.expose_addresses {
+    if !expose {
         // Offsets into the guest RAM (its mappings laid end to end) instead of addresses.
         let ram = &vm.vm.ram;
         for row in rows.iter_mut().filter_map(|r| r.as_object_mut()) {
@@ -921,7 +983,7 @@ async fn ranges(
         }
     }
     let next = (offset + rows.len() < list.len()).then_some(offset + rows.len());
-    Json(serde_json::json!({
+    Ok(serde_json::json!({
         "vm": vm.vm.name,
         "pid": vm.vm.pid,
         "passes": s.ranges.vm_passes.get(&vm.vm.pid),
@@ -933,7 +995,6 @@ async fn ranges(
         "next_offset": next,
         "ranges": rows,
     }))
-    .into_response()
 }
 
 /// The HTTP routes.

@@ -391,3 +391,108 @@ fn out_of_descriptors_the_vms_stay_tracked() {
     let _ = vm.kill();
     let _ = vm.wait();
 }
+
+/// Slow readers of the largest document, /v1/ranges of a 16 GiB "guest" (8,192 ranges per
+/// page): they never read what they asked for. The daemon's memory stays bounded (at most
+/// 4 documents are held at once, the rest are told to retry), and /metrics still answers.
+#[test]
+fn slow_readers_of_ranges_keep_the_daemon_bounded() {
+    if !common::root_or_skip("slow_readers_of_ranges_keep_the_daemon_bounded") {
+        return;
+    }
+    const SIZE: usize = 16 << 30;
+    // SAFETY: the child only maps and touches memory, then sleeps; it never returns.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0);
+    if pid == 0 {
+        unsafe {
+            let p = libc::mmap(
+                std::ptr::null_mut(),
+                SIZE,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            ) as *mut u8;
+            let mut at = 0;
+            while at < SIZE {
+                std::ptr::write_volatile(p.add(at), 1);
+                at += 2 << 20;
+            }
+            loop {
+                libc::pause();
+            }
+        }
+    }
+    struct Kill(i32);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            // SAFETY: our child.
+            unsafe {
+                libc::kill(self.0, libc::SIGKILL);
+                libc::waitpid(self.0, std::ptr::null_mut(), 0);
+            }
+        }
+    }
+    let _child = Kill(pid);
+    let d = Daemon::start_with(&["--pid", &pid.to_string()], "50");
+    up(&d);
+    let path = format!("/v1/ranges?vm={pid}&limit=8192");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let first = loop {
+        if let Some(body) = d.get(&path) {
+            break body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no ranges for the 16 GiB process"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let v: serde_json::Value = serde_json::from_str(&first).unwrap();
+    let n = v["ranges"].as_array().unwrap().len();
+    assert!(n >= 4096, "{n} ranges");
+    let rss = |pid: u32| -> u64 {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap()
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("VmRSS:")?
+                    .trim()
+                    .strip_suffix("kB")?
+                    .trim()
+                    .parse()
+                    .ok()
+            })
+            .unwrap()
+    };
+    let before = rss(d.pid());
+    // 64 clients ask and never read.
+    let slow: Vec<TcpStream> = (0..64)
+        .map(|_| {
+            let mut s = TcpStream::connect(("127.0.0.1", d.port())).unwrap();
+            write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+            s
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(2));
+    let t = Instant::now();
+    let metrics = d.get("/metrics").expect("/metrics with 64 slow readers");
+    let took = t.elapsed();
+    let during = rss(d.pid());
+    let busy = metric(&metrics, "memfabric_http_busy_rejections_total").unwrap_or(0.0);
+    eprintln!(
+        "{n} ranges per document ({} KiB); 64 slow readers: daemon RSS {before} -> {during} kB, \
+         {busy} told to retry, /metrics in {:.0} ms",
+        first.len() >> 10,
+        took.as_secs_f64() * 1e3
+    );
+    assert!(took < Duration::from_secs(1));
+    // Each document is about a few MiB; 64 of them would be far more than this.
+    assert!(
+        during < before + 64 * 1024,
+        "RSS grew from {before} to {during} kB with 64 slow readers"
+    );
+    drop(slow);
+    d.stop();
+}

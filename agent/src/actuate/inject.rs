@@ -253,7 +253,18 @@ fn resume_regs(mut r: libc::user_regs_struct) -> libc::user_regs_struct {
 }
 
 fn ptrace_err(pid: u32, what: &'static str) -> impl Fn(Errno) -> InjectError {
-    move |errno| InjectError::Ptrace {
+    move |errno| {
+        // After the seize, ESRCH means the tracee left its ptrace-stop without being
+        // resumed by us: only SIGKILL (or its process exiting) does that.
+        if errno == Errno::ESRCH {
+            return InjectError::Exited(pid);
+        }
+        ptrace_error(pid, what, errno)
+    }
+}
+
+fn ptrace_error(pid: u32, what: &'static str, errno: Errno) -> InjectError {
+    InjectError::Ptrace {
         pid,
         what,
         errno,
@@ -264,15 +275,13 @@ fn ptrace_err(pid: u32, what: &'static str) -> impl Fn(Errno) -> InjectError {
     }
 }
 
-/// Whether `pid` is gone or exiting (zombie, dead).
+/// Whether `pid` is gone or exiting: a zombie, dead, or past `exit` (`PF_EXITING`; its
+/// memory may already be gone while the state still reads running).
 fn exiting(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            let state = s[s.rfind(')')? + 1..].split_whitespace().next()?.to_owned();
-            Some(matches!(state.as_str(), "Z" | "X" | "x"))
-        })
-        .unwrap_or(true)
+    const PF_EXITING: u64 = 0x4;
+    crate::inventory::state_and_flags(pid).is_none_or(|(state, flags)| {
+        matches!(state.as_str(), "Z" | "X" | "x") || flags & PF_EXITING != 0
+    })
 }
 
 /// Waits for the next stop of `pid` until `deadline`.

@@ -21,6 +21,11 @@ pub struct Daemon {
 impl Daemon {
     /// `memfabric run --scan-cpu 0 --listen 127.0.0.1:<free port> ARGS...`.
     pub fn start(args: &[&str]) -> Daemon {
+        Self::start_with(args, "0")
+    }
+
+    /// The same with the page scanner at `scan_cpu` percent of a core.
+    pub fn start_with(args: &[&str], scan_cpu: &str) -> Daemon {
         let port = TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -31,7 +36,7 @@ impl Daemon {
             std::process::id()
         ));
         let child = Command::new(MEMFABRIC)
-            .args(["run", "--scan-cpu", "0", "--listen"])
+            .args(["run", "--scan-cpu", scan_cpu, "--listen"])
             .arg(format!("127.0.0.1:{port}"))
             .args(args)
             .stdout(Stdio::null())
