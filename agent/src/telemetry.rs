@@ -904,7 +904,7 @@ async fn ranges(
     let (state, expose) = (app.state.clone(), app.opts.expose_addresses);
     match tokio::task::spawn_blocking(move || ranges_document(&state, q, expose)).await {
         Ok(Ok(v)) => held_json(v, permit),
-        Ok(Err(answer)) => answer,
+        Ok(Err((code, msg))) => error(code, msg),
         Err(_) => error(
             StatusCode::INTERNAL_SERVER_ERROR,
             "building the ranges document failed".into(),
@@ -917,9 +917,9 @@ fn ranges_document(
     state: &Shared,
     q: RangesQuery,
     expose: bool,
-) -> Result<serde_json::Value, axum::response::Response> {
+) -> Result<serde_json::Value, (StatusCode, String)> {
     let Ok(s) = state.read().map(|s| s.clone()) else {
-        return Err(error(
+        return Err((
             StatusCode::INTERNAL_SERVER_ERROR,
             "state unavailable".into(),
         ));
@@ -932,7 +932,7 @@ fn ranges_document(
             .join(", ")
     };
     let Some(want) = q.vm.filter(|v| !v.is_empty()) else {
-        return Err(error(
+        return Err((
             StatusCode::BAD_REQUEST,
             format!("give ?vm=<name|pid|uuid>; VMs: {}", known()),
         ));
@@ -940,7 +940,7 @@ fn ranges_document(
     let Some(vm) = s.vms.iter().find(|v| {
         v.vm.name == want || v.vm.pid.to_string() == want || v.vm.uuid.as_deref() == Some(&want)
     }) else {
-        return Err(error(
+        return Err((
             StatusCode::NOT_FOUND,
             format!("no VM {want:?}; VMs: {}", known()),
         ));
@@ -951,7 +951,7 @@ fn ranges_document(
         } else {
             "the VM has not been through a full scan pass yet"
         };
-        return Err(error(
+        return Err((
             StatusCode::SERVICE_UNAVAILABLE,
             format!("no ranges for VM {}: {why}", vm.vm.name),
         ));
