@@ -115,13 +115,19 @@ fn reused_pids_are_new_processes() {
     fs::set_permissions(&exe, fs::Permissions::from_mode(0o755)).unwrap();
     let vmm = |name: &str| {
         let mut c = Command::new(&exe);
-        // `; :` keeps bash from exec'ing sleep (the process stays the "VMM").
-        c.args(["-c", "sleep 600; :", "-name", name]);
+        // bash waits in its own `read` (no child that would outlive it), on a pipe nobody
+        // writes; none of the test harness's descriptors are inherited.
+        c.args(["-c", "read -t 600 x; :", "-name", name])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
         c
     };
     let sleeper = || {
         let mut c = Command::new("sleep");
-        c.arg("600");
+        c.arg("600")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
         c
     };
     let mut kids = Kids(vec![
