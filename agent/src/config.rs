@@ -87,6 +87,11 @@ pub enum ConfigError {
     Act(String),
     #[error("[web]: tls_cert_file and tls_key_file go together (one is missing)")]
     TlsPair,
+    #[error(
+        "--act hints needs the page scanner: its ranking decides the hints (give \
+         --scan-cpu above 0)"
+    )]
+    HintsWithoutScanner,
     #[error("[[domain]] {name:?}: {message}")]
     Domain { name: String, message: String },
 }
@@ -321,6 +326,9 @@ impl Config {
             .collect::<Result<Vec<_>, _>>()?;
         let mut act = if act.is_empty() { file.act } else { act };
         act.dedup();
+        if act.contains(&Act::Hints) && scan == 0.0 {
+            return Err(ConfigError::HintsWithoutScanner);
+        }
         let refresh_ms = refresh_ms.or(file.refresh_ms).unwrap_or(2000);
         if !(100..=3_600_000).contains(&refresh_ms) {
             return Err(ConfigError::Refresh(refresh_ms));
@@ -448,6 +456,17 @@ mod tests {
         assert!("hints".parse::<Act>().is_ok());
         let e = "everything".parse::<Act>().unwrap_err().to_string();
         assert!(e.contains("unknown action"), "{e}");
+        let e = bad(Overrides {
+            act: vec![Act::Hints],
+            scan_cpu_percent: Some(0.0),
+            ..Overrides::default()
+        });
+        assert!(e.contains("page scanner"), "{e}");
+        let e = FileConfig::parse("[[domain]]\nname = \"x\"\nshare = true\n").unwrap();
+        let e = Config::merge(e, Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("match"), "{e}");
         let e = FileConfig::parse("act = [\"everything\"]\n").unwrap_err();
         assert!(e.contains("everything"), "{e}");
     }

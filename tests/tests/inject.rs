@@ -274,23 +274,36 @@ fn bad_input_leaves_the_target_untouched() {
         let err = inject::madvise(pid, s, e, Advice::Mergeable, TIMEOUT).unwrap_err();
         assert!(err.to_string().contains(says), "{says}: {err}");
     }
-    // A process someone else traces.
-    let mut tracer = Command::new("gdb")
-        .args(["-q", "-batch", "-p"])
-        .arg(b.pid().to_string())
-        .args(["-ex", "shell sleep 3"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn();
-    if let Ok(t) = tracer.as_mut() {
-        if wait_for(Duration::from_secs(5), || state(b.pid()).1 != 0) {
-            let err = inject::madvise(b.pid(), b.start, b.start + 4096, Advice::Mergeable, TIMEOUT)
-                .unwrap_err();
-            assert!(matches!(err, InjectError::AlreadyTraced { .. }), "{err}");
+    // A process someone else traces: this test seizes it from a thread of its own (a
+    // debugger would), memfabric must refuse and leave that tracer alone.
+    let pid = b.pid() as libc::pid_t;
+    let (seized_tx, seized_rx) = std::sync::mpsc::channel();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let tracer = std::thread::spawn(move || {
+        // SAFETY: PTRACE_SEIZE with no options; detached below by this same thread.
+        let rc = unsafe { libc::ptrace(libc::PTRACE_SEIZE, pid, 0, 0) };
+        seized_tx.send(rc).unwrap();
+        let _ = done_rx.recv();
+        // SAFETY: a seized, running tracee: PTRACE_DETACH needs it stopped, so interrupt
+        // first and wait for the stop.
+        unsafe {
+            libc::ptrace(libc::PTRACE_INTERRUPT, pid, 0, 0);
+            let mut st = 0;
+            libc::waitpid(pid, &mut st, libc::__WALL);
+            libc::ptrace(libc::PTRACE_DETACH, pid, 0, 0);
         }
-        let _ = t.kill();
-        let _ = t.wait();
-    }
+    });
+    assert_eq!(
+        seized_rx.recv().unwrap(),
+        0,
+        "seizing the target for the test"
+    );
+    let err =
+        inject::madvise(b.pid(), b.start, b.start + 4096, Advice::Mergeable, TIMEOUT).unwrap_err();
+    assert!(matches!(err, InjectError::AlreadyTraced { .. }), "{err}");
+    eprintln!("refused: {err}");
+    done_tx.send(()).unwrap();
+    tracer.join().unwrap();
     assert_mg_exactly(b.pid(), &before, 0, 0, false);
     assert!(wait_for(Duration::from_secs(5), || state(b.pid()).1 == 0));
     assert_runs_on(&b);
