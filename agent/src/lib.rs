@@ -12,6 +12,7 @@ pub mod actuate;
 pub mod config;
 #[cfg(feature = "ebpf")]
 pub mod daemon;
+pub mod fabric;
 pub mod heat;
 #[cfg(feature = "ebpf")]
 pub mod hinting;
