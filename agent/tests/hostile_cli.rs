@@ -47,21 +47,6 @@ fn metric(d: &Daemon, name: &str) -> Option<f64> {
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("VmRSS:")?
-                .trim()
-                .strip_suffix("kB")?
-                .trim()
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0)
-}
-
 /// Children killed on drop.
 struct Procs(Vec<Child>);
 
@@ -156,7 +141,7 @@ fn thousands_of_vmms_do_not_bring_the_daemon_down() {
     assert!(failures >= 1.0, "the map holds 4,096: {failures}");
     // Still serving, still refreshing.
     assert!(d.get("/healthz").is_some_and(|h| h.starts_with("ok")));
-    let rss = rss_kib(d.pid());
+    let rss = common::rss_kib(d.pid());
     assert!(rss < 512 * 1024, "RSS {rss} KiB with {N} fake VMs");
     eprintln!("{N} fake VMs: {failures} not tracked by the probes, daemon RSS {rss} KiB");
     drop(d);

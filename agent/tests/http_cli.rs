@@ -452,21 +452,7 @@ fn slow_readers_of_ranges_keep_the_daemon_bounded() {
     let v: serde_json::Value = serde_json::from_str(&first).unwrap();
     let n = v["ranges"].as_array().unwrap().len();
     assert!(n >= 4096, "{n} ranges");
-    let rss = |pid: u32| -> u64 {
-        std::fs::read_to_string(format!("/proc/{pid}/status"))
-            .unwrap()
-            .lines()
-            .find_map(|l| {
-                l.strip_prefix("VmRSS:")?
-                    .trim()
-                    .strip_suffix("kB")?
-                    .trim()
-                    .parse()
-                    .ok()
-            })
-            .unwrap()
-    };
-    let before = rss(d.pid());
+    let before = common::rss_kib(d.pid());
     // 64 clients ask and never read.
     let slow: Vec<TcpStream> = (0..64)
         .map(|_| {
@@ -479,7 +465,7 @@ fn slow_readers_of_ranges_keep_the_daemon_bounded() {
     let t = Instant::now();
     let metrics = d.get("/metrics").expect("/metrics with 64 slow readers");
     let took = t.elapsed();
-    let during = rss(d.pid());
+    let during = common::rss_kib(d.pid());
     let busy = metric(&metrics, "memfabric_http_busy_rejections_total").unwrap_or(0.0);
     eprintln!(
         "{n} ranges per document ({} KiB); 64 slow readers: daemon RSS {before} -> {during} kB, \

@@ -6,9 +6,8 @@
 //! or whose PID now names another process, has nothing left to put back.
 
 use std::{
-    fs::{self, File, OpenOptions},
-    io::{Read as _, Write as _},
-    os::unix::fs::OpenOptionsExt as _,
+    fs::{self, File},
+    io::Read as _,
     path::PathBuf,
     sync::Arc,
     time::Duration,
@@ -128,29 +127,7 @@ fn load(lock: &StateLock) -> Result<Option<HintsJournal>, ActuateError> {
 }
 
 fn save(lock: &StateLock, j: &HintsJournal) -> Result<(), ActuateError> {
-    let path = path(lock);
-    let err = |source| ActuateError::JournalWrite {
-        path: path.clone(),
-        source,
-    };
-    let tmp = lock.dir().join(format!(".{HINTS_FILE}.tmp"));
-    let text = serde_json::to_string(j)
-        .map_err(std::io::Error::other)
-        .map_err(err)?;
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
-        .open(&tmp)
-        .map_err(err)?;
-    f.write_all(text.as_bytes()).map_err(err)?;
-    f.sync_all().map_err(err)?;
-    fs::rename(&tmp, &path).map_err(err)?;
-    File::open(lock.dir())
-        .and_then(|d| d.sync_all())
-        .map_err(err)
+    super::journal::write_atomic(lock, HINTS_FILE, j)
 }
 
 fn remove(lock: &StateLock) -> Result<(), ActuateError> {

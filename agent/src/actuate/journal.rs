@@ -156,6 +156,40 @@ pub struct Journal {
     pub ksm: Vec<KnobEntry>,
 }
 
+/// Writes `value` as JSON to `name` in the locked state directory, atomically: a temp file
+/// in the same directory (0600, no symlink followed), fsync, rename, fsync of the
+/// directory. A crash leaves the old file or the new one, never half.
+pub fn write_atomic<T: Serialize>(
+    lock: &StateLock,
+    name: &str,
+    value: &T,
+) -> Result<(), ActuateError> {
+    let path = lock.dir().join(name);
+    let err = |source| ActuateError::JournalWrite {
+        path: path.clone(),
+        source,
+    };
+    let tmp = lock.dir().join(format!(".{name}.tmp"));
+    let text = serde_json::to_string_pretty(value)
+        .map_err(std::io::Error::other)
+        .map_err(err)?;
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
+        .open(&tmp)
+        .map_err(err)?;
+    f.write_all(text.as_bytes()).map_err(err)?;
+    f.sync_all().map_err(err)?;
+    fs::rename(&tmp, &path).map_err(err)?;
+    File::open(lock.dir())
+        .and_then(|d| d.sync_all())
+        .map_err(err)?;
+    Ok(())
+}
+
 /// This boot's identity.
 pub fn boot_id() -> String {
     fs::read_to_string("/proc/sys/kernel/random/boot_id")
@@ -218,33 +252,9 @@ impl Journal {
         Ok(Some(j))
     }
 
-    /// Writes the journal atomically: a temp file in the same directory, fsync, rename,
-    /// fsync of the directory. A crash leaves the old journal or the new one, never half.
+    /// Writes the journal atomically (see [`write_atomic`]).
     pub fn save(&self, lock: &StateLock) -> Result<(), ActuateError> {
-        let path = lock.journal_path();
-        let err = |source| ActuateError::JournalWrite {
-            path: path.clone(),
-            source,
-        };
-        let tmp = lock.dir().join(format!(".{JOURNAL_FILE}.tmp"));
-        let text = serde_json::to_string_pretty(self)
-            .map_err(std::io::Error::other)
-            .map_err(err)?;
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
-            .open(&tmp)
-            .map_err(err)?;
-        f.write_all(text.as_bytes()).map_err(err)?;
-        f.sync_all().map_err(err)?;
-        fs::rename(&tmp, &path).map_err(err)?;
-        File::open(lock.dir())
-            .and_then(|d| d.sync_all())
-            .map_err(err)?;
-        Ok(())
+        write_atomic(lock, JOURNAL_FILE, self)
     }
 
     /// Removes the journal once everything in it was put back.

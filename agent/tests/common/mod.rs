@@ -17,3 +17,20 @@ pub fn root_or_skip(test: &str) -> bool {
     }
     root
 }
+
+/// Resident set size of `pid` in KiB (0 when unreadable).
+#[allow(dead_code, reason = "not every test binary uses it")]
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("VmRSS:")?
+                .trim()
+                .strip_suffix("kB")?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0)
+}
