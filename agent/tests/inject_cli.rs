@@ -70,6 +70,48 @@ fn hint_marks_a_range_of_a_running_process() {
 }
 
 #[test]
+fn a_process_in_another_user_namespace_is_left_alone() {
+    if !common::root_or_skip("a_process_in_another_user_namespace_is_left_alone") {
+        return;
+    }
+    let mut child = Command::new("unshare")
+        .args(["--user", "sleep", "600"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("unshare (util-linux)");
+    let pid = child.id();
+    // unshare execs sleep once the namespace exists.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while std::fs::read_link(format!("/proc/{pid}/exe"))
+        .is_ok_and(|e| !e.to_string_lossy().ends_with("sleep"))
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "unshare did not exec sleep"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (start, end, _) = mapping(pid, "[stack]").expect("a stack mapping");
+    let out = Command::new(MEMFABRIC)
+        .args(["hint", "--pid", &pid.to_string(), "--range"])
+        .arg(format!("{start:#x}-{end:#x}"))
+        .arg("--merge")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("user namespace"), "{err}");
+    assert_eq!(
+        mapping(pid, "[stack]").map(|m| m.2),
+        Some(false),
+        "target touched"
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[test]
 fn hint_refuses_bad_input_with_exit_2() {
     for args in [
         vec!["hint", "--pid", "4000000", "--all-guest-ram", "--merge"],

@@ -56,6 +56,11 @@ pub enum InjectError {
     NoProcess(u32),
     #[error("PID {0} is a kernel thread: it has no user memory")]
     KernelThread(u32),
+    #[error(
+        "PID {0} lives in another user namespace (a container's): not a VMM memfabric \
+         manages; left alone"
+    )]
+    OtherUserNamespace(u32),
     #[error("PID {pid} is already traced by PID {tracer} (a debugger?): left alone")]
     AlreadyTraced { pid: u32, tracer: u32 },
     #[error("{start:#x}-{end:#x} is not entirely mapped in PID {pid}: nothing done")]
@@ -141,6 +146,17 @@ fn preflight(pid: u32, start: u64, end: u64) -> Result<(), InjectError> {
         .map_err(|_| InjectError::NoProcess(pid))?;
     if crate::inventory::is_kernel_thread(pid) {
         return Err(InjectError::KernelThread(pid));
+    }
+    let ns = |p: &str| {
+        std::fs::metadata(format!("/proc/{p}/ns/user")).map(|m| {
+            use std::os::unix::fs::MetadataExt as _;
+            (m.dev(), m.ino())
+        })
+    };
+    if ns(&pid.to_string()).map_err(|_| InjectError::NoProcess(pid))?
+        != ns("self").unwrap_or_default()
+    {
+        return Err(InjectError::OtherUserNamespace(pid));
     }
     let tracer: u32 = status
         .lines()

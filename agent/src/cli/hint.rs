@@ -50,6 +50,7 @@ pub fn exit_code(e: &InjectError) -> u8 {
         InjectError::NoProcess(_)
         | InjectError::KernelThread(_)
         | InjectError::AlreadyTraced { .. }
+        | InjectError::OtherUserNamespace(_)
         | InjectError::NotMapped { .. }
         | InjectError::BadRange { .. } => 2,
         InjectError::Ptrace {
