@@ -5,7 +5,10 @@
 //!
 //! - Hysteresis: a range is made unmergeable after `to_unmergeable_after` consecutive
 //!   rankings as volatile, and mergeable again only after `to_mergeable_after` consecutive
-//!   calm (stable-duplicate) ones; other classes change nothing.
+//!   calm (stable-duplicate) ones, doubled each time it was let back in before (up to 64
+//!   times): once out of KSM a rewritten page raises no fault, so "calm" cannot be told
+//!   from "rewritten with the same bytes", and each readmission costs a burst of COW
+//!   breaks (the timeline bench showed the cycle); other classes change nothing.
 //! - A VM whose security domain does not share (or that is in no domain while domains are
 //!   configured) is only ever made unmergeable, whole.
 //! - A rate limit of changes per VM per minute: a VM is not stopped for an injection more
@@ -94,6 +97,8 @@ struct RangeState {
     applied: Option<Target>,
     volatile_streak: u32,
     calm_streak: u32,
+    /// Times it was made mergeable again after memfabric had taken it out.
+    readmitted: u32,
 }
 
 /// The policy's memory: per VM and range start, streaks and what was applied; per VM the
@@ -162,7 +167,8 @@ impl HintPlanner {
                             && st.applied != Some(Target::Unmergeable)
                         {
                             wanted.push((s, e, Target::Unmergeable, HintReason::Volatile));
-                        } else if st.calm_streak >= self.policy.to_mergeable_after
+                        } else if st.calm_streak
+                            >= self.policy.to_mergeable_after << st.readmitted.min(6)
                             && st.applied != Some(Target::Mergeable)
                         {
                             wanted.push((s, e, Target::Mergeable, HintReason::StableDuplicate));
@@ -190,6 +196,9 @@ impl HintPlanner {
                         self.whole.insert(vm.pid, true);
                     }
                     for (_, st) in self.ranges.range_mut((vm.pid, start)..(vm.pid, end)) {
+                        if target == Target::Mergeable && st.applied == Some(Target::Unmergeable) {
+                            st.readmitted += 1;
+                        }
                         st.applied = Some(target);
                     }
                 }

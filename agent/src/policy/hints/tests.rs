@@ -54,6 +54,34 @@ fn a_volatile_range_leaves_after_two_rankings_and_returns_after_three_calm_ones(
 }
 
 #[test]
+fn each_readmission_needs_twice_the_calm() {
+    use RangeClass::*;
+    let mut p = HintPlanner::new(HintPolicy {
+        max_changes_per_minute: 1000,
+        ..HintPolicy::default()
+    });
+    let mut t = 0.0;
+    let mut step = |p: &mut HintPlanner, c: RangeClass| {
+        t += 1.0;
+        p.plan(t, &[vm(1, &[c], Sharing::Ranges)])
+    };
+    // Out, back after 3 calm rankings; out again, back only after 6; then 12.
+    for calm_needed in [3, 6, 12] {
+        step(&mut p, Volatile);
+        let out = step(&mut p, Volatile);
+        assert_eq!(out[0].target, Target::Unmergeable);
+        for i in 1..calm_needed {
+            assert!(
+                step(&mut p, StableDuplicate).is_empty(),
+                "{calm_needed}: {i}"
+            );
+        }
+        let back = step(&mut p, StableDuplicate);
+        assert_eq!(back[0].target, Target::Mergeable, "after {calm_needed}");
+    }
+}
+
+#[test]
 fn neighbours_are_joined_and_a_failure_is_decided_again() {
     use RangeClass::*;
     let mut p = HintPlanner::new(HintPolicy::default());
