@@ -158,12 +158,34 @@ fn preflight(pid: u32, start: u64, end: u64) -> Result<(), InjectError> {
     {
         return Err(InjectError::OtherUserNamespace(pid));
     }
-    let tracer: u32 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("TracerPid:")?.trim().parse().ok())
-        .unwrap_or(0);
-    if tracer != 0 {
-        return Err(InjectError::AlreadyTraced { pid, tracer });
+    let tracer = |status: &str| -> u32 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("TracerPid:")?.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let mut tracer_now = tracer(&status);
+    // One of our own tracer threads that is detaching from a process killed under it:
+    // the link goes when that thread ends; wait for it briefly.
+    let ours = |t: u32| std::fs::metadata(format!("/proc/{}/task/{t}", std::process::id())).is_ok();
+    for _ in 0..100 {
+        if tracer_now == 0 || !ours(tracer_now) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+        let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+            return Err(InjectError::Exited(pid));
+        };
+        tracer_now = tracer(&s);
+    }
+    if tracer_now != 0 {
+        if exiting(pid) {
+            return Err(InjectError::Exited(pid));
+        }
+        return Err(InjectError::AlreadyTraced {
+            pid,
+            tracer: tracer_now,
+        });
     }
     let maps = procfs::process::Process::new(pid as i32)
         .and_then(|p| p.maps())
