@@ -831,19 +831,23 @@ fn redact_addresses(status: &mut serde_json::Value) {
         .iter_mut()
         .filter_map(|v| v.get_mut("ram").and_then(|r| r.as_array_mut()))
     {
-        for m in ram.iter_mut().filter_map(|m| m.as_object_mut()) {
-            let size = match (m.get("start"), m.get("end")) {
-                (Some(s), Some(e)) => e
-                    .as_u64()
-                    .unwrap_or(0)
-                    .saturating_sub(s.as_u64().unwrap_or(0)),
-                _ => 0,
-            };
-            m.remove("start");
-            m.remove("end");
-            m.insert("bytes".into(), size.into());
-        }
+        ram.iter_mut().for_each(addresses_to_bytes);
     }
+}
+
+/// Replaces an object's `start` and `end` (virtual addresses) by `bytes`, their distance.
+fn addresses_to_bytes(v: &mut serde_json::Value) {
+    let Some(m) = v.as_object_mut() else {
+        return;
+    };
+    let bytes = match (m.remove("start"), m.remove("end")) {
+        (Some(s), Some(e)) => e
+            .as_u64()
+            .unwrap_or(0)
+            .saturating_sub(s.as_u64().unwrap_or(0)),
+        _ => 0,
+    };
+    m.insert("bytes".into(), bytes.into());
 }
 
 /// `/v1/recommendations`: the ksmd decision and the merge hints (decided, applied or only
@@ -859,16 +863,7 @@ async fn recommendations(State(app): State<App>) -> axum::response::Response {
             .pointer_mut("/hints/recent")
             .and_then(|r| r.as_array_mut())
     {
-        for h in recent.iter_mut().filter_map(|h| h.as_object_mut()) {
-            let bytes = match (h.remove("start"), h.remove("end")) {
-                (Some(s), Some(e)) => e
-                    .as_u64()
-                    .unwrap_or(0)
-                    .saturating_sub(s.as_u64().unwrap_or(0)),
-                _ => 0,
-            };
-            h.insert("bytes".into(), bytes.into());
-        }
+        recent.iter_mut().for_each(addresses_to_bytes);
     }
     held_json(v, permit)
 }

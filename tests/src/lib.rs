@@ -74,6 +74,26 @@ impl Workload {
         }
     }
 
+    /// `pages` identical pages, madvised mergeable; returns the region.
+    pub fn alloc_mergeable(&mut self, pages: i64) -> String {
+        let region = self.cmd(&format!("alloc {pages} same"));
+        self.cmd(&format!("mergeable {region}"));
+        region
+    }
+
+    /// Waits up to 90 s until KSM merged at least `pages` of the child
+    /// (`ksm_merging_pages`); fails the test, naming `what`, otherwise.
+    pub fn await_merged(&self, pages: i64, what: &str) {
+        assert!(
+            wait_for(Duration::from_secs(90), || ksm_stat(
+                self.pid,
+                "ksm_merging_pages"
+            ) >= pages),
+            "KSM merged only {} of {pages} pages of {what} in 90 s",
+            ksm_stat(self.pid, "ksm_merging_pages")
+        );
+    }
+
     /// Where region `region` (as `alloc` replied) lies: [start, end) in the child.
     pub fn span(&mut self, region: &str) -> (u64, u64) {
         let reply = self.cmd(&format!("where {region}"));

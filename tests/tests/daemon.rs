@@ -195,15 +195,8 @@ fn scraped_counters_follow_the_kernel() {
     let _ksm = ksm_fast(); // declared first: dropped after the workload died
     let mut w = Workload::spawn(WORKLOAD);
     let d = TestDaemon::start(vec![w.pid]);
-    let region = w.cmd(&format!("alloc {N} same"));
-    w.cmd(&format!("mergeable {region}"));
-    assert!(
-        wait_for(Duration::from_secs(90), || ksm_stat(
-            w.pid,
-            "ksm_merging_pages"
-        ) >= N),
-        "KSM did not merge the workload"
-    );
+    let region = w.alloc_mergeable(N);
+    w.await_merged(N, "the workload");
 
     // The daemon's view catches up within a few refreshes.
     assert!(
@@ -542,16 +535,9 @@ fn cow_breaks_of_sleeping_and_premerged_processes_are_counted() {
 
     // Merged before the daemon starts.
     let mut early = Workload::spawn(WORKLOAD);
-    let early_region = early.cmd(&format!("alloc {N} same"));
-    early.cmd(&format!("mergeable {early_region}"));
+    let early_region = early.alloc_mergeable(N);
     ksm = ksm_fast();
-    assert!(
-        wait_for(Duration::from_secs(90), || ksm_stat(
-            early.pid,
-            "ksm_merging_pages"
-        ) >= N),
-        "KSM did not merge the early workload"
-    );
+    early.await_merged(N, "the early workload");
 
     // Joins KSM before it is tracked, then sleeps in read(2) while ksmd merges it.
     let mut sleeper = Workload::spawn(WORKLOAD);
@@ -570,13 +556,7 @@ fn cow_breaks_of_sleeping_and_premerged_processes_are_counted() {
     );
     let merged_before = ksm_stat(sleeper.pid, "ksm_merging_pages");
     ksm.set("run", "1").expect("resuming KSM");
-    assert!(
-        wait_for(Duration::from_secs(90), || ksm_stat(
-            sleeper.pid,
-            "ksm_merging_pages"
-        ) >= N),
-        "KSM did not merge the sleeping workload"
-    );
+    sleeper.await_merged(N, "the sleeping workload");
     let m = d.metrics();
     let seeded = m["memfabric_probe_merged_pages_seeded_total"];
     assert!(

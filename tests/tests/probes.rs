@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use memfabric::probes::{LoadOptions, ProbeEvent, ProbeState, Probes};
-use memfabric_tests::{Workload, ksm_fast, ksm_stat, privileged, vmstat, wait_for};
+use memfabric_tests::{Workload, ksm_fast, privileged, vmstat, wait_for};
 use serial_test::serial;
 
 const WORKLOAD: &str = env!("CARGO_BIN_EXE_memfabric-workload");
@@ -70,16 +70,8 @@ fn ksm_cow_breaks_match_the_kernels_cow_ksm() {
     let mut probes = load();
     let mut w = Workload::spawn(WORKLOAD);
     probes.track(w.pid).unwrap();
-    let region = w.cmd(&format!("alloc {N} same"));
-    w.cmd(&format!("mergeable {region}"));
-    let merged = wait_for(Duration::from_secs(90), || {
-        ksm_stat(w.pid, "ksm_merging_pages") >= N
-    });
-    assert!(
-        merged,
-        "KSM merged only {} of {N} identical pages in 90 s",
-        ksm_stat(w.pid, "ksm_merging_pages")
-    );
+    let region = w.alloc_mergeable(N);
+    w.await_merged(N, "the workload");
     let s = probes.stats(w.pid).unwrap().unwrap();
     assert!(
         s.ksm_merges >= N as u64,
@@ -269,15 +261,8 @@ fn kvm_cow_breaks_without_a_user_fault_are_counted() {
     let mut w = Workload::spawn(WORKLOAD);
     w.cmd("kvm");
     probes.track(w.pid).unwrap();
-    let region = w.cmd(&format!("alloc {N} same"));
-    w.cmd(&format!("mergeable {region}"));
-    assert!(
-        wait_for(Duration::from_secs(90), || ksm_stat(
-            w.pid,
-            "ksm_merging_pages"
-        ) >= N),
-        "KSM did not merge the workload"
-    );
+    let region = w.alloc_mergeable(N);
+    w.await_merged(N, "the workload");
     let before = probes.stats(w.pid).unwrap().unwrap();
     let kvm_before = probes.counters().unwrap().kvm_cow_breaks;
     let cow_before = vmstat("cow_ksm");

@@ -5,20 +5,14 @@
 //! asked to keep the hints); after a crash the next start does it. A process that exited,
 //! or whose PID now names another process, has nothing left to put back.
 
-use std::{
-    fs::{self, File},
-    io::Read as _,
-    path::PathBuf,
-    sync::Arc,
-    time::Duration,
-};
+use std::{sync::Arc, time::Duration};
 
 use serde::{Deserialize, Serialize};
 
 use super::{
     ActuateError, StateLock,
     inject::{self, Advice, InjectError, Injected},
-    journal::boot_id,
+    journal::{self, boot_id},
 };
 
 const HINTS_FILE: &str = "hints.json";
@@ -94,51 +88,26 @@ pub struct HintControl {
     done: bool,
 }
 
-fn path(lock: &StateLock) -> PathBuf {
-    lock.dir().join(HINTS_FILE)
-}
-
 fn load(lock: &StateLock) -> Result<Option<HintsJournal>, ActuateError> {
-    let path = path(lock);
-    let corrupt = |message: String| ActuateError::CorruptJournal {
-        path: path.clone(),
-        message,
+    let Some(j) = journal::read_json::<HintsJournal>(lock, HINTS_FILE, HINTS_MAX_BYTES)? else {
+        return Ok(None);
     };
-    let file = match File::open(&path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(source) => return Err(ActuateError::StateDir { path, source }),
-    };
-    let mut text = String::new();
-    file.take(HINTS_MAX_BYTES + 1)
-        .read_to_string(&mut text)
-        .map_err(|e| corrupt(e.to_string()))?;
-    if text.len() as u64 > HINTS_MAX_BYTES {
-        return Err(corrupt(format!("larger than {HINTS_MAX_BYTES} bytes")));
-    }
-    let j: HintsJournal = serde_json::from_str(&text).map_err(|e| corrupt(e.to_string()))?;
     if j.format != HINTS_FORMAT {
-        return Err(corrupt(format!(
-            "format {} (this memfabric reads {HINTS_FORMAT})",
-            j.format
-        )));
+        return Err(journal::corrupt(
+            lock,
+            HINTS_FILE,
+            format!("format {} (this memfabric reads {HINTS_FORMAT})", j.format),
+        ));
     }
     Ok(Some(j))
 }
 
 fn save(lock: &StateLock, j: &HintsJournal) -> Result<(), ActuateError> {
-    super::journal::write_atomic(lock, HINTS_FILE, j)
+    journal::write_atomic(lock, HINTS_FILE, j)
 }
 
 fn remove(lock: &StateLock) -> Result<(), ActuateError> {
-    match fs::remove_file(path(lock)) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(source) => Err(ActuateError::JournalWrite {
-            path: path(lock),
-            source,
-        }),
-    }
+    journal::remove_file(lock, HINTS_FILE)
 }
 
 /// The mapping pieces of `pid` inside `[start, end)` with their `mg` flag.

@@ -110,8 +110,8 @@ pub fn madvise(
     if end <= start || !start.is_multiple_of(4096) || !end.is_multiple_of(4096) {
         return Err(InjectError::BadRange { start, end });
     }
-    preflight(pid, start, end)?;
-    let syscall_at = find_syscall_instruction(pid)?;
+    let maps = preflight(pid, start, end)?;
+    let syscall_at = find_syscall_instruction(pid, &maps)?;
     // The tracer is a thread of its own (ptrace binds tracee to tracer *thread*): when it
     // ends, however it ends, the kernel detaches the target.
     let (tx, rx) = mpsc::channel();
@@ -141,7 +141,8 @@ pub fn madvise(
 }
 
 /// Checks that leave the target untouched when they fail.
-fn preflight(pid: u32, start: u64, end: u64) -> Result<(), InjectError> {
+/// Returns the process's mappings (read once, for the syscall search too).
+fn preflight(pid: u32, start: u64, end: u64) -> Result<procfs::process::MemoryMaps, InjectError> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .map_err(|_| InjectError::NoProcess(pid))?;
     if crate::inventory::is_kernel_thread(pid) {
@@ -196,7 +197,7 @@ fn preflight(pid: u32, start: u64, end: u64) -> Result<(), InjectError> {
         if m.address.0 <= at && at < m.address.1 {
             at = m.address.1;
             if at >= end {
-                return Ok(());
+                return Ok(maps);
             }
         }
     }
@@ -208,11 +209,11 @@ fn preflight(pid: u32, start: u64, end: u64) -> Result<(), InjectError> {
 
 /// The address of a `syscall` instruction (0f 05) in an executable mapping of `pid`
 /// (the vDSO first: small and always there).
-fn find_syscall_instruction(pid: u32) -> Result<u64, InjectError> {
+fn find_syscall_instruction(
+    pid: u32,
+    maps: &procfs::process::MemoryMaps,
+) -> Result<u64, InjectError> {
     use std::os::unix::fs::FileExt as _;
-    let maps = procfs::process::Process::new(pid as i32)
-        .and_then(|p| p.maps())
-        .map_err(|_| InjectError::NoProcess(pid))?;
     let mem =
         std::fs::File::open(format!("/proc/{pid}/mem")).map_err(|_| InjectError::NoProcess(pid))?;
     let mut exec: Vec<_> = maps

@@ -190,6 +190,49 @@ pub fn write_atomic<T: Serialize>(
     Ok(())
 }
 
+/// The error for a state file that is not what memfabric writes.
+pub fn corrupt(lock: &StateLock, name: &str, message: String) -> ActuateError {
+    ActuateError::CorruptJournal {
+        path: lock.dir().join(name),
+        message,
+    }
+}
+
+/// Reads the JSON state file `name` of the locked state directory: `None` when there is
+/// none, an error when it is larger than `max` bytes or not valid (left for the operator).
+pub fn read_json<T: serde::de::DeserializeOwned>(
+    lock: &StateLock,
+    name: &str,
+    max: u64,
+) -> Result<Option<T>, ActuateError> {
+    let path = lock.dir().join(name);
+    let file = match File::open(&path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => return Err(ActuateError::StateDir { path, source }),
+    };
+    let mut text = String::new();
+    file.take(max + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| corrupt(lock, name, e.to_string()))?;
+    if text.len() as u64 > max {
+        return Err(corrupt(lock, name, format!("larger than {max} bytes")));
+    }
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|e| corrupt(lock, name, e.to_string()))
+}
+
+/// Removes the state file `name` (absent is fine).
+pub fn remove_file(lock: &StateLock, name: &str) -> Result<(), ActuateError> {
+    let path = lock.dir().join(name);
+    match fs::remove_file(&path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(ActuateError::JournalWrite { path, source }),
+    }
+}
+
 /// This boot's identity.
 pub fn boot_id() -> String {
     fs::read_to_string("/proc/sys/kernel/random/boot_id")
@@ -213,29 +256,10 @@ impl Journal {
 
     /// The journal a previous owner left, if any. The lock must be held.
     pub fn load(lock: &StateLock) -> Result<Option<Journal>, ActuateError> {
-        let path = lock.journal_path();
-        let corrupt = |message: String| ActuateError::CorruptJournal {
-            path: path.clone(),
-            message,
+        let Some(j) = read_json::<Journal>(lock, JOURNAL_FILE, JOURNAL_MAX_BYTES)? else {
+            return Ok(None);
         };
-        let file = match File::open(&path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(source) => {
-                return Err(ActuateError::StateDir {
-                    path: path.clone(),
-                    source,
-                });
-            }
-        };
-        let mut text = String::new();
-        file.take(JOURNAL_MAX_BYTES + 1)
-            .read_to_string(&mut text)
-            .map_err(|e| corrupt(e.to_string()))?;
-        if text.len() as u64 > JOURNAL_MAX_BYTES {
-            return Err(corrupt(format!("larger than {JOURNAL_MAX_BYTES} bytes")));
-        }
-        let j: Journal = serde_json::from_str(&text).map_err(|e| corrupt(e.to_string()))?;
+        let corrupt = |message| corrupt(lock, JOURNAL_FILE, message);
         if j.format != JOURNAL_FORMAT {
             return Err(corrupt(format!(
                 "format {} (this memfabric reads {JOURNAL_FORMAT})",
@@ -259,14 +283,7 @@ impl Journal {
 
     /// Removes the journal once everything in it was put back.
     pub fn remove(lock: &StateLock) -> Result<(), ActuateError> {
-        match fs::remove_file(lock.journal_path()) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(source) => Err(ActuateError::JournalWrite {
-                path: lock.journal_path(),
-                source,
-            }),
-        }
+        remove_file(lock, JOURNAL_FILE)
     }
 }
 
