@@ -10,10 +10,11 @@ use std::{
     fs,
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
-    process::{Child, Command},
-    time::{Duration, Instant},
+    process::Command,
+    time::Duration,
 };
 
+use common::{Children, poll_for};
 use daemon::Daemon;
 
 /// A copy of `sleep` named `name` in a fresh directory, owned by `uid`.
@@ -47,21 +48,7 @@ fn metric(d: &Daemon, name: &str) -> Option<f64> {
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
-/// Children killed on drop.
-struct Procs(Vec<Child>);
-
-impl Drop for Procs {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-        }
-        for c in &mut self.0 {
-            let _ = c.wait();
-        }
-    }
-}
-
-fn spawn(exe: &Path, n: usize) -> Procs {
+fn spawn(exe: &Path, n: usize) -> Children {
     let one = || {
         // The copy was just written: a child forked meanwhile by another test thread can
         // still hold it open for writing (ETXTBSY) until it execs. Retry briefly.
@@ -75,20 +62,7 @@ fn spawn(exe: &Path, n: usize) -> Procs {
         }
         panic!("{} stayed busy (ETXTBSY)", exe.display())
     };
-    Procs((0..n).map(|_| one()).collect())
-}
-
-fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f() {
-            return Some(v);
-        }
-        if Instant::now() > deadline {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    Children((0..n).map(|_| one()).collect())
 }
 
 #[test]
@@ -101,7 +75,7 @@ fn a_vmm_name_on_an_untrusted_executable_is_not_a_vm() {
     let fake = spawn(&exe, 1);
     let pid = u64::from(fake.0[0].id());
     let d = Daemon::start(&[]);
-    let pids = wait_for(Duration::from_secs(20), || vm_pids(&d)).expect("daemon up");
+    let pids = poll_for(Duration::from_secs(20), || vm_pids(&d)).expect("daemon up");
     assert!(
         !pids.contains(&pid),
         "an untrusted fake QEMU was taken for a VM"
@@ -113,7 +87,7 @@ fn a_vmm_name_on_an_untrusted_executable_is_not_a_vm() {
     let cfg = dir.join("trust.toml");
     fs::write(&cfg, "untrusted_vmm_executables = true\n").unwrap();
     let d = Daemon::start(&["--config", cfg.to_str().unwrap()]);
-    let listed = wait_for(Duration::from_secs(20), || {
+    let listed = poll_for(Duration::from_secs(20), || {
         vm_pids(&d).filter(|p| p.contains(&pid))
     });
     assert!(listed.is_some(), "trusted by config, yet not listed");
@@ -133,7 +107,7 @@ fn thousands_of_vmms_do_not_bring_the_daemon_down() {
     let (dir, exe) = fake_vmm("capacity", "qemu-system-x86_64", 0);
     let fakes = spawn(&exe, N);
     let d = Daemon::start(&[]);
-    let all = wait_for(Duration::from_secs(120), || {
+    let all = poll_for(Duration::from_secs(120), || {
         vm_pids(&d).filter(|p| p.len() >= N)
     });
     assert!(all.is_some(), "the daemon did not list {N} VMs (or died)");

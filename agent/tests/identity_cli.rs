@@ -10,24 +10,13 @@ use std::{
     fs,
     os::unix::fs::PermissionsExt as _,
     process::{Child, Command},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
+use common::{Children, poll_for};
 use daemon::Daemon;
 
 const MEMFABRIC: &str = env!("CARGO_BIN_EXE_memfabric");
-
-/// Children killed on drop.
-struct Kids(Vec<Child>);
-
-impl Drop for Kids {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
 
 /// Spawns `cmd` as PID `pid` (free again after its process was reaped), through
 /// ns_last_pid; other processes forking meanwhile can take it first, so it retries.
@@ -56,19 +45,6 @@ fn listed(d: &Daemon, pid: u32) -> Option<Option<String>> {
     )
 }
 
-fn until<T>(secs: u64, mut f: impl FnMut() -> Option<T>) -> Option<T> {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        if let Some(v) = f() {
-            return Some(v);
-        }
-        if Instant::now() > deadline {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 #[test]
 fn a_kernel_thread_is_refused() {
     let log = std::env::temp_dir().join(format!("memfabric-kthread-{}.log", std::process::id()));
@@ -85,7 +61,7 @@ fn a_kernel_thread_is_refused() {
         .stderr(fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
-    let status = until(20, || child.try_wait().unwrap());
+    let status = poll_for(Duration::from_secs(20), || child.try_wait().unwrap());
     if status.is_none() {
         let _ = child.kill();
         let _ = child.wait();
@@ -130,16 +106,16 @@ fn reused_pids_are_new_processes() {
             .stderr(std::process::Stdio::null());
         c
     };
-    let mut kids = Kids(vec![
+    let mut kids = Children(vec![
         vmm("first").spawn().unwrap(),
         sleeper().spawn().unwrap(),
     ]);
     let (vm_pid, given_pid) = (kids.0[0].id(), kids.0[1].id());
     // A slow refresh: both swaps below happen between two refreshes.
     let d = Daemon::start(&["--refresh-ms", "4000", "--pid", &given_pid.to_string()]);
-    let name = until(30, || listed(&d, vm_pid).flatten());
+    let name = poll_for(Duration::from_secs(30), || listed(&d, vm_pid).flatten());
     assert_eq!(name.as_deref(), Some("first"), "the VM was not listed");
-    assert!(until(10, || listed(&d, given_pid).flatten()).is_some());
+    assert!(poll_for(Duration::from_secs(10), || listed(&d, given_pid).flatten()).is_some());
 
     // Both processes exit and new ones take their PIDs at once.
     for k in &mut kids.0 {
@@ -150,7 +126,7 @@ fn reused_pids_are_new_processes() {
     kids.0.push(spawn_as(vm_pid, || vmm("second")));
     kids.0.push(spawn_as(given_pid, sleeper));
 
-    let renamed = until(15, || {
+    let renamed = poll_for(Duration::from_secs(15), || {
         listed(&d, vm_pid).flatten().filter(|n| n == "second")
     });
     assert!(
@@ -159,7 +135,9 @@ fn reused_pids_are_new_processes() {
         listed(&d, vm_pid)
     );
     // The process given with --pid is gone; the one with its number is nobody's VM.
-    let dropped = until(15, || listed(&d, given_pid).filter(Option::is_none));
+    let dropped = poll_for(Duration::from_secs(15), || {
+        listed(&d, given_pid).filter(Option::is_none)
+    });
     assert!(
         dropped.is_some(),
         "a new process with the PID given by --pid {given_pid} was taken for it"
