@@ -69,6 +69,12 @@ pub enum DecodeError {
     Order(usize),
 }
 
+impl Default for Sketch {
+    fn default() -> Sketch {
+        Sketch::new(DEFAULT_K)
+    }
+}
+
 impl Sketch {
     pub fn new(k: usize) -> Sketch {
         Sketch {

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     PAGE,
+    super::fabric::sketch::{MAX_K, Sketch},
     content::{ContentTable, Role},
     page_state::{F_MERGED, F_PRESENT, F_SEEN, F_THP, F_ZERO, F_ZERO_FRAME, PageState},
 };
@@ -173,6 +174,19 @@ pub struct Report {
     pub distinct_stable_contents: u64,
     /// Unchanged scans after which a page counts as stable.
     pub stable_after: u8,
+    /// Sketches of the stable non-zero contents, built in the same walk (only when the
+    /// fabric asked for them: see [`crate::scan::Scanner::set_sketch_k`]).
+    #[serde(skip)]
+    pub sketches: Option<Sketches>,
+}
+
+/// Bottom-k sketches of distinct stable non-zero page contents: per process (a large k,
+/// kept locally: see [`Sketch::containment`]) and for the host's union (the k the fabric
+/// publishes).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Sketches {
+    pub per_pid: BTreeMap<u32, Sketch>,
+    pub host: Sketch,
 }
 
 /// One scanned mapping of a process: where it starts and each page's history.
@@ -181,8 +195,13 @@ pub struct Mapping {
     pub pages: Vec<PageState>,
 }
 
-/// Figures over `procs` (PID order) with duplicates counted across all of them.
-pub fn account(procs: &BTreeMap<u32, Vec<Mapping>>, stable_after: u8) -> (Report, ContentTable) {
+/// Figures over `procs` (PID order) with duplicates counted across all of them; with
+/// `sketch_k`, the sketches too (host k = `sketch_k`).
+pub fn account(
+    procs: &BTreeMap<u32, Vec<Mapping>>,
+    stable_after: u8,
+    sketch_k: Option<usize>,
+) -> (Report, ContentTable) {
     let stable = |s: PageState| {
         s.has(F_PRESENT)
             && !s.has(F_ZERO)
@@ -202,8 +221,13 @@ pub fn account(procs: &BTreeMap<u32, Vec<Mapping>>, stable_after: u8) -> (Report
         distinct_stable_contents: table.len() as u64,
         ..Default::default()
     };
+    let mut sketches = sketch_k.map(|k| Sketches {
+        per_pid: BTreeMap::new(),
+        host: Sketch::new(k),
+    });
     for (vm, (&pid, maps)) in procs.iter().enumerate() {
         let mut ranges: Vec<RangeCounts> = Vec::new();
+        let mut vm_sketch = sketches.as_ref().map(|_| Sketch::new(MAX_K));
         let mut zero_thp = 0u64;
         for m in maps {
             for (i, &s) in m.pages.iter().enumerate() {
@@ -243,6 +267,16 @@ pub fn account(procs: &BTreeMap<u32, Vec<Mapping>>, stable_after: u8) -> (Report
                 let Some(a) = table.attribute(s.hash(), vm as u32) else {
                     continue;
                 };
+                // The first copy in this VM is one distinct content of it; the first on the
+                // host, one of the host's.
+                if let (Some(vs), Some(all)) = (vm_sketch.as_mut(), sketches.as_mut())
+                    && a.role != Role::Intra
+                {
+                    vs.insert(s.hash());
+                    if a.role == Role::Kept {
+                        all.host.insert(s.hash());
+                    }
+                }
                 if a.copies < 2 {
                     continue;
                 }
@@ -271,7 +305,11 @@ pub fn account(procs: &BTreeMap<u32, Vec<Mapping>>, stable_after: u8) -> (Report
         report.total.add(&c);
         report.per_pid.insert(pid, c);
         report.ranges.insert(pid, ranges);
+        if let (Some(vs), Some(all)) = (vm_sketch, sketches.as_mut()) {
+            all.per_pid.insert(pid, vs);
+        }
     }
+    report.sketches = sketches;
     (report, table)
 }
 
@@ -314,9 +352,16 @@ mod tests {
                 ],
             }],
         );
-        let (r, table) = account(&procs, 2);
+        let (r, table) = account(&procs, 2, Some(2));
         // Stable contents only: 1, 2 and 4 (3 is volatile).
         assert_eq!(table.len(), 3);
+        // Sketches from the same walk: PID 10 holds contents 1 and 2, PID 20 holds 1, 2
+        // and 4; the host three (k = 2 keeps the two smallest of them).
+        let sk = r.sketches.as_ref().expect("asked for");
+        assert_eq!(sk.per_pid[&10].distinct(), 2.0);
+        assert_eq!(sk.per_pid[&20].distinct(), 3.0);
+        assert_eq!(sk.host.distinct(), 3.0);
+        assert_eq!(sk.per_pid[&20].containment(&sk.per_pid[&10]).pages, 2.0);
         let a = r.per_pid[&10];
         assert_eq!(
             (

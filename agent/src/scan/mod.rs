@@ -53,6 +53,8 @@ pub struct Scanner {
     budget: f64,
     /// Set to stop a pass early (the daemon's shutdown).
     cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    /// Host sketch k, when the fabric wants sketches.
+    sketch_k: Option<usize>,
 }
 
 /// The mappings to scan: a VM's guest RAM; for any other process, its private anonymous
@@ -120,7 +122,14 @@ impl Scanner {
             zero_hash: xxh3_64(&[0u8; PAGE]),
             budget: 1.0,
             cancel: None,
+            sketch_k: None,
         }
+    }
+
+    /// Builds content sketches in each report, the host's with `k` hashes (the fabric's
+    /// setting; off by default: they cost a few MiB and some CPU per pass).
+    pub fn set_sketch_k(&mut self, k: Option<usize>) {
+        self.sketch_k = k;
     }
 
     /// A flag that, once set, ends the current pass early.
@@ -286,7 +295,7 @@ impl Scanner {
 
     /// The report and the content table it was built from (for sizing measurements).
     pub fn report_and_table(&self) -> (Report, content::ContentTable) {
-        let (mut report, table) = account::account(&self.procs, self.stable_after);
+        let (mut report, table) = account::account(&self.procs, self.stable_after, self.sketch_k);
         report.passes = self.passes;
         report.vm_passes = self.vm_passes.clone();
         report.bytes_read = self.bytes_read;
