@@ -1,5 +1,7 @@
 //! The fabric: agents on different hosts exchange compact summaries of their VMs' stable
-//! pages and find where memory would be shared. This session: the summaries themselves
-//! ([`sketch`]); peers, candidates and the consolidation plan are not built yet.
+//! pages and find where memory would be shared: which host already holds most of a VM
+//! (placement, migration) and how many hosts sharing-aware packing frees.
 
+pub mod gossip_auth;
 pub mod sketch;
+pub mod stats;

@@ -8,8 +8,8 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    PAGE,
     super::fabric::sketch::{MAX_K, Sketch},
+    PAGE,
     content::{ContentTable, Role},
     page_state::{F_MERGED, F_PRESENT, F_SEEN, F_THP, F_ZERO, F_ZERO_FRAME, PageState},
 };
