@@ -2,6 +2,9 @@
 //! pages and find where memory would be shared: which host already holds most of a VM
 //! (placement, migration) and how many hosts sharing-aware packing frees.
 
+pub mod candidates;
 pub mod gossip_auth;
+pub mod plan;
 pub mod sketch;
 pub mod stats;
+pub mod summary;

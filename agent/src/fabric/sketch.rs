@@ -160,6 +160,20 @@ impl Sketch {
         (inter, bound)
     }
 
+    /// The sampled hashes, smallest first.
+    pub fn hashes(&self) -> impl Iterator<Item = u64> + '_ {
+        self.mins.iter().copied()
+    }
+
+    pub fn contains(&self, hash: u64) -> bool {
+        self.mins.contains(&hash)
+    }
+
+    /// Sets the exact distinct count (a caller that knows it, e.g. a union of disjoint sets).
+    pub fn set_distinct(&mut self, distinct: u64) {
+        self.distinct = distinct;
+    }
+
     /// The largest hash this sketch is complete below: every hash of the set under it is
     /// in the sketch (all of them while the sketch is not full).
     fn threshold(&self) -> u64 {

@@ -180,13 +180,12 @@ pub struct Report {
     pub sketches: Option<Sketches>,
 }
 
-/// Bottom-k sketches of distinct stable non-zero page contents: per process (a large k,
-/// kept locally: see [`Sketch::containment`]) and for the host's union (the k the fabric
-/// publishes).
+/// Bottom-k sketches of distinct stable non-zero page contents per process, with a large k
+/// (kept locally, see [`Sketch::containment`]; the fabric publishes the union of the VMs
+/// it may share, which is exact up to this k, and small prefixes).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Sketches {
     pub per_pid: BTreeMap<u32, Sketch>,
-    pub host: Sketch,
 }
 
 /// One scanned mapping of a process: where it starts and each page's history.
@@ -196,11 +195,11 @@ pub struct Mapping {
 }
 
 /// Figures over `procs` (PID order) with duplicates counted across all of them; with
-/// `sketch_k`, the sketches too (host k = `sketch_k`).
+/// `sketches`, each process's sketch too.
 pub fn account(
     procs: &BTreeMap<u32, Vec<Mapping>>,
     stable_after: u8,
-    sketch_k: Option<usize>,
+    sketches: bool,
 ) -> (Report, ContentTable) {
     let stable = |s: PageState| {
         s.has(F_PRESENT)
@@ -221,10 +220,7 @@ pub fn account(
         distinct_stable_contents: table.len() as u64,
         ..Default::default()
     };
-    let mut sketches = sketch_k.map(|k| Sketches {
-        per_pid: BTreeMap::new(),
-        host: Sketch::new(k),
-    });
+    let mut sketches = sketches.then(Sketches::default);
     for (vm, (&pid, maps)) in procs.iter().enumerate() {
         let mut ranges: Vec<RangeCounts> = Vec::new();
         let mut vm_sketch = sketches.as_ref().map(|_| Sketch::new(MAX_K));
@@ -267,15 +263,11 @@ pub fn account(
                 let Some(a) = table.attribute(s.hash(), vm as u32) else {
                     continue;
                 };
-                // The first copy in this VM is one distinct content of it; the first on the
-                // host, one of the host's.
-                if let (Some(vs), Some(all)) = (vm_sketch.as_mut(), sketches.as_mut())
+                // The first copy in this VM is one distinct content of it.
+                if let Some(vs) = vm_sketch.as_mut()
                     && a.role != Role::Intra
                 {
                     vs.insert(s.hash());
-                    if a.role == Role::Kept {
-                        all.host.insert(s.hash());
-                    }
                 }
                 if a.copies < 2 {
                     continue;
@@ -352,15 +344,15 @@ mod tests {
                 ],
             }],
         );
-        let (r, table) = account(&procs, 2, Some(2));
+        let (r, table) = account(&procs, 2, true);
         // Stable contents only: 1, 2 and 4 (3 is volatile).
         assert_eq!(table.len(), 3);
         // Sketches from the same walk: PID 10 holds contents 1 and 2, PID 20 holds 1, 2
-        // and 4; the host three (k = 2 keeps the two smallest of them).
+        // and 4.
         let sk = r.sketches.as_ref().expect("asked for");
         assert_eq!(sk.per_pid[&10].distinct(), 2.0);
         assert_eq!(sk.per_pid[&20].distinct(), 3.0);
-        assert_eq!(sk.host.distinct(), 3.0);
+        assert_eq!(sk.per_pid[&10].union(&sk.per_pid[&20]).distinct(), 3.0);
         assert_eq!(sk.per_pid[&20].containment(&sk.per_pid[&10]).pages, 2.0);
         let a = r.per_pid[&10];
         assert_eq!(

@@ -53,8 +53,8 @@ pub struct Scanner {
     budget: f64,
     /// Set to stop a pass early (the daemon's shutdown).
     cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
-    /// Host sketch k, when the fabric wants sketches.
-    sketch_k: Option<usize>,
+    /// Whether reports carry content sketches (the fabric wants them).
+    sketches: bool,
 }
 
 /// The mappings to scan: a VM's guest RAM; for any other process, its private anonymous
@@ -122,14 +122,14 @@ impl Scanner {
             zero_hash: xxh3_64(&[0u8; PAGE]),
             budget: 1.0,
             cancel: None,
-            sketch_k: None,
+            sketches: false,
         }
     }
 
-    /// Builds content sketches in each report, the host's with `k` hashes (the fabric's
-    /// setting; off by default: they cost a few MiB and some CPU per pass).
-    pub fn set_sketch_k(&mut self, k: Option<usize>) {
-        self.sketch_k = k;
+    /// Builds each VM's content sketch in its report (the fabric's; off by default: they
+    /// cost up to 1.5 MiB per VM and some CPU per pass).
+    pub fn set_sketches(&mut self, on: bool) {
+        self.sketches = on;
     }
 
     /// A flag that, once set, ends the current pass early.
@@ -295,7 +295,7 @@ impl Scanner {
 
     /// The report and the content table it was built from (for sizing measurements).
     pub fn report_and_table(&self) -> (Report, content::ContentTable) {
-        let (mut report, table) = account::account(&self.procs, self.stable_after, self.sketch_k);
+        let (mut report, table) = account::account(&self.procs, self.stable_after, self.sketches);
         report.passes = self.passes;
         report.vm_passes = self.vm_passes.clone();
         report.bytes_read = self.bytes_read;
