@@ -8,7 +8,10 @@
 //!   calm (stable-duplicate) ones, doubled each time it was let back in before (up to 64
 //!   times): once out of KSM a rewritten page raises no fault, so "calm" cannot be told
 //!   from "rewritten with the same bytes", and each readmission costs a burst of COW
-//!   breaks (the timeline bench showed the cycle); other classes change nothing.
+//!   breaks (the timeline bench showed the cycle); other classes change nothing. For the
+//!   same reason a range memfabric took out also stays out for `readmit_after_seconds`
+//!   (10 min), doubled per readmission likewise: a readmission is a blind probe, so it
+//!   is made rarely.
 //! - A VM whose security domain does not share (or that is in no domain while domains are
 //!   configured) is only ever made unmergeable, whole.
 //! - A rate limit of changes per VM per minute: a VM is not stopped for an injection more
@@ -59,6 +62,9 @@ pub struct HintPolicy {
     pub to_mergeable_after: u32,
     /// Changes (injections) per VM per minute.
     pub max_changes_per_minute: usize,
+    /// The least time a range memfabric made unmergeable stays so (doubled per
+    /// readmission, up to 64 times).
+    pub readmit_after_seconds: f64,
 }
 
 impl Default for HintPolicy {
@@ -67,6 +73,7 @@ impl Default for HintPolicy {
             to_unmergeable_after: 2,
             to_mergeable_after: 3,
             max_changes_per_minute: 12,
+            readmit_after_seconds: 600.0,
         }
     }
 }
@@ -99,6 +106,8 @@ struct RangeState {
     calm_streak: u32,
     /// Times it was made mergeable again after memfabric had taken it out.
     readmitted: u32,
+    /// When memfabric last made it unmergeable.
+    out_since: f64,
 }
 
 /// The policy's memory: per VM and range start, streaks and what was applied; per VM the
@@ -170,6 +179,10 @@ impl HintPlanner {
                         } else if st.calm_streak
                             >= self.policy.to_mergeable_after << st.readmitted.min(6)
                             && st.applied != Some(Target::Mergeable)
+                            && (st.applied.is_none()
+                                || t - st.out_since
+                                    >= self.policy.readmit_after_seconds
+                                        * f64::from(1u32 << st.readmitted.min(6)))
                         {
                             wanted.push((s, e, Target::Mergeable, HintReason::StableDuplicate));
                         }
@@ -198,6 +211,9 @@ impl HintPlanner {
                     for (_, st) in self.ranges.range_mut((vm.pid, start)..(vm.pid, end)) {
                         if target == Target::Mergeable && st.applied == Some(Target::Unmergeable) {
                             st.readmitted += 1;
+                        }
+                        if target == Target::Unmergeable {
+                            st.out_since = t;
                         }
                         st.applied = Some(target);
                     }

@@ -24,7 +24,10 @@ fn class() -> impl Strategy<Value = RangeClass> {
 #[test]
 fn a_volatile_range_leaves_after_two_rankings_and_returns_after_three_calm_ones() {
     use RangeClass::*;
-    let mut p = HintPlanner::new(HintPolicy::default());
+    let mut p = HintPlanner::new(HintPolicy {
+        readmit_after_seconds: 30.0,
+        ..HintPolicy::default()
+    });
     assert!(
         p.plan(0.0, &[vm(1, &[Volatile], Sharing::Ranges)])
             .is_empty()
@@ -58,6 +61,7 @@ fn each_readmission_needs_twice_the_calm() {
     use RangeClass::*;
     let mut p = HintPlanner::new(HintPolicy {
         max_changes_per_minute: 1000,
+        readmit_after_seconds: 0.0,
         ..HintPolicy::default()
     });
     let mut t = 0.0;
@@ -78,6 +82,41 @@ fn each_readmission_needs_twice_the_calm() {
         }
         let back = step(&mut p, StableDuplicate);
         assert_eq!(back[0].target, Target::Mergeable, "after {calm_needed}");
+    }
+}
+
+#[test]
+fn a_range_taken_out_stays_out_for_the_hold_doubled_per_readmission() {
+    use RangeClass::*;
+    let mut p = HintPlanner::new(HintPolicy {
+        max_changes_per_minute: 1000,
+        ..HintPolicy::default()
+    });
+    let v = |c| [vm(1, &[c], Sharing::Ranges)];
+    let mut t = 0.0;
+    for hold in [600.0, 1200.0] {
+        p.plan(t + 1.0, &v(Volatile));
+        let out = p.plan(t + 2.0, &v(Volatile));
+        assert_eq!(out[0].target, Target::Unmergeable);
+        let gone = t + 2.0;
+        // Calm for long, but not for the hold: it stays out.
+        let mut back = None;
+        let mut s = gone;
+        while back.is_none() {
+            s += 10.0;
+            let d = p.plan(s, &v(StableDuplicate));
+            if !d.is_empty() {
+                back = Some((s, d[0].target));
+            }
+        }
+        let (when, target) = back.unwrap();
+        assert_eq!(target, Target::Mergeable);
+        assert!(
+            when - gone >= hold && when - gone < hold + 11.0,
+            "{hold}: {}",
+            when - gone
+        );
+        t = when;
     }
 }
 
