@@ -92,6 +92,8 @@ pub enum ConfigError {
          --scan-cpu above 0)"
     )]
     HintsWithoutScanner,
+    #[error("[fabric]: {0}")]
+    Fabric(String),
     #[error("[[domain]] {name:?}: {message}")]
     Domain { name: String, message: String },
 }
@@ -170,6 +172,125 @@ impl Domain {
     }
 }
 
+/// `[fabric]`: peers on other hosts. Off unless `listen` is set; every channel is
+/// authenticated, so the certificate files and the gossip key are then required.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FabricConfig {
+    /// Address of the fabric's HTTPS listener (TCP) and of its gossip (UDP, same port).
+    pub listen: Option<std::net::SocketAddr>,
+    /// The address peers reach this host at (default: `listen`; it must not be
+    /// unspecified then).
+    pub advertise: Option<std::net::SocketAddr>,
+    /// Gossip seeds (`host:port`).
+    #[serde(default)]
+    pub peers: Vec<String>,
+    /// This host's name in the fabric (default: the hostname).
+    pub node: Option<String>,
+    /// Agents gossip only within one cluster id.
+    pub cluster: Option<String>,
+    /// PEM: the cluster CA that signs every agent's certificate; this agent's
+    /// certificate (with its advertised address as a SAN) and key.
+    pub ca_file: Option<PathBuf>,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    /// At least 32 bytes of shared secret, mode 0600: the gossip HMAC key.
+    pub gossip_key_file: Option<PathBuf>,
+    /// Memory this host offers VMs (default: MemTotal).
+    pub capacity_bytes: Option<u64>,
+    /// Hashes in the host sketch (default 4096: 24 KiB).
+    pub k: Option<usize>,
+    pub gossip_interval_ms: Option<u64>,
+}
+
+/// The effective fabric settings.
+#[derive(Clone, Debug)]
+pub struct Fabric {
+    pub listen: std::net::SocketAddr,
+    pub advertise: std::net::SocketAddr,
+    pub peers: Vec<String>,
+    pub node: String,
+    pub cluster: String,
+    pub ca_file: PathBuf,
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    pub gossip_key_file: PathBuf,
+    pub capacity_bytes: Option<u64>,
+    pub k: usize,
+    pub gossip_interval: Duration,
+}
+
+impl FabricConfig {
+    fn resolve(
+        self,
+        listen: Option<std::net::SocketAddr>,
+        peers: Vec<String>,
+    ) -> Result<Option<Fabric>, ConfigError> {
+        let Some(listen) = listen.or(self.listen) else {
+            if !peers.is_empty() || !self.peers.is_empty() {
+                return Err(ConfigError::Fabric(
+                    "peers are given but no `listen` (--fabric-listen) address: the fabric is off"
+                        .into(),
+                ));
+            }
+            return Ok(None);
+        };
+        let need = |v: Option<PathBuf>, what: &str| {
+            v.ok_or_else(|| {
+                ConfigError::Fabric(format!(
+                    "`{what}` is required: every fabric channel is authenticated (mutual TLS with the cluster CA, HMAC on gossip)"
+                ))
+            })
+        };
+        let advertise = self.advertise.unwrap_or(listen);
+        if advertise.ip().is_unspecified() {
+            return Err(ConfigError::Fabric(format!(
+                "listening on {listen}: set `advertise` to the address peers reach this host at"
+            )));
+        }
+        let k = self.k.unwrap_or(crate::fabric::sketch::DEFAULT_K);
+        if !(64..=crate::fabric::sketch::MAX_K).contains(&k) {
+            return Err(ConfigError::Fabric(format!("k = {k} outside 64..=65536")));
+        }
+        let gossip_ms = self.gossip_interval_ms.unwrap_or(1000);
+        if !(100..=60_000).contains(&gossip_ms) {
+            return Err(ConfigError::Fabric(format!(
+                "gossip_interval_ms = {gossip_ms} outside 100..=60000"
+            )));
+        }
+        let node = match self.node {
+            Some(n) => n,
+            None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|h| h.trim().to_owned())
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| advertise.to_string()),
+        };
+        if node.is_empty()
+            || node.len() > crate::fabric::summary::MAX_ID
+            || node.chars().any(char::is_control)
+        {
+            return Err(ConfigError::Fabric(format!(
+                "node name {node:?}: 1 to 128 printable characters"
+            )));
+        }
+        Ok(Some(Fabric {
+            listen,
+            advertise,
+            peers: if peers.is_empty() { self.peers } else { peers },
+            node,
+            cluster: self.cluster.unwrap_or_else(|| "memfabric".into()),
+            ca_file: need(self.ca_file, "ca_file")?,
+            cert_file: need(self.cert_file, "cert_file")?,
+            key_file: need(self.key_file, "key_file")?,
+            gossip_key_file: need(self.gossip_key_file, "gossip_key_file")?,
+            capacity_bytes: self.capacity_bytes,
+            k,
+            gossip_interval: Duration::from_millis(gossip_ms),
+        }))
+    }
+}
+
 /// The TOML file. Every key is optional.
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -207,6 +328,9 @@ pub struct FileConfig {
     /// Leave merge hints in place when the daemon stops.
     #[serde(default)]
     pub keep_hints: bool,
+    /// Peers on other hosts (off by default).
+    #[serde(default)]
+    pub fabric: FabricConfig,
 }
 
 impl FileConfig {
@@ -246,6 +370,8 @@ pub struct Config {
     pub domains: Vec<Domain>,
     /// `--keep-hints`: hinted ranges stay as memfabric left them at exit.
     pub keep_hints: bool,
+    /// Peers on other hosts (None: off).
+    pub fabric: Option<Fabric>,
 }
 
 /// What flags and the environment set; `None`/empty leaves the file's value.
@@ -263,6 +389,9 @@ pub struct Overrides {
     pub act: Vec<Act>,
     pub ksmd_cpu_percent: Option<f64>,
     pub state_dir: Option<PathBuf>,
+    /// `--fabric-listen`, `--peer`.
+    pub fabric_listen: Option<std::net::SocketAddr>,
+    pub peers: Vec<String>,
 }
 
 /// ksmd's CPU budget unless configured: 10 % of a core while it has work that pays.
@@ -282,7 +411,10 @@ impl Config {
             act,
             ksmd_cpu_percent,
             state_dir,
+            fabric_listen,
+            peers,
         } = o;
+        let fabric = file.fabric.clone().resolve(fabric_listen, peers)?;
         let scan = scan_cpu_percent.or(file.scan_cpu_percent).unwrap_or(5.0);
         if !(0.0..=100.0).contains(&scan) {
             return Err(ConfigError::ScanCpu(scan));
@@ -366,6 +498,7 @@ impl Config {
             web: file.web,
             domains,
             keep_hints: keep_hints || file.keep_hints,
+            fabric,
         })
     }
 }
@@ -467,6 +600,35 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("match"), "{e}");
+        let e = bad(Overrides {
+            peers: vec!["10.0.0.2:7947".into()],
+            ..Overrides::default()
+        });
+        assert!(e.contains("no `listen`"), "{e}");
+        let e = bad(Overrides {
+            fabric_listen: Some("10.0.0.1:7947".parse().unwrap()),
+            ..Overrides::default()
+        });
+        assert!(e.contains("`ca_file` is required"), "{e}");
+        let f = FileConfig::parse(
+            "[fabric]\nlisten = \"0.0.0.0:7947\"\nca_file = \"a\"\ncert_file = \"b\"\nkey_file = \"c\"\ngossip_key_file = \"d\"\n",
+        )
+        .unwrap();
+        let e = Config::merge(f.clone(), Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("advertise"), "{e}");
+        let mut ok = f;
+        ok.fabric.advertise = Some("10.0.0.1:7947".parse().unwrap());
+        let c = Config::merge(ok, Overrides::default()).unwrap();
+        let fab = c.fabric.expect("on");
+        assert_eq!((fab.k, fab.cluster.as_str()), (4096, "memfabric"));
+        assert!(
+            Config::merge(FileConfig::default(), Overrides::default())
+                .unwrap()
+                .fabric
+                .is_none()
+        );
         let e = FileConfig::parse("act = [\"everything\"]\n").unwrap_err();
         assert!(e.contains("everything"), "{e}");
     }

@@ -51,6 +51,8 @@ pub enum DaemonError {
     Refresh(String),
     #[error("config [web]: {0}")]
     Web(String),
+    #[error("{0}")]
+    Fabric(String),
 }
 
 /// Refreshes between two descriptions of a known VM (about 30 s at the default 2 s).
@@ -86,6 +88,11 @@ pub struct Daemon {
     merged_pages_seeded: u64,
     /// /proc reads that failed for another reason than a process's exit.
     proc_errors: u64,
+    /// Peers on other hosts (`[fabric]`), told of the local VMs after each scan pass.
+    fabric: Option<Arc<crate::fabric::node::Fabric>>,
+    /// The scan pass last published to the fabric.
+    fabric_passes: Option<u32>,
+    domains: Vec<crate::config::Domain>,
 }
 
 impl Daemon {
@@ -128,7 +135,8 @@ impl Daemon {
             refreshes: 0,
             previous: HashMap::new(),
             exited: BTreeMap::new(),
-            scan: (cfg.scan_cpu > 0.0).then(|| crate::scan_worker::ScanWorker::start(cfg.scan_cpu)),
+            scan: (cfg.scan_cpu > 0.0)
+                .then(|| crate::scan_worker::ScanWorker::start(cfg.scan_cpu, cfg.fabric.is_some())),
             ranking: Ranking::default(),
             state: Arc::new(RwLock::new(HostState::default())),
             hinting: crate::hinting::Hinting::new(hints, cfg.domains.clone()),
@@ -147,7 +155,42 @@ impl Daemon {
             track_failures: 0,
             merged_pages_seeded: 0,
             proc_errors: 0,
+            fabric: None,
+            fabric_passes: None,
+            domains: cfg.domains.clone(),
         })
+    }
+
+    /// Tells the fabric the local VMs of a new scan pass: keyed by UUID, else name; VMs of
+    /// a domain that must not share are left out (their page hashes leave no host).
+    fn publish_to_fabric(&mut self, report: &crate::scan::Report) {
+        let (Some(fabric), Some(sketches)) = (&self.fabric, &report.sketches) else {
+            return;
+        };
+        if self.fabric_passes == Some(report.passes) {
+            return;
+        }
+        self.fabric_passes = Some(report.passes);
+        let vms = self
+            .vms
+            .iter()
+            .filter(|(_, vm)| {
+                !self
+                    .domains
+                    .iter()
+                    .any(|d| !d.share && d.contains(&vm.name, vm.uuid.as_deref()))
+            })
+            .filter_map(|(pid, vm)| {
+                let sketch = sketches.per_pid.get(pid)?.clone();
+                let bytes = report.per_pid.get(pid)?.pages_present * crate::scan::PAGE as u64;
+                Some(crate::fabric::node::LocalVmState {
+                    id: vm.uuid.clone().unwrap_or_else(|| vm.name.clone()),
+                    bytes,
+                    sketch,
+                })
+            })
+            .collect();
+        fabric.publish(vms);
     }
 
     /// Tells the probes which pages of a newly tracked process KSM merged before memfabric
@@ -303,6 +346,7 @@ impl Daemon {
         if let Some(r) = &report {
             let probes = &self.probes;
             self.ranking.update(r, || probes.heat_by_range(RANGE_BYTES));
+            self.publish_to_fabric(r);
         }
         let scan_counts = |pid: u32| report.as_ref().and_then(|r| r.per_pid.get(&pid).copied());
 
@@ -578,16 +622,27 @@ pub async fn serve(
         None
     };
     let listener = bind(&cfg).await?;
+    let (fabric_stop_tx, fabric_stop_rx) = tokio::sync::watch::channel(false);
+    let fabric = match &cfg.fabric {
+        Some(f) => Some(
+            crate::fabric::node::Fabric::start(f, fabric_stop_rx)
+                .await
+                .map_err(|e| DaemonError::Fabric(e.to_string()))?,
+        ),
+        None => None,
+    };
     let control = take_state(&cfg)?;
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     let (stop_tx, stop_rx) = mpsc::channel::<()>();
     let refresh = cfg.refresh;
     let thread_cfg = cfg.clone();
+    let thread_fabric = fabric.clone();
     std::thread::Builder::new()
         .name("memfabric-refresh".into())
         .spawn(move || {
             let mut daemon = match Daemon::new(&thread_cfg, control).and_then(|mut d| {
+                d.fabric = thread_fabric;
                 d.refresh()?;
                 Ok(d)
             }) {
@@ -630,6 +685,7 @@ pub async fn serve(
             stale_after: cfg.refresh * 3 + std::time::Duration::from_secs(5),
             expose_addresses: cfg.expose_addresses,
             http: http_stats.clone(),
+            fabric: fabric.clone(),
         },
     );
     let app = match auth {
@@ -684,6 +740,7 @@ pub async fn serve(
     };
     let result = result.unwrap_or_else(|_| Err(DaemonError::Refresh("panicked".into())));
     let _ = http_stop_tx.send(());
+    let _ = fabric_stop_tx.send(true);
     if let Err(e) = server.await {
         tracing::warn!("HTTP server task: {e}");
     }

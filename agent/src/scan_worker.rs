@@ -61,8 +61,10 @@ fn scan_loop(
     status: &Mutex<ScanStatus>,
     stop: &Arc<AtomicBool>,
     budget: f64,
+    sketches: bool,
 ) {
     let mut scanner = Scanner::new(2);
+    scanner.set_sketches(sketches);
     scanner.set_budget(budget);
     scanner.set_cancel(stop.clone());
     while !stop.load(Ordering::Relaxed) {
@@ -107,9 +109,10 @@ fn scan_loop(
 }
 
 impl ScanWorker {
-    /// Starts the thread; `budget` is the fraction of one core it may use. A panic in it
-    /// is caught and published (`ScanStatus::failed`), never silent.
-    pub fn start(budget: f64) -> ScanWorker {
+    /// Starts the thread; `budget` is the fraction of one core it may use; `sketches`: the
+    /// reports carry content sketches (for the fabric). A panic in it is caught and
+    /// published (`ScanStatus::failed`), never silent.
+    pub fn start(budget: f64, sketches: bool) -> ScanWorker {
         let budget = budget.clamp(0.001, 1.0);
         let pids: Arc<Mutex<Vec<u32>>> = Arc::default();
         let status: Arc<Mutex<ScanStatus>> = Arc::default();
@@ -118,7 +121,8 @@ impl ScanWorker {
         let thread = std::thread::Builder::new()
             .name("memfabric-scan".into())
             .spawn(move || {
-                let body = std::panic::AssertUnwindSafe(|| scan_loop(&p, &st, &sp, budget));
+                let body =
+                    std::panic::AssertUnwindSafe(|| scan_loop(&p, &st, &sp, budget, sketches));
                 if let Err(panic) = std::panic::catch_unwind(body) {
                     let msg = panic_text(panic.as_ref());
                     tracing::error!("the scan thread died: {msg}");

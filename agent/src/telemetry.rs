@@ -603,12 +603,112 @@ impl Collector for HttpCollector {
     }
 }
 
-/// The registry serving `state` (and the HTTP server's counters, when given).
-pub fn registry(state: Shared, http: Option<Arc<crate::http::Stats>>) -> Registry {
+/// The fabric's peers, candidates, exchange and refusals.
+#[derive(Debug)]
+struct FabricCollector(Arc<crate::fabric::node::Fabric>);
+
+impl std::fmt::Debug for crate::fabric::node::Fabric {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fabric").field("node", &self.node).finish()
+    }
+}
+
+impl Collector for FabricCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> fmt::Result {
+        use std::sync::atomic::Ordering::Relaxed;
+        let f = &self.0;
+        let e = &mut enc;
+        let peers: Vec<(Labels, i64)> = f
+            .peer_counts()
+            .iter()
+            .map(|(s, n)| (vec![("state", s.label().to_owned())], *n as i64))
+            .collect();
+        family(
+            e,
+            "memfabric_fabric_peers",
+            "Peer hosts by state (joining: no summary yet; stale: not gossiping or unreachable)",
+            MetricType::Gauge,
+            &peers,
+            enc_gauge,
+        )?;
+        let shared: Vec<(Labels, i64)> = f
+            .candidates()
+            .pairs
+            .iter()
+            .map(|c| {
+                (
+                    vec![("vm", c.vm.clone()), ("host", c.host.clone())],
+                    c.shared_bytes as i64,
+                )
+            })
+            .collect();
+        family(
+            e,
+            "memfabric_fabric_candidate_shared_bytes",
+            "Estimated bytes of a local VM's stable memory a peer host already holds (what a migration there need not send)",
+            MetricType::Gauge,
+            &shared,
+            enc_gauge,
+        )?;
+        let s = &f.stats;
+        let bytes = [
+            (
+                vec![("direction", "in".to_owned())],
+                s.bytes_in.load(Relaxed),
+            ),
+            (
+                vec![("direction", "out".to_owned())],
+                s.bytes_out.load(Relaxed),
+            ),
+        ];
+        family(
+            e,
+            "memfabric_fabric_exchange_bytes",
+            "Bytes exchanged with peers (gossip datagrams and summaries)",
+            MetricType::Counter,
+            &bytes,
+            enc_counter,
+        )?;
+        let server_tls = f.server_stats.tls_failures.load(Relaxed);
+        let rejected: Vec<(Labels, u64)> = crate::fabric::stats::Reject::ALL
+            .iter()
+            .map(|r| {
+                let extra = if *r == crate::fabric::stats::Reject::Tls {
+                    server_tls
+                } else {
+                    0
+                };
+                (
+                    vec![("reason", r.label().to_owned())],
+                    s.rejected(*r) + extra,
+                )
+            })
+            .collect();
+        family(
+            e,
+            "memfabric_fabric_rejected",
+            "Peer messages refused, by reason (unauthenticated, tampered, replayed, malformed, oversized, failed TLS, timed out)",
+            MetricType::Counter,
+            &rejected,
+            enc_counter,
+        )
+    }
+}
+
+/// The registry serving `state` (and the HTTP server's counters and the fabric's, when
+/// given).
+pub fn registry(
+    state: Shared,
+    http: Option<Arc<crate::http::Stats>>,
+    fabric: Option<Arc<crate::fabric::node::Fabric>>,
+) -> Registry {
     let mut r = Registry::default();
     r.register_collector(Box::new(HostCollector(state)));
     if let Some(h) = http {
         r.register_collector(Box::new(HttpCollector(h)));
+    }
+    if let Some(f) = fabric {
+        r.register_collector(Box::new(FabricCollector(f)));
     }
     r
 }
@@ -624,6 +724,8 @@ pub struct Options {
     pub expose_addresses: bool,
     /// The HTTP server's counters.
     pub http: Arc<crate::http::Stats>,
+    /// Peers on other hosts, when `[fabric]` is on.
+    pub fabric: Option<Arc<crate::fabric::node::Fabric>>,
 }
 
 /// JSON documents served at once (/v1/status, /v1/ranges): each is built in memory, so
@@ -992,15 +1094,64 @@ fn ranges_document(
     }))
 }
 
+/// The fabric's document `f` builds, or 404 when the fabric is off.
+fn fabric_json(
+    app: &App,
+    f: impl FnOnce(&crate::fabric::node::Fabric) -> serde_json::Value,
+) -> axum::response::Response {
+    match &app.opts.fabric {
+        Some(fab) => Json(f(fab)).into_response(),
+        None => error(
+            StatusCode::NOT_FOUND,
+            "the fabric is off: configure [fabric] (listen, peers, certificates, gossip key)"
+                .into(),
+        ),
+    }
+}
+
+async fn candidates(State(app): State<App>) -> axum::response::Response {
+    fabric_json(
+        &app,
+        |f| serde_json::json!({"node": f.node, "candidates": *f.candidates()}),
+    )
+}
+
+async fn peers(State(app): State<App>) -> axum::response::Response {
+    fabric_json(
+        &app,
+        |f| serde_json::json!({"node": f.node, "peers": f.peers()}),
+    )
+}
+
+async fn plan(State(app): State<App>) -> axum::response::Response {
+    let Some(permit) = app.reader() else {
+        return busy();
+    };
+    let Some(fab) = app.opts.fabric.clone() else {
+        return fabric_json(&app, |_| serde_json::Value::Null);
+    };
+    match tokio::task::spawn_blocking(move || fab.plan()).await {
+        Ok(p) => held_json(serde_json::json!(p), permit),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
 /// The HTTP routes.
 pub fn router(state: Shared, opts: Options) -> Router {
-    let registry = Arc::new(registry(state.clone(), Some(opts.http.clone())));
+    let registry = Arc::new(registry(
+        state.clone(),
+        Some(opts.http.clone()),
+        opts.fabric.clone(),
+    ));
     Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/v1/status", get(status))
         .route("/v1/ranges", get(ranges))
         .route("/v1/recommendations", get(recommendations))
+        .route("/v1/candidates", get(candidates))
+        .route("/v1/peers", get(peers))
+        .route("/v1/plan", get(plan))
         .with_state(App {
             state,
             registry,
@@ -1049,7 +1200,7 @@ mod tests {
     fn an_unreadable_ksm_value_is_absent_not_zero() {
         let mut s = HostState::default();
         s.ksm.unreadable = vec!["pages_sharing".into(), "cow_ksm".into()];
-        let reg = registry(Arc::new(RwLock::new(s)), None);
+        let reg = registry(Arc::new(RwLock::new(s)), None, None);
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &reg).unwrap();
         assert!(text.contains("memfabric_ksm_pages_shared 0"), "{text}");

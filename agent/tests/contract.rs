@@ -42,6 +42,7 @@ fn exposition() -> String {
     let registry = telemetry::registry(
         Arc::new(RwLock::new(state)),
         Some(Arc::new(memfabric::http::Stats::default())),
+        None,
     );
     let mut text = String::new();
     prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();

@@ -44,6 +44,7 @@ impl TestDaemon {
             web: Default::default(),
             domains: Vec::new(),
             keep_hints: false,
+            fabric: None,
         };
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::spawn(move || {

@@ -1,6 +1,7 @@
 //! Command line: one file per subcommand.
 
 mod check;
+mod fabric;
 mod hint;
 mod launch;
 mod run;
@@ -60,6 +61,13 @@ enum Commands {
     /// Mark a running process's memory mergeable or unmergeable (madvise injected
     /// through ptrace; the process is stopped for well under a millisecond).
     Hint(hint::HintArgs),
+    /// The fabric's peer hosts and their state (from the daemon).
+    Peers(fabric::FabricArgs),
+    /// For each local VM, how much of it each peer host already holds (from the daemon).
+    Candidates(fabric::FabricArgs),
+    /// A sharing-aware consolidation plan of this host and its peers, beside first-fit
+    /// decreasing (from the daemon).
+    Plan(fabric::FabricArgs),
 }
 
 impl Cli {
@@ -73,6 +81,9 @@ impl Cli {
             Commands::Scan(args) => scan::run(args),
             Commands::Launch(args) => launch::run(args),
             Commands::Hint(args) => hint::run(args),
+            Commands::Peers(args) => fabric::peers(args),
+            Commands::Candidates(args) => fabric::candidates(args),
+            Commands::Plan(args) => fabric::plan(args),
         }
     }
 }

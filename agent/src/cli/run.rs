@@ -50,6 +50,13 @@ pub struct RunArgs {
     /// [default: /var/lib/memfabric].
     #[arg(long, env = "MEMFABRIC_STATE_DIR")]
     state_dir: Option<PathBuf>,
+    /// Turn the fabric on: its HTTPS (TCP) and gossip (UDP) address. The certificates and
+    /// the gossip key come from the config's [fabric] table.
+    #[arg(long, env = "MEMFABRIC_FABRIC_LISTEN")]
+    fabric_listen: Option<std::net::SocketAddr>,
+    /// A fabric peer to gossip with, HOST:PORT (repeatable).
+    #[arg(long = "peer", env = "MEMFABRIC_PEERS", value_delimiter = ',')]
+    peers: Vec<String>,
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
@@ -70,6 +77,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             act: args.act,
             ksmd_cpu_percent: args.ksmd_cpu,
             state_dir: args.state_dir,
+            fabric_listen: args.fabric_listen,
+            peers: args.peers,
         },
     )?;
     let rt = tokio::runtime::Builder::new_current_thread()

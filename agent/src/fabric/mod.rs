@@ -4,7 +4,9 @@
 
 pub mod candidates;
 pub mod gossip_auth;
+pub mod node;
 pub mod plan;
 pub mod sketch;
 pub mod stats;
 pub mod summary;
+pub mod tls;

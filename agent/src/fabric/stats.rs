@@ -20,10 +20,12 @@ pub enum Reject {
     BadSummary,
     /// A TLS handshake failed (no certificate, one from another CA, wrong name).
     Tls,
+    /// A summary fetch that did not finish in time (a peer holding the connection).
+    Timeout,
 }
 
 impl Reject {
-    pub const ALL: [Reject; 7] = [
+    pub const ALL: [Reject; 8] = [
         Reject::Malformed,
         Reject::BadMac,
         Reject::Stale,
@@ -31,6 +33,7 @@ impl Reject {
         Reject::Oversize,
         Reject::BadSummary,
         Reject::Tls,
+        Reject::Timeout,
     ];
 
     pub fn label(self) -> &'static str {
@@ -42,6 +45,7 @@ impl Reject {
             Reject::Oversize => "oversize",
             Reject::BadSummary => "bad_summary",
             Reject::Tls => "tls",
+            Reject::Timeout => "timeout",
         }
     }
 }
@@ -58,7 +62,7 @@ pub struct FabricStats {
     pub bytes_out: AtomicU64,
     pub gossip_bytes_in: AtomicU64,
     pub gossip_bytes_out: AtomicU64,
-    rejected: [AtomicU64; 7],
+    rejected: [AtomicU64; 8],
 }
 
 impl FabricStats {

@@ -57,6 +57,9 @@ enum Fill {
     Same,
     Unique,
     Zero,
+    /// Page p holds content number `from + p`, the same in every process: workloads with
+    /// overlapping id ranges share exactly the overlap (the fabric tests).
+    Ids(u64),
 }
 
 /// Unique pages written so far: every unique page of every region differs from every
@@ -74,6 +77,12 @@ fn alloc(pages: usize, fill: Fill) -> Result<Region, String> {
             page.fill(0);
         } else if fill == Fill::Same {
             page.fill(0x5a);
+        } else if let Fill::Ids(from) = fill {
+            let id = from + p as u64;
+            for (i, chunk) in page.chunks_exact_mut(8).enumerate() {
+                let v = 0xfab << 52 | (id & ((1 << 43) - 1)) << 9 | i as u64;
+                chunk.copy_from_slice(&v.to_le_bytes());
+            }
         } else {
             let serial = UNIQUE_SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             for (i, chunk) in page.chunks_exact_mut(8).enumerate() {
@@ -186,7 +195,8 @@ fn main() {
                     Some("same") => Fill::Same,
                     Some("unique") => Fill::Unique,
                     Some("zero") => Fill::Zero,
-                    _ => return Err("fill must be same|unique|zero".into()),
+                    Some("ids") => Fill::Ids(num(3)? as u64),
+                    _ => return Err("fill must be same|unique|zero|ids FROM".into()),
                 };
                 let r = alloc(pages, fill)?;
                 regions.push(r);

@@ -1,0 +1,143 @@
+//! `memfabric peers`, `memfabric candidates`, `memfabric plan`: the fabric as the running
+//! daemon sees it (its /v1/peers, /v1/candidates and /v1/plan).
+
+use std::process::ExitCode;
+
+use clap::Args;
+use memfabric::config::DEFAULT_LISTEN;
+use serde_json::Value;
+
+#[derive(Args)]
+pub struct FabricArgs {
+    /// Print the daemon's JSON document.
+    #[arg(long)]
+    json: bool,
+    /// Daemon to ask.
+    #[arg(long, env = "MEMFABRIC_ENDPOINT", default_value_t = format!("http://{DEFAULT_LISTEN}"))]
+    endpoint: String,
+}
+
+/// One document from the daemon, or a clear error (exit 1: no daemon; 2: fabric off).
+fn fetch(args: &FabricArgs, path: &str) -> Result<Value, (ExitCode, String)> {
+    let url = format!("{}{path}", args.endpoint.trim_end_matches('/'));
+    let agent = ureq::Agent::config_builder()
+        .timeout_global(Some(std::time::Duration::from_secs(30)))
+        .http_status_as_error(false)
+        .build()
+        .new_agent();
+    let mut resp = agent.get(&url).call().map_err(|e| {
+        (
+            ExitCode::from(1),
+            format!("no memfabric daemon at {}: {e}", args.endpoint),
+        )
+    })?;
+    let status = resp.status();
+    let body = resp
+        .body_mut()
+        .with_config()
+        .limit(64 << 20)
+        .read_to_string()
+        .map_err(|e| (ExitCode::from(1), format!("reading {url}: {e}")))?;
+    if status == 404 {
+        let msg = serde_json::from_str::<Value>(&body)
+            .ok()
+            .and_then(|v| v.get("error").and_then(Value::as_str).map(str::to_owned))
+            .unwrap_or(body);
+        return Err((ExitCode::from(2), msg));
+    }
+    if !status.is_success() {
+        return Err((ExitCode::from(1), format!("{url}: HTTP {status}: {body}")));
+    }
+    serde_json::from_str(&body).map_err(|e| (ExitCode::from(1), format!("{url}: {e}")))
+}
+
+fn mib(v: &Value) -> String {
+    v.as_u64().map_or("-".into(), |b| {
+        format!("{:.0} MiB", b as f64 / (1 << 20) as f64)
+    })
+}
+
+fn show(args: FabricArgs, path: &str, print: fn(&Value)) -> anyhow::Result<ExitCode> {
+    match fetch(&args, path) {
+        Ok(v) if args.json => {
+            println!("{}", serde_json::to_string_pretty(&v)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Ok(v) => {
+            print(&v);
+            Ok(ExitCode::SUCCESS)
+        }
+        Err((code, msg)) => {
+            eprintln!("memfabric: {msg}");
+            Ok(code)
+        }
+    }
+}
+
+pub fn peers(args: FabricArgs) -> anyhow::Result<ExitCode> {
+    show(args, "/v1/peers", |v| {
+        println!(
+            "{:<24} {:<22} {:<8} {:>12} {:>12} {:>4}",
+            "NODE", "ADDRESS", "STATE", "CAPACITY", "USED", "VMS"
+        );
+        for p in v["peers"].as_array().into_iter().flatten() {
+            println!(
+                "{:<24} {:<22} {:<8} {:>12} {:>12} {:>4}{}",
+                p["node"].as_str().unwrap_or("?"),
+                p["addr"].as_str().unwrap_or("?"),
+                p["state"].as_str().unwrap_or("?"),
+                mib(&p["capacity_bytes"]),
+                mib(&p["used_bytes"]),
+                p["vms"].as_u64().map_or("-".into(), |n| n.to_string()),
+                p["last_error"]
+                    .as_str()
+                    .map(|e| format!("  ({e})"))
+                    .unwrap_or_default()
+            );
+        }
+    })
+}
+
+pub fn candidates(args: FabricArgs) -> anyhow::Result<ExitCode> {
+    show(args, "/v1/candidates", |v| {
+        println!(
+            "{:<38} {:<24} {:>12} {:>8} {:>10}",
+            "VM", "HOST", "SHARED", "OF VM", "± (95 %)"
+        );
+        for c in v["candidates"]["pairs"].as_array().into_iter().flatten() {
+            println!(
+                "{:<38} {:<24} {:>12} {:>7.1}% {:>10}",
+                c["vm"].as_str().unwrap_or("?"),
+                c["host"].as_str().unwrap_or("?"),
+                mib(&c["shared_bytes"]),
+                c["fraction"].as_f64().unwrap_or(0.0) * 100.0,
+                c["bound_pages"]
+                    .as_u64()
+                    .map_or("-".into(), |p| format!("{} pages", p))
+            );
+        }
+    })
+}
+
+pub fn plan(args: FabricArgs) -> anyhow::Result<ExitCode> {
+    show(args, "/v1/plan", |v| {
+        println!(
+            "{} hosts, {} VMs: sharing-aware packing uses {} (frees {}); first-fit decreasing uses {} (frees {}); sharing saves {}",
+            v["hosts"],
+            v["vms"],
+            v["hosts_used"],
+            v["hosts_freed"],
+            v["baseline_hosts_used"],
+            v["baseline_hosts_freed"],
+            mib(&v["shared_bytes"])
+        );
+        for m in v["moves"].as_array().into_iter().flatten() {
+            println!(
+                "  move {} from {} to {}",
+                m["vm"].as_str().unwrap_or("?"),
+                m["from"].as_str().unwrap_or("?"),
+                m["to"].as_str().unwrap_or("?")
+            );
+        }
+    })
+}

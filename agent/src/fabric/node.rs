@@ -1,0 +1,683 @@
+//! The fabric at run time: membership and liveness through chitchat (Scuttlebutt gossip,
+//! chosen over SWIM/foca because its replicated key-value state carries each host's
+//! summary version and capacity for free, and its phi-accrual detector needs no tuning per
+//! fleet size), summaries fetched on demand over mutual-TLS HTTPS on the same port, and
+//! the candidates recomputed when a summary changes.
+//!
+//! Peer states: `live` (gossiping, its summary fetched), `joining` (gossiping, no summary
+//! yet), `stale` (the detector says dead, or its summary cannot be fetched: its last
+//! summary is kept but not used for candidates), dropped after [`DROP_AFTER`] stale.
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use chitchat::{ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig, spawn_chitchat};
+use serde::Serialize;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+use super::{
+    candidates::{self, Candidates, LocalVm, PeerHost},
+    gossip_auth::{AuthTransport, GossipKey},
+    plan::{self, Plan, PlanHost, PlanVm},
+    sketch::Sketch,
+    stats::{FabricStats, Reject},
+    summary::{MAX_SUMMARY, Summary, VM_K, VmSummary, clean_id},
+    tls::{self, TlsConfigs},
+};
+use crate::config::Fabric as FabricConfig;
+
+/// A stale peer is forgotten after this long.
+pub const DROP_AFTER: Duration = Duration::from_secs(60);
+/// Failed fetches before a gossiping peer counts as stale.
+const STALE_AFTER_FAILURES: u32 = 3;
+/// The longest a summary fetch may take (connect, handshake, transfer).
+const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+/// A published summary is replaced only when it changed this much (Jaccard of the host
+/// sketches below this, a VM set change, capacity or use 5 % off) or after
+/// [`REPUBLISH_AFTER`]: every new version makes every peer fetch it.
+const REPUBLISH_SIMILARITY: f64 = 0.98;
+const REPUBLISH_AFTER: Duration = Duration::from_secs(600);
+
+const KEY_VERSION: &str = "summary_version";
+const KEY_CAPACITY: &str = "capacity_bytes";
+const KEY_USED: &str = "used_bytes";
+
+/// A local VM for the fabric.
+pub struct LocalVmState {
+    pub id: String,
+    pub bytes: u64,
+    /// Its full local sketch.
+    pub sketch: Sketch,
+}
+
+/// What this host publishes, and keeps for its own candidates.
+struct Local {
+    vms: Vec<LocalVmState>,
+    summary: Summary,
+    encoded: Arc<Vec<u8>>,
+    published: Instant,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PeerState {
+    Joining,
+    Live,
+    Stale,
+}
+
+impl PeerState {
+    pub const ALL: [PeerState; 3] = [PeerState::Joining, PeerState::Live, PeerState::Stale];
+    pub fn label(self) -> &'static str {
+        match self {
+            PeerState::Joining => "joining",
+            PeerState::Live => "live",
+            PeerState::Stale => "stale",
+        }
+    }
+}
+
+struct Peer {
+    addr: SocketAddr,
+    /// The version gossip announces, and the one fetched.
+    announced: String,
+    fetched: Option<String>,
+    summary: Option<Arc<Summary>>,
+    gossiping: bool,
+    failures: u32,
+    next_try: Instant,
+    stale_since: Option<Instant>,
+    last_error: Option<String>,
+}
+
+impl Peer {
+    fn state(&self) -> PeerState {
+        if !self.gossiping || self.failures >= STALE_AFTER_FAILURES {
+            PeerState::Stale
+        } else if self.summary.is_some() {
+            PeerState::Live
+        } else {
+            PeerState::Joining
+        }
+    }
+}
+
+/// A peer as `memfabric peers` shows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct PeerView {
+    pub node: String,
+    pub addr: String,
+    pub state: PeerState,
+    pub summary_version: Option<String>,
+    pub capacity_bytes: Option<u64>,
+    pub used_bytes: Option<u64>,
+    pub vms: Option<usize>,
+    pub failures: u32,
+    pub last_error: Option<String>,
+}
+
+#[derive(Default)]
+struct Inner {
+    local: Option<Local>,
+    peers: BTreeMap<String, Peer>,
+    candidates: Arc<Candidates>,
+    /// Bumped on every change that can move candidates.
+    generation: u64,
+    computed: u64,
+}
+
+/// The running fabric.
+pub struct Fabric {
+    pub node: String,
+    pub stats: Arc<FabricStats>,
+    /// The HTTPS server's counters (its failed handshakes are refusals too).
+    pub server_stats: Arc<crate::http::Stats>,
+    capacity_bytes: u64,
+    k: usize,
+    inner: Mutex<Inner>,
+    chitchat: ChitchatHandle,
+    client: tokio_rustls::TlsConnector,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FabricError {
+    #[error("[fabric] gossip key {path}: {message}")]
+    Key { path: String, message: String },
+    #[error("[fabric] TLS: {0}")]
+    Tls(String),
+    #[error("[fabric] listening on {addr}: {message}")]
+    Listen { addr: SocketAddr, message: String },
+    #[error("[fabric] gossip: {0}")]
+    Gossip(String),
+}
+
+/// Reads the gossip key: a regular file nobody else can read.
+fn read_key(path: &std::path::Path) -> Result<GossipKey, FabricError> {
+    use std::os::unix::fs::MetadataExt as _;
+    let bad = |message: String| FabricError::Key {
+        path: path.display().to_string(),
+        message,
+    };
+    let meta = std::fs::metadata(path).map_err(|e| bad(e.to_string()))?;
+    if !meta.is_file() || meta.len() > 4096 {
+        return Err(bad("not a regular file of at most 4 KiB".into()));
+    }
+    if meta.mode() & 0o077 != 0 {
+        return Err(bad(format!(
+            "mode {:04o}: others can read the cluster's secret (chmod 600 it)",
+            meta.mode() & 0o7777
+        )));
+    }
+    let bytes = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
+    GossipKey::new(&bytes).map_err(bad)
+}
+
+fn mem_total() -> u64 {
+    use procfs::Current as _;
+    procfs::Meminfo::current().map_or(0, |m| m.mem_total)
+}
+
+impl Fabric {
+    /// Starts gossip, the HTTPS listener and the fetch loop (on the current runtime).
+    /// Every file is checked here: a misconfigured fabric stops the daemon at start.
+    pub async fn start(
+        cfg: &FabricConfig,
+        shutdown: tokio::sync::watch::Receiver<bool>,
+    ) -> Result<Arc<Fabric>, FabricError> {
+        let key = read_key(&cfg.gossip_key_file)?;
+        let TlsConfigs { server, client } =
+            tls::load(&cfg.ca_file, &cfg.cert_file, &cfg.key_file).map_err(FabricError::Tls)?;
+        let listener = tokio::net::TcpListener::bind(cfg.listen)
+            .await
+            .map_err(|e| FabricError::Listen {
+                addr: cfg.listen,
+                message: e.to_string(),
+            })?;
+        let stats = Arc::new(FabricStats::default());
+        let generation = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let chitchat_cfg = ChitchatConfig {
+            chitchat_id: ChitchatId::new(cfg.node.clone(), generation, cfg.advertise),
+            cluster_id: cfg.cluster.clone(),
+            gossip_interval: cfg.gossip_interval,
+            listen_addr: cfg.listen,
+            seed_nodes: cfg.peers.clone(),
+            failure_detector_config: FailureDetectorConfig {
+                initial_interval: cfg.gossip_interval,
+                dead_node_grace_period: DROP_AFTER * 2,
+                ..FailureDetectorConfig::default()
+            },
+            marked_for_deletion_grace_period: Duration::from_secs(3600),
+            catchup_callback: None,
+            extra_liveness_predicate: None,
+        };
+        let capacity = cfg.capacity_bytes.unwrap_or_else(mem_total);
+        let chitchat = spawn_chitchat(
+            chitchat_cfg,
+            vec![(KEY_CAPACITY.into(), capacity.to_string())],
+            &AuthTransport {
+                key,
+                stats: stats.clone(),
+            },
+        )
+        .await
+        .map_err(|e| FabricError::Gossip(format!("{e:#}")))?;
+        let fabric = Arc::new(Fabric {
+            node: cfg.node.clone(),
+            stats,
+            server_stats: Arc::default(),
+            capacity_bytes: capacity,
+            k: cfg.k,
+            inner: Mutex::default(),
+            chitchat,
+            client,
+        });
+        tracing::info!(
+            "fabric: node {} on {} (gossip udp, summaries https), advertised as {}, seeds {:?}",
+            cfg.node,
+            cfg.listen,
+            cfg.advertise,
+            cfg.peers
+        );
+        let app = axum::Router::new()
+            .route("/v1/fabric/summary", axum::routing::get(serve_summary))
+            .with_state(fabric.clone());
+        let mut stop_http = shutdown.clone();
+        tokio::spawn(crate::http::serve(
+            listener,
+            app,
+            crate::http::Limits {
+                max_connections: 64,
+                ..crate::http::Limits::default()
+            },
+            Some(server),
+            fabric.server_stats.clone(),
+            async move {
+                let _ = stop_http.wait_for(|s| *s).await;
+            },
+        ));
+        tokio::spawn(fetch_loop(fabric.clone(), cfg.gossip_interval, shutdown));
+        Ok(fabric)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The local VMs after a scan pass (VMs that may not share are left out by the
+    /// caller). Republishes the summary when it changed enough.
+    pub fn publish(&self, vms: Vec<LocalVmState>) {
+        let used: u64 = vms.iter().map(|v| v.bytes).sum();
+        let mut host = Sketch::new(self.k);
+        for v in &vms {
+            host = host.union(&v.sketch).truncated(self.k);
+        }
+        let summary = Summary {
+            host: self.node.clone(),
+            capacity_bytes: self.capacity_bytes,
+            used_bytes: used,
+            sketch: host,
+            vms: vms
+                .iter()
+                .map(|v| VmSummary {
+                    id: clean_id(&v.id),
+                    bytes: v.bytes,
+                    sketch: v.sketch.truncated(VM_K),
+                })
+                .collect(),
+        };
+        let mut inner = self.lock();
+        let changed = match &inner.local {
+            None => true,
+            Some(old) => {
+                let ids = |s: &Summary| s.vms.iter().map(|v| v.id.clone()).collect::<Vec<_>>();
+                let off = |a: u64, b: u64| a.abs_diff(b) as f64 > 0.05 * a.max(b) as f64;
+                ids(&old.summary) != ids(&summary)
+                    || old.summary.sketch.jaccard(&summary.sketch) < REPUBLISH_SIMILARITY
+                    || off(old.summary.used_bytes, summary.used_bytes)
+                    || old.published.elapsed() >= REPUBLISH_AFTER
+            }
+        };
+        inner.generation += 1;
+        if !changed {
+            // Local candidates still use the newest sketches.
+            if let Some(l) = &mut inner.local {
+                l.vms = vms;
+            }
+            return;
+        }
+        let encoded = summary.encode();
+        let version = format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&encoded));
+        inner.local = Some(Local {
+            vms,
+            summary,
+            encoded: Arc::new(encoded),
+            published: Instant::now(),
+        });
+        drop(inner);
+        let chitchat = self.chitchat.chitchat();
+        let mut c = chitchat.blocking_lock();
+        let me = c.self_node_state();
+        me.set(KEY_VERSION, version);
+        me.set(KEY_USED, used.to_string());
+    }
+
+    /// The peers as they stand.
+    pub fn peers(&self) -> Vec<PeerView> {
+        self.lock()
+            .peers
+            .iter()
+            .map(|(node, p)| PeerView {
+                node: node.clone(),
+                addr: p.addr.to_string(),
+                state: p.state(),
+                summary_version: p.fetched.clone(),
+                capacity_bytes: p.summary.as_ref().map(|s| s.capacity_bytes),
+                used_bytes: p.summary.as_ref().map(|s| s.used_bytes),
+                vms: p.summary.as_ref().map(|s| s.vms.len()),
+                failures: p.failures,
+                last_error: p.last_error.clone(),
+            })
+            .collect()
+    }
+
+    /// Peers per state.
+    pub fn peer_counts(&self) -> [(PeerState, usize); 3] {
+        let inner = self.lock();
+        PeerState::ALL.map(|s| (s, inner.peers.values().filter(|p| p.state() == s).count()))
+    }
+
+    pub fn candidates(&self) -> Arc<Candidates> {
+        self.lock().candidates.clone()
+    }
+
+    /// The consolidation plan over this host and every live peer.
+    pub fn plan(&self) -> Plan {
+        let inner = self.lock();
+        let mut hosts = Vec::new();
+        let mut vms = Vec::new();
+        let mut add = |s: &Summary| {
+            hosts.push(PlanHost {
+                id: s.host.clone(),
+                capacity_bytes: s.capacity_bytes,
+            });
+            vms.extend(s.vms.iter().map(|v| PlanVm {
+                id: v.id.clone(),
+                host: s.host.clone(),
+                bytes: v.bytes,
+                sketch: v.sketch.clone(),
+            }));
+        };
+        if let Some(l) = &inner.local {
+            add(&l.summary);
+        }
+        for p in inner
+            .peers
+            .values()
+            .filter(|p| p.state() == PeerState::Live)
+        {
+            if let Some(s) = &p.summary {
+                add(s);
+            }
+        }
+        drop(inner);
+        plan::plan(&hosts, &vms)
+    }
+
+    /// Recomputes the candidates if anything changed since the last time.
+    fn recompute(&self) {
+        let inner = self.lock();
+        if inner.computed == inner.generation {
+            return;
+        }
+        let generation = inner.generation;
+        let Some(local) = &inner.local else {
+            return;
+        };
+        let vms: Vec<LocalVm> = local
+            .vms
+            .iter()
+            .map(|v| LocalVm {
+                id: &v.id,
+                sketch: &v.sketch,
+            })
+            .collect();
+        let hosts: Vec<PeerHost> = inner
+            .peers
+            .iter()
+            .filter(|(_, p)| p.state() == PeerState::Live)
+            .filter_map(|(n, p)| {
+                p.summary.as_ref().map(|s| PeerHost {
+                    id: n,
+                    sketch: &s.sketch,
+                })
+            })
+            .collect();
+        let c = Arc::new(candidates::compute(&vms, &hosts));
+        drop(vms);
+        drop(hosts);
+        drop(inner);
+        let mut inner = self.lock();
+        inner.candidates = c;
+        inner.computed = generation;
+    }
+
+    /// Brings the peer table up to date with gossip.
+    async fn sync_membership(&self) {
+        let chitchat = self.chitchat.chitchat();
+        let c = chitchat.lock().await;
+        let me = c.self_chitchat_id().clone();
+        let live: Vec<(ChitchatId, Option<String>)> = c
+            .live_nodes()
+            .filter(|id| **id != me)
+            .map(|id| {
+                let v = c
+                    .node_state(id)
+                    .and_then(|s| s.get(KEY_VERSION))
+                    .map(str::to_owned);
+                (id.clone(), v)
+            })
+            .collect();
+        drop(c);
+        let now = Instant::now();
+        let mut inner = self.lock();
+        let mut changed = false;
+        for p in inner.peers.values_mut() {
+            p.gossiping = false;
+        }
+        for (id, version) in live {
+            let node = id.node_id.to_string();
+            let p = inner.peers.entry(node).or_insert_with(|| Peer {
+                addr: id.gossip_advertise_addr,
+                announced: String::new(),
+                fetched: None,
+                summary: None,
+                gossiping: true,
+                failures: 0,
+                next_try: now,
+                stale_since: None,
+                last_error: None,
+            });
+            if p.addr != id.gossip_advertise_addr {
+                // Restarted elsewhere: fetch afresh.
+                p.addr = id.gossip_advertise_addr;
+                p.failures = 0;
+                p.next_try = now;
+            }
+            p.gossiping = true;
+            if let Some(v) = version {
+                p.announced = v;
+            }
+        }
+        for p in inner.peers.values_mut() {
+            let stale = p.state() == PeerState::Stale;
+            match (stale, p.stale_since) {
+                (true, None) => {
+                    p.stale_since = Some(now);
+                    changed = true;
+                }
+                (false, Some(_)) => {
+                    p.stale_since = None;
+                    changed = true;
+                }
+                _ => {}
+            }
+        }
+        let before = inner.peers.len();
+        inner.peers.retain(|_, p| {
+            p.stale_since
+                .is_none_or(|t| now.duration_since(t) < DROP_AFTER)
+        });
+        if changed || inner.peers.len() != before {
+            inner.generation += 1;
+        }
+    }
+
+    /// Peers whose announced summary is newer than the one held, due for a try.
+    fn due(&self) -> Vec<(String, SocketAddr)> {
+        let now = Instant::now();
+        self.lock()
+            .peers
+            .iter()
+            .filter(|(_, p)| {
+                p.gossiping
+                    && !p.announced.is_empty()
+                    && p.fetched.as_deref() != Some(p.announced.as_str())
+                    && p.next_try <= now
+            })
+            .map(|(n, p)| (n.clone(), p.addr))
+            .collect()
+    }
+
+    async fn fetch_one(&self, node: &str, addr: SocketAddr) {
+        let result = tokio::time::timeout(FETCH_TIMEOUT, self.fetch(node, addr))
+            .await
+            .unwrap_or_else(|_| Err((Some(Reject::Timeout), "timed out".into())));
+        let mut inner = self.lock();
+        let Some(p) = inner.peers.get_mut(node) else {
+            return;
+        };
+        match result {
+            Ok(s) => {
+                p.fetched = Some(p.announced.clone());
+                p.summary = Some(Arc::new(s));
+                p.failures = 0;
+                p.last_error = None;
+            }
+            Err((reason, message)) => {
+                if let Some(r) = reason {
+                    self.stats.reject(r);
+                }
+                tracing::debug!("fabric: summary of {node} ({addr}): {message}");
+                p.failures = p.failures.saturating_add(1);
+                // Exponential back-off, 1 s to 64 s.
+                p.next_try =
+                    Instant::now() + Duration::from_secs(1 << p.failures.min(6).saturating_sub(1));
+                p.last_error = Some(message);
+            }
+        }
+        inner.generation += 1;
+    }
+
+    /// One summary over mutual TLS: `GET /v1/fabric/summary`, bounded (the caller times
+    /// it). An unreachable peer is an error but no refusal.
+    async fn fetch(
+        &self,
+        node: &str,
+        addr: SocketAddr,
+    ) -> Result<Summary, (Option<Reject>, String)> {
+        let tcp = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| (None, format!("connecting: {e}")))?;
+        let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+        let mut tls = self
+            .client
+            .connect(name, tcp)
+            .await
+            .map_err(|e| (Some(Reject::Tls), format!("TLS: {e}")))?;
+        let req =
+            format!("GET /v1/fabric/summary HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        tls.write_all(req.as_bytes())
+            .await
+            .map_err(|e| (None, format!("sending: {e}")))?;
+        let limit = MAX_SUMMARY + 4096;
+        let mut buf = Vec::new();
+        (&mut tls)
+            .take(limit as u64 + 1)
+            .read_to_end(&mut buf)
+            .await
+            .map_err(|e| (Some(Reject::BadSummary), format!("reading: {e}")))?;
+        self.stats.add_in(buf.len());
+        if buf.len() > limit {
+            return Err((Some(Reject::Oversize), format!("more than {limit} bytes")));
+        }
+        let body = http_body(&buf).map_err(|e| (Some(Reject::BadSummary), e))?;
+        let s = Summary::decode(body).map_err(|e| (Some(Reject::BadSummary), e.to_string()))?;
+        if s.host != node {
+            return Err((
+                Some(Reject::BadSummary),
+                format!("the summary is {:?}'s, not {node:?}'s", s.host),
+            ));
+        }
+        Ok(s)
+    }
+}
+
+/// The body of a complete `200` HTTP/1.1 response with a matching Content-Length.
+pub fn http_body(buf: &[u8]) -> Result<&[u8], String> {
+    let end = buf
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or("no complete response head")?;
+    let head = std::str::from_utf8(&buf[..end]).map_err(|_| "a response head not UTF-8")?;
+    let mut lines = head.split("\r\n");
+    let status = lines.next().unwrap_or_default();
+    if !status.starts_with("HTTP/1.1 200") {
+        return Err(format!("answered {status:?}"));
+    }
+    let len = lines
+        .filter_map(|l| l.split_once(':'))
+        .find(|(k, _)| k.trim().eq_ignore_ascii_case("content-length"))
+        .and_then(|(_, v)| v.trim().parse::<usize>().ok())
+        .ok_or("no Content-Length")?;
+    let body = &buf[end + 4..];
+    if body.len() != len {
+        return Err(format!(
+            "truncated: {} of {len} bytes (Content-Length)",
+            body.len()
+        ));
+    }
+    Ok(body)
+}
+
+async fn serve_summary(
+    axum::extract::State(f): axum::extract::State<Arc<Fabric>>,
+) -> axum::response::Response {
+    use axum::response::IntoResponse as _;
+    let encoded = f.lock().local.as_ref().map(|l| l.encoded.clone());
+    match encoded {
+        Some(b) => {
+            f.stats.add_out(b.len());
+            (
+                [(axum::http::header::CONTENT_TYPE, "application/octet-stream")],
+                b.as_ref().clone(),
+            )
+                .into_response()
+        }
+        None => (
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            "no summary yet: the first scan pass has not finished",
+        )
+            .into_response(),
+    }
+}
+
+/// Membership, fetches and candidates, once per gossip interval, until shutdown.
+async fn fetch_loop(
+    fabric: Arc<Fabric>,
+    every: Duration,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.wait_for(|s| *s) => break,
+        }
+        fabric.sync_membership().await;
+        // A few at a time: a fleet's worth of new versions must not open a thousand
+        // connections at once.
+        for chunk in fabric.due().chunks(4) {
+            let mut set = tokio::task::JoinSet::new();
+            for (node, addr) in chunk.iter().cloned() {
+                let f = fabric.clone();
+                set.spawn(async move { f.fetch_one(&node, addr).await });
+            }
+            set.join_all().await;
+        }
+        let f = fabric.clone();
+        let _ = tokio::task::spawn_blocking(move || f.recompute()).await;
+    }
+    let _ = fabric.chitchat.initiate_shutdown();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn responses_are_checked_before_their_body_is_used() {
+        let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nabc";
+        assert_eq!(http_body(ok).unwrap(), b"abc");
+        assert!(http_body(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nabc").is_err());
+        assert!(http_body(b"HTTP/1.1 503 x\r\ncontent-length: 0\r\n\r\n").is_err());
+        assert!(http_body(b"HTTP/1.1 200 OK\r\n\r\nabc").is_err());
+        assert!(http_body(b"garbage").is_err());
+    }
+}
