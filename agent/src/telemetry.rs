@@ -607,12 +607,6 @@ impl Collector for HttpCollector {
 #[derive(Debug)]
 struct FabricCollector(Arc<crate::fabric::node::Fabric>);
 
-impl std::fmt::Debug for crate::fabric::node::Fabric {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Fabric").field("node", &self.node).finish()
-    }
-}
-
 impl Collector for FabricCollector {
     fn encode(&self, mut enc: DescriptorEncoder) -> fmt::Result {
         use std::sync::atomic::Ordering::Relaxed;

@@ -251,21 +251,24 @@ fn node_files(dir: &Path, pki: &Pki, name: &str, ip: &str, key_file: &Path) -> P
     cfg
 }
 
+/// `memfabric run` for host `h` (10.77.0.h, in its namespace) tracking `pid`, with the
+/// config [`node_files`] wrote.
 fn daemon(
     kids: &mut Children,
     dir: &Path,
-    ns: &str,
+    tag: &str,
     name: &str,
-    ip: &str,
+    h: u8,
     pid: i32,
     seed: Option<&str>,
-    cfg: &Path,
 ) -> Node {
+    let (ns, ip) = (format!("mf{tag}h{h}"), format!("10.77.0.{h}"));
+    let cfg = dir.join(format!("{name}.toml"));
     let sock = dir.join(format!("{name}.sock"));
     let log = fs::File::create(dir.join(format!("{name}.log"))).unwrap();
     let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", ns, MEMFABRIC, "run", "--config"])
-        .arg(cfg)
+    cmd.args(["netns", "exec", &ns, MEMFABRIC, "run", "--config"])
+        .arg(&cfg)
         .arg("--listen")
         .arg(format!("unix:{}", sock.display()))
         .args([
@@ -289,16 +292,14 @@ fn daemon(
             .spawn()
             .unwrap(),
     );
-    Node {
-        sock,
-        ip: ip.to_owned(),
-    }
+    Node { sock, ip }
 }
 
-/// The candidate pair (VM of pid, host).
-fn pair(c: &Value, host: &str) -> Option<(f64, f64, f64)> {
+/// The candidate pair (VM of `pid`, `host`): shared pages, bound, VM pages.
+fn pair(c: &Value, pid: i32, host: &str) -> Option<(f64, f64, f64)> {
+    let vm = format!("pid-{pid}");
     c["candidates"]["pairs"].as_array()?.iter().find_map(|p| {
-        (p["host"] == host).then(|| {
+        (p["host"] == host && p["vm"] == vm.as_str()).then(|| {
             (
                 p["shared_pages"].as_f64().unwrap_or(-1.0),
                 p["bound_pages"].as_f64().unwrap_or(-1.0),
@@ -404,47 +405,34 @@ fn three_agents_find_known_overlaps_refuse_forgeries_and_survive_a_lost_peer() {
         child(&[(0, 3_000), (200_000, 5_000)]),
     ]);
     let mut daemons = Children(Vec::new());
-    let cfgs: Vec<PathBuf> = ["a", "b", "c"]
-        .iter()
-        .zip(1..)
-        .map(|(n, h)| node_files(&dir, &pki, n, &format!("10.77.0.{h}"), &key_file))
-        .collect();
-    let a = daemon(
-        &mut daemons,
-        &dir,
-        &ns(1),
-        "a",
-        "10.77.0.1",
-        kids.0[0],
-        None,
-        &cfgs[0],
-    );
+    for (n, h) in ["a", "b", "c"].iter().zip(1..) {
+        node_files(&dir, &pki, n, &format!("10.77.0.{h}"), &key_file);
+    }
+    let a = daemon(&mut daemons, &dir, &tag, "a", 1, kids.0[0], None);
     let b = daemon(
         &mut daemons,
         &dir,
-        &ns(2),
+        &tag,
         "b",
-        "10.77.0.2",
+        2,
         kids.0[1],
         Some("10.77.0.1"),
-        &cfgs[1],
     );
     let c = daemon(
         &mut daemons,
         &dir,
-        &ns(3),
+        &tag,
         "c",
-        "10.77.0.3",
+        3,
         kids.0[2],
         Some("10.77.0.1"),
-        &cfgs[2],
     );
 
     // Candidates of A's VM on B and C, within their bound (and 2 % of the VM).
     let found = poll_for(Duration::from_secs(90), || {
         let v = json(&a.sock, "/v1/candidates")?;
-        let on_b = pair(&v, "b")?;
-        let on_c = pair(&v, "c")?;
+        let on_b = pair(&v, kids.0[0], "b")?;
+        let on_c = pair(&v, kids.0[0], "c")?;
         (on_b.0 > 0.0 && on_c.0 > 0.0 && on_b.2 >= 11_900.0).then_some((on_b, on_c))
     });
     let log = |n: &str| fs::read_to_string(dir.join(format!("{n}.log"))).unwrap_or_default();
@@ -465,7 +453,7 @@ fn three_agents_find_known_overlaps_refuse_forgeries_and_survive_a_lost_peer() {
         );
     }
     let from_b = poll_for(Duration::from_secs(30), || {
-        pair(&json(&b.sock, "/v1/candidates")?, "a")
+        pair(&json(&b.sock, "/v1/candidates")?, kids.0[1], "a")
     })
     .expect("b's candidates");
     assert!(
@@ -485,7 +473,7 @@ fn three_agents_find_known_overlaps_refuse_forgeries_and_survive_a_lost_peer() {
     );
     let plan = json(&a.sock, "/v1/plan").expect("plan");
     assert_eq!(plan["hosts"], 3, "{plan}");
-    assert_eq!(plan["vms"], 3, "{plan}");
+    assert!(plan["vms"].as_u64() >= Some(3), "{plan}");
 
     // Forged gossip, sent from the fourth namespace to A.
     let target = format!("{}:{PORT}", a.ip);
@@ -634,9 +622,9 @@ fn three_agents_find_known_overlaps_refuse_forgeries_and_survive_a_lost_peer() {
     });
     assert!(stale.is_some(), "{:?}", get(&a.sock, "/v1/peers"));
     let after = json(&a.sock, "/v1/candidates").unwrap();
-    assert!(pair(&after, "b").is_some(), "{after}");
+    assert!(pair(&after, kids.0[0], "b").is_some(), "{after}");
     assert!(
-        pair(&after, "c").is_none(),
+        pair(&after, kids.0[0], "c").is_none(),
         "a stale peer is no candidate: {after}"
     );
     assert!(json(&b.sock, "/v1/candidates").is_some());

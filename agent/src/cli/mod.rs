@@ -48,7 +48,7 @@ enum Commands {
     Watch(watch::WatchArgs),
     /// The daemon: find VMs, track them with the probes, serve /metrics, /healthz and
     /// /v1/status (default 127.0.0.1:9977) until SIGINT/SIGTERM.
-    Run(run::RunArgs),
+    Run(Box<run::RunArgs>),
     /// The VMs and KSM state from a running daemon, or one-shot from /proc and /sys.
     Status(status::StatusArgs),
     /// One-shot page scan: stable, volatile, duplicate, merged and mergeable pages.
@@ -75,7 +75,7 @@ impl Cli {
         match self.command {
             Commands::Check(args) => check::run(args),
             Commands::Watch(args) => watch::run(args),
-            Commands::Run(args) => run::run(args),
+            Commands::Run(args) => run::run(*args),
             Commands::Status(args) => status::run(args),
             Commands::Top(args) => top::run(args),
             Commands::Scan(args) => scan::run(args),

@@ -143,6 +143,12 @@ pub struct Fabric {
     client: tokio_rustls::TlsConnector,
 }
 
+impl std::fmt::Debug for Fabric {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fabric").field("node", &self.node).finish()
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum FabricError {
     #[error("[fabric] gossip key {path}: {message}")]
