@@ -429,11 +429,12 @@ fn three_agents_find_known_overlaps_refuse_forgeries_and_survive_a_lost_peer() {
     );
 
     // Candidates of A's VM on B and C, within their bound (and 2 % of the VM).
+    let close = |p: (f64, f64, f64), exact: f64| (p.0 - exact).abs() <= (1.5 * p.1).max(0.02 * p.2);
     let found = poll_for(Duration::from_secs(90), || {
         let v = json(&a.sock, "/v1/candidates")?;
         let on_b = pair(&v, kids.0[0], "b")?;
         let on_c = pair(&v, kids.0[0], "c")?;
-        (on_b.0 > 0.0 && on_c.0 > 0.0 && on_b.2 >= 11_900.0).then_some((on_b, on_c))
+        (on_b.2 >= 11_900.0 && close(on_b, 6_000.0) && close(on_c, 3_000.0)).then_some((on_b, on_c))
     });
     let log = |n: &str| fs::read_to_string(dir.join(format!("{n}.log"))).unwrap_or_default();
     let Some((on_b, on_c)) = found else {
@@ -452,14 +453,15 @@ fn three_agents_find_known_overlaps_refuse_forgeries_and_survive_a_lost_peer() {
             "{host}: {est} vs {exact} (bound {bound})"
         );
     }
-    let from_b = poll_for(Duration::from_secs(30), || {
-        pair(&json(&b.sock, "/v1/candidates")?, kids.0[1], "a")
-    })
-    .expect("b's candidates");
-    assert!(
-        (from_b.0 - 6_000.0).abs() <= (1.5 * from_b.1).max(240.0),
-        "{from_b:?}"
-    );
+    // B converges to the same overlap seen from its side (its first summaries may
+    // predate a full pass over A's VM).
+    let mut last = None;
+    let from_b = poll_for(Duration::from_secs(60), || {
+        let p = pair(&json(&b.sock, "/v1/candidates")?, kids.0[1], "a")?;
+        last = Some(p);
+        ((p.0 - 6_000.0).abs() <= (1.5 * p.1).max(240.0)).then_some(p)
+    });
+    assert!(from_b.is_some(), "b's candidate on a: {last:?}");
     assert_eq!(
         metric(&a.sock, "memfabric_fabric_peers", "state=\"live\""),
         2.0
@@ -583,7 +585,7 @@ fn three_agents_find_known_overlaps_refuse_forgeries_and_survive_a_lost_peer() {
         let (ns4, d, k, s) = (ns(4), dir.clone(), secret.clone(), stop.clone());
         std::thread::spawn(move || rogue(ns4, d, k, s))
     };
-    let refused = poll_for(Duration::from_secs(60), || {
+    let refused = poll_for(Duration::from_secs(90), || {
         (rejected("bad_summary") >= 2.0 && rejected("oversize") >= 1.0).then_some(())
     });
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
