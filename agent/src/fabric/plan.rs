@@ -65,11 +65,23 @@ struct Bin {
     vms: Vec<usize>,
 }
 
-/// Pages of `vm` that `union` holds (0 for an empty bin).
+/// Hashes an estimate must rest on before the plan counts on it.
+const MIN_SAMPLED: usize = 16;
+
+/// Pages of `vm` that `union` surely holds: the lower end of the 95 % interval, and none
+/// when the estimate rests on fewer than [`MIN_SAMPLED`] hashes. A plan that packs on
+/// optimistic estimates overcommits hosts (the fleet bench recounts every planned host
+/// exactly: with point estimates from two or three shared samples, hosts came out 180 %
+/// over capacity).
 fn saved_pages(vm: &Sketch, union: &Option<Sketch>) -> u64 {
-    union
-        .as_ref()
-        .map_or(0, |u| vm.containment(u).pages.max(0.0).round() as u64)
+    union.as_ref().map_or(0, |u| {
+        let c = vm.containment(u);
+        if c.sampled < MIN_SAMPLED {
+            0
+        } else {
+            (c.pages - c.bound).max(0.0).round() as u64
+        }
+    })
 }
 
 /// First-fit decreasing by size alone: the number of bins.
@@ -268,8 +280,9 @@ mod tests {
         assert!(p.hosts_freed > p.baseline_hosts_freed);
         assert!(p.shared_bytes > 0);
         assert_eq!(p.placement.values().map(Vec::len).sum::<usize>(), 8);
-        // The families need 7,000 pages each: two hosts hold all eight.
-        assert_eq!(p.hosts_used, 2, "{p:?}");
+        // The families need 7,000 pages each: two hosts could hold all eight; the plan
+        // counts only the sharing it is 95 % sure of, and still saves a host.
+        assert!(p.hosts_used <= 3, "{p:?}");
         assert_eq!(
             p.moves.len()
                 + p.placement

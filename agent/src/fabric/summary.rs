@@ -25,7 +25,8 @@ pub const MAX_ID: usize = 128;
 /// sketches fit well inside).
 pub const MAX_SUMMARY: usize = 4 << 20;
 /// k of each VM's published sketch: enough to rank hosts for the plan, small on the wire
-/// (1.5 KiB). Containment of a local VM uses its full local sketch instead.
+/// (0.4 KiB; at 1,000 hosts every byte of a summary is fetched 999 times). Containment of
+/// a local VM uses its full local sketch instead.
 pub const VM_K: usize = 256;
 
 #[derive(Clone, Debug, PartialEq)]

@@ -32,6 +32,19 @@ pub enum Bench {
         #[arg(long, default_value_t = 7)]
         rounds: usize,
     },
+    /// The fabric on a simulated fleet (1,000 hosts x 20 VMs) seeded with lab guests' page
+    /// hashes: estimate error per k, candidate time, exchange, hosts freed vs FFD.
+    Fabric {
+        #[arg(long, default_value_t = 1000)]
+        hosts: usize,
+        #[arg(long, default_value_t = 20)]
+        vms: usize,
+        #[arg(long, default_value_t = 3)]
+        guests: u32,
+        /// The fleet's gossip interval (s) for the exchange figure.
+        #[arg(long, default_value_t = 60.0)]
+        gossip_interval_s: f64,
+    },
     /// What `memfabric run` costs (CPU, RSS) while it tracks lab guests.
     Agent {
         #[arg(long, default_value_t = 3)]
@@ -134,6 +147,22 @@ pub fn run(which: Bench) -> anyhow::Result<()> {
             &guests.to_string(),
             "--rounds",
             &rounds.to_string(),
+        ]),
+        Bench::Fabric {
+            hosts,
+            vms,
+            guests,
+            gossip_interval_s,
+        } => c.args([
+            "fabric",
+            "--hosts",
+            &hosts.to_string(),
+            "--vms",
+            &vms.to_string(),
+            "--guests",
+            &guests.to_string(),
+            "--gossip-interval-s",
+            &gossip_interval_s.to_string(),
         ]),
         Bench::Ksm { .. } | Bench::Agent { .. } => unreachable!("handled above"),
     };

@@ -16,6 +16,7 @@ use memfabric::probes::{LoadOptions, Probes};
 use memfabric_tests::Workload;
 use xtask::plot::{self, Series};
 
+mod fabric;
 mod scan;
 
 /// Bytes the bench has allocated and not freed: memory figures are measured, not
@@ -69,6 +70,20 @@ enum Which {
         guests: u32,
         #[arg(long, default_value_t = 7)]
         rounds: usize,
+    },
+    /// The fabric on a simulated fleet built from lab guests' page hashes: estimate
+    /// error per k, candidate time, exchange bytes, hosts freed vs first-fit decreasing.
+    Fabric {
+        #[arg(long, default_value_t = 1000)]
+        hosts: usize,
+        #[arg(long, default_value_t = 20)]
+        vms: usize,
+        /// Lab guests whose page hashes seed the fleet's images (0: synthetic only).
+        #[arg(long, default_value_t = 3)]
+        guests: u32,
+        /// The fleet's gossip interval in seconds (`[fabric] gossip_interval_ms`).
+        #[arg(long, default_value_t = 60.0)]
+        gossip_interval_s: f64,
     },
 }
 
@@ -246,5 +261,17 @@ fn main() -> anyhow::Result<()> {
     match cli.which {
         Which::Probes { pages, rounds } => bench_probes(&cli.out, pages, rounds.max(1)),
         Which::Scan { guests, rounds } => scan::run(&cli.out, guests, rounds.max(1)),
+        Which::Fabric {
+            hosts,
+            vms,
+            guests,
+            gossip_interval_s,
+        } => fabric::run(
+            &cli.out,
+            hosts.max(2),
+            vms.max(1),
+            guests,
+            gossip_interval_s.max(0.1),
+        ),
     }
 }

@@ -22,7 +22,7 @@ use xtask::{
 use xxhash_rust::xxh3::xxh3_64;
 
 /// Copies the guests' present guest-RAM pages into one local buffer (a snapshot).
-fn snapshot(pids: &[u32]) -> anyhow::Result<Vec<u8>> {
+pub(crate) fn snapshot(pids: &[u32]) -> anyhow::Result<Vec<u8>> {
     let mut out = Vec::new();
     for &pid in pids {
         let kind = memfabric::inventory::VmKind::Qemu;
