@@ -310,8 +310,8 @@ fn pair(c: &Value, pid: i32, host: &str) -> Option<(f64, f64, f64)> {
 }
 
 /// A rogue member: it has the gossip key and a cluster certificate, announces a summary,
-/// and serves, connection after connection, a truncated one, an oversized one and
-/// garbage. Runs until `stop`.
+/// and serves each client, connection after connection, a truncated one, an oversized one
+/// and garbage. Runs until `stop`.
 fn rogue(ns: String, dir: PathBuf, key: Vec<u8>, stop: Arc<std::sync::atomic::AtomicBool>) {
     use chitchat::{ChitchatConfig, ChitchatId, FailureDetectorConfig, spawn_chitchat};
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -349,9 +349,10 @@ fn rogue(ns: String, dir: PathBuf, key: Vec<u8>, stop: Arc<std::sync::atomic::At
             )
             .unwrap();
             let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
-            let mut n = 0usize;
+            // Per client: every member fetches from the rogue, each must see all three.
+            let mut served: std::collections::HashMap<std::net::IpAddr, usize> = Default::default();
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let Ok(Ok((tcp, _))) =
+                let Ok(Ok((tcp, from))) =
                     tokio::time::timeout(Duration::from_millis(200), listener.accept()).await
                 else {
                     continue;
@@ -361,7 +362,8 @@ fn rogue(ns: String, dir: PathBuf, key: Vec<u8>, stop: Arc<std::sync::atomic::At
                 };
                 let mut head = [0u8; 1024];
                 let _ = s.read(&mut head).await;
-                let resp: Vec<u8> = match n % 3 {
+                let n = served.entry(from.ip()).or_default();
+                let resp: Vec<u8> = match *n % 3 {
                     0 => b"HTTP/1.1 200 OK\r\ncontent-length: 5000\r\n\r\nMFSU\x01short".to_vec(),
                     1 => {
                         let mut r = b"HTTP/1.1 200 OK\r\ncontent-length: 6000000\r\n\r\n".to_vec();
@@ -370,7 +372,7 @@ fn rogue(ns: String, dir: PathBuf, key: Vec<u8>, stop: Arc<std::sync::atomic::At
                     }
                     _ => b"HTTP/1.1 200 OK\r\ncontent-length: 12\r\n\r\nnot-a-sketch".to_vec(),
                 };
-                n += 1;
+                *n += 1;
                 let _ = s.write_all(&resp).await;
                 let _ = s.shutdown().await;
             }

@@ -572,16 +572,58 @@ impl Fabric {
         tls.write_all(req.as_bytes())
             .await
             .map_err(|e| (None, format!("sending: {e}")))?;
-        let limit = MAX_SUMMARY + 4096;
+        // The head first (at most 8 KiB): an announced body over the limit is refused
+        // before any of it is read.
         let mut buf = Vec::new();
-        (&mut tls)
-            .take(limit as u64 + 1)
-            .read_to_end(&mut buf)
-            .await
-            .map_err(|e| (Some(Reject::BadSummary), format!("reading: {e}")))?;
-        self.stats.add_in(buf.len());
-        if buf.len() > limit {
-            return Err((Some(Reject::Oversize), format!("more than {limit} bytes")));
+        let mut chunk = vec![0u8; 64 << 10];
+        let head_end = loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            if buf.len() > 8192 {
+                return Err((Some(Reject::Oversize), "a response head over 8 KiB".into()));
+            }
+            let n = tls
+                .read(&mut chunk)
+                .await
+                .map_err(|e| (Some(Reject::BadSummary), format!("reading: {e}")))?;
+            if n == 0 {
+                return Err((
+                    Some(Reject::BadSummary),
+                    "closed before a response head".into(),
+                ));
+            }
+            self.stats.add_in(n);
+            buf.extend_from_slice(&chunk[..n]);
+        };
+        let announced = std::str::from_utf8(&buf[..head_end])
+            .ok()
+            .and_then(|h| {
+                h.split("\r\n")
+                    .filter_map(|l| l.split_once(':'))
+                    .find(|(k, _)| k.trim().eq_ignore_ascii_case("content-length"))
+                    .and_then(|(_, v)| v.trim().parse::<usize>().ok())
+            })
+            .unwrap_or(0);
+        if announced > MAX_SUMMARY {
+            return Err((
+                Some(Reject::Oversize),
+                format!("a summary of {announced} bytes (at most {MAX_SUMMARY})"),
+            ));
+        }
+        // The body, never past what was announced (a missing length reads nothing and
+        // fails below).
+        while buf.len() < head_end + announced {
+            let want = (head_end + announced - buf.len()).min(chunk.len());
+            let n = tls
+                .read(&mut chunk[..want])
+                .await
+                .map_err(|e| (Some(Reject::BadSummary), format!("reading: {e}")))?;
+            if n == 0 {
+                break;
+            }
+            self.stats.add_in(n);
+            buf.extend_from_slice(&chunk[..n]);
         }
         let body = http_body(&buf).map_err(|e| (Some(Reject::BadSummary), e))?;
         let s = Summary::decode(body).map_err(|e| (Some(Reject::BadSummary), e.to_string()))?;
