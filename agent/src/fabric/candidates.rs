@@ -84,25 +84,15 @@ pub fn compute(vms: &[LocalVm], hosts: &[PeerHost]) -> Candidates {
 
 #[cfg(test)]
 mod tests {
-    use xxhash_rust::xxh3::xxh3_64;
-
     use super::*;
     use crate::fabric::sketch::{DEFAULT_K, MAX_K};
 
-    fn sketch(k: usize, ids: impl Iterator<Item = u64>) -> Sketch {
-        let mut s = Sketch::new(k);
-        for i in ids {
-            s.insert(xxh3_64(&i.to_le_bytes()));
-        }
-        s
-    }
-
     #[test]
     fn the_best_host_is_the_one_holding_most_of_the_vm() {
-        let vm = sketch(MAX_K, 0..50_000);
-        let a = sketch(DEFAULT_K, (0..10_000).chain(1_000_000..1_100_000));
-        let b = sketch(DEFAULT_K, (0..40_000).chain(2_000_000..2_100_000));
-        let c = sketch(DEFAULT_K, 3_000_000..3_100_000);
+        let vm = Sketch::of_ids(MAX_K, 0..50_000);
+        let a = Sketch::of_ids(DEFAULT_K, (0..10_000).chain(1_000_000..1_100_000));
+        let b = Sketch::of_ids(DEFAULT_K, (0..40_000).chain(2_000_000..2_100_000));
+        let c = Sketch::of_ids(DEFAULT_K, 3_000_000..3_100_000);
         let out = compute(
             &[LocalVm {
                 id: "vm1",

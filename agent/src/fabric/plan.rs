@@ -231,21 +231,15 @@ pub fn plan(hosts: &[PlanHost], vms: &[PlanVm]) -> Plan {
 
 #[cfg(test)]
 mod tests {
-    use xxhash_rust::xxh3::xxh3_64;
-
     use super::*;
     use crate::fabric::summary::VM_K;
 
     fn vm(id: &str, host: &str, pages: std::ops::Range<u64>) -> PlanVm {
-        let mut s = Sketch::new(VM_K);
-        for i in pages.clone() {
-            s.insert(xxh3_64(&i.to_le_bytes()));
-        }
         PlanVm {
             id: id.into(),
             host: host.into(),
             bytes: (pages.end - pages.start) * PAGE as u64,
-            sketch: s,
+            sketch: Sketch::of_ids(VM_K, pages),
         }
     }
 

@@ -84,6 +84,21 @@ impl Sketch {
         }
     }
 
+    /// The sketch of `hashes` (each a distinct content: the count is exact).
+    pub fn of(k: usize, hashes: impl IntoIterator<Item = u64>) -> Sketch {
+        let mut s = Sketch::new(k);
+        for h in hashes {
+            s.insert(h);
+        }
+        s
+    }
+
+    /// Tests' sketch of the page "contents" `ids`, hashed as the scanner hashes pages.
+    #[cfg(test)]
+    pub(crate) fn of_ids(k: usize, ids: impl IntoIterator<Item = u64>) -> Sketch {
+        Sketch::of(k, ids.into_iter().map(|i| xxh3_64(&i.to_le_bytes())))
+    }
+
     pub fn k(&self) -> usize {
         self.k
     }
@@ -310,23 +325,14 @@ mod tests {
 
     use super::*;
 
-    /// A sketch of the page "contents" `ids` (hashed as the scanner hashes pages).
-    fn sketch(k: usize, ids: impl Iterator<Item = u64>) -> Sketch {
-        let mut s = Sketch::new(k);
-        for i in ids {
-            s.insert(xxh3_64(&i.to_le_bytes()));
-        }
-        s
-    }
-
     #[test]
     fn containment_is_within_two_percent_of_the_vm_at_the_default_k() {
         // A VM of 200,000 distinct stable pages; hosts holding 0 %, 10 %, 35 %, 80 % and
         // all of them among 500,000 pages of their own.
-        let vm = sketch(DEFAULT_K, 0..200_000);
+        let vm = Sketch::of_ids(DEFAULT_K, 0..200_000);
         for share in [0.0, 0.1, 0.35, 0.8, 1.0] {
             let held = (200_000.0 * share) as u64;
-            let host = sketch(DEFAULT_K, (0..held).chain(1_000_000..1_500_000));
+            let host = Sketch::of_ids(DEFAULT_K, (0..held).chain(1_000_000..1_500_000));
             let (est, bound) = vm.overlap(&host);
             let err = (est - held as f64).abs() / 200_000.0;
             eprintln!(
@@ -348,11 +354,11 @@ mod tests {
         // estimate rests on is our hashes under the host's threshold: about
         // k x |VM| / |host|. A host of three such VMs gives ~1,000 (within 2 % of the VM);
         // a host of twenty gives ~200 (within its wider bound: the sketch's limit).
-        let vm = sketch(MAX_K, 0..200_000);
+        let vm = Sketch::of_ids(MAX_K, 0..200_000);
         for (host_pages, limit) in [(400_000u64, 0.02), (4_000_000, 0.08)] {
             for share in [0.0, 0.05, 0.5, 0.95, 1.0] {
                 let held = (200_000.0 * share) as u64;
-                let host = sketch(
+                let host = Sketch::of_ids(
                     DEFAULT_K,
                     (0..held).chain(10_000_000..10_000_000 + host_pages),
                 );
@@ -373,8 +379,8 @@ mod tests {
             }
         }
         // Both complete (small sets): exact, bound 0.
-        let a = sketch(DEFAULT_K, 0..100);
-        let c = a.containment(&sketch(DEFAULT_K, 40..1000));
+        let a = Sketch::of_ids(DEFAULT_K, 0..100);
+        let c = a.containment(&Sketch::of_ids(DEFAULT_K, 40..1000));
         assert_eq!((c.pages, c.bound), (60.0, 0.0));
         // A published VM sketch is the prefix of the local one.
         assert_eq!(
@@ -385,22 +391,22 @@ mod tests {
 
     #[test]
     fn small_sets_are_exact_and_the_wire_size_is_bounded() {
-        let a = sketch(DEFAULT_K, 0..100);
-        let b = sketch(DEFAULT_K, 50..300);
+        let a = Sketch::of_ids(DEFAULT_K, 0..100);
+        let b = Sketch::of_ids(DEFAULT_K, 50..300);
         assert_eq!(a.overlap(&b).0.round(), 50.0);
         assert_eq!(a.distinct(), 100.0);
-        let full = sketch(DEFAULT_K, 0..1_000_000);
+        let full = Sketch::of_ids(DEFAULT_K, 0..1_000_000);
         let wire = full.encode();
         assert!(wire.len() <= 64 * 1024, "{} bytes", wire.len());
         assert_eq!(wire.len(), HEADER + DEFAULT_K * HASH_BYTES + CHECKSUM);
         // The union's estimate of a million distinct pages.
-        let est = full.union(&sketch(DEFAULT_K, 0..10)).distinct();
+        let est = full.union(&Sketch::of_ids(DEFAULT_K, 0..10)).distinct();
         assert!((est - 1e6).abs() / 1e6 < 0.05, "{est}");
     }
 
     #[test]
     fn tampered_truncated_and_oversized_sketches_are_refused() {
-        let s = sketch(64, 0..1000);
+        let s = Sketch::of_ids(64, 0..1000);
         let wire = s.encode();
         assert_eq!(Sketch::decode(&wire).unwrap(), s);
         let mut flipped = wire.clone();
@@ -422,7 +428,7 @@ mod tests {
     proptest! {
         #[test]
         fn encoding_round_trips(ids in prop::collection::vec(any::<u64>(), 0..2000), k in 1usize..300) {
-            let s = sketch(k, ids.into_iter());
+            let s = Sketch::of_ids(k, ids.into_iter());
             prop_assert_eq!(Sketch::decode(&s.encode()).unwrap(), s);
         }
 

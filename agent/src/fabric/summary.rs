@@ -211,14 +211,8 @@ mod tests {
     use super::*;
 
     fn sample() -> Summary {
-        let mut host = Sketch::new(64);
-        let mut vm = Sketch::new(VM_K);
-        for i in 0..500u64 {
-            host.insert(xxh3_64(&i.to_le_bytes()));
-            if i < 100 {
-                vm.insert(xxh3_64(&i.to_le_bytes()));
-            }
-        }
+        let host = Sketch::of_ids(64, 0..500);
+        let vm = Sketch::of_ids(VM_K, 0..100);
         Summary {
             host: "host-a".into(),
             capacity_bytes: 64 << 30,

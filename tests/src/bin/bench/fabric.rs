@@ -68,11 +68,7 @@ impl VmSpec {
         self.keep + self.own
     }
     fn sketch(&self, images: &[Vec<u64>], k: usize) -> Sketch {
-        let mut s = Sketch::new(k);
-        for h in self.hashes(images) {
-            s.insert(h);
-        }
-        s
+        Sketch::of(k, self.hashes(images))
     }
 }
 
@@ -231,16 +227,9 @@ pub fn run(
                 .flat_map(|o| images[o].iter().copied())
                 .collect();
             let exact = images[g].iter().filter(|h| host.contains(h)).count();
-            let mut local = Sketch::new(MAX_K);
-            for &h in &images[g] {
-                local.insert(h);
-            }
+            let local = Sketch::of(MAX_K, images[g].iter().copied());
             for k in KS {
-                let mut hs = Sketch::new(k);
-                for &h in &host {
-                    hs.insert(h);
-                }
-                let c = local.containment(&hs);
+                let c = local.containment(&Sketch::of(k, host.iter().copied()));
                 let err = (c.pages - exact as f64).abs() / images[g].len() as f64 * 100.0;
                 writeln!(
                     md,
