@@ -395,7 +395,7 @@ impl Daemon {
         let ksm = KsmHost::read_with(self.ksmd);
         let ksmd = self.steering.as_mut().map(|steering| {
             let cpu0 = thread_cpu();
-            let (mem_total_bytes, mem_available_bytes) = meminfo();
+            let (mem_total_bytes, mem_available_bytes) = ksm_host::meminfo();
             let obs = Observation {
                 t: self.started.elapsed().as_secs_f64(),
                 ksm: KsmCounters {
@@ -532,12 +532,6 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         }
     };
     serve(cfg, stop).await
-}
-
-/// MemTotal and MemAvailable in bytes (0 if unreadable).
-fn meminfo() -> (u64, u64) {
-    use procfs::Current as _;
-    procfs::Meminfo::current().map_or((0, 0), |m| (m.mem_total, m.mem_available.unwrap_or(0)))
 }
 
 /// What the daemon may change, each owning its part of the state directory's journal.

@@ -105,6 +105,12 @@ pub fn vmstat_in(text: &str, key: &str) -> Option<u64> {
 }
 
 /// The PID of the ksmd kernel thread.
+/// MemTotal and MemAvailable in bytes (0 if unreadable).
+pub fn meminfo() -> (u64, u64) {
+    use procfs::Current as _;
+    procfs::Meminfo::current().map_or((0, 0), |m| (m.mem_total, m.mem_available.unwrap_or(0)))
+}
+
 pub fn ksmd_pid() -> Option<u32> {
     fs::read_dir("/proc")
         .ok()?

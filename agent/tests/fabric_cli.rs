@@ -10,8 +10,7 @@ mod common;
 
 use std::{
     fs,
-    io::{Read as _, Write as _},
-    os::unix::{fs::PermissionsExt as _, net::UnixStream},
+    os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
     process::{Command, Stdio},
     sync::Arc,
@@ -149,15 +148,7 @@ impl Drop for Kids {
 
 /// GET over the daemon's unix socket: (status, body).
 fn get(sock: &Path, path: &str) -> Option<(u16, String)> {
-    let mut s = UnixStream::connect(sock).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).ok()?;
+    let buf = common::unix_get(sock, path)?;
     let (head, body) = buf.split_once("\r\n\r\n")?;
     let status = head.split_whitespace().nth(1)?.parse().ok()?;
     // Chunked bodies (axum's JSON is sized, /metrics may not be): join the chunks.
@@ -482,10 +473,7 @@ fn three_agents_find_known_overlaps_refuse_forgeries_and_survive_a_lost_peer() {
     // Forged gossip, sent from the fourth namespace to A.
     let target = format!("{}:{PORT}", a.ip);
     let good = GossipKey::new(&secret).unwrap();
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64;
+    let now = memfabric::telemetry::timestamp();
     let sealed = seal(&good, now, 0xdead_beef, b"not chitchat");
     let mut tampered = seal(&good, now, 0xdead_bef0, b"not chitchat");
     tampered[25] ^= 1;

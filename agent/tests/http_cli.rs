@@ -140,18 +140,7 @@ fn a_unix_socket_is_root_only_and_removed_on_exit() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let get = |path: &str| -> Option<String> {
-        let mut s = std::os::unix::net::UnixStream::connect(&sock).ok()?;
-        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-        write!(
-            s,
-            "GET {path} HTTP/1.1\r\nHost: memfabric\r\nConnection: close\r\n\r\n"
-        )
-        .ok()?;
-        let mut out = String::new();
-        s.read_to_string(&mut out).ok()?;
-        Some(out)
-    };
+    let get = |path: &str| common::unix_get(&sock, path);
     let deadline = Instant::now() + Duration::from_secs(30);
     let reply = loop {
         if let Some(r) = get("/healthz").filter(|r| r.starts_with("HTTP/1.1 200")) {

@@ -134,12 +134,6 @@ pub fn receive(
     ChitchatMessage::deserialize(&mut body).map_err(|_| Reject::Malformed)
 }
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
 /// chitchat's transport: UDP with [`seal`] and [`receive`].
 pub struct AuthTransport {
     pub key: GossipKey,
@@ -180,7 +174,12 @@ impl Socket for AuthSocket {
         let nonce: [u8; 8] = ring::rand::generate(&self.rng)
             .map_err(|_| anyhow::anyhow!("no randomness for a gossip nonce"))?
             .expose();
-        let datagram = seal(&self.key, now_ms(), u64::from_le_bytes(nonce), &payload);
+        let datagram = seal(
+            &self.key,
+            crate::telemetry::timestamp(),
+            u64::from_le_bytes(nonce),
+            &payload,
+        );
         if datagram.len() > MAX_DATAGRAM {
             // chitchat sizes its messages to a full datagram; ours adds 52 bytes. Never
             // seen with fabric-sized states; dropped (and counted) rather than split.
@@ -206,7 +205,12 @@ impl Socket for AuthSocket {
                 }
             };
             self.stats.add_gossip_in(n);
-            match receive(&self.key, now_ms(), &mut self.guard, &self.buf[..n]) {
+            match receive(
+                &self.key,
+                crate::telemetry::timestamp(),
+                &mut self.guard,
+                &self.buf[..n],
+            ) {
                 Ok(message) => return Ok((from, message)),
                 Err(reason) => {
                     self.stats.reject(reason);

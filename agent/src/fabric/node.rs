@@ -183,11 +183,6 @@ fn read_key(path: &std::path::Path) -> Result<GossipKey, FabricError> {
     GossipKey::new(&bytes).map_err(bad)
 }
 
-fn mem_total() -> u64 {
-    use procfs::Current as _;
-    procfs::Meminfo::current().map_or(0, |m| m.mem_total)
-}
-
 impl Fabric {
     /// Starts gossip, the HTTPS listener and the fetch loop (on the current runtime).
     /// Every file is checked here: a misconfigured fabric stops the daemon at start.
@@ -223,7 +218,9 @@ impl Fabric {
             catchup_callback: None,
             extra_liveness_predicate: None,
         };
-        let capacity = cfg.capacity_bytes.unwrap_or_else(mem_total);
+        let capacity = cfg
+            .capacity_bytes
+            .unwrap_or_else(|| crate::ksm_host::meminfo().0);
         let chitchat = spawn_chitchat(
             chitchat_cfg,
             vec![(KEY_CAPACITY.into(), capacity.to_string())],
@@ -598,12 +595,7 @@ impl Fabric {
         };
         let announced = std::str::from_utf8(&buf[..head_end])
             .ok()
-            .and_then(|h| {
-                h.split("\r\n")
-                    .filter_map(|l| l.split_once(':'))
-                    .find(|(k, _)| k.trim().eq_ignore_ascii_case("content-length"))
-                    .and_then(|(_, v)| v.trim().parse::<usize>().ok())
-            })
+            .and_then(content_length)
             .unwrap_or(0);
         if announced > MAX_SUMMARY {
             return Err((
@@ -637,6 +629,14 @@ impl Fabric {
     }
 }
 
+/// The Content-Length a response head announces.
+fn content_length(head: &str) -> Option<usize> {
+    head.split("\r\n")
+        .filter_map(|l| l.split_once(':'))
+        .find(|(k, _)| k.trim().eq_ignore_ascii_case("content-length"))
+        .and_then(|(_, v)| v.trim().parse::<usize>().ok())
+}
+
 /// The body of a complete `200` HTTP/1.1 response with a matching Content-Length.
 pub fn http_body(buf: &[u8]) -> Result<&[u8], String> {
     let end = buf
@@ -644,16 +644,11 @@ pub fn http_body(buf: &[u8]) -> Result<&[u8], String> {
         .position(|w| w == b"\r\n\r\n")
         .ok_or("no complete response head")?;
     let head = std::str::from_utf8(&buf[..end]).map_err(|_| "a response head not UTF-8")?;
-    let mut lines = head.split("\r\n");
-    let status = lines.next().unwrap_or_default();
+    let status = head.split("\r\n").next().unwrap_or_default();
     if !status.starts_with("HTTP/1.1 200") {
         return Err(format!("answered {status:?}"));
     }
-    let len = lines
-        .filter_map(|l| l.split_once(':'))
-        .find(|(k, _)| k.trim().eq_ignore_ascii_case("content-length"))
-        .and_then(|(_, v)| v.trim().parse::<usize>().ok())
-        .ok_or("no Content-Length")?;
+    let len = content_length(head).ok_or("no Content-Length")?;
     let body = &buf[end + 4..];
     if body.len() != len {
         return Err(format!(

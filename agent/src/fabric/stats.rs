@@ -36,6 +36,11 @@ impl Reject {
         Reject::Timeout,
     ];
 
+    /// Its counter's slot.
+    fn slot(self) -> usize {
+        Reject::ALL.iter().position(|x| *x == self).unwrap_or(0)
+    }
+
     pub fn label(self) -> &'static str {
         match self {
             Reject::Malformed => "malformed",
@@ -67,13 +72,11 @@ pub struct FabricStats {
 
 impl FabricStats {
     pub fn reject(&self, r: Reject) {
-        let i = Reject::ALL.iter().position(|x| *x == r).unwrap_or(0);
-        self.rejected[i].fetch_add(1, Ordering::Relaxed);
+        self.rejected[r.slot()].fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn rejected(&self, r: Reject) -> u64 {
-        let i = Reject::ALL.iter().position(|x| *x == r).unwrap_or(0);
-        self.rejected[i].load(Ordering::Relaxed)
+        self.rejected[r.slot()].load(Ordering::Relaxed)
     }
 
     pub fn add_gossip_in(&self, n: usize) {

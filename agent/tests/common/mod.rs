@@ -50,6 +50,24 @@ impl Drop for Children {
     }
 }
 
+/// The raw answer to `GET path` over the unix socket `sock` (None: no connection, or no
+/// complete answer within 10 s).
+#[allow(dead_code, reason = "not every test binary uses it")]
+pub fn unix_get(sock: &std::path::Path, path: &str) -> Option<String> {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::os::unix::net::UnixStream::connect(sock).ok()?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: memfabric\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    Some(out)
+}
+
 /// Polls `f` every 100 ms until it gives a value or `timeout` passes.
 #[allow(dead_code, reason = "not every test binary uses it")]
 pub fn poll_for<T>(timeout: std::time::Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
