@@ -162,7 +162,9 @@ impl Daemon {
     }
 
     /// Tells the fabric the local VMs of a new scan pass: keyed by UUID, else name; VMs of
-    /// a domain that must not share are left out (their page hashes leave no host).
+    /// a domain that must not share are left out (their page hashes leave no host), and so
+    /// are guests whose operator turned merging off (they share with nothing, here or
+    /// elsewhere).
     fn publish_to_fabric(&mut self, report: &crate::scan::Report) {
         let (Some(fabric), Some(sketches)) = (&self.fabric, &report.sketches) else {
             return;
@@ -175,10 +177,11 @@ impl Daemon {
             .vms
             .iter()
             .filter(|(_, vm)| {
-                !self
-                    .domains
-                    .iter()
-                    .any(|d| !d.share && d.contains(&vm.name, vm.uuid.as_deref()))
+                !vm.merge_off
+                    && !self
+                        .domains
+                        .iter()
+                        .any(|d| !d.share && d.contains(&vm.name, vm.uuid.as_deref()))
             })
             .filter_map(|(pid, vm)| {
                 let sketch = sketches.per_pid.get(pid)?.clone();

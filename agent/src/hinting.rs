@@ -83,7 +83,12 @@ impl Hinting {
         let pids: Vec<u32> = vms.keys().copied().collect();
         self.planner.retain(&pids);
         let mut inputs = Vec::new();
+        self.status.left_alone.clear();
         for (pid, vm) in vms {
+            if let Some(why) = left_alone(vm) {
+                self.status.left_alone.push(why);
+                continue;
+            }
             let sharing = match (self.domains.is_empty(), self.domain(vm)) {
                 (true, _) => Sharing::Ranges,
                 (false, Some(d)) if d.share => Sharing::Ranges,
@@ -180,5 +185,90 @@ impl Hinting {
     pub fn finish(&mut self) -> Option<String> {
         let c = self.control.as_mut()?;
         c.restore().ok().map(|r| r.to_string())
+    }
+}
+
+/// Why a VM is never hinted, if it is not: its operator turned merging off on the QEMU
+/// command line (`mem-merge=off`, libvirt's `<nosharepages/>`, a backend's `merge=off`).
+/// Making its RAM mergeable would override that choice, and it is unmergeable already.
+fn left_alone(vm: &Vm) -> Option<String> {
+    vm.merge_off.then(|| {
+        format!(
+            "{} (pid {}): its command line turns merging off (mem-merge=off or merge=off): \
+             the operator's choice, left alone",
+            vm.name, vm.pid
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        inventory::{Mergeability, VmKind},
+        scan::{
+            account::RangeCounts,
+            rank::{RangeClass, RankedRange},
+        },
+    };
+
+    /// A guest whose QEMU command line turns merging off is never hinted, whatever its
+    /// ranges do; the same guest without it is.
+    #[test]
+    fn operator_merge_off_is_left_alone() {
+        // A real anonymous mapping of this process stands for guest RAM.
+        let ram = vec![1u8; 8 << 20];
+        let start = (ram.as_ptr() as u64).next_multiple_of(RANGE_BYTES);
+        let ranked = |passes: u32| RankedRanges {
+            passes,
+            by_pid: [(
+                std::process::id(),
+                vec![RankedRange {
+                    class: RangeClass::Volatile,
+                    counts: RangeCounts {
+                        start,
+                        ..RangeCounts::default()
+                    },
+                    savings: Default::default(),
+                    heat: Default::default(),
+                }],
+            )]
+            .into(),
+            ..RankedRanges::default()
+        };
+        for merge_off in [true, false] {
+            let vm = Vm {
+                pid: std::process::id(),
+                kind: VmKind::Qemu,
+                name: "guest".into(),
+                uuid: None,
+                guest_memory_bytes: 8 << 20,
+                ram: vec![],
+                mergeability: Mergeability::NotMarked,
+                merge_off,
+            };
+            let vms = [(vm.pid, vm)].into();
+            let mut h = Hinting::new(None, vec![]);
+            let mut status = HintsStatus::default();
+            for pass in 1..=4 {
+                status = h.tick(f64::from(pass) * 10.0, &vms, &ranked(pass));
+            }
+            if merge_off {
+                assert!(status.recent.is_empty(), "{:?}", status.recent);
+                assert_eq!(status.left_alone.len(), 1);
+                assert!(status.left_alone[0].contains("mem-merge=off"));
+            } else {
+                assert!(status.left_alone.is_empty());
+                assert!(
+                    status
+                        .recent
+                        .iter()
+                        .any(|d| d.target == Target::Unmergeable && d.start == start),
+                    "{:?}",
+                    status.recent
+                );
+            }
+        }
+        drop(ram);
     }
 }

@@ -63,6 +63,29 @@ pub fn identity_from_cmdline(cmdline: &[u8]) -> VmIdentity {
     }
 }
 
+/// Whether a QEMU command line says its operator turned merging off: `-machine
+/// ...,mem-merge=off` (libvirt's `<nosharepages/>`), or a memory backend with `merge=off`
+/// (`-object memory-backend-ram,...,merge=off`, or its JSON form). memfabric leaves such a
+/// guest alone: neither hints nor the fabric override an operator's explicit choice.
+pub fn merge_off(args: &[String]) -> bool {
+    let off = |v: &str| matches!(v, "off" | "no" | "false");
+    args.windows(2).any(|w| match w[0].as_str() {
+        "-machine" | "--machine" | "-M" => w[1]
+            .split(',')
+            .any(|p| p.strip_prefix("mem-merge=").is_some_and(off)),
+        "-object" | "--object" if w[1].trim_start().starts_with('{') => {
+            serde_json::from_str::<serde_json::Value>(&w[1])
+                .ok()
+                .and_then(|v| v.get("merge").cloned())
+                .is_some_and(|m| m == serde_json::Value::Bool(false) || m.as_str().is_some_and(off))
+        }
+        "-object" | "--object" => w[1]
+            .split(',')
+            .any(|p| p.strip_prefix("merge=").is_some_and(off)),
+        _ => false,
+    })
+}
+
 /// The identity of a running process (empty if it exited or has no such flags).
 pub fn identity(pid: u32) -> VmIdentity {
     fs::read(format!("/proc/{pid}/cmdline"))
@@ -143,6 +166,10 @@ pub struct Vm {
     pub guest_memory_bytes: u64,
     pub ram: Vec<RamMapping>,
     pub mergeability: Mergeability,
+    /// Its command line turns merging off (QEMU `mem-merge=off` or a backend's
+    /// `merge=off`): the operator's choice, which memfabric never overrides.
+    #[serde(default)]
+    pub merge_off: bool,
 }
 
 /// What to look for besides the known VMMs.
@@ -292,6 +319,7 @@ pub fn describe(pid: u32, kind: VmKind) -> Option<Vm> {
         uuid: id.uuid,
         guest_memory_bytes,
         mergeability: mergeability(&ram),
+        merge_off: kind == VmKind::Qemu && merge_off(&cmdline),
         ram,
     })
 }
@@ -489,6 +517,30 @@ pub fn discover(sel: &Selector) -> BTreeMap<u32, Vm> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn args(s: &str) -> Vec<String> {
+        s.split_whitespace().map(str::to_owned).collect()
+    }
+
+    #[test]
+    fn mem_merge_off_is_seen() {
+        assert!(merge_off(&args("qemu -machine pc,accel=kvm,mem-merge=off")));
+        assert!(merge_off(&args("qemu -M q35,mem-merge=off")));
+        assert!(!merge_off(&args("qemu -machine pc,mem-merge=on")));
+        assert!(!merge_off(&args("qemu -m 1G")));
+        // A backend of its own with merging off, in either syntax.
+        assert!(merge_off(&args(
+            "qemu -object memory-backend-ram,id=m0,size=1G,merge=off -machine memory-backend=m0"
+        )));
+        assert!(merge_off(&args(
+            r#"qemu -object {"qom-type":"memory-backend-ram","id":"m0","size":1073741824,"merge":false}"#
+        )));
+        assert!(!merge_off(&args(
+            "qemu -object memory-backend-ram,id=m0,size=1G,merge=on"
+        )));
+        // Only as an option's value: a guest named so is not taken for it.
+        assert!(!merge_off(&args("qemu -name mem-merge=off")));
+    }
 
     #[test]
     fn vmm_kinds_from_executable_names() {

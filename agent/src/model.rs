@@ -216,6 +216,9 @@ pub struct HintsStatus {
     pub stop_seconds_total: f64,
     /// Mapping pieces memfabric changed and will put back.
     pub changed_ranges: u64,
+    /// VMs never hinted, and why (e.g. their operator turned merging off).
+    #[serde(default)]
+    pub left_alone: Vec<String>,
     /// The latest decisions, oldest first.
     pub recent: Vec<HintView>,
 }

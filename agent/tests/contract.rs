@@ -28,6 +28,7 @@ fn exposition() -> String {
                 guest_memory_bytes: 1 << 30,
                 ram: vec![],
                 mergeability: Mergeability::Mergeable,
+                merge_off: false,
             },
             ksm: Default::default(),
             probes: Some(VmProbeCounters::default()),

@@ -73,15 +73,7 @@ pub fn socket_from_cmdline(args: &[String]) -> Option<PathBuf> {
     None
 }
 
-/// Whether the command line turns merging off (`-machine ...,mem-merge=off`).
-pub fn merge_off(args: &[String]) -> bool {
-    args.windows(2)
-        .filter(|w| w[0] == "-machine" || w[0] == "--machine" || w[0] == "-M")
-        .any(|w| {
-            w[1].split(',')
-                .any(|p| matches!(p, "mem-merge=off" | "mem-merge=no" | "mem-merge=false"))
-        })
-}
+pub use crate::inventory::merge_off;
 
 /// One QMP session.
 pub struct Qmp {
@@ -267,13 +259,5 @@ mod tests {
             None
         );
         assert_eq!(socket_from_cmdline(&args("qemu -qmp")), None);
-    }
-
-    #[test]
-    fn mem_merge_off_is_seen() {
-        assert!(merge_off(&args("qemu -machine pc,accel=kvm,mem-merge=off")));
-        assert!(merge_off(&args("qemu -M q35,mem-merge=off")));
-        assert!(!merge_off(&args("qemu -machine pc,mem-merge=on")));
-        assert!(!merge_off(&args("qemu -m 1G")));
     }
 }

@@ -147,8 +147,20 @@ pub fn hints_line(state: &HostState) -> Option<String> {
             d.outcome
         )
     });
+    let left: String = h
+        .left_alone
+        .iter()
+        .map(|w| {
+            let w: String = w
+                .chars()
+                .take(512)
+                .map(|c| if c.is_control() { '?' } else { c })
+                .collect();
+            format!("\n  left alone: {w}")
+        })
+        .collect();
     Some(format!(
-        "hints: {}; {} applied, {} already so, {} failed, {} range(s) changed{}",
+        "hints: {}; {} applied, {} already so, {} failed, {} range(s) changed{}{left}",
         if h.acting {
             "applied".to_owned()
         } else {

@@ -152,6 +152,7 @@ mod tests {
                 guest_memory_bytes: 0,
                 ram: vec![],
                 mergeability: Mergeability::Unknown,
+                merge_off: false,
             },
             ksm: memfabric::ksm_host::KsmStat {
                 merging_pages: merged,
