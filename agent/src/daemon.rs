@@ -394,6 +394,11 @@ impl Daemon {
             &self.vms,
             &self.ranking.ranked,
         );
+        let hints_settling = self.hinting.settling(
+            self.started.elapsed().as_secs_f64(),
+            &self.vms,
+            &self.ranking.ranked,
+        );
         let counters = self.probes.counters()?;
         let ksm = KsmHost::read_with(self.ksmd);
         let ksmd = self.steering.as_mut().map(|steering| {
@@ -425,6 +430,7 @@ impl Daemon {
                     .map(|r| r.total.potential_savings_bytes / 4096),
                 mem_available_bytes,
                 mem_total_bytes,
+                hints_settling,
             };
             steering.tick(&obs, thread_cpu() - cpu0)
         });

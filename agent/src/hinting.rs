@@ -18,6 +18,9 @@ use crate::{
 const RECENT: usize = 256;
 /// Injections per ranking at most (each stops its VM for well under a millisecond).
 const MAX_PER_RANKING: usize = 64;
+/// The longest ksmd's fast scan waits for the hints' first verdict on a VM
+/// ([`Hinting::settling`]): a slow scanner must not keep a host unmerged.
+const SETTLE_MAX_SECONDS: f64 = 90.0;
 
 pub struct Hinting {
     planner: HintPlanner,
@@ -25,6 +28,8 @@ pub struct Hinting {
     domains: Vec<Domain>,
     last_passes: Option<u32>,
     status: HintsStatus,
+    /// When each VM was first seen (for [`SETTLE_MAX_SECONDS`]).
+    first_seen: BTreeMap<u32, f64>,
 }
 
 impl Hinting {
@@ -51,6 +56,7 @@ impl Hinting {
             planner: HintPlanner::new(HintPolicy::default()),
             control,
             last_passes: None,
+            first_seen: BTreeMap::new(),
             status: HintsStatus {
                 acting: note.is_none(),
                 note,
@@ -65,6 +71,49 @@ impl Hinting {
         self.domains
             .iter()
             .find(|d| d.contains(&vm.name, vm.uuid.as_deref()))
+    }
+
+    /// How the planner may hint `vm`; None: not at all (left alone, or in no domain while
+    /// domains are configured).
+    fn sharing(&self, vm: &Vm) -> Option<Sharing> {
+        if vm.merge_off {
+            return None;
+        }
+        match (self.domains.is_empty(), self.domain(vm)) {
+            (true, _) => Some(Sharing::Ranges),
+            (false, Some(d)) if d.share => Some(Sharing::Ranges),
+            (false, Some(_)) => Some(Sharing::Never),
+            (false, None) => None,
+        }
+    }
+
+    /// Whether ksmd should still hold its fast scan for the hints: they act, and some
+    /// mergeable VM they may change has not been ranked often enough for a verdict (a
+    /// volatile range is taken out after `stable_after + to_unmergeable_after` passes; a
+    /// VM of a domain that does not share after one). Merging such a VM fast first means a
+    /// COW break for every merged page the verdict takes out again, and, for a domain
+    /// that must not share, merging it at all. Each VM holds at most
+    /// [`SETTLE_MAX_SECONDS`] from when it was first seen.
+    pub fn settling(&mut self, t: f64, vms: &BTreeMap<u32, Vm>, ranked: &RankedRanges) -> bool {
+        self.first_seen.retain(|pid, _| vms.contains_key(pid));
+        if !self.status.acting {
+            return false;
+        }
+        let ranges_need =
+            u32::from(ranked.stable_after) + self.planner.policy().to_unmergeable_after;
+        let mut settling = false;
+        for (pid, vm) in vms {
+            let since = *self.first_seen.entry(*pid).or_insert(t);
+            let need = match self.sharing(vm) {
+                _ if vm.mergeability != crate::inventory::Mergeability::Mergeable => continue,
+                None => continue,
+                Some(Sharing::Never) => 1,
+                Some(Sharing::Ranges) => ranges_need,
+            };
+            let passes = ranked.vm_passes.get(pid).copied().unwrap_or(0);
+            settling |= passes < need && t - since < SETTLE_MAX_SECONDS;
+        }
+        settling
     }
 
     /// A VM is gone: nothing of it to put back, nothing to plan.
@@ -89,11 +138,8 @@ impl Hinting {
                 self.status.left_alone.push(why);
                 continue;
             }
-            let sharing = match (self.domains.is_empty(), self.domain(vm)) {
-                (true, _) => Sharing::Ranges,
-                (false, Some(d)) if d.share => Sharing::Ranges,
-                (false, Some(_)) => Sharing::Never,
-                (false, None) => continue,
+            let Some(sharing) = self.sharing(vm) else {
+                continue;
             };
             let Ok(maps) = crate::scan::targets(*pid) else {
                 continue;
@@ -270,5 +316,69 @@ mod tests {
             }
         }
         drop(ram);
+    }
+
+    /// ksmd's fast scan waits until the acting hints could judge every mergeable VM they
+    /// may change, and never longer than the cap.
+    #[test]
+    fn ksmd_waits_for_the_first_verdicts_only() {
+        let dir = std::env::temp_dir().join(format!("memfabric-settle-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let lock = crate::actuate::StateLock::acquire(&dir, None, |_| {}).unwrap();
+        let (control, _) = HintControl::begin(std::sync::Arc::new(lock), false).unwrap();
+        let domain = |name: &str, re: &str, share| Domain {
+            name: name.into(),
+            name_match: Some(regex::Regex::new(re).unwrap()),
+            uuids: vec![],
+            share,
+        };
+        let mut h = Hinting::new(
+            Some(control),
+            vec![
+                domain("tenants", "^a$", true),
+                domain("vault", "^v$", false),
+            ],
+        );
+        let vm = |pid, name: &str, merge_off| Vm {
+            pid,
+            kind: VmKind::Qemu,
+            name: name.into(),
+            uuid: None,
+            guest_memory_bytes: 1 << 30,
+            ram: vec![],
+            mergeability: Mergeability::Mergeable,
+            merge_off,
+        };
+        let ranked = |passes: &[(u32, u32)]| RankedRanges {
+            vm_passes: passes.iter().copied().collect(),
+            stable_after: 2,
+            ..RankedRanges::default()
+        };
+        let vms =
+            |list: Vec<Vm>| -> BTreeMap<u32, Vm> { list.into_iter().map(|v| (v.pid, v)).collect() };
+        // A shareable VM needs stable_after + 2 passes; one of a domain that does not share,
+        // one. VMs in no domain and guests whose operator turned merging off hold nothing.
+        let host = vms(vec![
+            vm(1, "a", false),
+            vm(2, "v", false),
+            vm(3, "b", false),
+            vm(4, "a", true),
+        ]);
+        assert!(h.settling(0.0, &host, &ranked(&[])));
+        assert!(h.settling(5.0, &host, &ranked(&[(1, 3), (2, 1)])));
+        assert!(h.settling(6.0, &host, &ranked(&[(1, 4), (2, 0)])));
+        assert!(!h.settling(7.0, &host, &ranked(&[(1, 4), (2, 1)])));
+        // A VM that arrives later holds again, at most SETTLE_MAX_SECONDS.
+        let mut later = host.clone();
+        later.insert(5, vm(5, "a", false));
+        let judged = ranked(&[(1, 9), (2, 9)]);
+        assert!(h.settling(100.0, &later, &judged));
+        assert!(h.settling(100.0 + SETTLE_MAX_SECONDS - 1.0, &later, &judged));
+        assert!(!h.settling(100.0 + SETTLE_MAX_SECONDS, &later, &judged));
+        // Not acting (no control): nothing is held.
+        let mut watching = Hinting::new(None, vec![]);
+        assert!(!watching.settling(0.0, &host, &ranked(&[])));
+        drop(h);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

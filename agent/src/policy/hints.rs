@@ -128,6 +128,10 @@ impl HintPlanner {
         }
     }
 
+    pub fn policy(&self) -> &HintPolicy {
+        &self.policy
+    }
+
     /// Forgets VMs that are gone.
     pub fn retain(&mut self, pids: &[u32]) {
         self.ranges.retain(|(p, _), _| pids.contains(p));

@@ -108,6 +108,10 @@ pub struct Observation {
     pub potential_savings_pages: Option<u64>,
     pub mem_available_bytes: u64,
     pub mem_total_bytes: u64,
+    /// The merge hints act and have not judged every VM yet: ksmd holds its fast scan
+    /// (see [`Reason::HintsSettling`]).
+    #[serde(default)]
+    pub hints_settling: bool,
 }
 
 /// Settings for ksmd.
@@ -146,10 +150,15 @@ pub enum Reason {
     MemoryPressure,
     /// Nothing changed: trickle.
     Quiet,
+    /// Hot, but held at the quiet pace while the merge hints have not judged every VM yet:
+    /// merging a range the next ranking takes out again costs a COW break per page (the
+    /// timeline bench lost thousands in its first 30 s that way). The heat is renewed
+    /// when the hold ends; memory pressure is never held.
+    HintsSettling,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 7] = [
+    pub const ALL: [Reason; 8] = [
         Reason::Starting,
         Reason::NewMemory,
         Reason::Merging,
@@ -157,6 +166,7 @@ impl Reason {
         Reason::Unmerged,
         Reason::MemoryPressure,
         Reason::Quiet,
+        Reason::HintsSettling,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -168,6 +178,7 @@ impl Reason {
             Reason::Unmerged => "unmerged",
             Reason::MemoryPressure => "memory_pressure",
             Reason::Quiet => "quiet",
+            Reason::HintsSettling => "hints_settling",
         }
     }
 }
@@ -206,6 +217,8 @@ pub struct KsmdController {
     cost: f64,
     savings_seen: u64,
     last: Option<Decision>,
+    /// Hot but held for the hints (renewed when released).
+    held: bool,
 }
 
 impl KsmdController {
@@ -221,6 +234,7 @@ impl KsmdController {
             cost: PRIOR_COST_S,
             savings_seen: 0,
             last: None,
+            held: false,
         }
     }
 
@@ -269,7 +283,15 @@ impl KsmdController {
             None => self.heat(obs, Reason::Starting, p.hot_scans),
             Some(prev) => self.learn(&prev, obs),
         }
-        let hot = self.is_hot(obs);
+        let mut hot = self.is_hot(obs);
+        if (hot || self.held) && obs.hints_settling && !pressure(&p, obs) {
+            self.held = true;
+            hot = false;
+        } else if std::mem::take(&mut self.held) {
+            // Released: the trigger's scans and deadline start now, not when it fired.
+            self.heat(obs, self.hot_reason, p.hot_scans);
+            hot = self.is_hot(obs);
+        }
         let scan = self
             .scan_pages
             .unwrap_or(0.0)
@@ -283,7 +305,11 @@ impl KsmdController {
         } else {
             (
                 (scan / p.idle_scan_seconds).max(p.idle_min_pages_per_sec),
-                Reason::Quiet,
+                if self.held {
+                    Reason::HintsSettling
+                } else {
+                    Reason::Quiet
+                },
             )
         };
         let budget = self.budget_pace();
@@ -357,9 +383,7 @@ impl KsmdController {
                 self.savings_seen = s;
             }
         }
-        if obs.mem_total_bytes > 0
-            && (obs.mem_available_bytes as f64) < p.pressure_fraction * obs.mem_total_bytes as f64
-        {
+        if pressure(&p, obs) {
             self.heat(obs, Reason::MemoryPressure, 1);
         }
     }
@@ -367,6 +391,12 @@ impl KsmdController {
 
 /// Rounds a pace up to quarter-octave steps (19 %), so that small input noise does not
 /// move it.
+/// MemAvailable under the policy's fraction of MemTotal.
+fn pressure(p: &KsmdPolicy, obs: &Observation) -> bool {
+    obs.mem_total_bytes > 0
+        && (obs.mem_available_bytes as f64) < p.pressure_fraction * obs.mem_total_bytes as f64
+}
+
 fn quantize(pace: f64) -> f64 {
     if !(pace.is_finite() && pace > 0.0) {
         return 1.0;

@@ -82,11 +82,21 @@ impl RankPolicy {
     ) -> RangeClass {
         // Pages that use memory of their own (zero-frame pages cost nothing).
         let present = f64::from(r.pages_present - r.zero_frame_pages);
-        if present == 0.0 || passes <= u32::from(stable_after) {
+        if present == 0.0 {
+            return RangeClass::ColdUnknown;
+        }
+        // Broken merges are the probes' direct evidence, not the scan's: they need no scan
+        // history. Waiting for `stable_after` passes first let ksmd and the guest trade
+        // thousands of COW breaks while the scanner caught up (a slow first pass on a busy
+        // host).
+        if heat.cow_breaks >= self.cow_breaks_volatile {
+            return RangeClass::Volatile;
+        }
+        if passes <= u32::from(stable_after) {
             return RangeClass::ColdUnknown;
         }
         let churn = f64::from(r.volatile_pages) + f64::from(heat.write_protect_faults);
-        if heat.cow_breaks >= self.cow_breaks_volatile || churn >= self.volatile_share * present {
+        if churn >= self.volatile_share * present {
             return RangeClass::Volatile;
         }
         let known = f64::from(r.stable_pages + r.volatile_pages + r.zero_pages);
@@ -124,6 +134,8 @@ pub struct RankedRanges {
     pub passes: u32,
     /// Passes over each VM, by PID.
     pub vm_passes: BTreeMap<u32, u32>,
+    /// Unchanged passes before a page counts as stable (none is ranked before).
+    pub stable_after: u8,
     /// Seconds of probe heat the ranking saw (since the previous ranking).
     pub heat_window_seconds: f64,
     pub policy: RankPolicy,
@@ -166,6 +178,7 @@ impl RankedRanges {
         RankedRanges {
             passes: report.passes,
             vm_passes: report.vm_passes.clone(),
+            stable_after: report.stable_after,
             heat_window_seconds: window_seconds,
             policy,
             by_pid,
@@ -257,6 +270,20 @@ mod tests {
         assert_eq!(c(range(512, 100, 0, 0, 100), cool), RangeClass::ColdUnknown);
         assert_eq!(
             p.classify(&range(512, 500, 0, 0, 400), cool, 2, 2),
+            RangeClass::ColdUnknown
+        );
+        // Broken merges need no scan history: volatile from the first pass on.
+        assert_eq!(
+            p.classify(&range(512, 0, 0, 0, 0), hot, 1, 2),
+            RangeClass::Volatile
+        );
+        // Write faults alone, without history, could be a guest populating memory.
+        let populating = PageHeat {
+            write_protect_faults: 500,
+            cow_breaks: 0,
+        };
+        assert_eq!(
+            p.classify(&range(512, 0, 0, 0, 0), populating, 1, 2),
             RangeClass::ColdUnknown
         );
     }

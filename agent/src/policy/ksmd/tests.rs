@@ -324,3 +324,40 @@ proptest! {
         prop_assert!(changes <= 1, "{changes} knob changes on a steady host");
     }
 }
+
+#[test]
+fn hot_scans_wait_for_the_hints_then_start_afresh() {
+    let mut c = KsmdController::new(KsmdPolicy::default());
+    let mut o = Observation {
+        hints_settling: true,
+        ..base()
+    };
+    let mut d = vec![c.decide(&o)];
+    // Held for 150 s: longer than a trigger stays hot on its own.
+    while o.t < 150.0 {
+        o = advance(&o, d.last().unwrap().knobs, 2.0, 2e-6, 200_000, 0);
+        d.push(c.decide(&o));
+    }
+    for x in &d {
+        assert_eq!(x.reason, Reason::HintsSettling, "{x:?}");
+        assert!(x.knobs.pace() <= 2_000.0, "held at the quiet pace: {x:?}");
+    }
+    // The hints have judged every VM: the start's heat begins now, in full.
+    o.hints_settling = false;
+    o = advance(&o, d.last().unwrap().knobs, 2.0, 2e-6, 200_000, 0);
+    let released = c.decide(&o);
+    assert_eq!(released.reason, Reason::Starting, "{released:?}");
+    assert!(released.knobs.pace() >= 25_000.0 * 0.95, "{released:?}");
+
+    // Memory pressure is never held.
+    let mut c = KsmdController::new(KsmdPolicy::default());
+    let o = Observation {
+        hints_settling: true,
+        mem_available_bytes: 1 << 30,
+        ..base()
+    };
+    c.decide(&o);
+    let d = c.decide(&advance(&o, c.last().unwrap().knobs, 2.0, 2e-6, 200_000, 0));
+    assert_ne!(d.reason, Reason::HintsSettling, "{d:?}");
+    assert!(d.knobs.pace() >= 5_000.0, "{d:?}");
+}
