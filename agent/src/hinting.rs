@@ -89,7 +89,8 @@ impl Hinting {
 
     /// Whether ksmd should still hold its fast scan for the hints: they act, and some
     /// mergeable VM they may change has not been ranked often enough for a verdict (a
-    /// volatile range is taken out after `stable_after + to_unmergeable_after` passes; a
+    /// volatile range is taken out after `stable_after + to_unmergeable_after` passes, one
+    /// more is spared; a
     /// VM of a domain that does not share after one). Merging such a VM fast first means a
     /// COW break for every merged page the verdict takes out again, and, for a domain
     /// that must not share, merging it at all. Each VM holds at most
@@ -99,8 +100,9 @@ impl Hinting {
         if !self.status.acting {
             return false;
         }
+        // One ranking to spare: churn the scan sees only every other pass.
         let ranges_need =
-            u32::from(ranked.stable_after) + self.planner.policy().to_unmergeable_after;
+            u32::from(ranked.stable_after) + self.planner.policy().to_unmergeable_after + 1;
         let mut settling = false;
         for (pid, vm) in vms {
             let since = *self.first_seen.entry(*pid).or_insert(t);
@@ -356,7 +358,7 @@ mod tests {
         };
         let vms =
             |list: Vec<Vm>| -> BTreeMap<u32, Vm> { list.into_iter().map(|v| (v.pid, v)).collect() };
-        // A shareable VM needs stable_after + 2 passes; one of a domain that does not share,
+        // A shareable VM needs stable_after + 3 passes; one of a domain that does not share,
         // one. VMs in no domain and guests whose operator turned merging off hold nothing.
         let host = vms(vec![
             vm(1, "a", false),
@@ -365,9 +367,9 @@ mod tests {
             vm(4, "a", true),
         ]);
         assert!(h.settling(0.0, &host, &ranked(&[])));
-        assert!(h.settling(5.0, &host, &ranked(&[(1, 3), (2, 1)])));
-        assert!(h.settling(6.0, &host, &ranked(&[(1, 4), (2, 0)])));
-        assert!(!h.settling(7.0, &host, &ranked(&[(1, 4), (2, 1)])));
+        assert!(h.settling(5.0, &host, &ranked(&[(1, 4), (2, 1)])));
+        assert!(h.settling(6.0, &host, &ranked(&[(1, 5), (2, 0)])));
+        assert!(!h.settling(7.0, &host, &ranked(&[(1, 5), (2, 1)])));
         // A VM that arrives later holds again, at most SETTLE_MAX_SECONDS.
         let mut later = host.clone();
         later.insert(5, vm(5, "a", false));

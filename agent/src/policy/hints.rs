@@ -3,8 +3,8 @@
 //! fault, and ksmd merging it again), `stable-duplicate` ranges join it. Pure: the ranking
 //! and the time in, decisions with their reasons out.
 //!
-//! - Hysteresis: a range is made unmergeable after `to_unmergeable_after` consecutive
-//!   rankings as volatile, and mergeable again only after `to_mergeable_after` consecutive
+//! - Hysteresis: a range is made unmergeable after `to_unmergeable_after` rankings as
+//!   volatile with no calm one between (an unknown one neither counts nor resets), and mergeable again only after `to_mergeable_after` consecutive
 //!   calm (stable-duplicate) ones, doubled each time it was let back in before (up to 64
 //!   times): once out of KSM a rewritten page raises no fault, so "calm" cannot be told
 //!   from "rewritten with the same bytes", and each readmission costs a burst of COW
@@ -171,10 +171,15 @@ impl HintPlanner {
                                 st.calm_streak += 1;
                                 st.volatile_streak = 0;
                             }
-                            RangeClass::StableUnique | RangeClass::ColdUnknown => {
+                            RangeClass::StableUnique => {
                                 st.volatile_streak = 0;
                                 st.calm_streak = 0;
                             }
+                            // Not knowing is no evidence either way: a page rewritten
+                            // every few seconds reads as changed in one pass and as not
+                            // yet settled in the next, so resetting here let churn that
+                            // the scan sees only every other pass stay in KSM for ever.
+                            RangeClass::ColdUnknown => st.calm_streak = 0,
                         }
                         if st.volatile_streak >= self.policy.to_unmergeable_after
                             && st.applied != Some(Target::Unmergeable)

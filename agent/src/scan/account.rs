@@ -189,9 +189,40 @@ pub struct Sketches {
 }
 
 /// One scanned mapping of a process: where it starts and each page's history.
+#[derive(Clone, Debug, PartialEq)]
 pub struct Mapping {
     pub start: u64,
     pub pages: Vec<PageState>,
+}
+
+impl Mapping {
+    /// The mapping `[start, start + pages pages)` with the history `known` holds for its
+    /// addresses. A VMA that merge hints split (or joined again) keeps its pages'
+    /// histories: keyed by the old mapping's place and size, a `madvise` on one range
+    /// blanked the whole guest RAM for `stable_after` passes, and the ranking went blind
+    /// just when ksmd merged and the churn broke the merges.
+    pub fn carried(known: &[Mapping], start: u64, pages: usize) -> Mapping {
+        let page = PAGE as u64;
+        let end = start + pages as u64 * page;
+        let mut m = Mapping {
+            start,
+            pages: vec![PageState::ABSENT; pages],
+        };
+        for k in known {
+            let k_end = k.start + k.pages.len() as u64 * page;
+            let (a, b) = (start.max(k.start), end.min(k_end));
+            if a >= b {
+                continue;
+            }
+            let (n, from, to) = (
+                ((b - a) / page) as usize,
+                ((a - k.start) / page) as usize,
+                ((a - start) / page) as usize,
+            );
+            m.pages[to..to + n].copy_from_slice(&k.pages[from..from + n]);
+        }
+        m
+    }
 }
 
 /// Figures over `procs` (PID order) with duplicates counted across all of them; with
@@ -308,6 +339,32 @@ pub fn account(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_split_or_joined_mapping_keeps_its_pages_history() {
+        let p = PAGE as u64;
+        let st = |i: u64| PageState::new(i << 16, F_PRESENT, i as u16);
+        let whole = Mapping {
+            start: 100 * p,
+            pages: (0..10).map(st).collect(),
+        };
+        // madvise on pages 3..6 splits the VMA in three.
+        let known = [whole.clone()];
+        let parts = [
+            Mapping::carried(&known, 100 * p, 3),
+            Mapping::carried(&known, 103 * p, 3),
+            Mapping::carried(&known, 106 * p, 4),
+        ];
+        assert_eq!(parts[1].pages, (3..6).map(st).collect::<Vec<_>>());
+        assert_eq!(parts[2].pages, (6..10).map(st).collect::<Vec<_>>());
+        // Put back: joined again, every page's history intact.
+        assert_eq!(Mapping::carried(&parts, 100 * p, 10), whole);
+        // Grown past what was known: the new pages start blank.
+        let grown = Mapping::carried(&known, 98 * p, 14);
+        assert_eq!(grown.pages[..2], [PageState::ABSENT; 2]);
+        assert_eq!(grown.pages[2..12], whole.pages[..]);
+        assert_eq!(grown.pages[12..], [PageState::ABSENT; 2]);
+    }
     use crate::scan::page_state::PageState;
 
     fn page(hash: u64, flags: u8, unchanged: u16) -> PageState {

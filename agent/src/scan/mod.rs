@@ -195,15 +195,16 @@ impl Scanner {
             let mut mappings = Vec::with_capacity(ranges.len());
             for (start, end) in ranges {
                 let pages = ((end - start) as usize) / PAGE;
-                // A mapping seen before (same place, same size) keeps its history.
-                let mut m = known
+                // Pages seen before keep their history, whatever became of their VMA. The
+                // same mapping is moved, not copied (mappings are disjoint: no other one
+                // needs its pages).
+                let mut m = match known
                     .iter()
                     .position(|k| k.start == start && k.pages.len() == pages)
-                    .map(|i| known.swap_remove(i))
-                    .unwrap_or_else(|| Mapping {
-                        start,
-                        pages: vec![PageState::ABSENT; pages],
-                    });
+                {
+                    Some(i) => known.swap_remove(i),
+                    None => Mapping::carried(&known, start, pages),
+                };
                 self.scan_mapping(pid, &map, &mem, &mut m, &mut advance)?;
                 mappings.push(m);
             }

@@ -57,6 +57,27 @@ fn a_volatile_range_leaves_after_two_rankings_and_returns_after_three_calm_ones(
 }
 
 #[test]
+fn an_unknown_ranking_between_two_volatile_ones_does_not_reset_the_count() {
+    use RangeClass::*;
+    let mut p = HintPlanner::new(HintPolicy::default());
+    let mut t = 0.0;
+    let mut step = |p: &mut HintPlanner, c: RangeClass| {
+        t += 1.0;
+        p.plan(t, &[vm(1, &[c], Sharing::Ranges)])
+    };
+    // Churn the scan sees every other pass.
+    assert!(step(&mut p, Volatile).is_empty());
+    assert!(step(&mut p, ColdUnknown).is_empty());
+    let out = step(&mut p, Volatile);
+    assert_eq!(out[0].target, Target::Unmergeable, "{out:?}");
+    // A calm ranking between does reset it.
+    let mut p = HintPlanner::new(HintPolicy::default());
+    for c in [Volatile, StableUnique, Volatile, StableDuplicate, Volatile] {
+        assert!(step(&mut p, c).is_empty(), "{c:?}");
+    }
+}
+
+#[test]
 fn each_readmission_needs_twice_the_calm() {
     use RangeClass::*;
     let mut p = HintPlanner::new(HintPolicy {
