@@ -34,6 +34,10 @@ pub struct UpArgs {
     /// Seconds to wait for every guest to be ready.
     #[arg(long, default_value_t = 240)]
     pub boot_timeout: u64,
+    /// Boot with `-machine mem-merge=off` (what libvirt's `<nosharepages/>` does): guests
+    /// whose operator turned merging off, which memfabric must leave alone.
+    #[arg(long)]
+    pub no_mem_merge: bool,
 }
 
 #[derive(Args, Clone)]
@@ -55,6 +59,7 @@ impl UpArgs {
             kernels: self.kernel.clone(),
             first: 1,
             boot_timeout: Duration::from_secs(self.boot_timeout),
+            mem_merge: !self.no_mem_merge,
         }
     }
 }

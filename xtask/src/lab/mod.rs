@@ -41,6 +41,8 @@ pub struct UpOptions {
     /// First guest number (names are lab-N).
     pub first: u32,
     pub boot_timeout: Duration,
+    /// QEMU's `mem-merge` (on by default; off: the operator's "never merge this guest").
+    pub mem_merge: bool,
 }
 
 impl Default for UpOptions {
@@ -52,6 +54,7 @@ impl Default for UpOptions {
             kernels: Vec::new(),
             first: 1,
             boot_timeout: Duration::from_secs(240),
+            mem_merge: true,
         }
     }
 }
@@ -158,6 +161,7 @@ pub fn start(
     workload: Workload,
     mem_mb: u32,
     kernel: usize,
+    mem_merge: bool,
 ) -> anyhow::Result<Guest> {
     let mut all = guests();
     all.retain(qemu::alive);
@@ -176,6 +180,7 @@ pub fn start(
         kernel: &images.kernels[kernel % images.kernels.len()],
         initramfs: &images.initramfs,
         workload,
+        mem_merge,
     };
     let g = qemu::boot(&spec, &dir)?;
     eprintln!(
@@ -207,6 +212,7 @@ pub fn up(opts: &UpOptions) -> anyhow::Result<Vec<Guest>> {
             Workload::new(opts.profile, n),
             opts.mem_mb,
             i as usize,
+            opts.mem_merge,
         ) {
             Ok(g) => started.push(g),
             Err(e) => {

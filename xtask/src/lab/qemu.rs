@@ -34,6 +34,8 @@ pub struct GuestSpec<'a> {
     pub kernel: &'a Kernel,
     pub initramfs: &'a Path,
     pub workload: Workload,
+    /// QEMU's `-machine mem-merge` (QEMU's default: on).
+    pub mem_merge: bool,
 }
 
 fn new_uuid() -> anyhow::Result<String> {
@@ -75,6 +77,11 @@ pub fn boot(spec: &GuestSpec<'_>, dir: &Path) -> anyhow::Result<Guest> {
                 "unix:{},server=on,wait=off",
                 dir.join(format!("{}.qmp", spec.name)).display()
             ))
+            .args(if spec.mem_merge {
+                &[][..]
+            } else {
+                &["-machine", "mem-merge=off"][..]
+            })
             .arg("-daemonize"),
     )
     .with_context(|| {
