@@ -460,10 +460,11 @@ fn ranges_are_ranked_from_scan_history_and_cow_heat() {
     assert!(hot, "no COW heat ever reached /v1/ranges");
     eprintln!("COW breaks in one ranking window: {breaks}, first range: {class:?}");
     // The touched pages cover the first whole range from its start up to 2 MiB into the
-    // region: all of it when the region is 2 MiB aligned.
+    // region: all of it when the region is 2 MiB aligned. Broken merges make a range
+    // volatile from a quarter of its pages on.
     let touched_in_first = (dup_span.0 + (2 << 20)).saturating_sub(first_whole) / 4096;
     assert!(
-        class.as_deref() == Some("volatile") || touched_in_first < 8,
+        class.as_deref() == Some("volatile") || touched_in_first < 128,
         "range {first_whole:#x} with {touched_in_first} broken merges ranked {class:?}"
     );
 

@@ -37,7 +37,11 @@ fn a_guest_whose_operator_turned_merging_off_is_left_alone() {
     .expect("booting a lab guest");
     let g = &guests[0];
     let vm = describe(g.pid, VmKind::Qemu).expect("the guest");
-    assert!(vm.merge_off, "mem-merge=off not seen on {}'s command line", g.name);
+    assert!(
+        vm.merge_off,
+        "mem-merge=off not seen on {}'s command line",
+        g.name
+    );
     assert!(
         !vm.ram.is_empty() && vm.ram.iter().all(|m| !m.mergeable),
         "QEMU marked RAM mergeable despite mem-merge=off: {:?}",
@@ -97,7 +101,10 @@ fn a_guest_whose_operator_turned_merging_off_is_left_alone() {
     let _ = tx.send(());
     daemon.join().unwrap().expect("daemon ended with an error");
 
-    assert!(judged, "the guest was never ranked with stable duplicates: {r:?}");
+    assert!(
+        judged,
+        "the guest was never ranked with stable duplicates: {r:?}"
+    );
     assert_eq!(hints["acting"], true, "{hints}");
     let left: Vec<&str> = hints["left_alone"]
         .as_array()
@@ -106,7 +113,8 @@ fn a_guest_whose_operator_turned_merging_off_is_left_alone() {
         .filter_map(|v| v.as_str())
         .collect();
     assert!(
-        left.iter().any(|w| w.starts_with(&format!("{} (pid {})", g.name, g.pid))),
+        left.iter()
+            .any(|w| w.starts_with(&format!("{} (pid {})", g.name, g.pid))),
         "{hints}"
     );
     assert!(

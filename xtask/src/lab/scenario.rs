@@ -201,7 +201,14 @@ impl Scenario {
         {
             running.push((
                 i,
-                super::start(images, &g.name, g.workload(), self.mem_mb, kernel_of(g), true)?,
+                super::start(
+                    images,
+                    &g.name,
+                    g.workload(),
+                    self.mem_mb,
+                    kernel_of(g),
+                    true,
+                )?,
             ));
         }
         let first: Vec<Guest> = running.iter().map(|(_, g)| g.clone()).collect();
@@ -215,8 +222,14 @@ impl Scenario {
             );
             for (i, g) in self.guests.iter().enumerate() {
                 if g.start_s == t {
-                    let guest =
-                        super::start(images, &g.name, g.workload(), self.mem_mb, kernel_of(g), true)?;
+                    let guest = super::start(
+                        images,
+                        &g.name,
+                        g.workload(),
+                        self.mem_mb,
+                        kernel_of(g),
+                        true,
+                    )?;
                     eprintln!("scenario: t={t}s {} starts", g.name);
                     waiting_ready.push(guest.clone());
                     running.push((i, guest));
