@@ -4,7 +4,8 @@
 //! and the time in, decisions with their reasons out.
 //!
 //! - Hysteresis: a range is made unmergeable after `to_unmergeable_after` rankings as
-//!   volatile with no calm one between (an unknown one neither counts nor resets), and mergeable again only after `to_mergeable_after` consecutive
+//!   volatile with no calm one between (an unknown one neither counts nor resets), or at
+//!   once when a quarter of its pages broke their merges, and mergeable again only after `to_mergeable_after` consecutive
 //!   calm (stable-duplicate) ones, doubled each time it was let back in before (up to 64
 //!   times): once out of KSM a rewritten page raises no fault, so "calm" cannot be told
 //!   from "rewritten with the same bytes", and each readmission costs a burst of COW
@@ -94,8 +95,10 @@ pub struct VmRanges {
     pub sharing: Sharing,
     /// Its guest RAM mappings (what `Never` makes unmergeable).
     pub ram: Vec<(u64, u64)>,
-    /// Ranked ranges: (start, end, class), in address order.
-    pub ranges: Vec<(u64, u64, RangeClass)>,
+    /// Ranked ranges: (start, end, class, broken), in address order. `broken`: a quarter
+    /// or more of the range's pages broke their merges in the ranking's interval
+    /// ([`crate::scan::rank::RankPolicy::broken`]).
+    pub ranges: Vec<(u64, u64, RangeClass, bool)>,
 }
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -160,9 +163,17 @@ impl HintPlanner {
                     }
                 }
                 Sharing::Ranges => {
-                    for &(s, e, class) in &vm.ranges {
+                    for &(s, e, class, broken) in &vm.ranges {
                         let st = self.ranges.entry((vm.pid, s)).or_default();
                         match class {
+                            // Merges broken en masse are full evidence at once: they
+                            // come in one burst after each merge (the pages are not
+                            // merged again until ksmd returns), so a second ranking in a
+                            // row sees none, and each hot scan cost another burst.
+                            RangeClass::Volatile if broken => {
+                                st.volatile_streak = self.policy.to_unmergeable_after;
+                                st.calm_streak = 0;
+                            }
                             RangeClass::Volatile => {
                                 st.volatile_streak += 1;
                                 st.calm_streak = 0;

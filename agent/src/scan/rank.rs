@@ -71,6 +71,15 @@ impl Default for RankPolicy {
 }
 
 impl RankPolicy {
+    /// Whether a quarter or more of the range's pages (and `cow_breaks_volatile` at
+    /// least) broke their merges in the interval: volatile whatever the scan says.
+    pub fn broken(&self, r: &RangeCounts, heat: PageHeat) -> bool {
+        let present = f64::from(r.pages_present - r.zero_frame_pages);
+        heat.cow_breaks >= self.cow_breaks_volatile
+            && f64::from(heat.cow_breaks) >= self.volatile_share * present
+            && present > 0.0
+    }
+
     /// The class of range `r` after `passes` scans (`stable_after` of them are needed
     /// before any page can be stable), given the probes' heat over the last interval.
     pub fn classify(
@@ -91,10 +100,10 @@ impl RankPolicy {
         // host). Like any churn they must be a share of the range: a few rewritten pages
         // among hundreds of stable duplicates cost a few breaks, while taking the range
         // out of KSM costs all of its sharing (the timeline bench lost 8 MiB that way).
-        let cow = f64::from(heat.cow_breaks);
-        if heat.cow_breaks >= self.cow_breaks_volatile && cow >= self.volatile_share * present {
+        if self.broken(r, heat) {
             return RangeClass::Volatile;
         }
+        let cow = f64::from(heat.cow_breaks);
         if passes <= u32::from(stable_after) {
             return RangeClass::ColdUnknown;
         }
