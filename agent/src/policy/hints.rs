@@ -5,7 +5,7 @@
 //!
 //! - Hysteresis: a range is made unmergeable after `to_unmergeable_after` rankings as
 //!   volatile with no calm one between (an unknown one neither counts nor resets), or at
-//!   once when a quarter of its pages broke their merges, and mergeable again only after `to_mergeable_after` consecutive
+//!   once when the guest broke a quarter of its merges, and mergeable again only after `to_mergeable_after` consecutive
 //!   calm (stable-duplicate) ones, doubled each time it was let back in before (up to 64
 //!   times): once out of KSM a rewritten page raises no fault, so "calm" cannot be told
 //!   from "rewritten with the same bytes", and each readmission costs a burst of COW
@@ -95,8 +95,8 @@ pub struct VmRanges {
     pub sharing: Sharing,
     /// Its guest RAM mappings (what `Never` makes unmergeable).
     pub ram: Vec<(u64, u64)>,
-    /// Ranked ranges: (start, end, class, broken), in address order. `broken`: a quarter
-    /// or more of the range's pages broke their merges in the ranking's interval
+    /// Ranked ranges: (start, end, class, broken), in address order. `broken`: the guest
+    /// broke a quarter or more of the range's merges in the ranking's interval
     /// ([`crate::scan::rank::RankPolicy::broken`]).
     pub ranges: Vec<(u64, u64, RangeClass, bool)>,
 }

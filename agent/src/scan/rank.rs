@@ -71,13 +71,18 @@ impl Default for RankPolicy {
 }
 
 impl RankPolicy {
-    /// Whether a quarter or more of the range's pages (and `cow_breaks_volatile` at
-    /// least) broke their merges in the interval: volatile whatever the scan says.
+    /// Whether the guest undid a quarter or more of the merges in the range during the
+    /// interval (broken ones against those still merged at the scan, and
+    /// `cow_breaks_volatile` at least): volatile whatever the scan says. Relative to the
+    /// merges, not the range: a few rewritten pages among hundreds of merged stable
+    /// duplicates keep the range in KSM (its sharing is worth more than their breaks;
+    /// the timeline bench lost 8 MiB to an absolute count), while a churning range whose
+    /// merges were all broken is caught however few of its pages ksmd had merged (a
+    /// share of the range's pages missed those on the churn bench: 32 % of stock's COW).
     pub fn broken(&self, r: &RangeCounts, heat: PageHeat) -> bool {
-        let present = f64::from(r.pages_present - r.zero_frame_pages);
+        let cow = f64::from(heat.cow_breaks);
         heat.cow_breaks >= self.cow_breaks_volatile
-            && f64::from(heat.cow_breaks) >= self.volatile_share * present
-            && present > 0.0
+            && cow >= self.volatile_share * (f64::from(r.merged_pages) + cow)
     }
 
     /// The class of range `r` after `passes` scans (`stable_after` of them are needed
@@ -97,9 +102,7 @@ impl RankPolicy {
         // Broken merges are the probes' direct evidence, not the scan's: they need no scan
         // history. Waiting for `stable_after` passes first let ksmd and the guest trade
         // thousands of COW breaks while the scanner caught up (a slow first pass on a busy
-        // host). Like any churn they must be a share of the range: a few rewritten pages
-        // among hundreds of stable duplicates cost a few breaks, while taking the range
-        // out of KSM costs all of its sharing (the timeline bench lost 8 MiB that way).
+        // host). See `broken` for how many make a range volatile.
         if self.broken(r, heat) {
             return RangeClass::Volatile;
         }
@@ -278,15 +281,18 @@ mod tests {
             cow_breaks: 128,
         };
         assert_eq!(c(range(512, 500, 0, 0, 400), hot), RangeClass::Volatile);
-        // A few broken merges among hundreds of stable duplicates: sharing pays more.
+        // A few broken merges among hundreds of merged stable duplicates: sharing pays more.
         let few = PageHeat {
             write_protect_faults: 8,
             cow_breaks: 8,
         };
-        assert_eq!(
-            c(range(512, 500, 0, 0, 400), few),
-            RangeClass::StableDuplicate
-        );
+        let merged = RangeCounts {
+            merged_pages: 400,
+            ..range(512, 500, 0, 0, 400)
+        };
+        assert_eq!(c(merged, few), RangeClass::StableDuplicate);
+        // The same few breaks where they were all the merges there were: churn.
+        assert_eq!(c(range(512, 500, 0, 0, 400), few), RangeClass::Volatile);
         // Nothing present, or too little history.
         assert_eq!(c(range(0, 0, 0, 0, 0), cool), RangeClass::ColdUnknown);
         assert_eq!(c(range(512, 100, 0, 0, 100), cool), RangeClass::ColdUnknown);
