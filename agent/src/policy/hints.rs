@@ -5,11 +5,12 @@
 //!
 //! - Hysteresis: a range is made unmergeable after `to_unmergeable_after` rankings as
 //!   volatile with no calm one between (an unknown one neither counts nor resets), or at
-//!   once when the guest broke a quarter of its merges, and mergeable again only after `to_mergeable_after` consecutive
-//!   calm (stable-duplicate) ones, doubled each time it was let back in before (up to 64
-//!   times): once out of KSM a rewritten page raises no fault, so "calm" cannot be told
-//!   from "rewritten with the same bytes", and each readmission costs a burst of COW
-//!   breaks (the timeline bench showed the cycle); other classes change nothing. For the
+//!   once when the guest broke a quarter of its merges. It is made mergeable again only
+//!   after `to_mergeable_after` consecutive calm (stable-duplicate) ones, doubled each
+//!   time it was let back in before (up to 64 times): once out of KSM a rewritten page
+//!   raises no fault, so "calm" cannot be told from "rewritten with the same bytes", and
+//!   each readmission costs a burst of COW breaks (the timeline bench showed the cycle);
+//!   other classes change nothing. For the
 //!   same reason a range memfabric took out also stays out for `readmit_after_seconds`
 //!   (10 min), doubled per readmission likewise: a readmission is a blind probe, so it
 //!   is made rarely.
