@@ -155,10 +155,7 @@ impl Hinting {
                 .get(pid)
                 .map(|list| {
                     list.iter()
-                        .filter_map(|r| {
-                            let broken = ranked.policy.broken(&r.counts, r.heat);
-                            clamp(r.counts.start).map(|(s, e)| (s, e, r.class, broken))
-                        })
+                        .filter_map(|r| clamp(r.counts.start).map(|(s, e)| (s, e, r.class)))
                         .collect()
                 })
                 .unwrap_or_default();

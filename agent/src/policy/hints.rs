@@ -4,13 +4,11 @@
 //! and the time in, decisions with their reasons out.
 //!
 //! - Hysteresis: a range is made unmergeable after `to_unmergeable_after` rankings as
-//!   volatile with no calm one between (an unknown one neither counts nor resets), or at
-//!   once when the guest broke a quarter of its merges. It is made mergeable again only
-//!   after `to_mergeable_after` consecutive calm (stable-duplicate) ones, doubled each
-//!   time it was let back in before (up to 64 times): once out of KSM a rewritten page
-//!   raises no fault, so "calm" cannot be told from "rewritten with the same bytes", and
-//!   each readmission costs a burst of COW breaks (the timeline bench showed the cycle);
-//!   other classes change nothing. For the
+//!   volatile with no calm one between (an unknown one neither counts nor resets), and mergeable again only after `to_mergeable_after` consecutive
+//!   calm (stable-duplicate) ones, doubled each time it was let back in before (up to 64
+//!   times): once out of KSM a rewritten page raises no fault, so "calm" cannot be told
+//!   from "rewritten with the same bytes", and each readmission costs a burst of COW
+//!   breaks (the timeline bench showed the cycle); other classes change nothing. For the
 //!   same reason a range memfabric took out also stays out for `readmit_after_seconds`
 //!   (10 min), doubled per readmission likewise: a readmission is a blind probe, so it
 //!   is made rarely.
@@ -96,10 +94,8 @@ pub struct VmRanges {
     pub sharing: Sharing,
     /// Its guest RAM mappings (what `Never` makes unmergeable).
     pub ram: Vec<(u64, u64)>,
-    /// Ranked ranges: (start, end, class, broken), in address order. `broken`: the guest
-    /// broke a quarter or more of the range's merges in the ranking's interval
-    /// ([`crate::scan::rank::RankPolicy::broken`]).
-    pub ranges: Vec<(u64, u64, RangeClass, bool)>,
+    /// Ranked ranges: (start, end, class), in address order.
+    pub ranges: Vec<(u64, u64, RangeClass)>,
 }
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -164,17 +160,9 @@ impl HintPlanner {
                     }
                 }
                 Sharing::Ranges => {
-                    for &(s, e, class, broken) in &vm.ranges {
+                    for &(s, e, class) in &vm.ranges {
                         let st = self.ranges.entry((vm.pid, s)).or_default();
                         match class {
-                            // Merges broken en masse are full evidence at once: they
-                            // come in one burst after each merge (the pages are not
-                            // merged again until ksmd returns), so a second ranking in a
-                            // row sees none, and each hot scan cost another burst.
-                            RangeClass::Volatile if broken => {
-                                st.volatile_streak = self.policy.to_unmergeable_after;
-                                st.calm_streak = 0;
-                            }
                             RangeClass::Volatile => {
                                 st.volatile_streak += 1;
                                 st.calm_streak = 0;

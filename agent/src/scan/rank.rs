@@ -71,20 +71,6 @@ impl Default for RankPolicy {
 }
 
 impl RankPolicy {
-    /// Whether the guest undid a quarter or more of the merges in the range during the
-    /// interval (broken ones against those still merged at the scan, and
-    /// `cow_breaks_volatile` at least): volatile whatever the scan says. Relative to the
-    /// merges, not the range: a few rewritten pages among hundreds of merged stable
-    /// duplicates keep the range in KSM (its sharing is worth more than their breaks;
-    /// the timeline bench lost 8 MiB to an absolute count), while a churning range whose
-    /// merges were all broken is caught however few of its pages ksmd had merged (a
-    /// share of the range's pages missed those on the churn bench: 32 % of stock's COW).
-    pub fn broken(&self, r: &RangeCounts, heat: PageHeat) -> bool {
-        let cow = f64::from(heat.cow_breaks);
-        heat.cow_breaks >= self.cow_breaks_volatile
-            && cow >= self.volatile_share * (f64::from(r.merged_pages) + cow)
-    }
-
     /// The class of range `r` after `passes` scans (`stable_after` of them are needed
     /// before any page can be stable), given the probes' heat over the last interval.
     pub fn classify(
@@ -102,11 +88,13 @@ impl RankPolicy {
         // Broken merges are the probes' direct evidence, not the scan's: they need no scan
         // history. Waiting for `stable_after` passes first let ksmd and the guest trade
         // thousands of COW breaks while the scanner caught up (a slow first pass on a busy
-        // host). See `broken` for how many make a range volatile.
-        if self.broken(r, heat) {
+        // host). Like any churn they must be a share of the range: a few rewritten pages
+        // among hundreds of stable duplicates cost a few breaks, while taking the range
+        // out of KSM costs all of its sharing (the timeline bench lost 8 MiB that way).
+        let cow = f64::from(heat.cow_breaks);
+        if heat.cow_breaks >= self.cow_breaks_volatile && cow >= self.volatile_share * present {
             return RangeClass::Volatile;
         }
-        let cow = f64::from(heat.cow_breaks);
         if passes <= u32::from(stable_after) {
             return RangeClass::ColdUnknown;
         }
@@ -281,18 +269,15 @@ mod tests {
             cow_breaks: 128,
         };
         assert_eq!(c(range(512, 500, 0, 0, 400), hot), RangeClass::Volatile);
-        // A few broken merges among hundreds of merged stable duplicates: sharing pays more.
+        // A few broken merges among hundreds of stable duplicates: sharing pays more.
         let few = PageHeat {
             write_protect_faults: 8,
             cow_breaks: 8,
         };
-        let merged = RangeCounts {
-            merged_pages: 400,
-            ..range(512, 500, 0, 0, 400)
-        };
-        assert_eq!(c(merged, few), RangeClass::StableDuplicate);
-        // The same few breaks where they were all the merges there were: churn.
-        assert_eq!(c(range(512, 500, 0, 0, 400), few), RangeClass::Volatile);
+        assert_eq!(
+            c(range(512, 500, 0, 0, 400), few),
+            RangeClass::StableDuplicate
+        );
         // Nothing present, or too little history.
         assert_eq!(c(range(0, 0, 0, 0, 0), cool), RangeClass::ColdUnknown);
         assert_eq!(c(range(512, 100, 0, 0, 100), cool), RangeClass::ColdUnknown);

@@ -12,7 +12,7 @@ fn vm(pid: u32, classes: &[RangeClass], sharing: Sharing) -> VmRanges {
         ranges: classes
             .iter()
             .enumerate()
-            .map(|(i, c)| (i as u64 * R, (i as u64 + 1) * R, *c, false))
+            .map(|(i, c)| (i as u64 * R, (i as u64 + 1) * R, *c))
             .collect(),
     }
 }
@@ -75,23 +75,6 @@ fn an_unknown_ranking_between_two_volatile_ones_does_not_reset_the_count() {
     for c in [Volatile, StableUnique, Volatile, StableDuplicate, Volatile] {
         assert!(step(&mut p, c).is_empty(), "{c:?}");
     }
-}
-
-#[test]
-fn merges_broken_en_masse_take_a_range_out_at_once() {
-    let mut p = HintPlanner::new(HintPolicy::default());
-    let mut v = vm(
-        1,
-        &[RangeClass::Volatile, RangeClass::Volatile],
-        Sharing::Ranges,
-    );
-    v.ranges[1].3 = true;
-    let d = p.plan(0.0, &[v]);
-    assert_eq!(d.len(), 1, "{d:?}");
-    assert_eq!(
-        (d[0].start, d[0].end, d[0].target),
-        (R, 2 * R, Target::Unmergeable)
-    );
 }
 
 #[test]
