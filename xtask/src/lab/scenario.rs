@@ -192,6 +192,17 @@ impl Scenario {
                 })
                 .unwrap_or(0)
         };
+        // Scenario guests keep QEMU's default mem-merge=on.
+        let boot = |g: &GuestPlan| {
+            super::start(
+                images,
+                &g.name,
+                g.workload(),
+                self.mem_mb,
+                kernel_of(g),
+                true,
+            )
+        };
         let mut running: Vec<(usize, Guest)> = Vec::new();
         for (i, g) in self
             .guests
@@ -199,17 +210,7 @@ impl Scenario {
             .enumerate()
             .filter(|(_, g)| g.start_s == 0)
         {
-            running.push((
-                i,
-                super::start(
-                    images,
-                    &g.name,
-                    g.workload(),
-                    self.mem_mb,
-                    kernel_of(g),
-                    true,
-                )?,
-            ));
+            running.push((i, boot(g)?));
         }
         let first: Vec<Guest> = running.iter().map(|(_, g)| g.clone()).collect();
         qemu::wait_ready(&first, Duration::from_secs(300))?;
@@ -222,14 +223,7 @@ impl Scenario {
             );
             for (i, g) in self.guests.iter().enumerate() {
                 if g.start_s == t {
-                    let guest = super::start(
-                        images,
-                        &g.name,
-                        g.workload(),
-                        self.mem_mb,
-                        kernel_of(g),
-                        true,
-                    )?;
+                    let guest = boot(g)?;
                     eprintln!("scenario: t={t}s {} starts", g.name);
                     waiting_ready.push(guest.clone());
                     running.push((i, guest));
