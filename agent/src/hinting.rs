@@ -105,8 +105,10 @@ impl Hinting {
         let mut settling = false;
         for (pid, vm) in vms {
             let since = *self.first_seen.entry(*pid).or_insert(t);
+            if vm.mergeability != crate::inventory::Mergeability::Mergeable {
+                continue;
+            }
             let need = match self.sharing(vm) {
-                _ if vm.mergeability != crate::inventory::Mergeability::Mergeable => continue,
                 None => continue,
                 Some(Sharing::Never) => 1,
                 Some(Sharing::Ranges) => ranges_need,
