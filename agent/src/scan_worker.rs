@@ -53,6 +53,53 @@ fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "unknown panic".into())
 }
 
+/// Each pass's pace, drawn around the budget: passes of one length sample a page at one
+/// interval, and a guest that rewrites a region with two contents in turn at half that
+/// interval reads as unchanged in every pass (the lab's churn guests did, and ksmd merged
+/// their rewritten ranges). A pace from 0.75 to 1.25 times the budget, with the VMs in a
+/// new order each pass, spreads the interval by more than a rewrite period; the average
+/// (the harmonic mean of the draws) stays just under the budget.
+const PACE_SPREAD: f64 = 0.25;
+
+/// A small generator for the pace and order draws (SplitMix64): nothing depends on their
+/// secrecy, only on their spread.
+struct Jitter(u64);
+
+impl Jitter {
+    fn seeded() -> Jitter {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        Jitter(now ^ u64::from(std::process::id()).rotate_left(32))
+    }
+
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1).
+    fn unit(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// `budget` times a draw from 1 ± PACE_SPREAD.
+    fn pace(&mut self, budget: f64) -> f64 {
+        budget * (1.0 - PACE_SPREAD + 2.0 * PACE_SPREAD * self.unit())
+    }
+
+    /// Fisher-Yates.
+    fn shuffle<T>(&mut self, v: &mut [T]) {
+        for i in (1..v.len()).rev() {
+            let j = (self.next() % (i as u64 + 1)) as usize;
+            v.swap(i, j);
+        }
+    }
+}
+
 /// Pass after pass over the targets until `stop`. The report is built before the status
 /// lock is taken (it walks every page: holding the lock meanwhile froze `/metrics`), and
 /// every sleep ends early at shutdown.
@@ -65,15 +112,18 @@ fn scan_loop(
 ) {
     let mut scanner = Scanner::new(2);
     scanner.set_sketches(sketches);
-    scanner.set_budget(budget);
     scanner.set_cancel(stop.clone());
+    let mut jitter = Jitter::seeded();
     while !stop.load(Ordering::Relaxed) {
-        let targets = targets.lock().map(|v| v.clone()).unwrap_or_default();
+        let mut targets = targets.lock().map(|v| v.clone()).unwrap_or_default();
         if targets.is_empty() {
             sleep_unless(Some(stop), Duration::from_millis(500));
             continue;
         }
         scanner.retain(&targets);
+        jitter.shuffle(&mut targets);
+        let pace = jitter.pace(budget);
+        scanner.set_budget(pace);
         let t = Instant::now();
         let cpu0 = thread_cpu();
         let mut per_vm = std::collections::BTreeMap::new();
@@ -100,7 +150,7 @@ fn scan_loop(
         // The chunks are paced as they go; what the pass spent outside them (mapping
         // lookups, the report) is paid back here, so the average holds the budget. At
         // least a second between passes, even for tiny VMs.
-        let owed = Duration::from_secs_f64((thread_cpu() - cpu0) / budget);
+        let owed = Duration::from_secs_f64((thread_cpu() - cpu0) / pace);
         sleep_unless(
             Some(stop),
             owed.max(Duration::from_secs(1)).saturating_sub(t.elapsed()),
@@ -160,5 +210,42 @@ impl Drop for ScanWorker {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paces_spread_around_the_budget_and_average_under_it() {
+        let mut j = Jitter(7);
+        let paces: Vec<f64> = (0..10_000).map(|_| j.pace(0.05)).collect();
+        assert!(paces.iter().all(|p| (0.0375..0.0625).contains(p)));
+        // Pass lengths go as 1 / pace: the CPU over many passes is the harmonic mean.
+        let harmonic = paces.len() as f64 / paces.iter().map(|p| 1.0 / p).sum::<f64>();
+        assert!((0.048..0.05).contains(&harmonic), "{harmonic}");
+        // Spread over the whole interval, not bunched.
+        let low = paces.iter().filter(|p| **p < 0.05).count();
+        assert!((4_500..5_500).contains(&low), "{low}");
+    }
+
+    #[test]
+    fn shuffles_are_permutations_in_changing_orders() {
+        let mut j = Jitter(11);
+        let mut orders = std::collections::BTreeSet::new();
+        for _ in 0..200 {
+            let mut v = vec![1, 2, 3, 4];
+            j.shuffle(&mut v);
+            let mut sorted = v.clone();
+            sorted.sort();
+            assert_eq!(sorted, [1, 2, 3, 4]);
+            orders.insert(v);
+        }
+        assert_eq!(
+            orders.len(),
+            24,
+            "every order of four comes up in 200 draws"
+        );
     }
 }

@@ -100,6 +100,10 @@ pub struct RangeCounts {
     pub zero_frame_pages: u32,
     pub stable_pages: u32,
     pub volatile_pages: u32,
+    /// Pages changed in the last pass or twice within the scanner's change memory (some
+    /// of them may be stable again): the ranking's measure of rewrites.
+    #[serde(default)]
+    pub churning_pages: u32,
     pub duplicate_pages: u32,
     pub mergeable_intra_pages: u32,
     pub mergeable_inter_pages: u32,
@@ -284,6 +288,9 @@ pub fn account(
                     zero_thp += u64::from(s.has(F_THP));
                     continue;
                 }
+                if s.churning() {
+                    r.churning_pages += 1;
+                }
                 if !stable(s) {
                     if s.has(F_SEEN) && s.unchanged() == 0 {
                         r.volatile_pages += 1;
@@ -369,6 +376,40 @@ mod tests {
 
     fn page(hash: u64, flags: u8, unchanged: u16) -> PageState {
         PageState::new(hash << 16, flags | F_PRESENT | F_SEEN, unchanged)
+    }
+
+    #[test]
+    fn churning_pages_include_stable_ones_that_changed_twice_lately() {
+        let rescan = |hashes: &[u64]| {
+            hashes
+                .iter()
+                .fold(PageState::ABSENT, |s, h| s.rescanned(h << 16, 0))
+        };
+        let mut procs = BTreeMap::new();
+        procs.insert(
+            10,
+            vec![Mapping {
+                start: 0x4000_0000,
+                pages: vec![
+                    // a, b, a, a, a: stable now, churning still.
+                    rescan(&[1, 2, 1, 1, 1]),
+                    // Loaded once: stable, not churning.
+                    rescan(&[3, 4, 4, 4, 4]),
+                    // Changed in the last pass: volatile and churning.
+                    rescan(&[5, 5, 5, 5, 6]),
+                ],
+            }],
+        );
+        let (r, _) = account(&procs, 2, false);
+        let range = r.ranges[&10][0];
+        assert_eq!(
+            (
+                range.stable_pages,
+                range.volatile_pages,
+                range.churning_pages
+            ),
+            (2, 1, 2)
+        );
     }
 
     #[test]

@@ -1,12 +1,23 @@
-//! One page's scan history in 8 bytes: the top 48 bits of its xxh3-64, six flag bits and a
-//! 10-bit count of consecutive unchanged scans. At 8 bytes per page the history of a host
+//! One page's scan history in 8 bytes: the top 48 bits of its xxh3-64, six flag bits, a
+//! 2-bit count of recent changes and an 8-bit count of consecutive unchanged scans. At 8
+//! bytes per page the history of a host
 //! with 1 TiB of guest RAM costs 2 GiB; a 48-bit hash still puts the expected number of
 //! false "unchanged" verdicts at 2^-48 per page and scan, and false duplicates among 2^25
 //! distinct pages (128 GiB) at about two pairs (birthday bound n^2 / 2^49).
 
 /// The 48 hash bits kept.
 pub const HASH_MASK: u64 = !0xffff;
-const UNCHANGED_MAX: u16 = 0x3ff;
+const UNCHANGED_MAX: u16 = 0xff;
+const CHANGES_SHIFT: u32 = 8;
+const CHANGES_MAX: u8 = 3;
+
+/// Unchanged scans after which a page's recent changes are forgotten. A page that changed
+/// twice within this many scans is churning: its next change is likely, even when the
+/// scans in between saw it unchanged. Periodic rewrites that alternate two contents (or
+/// that a near-regular scan samples in step) read as unchanged in most single passes; the
+/// lab's churn guests showed their rewritten ranges as changed in one pass of four to
+/// eight, and ksmd merged them in between (thousands of COW breaks per guest).
+pub const CHANGE_MEMORY: u16 = 8;
 
 /// The page was present (and read) in the last pass.
 pub const F_PRESENT: u8 = 1;
@@ -33,9 +44,14 @@ impl PageState {
     pub const ABSENT: PageState = PageState(0);
 
     pub fn new(hash: u64, flags: u8, unchanged: u16) -> PageState {
+        PageState::with_changes(hash, flags, unchanged, 0)
+    }
+
+    fn with_changes(hash: u64, flags: u8, unchanged: u16, changes: u8) -> PageState {
         PageState(
             (hash & HASH_MASK)
                 | (u64::from(flags & 0x3f) << 10)
+                | (u64::from(changes.min(CHANGES_MAX)) << CHANGES_SHIFT)
                 | u64::from(unchanged.min(UNCHANGED_MAX)),
         )
     }
@@ -53,22 +69,42 @@ impl PageState {
         self.flags() & flag != 0
     }
 
-    /// Consecutive scans the page's content stayed the same (saturates at 1023).
+    /// Consecutive scans the page's content stayed the same (saturates at 255).
     pub fn unchanged(self) -> u16 {
         (self.0 & u64::from(UNCHANGED_MAX)) as u16
+    }
+
+    /// Changes seen since the page was last unchanged for [`CHANGE_MEMORY`] scans
+    /// (saturates at 3).
+    pub fn changes(self) -> u8 {
+        ((self.0 >> CHANGES_SHIFT) & u64::from(CHANGES_MAX)) as u8
+    }
+
+    /// Changed in the last scan, or twice within [`CHANGE_MEMORY`] scans: what the
+    /// ranking counts as churn.
+    pub fn churning(self) -> bool {
+        (self.has(F_SEEN) && self.unchanged() == 0) || self.changes() >= 2
     }
 
     /// The state after reading the page again with full hash `hash` and frame flags
     /// `flags` (without `F_PRESENT`/`F_SEEN`, which this sets).
     pub fn rescanned(self, hash: u64, flags: u8) -> PageState {
         let was_present = self.has(F_PRESENT);
-        let unchanged = if was_present && self.hash() == hash & HASH_MASK {
-            self.unchanged().saturating_add(1)
+        let (unchanged, changes) = if !was_present {
+            (0, 0)
+        } else if self.hash() == hash & HASH_MASK {
+            let unchanged = self.unchanged().saturating_add(1);
+            let changes = if unchanged >= CHANGE_MEMORY {
+                0
+            } else {
+                self.changes()
+            };
+            (unchanged, changes)
         } else {
-            0
+            (0, self.changes().saturating_add(1))
         };
         let seen = if was_present { F_SEEN } else { 0 };
-        PageState::new(hash, flags | F_PRESENT | seen, unchanged)
+        PageState::with_changes(hash, flags | F_PRESENT | seen, unchanged, changes)
     }
 }
 
@@ -83,7 +119,8 @@ mod tests {
         assert_eq!(s.hash(), 0xdead_beef_cafe_0000);
         assert_eq!(s.flags(), F_ZERO | F_THP);
         assert_eq!(s.unchanged(), 7);
-        assert_eq!(PageState::new(0, 0xff, 5000).unchanged(), 1023);
+        assert_eq!(PageState::new(0, 0xff, 5000).unchanged(), 255);
+        assert_eq!(PageState::new(0, 0xff, 5000).changes(), 0);
         assert_eq!(PageState::new(0, 0xff, 0).flags(), 0x3f);
     }
 
@@ -97,5 +134,35 @@ mod tests {
         assert_eq!(second.unchanged(), 1);
         // A change in the kept bits resets the count.
         assert_eq!(second.rescanned(43 << 16, 0).unchanged(), 0);
+    }
+
+    #[test]
+    fn repeated_changes_are_churn_until_forgotten() {
+        let mut s = PageState::ABSENT.rescanned(1 << 16, 0);
+        assert!(!s.churning(), "a new page has no history");
+        // One change (a one-off load) is churn only in the pass that saw it.
+        s = s.rescanned(2 << 16, 0);
+        assert!(s.churning() && s.changes() == 1);
+        s = s.rescanned(2 << 16, 0);
+        assert!(!s.churning());
+        // A second change within the memory: churn through the unchanged passes after it
+        // (a/b rewrites sampled in step), until CHANGE_MEMORY calm passes forget it.
+        s = s.rescanned(1 << 16, 0);
+        for _ in 1..CHANGE_MEMORY {
+            s = s.rescanned(1 << 16, F_MERGED);
+            assert!(s.churning(), "forgotten after {} passes", s.unchanged());
+            assert!(s.has(F_MERGED));
+        }
+        s = s.rescanned(1 << 16, 0);
+        assert_eq!((s.changes(), s.churning()), (0, false));
+        // Changes saturate and do not spill into the flags or the hash.
+        for h in 3..10u64 {
+            s = s.rescanned(h << 16, F_THP);
+        }
+        assert_eq!((s.changes(), s.flags()), (3, F_THP | F_PRESENT | F_SEEN));
+        assert_eq!(s.hash(), 9 << 16);
+        // Absence forgets everything.
+        let back = PageState::ABSENT.rescanned(9 << 16, 0);
+        assert_eq!(back.changes(), 0);
     }
 }

@@ -44,7 +44,8 @@ impl RangeClass {
 /// Thresholds of the ranking (fractions of the range's present pages).
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RankPolicy {
-    /// Volatile when changed pages plus write-protect faults reach this share.
+    /// Volatile when churning pages (changed in the last pass or twice lately) plus
+    /// write-protect faults reach this share.
     pub volatile_share: f64,
     /// Broken merges count as churn (also before the scan has history) only from this
     /// many in the interval on: the guest undoes what ksmd does there.
@@ -99,7 +100,7 @@ impl RankPolicy {
             return RangeClass::ColdUnknown;
         }
         // A COW break is also a write-protect fault: counted once.
-        let churn = f64::from(r.volatile_pages) + f64::from(heat.write_protect_faults).max(cow);
+        let churn = f64::from(r.churning_pages) + f64::from(heat.write_protect_faults).max(cow);
         if churn >= self.volatile_share * present {
             return RangeClass::Volatile;
         }
@@ -233,6 +234,8 @@ mod tests {
             pages_present: present,
             stable_pages: stable,
             volatile_pages: volatile,
+            // Changed in the last pass: churning too.
+            churning_pages: volatile,
             zero_pages: zero,
             duplicate_pages: duplicate,
             ..Default::default()
@@ -253,6 +256,12 @@ mod tests {
             RangeClass::StableDuplicate
         );
         assert_eq!(c(range(512, 500, 0, 0, 10), cool), RangeClass::StableUnique);
+        // Stable in this pass but rewritten twice lately (a/b rewrites sampled in step).
+        let churned = RangeCounts {
+            churning_pages: 200,
+            ..range(512, 500, 0, 0, 400)
+        };
+        assert_eq!(c(churned, cool), RangeClass::Volatile);
         // The first VM's copies of content other VMs hold: nothing mergeable of its own,
         // but the others merge into it.
         let kept = RangeCounts {
