@@ -44,8 +44,8 @@ impl RangeClass {
 /// Thresholds of the ranking (fractions of the range's present pages).
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RankPolicy {
-    /// Volatile when churning pages (changed in the last pass or twice lately) plus
-    /// write-protect faults reach this share.
+    /// Volatile when pages changed in the last pass plus write-protect faults reach this
+    /// share; unknown (no verdict) when pages changed twice lately do.
     pub volatile_share: f64,
     /// Broken merges count as churn (also before the scan has history) only from this
     /// many in the interval on: the guest undoes what ksmd does there.
@@ -100,9 +100,16 @@ impl RankPolicy {
             return RangeClass::ColdUnknown;
         }
         // A COW break is also a write-protect fault: counted once.
-        let churn = f64::from(r.churning_pages) + f64::from(heat.write_protect_faults).max(cow);
-        if churn >= self.volatile_share * present {
+        let faults = f64::from(heat.write_protect_faults).max(cow);
+        if f64::from(r.volatile_pages) + faults >= self.volatile_share * present {
             return RangeClass::Volatile;
+        }
+        // Rewritten twice lately but read unchanged in this pass: rewrites alternating two
+        // contents, sampled in step. No calm verdict (it would reset the planner's count
+        // between the passes that do see the rewrites), but no volatile one either: a
+        // one-off load onto pages the guest recycled reads the same until it stays put.
+        if f64::from(r.churning_pages) + faults >= self.volatile_share * present {
+            return RangeClass::ColdUnknown;
         }
         let known = f64::from(r.stable_pages + r.volatile_pages + r.zero_pages);
         if known < self.known_share * present {
@@ -256,12 +263,13 @@ mod tests {
             RangeClass::StableDuplicate
         );
         assert_eq!(c(range(512, 500, 0, 0, 10), cool), RangeClass::StableUnique);
-        // Stable in this pass but rewritten twice lately (a/b rewrites sampled in step).
+        // Stable in this pass but rewritten twice lately (a/b rewrites sampled in step, or
+        // a load onto recycled pages): no verdict either way.
         let churned = RangeCounts {
             churning_pages: 200,
             ..range(512, 500, 0, 0, 400)
         };
-        assert_eq!(c(churned, cool), RangeClass::Volatile);
+        assert_eq!(c(churned, cool), RangeClass::ColdUnknown);
         // The first VM's copies of content other VMs hold: nothing mergeable of its own,
         // but the others merge into it.
         let kept = RangeCounts {
