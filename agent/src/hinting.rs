@@ -96,11 +96,11 @@ impl Hinting {
     /// Whether ksmd should still hold its fast scan for the hints: they act, and some
     /// mergeable VM they may change has not been ranked often enough for a verdict. A
     /// volatile range is taken out after `stable_after + to_unmergeable_after` passes at
-    /// the earliest, [`SETTLE_SPARE_PASSES`] more are spared; a VM of a domain that does
-    /// not share, after one. Merging such a VM
-    /// fast first means a COW break for every merged page the verdict takes out again,
-    /// and, for a domain that must not share, merging it at all. Each VM holds at most
-    /// [`SETTLE_MAX_SECONDS`] from when it was first seen.
+    /// the earliest, and [`SETTLE_SPARE_PASSES`] more are spared; a VM of a domain that
+    /// does not share, after one. Merging such a VM fast first means a COW break for every
+    /// merged page the verdict takes out again, and, for a domain that must not share,
+    /// merging it at all. Each VM holds at most [`SETTLE_MAX_SECONDS`] from when it was
+    /// first seen.
     pub fn settling(&mut self, t: f64, vms: &BTreeMap<u32, Vm>, ranked: &RankedRanges) -> bool {
         self.first_seen.retain(|pid, _| vms.contains_key(pid));
         if !self.status.acting {

@@ -101,7 +101,7 @@ pub struct RangeCounts {
     pub stable_pages: u32,
     pub volatile_pages: u32,
     /// Pages changed in the last pass or twice within the scanner's change memory (some
-    /// of them may be stable again): the ranking's measure of rewrites.
+    /// of them stable again): what keeps the ranking from calling a range calm.
     #[serde(default)]
     pub churning_pages: u32,
     pub duplicate_pages: u32,

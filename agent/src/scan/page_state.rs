@@ -1,9 +1,9 @@
 //! One page's scan history in 8 bytes: the top 48 bits of its xxh3-64, six flag bits, a
 //! 2-bit count of recent changes and an 8-bit count of consecutive unchanged scans. At 8
-//! bytes per page the history of a host
-//! with 1 TiB of guest RAM costs 2 GiB; a 48-bit hash still puts the expected number of
-//! false "unchanged" verdicts at 2^-48 per page and scan, and false duplicates among 2^25
-//! distinct pages (128 GiB) at about two pairs (birthday bound n^2 / 2^49).
+//! bytes per page the history of a host with 1 TiB of guest RAM costs 2 GiB; a 48-bit hash
+//! still puts the expected number of false "unchanged" verdicts at 2^-48 per page and
+//! scan, and false duplicates among 2^25 distinct pages (128 GiB) at about two pairs
+//! (birthday bound n^2 / 2^49).
 
 /// The 48 hash bits kept.
 pub const HASH_MASK: u64 = !0xffff;
@@ -12,11 +12,11 @@ const CHANGES_SHIFT: u32 = 8;
 const CHANGES_MAX: u8 = 3;
 
 /// Unchanged scans after which a page's recent changes are forgotten. A page that changed
-/// twice within this many scans is churning: its next change is likely, even when the
-/// scans in between saw it unchanged. Periodic rewrites that alternate two contents (or
-/// that a near-regular scan samples in step) read as unchanged in most single passes; the
-/// lab's churn guests showed their rewritten ranges as changed in one pass of four to
-/// eight, and ksmd merged them in between (thousands of COW breaks per guest).
+/// twice within this many scans is churning: another change is likely, even when the
+/// scans in between saw it unchanged. Periodic rewrites that alternate two contents,
+/// sampled in step by a near-regular scan, read as unchanged in most passes: the lab's
+/// churn guests showed their rewritten ranges as changed in one pass of four to eight, and
+/// ksmd merged them in between (8,000 COW breaks per guest).
 pub const CHANGE_MEMORY: u16 = 8;
 
 /// The page was present (and read) in the last pass.
@@ -80,8 +80,8 @@ impl PageState {
         ((self.0 >> CHANGES_SHIFT) & u64::from(CHANGES_MAX)) as u8
     }
 
-    /// Changed in the last scan, or twice within [`CHANGE_MEMORY`] scans: what the
-    /// ranking counts as churn.
+    /// Changed in the last scan, or twice within [`CHANGE_MEMORY`] scans: the ranking
+    /// gives a range of such pages no calm verdict.
     pub fn churning(self) -> bool {
         (self.has(F_SEEN) && self.unchanged() == 0) || self.changes() >= 2
     }
