@@ -11,7 +11,7 @@ use super::{
     super::fabric::sketch::{MAX_K, Sketch},
     PAGE,
     content::{ContentTable, Role},
-    page_state::{F_MERGED, F_PRESENT, F_SEEN, F_THP, F_ZERO, F_ZERO_FRAME, PageState},
+    page_state::{F_MERGED, F_PRESENT, F_THP, F_ZERO, F_ZERO_FRAME, PageState},
 };
 
 /// Ranges are 2 MiB (a huge page): the unit the policy can madvise without splitting THPs.
@@ -292,7 +292,7 @@ pub fn account(
                     r.churning_pages += 1;
                 }
                 if !stable(s) {
-                    if s.has(F_SEEN) && s.unchanged() == 0 {
+                    if s.changed() {
                         r.volatile_pages += 1;
                     }
                     continue;
@@ -372,10 +372,17 @@ mod tests {
         assert_eq!(grown.pages[2..12], whole.pages[..]);
         assert_eq!(grown.pages[12..], [PageState::ABSENT; 2]);
     }
-    use crate::scan::page_state::PageState;
+    use crate::scan::page_state::{F_SEEN, PageState};
 
     fn page(hash: u64, flags: u8, unchanged: u16) -> PageState {
         PageState::new(hash << 16, flags | F_PRESENT | F_SEEN, unchanged)
+    }
+
+    /// One mapping per process: (PID, start, pages).
+    fn procs(list: Vec<(u32, u64, Vec<PageState>)>) -> BTreeMap<u32, Vec<Mapping>> {
+        list.into_iter()
+            .map(|(pid, start, pages)| (pid, vec![Mapping { start, pages }]))
+            .collect()
     }
 
     #[test]
@@ -385,21 +392,18 @@ mod tests {
                 .iter()
                 .fold(PageState::ABSENT, |s, h| s.rescanned(h << 16, 0))
         };
-        let mut procs = BTreeMap::new();
-        procs.insert(
+        let procs = procs(vec![(
             10,
-            vec![Mapping {
-                start: 0x4000_0000,
-                pages: vec![
-                    // a, b, a, a, a: stable now, churning still.
-                    rescan(&[1, 2, 1, 1, 1]),
-                    // Loaded once: stable, not churning.
-                    rescan(&[3, 4, 4, 4, 4]),
-                    // Changed in the last pass: volatile and churning.
-                    rescan(&[5, 5, 5, 5, 6]),
-                ],
-            }],
-        );
+            0x4000_0000,
+            vec![
+                // a, b, a, a, a: stable now, churning still.
+                rescan(&[1, 2, 1, 1, 1]),
+                // Loaded once: stable, not churning.
+                rescan(&[3, 4, 4, 4, 4]),
+                // Changed in the last pass: volatile and churning.
+                rescan(&[5, 5, 5, 5, 6]),
+            ],
+        )]);
         let (r, _) = account(&procs, 2, false);
         let range = r.ranges[&10][0];
         assert_eq!(
@@ -416,32 +420,29 @@ mod tests {
     fn splits_savings_into_intra_and_inter() {
         // PID 10: content A twice, B once, one zero page, one volatile page.
         // PID 20: content A once, B twice (one of them already merged), one unique.
-        let mut procs = BTreeMap::new();
-        procs.insert(
-            10,
-            vec![Mapping {
-                start: 0x4000_0000,
-                pages: vec![
+        let procs = procs(vec![
+            (
+                10,
+                0x4000_0000,
+                vec![
                     page(1, 0, 5),
                     page(1, 0, 5),
                     page(2, 0, 5),
                     page(0, F_ZERO, 5),
                     page(3, 0, 0),
                 ],
-            }],
-        );
-        procs.insert(
-            20,
-            vec![Mapping {
-                start: 0x4000_0000 + RANGE_BYTES - 2 * PAGE as u64,
-                pages: vec![
+            ),
+            (
+                20,
+                0x4000_0000 + RANGE_BYTES - 2 * PAGE as u64,
+                vec![
                     page(1, 0, 5),
                     page(2, F_MERGED, 5),
                     page(2, 0, 5),
                     page(4, 0, 5),
                 ],
-            }],
-        );
+            ),
+        ]);
         let (r, table) = account(&procs, 2, true);
         // Stable contents only: 1, 2 and 4 (3 is volatile).
         assert_eq!(table.len(), 3);

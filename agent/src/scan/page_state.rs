@@ -80,10 +80,15 @@ impl PageState {
         ((self.0 >> CHANGES_SHIFT) & u64::from(CHANGES_MAX)) as u8
     }
 
+    /// Read in the scan before the last one too, and different now.
+    pub fn changed(self) -> bool {
+        self.has(F_SEEN) && self.unchanged() == 0
+    }
+
     /// Changed in the last scan, or twice within [`CHANGE_MEMORY`] scans: the ranking
     /// gives a range of such pages no calm verdict.
     pub fn churning(self) -> bool {
-        (self.has(F_SEEN) && self.unchanged() == 0) || self.changes() >= 2
+        self.changed() || self.changes() >= 2
     }
 
     /// The state after reading the page again with full hash `hash` and frame flags
