@@ -150,11 +150,9 @@ fn scan_loop(
         // The chunks are paced as they go; what the pass spent outside them (mapping
         // lookups, the report) is paid back here, so the average holds the budget. At
         // least a second between passes, even for tiny VMs.
+        // The rechecks' rounds go on meanwhile (their CPU is owed after the next pass).
         let owed = Duration::from_secs_f64((thread_cpu() - cpu0) / pace);
-        sleep_unless(
-            Some(stop),
-            owed.max(Duration::from_secs(1)).saturating_sub(t.elapsed()),
-        );
+        scanner.idle(owed.max(Duration::from_secs(1)).saturating_sub(t.elapsed()));
     }
 }
 

@@ -218,3 +218,74 @@ fn an_unknown_pid_is_an_error() {
     let err = Scanner::new(2).pass(&[99_999_999]).unwrap_err().to_string();
     assert!(err.contains("no process with PID 99999999"), "{err}");
 }
+
+/// The ranges wholly inside `[start, end)`.
+fn inside((start, end): (u64, u64), ranges: &[RangeCounts]) -> Vec<RangeCounts> {
+    ranges
+        .iter()
+        .filter(|r| r.start >= start && r.start + RANGE_BYTES <= end)
+        .copied()
+        .collect()
+}
+
+/// A region rewritten with two contents in turn is volatile from the rechecks between
+/// passes, whatever the passes read; a region written once after the first pass, and a
+/// calm one, are not rewritten again.
+#[test]
+fn rechecks_between_passes_see_repeated_rewrites() {
+    if !privileged("rechecks_between_passes_see_repeated_rewrites") {
+        return;
+    }
+    let mut w = Workload::spawn(WORKLOAD);
+    let flip = w.cmd("alloc 1024 same");
+    let once = w.cmd("alloc 1024 unique");
+    let calm = w.cmd("alloc 1024 same");
+    // Slower than the rounds (0.5 to 1.5 s apart): each round sees at most one rewrite.
+    w.cmd(&format!("flip {flip} 2000"));
+    let spans = [w.span(&flip), w.span(&once), w.span(&calm)];
+    let mut s = Scanner::new(2);
+    s.pass(&[w.pid]).unwrap();
+    s.idle(Duration::from_secs(3));
+    w.cmd(&format!("touch {once} 1024"));
+    s.idle(Duration::from_secs(6));
+    s.pass(&[w.pid]).unwrap();
+    let report = s.report();
+    let ranges = &report.ranges[&w.pid];
+    let ranked = RankedRanges::rank(&report, &RangeHeatMap::new(), 0.0, RankPolicy::default());
+    let class = |start: u64| {
+        ranked.by_pid[&w.pid]
+            .iter()
+            .find(|r| r.counts.start == start)
+            .map(|r| r.class)
+    };
+    for (i, span) in spans.into_iter().enumerate() {
+        let whole = inside(span, ranges);
+        assert!(!whole.is_empty(), "no whole 2 MiB range in region {i}");
+        for r in whole {
+            eprintln!("region {i}: {r:?} {:?}", class(r.start));
+            match i {
+                0 => {
+                    // About four rewrites in the 9 s, all seen.
+                    assert_eq!(
+                        (r.rechecked_pages, r.rewritten_again_pages),
+                        (8, 8),
+                        "{r:?}"
+                    );
+                    assert_eq!(class(r.start), Some(RangeClass::Volatile));
+                }
+                // Rewritten once: still tracked (it changed), but no repeat.
+                1 => assert_eq!(
+                    (r.rechecked_pages, r.rewritten_again_pages),
+                    (8, 0),
+                    "{r:?}"
+                ),
+                // Calm in both passes: no longer tracked.
+                _ => assert_eq!(
+                    (r.rechecked_pages, r.rewritten_again_pages),
+                    (0, 0),
+                    "{r:?}"
+                ),
+            }
+        }
+    }
+}

@@ -104,6 +104,12 @@ pub struct RangeCounts {
     /// of them stable again): what keeps the ranking from calling a range calm.
     #[serde(default)]
     pub churning_pages: u32,
+    /// Pages the rechecks between passes read again ([`super::recheck`]; 0 when the range
+    /// is not tracked), and of those the ones seen rewritten twice or more lately.
+    #[serde(default)]
+    pub rechecked_pages: u32,
+    #[serde(default)]
+    pub rewritten_again_pages: u32,
     pub duplicate_pages: u32,
     pub mergeable_intra_pages: u32,
     pub mergeable_inter_pages: u32,

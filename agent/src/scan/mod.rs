@@ -11,6 +11,7 @@ pub mod merged;
 pub mod page_state;
 pub mod pagemap;
 pub mod rank;
+pub mod recheck;
 
 use std::collections::BTreeMap;
 
@@ -55,6 +56,10 @@ pub struct Scanner {
     cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
     /// Whether reports carry content sketches (the fabric wants them).
     sketches: bool,
+    /// Suspect ranges read again between passes.
+    rechecks: recheck::Rechecks,
+    /// The scanner's clock (seconds since this instant).
+    epoch: std::time::Instant,
 }
 
 /// The mappings to scan: a VM's guest RAM; for any other process, its private anonymous
@@ -123,6 +128,8 @@ impl Scanner {
             budget: 1.0,
             cancel: None,
             sketches: false,
+            rechecks: recheck::Rechecks::default(),
+            epoch: std::time::Instant::now(),
         }
     }
 
@@ -153,6 +160,7 @@ impl Scanner {
     pub fn retain(&mut self, pids: &[u32]) {
         self.procs.retain(|p, _| pids.contains(p));
         self.vm_passes.retain(|p, _| pids.contains(p));
+        self.rechecks.retain(pids);
     }
 
     /// Bytes read from processes so far.
@@ -208,6 +216,7 @@ impl Scanner {
                 self.scan_mapping(pid, &map, &mem, &mut m, &mut advance)?;
                 mappings.push(m);
             }
+            self.rechecks.refresh(pid, &mappings, self.now());
             self.procs.insert(pid, mappings);
             *self.vm_passes.entry(pid).or_default() += 1;
         }
@@ -280,13 +289,76 @@ impl Scanner {
             }
             if self.budget < 1.0 {
                 let busy = chunk_start.elapsed();
-                sleep_unless(
-                    self.cancel.as_deref(),
-                    busy.mul_f64(1.0 / self.budget - 1.0),
-                );
+                self.idle(busy.mul_f64(1.0 / self.budget - 1.0));
             }
         }
         Ok(())
+    }
+
+    fn now(&self) -> f64 {
+        self.epoch.elapsed().as_secs_f64()
+    }
+
+    /// Waits `d` (the scan's pacing), running the rechecks' rounds as they fall due, and
+    /// returns early once the pass is cancelled. A round's time counts as part of the wait:
+    /// the scan's CPU over a pass, rounds included, is what the caller paces.
+    pub fn idle(&mut self, d: std::time::Duration) {
+        let end = std::time::Instant::now() + d;
+        loop {
+            if self.cancelled() {
+                return;
+            }
+            if self.rechecks.due(self.now()) {
+                self.recheck_round();
+            }
+            let left = end.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            let to_round = std::time::Duration::from_secs_f64(
+                (self.rechecks.next_round() - self.now()).max(0.0),
+            );
+            std::thread::sleep(
+                left.min(std::time::Duration::from_millis(50))
+                    .min(to_round.max(std::time::Duration::from_millis(1))),
+            );
+        }
+    }
+
+    /// Reads every tracked sample once (present pages only, as the pass does: never
+    /// faulting one in). A process that cannot be opened any more is dropped.
+    fn recheck_round(&mut self) {
+        for (pid, ranges) in self.rechecks.plan() {
+            let (Ok(map), Ok(mem)) = (
+                pagemap::Pagemap::open(pid),
+                std::fs::File::open(format!("/proc/{pid}/mem")),
+            ) else {
+                self.rechecks.forget(pid);
+                continue;
+            };
+            for (start, addrs) in ranges {
+                let (Some(&first), Some(&last)) = (addrs.first(), addrs.last()) else {
+                    continue;
+                };
+                let n = ((last - first) / PAGE as u64) as usize + 1;
+                if map.read(first, n, &mut self.entries).is_err() {
+                    continue;
+                }
+                for addr in addrs {
+                    let e = self.entries[((addr - first) / PAGE as u64) as usize];
+                    if !e.present() || e.swapped() {
+                        continue;
+                    }
+                    let got = read_remote(&mem, addr, &mut self.buf[..PAGE]);
+                    self.bytes_read += got as u64;
+                    if got == PAGE {
+                        let h = xxh3_64(&self.buf[..PAGE]);
+                        self.rechecks.observe(pid, start, addr, h, self.now());
+                    }
+                }
+            }
+        }
+        self.rechecks.round_done(self.now());
     }
 
     /// What the last pass found, with duplicates counted across every scanned process.
@@ -297,6 +369,13 @@ impl Scanner {
     /// The report and the content table it was built from (for sizing measurements).
     pub fn report_and_table(&self) -> (Report, content::ContentTable) {
         let (mut report, table) = account::account(&self.procs, self.stable_after, self.sketches);
+        let now = self.now();
+        for (pid, ranges) in report.ranges.iter_mut() {
+            for r in ranges.iter_mut() {
+                let e = self.rechecks.evidence(*pid, r.start, now);
+                (r.rechecked_pages, r.rewritten_again_pages) = (e.sampled, e.repeated);
+            }
+        }
         report.passes = self.passes;
         report.vm_passes = self.vm_passes.clone();
         report.bytes_read = self.bytes_read;

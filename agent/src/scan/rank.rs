@@ -45,7 +45,8 @@ impl RangeClass {
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RankPolicy {
     /// Volatile when pages changed in the last pass plus write-protect faults reach this
-    /// share; unknown (no verdict) when pages changed twice lately do.
+    /// share, or the rechecked pages rewritten twice lately do; unknown (no verdict) when
+    /// pages changed twice lately do.
     pub volatile_share: f64,
     /// Broken merges count as churn (also before the scan has history) only from this
     /// many in the interval on: the guest undoes what ksmd does there.
@@ -94,6 +95,14 @@ impl RankPolicy {
         // out of KSM costs all of its sharing (the timeline bench lost 8 MiB that way).
         let cow = f64::from(heat.cow_breaks);
         if heat.cow_breaks >= self.cow_breaks_volatile && cow >= self.volatile_share * present {
+            return RangeClass::Volatile;
+        }
+        // Pages read again between passes and found rewritten twice or more lately: also
+        // direct evidence, with no need for the pass's history (see `scan::recheck`).
+        let rechecked = f64::from(r.rechecked_pages);
+        if r.rewritten_again_pages > 0
+            && f64::from(r.rewritten_again_pages) >= self.volatile_share * rechecked
+        {
             return RangeClass::Volatile;
         }
         if passes <= u32::from(stable_after) {
@@ -307,6 +316,15 @@ mod tests {
             p.classify(&range(512, 0, 0, 0, 0), hot, 1, 2),
             RangeClass::Volatile
         );
+        // Rechecked pages rewritten again between passes: volatile from the first pass on,
+        // though this pass read the range unchanged; one such page of eight is not enough.
+        let rewritten = |again| RangeCounts {
+            rechecked_pages: 8,
+            rewritten_again_pages: again,
+            ..range(512, 500, 0, 0, 400)
+        };
+        assert_eq!(p.classify(&rewritten(2), cool, 1, 2), RangeClass::Volatile);
+        assert_eq!(c(rewritten(1), cool), RangeClass::StableDuplicate);
         // Write faults alone, without history, could be a guest populating memory.
         let populating = PageHeat {
             write_protect_faults: 500,

@@ -8,6 +8,8 @@
 //! alloc PAGES zero          (also) pages written with zeros: present, content zero
 //! sparse PAGES              map PAGES pages and write every other one (half stay absent)
 //! churn REGION              a thread rewrites every page of REGION every 20 ms
+//! flip REGION MILLIS        a thread rewrites every page of REGION every MILLIS ms with
+//!                           one content, then the other, in turn (the lab's churn guests)
 //! fault PAGES               map PAGES fresh pages, write one byte to each (one write
 //!                           fault per page), unmap; replies `ok NANOSECONDS` (the loop)
 //! where REGION              replies `ok START PAGES` (START in hex, 0x...)
@@ -278,6 +280,20 @@ fn main() {
                     }
                 });
                 "ok".to_owned()
+            }),
+            Some("flip") => region(1).and_then(|r| {
+                let (addr, pages) = (r.ptr as usize, r.pages);
+                let period = std::time::Duration::from_millis(num(2)? as u64);
+                std::thread::spawn(move || {
+                    for round in 0u64.. {
+                        std::thread::sleep(period);
+                        for p in 0..pages {
+                            // SAFETY: the region is never unmapped while the process lives.
+                            unsafe { ((addr + p * PAGE) as *mut u64).write_volatile(round % 2) };
+                        }
+                    }
+                });
+                Ok("ok".to_owned())
             }),
             Some("fault") => num(1).and_then(fault).map(|ns| format!("ok {ns}")),
             Some("where") => region(1).map(|r| format!("ok {:#x} {}", r.ptr as usize, r.pages)),
