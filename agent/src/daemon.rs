@@ -471,6 +471,7 @@ impl Daemon {
             },
             scan_pass_seconds: scan.as_ref().map_or(0.0, |s| s.pass_seconds),
             scan_bytes_total: scan.as_ref().map_or(0, |s| s.bytes_read),
+            scan_rechecked_ranges: scan.as_ref().map_or(0, |s| s.rechecked_ranges),
             ranges: self.ranking.ranked.clone(),
             hints: Some(hints),
         };

@@ -100,6 +100,10 @@ pub struct HostState {
     /// Seconds the last full scan pass over all VMs took (0: none yet or scanning off).
     pub scan_pass_seconds: f64,
     pub scan_bytes_total: u64,
+    /// 2 MiB ranges whose sample pages the scanner reads again between passes (suspected
+    /// of churn, or new).
+    #[serde(default)]
+    pub scan_rechecked_ranges: u64,
     /// The ksmd controller: its decision and whether memfabric applies it (absent when
     /// the host has no KSM).
     #[serde(default, skip_serializing_if = "Option::is_none")]

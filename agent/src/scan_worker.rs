@@ -22,6 +22,8 @@ pub struct ScanStatus {
     /// Wall time of the last pass over each VM, by PID.
     pub vm_pass_seconds: std::collections::BTreeMap<u32, f64>,
     pub bytes_read: u64,
+    /// Ranges the rechecks between passes track now.
+    pub rechecked_ranges: u64,
     /// Set when the scan thread died (a panic): the daemon reports it on /healthz.
     pub failed: Option<String>,
 }
@@ -146,6 +148,7 @@ fn scan_loop(
             s.pass_seconds = t.elapsed().as_secs_f64();
             s.vm_pass_seconds = per_vm;
             s.bytes_read = scanner.bytes_read();
+            s.rechecked_ranges = scanner.rechecked_ranges() as u64;
         }
         // The chunks are paced as they go; what the pass spent outside them (mapping
         // lookups, the report) is paid back here, so the average holds the budget. At

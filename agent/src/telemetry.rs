@@ -366,6 +366,13 @@ impl Collector for HostCollector {
             "Bytes the page scanner has read",
             s.scan_bytes_total,
         )?;
+        gauge(
+            e,
+            "memfabric_scan_rechecked_ranges",
+            "2 MiB ranges whose sample pages the scanner reads again between passes \
+             (suspected of churn, or new)",
+            s.scan_rechecked_ranges as f64,
+        )?;
         counter(
             e,
             "memfabric_probe_events_dropped",

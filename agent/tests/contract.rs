@@ -89,6 +89,7 @@ fn every_promised_metric_is_exported() {
         "memfabric_vm_duplicate_pages",
         "memfabric_scan_pass_seconds",
         "memfabric_scan_bytes_total",
+        "memfabric_scan_rechecked_ranges",
         "memfabric_vm_potential_savings_bytes",
         "memfabric_vm_ranges",
         "memfabric_vm_scan_pass_seconds",

@@ -163,9 +163,14 @@ impl Scanner {
         self.rechecks.retain(pids);
     }
 
-    /// Bytes read from processes so far.
+    /// Bytes read from processes so far (the rechecks' reads included).
     pub fn bytes_read(&self) -> u64 {
         self.bytes_read
+    }
+
+    /// Ranges the rechecks between passes track now.
+    pub fn rechecked_ranges(&self) -> usize {
+        self.rechecks.tracked()
     }
 
     /// One pass over every page of `pids`.
