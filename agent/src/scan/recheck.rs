@@ -15,7 +15,8 @@
 //!
 //! Which ranges: those with pages that changed lately (the pass saw it), and those with
 //! pages read for the first time (nothing is known of them yet, and ksmd may merge them
-//! meanwhile), at most [`MAX_RANGES`] on the host, [`SAMPLES`] pages each, so a round costs a bounded
+//! meanwhile; a changed range displaces one of those when the host is full), at most
+//! [`MAX_RANGES`] on the host, [`SAMPLES`] pages each, so a round costs a bounded
 //! number of page reads (about 4,000) however large the guests are.
 
 use std::collections::BTreeMap;
@@ -80,13 +81,26 @@ pub struct Rechecks {
     rounds: u64,
 }
 
-/// Why a range is worth rechecking: pages changed lately, or pages read for the first
-/// time (a new VM, memory the guest just touched: nothing is known of them yet, and ksmd
-/// may merge them meanwhile).
-fn suspect(pages: &[PageState]) -> bool {
-    pages
-        .iter()
-        .any(|s| s.has(F_PRESENT) && (s.changes() > 0 || s.changed() || !s.has(F_SEEN)))
+/// Why a range is worth rechecking, weakest first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Suspicion {
+    None,
+    /// Pages read for the first time (a new VM, memory the guest just touched): nothing is
+    /// known of them yet, and ksmd may merge them meanwhile.
+    New,
+    /// Pages changed lately.
+    Changed,
+}
+
+fn suspicion(pages: &[PageState]) -> Suspicion {
+    let present = || pages.iter().filter(|s| s.has(F_PRESENT));
+    if present().any(|s| s.changes() > 0 || s.changed()) {
+        Suspicion::Changed
+    } else if present().any(|s| !s.has(F_SEEN)) {
+        Suspicion::New
+    } else {
+        Suspicion::None
+    }
 }
 
 /// Up to [`SAMPLES`] pages of a range to read again: those that changed lately first,
@@ -132,7 +146,8 @@ impl Rechecks {
                 let pages =
                     &m.pages[((a - m.start) as usize / PAGE)..((b - m.start) as usize / PAGE)];
                 let key = (pid, base);
-                let suspect = suspect(pages);
+                let why = suspicion(pages);
+                let suspect = why != Suspicion::None;
                 if let Some(samples) = self.ranges.get_mut(&key) {
                     let mut recent = false;
                     for s in samples.iter_mut() {
@@ -152,7 +167,7 @@ impl Rechecks {
                     } else {
                         self.ranges.remove(&key);
                     }
-                } else if suspect && self.ranges.len() < MAX_RANGES {
+                } else if suspect && self.room(why) {
                     let samples = pick(a, pages, now);
                     if !samples.is_empty() {
                         self.ranges.insert(key, samples);
@@ -164,6 +179,25 @@ impl Rechecks {
         }
         // Ranges of this VM no longer in its guest RAM.
         self.ranges.retain(|k, _| k.0 != pid || kept.contains(k));
+    }
+
+    /// Whether a range suspected `why` can be tracked: there is room, or (for pages that
+    /// changed) a range whose samples have shown no rewrite yet makes room. On a host whose
+    /// first pass finds thousands of new ranges, those must not keep out the ones seen
+    /// changing.
+    fn room(&mut self, why: Suspicion) -> bool {
+        if self.ranges.len() < MAX_RANGES {
+            return true;
+        }
+        if why != Suspicion::Changed {
+            return false;
+        }
+        let idle = self
+            .ranges
+            .iter()
+            .find(|(_, samples)| samples.iter().all(|s| s.rewrites == 0))
+            .map(|(k, _)| *k);
+        idle.is_some_and(|k| self.ranges.remove(&k).is_some())
     }
 
     /// Forgets every PID not in `pids`.
@@ -289,6 +323,28 @@ mod tests {
     }
 
     #[test]
+    fn changed_ranges_displace_idle_new_ones_when_full() {
+        let mut r = Rechecks::default();
+        let fresh = |start: u64| Mapping {
+            start,
+            pages: (0..512)
+                .map(|i| PageState::ABSENT.rescanned((i as u64 + 1) << 16, 0))
+                .collect(),
+        };
+        let new: Vec<Mapping> = (0..MAX_RANGES as u64)
+            .map(|i| fresh(START + i * RANGE_BYTES))
+            .collect();
+        r.refresh(1, &new, 0.0);
+        assert_eq!(r.tracked(), MAX_RANGES);
+        // Another VM's new range waits for room; its changed one takes an idle range's.
+        r.refresh(2, &[fresh(START)], 0.0);
+        assert!(!r.plan().contains_key(&2));
+        r.refresh(2, &[mapping(&[3])], 0.0);
+        assert_eq!(r.tracked(), MAX_RANGES);
+        assert_eq!(r.plan()[&2].len(), 1);
+    }
+
+    #[test]
     fn repeats_are_evidence_and_a_one_off_is_not() {
         let mut r = Rechecks::default();
         r.refresh(1, &[mapping(&[])], 0.0);
@@ -331,11 +387,10 @@ mod tests {
     fn a_change_the_pass_sees_first_counts_once() {
         let mut r = Rechecks::default();
         r.refresh(1, &[mapping(&[7])], 0.0);
-        let a = r.plan()[&1][0].1[0];
-        assert_eq!(
-            a,
-            addr(7),
-            "the changed page comes first, its change counted"
+        let a = addr(7);
+        assert!(
+            r.plan()[&1][0].1.contains(&a),
+            "the changed page is sampled"
         );
         // The pass reads a new content before any round does: a second rewrite.
         let mut m = mapping(&[7]);
@@ -344,7 +399,12 @@ mod tests {
         // A round then reads that same content, and the next pass too: nothing more.
         r.observe(1, START, a, 0xabc << 16, 1.5);
         r.refresh(1, &[m], 2.0);
-        assert_eq!(r.ranges[&(1, START)][0].rewrites, 2);
+        let sample = r.ranges[&(1, START)].iter().find(|s| s.addr == a);
+        assert_eq!(
+            sample.map(|s| s.rewrites),
+            Some(2),
+            "its change before, the pass's"
+        );
     }
 
     #[test]
