@@ -116,10 +116,14 @@ fn scan_loop(
     scanner.set_sketches(sketches);
     scanner.set_cancel(stop.clone());
     let mut jitter = Jitter::seeded();
+    // The thread's CPU time when the last pass ended: the rechecks' rounds in the wait
+    // after it are charged to the next pass, so the pacing pays them back too.
+    let mut cpu_mark = thread_cpu();
     while !stop.load(Ordering::Relaxed) {
         let mut targets = targets.lock().map(|v| v.clone()).unwrap_or_default();
         if targets.is_empty() {
             sleep_unless(Some(stop), Duration::from_millis(500));
+            cpu_mark = thread_cpu();
             continue;
         }
         scanner.retain(&targets);
@@ -127,7 +131,7 @@ fn scan_loop(
         let pace = jitter.pace(budget);
         scanner.set_budget(pace);
         let t = Instant::now();
-        let cpu0 = thread_cpu();
+        let cpu0 = cpu_mark;
         let mut per_vm = std::collections::BTreeMap::new();
         for pid in &targets {
             let started = Instant::now();
@@ -153,8 +157,9 @@ fn scan_loop(
         // The chunks are paced as they go; what the pass spent outside them (mapping
         // lookups, the report) is paid back here, so the average holds the budget. At
         // least a second between passes, even for tiny VMs.
-        // The rechecks' rounds go on meanwhile (their CPU is owed after the next pass).
+        // The rechecks' rounds go on meanwhile (charged to the next pass: `cpu_mark`).
         let owed = Duration::from_secs_f64((thread_cpu() - cpu0) / pace);
+        cpu_mark = thread_cpu();
         scanner.idle(owed.max(Duration::from_secs(1)).saturating_sub(t.elapsed()));
     }
 }

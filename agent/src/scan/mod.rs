@@ -320,13 +320,15 @@ impl Scanner {
             if left.is_zero() {
                 return;
             }
-            let to_round = std::time::Duration::from_secs_f64(
-                (self.rechecks.next_round() - self.now()).max(0.0),
-            );
-            std::thread::sleep(
-                left.min(std::time::Duration::from_millis(50))
-                    .min(to_round.max(std::time::Duration::from_millis(1))),
-            );
+            // Nothing tracked: no round to wake for.
+            let to_round = if self.rechecks.tracked() == 0 {
+                left
+            } else {
+                std::time::Duration::from_secs_f64(
+                    (self.rechecks.next_round() - self.now()).max(0.001),
+                )
+            };
+            std::thread::sleep(left.min(std::time::Duration::from_millis(50)).min(to_round));
         }
     }
 
