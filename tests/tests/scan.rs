@@ -9,7 +9,7 @@ use memfabric::{
     heat::RangeHeatMap,
     scan::{
         PAGE, RANGE_BYTES, RangeCounts, Scanner,
-        rank::{RangeClass, RankPolicy, RankedRanges},
+        rank::{RangeClass, RankPolicy, RankedRange, RankedRanges},
     },
 };
 use memfabric_tests::{Workload, ksm_fast, privileged, rss_kb, wait_for};
@@ -126,16 +126,8 @@ fn known_content_is_classified_exactly() {
     assert_eq!(sum(|r| r.stable_pages), ca.stable_pages);
     assert_eq!(sum(|r| r.volatile_pages), ca.volatile_pages);
     assert_eq!(sum(|r| r.duplicate_pages), ca.duplicate_pages);
-    for ((start, end), want) in spans {
-        let inside: Vec<_> = ranges
-            .iter()
-            .filter(|r| r.counts.start >= start && r.counts.start + RANGE_BYTES <= end)
-            .collect();
-        assert!(
-            !inside.is_empty(),
-            "no whole 2 MiB range in {start:#x}..{end:#x}"
-        );
-        for r in inside {
+    for (span, want) in spans {
+        for r in inside(span, ranges) {
             assert_eq!(r.class, want, "range {:#x}: {:?}", r.counts.start, r.counts);
         }
     }
@@ -219,13 +211,17 @@ fn an_unknown_pid_is_an_error() {
     assert!(err.contains("no process with PID 99999999"), "{err}");
 }
 
-/// The ranges wholly inside `[start, end)`.
-fn inside((start, end): (u64, u64), ranges: &[RangeCounts]) -> Vec<RangeCounts> {
-    ranges
+/// The ranked ranges wholly inside `[start, end)`; there must be one.
+fn inside((start, end): (u64, u64), ranges: &[RankedRange]) -> Vec<&RankedRange> {
+    let whole: Vec<_> = ranges
         .iter()
-        .filter(|r| r.start >= start && r.start + RANGE_BYTES <= end)
-        .copied()
-        .collect()
+        .filter(|r| r.counts.start >= start && r.counts.start + RANGE_BYTES <= end)
+        .collect();
+    assert!(
+        !whole.is_empty(),
+        "no whole 2 MiB range in {start:#x}..{end:#x}"
+    );
+    whole
 }
 
 /// A region rewritten with two contents in turn is volatile from the rechecks between
@@ -250,41 +246,18 @@ fn rechecks_between_passes_see_repeated_rewrites() {
     s.idle(Duration::from_secs(6));
     s.pass(&[w.pid]).unwrap();
     let report = s.report();
-    let ranges = &report.ranges[&w.pid];
     let ranked = RankedRanges::rank(&report, &RangeHeatMap::new(), 0.0, RankPolicy::default());
-    let class = |start: u64| {
-        ranked.by_pid[&w.pid]
-            .iter()
-            .find(|r| r.counts.start == start)
-            .map(|r| r.class)
-    };
-    for (i, span) in spans.into_iter().enumerate() {
-        let whole = inside(span, ranges);
-        assert!(!whole.is_empty(), "no whole 2 MiB range in region {i}");
-        for r in whole {
-            eprintln!("region {i}: {r:?} {:?}", class(r.start));
-            match i {
-                0 => {
-                    // About four rewrites in the 9 s, all seen.
-                    assert_eq!(
-                        (r.rechecked_pages, r.rewritten_again_pages),
-                        (8, 8),
-                        "{r:?}"
-                    );
-                    assert_eq!(class(r.start), Some(RangeClass::Volatile));
-                }
-                // Rewritten once: still tracked (it changed), but no repeat.
-                1 => assert_eq!(
-                    (r.rechecked_pages, r.rewritten_again_pages),
-                    (8, 0),
-                    "{r:?}"
-                ),
-                // Calm in both passes: no longer tracked.
-                _ => assert_eq!(
-                    (r.rechecked_pages, r.rewritten_again_pages),
-                    (0, 0),
-                    "{r:?}"
-                ),
+    // (rechecked, rewritten again) per region: the flipped one, about four rewrites in the
+    // 9 s, all seen; the one rewritten once, still tracked (it changed) but no repeat; the
+    // calm one, calm in both passes, no longer tracked.
+    let want = [(8, 8), (8, 0), (0, 0)];
+    for (i, (span, want)) in spans.into_iter().zip(want).enumerate() {
+        for r in inside(span, &ranked.by_pid[&w.pid]) {
+            let c = r.counts;
+            eprintln!("region {i}: {c:?} {:?}", r.class);
+            assert_eq!((c.rechecked_pages, c.rewritten_again_pages), want, "{c:?}");
+            if i == 0 {
+                assert_eq!(r.class, RangeClass::Volatile);
             }
         }
     }
