@@ -350,6 +350,11 @@ pub fn start_time(pid: u32) -> Option<u64> {
     stat_fields(pid)?.get(19)?.parse().ok()
 }
 
+/// A process's parent (field 4 of stat).
+pub fn parent_pid(pid: u32) -> Option<u32> {
+    stat_fields(pid)?.get(1)?.parse().ok()
+}
+
 /// A process's state letter and `flags` (PF_*) from /proc/PID/stat.
 pub fn state_and_flags(pid: u32) -> Option<(String, u64)> {
     let f = stat_fields(pid)?;

@@ -38,7 +38,13 @@ pub struct Workload {
 impl Workload {
     /// Starts the workload binary at `exe` and waits for its `ready` line.
     pub fn spawn(exe: &str) -> Workload {
+        Workload::spawn_with(exe, &[])
+    }
+
+    /// As [`Workload::spawn`], in another mode (e.g. `seccomp trap-madvise`).
+    pub fn spawn_with(exe: &str, args: &[&str]) -> Workload {
         let mut child = Command::new(exe)
+            .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
@@ -123,6 +129,57 @@ impl Drop for Workload {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A field of /proc/PID/status (trimmed), if the process and the field exist.
+pub fn status_field(pid: u32, key: &str) -> Option<String> {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| Some(l.strip_prefix(key)?.strip_prefix(':')?.trim().to_owned()))
+}
+
+/// The full register set (general and floating-point) of `pid`'s main thread, as a
+/// second tracer sees it: seize, interrupt, PTRACE_GETREGS + PTRACE_GETFPREGS, detach.
+/// A thread blocked in the same system call shows the same bytes every time.
+pub fn registers(pid: u32) -> Vec<u8> {
+    fn bytes<T>(v: &T) -> &[u8] {
+        // SAFETY: plain-old-data register structs, read as bytes.
+        unsafe { std::slice::from_raw_parts(std::ptr::from_ref(v).cast(), size_of::<T>()) }
+    }
+    let p = pid as libc::pid_t;
+    // SAFETY: ptrace requests on a process this test owns, all from this thread; the
+    // structs are plain integers and written by the kernel.
+    unsafe {
+        assert_eq!(libc::ptrace(libc::PTRACE_SEIZE, p, 0, 0), 0, "seize {pid}");
+        assert_eq!(libc::ptrace(libc::PTRACE_INTERRUPT, p, 0, 0), 0);
+        let mut st = 0;
+        assert_eq!(libc::waitpid(p, &mut st, libc::__WALL), p);
+        let mut regs: libc::user_regs_struct = std::mem::zeroed();
+        let mut fp: libc::user_fpregs_struct = std::mem::zeroed();
+        assert_eq!(libc::ptrace(libc::PTRACE_GETREGS, p, 0, &mut regs), 0);
+        assert_eq!(libc::ptrace(libc::PTRACE_GETFPREGS, p, 0, &mut fp), 0);
+        assert_eq!(libc::ptrace(libc::PTRACE_DETACH, p, 0, 0), 0);
+        [bytes(&regs), bytes(&fp)].concat()
+    }
+}
+
+/// xxh3 of `[start, end)` of `pid`'s memory, read through /proc/PID/mem (which neither
+/// faults pages in for good nor unmerges KSM pages).
+pub fn memory_hash(pid: u32, start: u64, end: u64) -> u64 {
+    use std::os::unix::fs::FileExt as _;
+    let mem = fs::File::open(format!("/proc/{pid}/mem")).expect("/proc/PID/mem");
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut at = start;
+    while at < end {
+        let n = ((end - at) as usize).min(buf.len());
+        mem.read_exact_at(&mut buf[..n], at)
+            .expect("reading /proc/PID/mem");
+        h.update(&buf[..n]);
+        at += n as u64;
+    }
+    h.digest()
 }
 
 /// A counter from /proc/vmstat.

@@ -2,6 +2,11 @@
 //! blocked in read(2) on a pipe, a multi-threaded one, one that exits meanwhile, and the
 //! launcher. After each: the target runs on (its heartbeat continues), it is not stopped
 //! (`t`), TracerPid is 0, and smaps shows `mg` exactly on the hinted range.
+//!
+//! And what must never hurt a target: a seccomp sandbox that traps the call, a signal
+//! during the injection, a multi-GiB merged unmerge against a short deadline, the daemon
+//! killed while the target holds the injected registers. There a second tracer compares
+//! the target's full register set, and its memory is hashed, before and after.
 
 use std::{
     io::{BufRead as _, BufReader},
@@ -10,7 +15,10 @@ use std::{
 };
 
 use memfabric::actuate::inject::{self, Advice, InjectError};
-use memfabric_tests::{Workload, privileged, wait_for};
+use memfabric_tests::{
+    KsmSession, Workload, memory_hash, privileged, registers, status_field, wait_for,
+};
+use serial_test::serial;
 
 const WORKLOAD: &str = env!("CARGO_BIN_EXE_memfabric-workload");
 const TIMEOUT: Duration = Duration::from_secs(2);
@@ -307,4 +315,268 @@ fn bad_input_leaves_the_target_untouched() {
     assert_mg_exactly(b.pid(), &before, 0, 0, false);
     assert!(wait_for(Duration::from_secs(5), || state(b.pid()).1 == 0));
     assert_runs_on(&b);
+}
+
+/// KSM pages mapped by `pid`, in kB (smaps_rollup's `KSM:`).
+fn ksm_kb(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .unwrap()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("KSM:")?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .expect("KSM: in smaps_rollup")
+}
+
+/// A workload blocked in read(2) with one region: (workload, start, end).
+fn blocked_target(args: &[&str], pages: usize, fill: &str) -> (Workload, u64, u64) {
+    let mut w = Workload::spawn_with(WORKLOAD, args);
+    let region = w.cmd(&format!("alloc {pages} {fill}"));
+    let (start, end) = w.span(&region);
+    // Let it block in read(2) again after replying.
+    std::thread::sleep(Duration::from_millis(100));
+    (w, start, end)
+}
+
+/// Still alive, not stopped, not traced, and answering.
+fn assert_alive(w: &mut Workload) {
+    assert!(
+        wait_for(Duration::from_secs(5), || status_field(w.pid, "TracerPid")
+            .as_deref()
+            == Some("0")),
+        "still traced"
+    );
+    let st = status_field(w.pid, "State").unwrap_or_default();
+    assert!(!st.starts_with('t') && !st.starts_with('T'), "state {st}");
+    assert_eq!(w.cmd("alloc 1 zero").split_whitespace().count(), 1);
+}
+
+#[test]
+fn a_sandboxed_vmm_is_refused_and_lives() {
+    if !privileged("a_sandboxed_vmm_is_refused_and_lives") {
+        return;
+    }
+    // Firecracker's VMM thread filter: madvise traps unless MADV_DONTNEED.
+    let (mut w, start, end) = blocked_target(&["seccomp", "trap-madvise"], 256, "same");
+    assert_eq!(status_field(w.pid, "Seccomp").as_deref(), Some("2"));
+    let before = mergeable_vmas(w.pid);
+    let regs = registers(w.pid);
+    for advice in [Advice::Mergeable, Advice::Unmergeable] {
+        let err = inject::madvise(w.pid, start, end, advice, TIMEOUT).unwrap_err();
+        assert!(matches!(err, InjectError::Seccomp { .. }), "{err}");
+        assert!(err.to_string().contains("TRAP"), "{err}");
+        eprintln!("refused: {err}");
+    }
+    assert_eq!(registers(w.pid), regs, "registers changed");
+    assert_mg_exactly(w.pid, &before, 0, 0, false);
+    assert_alive(&mut w);
+}
+
+#[test]
+fn a_sandbox_that_allows_ksm_advice_is_hinted() {
+    if !privileged("a_sandbox_that_allows_ksm_advice_is_hinted") {
+        return;
+    }
+    let (mut w, start, end) = blocked_target(&["seccomp", "allow-ksm"], 256, "same");
+    let before = mergeable_vmas(w.pid);
+    inject::madvise(w.pid, start, end, Advice::Mergeable, TIMEOUT).unwrap();
+    assert_mg_exactly(w.pid, &before, start, end, true);
+    assert_alive(&mut w);
+}
+
+#[test]
+fn registers_and_memory_are_exactly_as_before() {
+    if !privileged("registers_and_memory_are_exactly_as_before") {
+        return;
+    }
+    let (mut w, start, end) = blocked_target(&[], 1024, "unique");
+    let (regs, hash) = (registers(w.pid), memory_hash(w.pid, start, end));
+    let half = start + (end - start) / 2;
+    for (s, e, advice) in [
+        (start, end, Advice::Mergeable),
+        (start, half, Advice::Unmergeable),
+        (start, end, Advice::Unmergeable),
+    ] {
+        inject::madvise(w.pid, s, e, advice, TIMEOUT).unwrap();
+        assert_eq!(
+            registers(w.pid),
+            regs,
+            "registers after {advice:?} {s:#x}-{e:#x}"
+        );
+        assert_eq!(
+            memory_hash(w.pid, start, end),
+            hash,
+            "memory after {advice:?}"
+        );
+    }
+    assert_alive(&mut w);
+}
+
+#[test]
+fn a_signal_during_the_injection_arrives_once_with_its_siginfo() {
+    if !privileged("a_signal_during_the_injection_arrives_once_with_its_siginfo") {
+        return;
+    }
+    let (mut w, start, end) = blocked_target(&[], 64, "unique");
+    w.cmd("sigwatch");
+    std::thread::sleep(Duration::from_millis(50));
+    // The daemon stand-in holds the target on the injected registers, before the call,
+    // for 600 ms; a sigqueue'd SIGUSR1 (si_code SI_QUEUE, a value) arrives meanwhile.
+    let daemon = Command::new(WORKLOAD)
+        .args(["inject", &w.pid.to_string()])
+        .arg(format!("{start:#x}"))
+        .arg(format!("{end:#x}"))
+        .args(["merge", "2000"])
+        .env(inject::HOLD_BEFORE_ENV, "600")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    assert!(
+        wait_for(Duration::from_secs(5), || status_field(w.pid, "TracerPid")
+            .is_some_and(|t| t != "0")),
+        "the injection never attached"
+    );
+    std::thread::sleep(Duration::from_millis(100));
+    let value = libc::sigval {
+        sival_ptr: 4242 as *mut libc::c_void,
+    };
+    // SAFETY: sigqueue to our own child.
+    assert_eq!(
+        unsafe { libc::sigqueue(w.pid as i32, libc::SIGUSR1, value) },
+        0
+    );
+    let out = daemon.wait_with_output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok");
+    assert!(wait_for(Duration::from_secs(5), || w
+        .cmd("signals")
+        .starts_with("1 ")));
+    // Once, as sent: SI_QUEUE (-1) with its value, not a plain kill.
+    assert_eq!(w.cmd("signals"), "1 -1 4242");
+    assert_alive(&mut w);
+}
+
+#[test]
+fn the_daemon_killed_mid_injection_leaves_the_target_as_it_was() {
+    if !privileged("the_daemon_killed_mid_injection_leaves_the_target_as_it_was") {
+        return;
+    }
+    let (mut w, start, end) = blocked_target(&[], 1024, "unique");
+    let (regs, hash) = (registers(w.pid), memory_hash(w.pid, start, end));
+    let before = mergeable_vmas(w.pid);
+    // The daemon stand-in runs memfabric's injection and holds the target on the
+    // injected registers, after the call, for 1.5 s; it is SIGKILLed there.
+    let mut daemon = Command::new(WORKLOAD)
+        .args(["inject", &w.pid.to_string()])
+        .arg(format!("{start:#x}"))
+        .arg(format!("{end:#x}"))
+        .args(["merge", "2000"])
+        .env(inject::HOLD_ENV, "1500")
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(
+        wait_for(Duration::from_secs(5), || status_field(w.pid, "TracerPid")
+            .is_some_and(|t| t != "0")),
+        "the injection never attached"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    daemon.kill().unwrap();
+    daemon.wait().unwrap();
+    // Its helper finishes the session: registers restored, then detached.
+    assert!(
+        wait_for(Duration::from_secs(5), || status_field(w.pid, "TracerPid")
+            .as_deref()
+            == Some("0")),
+        "still traced after the daemon died"
+    );
+    assert_eq!(registers(w.pid), regs, "registers changed");
+    assert_eq!(memory_hash(w.pid, start, end), hash, "memory changed");
+    assert_mg_exactly(w.pid, &before, start, end, true);
+    assert_alive(&mut w);
+}
+
+#[test]
+#[serial(ksm)]
+fn a_large_merged_unmerge_is_bounded_and_a_deadline_interrupts_it_cleanly() {
+    if !privileged("a_large_merged_unmerge_is_bounded_and_a_deadline_interrupts_it_cleanly") {
+        return;
+    }
+    const PAGES: usize = 2 << 18; // 2 GiB
+    let mut ksm = KsmSession::begin().expect("KSM session"); // dropped after the workload
+    for (knob, value) in [
+        ("pages_to_scan", "20000"),
+        ("sleep_millisecs", "10"),
+        ("run", "1"),
+    ] {
+        ksm.set(knob, value).unwrap();
+    }
+    let (mut w, start, end) = blocked_target(&[], PAGES, "same");
+    w.cmd("mergeable 0");
+    w.await_merged(PAGES as i64 * 9 / 10, "the 2 GiB region");
+    // Hash everything but the last page, which the stall watcher rewrites.
+    let hashed_end = end - 4096;
+    w.cmd("stallwatch 0");
+    w.cmd("stall");
+    // Commands run the main thread: the registers are compared only across injections.
+    std::thread::sleep(Duration::from_millis(100));
+    let (regs, hash) = (registers(w.pid), memory_hash(w.pid, start, hashed_end));
+    let merged_kb = ksm_kb(w.pid);
+
+    // A deadline far shorter than one 16 MiB call: interrupted, registers restored.
+    let err = inject::madvise(
+        w.pid,
+        start,
+        end,
+        Advice::Unmergeable,
+        Duration::from_millis(1),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(err.root(), InjectError::Interrupted { .. }),
+        "{err}"
+    );
+    eprintln!("short deadline: {err}");
+    assert_eq!(
+        registers(w.pid),
+        regs,
+        "registers after the interrupted call"
+    );
+    assert_eq!(memory_hash(w.pid, start, hashed_end), hash);
+    let unmerged_early = merged_kb - ksm_kb(w.pid);
+    assert!(
+        unmerged_early < 32 << 10,
+        "{unmerged_early} kB unmerged by one interrupted call"
+    );
+
+    // With time enough: 128 bounded calls, every page unmerged, nothing else changed.
+    w.cmd("stall");
+    std::thread::sleep(Duration::from_millis(100));
+    let regs = registers(w.pid);
+    let t = Instant::now();
+    let done = inject::madvise(w.pid, start, end, Advice::Unmergeable, TIMEOUT).unwrap();
+    let wall = t.elapsed();
+    assert_eq!(registers(w.pid), regs, "registers after the unmerge");
+    let stall_us: u64 = w.cmd("stall").parse().unwrap();
+    assert_eq!(done.calls, 128);
+    // Every KSM page of the range was replaced by a private copy (smaps' `KSM:`; the
+    // `ksm_merging_pages` count only follows at ksmd's next pass).
+    assert_eq!(ksm_kb(w.pid), 0, "KSM pages left after the unmerge");
+    assert_eq!(memory_hash(w.pid, start, hashed_end), hash);
+    eprintln!(
+        "unmerged {} MiB of KSM pages in {} calls, {:.0} ms wall: the main \
+         thread stopped {:.1} ms in all, {:.1} ms at most; the longest fault another \
+         thread waited for in the range: {:.1} ms",
+        merged_kb >> 10,
+        done.calls,
+        wall.as_secs_f64() * 1e3,
+        done.stopped.as_secs_f64() * 1e3,
+        done.longest_stop.as_secs_f64() * 1e3,
+        stall_us as f64 / 1e3
+    );
+    assert_alive(&mut w);
+    drop(w);
 }

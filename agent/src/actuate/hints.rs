@@ -145,7 +145,7 @@ fn restore_entries(entries: &[RangeEntry]) -> (HintsRestored, Vec<RangeEntry>) {
         };
         match inject::madvise(e.pid, e.start, e.end, advice, INJECT_TIMEOUT) {
             Ok(_) => out.restored += 1,
-            Err(InjectError::Exited(_) | InjectError::NoProcess(_)) => out.gone += 1,
+            Err(e) if e.is_gone() => out.gone += 1,
             Err(err) => {
                 out.failed
                     .push(format!("PID {} {:#x}-{:#x}: {err}", e.pid, e.start, e.end));

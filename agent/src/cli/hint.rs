@@ -44,14 +44,16 @@ fn number(s: &str) -> anyhow::Result<u64> {
 }
 
 /// Exit codes: 2 bad input (no such process, a range not mapped, a kernel thread, a process
-/// another tracer holds), 3 not permitted, 1 anything else.
+/// another tracer holds, a sandboxed one), 3 not permitted, 1 anything else.
 pub fn exit_code(e: &InjectError) -> u8 {
-    match e {
+    match e.root() {
         InjectError::NoProcess(_)
         | InjectError::KernelThread(_)
         | InjectError::AlreadyTraced { .. }
         | InjectError::OtherUserNamespace(_)
         | InjectError::NotMapped { .. }
+        | InjectError::Seccomp { .. }
+        | InjectError::Replaced(_)
         | InjectError::BadRange { .. } => 2,
         InjectError::Ptrace {
             errno: nix::errno::Errno::EPERM,

@@ -13,9 +13,24 @@
 //! fault PAGES               map PAGES fresh pages, write one byte to each (one write
 //!                           fault per page), unmap; replies `ok NANOSECONDS` (the loop)
 //! where REGION              replies `ok START PAGES` (START in hex, 0x...)
+//! stallwatch REGION         a thread faults the region's last page in again and again
+//!                           (MADV_DONTNEED, then a write: the mmap lock a vCPU's fault
+//!                           takes) and remembers the longest gap between two faults
+//! stall                     replies `ok MICROSECONDS`: that longest gap, then resets it
+//! sigwatch                  records every SIGUSR1 with its siginfo (SA_RESTART)
+//! signals                   replies `ok COUNT SI_CODE SI_VALUE` of the last SIGUSR1
 //! exit                      exits 0
 //! ```
 //! Every reply is one line; errors reply `err MESSAGE`. Starts by printing `ready PID`.
+//!
+//! Other modes (first argument):
+//! - `seccomp trap-madvise|allow-ksm`: first installs a seccomp filter on itself, as a
+//!   sandboxed VMM does (Firecracker's VMM thread): `madvise` traps (SIGSYS; the handler
+//!   exits with 99) unless its advice is MADV_DONTNEED (or MADV_NOHUGEPAGE, which `alloc`
+//!   uses), or, with `allow-ksm`, also MADV_MERGEABLE and MADV_UNMERGEABLE. Then reads
+//!   commands as above.
+//! - `inject PID START END merge|unmerge TIMEOUT_MS`: a daemon stand-in: runs memfabric's
+//!   injection into PID, prints `ok` or `err MESSAGE`, exits.
 
 use std::io::{self, BufRead, Write};
 
@@ -164,11 +179,111 @@ fn heartbeat(path: &str, pages: usize, threads: usize) -> ! {
     beat(0, file)
 }
 
+/// `seccomp MODE`: see the module doc.
+fn sandbox(mode: &str) -> Result<(), String> {
+    extern "C" fn on_sigsys(_: libc::c_int) {
+        // SAFETY: async-signal-safe.
+        unsafe { libc::_exit(99) };
+    }
+    const fn insn(code: u16, jt: u8, jf: u8, k: u32) -> libc::sock_filter {
+        libc::sock_filter { code, jt, jf, k }
+    }
+    const LD_ABS: u16 = 0x20;
+    const JEQ: u16 = 0x15;
+    const RET: u16 = 0x06;
+    let allow_ksm = match mode {
+        "trap-madvise" => false,
+        "allow-ksm" => true,
+        m => return Err(format!("unknown seccomp mode {m:?}")),
+    };
+    // The workload's own madvise calls (MADV_NOHUGEPAGE for fresh regions, DONTNEED) stay
+    // allowed; KSM's advice only with allow-ksm.
+    let (merge, unmerge) = if allow_ksm {
+        (libc::MADV_MERGEABLE as u32, libc::MADV_UNMERGEABLE as u32)
+    } else {
+        (libc::MADV_DONTNEED as u32, libc::MADV_DONTNEED as u32)
+    };
+    let prog = [
+        insn(LD_ABS, 0, 0, 0), // nr
+        insn(JEQ, 0, 6, libc::SYS_madvise as u32),
+        insn(LD_ABS, 0, 0, 32), // args[2]: the advice
+        insn(JEQ, 4, 0, libc::MADV_DONTNEED as u32),
+        insn(JEQ, 3, 0, libc::MADV_NOHUGEPAGE as u32),
+        insn(JEQ, 2, 0, merge),
+        insn(JEQ, 1, 0, unmerge),
+        insn(RET, 0, 0, libc::SECCOMP_RET_TRAP),
+        insn(RET, 0, 0, libc::SECCOMP_RET_ALLOW),
+    ];
+    let fprog = libc::sock_fprog {
+        len: prog.len() as u16,
+        filter: prog.as_ptr().cast_mut(),
+    };
+    // SAFETY: a handler that only calls _exit; prctl with a valid program that outlives
+    // the call (the kernel copies it).
+    unsafe {
+        libc::signal(libc::SIGSYS, on_sigsys as *const () as libc::sighandler_t);
+        if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+            || libc::prctl(
+                libc::PR_SET_SECCOMP,
+                libc::SECCOMP_MODE_FILTER,
+                std::ptr::from_ref(&fprog),
+            ) != 0
+        {
+            return Err(format!("seccomp: {}", io::Error::last_os_error()));
+        }
+    }
+    Ok(())
+}
+
+/// `inject PID START END merge|unmerge TIMEOUT_MS`: see the module doc.
+fn inject(args: &[String]) -> ! {
+    use memfabric::actuate::inject::{Advice, madvise};
+    let num = |i: usize| -> u64 {
+        let a = args.get(i).map(String::as_str).unwrap_or("");
+        match a.strip_prefix("0x") {
+            Some(h) => u64::from_str_radix(h, 16),
+            None => a.parse(),
+        }
+        .unwrap_or_else(|_| panic!("inject: argument {i}: {a:?}"))
+    };
+    let advice = match args.get(4).map(String::as_str) {
+        Some("merge") => Advice::Mergeable,
+        _ => Advice::Unmergeable,
+    };
+    let timeout = std::time::Duration::from_millis(num(5));
+    match madvise(num(1) as u32, num(2), num(3), advice, timeout) {
+        Ok(_) => println!("ok"),
+        Err(e) => println!("err {e}"),
+    }
+    std::process::exit(0)
+}
+
+/// SIGUSR1s seen by `sigwatch`, and the last one's si_code and si_value.
+static SIGNALS: [std::sync::atomic::AtomicI64; 3] =
+    [const { std::sync::atomic::AtomicI64::new(0) }; 3];
+
+extern "C" fn on_sigusr1(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    use std::sync::atomic::Ordering::Relaxed;
+    // SAFETY: the kernel passes a valid siginfo to an SA_SIGINFO handler.
+    let (code, value) = unsafe { ((*info).si_code, (*info).si_value().sival_ptr as i64) };
+    SIGNALS[1].store(i64::from(code), Relaxed);
+    SIGNALS[2].store(value, Relaxed);
+    SIGNALS[0].fetch_add(1, Relaxed);
+}
+
+/// The longest gap between two faults of `stallwatch`, in microseconds.
+static LONGEST_GAP_US: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    if args.get(1).map(String::as_str) == Some("heartbeat") {
-        let n = |i: usize, d: usize| args.get(i).and_then(|v| v.parse().ok()).unwrap_or(d);
-        heartbeat(&args[2], n(3, 1024), n(4, 1));
+    match args.get(1).map(String::as_str) {
+        Some("heartbeat") => {
+            let n = |i: usize, d: usize| args.get(i).and_then(|v| v.parse().ok()).unwrap_or(d);
+            heartbeat(&args[2], n(3, 1024), n(4, 1));
+        }
+        Some("seccomp") => sandbox(args.get(2).map_or("", String::as_str)).expect("sandbox"),
+        Some("inject") => inject(&args[1..]),
+        _ => {}
     }
     let stdin = io::stdin();
     let mut out = io::stdout().lock();
@@ -296,6 +411,49 @@ fn main() {
                 Ok("ok".to_owned())
             }),
             Some("fault") => num(1).and_then(fault).map(|ns| format!("ok {ns}")),
+            Some("stallwatch") => region(1).map(|r| {
+                let last = r.ptr as usize + (r.pages - 1) * PAGE;
+                std::thread::spawn(move || {
+                    let mut before = std::time::Instant::now();
+                    loop {
+                        // SAFETY: the region's last page, never unmapped while we live.
+                        unsafe {
+                            libc::madvise(last as *mut libc::c_void, PAGE, libc::MADV_DONTNEED);
+                            (last as *mut u64).write_volatile(1);
+                        }
+                        let now = std::time::Instant::now();
+                        let gap = (now - before).as_micros() as u64;
+                        LONGEST_GAP_US.fetch_max(gap, std::sync::atomic::Ordering::Relaxed);
+                        before = now;
+                        std::thread::sleep(std::time::Duration::from_micros(200));
+                        before += std::time::Instant::now() - now;
+                    }
+                });
+                "ok".to_owned()
+            }),
+            Some("sigwatch") => {
+                // SAFETY: an async-signal-safe handler (atomics only), a zeroed sigaction
+                // filled in before use.
+                let rc = unsafe {
+                    let mut sa: libc::sigaction = std::mem::zeroed();
+                    sa.sa_sigaction = on_sigusr1 as *const () as libc::sighandler_t;
+                    sa.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART;
+                    libc::sigaction(libc::SIGUSR1, &sa, std::ptr::null_mut())
+                };
+                if rc == 0 {
+                    Ok("ok".into())
+                } else {
+                    Err(format!("sigaction: {}", io::Error::last_os_error()))
+                }
+            }
+            Some("signals") => {
+                let v = |i: usize| SIGNALS[i].load(std::sync::atomic::Ordering::Relaxed);
+                Ok(format!("ok {} {} {}", v(0), v(1), v(2)))
+            }
+            Some("stall") => Ok(format!(
+                "ok {}",
+                LONGEST_GAP_US.swap(0, std::sync::atomic::Ordering::Relaxed)
+            )),
             Some("where") => region(1).map(|r| format!("ok {:#x} {}", r.ptr as usize, r.pages)),
             Some("exit") => std::process::exit(0),
             _ => Err(format!("unknown command {line:?}")),
