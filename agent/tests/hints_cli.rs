@@ -271,3 +271,77 @@ fn rewritten_ranges_leave_ksm_and_come_back_at_exit() {
     drop(w);
     let _ = fs::remove_dir_all(&dir);
 }
+
+/// A state directory for the journal tests, locked.
+fn locked_state(test: &str) -> (PathBuf, std::sync::Arc<memfabric::actuate::StateLock>) {
+    let dir = std::env::temp_dir().join(format!("memfabric-{test}-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&dir);
+    let lock = memfabric::actuate::StateLock::acquire(&dir, None, |_| {}).unwrap();
+    (dir, std::sync::Arc::new(lock))
+}
+
+#[test]
+fn hinted_ranges_are_forgotten_only_with_their_process() {
+    use memfabric::actuate::hints::{Applied, HintControl};
+    if !common::root_or_skip("hinted_ranges_are_forgotten_only_with_their_process") {
+        return;
+    }
+    let w = Workload::spawn();
+    let (dir, lock) = locked_state("forget");
+    let (mut hints, _) = HintControl::begin(lock.clone(), false).unwrap();
+    let b = w.b;
+    let applied = hints
+        .apply(w.pid as u32, b, b + REGION as u64, false)
+        .unwrap();
+    assert!(matches!(applied, Applied::Injected(_)), "{applied:?}");
+    assert_eq!(w.mergeable(b), Some(false));
+    // The VM stopped matching the selection, say: its process lives, its range is still
+    // memfabric's to put back.
+    hints.forget(w.pid as u32);
+    assert_eq!(hints.changed(), 1, "a live process's range was forgotten");
+    drop(hints);
+    assert_eq!(w.mergeable(b), Some(true), "not put back at exit");
+    assert!(!dir.join("hints.json").exists());
+    drop(lock);
+    fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn hint_repairs_that_fail_stay_journaled_until_their_process_is_gone() {
+    use memfabric::actuate::hints::HintControl;
+    if !common::root_or_skip("hint_repairs_that_fail_stay_journaled_until_their_process_is_gone") {
+        return;
+    }
+    let w = Workload::spawn();
+    let pid = w.pid as u32;
+    let (dir, lock) = locked_state("repairs");
+    // A crashed memfabric's entry that cannot be put back (the range is not mapped).
+    let boot = fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
+    let entry = serde_json::json!({
+        "pid": pid,
+        "start_time": memfabric::inventory::start_time(pid).unwrap(),
+        "start": 0x1000, "end": 0x2000, "was_mergeable": false,
+    });
+    let journal = serde_json::json!({"format": 1, "boot_id": boot.trim(), "ranges": [entry]});
+    fs::write(dir.join("hints.json"), journal.to_string()).unwrap();
+    for round in 0..2 {
+        // An observing daemon takes the journal over and drops it again at once.
+        let (hints, restored) = HintControl::begin(lock.clone(), false).unwrap();
+        let restored = restored.expect("a journal was there");
+        assert_eq!(restored.failed.len(), 1, "round {round}: {restored}");
+        assert_eq!(hints.changed(), 1);
+        drop(hints);
+        let kept = fs::read_to_string(dir.join("hints.json"))
+            .unwrap_or_else(|_| panic!("round {round}: the failed repair was forgotten"));
+        assert!(kept.contains(&format!("\"pid\": {pid}")), "{kept}");
+    }
+    // Its process is gone: nothing left to put back.
+    drop(w);
+    let (hints, restored) = HintControl::begin(lock.clone(), false).unwrap();
+    assert_eq!(restored.map(|r| r.gone), Some(1));
+    assert_eq!(hints.changed(), 0);
+    assert!(!dir.join("hints.json").exists());
+    drop(hints);
+    drop(lock);
+    fs::remove_dir_all(&dir).unwrap();
+}

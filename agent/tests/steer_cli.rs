@@ -1,8 +1,10 @@
 //! `memfabric run --act ksmd` on the real KSM of this host: it steers ksmd and merges a
 //! process's duplicates; SIGTERM puts every knob back exactly; after kill -9 the next start
 //! puts them back from the journal; a second steering daemon is refused; an advisor the
-//! operator had on comes back on; bad input changes nothing. KSM is one switch for the
-//! host: these tests run one at a time and each puts the knobs back, even on panic.
+//! operator had on comes back on; bad input changes nothing; a knob written just before a
+//! crash is put back; knobs that could not be put back stay journaled; an untrusted state
+//! directory is refused. KSM is one switch for the host: these tests run one at a time and
+//! each puts the knobs back, even on panic.
 
 mod common;
 #[path = "common/daemon.rs"]
@@ -52,6 +54,38 @@ impl Drop for KnobGuard {
             }
         }
     }
+}
+
+/// Whether this kernel has the KSM advisor (6.7+). Memfabric requires Linux 6.8: under
+/// `cargo xtask test` (MEMFABRIC_REQUIRE_ROOT) a kernel without it fails the test rather
+/// than passing it without a check.
+fn advisor_or_skip() -> bool {
+    if Path::new(KSM).join("advisor_mode").exists() {
+        return true;
+    }
+    assert!(
+        std::env::var_os("MEMFABRIC_REQUIRE_ROOT").is_none(),
+        "this kernel has no KSM advisor (Linux < 6.7; memfabric requires 6.8)"
+    );
+    eprintln!("\n!!! SKIPPED: this kernel has no KSM advisor (Linux < 6.7) !!!\n");
+    false
+}
+
+/// A fresh state directory as memfabric creates it (0700), with `journal.json` holding
+/// `entries` for this boot, as a memfabric that died would have left it.
+fn crashed_journal(test: &str, entries: serde_json::Value) -> PathBuf {
+    use std::os::unix::fs::DirBuilderExt as _;
+    let state = state_dir(test);
+    fs::DirBuilder::new().mode(0o700).create(&state).unwrap();
+    let boot = fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
+    let journal = serde_json::json!({
+        "format": 1,
+        "owner_pid": 1,
+        "boot_id": boot.trim(),
+        "ksm": entries,
+    });
+    fs::write(state.join("journal.json"), journal.to_string()).unwrap();
+    state
 }
 
 fn state_dir(test: &str) -> PathBuf {
@@ -249,8 +283,7 @@ fn an_advisor_the_operator_turned_on_comes_back_on() {
     if !common::root_or_skip("an_advisor_the_operator_turned_on_comes_back_on") {
         return;
     }
-    if !Path::new(KSM).join("advisor_mode").exists() {
-        eprintln!("this kernel has no KSM advisor (Linux < 6.7): nothing to test");
+    if !advisor_or_skip() {
         return;
     }
     let (_one, _, _guard) = exclusive();
@@ -294,7 +327,9 @@ fn bad_input_is_refused_and_the_host_left_untouched() {
     assert!(err.contains("state directory"), "{err}");
     fs::remove_file(&file).unwrap();
     // A corrupt journal: refused, kept for the operator, nothing written.
-    fs::create_dir_all(&state).unwrap();
+    std::os::unix::fs::DirBuilderExt::mode(&mut fs::DirBuilder::new(), 0o700)
+        .create(&state)
+        .unwrap();
     fs::write(state.join("journal.json"), "{ not json").unwrap();
     let (c, err) = start(&state, &["--act", "ksmd"]).wait();
     assert_eq!(c, Some(2), "{err}");
@@ -308,4 +343,112 @@ fn bad_input_is_refused_and_the_host_left_untouched() {
     );
     assert_eq!(snapshot(), before, "bad input changed KSM");
     fs::remove_dir_all(&state).unwrap();
+}
+
+#[test]
+fn a_knob_written_just_before_a_crash_is_put_back() {
+    if !common::root_or_skip("a_knob_written_just_before_a_crash_is_put_back") {
+        return;
+    }
+    let (_one, before, _guard) = exclusive();
+    // memfabric journaled 1500 as pending, wrote it, and died before confirming it.
+    let original = read("sleep_millisecs");
+    let state = crashed_journal(
+        "pending",
+        serde_json::json!([{
+            "knob": "sleep_millisecs",
+            "original": original,
+            "ours": "1234",
+            "pending": "1500",
+        }]),
+    );
+    fs::write(Path::new(KSM).join("sleep_millisecs"), "1500").unwrap();
+    let d = start(&state, &[]);
+    assert!(
+        wait_for(Duration::from_secs(20), || read("sleep_millisecs")
+            == original),
+        "the crashed write was taken for someone else's: {}",
+        read("sleep_millisecs")
+    );
+    let err = d.stop();
+    assert!(err.contains("sleep_millisecs="), "{err}");
+    assert!(!state.join("journal.json").exists());
+    assert_eq!(snapshot(), before);
+    fs::remove_dir_all(&state).unwrap();
+}
+
+#[test]
+fn knobs_that_could_not_be_put_back_stay_journaled() {
+    if !common::root_or_skip("knobs_that_could_not_be_put_back_stay_journaled")
+        || !advisor_or_skip()
+    {
+        return;
+    }
+    let (_one, _, _guard) = exclusive();
+    // memfabric set pages_to_scan and died; then the operator turned the advisor on,
+    // and the kernel refuses pages_to_scan under it (EINVAL): the repair fails.
+    fs::write(Path::new(KSM).join("run"), "0").unwrap();
+    fs::write(Path::new(KSM).join("advisor_mode"), "scan-time").unwrap();
+    let now = read("pages_to_scan");
+    let original = if now == "100" { "200" } else { "100" };
+    let state = crashed_journal(
+        "failed",
+        serde_json::json!([{ "knob": "pages_to_scan", "original": original, "ours": now }]),
+    );
+    // An observing daemon tries at start and again at exit, and keeps the entry.
+    let up = |d: &Daemon| wait_for(Duration::from_secs(20), || d.json("/v1/status").is_some());
+    let d = start(&state, &[]);
+    assert!(up(&d));
+    let err = d.stop();
+    assert!(err.contains("FAILED"), "{err}");
+    let journal = fs::read_to_string(state.join("journal.json"))
+        .expect("the failed repair's journal was deleted");
+    assert!(
+        journal.contains("pages_to_scan") && journal.contains(&format!("\"{original}\"")),
+        "{journal}"
+    );
+    // A second start still knows it; once the kernel allows it, it is put back.
+    fs::write(Path::new(KSM).join("advisor_mode"), "none").unwrap();
+    fs::write(Path::new(KSM).join("pages_to_scan"), &now).unwrap();
+    let d = start(&state, &[]);
+    assert!(up(&d));
+    let err = d.stop();
+    assert_eq!(read("pages_to_scan"), original, "{err}");
+    assert!(!state.join("journal.json").exists(), "{err}");
+    fs::remove_dir_all(&state).unwrap();
+}
+
+#[test]
+fn an_untrusted_state_directory_is_refused_with_exit_3() {
+    if !common::root_or_skip("an_untrusted_state_directory_is_refused_with_exit_3") {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt as _;
+    let (_one, before, _guard) = exclusive();
+    let base = state_dir("untrusted");
+    fs::create_dir_all(&base).unwrap();
+    let real = base.join("real");
+    fs::create_dir(&real).unwrap();
+    fs::set_permissions(&real, fs::Permissions::from_mode(0o700)).unwrap();
+    let link = base.join("link");
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    let open = base.join("open");
+    fs::create_dir(&open).unwrap();
+    fs::set_permissions(&open, fs::Permissions::from_mode(0o755)).unwrap();
+    let theirs = base.join("theirs");
+    fs::create_dir(&theirs).unwrap();
+    fs::set_permissions(&theirs, fs::Permissions::from_mode(0o700)).unwrap();
+    std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).unwrap();
+    for (dir, says) in [
+        (&link, "symbolic link"),
+        (&open, "mode is 0755"),
+        (&theirs, "owned by uid 65534"),
+    ] {
+        let (code, err) = start(dir, &["--act", "ksmd"]).wait();
+        assert_eq!(code, Some(3), "{}: {err}", dir.display());
+        assert!(err.contains(says) && err.contains("not safe"), "{err}");
+        assert!(!dir.join("memfabric.lock").exists());
+    }
+    assert_eq!(snapshot(), before);
+    fs::remove_dir_all(&base).unwrap();
 }

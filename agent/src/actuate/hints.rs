@@ -19,6 +19,9 @@ const HINTS_FILE: &str = "hints.json";
 const HINTS_FORMAT: u32 = 1;
 /// A hints journal larger than this is not one of ours.
 const HINTS_MAX_BYTES: u64 = 16 << 20;
+/// Mapping pieces journaled at most (about 150 bytes each on disk, well within
+/// [`HINTS_MAX_BYTES`]); past it no new range is changed until some are put back.
+pub const MAX_ENTRIES: usize = 65_536;
 const INJECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// One mapping piece memfabric changed.
@@ -82,7 +85,11 @@ pub enum Applied {
 #[derive(Debug)]
 pub struct HintControl {
     lock: Arc<StateLock>,
+    /// This run's changes, plus what the start-up restore could not put back (those
+    /// first, [`HintControl::inherited`] of them): they stay journaled until they are
+    /// put back or their process is gone.
     journal: HintsJournal,
+    inherited: usize,
     /// Leave the hints in place at exit (`--keep-hints`); the journal is removed.
     keep: bool,
     done: bool,
@@ -92,12 +99,31 @@ fn load(lock: &StateLock) -> Result<Option<HintsJournal>, ActuateError> {
     let Some(j) = journal::read_json::<HintsJournal>(lock, HINTS_FILE, HINTS_MAX_BYTES)? else {
         return Ok(None);
     };
+    let corrupt = |m: String| journal::corrupt(lock, HINTS_FILE, m);
     if j.format != HINTS_FORMAT {
-        return Err(journal::corrupt(
-            lock,
-            HINTS_FILE,
-            format!("format {} (this memfabric reads {HINTS_FORMAT})", j.format),
-        ));
+        return Err(corrupt(format!(
+            "format {} (this memfabric reads {HINTS_FORMAT})",
+            j.format
+        )));
+    }
+    if j.ranges.len() > MAX_ENTRIES {
+        return Err(corrupt(format!(
+            "{} ranges (memfabric journals at most {MAX_ENTRIES})",
+            j.ranges.len()
+        )));
+    }
+    // Only what memfabric could have journaled: a user process's page-aligned range.
+    if let Some(e) = j.ranges.iter().find(|e| {
+        e.pid <= 1
+            || e.start >= e.end
+            || !e.start.is_multiple_of(4096)
+            || !e.end.is_multiple_of(4096)
+            || e.end > 1 << 57
+    }) {
+        return Err(corrupt(format!(
+            "PID {} {:#x}-{:#x} is not a range memfabric hints",
+            e.pid, e.start, e.end
+        )));
     }
     Ok(Some(j))
 }
@@ -165,6 +191,7 @@ impl HintControl {
         lock: Arc<StateLock>,
         keep: bool,
     ) -> Result<(HintControl, Option<HintsRestored>), ActuateError> {
+        let mut inherited = Vec::new();
         let leftover = match load(&lock)? {
             None => None,
             Some(j) if j.boot_id != boot_id() => {
@@ -176,18 +203,26 @@ impl HintControl {
                 if left.is_empty() {
                     remove(&lock)?;
                 } else {
-                    save(&lock, &HintsJournal { ranges: left, ..j })?;
+                    save(
+                        &lock,
+                        &HintsJournal {
+                            ranges: left.clone(),
+                            ..j
+                        },
+                    )?;
                 }
+                inherited = left;
                 Some(done)
             }
         };
         Ok((
             HintControl {
                 lock,
+                inherited: inherited.len(),
                 journal: HintsJournal {
                     format: HINTS_FORMAT,
                     boot_id: boot_id(),
-                    ranges: Vec::new(),
+                    ranges: inherited,
                 },
                 keep,
                 done: false,
@@ -215,11 +250,25 @@ impl HintControl {
             return Ok(Applied::Already);
         }
         let mut fresh = false;
+        // This process's entries, once: the check per piece stays linear in the journal.
+        let mine: Vec<(u64, u64)> = self
+            .journal
+            .ranges
+            .iter()
+            .filter(|r| r.pid == pid && r.start_time == start_time)
+            .map(|r| (r.start, r.end))
+            .collect();
+        let unknown = pieces
+            .iter()
+            .filter(|&&(s, e, _)| !mine.iter().any(|&(a, b)| a <= s && e <= b))
+            .count();
+        if self.journal.ranges.len() + unknown > MAX_ENTRIES {
+            return Err(HintError::JournalFull {
+                entries: self.journal.ranges.len(),
+            });
+        }
         for &(s, e, mg) in &pieces {
-            let known =
-                self.journal.ranges.iter().any(|r| {
-                    r.pid == pid && r.start_time == start_time && r.start <= s && e <= r.end
-                });
+            let known = mine.iter().any(|&(a, b)| a <= s && e <= b);
             if !known {
                 self.journal.ranges.push(RangeEntry {
                     pid,
@@ -243,10 +292,22 @@ impl HintControl {
         Ok(Applied::Injected(stopped))
     }
 
-    /// Forgets the entries of a process that exited (nothing to put back).
+    /// Forgets the entries of `pid` if its process is gone: the same PID with the same
+    /// start time is the same process, whose ranges must still be put back (a VM that
+    /// only stopped matching the selection, say); a reused PID is another one.
     pub fn forget(&mut self, pid: u32) {
+        let alive = crate::inventory::start_time(pid);
         let before = self.journal.ranges.len();
-        self.journal.ranges.retain(|r| r.pid != pid);
+        let mut dropped_inherited = 0;
+        for (i, r) in self.journal.ranges.iter().enumerate() {
+            if r.pid == pid && Some(r.start_time) != alive && i < self.inherited {
+                dropped_inherited += 1;
+            }
+        }
+        self.journal
+            .ranges
+            .retain(|r| r.pid != pid || Some(r.start_time) == alive);
+        self.inherited -= dropped_inherited;
         if self.journal.ranges.len() != before {
             let _ = save(&self.lock, &self.journal);
         }
@@ -257,18 +318,18 @@ impl HintControl {
         self.journal.ranges.len()
     }
 
-    /// Puts every range back (or, with keep, only drops the journal). Idempotent.
+    /// Puts every range back (with keep, only what a predecessor left: this run's hints
+    /// stay and are forgotten). What cannot be put back stays journaled. Idempotent.
     pub fn restore(&mut self) -> Result<HintsRestored, ActuateError> {
         if self.done {
             return Ok(HintsRestored::default());
         }
         self.done = true;
         if self.keep {
-            self.journal.ranges.clear();
-            remove(&self.lock)?;
-            return Ok(HintsRestored::default());
+            self.journal.ranges.truncate(self.inherited);
         }
         let (done, left) = restore_entries(&self.journal.ranges);
+        self.inherited = left.len();
         self.journal.ranges = left;
         if self.journal.ranges.is_empty() {
             remove(&self.lock)?;
@@ -297,4 +358,48 @@ pub enum HintError {
     Inject(#[from] InjectError),
     #[error(transparent)]
     Journal(#[from] ActuateError),
+    #[error(
+        "the hints journal holds {entries} ranges (at most {MAX_ENTRIES}): no new range is \
+         changed until some are put back"
+    )]
+    JournalFull { entries: usize },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_journal_memfabric_could_not_have_written_is_refused() {
+        let d = std::env::temp_dir().join(format!("memfabric-hints-load-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        let lock = StateLock::acquire(&d, None, |_| {}).unwrap();
+        let entry = |pid: u32, start: u64, end: u64| RangeEntry {
+            pid,
+            start_time: 1,
+            start,
+            end,
+            was_mergeable: false,
+        };
+        let with = |ranges| HintsJournal {
+            format: HINTS_FORMAT,
+            boot_id: boot_id(),
+            ranges,
+        };
+        save(&lock, &with(vec![entry(1234, 0x1000, 0x3000)])).unwrap();
+        assert_eq!(load(&lock).unwrap().unwrap().ranges.len(), 1);
+        for bad in [
+            vec![entry(1, 0x1000, 0x2000)],    // init, or PID 0
+            vec![entry(1234, 0x2000, 0x1000)], // empty
+            vec![entry(1234, 0x1001, 0x2000)], // unaligned
+            vec![entry(1234, 0x1000, !0xfff)], // beyond user space
+            vec![entry(1234, 0x1000, 0x2000); MAX_ENTRIES + 1],
+        ] {
+            save(&lock, &with(bad)).unwrap();
+            let e = load(&lock).unwrap_err();
+            assert!(matches!(e, ActuateError::CorruptJournal { .. }), "{e}");
+        }
+        drop(lock);
+        std::fs::remove_dir_all(&d).unwrap();
+    }
 }

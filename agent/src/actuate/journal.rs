@@ -49,6 +49,7 @@ impl StateLock {
             .mode(0o700)
             .create(dir)
             .map_err(state_err)?;
+        trusted(dir)?;
         let path = dir.join(LOCK_FILE);
         let mut file = OpenOptions::new()
             .read(true)
@@ -109,6 +110,43 @@ impl StateLock {
     }
 }
 
+/// Whether `dir` may be trusted with journals a root daemon acts on: a directory itself
+/// (not a symlink to one), owned by this user (root for the daemon), writable by nobody
+/// else (mode 0700 or stricter). Otherwise another user could plant a journal that makes
+/// memfabric write KSM knobs or madvise processes of their choosing.
+pub fn trusted(dir: &Path) -> Result<(), ActuateError> {
+    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+    let untrusted = |reason: String| ActuateError::UntrustedStateDir {
+        path: dir.to_owned(),
+        reason,
+    };
+    let m = fs::symlink_metadata(dir).map_err(|source| ActuateError::StateDir {
+        path: dir.to_owned(),
+        source,
+    })?;
+    if m.file_type().is_symlink() {
+        return Err(untrusted("it is a symbolic link".into()));
+    }
+    if !m.is_dir() {
+        return Err(untrusted("it is not a directory".into()));
+    }
+    // SAFETY: no preconditions.
+    let me = unsafe { libc::geteuid() };
+    if m.uid() != me {
+        return Err(untrusted(format!(
+            "it is owned by uid {}, not {me}",
+            m.uid()
+        )));
+    }
+    let mode = m.permissions().mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        return Err(untrusted(format!(
+            "its mode is {mode:04o}: others may write or read it (chmod 700 it)"
+        )));
+    }
+    Ok(())
+}
+
 /// "PID 1234 (comm)" of the lock's holder, as far as it can be told.
 fn holder(lock: &Path) -> String {
     let mut text = String::new();
@@ -140,6 +178,18 @@ pub struct KnobEntry {
     /// `pages_to_scan` after `advisor_mode`). A different value at restore time means
     /// someone else changed it since: theirs is kept.
     pub ours: Option<String>,
+    /// What memfabric is about to write, journaled before the write: after a crash
+    /// between the journal and the write's confirmation, finding this value is ours too,
+    /// not someone else's change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending: Option<String>,
+}
+
+impl KnobEntry {
+    /// Whether `current` is a value memfabric set (or was about to).
+    pub fn is_ours(&self, current: &str) -> bool {
+        self.ours.as_deref() == Some(current) || self.pending.as_deref() == Some(current)
+    }
 }
 
 /// What the state directory remembers, written before every change.
@@ -156,9 +206,9 @@ pub struct Journal {
     pub ksm: Vec<KnobEntry>,
 }
 
-/// Writes `value` as JSON to `name` in the locked state directory, atomically: a temp file
-/// in the same directory (0600, no symlink followed), fsync, rename, fsync of the
-/// directory. A crash leaves the old file or the new one, never half.
+/// Writes `value` as JSON to `name` in the locked state directory, atomically: a new temp
+/// file in the same directory (0600, `O_EXCL`, no symlink followed), fsync, rename, fsync
+/// of the directory. A crash leaves the old file or the new one, never half.
 pub fn write_atomic<T: Serialize>(
     lock: &StateLock,
     name: &str,
@@ -173,10 +223,16 @@ pub fn write_atomic<T: Serialize>(
     let text = serde_json::to_string_pretty(value)
         .map_err(std::io::Error::other)
         .map_err(err)?;
+    // A temp file left by a crash (or planted: unlink removes a symlink itself, never
+    // its target), then a new one that must not exist yet.
+    match fs::remove_file(&tmp) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(err(e)),
+    }
     let mut f = OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
         .mode(0o600)
         .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
         .open(&tmp)
@@ -206,7 +262,11 @@ pub fn read_json<T: serde::de::DeserializeOwned>(
     max: u64,
 ) -> Result<Option<T>, ActuateError> {
     let path = lock.dir().join(name);
-    let file = match File::open(&path) {
+    let file = match OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
+        .open(&path)
+    {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(source) => return Err(ActuateError::StateDir { path, source }),
@@ -266,12 +326,28 @@ impl Journal {
                 j.format
             )));
         }
-        if let Some(e) = j
-            .ksm
-            .iter()
-            .find(|e| !super::knobs::KNOBS.contains(&e.knob.as_str()))
-        {
-            return Err(corrupt(format!("unknown knob {:?}", e.knob)));
+        for e in &j.ksm {
+            if !super::knobs::KNOBS.contains(&e.knob.as_str()) {
+                return Err(corrupt(format!("unknown knob {:?}", e.knob)));
+            }
+            for v in std::iter::once(&e.original)
+                .chain(&e.ours)
+                .chain(&e.pending)
+            {
+                super::knobs::validate(&e.knob, v).map_err(|why| {
+                    corrupt(format!(
+                        "{}={v:?} is not a value memfabric writes: {why}",
+                        e.knob
+                    ))
+                })?;
+            }
+        }
+        if j.ksm.len() > super::knobs::KNOBS.len() {
+            return Err(corrupt(format!(
+                "{} entries for {} knobs",
+                j.ksm.len(),
+                super::knobs::KNOBS.len()
+            )));
         }
         Ok(Some(j))
     }
@@ -332,6 +408,7 @@ mod tests {
             knob: "pages_to_scan".into(),
             original: "100".into(),
             ours: Some("2000".into()),
+            pending: None,
         });
         j.save(&lock).unwrap();
         assert_eq!(Journal::load(&lock).unwrap(), Some(j));
@@ -346,6 +423,10 @@ mod tests {
             "[]",
             r#"{"format":9,"owner_pid":1,"boot_id":"x","ksm":[]}"#,
             r#"{"format":1,"owner_pid":1,"boot_id":"x","ksm":[{"knob":"../x","original":"1","ours":null}]}"#,
+            // A value memfabric never writes: run=2 unmerges the whole host.
+            r#"{"format":1,"owner_pid":1,"boot_id":"x","ksm":[{"knob":"run","original":"2","ours":null}]}"#,
+            r#"{"format":1,"owner_pid":1,"boot_id":"x","ksm":[{"knob":"run","original":"0","ours":"1","pending":"2"}]}"#,
+            r#"{"format":1,"owner_pid":1,"boot_id":"x","ksm":[{"knob":"sleep_millisecs","original":"20\n","ours":null}]}"#,
         ] {
             fs::write(lock.journal_path(), bad).unwrap();
             let e = Journal::load(&lock).unwrap_err();
@@ -359,6 +440,39 @@ mod tests {
         Journal::remove(&lock).unwrap();
         assert_eq!(Journal::load(&lock).unwrap(), None);
         drop(lock);
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn planted_links_are_never_followed() {
+        let d = tempdir("links");
+        let lock = StateLock::acquire(&d, None, |_| {}).unwrap();
+        let outside = d.with_extension("outside");
+        fs::write(&outside, "theirs").unwrap();
+        // A temp file planted as a link: the save replaces the link, not its target.
+        std::os::unix::fs::symlink(&outside, d.join(".journal.json.tmp")).unwrap();
+        Journal::new().save(&lock).unwrap();
+        assert_eq!(fs::read_to_string(&outside).unwrap(), "theirs");
+        assert!(Journal::load(&lock).unwrap().is_some());
+        // A journal that is a link is not read.
+        Journal::remove(&lock).unwrap();
+        std::os::unix::fs::symlink(&outside, lock.journal_path()).unwrap();
+        assert!(Journal::load(&lock).is_err());
+        drop(lock);
+        fs::remove_dir_all(&d).unwrap();
+        fs::remove_file(&outside).unwrap();
+    }
+
+    #[test]
+    fn an_untrusted_directory_is_refused() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let d = tempdir("mode");
+        fs::create_dir_all(&d).unwrap();
+        fs::set_permissions(&d, fs::Permissions::from_mode(0o777)).unwrap();
+        let e = StateLock::acquire(&d, None, |_| {}).unwrap_err();
+        assert!(matches!(e, ActuateError::UntrustedStateDir { .. }), "{e}");
+        assert!(e.is_host_problem());
+        assert!(e.to_string().contains("0777"), "{e}");
         fs::remove_dir_all(&d).unwrap();
     }
 }

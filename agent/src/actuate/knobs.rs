@@ -26,6 +26,43 @@ pub const KNOBS: &[&str] = &[
     "use_zero_pages",
 ];
 
+/// Whether `value` is one memfabric may write to `knob` (and so one its journal may hold):
+/// within the kernel's range (mm/ksm.c), and never `run=2`, which unmerges every page of
+/// the host.
+pub fn validate(knob: &str, value: &str) -> Result<(), String> {
+    let num = |max: u64| -> Result<(), String> {
+        match value.parse::<u64>() {
+            Ok(n) if n <= max => Ok(()),
+            Ok(n) => Err(format!("{n} is above {max}")),
+            Err(_) => Err("not a number".into()),
+        }
+    };
+    let one_of = |allowed: &[&str]| {
+        if allowed.contains(&value) {
+            Ok(())
+        } else {
+            Err(format!("not one of {}", allowed.join(", ")))
+        }
+    };
+    match knob {
+        "run" => one_of(&["0", "1"]),
+        "smart_scan" | "use_zero_pages" => one_of(&["0", "1"]),
+        "advisor_mode" => one_of(&["none", "scan-time"]),
+        "pages_to_scan" => num(u64::from(u32::MAX)),
+        "sleep_millisecs" => num(60_000),
+        "advisor_max_cpu" => num(100),
+        "advisor_target_scan_time" => num(u64::MAX).and_then(|()| {
+            if value == "0" {
+                Err("must be at least 1".into())
+            } else {
+                Ok(())
+            }
+        }),
+        "advisor_min_pages_to_scan" | "advisor_max_pages_to_scan" => num(u64::MAX),
+        _ => Err("not a knob memfabric changes".into()),
+    }
+}
+
 pub fn path(knob: &str) -> PathBuf {
     Path::new(KSM_DIR).join(knob)
 }
@@ -102,6 +139,33 @@ mod tests {
         assert_eq!(selected("none [scan-time]"), "scan-time");
         assert_eq!(selected("100"), "100");
         assert_eq!(selected(" 20\n"), "20");
+    }
+
+    #[test]
+    fn only_values_in_the_kernels_range_are_accepted() {
+        for (knob, ok) in [
+            ("run", "0"),
+            ("run", "1"),
+            ("pages_to_scan", "4294967295"),
+            ("sleep_millisecs", "60000"),
+            ("advisor_mode", "scan-time"),
+            ("advisor_target_scan_time", "200"),
+        ] {
+            assert_eq!(validate(knob, ok), Ok(()), "{knob}={ok}");
+        }
+        for (knob, bad) in [
+            ("run", "2"),
+            ("run", ""),
+            ("pages_to_scan", "4294967296"),
+            ("pages_to_scan", "-1"),
+            ("sleep_millisecs", "60001"),
+            ("advisor_mode", "../x"),
+            ("advisor_target_scan_time", "0"),
+            ("use_zero_pages", "1\n1"),
+            ("pages_sharing", "1"),
+        ] {
+            assert!(validate(knob, bad).is_err(), "{knob}={bad:?}");
+        }
     }
 
     #[test]

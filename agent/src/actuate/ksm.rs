@@ -100,6 +100,7 @@ impl KsmControl {
         if !knobs::available() {
             return Err(ActuateError::NoKsm);
         }
+        let mut inherited = Vec::new();
         let leftover = match Journal::load(&lock)? {
             None => None,
             Some(j) if j.boot_id != boot_id() => {
@@ -114,15 +115,25 @@ impl KsmControl {
                 if left.is_empty() {
                     Journal::remove(&lock)?;
                 } else {
-                    Journal { ksm: left, ..j }.save(&lock)?;
+                    Journal {
+                        ksm: left.clone(),
+                        ..Journal::new()
+                    }
+                    .save(&lock)?;
                 }
+                inherited = left;
                 Some(done)
             }
         };
+        // What could not be put back stays journaled, and is tried again at exit: the
+        // original stays the first one (a later `set` of the same knob keeps it).
         Ok((
             KsmControl {
                 lock,
-                journal: Journal::new(),
+                journal: Journal {
+                    ksm: inherited,
+                    ..Journal::new()
+                },
                 settle: None,
                 merged_at_begin: merged(),
                 done: false,
@@ -145,6 +156,7 @@ impl KsmControl {
             knob: knob.into(),
             original,
             ours: None,
+            pending: None,
         });
         Ok(true)
     }
@@ -152,6 +164,7 @@ impl KsmControl {
     fn set_ours(&mut self, knob: &str, value: String) {
         if let Some(e) = self.journal.ksm.iter_mut().find(|e| e.knob == knob) {
             e.ours = Some(value);
+            e.pending = None;
         }
     }
 
@@ -162,25 +175,38 @@ impl KsmControl {
         if !knobs::KNOBS.contains(&knob) {
             return Err(ActuateError::UnknownKnob { knob: knob.into() });
         }
+        let value = knobs::selected(value);
+        knobs::validate(knob, value).map_err(|why| ActuateError::BadValue {
+            knob: knob.into(),
+            value: value.into(),
+            why,
+        })?;
         let mut fresh = self.journal_original(knob)?;
         if knob == "advisor_mode" {
             fresh |= self.journal_original("pages_to_scan")?;
         }
-        if fresh {
-            self.journal.save(&self.lock)?;
-        }
         let current = knobs::read(knob)?;
-        let value = knobs::selected(value);
         let ours_known = self
             .journal
             .ksm
             .iter()
             .any(|e| e.knob == knob && e.ours.as_deref() == Some(value));
         if current == value && ours_known {
+            if fresh {
+                self.journal.save(&self.lock)?;
+            }
             return Ok(());
         }
         if current != value {
+            // The value about to be written is journaled first: a crash between the
+            // write and the next save must not read it as someone else's change.
+            if let Some(e) = self.journal.ksm.iter_mut().find(|e| e.knob == knob) {
+                e.pending = Some(value.to_owned());
+            }
+            self.journal.save(&self.lock)?;
             knobs::write(knob, value)?;
+        } else if fresh {
+            self.journal.save(&self.lock)?;
         }
         self.set_ours(knob, value.to_owned());
         if knob == "advisor_mode" {
@@ -250,9 +276,9 @@ fn restore_entries(
         if current == e.original {
             return false;
         }
-        if !force && e.ours.as_deref() != Some(current.as_str()) {
+        if !force && !e.is_ours(&current) {
             // Never written by us, or changed by someone else after we wrote it.
-            if e.ours.is_some() {
+            if e.ours.is_some() || e.pending.is_some() {
                 out.kept.push((e.knob.clone(), current));
             }
             return false;

@@ -40,6 +40,12 @@ pub enum ActuateError {
         source: std::io::Error,
     },
     #[error(
+        "state directory {path} is not safe to trust: {reason}. memfabric restores what \
+         its journals say as root, so the directory must be a real directory (no symlink), \
+         owned by root, mode 0700"
+    )]
+    UntrustedStateDir { path: PathBuf, reason: String },
+    #[error(
         "another memfabric process{holder} holds {path}: it is steering KSM; \
          stop it first, or give this one another --state-dir only if it steers nothing"
     )]
@@ -57,6 +63,12 @@ pub enum ActuateError {
     },
     #[error("{knob} is not a KSM knob memfabric changes")]
     UnknownKnob { knob: String },
+    #[error("{knob}={value:?} is not a value memfabric writes: {why}")]
+    BadValue {
+        knob: String,
+        value: String,
+        why: String,
+    },
     #[error("reading {path}: {source}")]
     Read {
         path: PathBuf,
@@ -79,6 +91,7 @@ impl ActuateError {
             self,
             ActuateError::NoKsm
                 | ActuateError::StateDir { .. }
+                | ActuateError::UntrustedStateDir { .. }
                 | ActuateError::JournalWrite { .. }
                 | ActuateError::Read { .. }
                 | ActuateError::Write { .. }
