@@ -6,10 +6,10 @@
 use std::collections::BTreeMap;
 
 use crate::{
-    actuate::hints::{Applied, HintControl},
+    actuate::hints::{Applied, HintControl, HintError},
     config::Domain,
     inventory::Vm,
-    model::{HintView, HintsStatus},
+    model::{HintView, HintsStatus, VmPieces},
     policy::hints::{HintPlanner, HintPolicy, Sharing, Target, VmRanges},
     scan::{RANGE_BYTES, rank::RankedRanges},
 };
@@ -21,6 +21,27 @@ const MAX_PER_RANKING: usize = 64;
 /// The longest ksmd's fast scan waits for the hints' first verdict on a VM
 /// ([`Hinting::settling`]): a slow scanner must not keep a host unmerged.
 const SETTLE_MAX_SECONDS: f64 = 90.0;
+
+/// Mappings the hints may add to one VM's process (each isolated range splits a mapping
+/// in up to three): far below `vm.max_map_count` (65,530 by default), and never more than
+/// a sixteenth of it. Past it, a hint that could split waits.
+const MAX_ADDED_PIECES: u64 = 1024;
+
+/// The process's number of memory mappings (lines of /proc/PID/maps).
+fn mapping_count(pid: u32) -> Option<u64> {
+    use std::io::BufRead as _;
+    let f = std::fs::File::open(format!("/proc/{pid}/maps")).ok()?;
+    Some(std::io::BufReader::new(f).split(b'\n').count() as u64)
+}
+
+/// How many mappings the hints may add to one VM here.
+fn pieces_cap() -> u64 {
+    let max_map_count = std::fs::read_to_string("/proc/sys/vm/max_map_count")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(65_530);
+    MAX_ADDED_PIECES.min(max_map_count / 16)
+}
 
 /// Passes spared beyond the earliest verdict: a volatile verdict needs two passes that see
 /// the range rewritten, and rewrites out of step with the scan show in about every other
@@ -36,6 +57,10 @@ pub struct Hinting {
     status: HintsStatus,
     /// When each VM was first seen (for [`SETTLE_MAX_SECONDS`]).
     first_seen: BTreeMap<u32, f64>,
+    /// Per VM: its mapping count when first seen, and now.
+    mappings: BTreeMap<u32, (u64, u64)>,
+    /// [`pieces_cap`], read once.
+    max_added_mappings: u64,
 }
 
 impl Hinting {
@@ -63,6 +88,8 @@ impl Hinting {
             control,
             last_passes: None,
             first_seen: BTreeMap::new(),
+            mappings: BTreeMap::new(),
+            max_added_mappings: pieces_cap(),
             status: HintsStatus {
                 acting: note.is_none(),
                 note,
@@ -141,6 +168,7 @@ impl Hinting {
         self.last_passes = Some(ranked.passes);
         let pids: Vec<u32> = vms.keys().copied().collect();
         self.planner.retain(&pids);
+        self.mappings.retain(|pid, _| vms.contains_key(pid));
         let mut inputs = Vec::new();
         self.status.left_alone.clear();
         for (pid, vm) in vms {
@@ -154,6 +182,10 @@ impl Hinting {
             let Ok(maps) = crate::scan::targets(*pid) else {
                 continue;
             };
+            if let Some(now) = mapping_count(*pid) {
+                let e = self.mappings.entry(*pid).or_insert((now, now));
+                e.1 = now;
+            }
             let clamp = |s: u64| {
                 maps.iter()
                     .find(|(a, b)| s < *b && s + RANGE_BYTES > *a)
@@ -178,6 +210,7 @@ impl Hinting {
         let decisions = self.planner.plan(t, &inputs);
         let acting = self.status.acting;
         let mut done = 0;
+        let cap = self.max_added_mappings;
         for d in decisions {
             let name = vms.get(&d.pid).map_or_else(String::new, |v| v.name.clone());
             let mut view = HintView {
@@ -190,13 +223,31 @@ impl Hinting {
                 outcome: "recommended".into(),
                 stopped_us: None,
             };
+            // Each change may split a mapping in three: counted at the worst.
+            let split_room = self
+                .mappings
+                .get(&d.pid)
+                .map(|&(first, now)| (now.saturating_sub(first), cap));
             if !d.within_rate {
                 view.outcome = "rate-limited".into();
+            } else if acting
+                && let Some((added, cap)) = split_room
+                && added + 2 > cap
+            {
+                view.outcome = format!(
+                    "deferred: the hints added {added} memory mappings to this VM (at most \
+                     {cap}, far below vm.max_map_count)"
+                );
+                self.status.deferred_total += 1;
+                self.planner.failed(&d);
             } else if acting && done < MAX_PER_RANKING {
                 let control = self.control.as_mut().expect("acting implies control");
                 done += 1;
                 match control.apply(d.pid, d.start, d.end, d.target == Target::Mergeable) {
                     Ok(Applied::Injected(stopped)) => {
+                        if let Some(m) = self.mappings.get_mut(&d.pid) {
+                            m.1 = mapping_count(d.pid).unwrap_or(m.1 + 2);
+                        }
                         view.outcome = "applied".into();
                         view.stopped_us = Some(stopped.as_secs_f64() * 1e6);
                         self.status.applied_total += 1;
@@ -205,6 +256,17 @@ impl Hinting {
                     Ok(Applied::Already) => {
                         view.outcome = "already".into();
                         self.status.already_total += 1;
+                    }
+                    Err(HintError::Deferred(why)) => {
+                        tracing::warn!(
+                            "hint {:?} of {} (pid {}) deferred: {why}",
+                            d.target,
+                            view.vm,
+                            d.pid
+                        );
+                        view.outcome = format!("deferred: {why}");
+                        self.status.deferred_total += 1;
+                        self.planner.failed(&d);
                     }
                     Err(e) => {
                         tracing::warn!(
@@ -227,6 +289,16 @@ impl Hinting {
         }
         let excess = self.status.recent.len().saturating_sub(RECENT);
         self.status.recent.drain(..excess);
+        self.status.mapping_pieces = self
+            .mappings
+            .iter()
+            .map(|(pid, &(first, now))| VmPieces {
+                vm: vms.get(pid).map_or_else(String::new, |v| v.name.clone()),
+                pid: *pid,
+                mappings: now,
+                added: now.saturating_sub(first),
+            })
+            .collect();
         self.status()
     }
 
@@ -326,6 +398,80 @@ mod tests {
             }
         }
         drop(ram);
+    }
+
+    /// A VM whose process the hints already gave the most mappings they may add gets no
+    /// change that could split another: the decision waits, and says why.
+    #[test]
+    fn hints_stop_splitting_mappings_at_the_cap() {
+        let ram = vec![1u8; 8 << 20];
+        let start = (ram.as_ptr() as u64).next_multiple_of(RANGE_BYTES);
+        let pid = std::process::id();
+        let dir = std::env::temp_dir().join(format!("memfabric-pieces-{pid}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        let lock = crate::actuate::StateLock::acquire(&dir, None, |_| {}).unwrap();
+        let (control, _) = HintControl::begin(std::sync::Arc::new(lock), false).unwrap();
+        let domain = Domain {
+            name: "tenants".into(),
+            name_match: Some(regex::Regex::new("^guest$").unwrap()),
+            uuids: vec![],
+            share: true,
+        };
+        let mut h = Hinting::new(Some(control), vec![domain]);
+        // As if the hints had added all but one of the mappings they may (this process
+        // has fewer than the real cap).
+        let now = mapping_count(pid).unwrap();
+        h.max_added_mappings = 11;
+        h.mappings.insert(pid, (now - 10, now));
+        let vm = Vm {
+            pid,
+            kind: VmKind::Qemu,
+            name: "guest".into(),
+            uuid: None,
+            guest_memory_bytes: 8 << 20,
+            ram: vec![],
+            mergeability: Mergeability::Mergeable,
+            merge_off: false,
+        };
+        let vms = [(pid, vm)].into();
+        let ranked = |passes: u32| RankedRanges {
+            passes,
+            by_pid: [(
+                pid,
+                vec![RankedRange {
+                    class: RangeClass::Volatile,
+                    counts: RangeCounts {
+                        start,
+                        ..RangeCounts::default()
+                    },
+                    savings: Default::default(),
+                    heat: Default::default(),
+                }],
+            )]
+            .into(),
+            ..RankedRanges::default()
+        };
+        let mut status = HintsStatus::default();
+        for pass in 1..=4 {
+            status = h.tick(f64::from(pass) * 10.0, &vms, &ranked(pass));
+        }
+        let d = status
+            .recent
+            .iter()
+            .find(|d| d.target == Target::Unmergeable && d.start == start)
+            .expect("a decision for the volatile range");
+        assert!(
+            d.outcome.starts_with("deferred: the hints added"),
+            "{}",
+            d.outcome
+        );
+        assert_eq!(status.applied_total, 0);
+        assert!(status.deferred_total >= 1, "{}", status.deferred_total);
+        assert!(status.mapping_pieces[0].added >= 10);
+        assert!((1..=65_530 / 16).contains(&pieces_cap()));
+        drop(h);
+        drop(ram);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// ksmd's fast scan waits until the acting hints could judge every mergeable VM they

@@ -206,6 +206,15 @@ pub struct HintView {
     pub stopped_us: Option<f64>,
 }
 
+/// One VM's mapping count (see [`HintsStatus::mapping_pieces`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmPieces {
+    pub vm: String,
+    pub pid: u32,
+    pub mappings: u64,
+    pub added: u64,
+}
+
 /// Merge hints as of the last ranking.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct HintsStatus {
@@ -216,6 +225,9 @@ pub struct HintsStatus {
     pub applied_total: u64,
     pub already_total: u64,
     pub failed_total: u64,
+    /// Unmerges that waited because the host or the VM's cgroup lacked the memory.
+    #[serde(default)]
+    pub deferred_total: u64,
     /// Time VMs spent stopped for injections.
     pub stop_seconds_total: f64,
     /// Mapping pieces memfabric changed and will put back.
@@ -223,6 +235,10 @@ pub struct HintsStatus {
     /// VMs never hinted, and why (e.g. their operator turned merging off).
     #[serde(default)]
     pub left_alone: Vec<String>,
+    /// Per VM the hints may change: its process's memory mappings, and how many more
+    /// than when memfabric first saw it (each isolated hint splits a mapping).
+    #[serde(default)]
+    pub mapping_pieces: Vec<VmPieces>,
     /// The latest decisions, oldest first.
     pub recent: Vec<HintView>,
 }

@@ -451,12 +451,14 @@ impl Collector for HostCollector {
             family(
                 e,
                 "memfabric_hints",
-                "Merge hints carried out (applied), found already in place, or failed",
+                "Merge hints carried out (applied), found already in place, failed, or \
+                 deferred (short of memory for an unmerge, or of room for more mappings)",
                 MetricType::Counter,
                 &[
                     (vec![("outcome", "applied".to_owned())], h.applied_total),
                     (vec![("outcome", "already".to_owned())], h.already_total),
                     (vec![("outcome", "failed".to_owned())], h.failed_total),
+                    (vec![("outcome", "deferred".to_owned())], h.deferred_total),
                 ],
                 enc_counter,
             )?;
@@ -471,6 +473,34 @@ impl Collector for HostCollector {
                 "memfabric_hint_changed_ranges",
                 "Mapping pieces memfabric changed and will put back on exit",
                 h.changed_ranges as i64,
+            )?;
+            let pieces = |f: fn(&crate::model::VmPieces) -> u64| -> Vec<(Labels, i64)> {
+                h.mapping_pieces
+                    .iter()
+                    .map(|p| {
+                        (
+                            vec![("vm", p.vm.clone()), ("pid", p.pid.to_string())],
+                            f(p) as i64,
+                        )
+                    })
+                    .collect()
+            };
+            family(
+                e,
+                "memfabric_hint_vm_mappings",
+                "Memory mappings of a VM's process that the hints may change",
+                MetricType::Gauge,
+                &pieces(|p| p.mappings),
+                enc_gauge,
+            )?;
+            family(
+                e,
+                "memfabric_hint_vm_mappings_added",
+                "Memory mappings added to a VM's process since memfabric first saw it (hints \
+                 split mappings; at most 1024 per VM, far below vm.max_map_count)",
+                MetricType::Gauge,
+                &pieces(|p| p.added),
+                enc_gauge,
             )?;
             gauge(
                 e,

@@ -51,6 +51,8 @@ pub struct HintsRestored {
     /// Pieces of processes that are gone (nothing to put back).
     pub gone: usize,
     pub failed: Vec<String>,
+    /// Unmerges that wait for memory ([`super::headroom`]); they stay journaled.
+    pub deferred: Vec<String>,
 }
 
 impl std::fmt::Display for HintsRestored {
@@ -66,6 +68,14 @@ impl std::fmt::Display for HintsRestored {
                 ", {} failed: {}",
                 self.failed.len(),
                 self.failed.join("; ")
+            )?;
+        }
+        if !self.deferred.is_empty() {
+            write!(
+                f,
+                ", {} deferred (kept in the journal): {}",
+                self.deferred.len(),
+                self.deferred.join("; ")
             )?;
         }
         Ok(())
@@ -169,6 +179,13 @@ fn restore_entries(entries: &[RangeEntry]) -> (HintsRestored, Vec<RangeEntry>) {
         } else {
             Advice::Unmergeable
         };
+        if advice == Advice::Unmergeable
+            && let Err(why) = super::headroom::check_unmerge(e.pid, e.start, e.end)
+        {
+            out.deferred.push(format!("PID {}: {why}", e.pid));
+            left.push(e.clone());
+            continue;
+        }
         match inject::madvise(e.pid, e.start, e.end, advice, INJECT_TIMEOUT) {
             Ok(_) => out.restored += 1,
             Err(e) if e.is_gone() => out.gone += 1,
@@ -248,6 +265,9 @@ impl HintControl {
         }
         if pieces.iter().all(|p| p.2 == mergeable) {
             return Ok(Applied::Already);
+        }
+        if !mergeable {
+            super::headroom::check_unmerge(pid, start, end)?;
         }
         let mut fresh = false;
         // This process's entries, once: the check per piece stays linear in the journal.
@@ -358,6 +378,8 @@ pub enum HintError {
     Inject(#[from] InjectError),
     #[error(transparent)]
     Journal(#[from] ActuateError),
+    #[error(transparent)]
+    Deferred(#[from] super::headroom::Deferred),
     #[error(
         "the hints journal holds {entries} ranges (at most {MAX_ENTRIES}): no new range is \
          changed until some are put back"

@@ -12,6 +12,7 @@
 //! benchmarks) both use this module, so there is one implementation of "leave the host as
 //! found". The module needs no eBPF: xtask builds the agent library without its probes.
 
+pub mod headroom;
 pub mod hints;
 pub mod inject;
 pub mod journal;

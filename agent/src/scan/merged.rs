@@ -11,6 +11,27 @@ use super::pagemap::{Entry, FrameFlags, Pagemap};
 /// Pages per pagemap read (32 KiB of entries).
 const CHUNK: usize = 4096;
 
+/// How many pages of `[start, end)` of `pid` are mapped to KSM pages: what taking the range
+/// out of KSM would copy (every merged page gets a private copy again).
+pub fn count_in(pid: u32, start: u64, end: u64) -> io::Result<u64> {
+    let pagemap = Pagemap::open(pid)?;
+    let (mut entries, mut flags): (Vec<Entry>, Vec<FrameFlags>) = (Vec::new(), Vec::new());
+    let mut n = 0;
+    let mut at = start;
+    while at < end {
+        let pages = (((end - at) / 4096) as usize).min(CHUNK);
+        pagemap.read(at, pages, &mut entries)?;
+        pagemap.frame_flags_of(&entries, &mut flags);
+        n += flags
+            .iter()
+            .zip(&entries)
+            .filter(|(f, e)| f.ksm && e.present())
+            .count() as u64;
+        at += pages as u64 * 4096;
+    }
+    Ok(n)
+}
+
 /// Page-aligned addresses of the pages of `pid` that are KSM pages, at most `limit`, and
 /// no more than the `expected` the kernel counts for the process (`ksm_merging_pages`):
 /// the walk stops as soon as it has them all. KSM only merges private writable memory,
