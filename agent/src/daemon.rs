@@ -667,11 +667,13 @@ pub async fn serve(
                     _ => break Ok(()),
                 }
             };
-            if let Some(r) = daemon.hinting.finish() {
-                tracing::info!("merge hints: {r}");
-            }
-            if let Some(r) = daemon.steering.as_mut().and_then(Steering::finish) {
-                tracing::info!("KSM settings: {r}");
+            daemon.hinting.finish();
+            match daemon.steering.as_mut().and_then(Steering::finish) {
+                Some(r) if !r.failed.is_empty() => {
+                    tracing::warn!("KSM settings: {r}; the next start tries again");
+                }
+                Some(r) => tracing::info!("KSM settings: {r}"),
+                None => {}
             }
             drop(daemon); // detaches the probes
             let _ = done_tx.send(result);

@@ -309,10 +309,22 @@ impl Hinting {
         }
     }
 
-    /// Puts every hinted range back (unless `--keep-hints`); at shutdown.
-    pub fn finish(&mut self) -> Option<String> {
-        let c = self.control.as_mut()?;
-        c.restore().ok().map(|r| r.to_string())
+    /// Puts every hinted range back (unless `--keep-hints`); at shutdown. Logs what it
+    /// did: what could not be put back (or waits for memory) at warning level, a journal
+    /// that could not be written as an error (the next start tries again).
+    pub fn finish(&mut self) {
+        let Some(c) = self.control.as_mut() else {
+            return;
+        };
+        match c.restore() {
+            Ok(r) if !r.failed.is_empty() || !r.deferred.is_empty() => {
+                tracing::warn!("merge hints: {r}; the next start tries again");
+            }
+            Ok(r) => tracing::info!("merge hints: {r}"),
+            Err(e) => tracing::error!(
+                "restoring merge hints: {e} (what is journaled is put back at the next start)"
+            ),
+        }
     }
 }
 

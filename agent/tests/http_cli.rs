@@ -471,3 +471,115 @@ fn slow_readers_of_ranges_keep_the_daemon_bounded() {
     drop(slow);
     d.stop();
 }
+
+/// One plain-HTTP GET with a basic-auth credential: the status code, or None.
+fn get_with(port: u16, path: &str, credential: &str) -> Option<u16> {
+    use base64::Engine as _;
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(20))).ok()?;
+    let b = base64::engine::general_purpose::STANDARD.encode(credential);
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Basic {b}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).ok()?;
+    std::str::from_utf8(&head[9..12]).ok()?.parse().ok()
+}
+
+/// CPU seconds `pid` has used (utime + stime).
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let f: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+    let ticks: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
+    // SAFETY: no preconditions.
+    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+#[test]
+fn a_flood_of_wrong_credentials_costs_two_verifications_at_a_time() {
+    if !common::root_or_skip("a_flood_of_wrong_credentials_costs_two_verifications_at_a_time") {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("memfabric-authflood-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    // The default cost, as an operator's htpasswd makes it.
+    let hash = bcrypt::hash("s3cret", bcrypt::DEFAULT_COST).unwrap();
+    let cfg = dir.join("memfabric.toml");
+    std::fs::write(
+        &cfg,
+        format!("[web]\nbasic_auth_users = {{ prometheus = \"{hash}\" }}\n"),
+    )
+    .unwrap();
+    let d = Daemon::start(&["--config", cfg.to_str().unwrap()]);
+    let port = d.port();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while get_with(port, "/healthz", "prometheus:s3cret") != Some(200) {
+        assert!(Instant::now() < deadline, "no answer");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // 200 clients, each with guesses of its own, for 4 s; the scraper meanwhile.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let cpu0 = cpu_seconds(d.pid());
+    let t0 = Instant::now();
+    let clients: Vec<_> = (0..200)
+        .map(|c| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut codes = Vec::new();
+                let mut i = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) && i < 50 {
+                    codes.push(get_with(
+                        port,
+                        "/metrics",
+                        &format!("prometheus:guess-{c}-{i}"),
+                    ));
+                    i += 1;
+                }
+                codes
+            })
+        })
+        .collect();
+    let mut scrapes = Vec::new();
+    while t0.elapsed() < Duration::from_secs(4) {
+        let t = Instant::now();
+        let code = get_with(port, "/metrics", "prometheus:s3cret");
+        scrapes.push((code, t.elapsed()));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let codes: Vec<Option<u16>> = clients
+        .into_iter()
+        .flat_map(|c| c.join().unwrap())
+        .collect();
+    let wall = t0.elapsed().as_secs_f64();
+    let cores = (cpu_seconds(d.pid()) - cpu0) / wall;
+    let denied = codes.iter().filter(|c| **c == Some(401)).count();
+    let busy = codes.iter().filter(|c| **c == Some(503)).count();
+    assert!(
+        codes.iter().all(|c| matches!(c, Some(401 | 503) | None)),
+        "a guess got in"
+    );
+    assert!(
+        scrapes.iter().all(|(c, _)| *c == Some(200)),
+        "the scraper was refused: {scrapes:?}"
+    );
+    let mut lat: Vec<Duration> = scrapes.iter().map(|s| s.1).collect();
+    lat.sort();
+    eprintln!(
+        "200 clients of wrong credentials for {wall:.1} s: {denied} answered 401 ({:.0}/s), \
+         {busy} 503; the daemon used {cores:.2} cores; the scraper's {} requests all 200, \
+         median {:.1} ms, max {:.1} ms",
+        denied as f64 / wall,
+        lat.len(),
+        lat[lat.len() / 2].as_secs_f64() * 1e3,
+        lat[lat.len() - 1].as_secs_f64() * 1e3,
+    );
+    // Two bcrypt threads and the server: never the whole machine's worth of hashing.
+    assert!(cores < 2.6, "{cores:.2} cores");
+    d.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+}
