@@ -141,8 +141,16 @@ pub fn status_field(pid: u32, key: &str) -> Option<String> {
 
 /// The full register set (general and floating-point) of `pid`'s main thread, as a
 /// second tracer sees it: seize, interrupt, PTRACE_GETREGS + PTRACE_GETFPREGS, detach.
-/// A thread blocked in the same system call shows the same bytes every time.
+/// A thread blocked in the same system call shows the same bytes every time: it is first
+/// awaited there (a thread just detached re-enters its interrupted call a moment later).
 pub fn registers(pid: u32) -> Vec<u8> {
+    let blocked = || {
+        fs::read_to_string(format!("/proc/{pid}/syscall")).is_ok_and(|s| !s.starts_with("running"))
+    };
+    assert!(
+        wait_for(Duration::from_secs(5), blocked),
+        "PID {pid} never blocked in a system call"
+    );
     fn bytes<T>(v: &T) -> &[u8] {
         // SAFETY: plain-old-data register structs, read as bytes.
         unsafe { std::slice::from_raw_parts(std::ptr::from_ref(v).cast(), size_of::<T>()) }
