@@ -139,7 +139,11 @@ impl Daemon {
                 .then(|| crate::scan_worker::ScanWorker::start(cfg.scan_cpu, cfg.fabric.is_some())),
             ranking: Ranking::default(),
             state: Arc::new(RwLock::new(HostState::default())),
-            hinting: crate::hinting::Hinting::new(hints, cfg.domains.clone()),
+            hinting: {
+                let mut h = crate::hinting::Hinting::new(hints, cfg.domains.clone());
+                h.expose_addresses(cfg.expose_addresses);
+                h
+            },
             steering: crate::actuate::knobs::available().then(|| {
                 Steering::new(
                     KsmdPolicy {
@@ -596,6 +600,7 @@ fn take_state(cfg: &Config) -> Result<Controls, DaemonError> {
     }
     let (hints, restored) = HintControl::begin(lock, cfg.keep_hints)?;
     if let Some(r) = restored {
+        let r = crate::addresses::shown(&r.to_string(), cfg.expose_addresses);
         tracing::warn!("merge hints left by a memfabric that did not exit cleanly: {r}");
     }
     if hint {

@@ -61,6 +61,8 @@ pub struct Hinting {
     mappings: BTreeMap<u32, (u64, u64)>,
     /// [`pieces_cap`], read once.
     max_added_mappings: u64,
+    /// Whether logs and outcomes may carry guest-RAM addresses (`--expose-addresses`).
+    expose_addresses: bool,
 }
 
 impl Hinting {
@@ -90,6 +92,7 @@ impl Hinting {
             first_seen: BTreeMap::new(),
             mappings: BTreeMap::new(),
             max_added_mappings: pieces_cap(),
+            expose_addresses: false,
             status: HintsStatus {
                 acting: note.is_none(),
                 note,
@@ -97,6 +100,11 @@ impl Hinting {
             },
             domains,
         }
+    }
+
+    /// Lets logs and outcomes carry guest-RAM addresses (`--expose-addresses`).
+    pub fn expose_addresses(&mut self, yes: bool) {
+        self.expose_addresses = yes;
     }
 
     /// The domain of a VM, by name or UUID (first match).
@@ -218,6 +226,7 @@ impl Hinting {
                 pid: d.pid,
                 start: d.start,
                 end: d.end,
+                bytes: d.end - d.start,
                 target: d.target,
                 reason: d.reason,
                 outcome: "recommended".into(),
@@ -269,11 +278,12 @@ impl Hinting {
                         self.planner.failed(&d);
                     }
                     Err(e) => {
+                        let e = crate::addresses::shown(&e.to_string(), self.expose_addresses);
                         tracing::warn!(
-                            "hint {:?} {:#x}-{:#x} of pid {}: {e}",
+                            "hint {:?} of {} MiB of {} (pid {}): {e}",
                             d.target,
-                            d.start,
-                            d.end,
+                            (d.end - d.start) >> 20,
+                            view.vm,
                             d.pid
                         );
                         view.outcome = format!("failed: {e}");
@@ -316,8 +326,10 @@ impl Hinting {
         let Some(c) = self.control.as_mut() else {
             return;
         };
+        let expose = self.expose_addresses;
         match c.restore() {
             Ok(r) if !r.failed.is_empty() || !r.deferred.is_empty() => {
+                let r = crate::addresses::shown(&r.to_string(), expose);
                 tracing::warn!("merge hints: {r}; the next start tries again");
             }
             Ok(r) => tracing::info!("merge hints: {r}"),

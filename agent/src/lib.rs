@@ -9,6 +9,7 @@
 //! library has no eBPF dependency: inventory, scan, policy and actuate only.
 
 pub mod actuate;
+pub mod addresses;
 pub mod config;
 #[cfg(feature = "ebpf")]
 pub mod daemon;

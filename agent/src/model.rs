@@ -195,8 +195,15 @@ pub struct KsmdStatus {
 pub struct HintView {
     pub vm: String,
     pub pid: u32,
+    /// Guest-RAM addresses: served only with `--expose-addresses` (a `bytes` size
+    /// instead), so absent (0) in what a client reads otherwise.
+    #[serde(default)]
     pub start: u64,
+    #[serde(default)]
     pub end: u64,
+    /// `end - start`, always served.
+    #[serde(default)]
+    pub bytes: u64,
     pub target: crate::policy::hints::Target,
     pub reason: crate::policy::hints::HintReason,
     /// `applied`, `already` (nothing to do), `recommended` (not acting), `rate-limited`,

@@ -955,16 +955,32 @@ async fn status(State(app): State<App>) -> axum::response::Response {
 }
 
 /// Removes guest-RAM virtual addresses from a `/v1/status` document: each mapping keeps
-/// its size and kind.
+/// its size and kind, each hint decision its size and an outcome without addresses.
 fn redact_addresses(status: &mut serde_json::Value) {
-    let Some(vms) = status.get_mut("vms").and_then(|v| v.as_array_mut()) else {
-        return;
-    };
-    for ram in vms
-        .iter_mut()
-        .filter_map(|v| v.get_mut("ram").and_then(|r| r.as_array_mut()))
+    if let Some(vms) = status.get_mut("vms").and_then(|v| v.as_array_mut()) {
+        for ram in vms
+            .iter_mut()
+            .filter_map(|v| v.get_mut("ram").and_then(|r| r.as_array_mut()))
+        {
+            ram.iter_mut().for_each(addresses_to_bytes);
+        }
+    }
+    if let Some(recent) = status
+        .pointer_mut("/hints/recent")
+        .and_then(|r| r.as_array_mut())
     {
-        ram.iter_mut().for_each(addresses_to_bytes);
+        recent.iter_mut().for_each(redact_decision);
+    }
+}
+
+/// A hint decision without addresses: its size instead of its bounds, its outcome text
+/// hidden of any address an error put there.
+fn redact_decision(v: &mut serde_json::Value) {
+    addresses_to_bytes(v);
+    if let Some(o) = v.get_mut("outcome")
+        && let Some(text) = o.as_str()
+    {
+        *o = crate::addresses::hide(text).into();
     }
 }
 
@@ -996,7 +1012,7 @@ async fn recommendations(State(app): State<App>) -> axum::response::Response {
             .pointer_mut("/hints/recent")
             .and_then(|r| r.as_array_mut())
     {
-        recent.iter_mut().for_each(addresses_to_bytes);
+        recent.iter_mut().for_each(redact_decision);
     }
     held_json(v, permit)
 }
@@ -1199,6 +1215,26 @@ pub fn timestamp() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn status_documents_carry_no_guest_addresses() {
+        let mut v = serde_json::json!({
+            "vms": [{ "ram": [{ "start": 0x7f00_0000_0000u64, "end": 0x7f00_4000_0000u64 }] }],
+            "hints": { "recent": [{
+                "start": 0x7f00_0000_0000u64,
+                "end": 0x7f00_0020_0000u64,
+                "outcome": "failed: 0x7f0000000000-0x7f0000200000 is not entirely mapped in PID 7",
+            }] },
+        });
+        redact_addresses(&mut v);
+        let text = v.to_string();
+        assert!(!text.contains("start") && !text.contains("0x7f"), "{text}");
+        assert_eq!(
+            v.pointer("/hints/recent/0/bytes"),
+            Some(&(2u64 << 20).into())
+        );
+        assert_eq!(v.pointer("/vms/0/ram/0/bytes"), Some(&(1u64 << 30).into()));
+    }
 
     #[test]
     fn scrapers_get_text_0_0_4_unless_they_ask_for_openmetrics() {

@@ -140,7 +140,7 @@ pub fn hints_line(state: &HostState) -> Option<String> {
             } else {
                 "make"
             },
-            (d.end.saturating_sub(d.start)) >> 20,
+            d.bytes >> 20,
             memfabric::inventory::clean_name(&d.vm),
             d.target,
             d.reason,

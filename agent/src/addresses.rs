@@ -1,0 +1,54 @@
+//! Guest-RAM virtual addresses are kept out of what memfabric says (logs, error texts in
+//! `/v1/status` and `/v1/recommendations`) unless the operator asks for them
+//! (`--expose-addresses`): they tell where a VMM mapped a tenant's memory, which helps an
+//! attacker defeat its address-space randomisation.
+
+/// `text` with every hexadecimal number of five digits or more (`0x7f3a...`) replaced by
+/// `0x…`: user-space addresses, never PIDs, sizes in MiB or errno values, which memfabric
+/// prints in decimal.
+pub fn hide(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = String::with_capacity(text.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'0' && bytes.get(i + 1) == Some(&b'x') {
+            let digits = bytes[i + 2..]
+                .iter()
+                .take_while(|b| b.is_ascii_hexdigit())
+                .count();
+            if digits >= 5 {
+                out.push_str("0x…");
+                i += 2 + digits;
+                continue;
+            }
+        }
+        let ch = text[i..].chars().next().expect("inside the text");
+        out.push(ch);
+        i += ch.len_utf8();
+    }
+    out
+}
+
+/// [`hide`] unless `expose`.
+pub fn shown(text: &str, expose: bool) -> String {
+    if expose { text.to_owned() } else { hide(text) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_go_and_everything_else_stays() {
+        assert_eq!(
+            hide("0x7f3a12340000-0x7f3a12540000 is not entirely mapped in PID 4242"),
+            "0x…-0x… is not entirely mapped in PID 4242"
+        );
+        assert_eq!(
+            hide("code at 0x55d1c0ffee: é 0x1f 0x"),
+            "code at 0x…: é 0x1f 0x"
+        );
+        assert_eq!(shown("at 0x7f0000000000", true), "at 0x7f0000000000");
+        assert_eq!(hide(""), "");
+    }
+}
