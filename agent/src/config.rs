@@ -94,6 +94,8 @@ pub enum ConfigError {
     HintsWithoutScanner,
     #[error("[fabric]: {0}")]
     Fabric(String),
+    #[error("vmm_users: no user {0:?} in /etc/passwd (give a user name or a numeric uid)")]
+    VmmUser(String),
     #[error("[[domain]] {name:?}: {message}")]
     Domain { name: String, message: String },
 }
@@ -319,6 +321,11 @@ pub struct FileConfig {
     /// `sleep` `qemu-system-x86_64`).
     #[serde(default)]
     pub untrusted_vmm_executables: bool,
+    /// Users (names or numeric uids) VMMs may run as besides root, e.g. libvirt's
+    /// `libvirt-qemu`: a process named like a VMM that runs as anyone else is not taken
+    /// for a VM (any user can run the real QEMU with another VM's `-name`).
+    #[serde(default)]
+    pub vmm_users: Vec<String>,
     /// TLS and basic auth for the endpoints.
     #[serde(default)]
     pub web: WebConfig,
@@ -366,6 +373,8 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// See [`FileConfig::untrusted_vmm_executables`].
     pub untrusted_vmm_executables: bool,
+    /// [`FileConfig::vmm_users`] as uids (root always included).
+    pub vmm_uids: Vec<u32>,
     pub web: WebConfig,
     pub domains: Vec<Domain>,
     /// `--keep-hints`: hinted ranges stay as memfabric left them at exit.
@@ -495,12 +504,34 @@ impl Config {
                 .or(file.state_dir)
                 .unwrap_or_else(|| crate::actuate::DEFAULT_STATE_DIR.into()),
             untrusted_vmm_executables: file.untrusted_vmm_executables,
+            vmm_uids: vmm_uids(&file.vmm_users)?,
             web: file.web,
             domains,
             keep_hints: keep_hints || file.keep_hints,
             fabric,
         })
     }
+}
+
+/// The uids VMMs may run as: root, and each of `users` (a name from /etc/passwd or a
+/// number).
+fn vmm_uids(users: &[String]) -> Result<Vec<u32>, ConfigError> {
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    let mut uids = vec![0];
+    for u in users {
+        let uid = match u.parse::<u32>() {
+            Ok(n) => n,
+            Err(_) => passwd
+                .lines()
+                .find_map(|l| {
+                    let mut f = l.split(':');
+                    (f.next()? == u).then(|| f.nth(1)?.parse().ok())?
+                })
+                .ok_or_else(|| ConfigError::VmmUser(u.clone()))?,
+        };
+        uids.push(uid);
+    }
+    Ok(uids)
 }
 
 #[cfg(test)]

@@ -128,6 +128,7 @@ impl Daemon {
                 pid_starts,
                 patterns: cfg.matches.clone(),
                 untrusted_vmm_executables: cfg.untrusted_vmm_executables,
+                vmm_uids: cfg.vmm_uids.clone(),
             }),
             ksmd: ksm_host::ksmd_pid(),
             vms: BTreeMap::new(),

@@ -183,6 +183,8 @@ pub struct Selector {
     /// Take a process named like a VMM for one even when its executable is not
     /// root-owned or is writable by others (anyone can copy `sleep` to `qemu-system-x`).
     pub untrusted_vmm_executables: bool,
+    /// The users a VMM may run as (root and the configured `vmm_users`); empty: root.
+    pub vmm_uids: Vec<u32>,
 }
 
 impl Selector {
@@ -210,6 +212,68 @@ pub fn untrusted_reason(meta: &fs::Metadata) -> Option<String> {
             "its executable is writable by others (mode {:o})",
             meta.mode() & 0o7777
         ));
+    }
+    None
+}
+
+/// Longest /proc/PID/environ looked at (the kernel caps the argument and environment
+/// area; a VMM's is a few KiB).
+const MAX_ENVIRON: u64 = 256 << 10;
+
+/// Why a process running a trusted VMM executable is still not taken for a VM, if it is
+/// not: it runs as a user other than root and `uids` (any user can run the real QEMU with
+/// another VM's `-name` and `-uuid`), or it preloads a library (`LD_PRELOAD`) that such a
+/// user could have written.
+pub fn untrusted_process_reason(pid: u32, uids: &[u32]) -> Option<String> {
+    use std::{io::Read as _, os::unix::fs::MetadataExt as _};
+    let trusted = |uid: u32| uid == 0 || uids.contains(&uid);
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let ids: Vec<u32> = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .map(|v| {
+            v.split_whitespace()
+                .filter_map(|n| n.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    if ids.len() != 4 {
+        return Some("its user cannot be read".into());
+    }
+    if let Some(uid) = ids.iter().find(|u| !trusted(**u)) {
+        return Some(format!(
+            "it runs as uid {uid}, not root or a user of vmm_users"
+        ));
+    }
+    let mut environ = Vec::new();
+    let readable = fs::File::open(format!("/proc/{pid}/environ"))
+        .and_then(|f| f.take(MAX_ENVIRON).read_to_end(&mut environ));
+    if readable.is_err() {
+        return Some("its environment cannot be read".into());
+    }
+    for var in environ.split(|b| *b == 0) {
+        let Some(list) = var.strip_prefix(b"LD_PRELOAD=") else {
+            continue;
+        };
+        let list = String::from_utf8_lossy(list);
+        for lib in list.split([':', ' ']).filter(|l| !l.is_empty()) {
+            match fs::metadata(lib) {
+                Ok(m) if trusted(m.uid()) && m.mode() & 0o022 == 0 => {}
+                Ok(m) => {
+                    return Some(format!(
+                        "it preloads {} (LD_PRELOAD), owned by uid {} or writable by others",
+                        clean_name(lib),
+                        m.uid()
+                    ));
+                }
+                Err(_) => {
+                    return Some(format!(
+                        "it preloads {} (LD_PRELOAD), which cannot be inspected",
+                        clean_name(lib)
+                    ));
+                }
+            }
+        }
     }
     None
 }
@@ -467,22 +531,29 @@ impl Scanner {
             };
             if let Some(k) = kind {
                 // The link's target file, even when it was deleted or replaced.
-                let untrusted = match fs::metadata(format!("/proc/{pid}/exe")) {
+                let exe_untrusted = match fs::metadata(format!("/proc/{pid}/exe")) {
                     Ok(meta) => untrusted_reason(&meta),
                     Err(_) => Some("its executable cannot be inspected".to_owned()),
-                };
+                }
+                .filter(|_| !self.selector.untrusted_vmm_executables)
+                .map(|why| (why, "untrusted_vmm_executables = true trusts them"));
+                // Who runs it counts whatever the executable: root, or a vmm_users user.
+                let untrusted = exe_untrusted.or_else(|| {
+                    untrusted_process_reason(pid, &self.selector.vmm_uids)
+                        .map(|why| (why, "vmm_users names the users VMMs run as"))
+                });
                 match untrusted {
-                    Some(why) if !self.selector.untrusted_vmm_executables => {
+                    Some((why, remedy)) => {
                         self.untrusted += 1;
                         if self.untrusted == 1 {
                             tracing::warn!(
                                 "pid {pid} is named like a VMM but {why}: not taken for a VM \
                                  (further ones are counted in memfabric_untrusted_vmm_processes; \
-                                 untrusted_vmm_executables = true trusts them)"
+                                 {remedy})"
                             );
                         }
                     }
-                    _ => return Some(k),
+                    None => return Some(k),
                 }
             }
         }

@@ -443,8 +443,9 @@ impl Collector for HostCollector {
         counter(
             e,
             "memfabric_untrusted_vmm_processes",
-            "Processes named like a VMM refused because their executable is not root-owned \
-             or is writable by others",
+            "Processes named like a VMM refused: their executable is not root-owned or is \
+             writable by others, they run as a user other than root and vmm_users, or they \
+             preload a library such a user could have written",
             s.untrusted_vmm_processes,
         )?;
         if let Some(h) = &s.hints {

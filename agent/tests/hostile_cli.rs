@@ -122,3 +122,60 @@ fn thousands_of_vmms_do_not_bring_the_daemon_down() {
     drop(fakes);
     fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn a_vmm_run_by_another_user_or_with_a_foreign_preload_is_not_a_vm() {
+    use std::os::unix::process::CommandExt as _;
+    if !common::root_or_skip("a_vmm_run_by_another_user_or_with_a_foreign_preload_is_not_a_vm") {
+        return;
+    }
+    // A trusted executable (root-owned, not writable by others) ...
+    let (dir, exe) = fake_vmm("users", "qemu-system-x86_64", 0);
+    // ... run by `nobody`, who could give it any VM's -name and -uuid;
+    let nobody = Command::new(&exe).arg("600").uid(65534).gid(65534).spawn();
+    // ... run by root with a library `nobody` could have written preloaded;
+    let lib = dir.join("libhook.so");
+    fs::write(&lib, b"").unwrap();
+    std::os::unix::fs::chown(&lib, Some(65534), Some(65534)).unwrap();
+    let preloaded = Command::new(&exe)
+        .arg("600")
+        .env("LD_PRELOAD", &lib)
+        .stderr(std::process::Stdio::null())
+        .spawn();
+    // ... and run by root as it is: the only VM of the three.
+    let plain = Command::new(&exe).arg("600").spawn();
+    let kids = Children(vec![nobody.unwrap(), preloaded.unwrap(), plain.unwrap()]);
+    let [nobody, preloaded, plain] = [0, 1, 2].map(|i| u64::from(kids.0[i].id()));
+    let d = Daemon::start(&[]);
+    let pids = poll_for(Duration::from_secs(20), || {
+        vm_pids(&d).filter(|p| p.contains(&plain))
+    })
+    .expect("the plain VMM listed");
+    assert!(
+        !pids.contains(&nobody),
+        "a VMM run by nobody was taken for a VM"
+    );
+    assert!(
+        !pids.contains(&preloaded),
+        "a foreign LD_PRELOAD was trusted"
+    );
+    let refused = metric(&d, "memfabric_untrusted_vmm_processes_total").expect("metric");
+    assert!(refused >= 2.0, "{refused}");
+    drop(d);
+    // The operator names the user its VMMs run as.
+    let cfg = dir.join("users.toml");
+    fs::write(&cfg, "vmm_users = [\"nobody\"]\n").unwrap();
+    let d = Daemon::start(&["--config", cfg.to_str().unwrap()]);
+    let listed = poll_for(Duration::from_secs(20), || {
+        vm_pids(&d).filter(|p| p.contains(&nobody))
+    });
+    assert!(listed.is_some(), "vmm_users = [\"nobody\"], yet not listed");
+    drop(d);
+    // An unknown user is a configuration error.
+    fs::write(&cfg, "vmm_users = [\"no-such-user-here\"]\n").unwrap();
+    let (code, err) = Daemon::start(&["--config", cfg.to_str().unwrap()]).wait();
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("no-such-user-here"), "{err}");
+    drop(kids);
+    fs::remove_dir_all(&dir).unwrap();
+}
