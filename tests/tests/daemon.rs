@@ -41,6 +41,7 @@ impl TestDaemon {
             ksmd_cpu: 0.1,
             state_dir: std::env::temp_dir().join(format!("memfabric-test-{port}")),
             untrusted_vmm_executables: false,
+            vmm_uids: vec![0],
             web: Default::default(),
             domains: Vec::new(),
             keep_hints: false,

@@ -65,6 +65,7 @@ fn a_guest_whose_operator_turned_merging_off_is_left_alone() {
         ksmd_cpu: 0.1,
         state_dir: state_dir.clone(),
         untrusted_vmm_executables: false,
+        vmm_uids: vec![0],
         web: Default::default(),
         domains: vec![Domain {
             name: "lab".into(),
