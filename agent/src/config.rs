@@ -276,6 +276,13 @@ impl FabricConfig {
                 "node name {node:?}: 1 to 128 printable characters"
             )));
         }
+        // Peers check that the certificate serving this node's summary names it.
+        if rustls::pki_types::ServerName::try_from(node.as_str()).is_err() {
+            return Err(ConfigError::Fabric(format!(
+                "node name {node:?}: must be a DNS name or an IP address, the one its \
+                 fabric certificate carries as a subject alternative name"
+            )));
+        }
         Ok(Some(Fabric {
             listen,
             advertise,

@@ -5,7 +5,9 @@
 //! - every connection must send a complete request head within `header_timeout`, also
 //!   between keep-alive requests (hyper's header-read timer also runs while idle);
 //! - at most `max_connections` are open: past that the oldest is closed, so a flood of
-//!   idle sockets cannot lock a scraper out (its fresh connection is the newest);
+//!   idle sockets cannot lock a scraper out (its fresh connection is the newest); with
+//!   TLS, the oldest that has not finished its handshake goes first, so a flood of
+//!   unauthenticated sockets cannot cut a peer's fetch short either;
 //! - a failed accept (EMFILE) backs off instead of spinning;
 //! - shutdown asks every connection to finish and drops whatever is left after
 //!   `shutdown_deadline`.
@@ -14,7 +16,7 @@ use std::{
     collections::VecDeque,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::Duration,
 };
@@ -88,8 +90,25 @@ impl Accept for tokio::net::UnixListener {
     }
 }
 
-/// Open connections, oldest first: (id, the signal that closes it).
-type Registry = Arc<Mutex<VecDeque<(u64, Arc<Notify>)>>>;
+/// Open connections, oldest first: (id, the signal that closes it, whether its TLS
+/// handshake finished; always true without TLS).
+type Registry = Arc<Mutex<VecDeque<(u64, Arc<Notify>, Arc<AtomicBool>)>>>;
+
+/// Makes room for one more connection: closes the oldest one that has not finished its
+/// handshake, or else the oldest.
+fn evict_one(reg: &mut VecDeque<(u64, Arc<Notify>, Arc<AtomicBool>)>) -> bool {
+    let at = reg
+        .iter()
+        .position(|(_, _, done)| !done.load(Ordering::Relaxed))
+        .unwrap_or(0);
+    match reg.remove(at) {
+        Some((_, close, _)) => {
+            close.notify_one();
+            true
+        }
+        None => false,
+    }
+}
 
 /// Serves `app` on `listener` until `shutdown` completes, then closes every connection
 /// within the deadline.
@@ -126,17 +145,15 @@ pub async fn serve<L: Accept>(
         };
         stats.accepted.fetch_add(1, Ordering::Relaxed);
         let close = Arc::new(Notify::new());
+        let authenticated = Arc::new(AtomicBool::new(tls.is_none()));
         let id = next_id;
         next_id += 1;
         {
             let mut reg = open.lock().unwrap_or_else(|e| e.into_inner());
-            while reg.len() >= limits.max_connections.max(1) {
-                if let Some((_, oldest)) = reg.pop_front() {
-                    oldest.notify_one();
-                    stats.evicted.fetch_add(1, Ordering::Relaxed);
-                }
+            while reg.len() >= limits.max_connections.max(1) && evict_one(&mut reg) {
+                stats.evicted.fetch_add(1, Ordering::Relaxed);
             }
-            reg.push_back((id, close.clone()));
+            reg.push_back((id, close.clone(), authenticated.clone()));
         }
         stats.open.fetch_add(1, Ordering::Relaxed);
         let (app, open, stats, stop) = (app.clone(), open.clone(), stats.clone(), stop_rx.clone());
@@ -146,9 +163,20 @@ pub async fn serve<L: Accept>(
                 // The handshake runs here, not in the accept loop, and within the header
                 // timeout: a client that never finishes it holds only its own task.
                 Some(acceptor) => {
-                    match tokio::time::timeout(limits.header_timeout, acceptor.accept(io)).await {
-                        Ok(Ok(stream)) => connection(stream, app, limits, close, stop).await,
-                        Ok(Err(_)) | Err(_) => {
+                    let handshake =
+                        tokio::time::timeout(limits.header_timeout, acceptor.accept(io));
+                    let evicted = close.clone();
+                    let done = tokio::select! {
+                        r = handshake => Some(r),
+                        _ = evicted.notified() => None,
+                    };
+                    match done {
+                        Some(Ok(Ok(stream))) => {
+                            authenticated.store(true, Ordering::Relaxed);
+                            connection(stream, app, limits, close, stop).await
+                        }
+                        None => {}
+                        Some(Ok(Err(_)) | Err(_)) => {
                             stats.tls_failures.fetch_add(1, Ordering::Relaxed);
                         }
                     }
@@ -157,7 +185,7 @@ pub async fn serve<L: Accept>(
             }
             open.lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .retain(|(i, _)| *i != id);
+                .retain(|(i, _, _)| *i != id);
             stats.open.fetch_sub(1, Ordering::Relaxed);
         });
     }
@@ -240,4 +268,85 @@ pub fn tls_acceptor(
         .with_single_cert(certs, key)
         .map_err(|e| TlsError::Config(e.to_string()))?;
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A flood of connections that never finish their TLS handshake closes one another,
+    /// not the authenticated connection that came first.
+    #[test]
+    fn unauthenticated_floods_do_not_evict_an_authenticated_connection() {
+        let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+        let dir = std::env::temp_dir().join(format!("memfabric-evict-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("c.pem"), cert.cert.pem()).unwrap();
+        std::fs::write(dir.join("k.pem"), cert.signing_key.serialize_pem()).unwrap();
+        let acceptor = tls_acceptor(&dir.join("c.pem"), &dir.join("k.pem")).unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(cert.cert.der().clone()).unwrap();
+        let client = tokio_rustls::TlsConnector::from(Arc::new(
+            rustls::ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+        ));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let stats = Arc::new(Stats::default());
+        let answered = rt.block_on(async {
+            use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let app = Router::new().route("/", axum::routing::get(|| async { "hello" }));
+            let limits = Limits {
+                max_connections: 4,
+                ..Limits::default()
+            };
+            let (stop_tx, stop_rx) = watch::channel(false);
+            let server = tokio::spawn(serve(
+                listener,
+                app,
+                limits,
+                Some(acceptor),
+                stats.clone(),
+                async move {
+                    let mut rx = stop_rx;
+                    let _ = rx.wait_for(|s| *s).await;
+                },
+            ));
+            let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+            let mut peer = client.connect(name, tcp).await.unwrap();
+            // 20 sockets that never say a word.
+            let mut flood = Vec::new();
+            for _ in 0..20 {
+                flood.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            peer.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                .await
+                .unwrap();
+            let mut out = String::new();
+            let _ = peer.read_to_string(&mut out).await;
+            let _ = stop_tx.send(true);
+            drop(flood);
+            let _ = server.await;
+            out
+        });
+        assert!(
+            answered.starts_with("HTTP/1.1 200") && answered.ends_with("hello"),
+            "{answered:?}"
+        );
+        assert!(stats.evicted.load(Ordering::Relaxed) >= 17);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -18,7 +18,7 @@ use std::{
 };
 
 use common::{Children, poll_for, root_or_skip};
-use memfabric::fabric::gossip_auth::{GossipKey, seal};
+use memfabric::fabric::gossip_auth::{GossipKey, Route, seal};
 use serde_json::Value;
 
 const MEMFABRIC: &str = env!("CARGO_BIN_EXE_memfabric");
@@ -208,9 +208,9 @@ impl Pki {
         }
     }
 
-    /// (certificate PEM, key PEM) for `ip`.
-    fn leaf(&self, ip: &str) -> (String, String) {
-        let params = rcgen::CertificateParams::new(vec![ip.to_owned()]).unwrap();
+    /// (certificate PEM, key PEM) for node `name` at `ip` (both subject alternative names).
+    fn leaf(&self, name: &str, ip: &str) -> (String, String) {
+        let params = rcgen::CertificateParams::new(vec![name.to_owned(), ip.to_owned()]).unwrap();
         let key = rcgen::KeyPair::generate().unwrap();
         let cert = params.signed_by(&key, &self.ca).unwrap();
         (cert.pem(), key.serialize_pem())
@@ -224,7 +224,7 @@ struct Node {
 
 /// Writes a node's certificate, key and config; returns the config path.
 fn node_files(dir: &Path, pki: &Pki, name: &str, ip: &str, key_file: &Path) -> PathBuf {
-    let (cert, key) = pki.leaf(ip);
+    let (cert, key) = pki.leaf(name, ip);
     fs::write(dir.join(format!("{name}.crt")), cert).unwrap();
     fs::write(dir.join(format!("{name}.key")), key).unwrap();
     let cfg = dir.join(format!("{name}.toml"));
@@ -329,6 +329,7 @@ fn rogue(ns: String, dir: PathBuf, key: Vec<u8>, stop: Arc<std::sync::atomic::At
                 &memfabric::fabric::gossip_auth::AuthTransport {
                     key: GossipKey::new(&key).unwrap(),
                     stats: Default::default(),
+                    advertise: None,
                 },
             )
             .await
@@ -471,26 +472,54 @@ fn three_agents_find_known_overlaps_refuse_forgeries_and_survive_a_lost_peer() {
     assert!(plan["vms"].as_u64() >= Some(3), "{plan}");
 
     // Forged gossip, sent from the fourth namespace to A.
-    let target = format!("{}:{PORT}", a.ip);
+    let target: std::net::SocketAddr = format!("{}:{PORT}", a.ip).parse().unwrap();
+    let b_addr: std::net::SocketAddr = format!("{}:{PORT}", b.ip).parse().unwrap();
     let good = GossipKey::new(&secret).unwrap();
-    let now = memfabric::telemetry::timestamp();
-    let sealed = seal(&good, now, 0xdead_beef, b"not chitchat");
-    let mut tampered = seal(&good, now, 0xdead_bef0, b"not chitchat");
-    tampered[25] ^= 1;
-    let foreign = seal(&GossipKey::new(&[7u8; 32]).unwrap(), now, 1, b"x");
-    let old = seal(&good, now - 120_000, 2, b"x");
-    let datagrams = vec![
-        sealed.clone(),
-        sealed,
-        tampered,
-        foreign,
-        old,
-        b"junk".to_vec(),
-    ];
     in_netns(&ns(4), move || {
         let s = std::net::UdpSocket::bind("10.77.0.4:0").unwrap();
-        for d in &datagrams {
-            s.send_to(d, &target).unwrap();
+        let me = s.local_addr().unwrap();
+        let now = memfabric::telemetry::timestamp();
+        let to_a = Route {
+            from: me,
+            to: target,
+        };
+        let sealed = seal(&good, now, 0xdead_beef, to_a, b"not chitchat");
+        let mut tampered = seal(&good, now, 0xdead_bef0, to_a, b"not chitchat");
+        tampered[25] ^= 1;
+        let foreign = seal(&GossipKey::new(&[7u8; 32]).unwrap(), now, 1, to_a, b"x");
+        let old = seal(&good, now - 120_000, 2, to_a, b"x");
+        // Valid MACs, wrong route: claiming to be B, or captured on its way to B.
+        let as_b = seal(
+            &good,
+            now,
+            3,
+            Route {
+                from: b_addr,
+                to: target,
+            },
+            b"x",
+        );
+        let for_b = seal(
+            &good,
+            now,
+            4,
+            Route {
+                from: me,
+                to: b_addr,
+            },
+            b"x",
+        );
+        for d in [
+            sealed.clone(),
+            sealed,
+            tampered,
+            foreign,
+            old,
+            b"junk".to_vec(),
+            as_b,
+            for_b,
+        ] {
+            s.send_to(&d, target).unwrap();
         }
     });
     let rejected = |r: &str| {
@@ -504,19 +533,21 @@ fn three_agents_find_known_overlaps_refuse_forgeries_and_survive_a_lost_peer() {
         poll_for(Duration::from_secs(10), || (rejected("replay") >= 1.0
             && rejected("bad_mac") >= 2.0
             && rejected("stale") >= 1.0
-            && rejected("malformed") >= 2.0)
+            && rejected("malformed") >= 2.0
+            && rejected("misaddressed") >= 2.0)
             .then_some(()))
         .is_some(),
-        "replay {} bad_mac {} stale {} malformed {}",
+        "replay {} bad_mac {} stale {} malformed {} misaddressed {}",
         rejected("replay"),
         rejected("bad_mac"),
         rejected("stale"),
-        rejected("malformed")
+        rejected("malformed"),
+        rejected("misaddressed")
     );
 
-    // A certificate from another CA, and no certificate at all: the handshake fails.
+    // A certificate from another CA, and no certificate at all: refused.
     let other = Pki::new("another cluster");
-    let (ocert, okey) = other.leaf("10.77.0.4");
+    let (ocert, okey) = other.leaf("rogue", "10.77.0.4");
     fs::write(dir.join("other.crt"), ocert).unwrap();
     fs::write(dir.join("other.key"), okey).unwrap();
     fs::write(dir.join("other-ca.crt"), &other.ca_pem).unwrap();
@@ -554,9 +585,40 @@ fn three_agents_find_known_overlaps_refuse_forgeries_and_survive_a_lost_peer() {
             } else {
                 out.push(true);
             }
+            // Trusting A's CA, and presenting no certificate at all.
+            use rustls::pki_types::pem::PemObject as _;
+            let mut roots = rustls::RootCertStore::empty();
+            for c in rustls::pki_types::CertificateDer::pem_file_iter(d2.join("ca.crt")).unwrap() {
+                roots.add(c.unwrap()).unwrap();
+            }
+            let anonymous = tokio_rustls::TlsConnector::from(std::sync::Arc::new(
+                rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+                    rustls::crypto::ring::default_provider(),
+                ))
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_no_client_auth(),
+            ));
+            let tcp = tokio::net::TcpStream::connect(format!("{ip_a}:{PORT}"))
+                .await
+                .unwrap();
+            let a_name = rustls::pki_types::ServerName::try_from("a").unwrap();
+            match anonymous.connect(a_name, tcp).await {
+                Ok(mut s) => {
+                    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+                    let _ = s
+                        .write_all(b"GET /v1/fabric/summary HTTP/1.1\r\n\r\n")
+                        .await;
+                    let mut b = [0u8; 16];
+                    out.push(matches!(s.read(&mut b).await, Ok(0) | Err(_)));
+                }
+                Err(_) => out.push(true),
+            }
             out
         })
     });
+    assert_eq!(outcomes.len(), 2, "both refusals ran");
     assert!(outcomes.iter().all(|refused| *refused), "{outcomes:?}");
     assert!(
         poll_for(Duration::from_secs(5), || (rejected("tls") > tls_before)
@@ -567,7 +629,7 @@ fn three_agents_find_known_overlaps_refuse_forgeries_and_survive_a_lost_peer() {
     );
 
     // A member (valid key and certificate) serving broken summaries.
-    let (rc, rk) = pki.leaf("10.77.0.4");
+    let (rc, rk) = pki.leaf("rogue", "10.77.0.4");
     fs::write(dir.join("rogue.crt"), rc).unwrap();
     fs::write(dir.join("rogue.key"), rk).unwrap();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));

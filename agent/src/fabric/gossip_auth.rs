@@ -4,14 +4,19 @@
 //! under the cluster's shared key:
 //!
 //! ```text
-//! "MFG1" | unix time in ms (u64 LE) | random nonce (u64 LE) | chitchat bytes | HMAC (32)
+//! "MFG2" | unix time in ms (u64 LE) | random nonce (u64 LE) | sender | recipient
+//!        | chitchat bytes | HMAC (32)
 //! ```
 //!
-//! A receiver refuses, and counts by reason: a datagram too short or without the magic,
-//! a wrong MAC (tampered, or another cluster's key), a time more than [`WINDOW`] away from
-//! its own clock (an old capture replayed), a nonce it has already seen inside the window
-//! (a fresh capture replayed), and bytes that are not a chitchat message. The MAC is
-//! checked before anything else is parsed.
+//! (an address is 16 bytes of IPv6, IPv4 mapped, and the port, u16 LE). A receiver
+//! refuses, and counts by reason: a datagram too short or without the magic, a wrong MAC
+//! (tampered, or another cluster's key), a time more than [`WINDOW`] away from its own
+//! clock (an old capture replayed), one from another address than the sender it names or
+//! for another recipient than itself (a capture replayed to another member, or from
+//! another host), a nonce it has already seen inside the window (a fresh capture
+//! replayed), and bytes that are not a chitchat message. The MAC is checked before anything
+//! else is parsed. Members must reach each other at the addresses they advertise (no NAT
+//! between them).
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -30,8 +35,9 @@ use ring::hmac;
 
 use super::stats::{FabricStats, Reject};
 
-const MAGIC: &[u8; 4] = b"MFG1";
-const HEADER: usize = 4 + 8 + 8;
+const MAGIC: &[u8; 4] = b"MFG2";
+const ADDR: usize = 18;
+const HEADER: usize = 4 + 8 + 8 + 2 * ADDR;
 const MAC: usize = 32;
 /// The largest UDP payload over IPv4.
 pub const MAX_DATAGRAM: usize = 65_507;
@@ -59,12 +65,32 @@ impl GossipKey {
     }
 }
 
+fn encode_addr(a: SocketAddr) -> [u8; ADDR] {
+    let ip = match a.ip() {
+        std::net::IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+        std::net::IpAddr::V6(v6) => v6,
+    };
+    let mut out = [0u8; ADDR];
+    out[..16].copy_from_slice(&ip.octets());
+    out[16..].copy_from_slice(&a.port().to_le_bytes());
+    out
+}
+
+/// Who sends a datagram and to whom: bound into its MAC.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Route {
+    pub from: SocketAddr,
+    pub to: SocketAddr,
+}
+
 /// Wraps chitchat's bytes in a header and a MAC.
-pub fn seal(key: &GossipKey, now_ms: u64, nonce: u64, payload: &[u8]) -> Vec<u8> {
+pub fn seal(key: &GossipKey, now_ms: u64, nonce: u64, route: Route, payload: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(HEADER + payload.len() + MAC);
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&now_ms.to_le_bytes());
     out.extend_from_slice(&nonce.to_le_bytes());
+    out.extend_from_slice(&encode_addr(route.from));
+    out.extend_from_slice(&encode_addr(route.to));
     out.extend_from_slice(payload);
     let tag = hmac::sign(&key.0, &out);
     out.extend_from_slice(tag.as_ref());
@@ -100,11 +126,13 @@ impl ReplayGuard {
     }
 }
 
-/// Checks one datagram and returns chitchat's bytes.
+/// Checks one datagram, received over `route` (its source address, our own), and returns
+/// chitchat's bytes.
 pub fn open<'a>(
     key: &GossipKey,
     now_ms: u64,
     guard: &mut ReplayGuard,
+    route: Route,
     datagram: &'a [u8],
 ) -> Result<&'a [u8], Reject> {
     if datagram.len() < HEADER + MAC || &datagram[..4] != MAGIC {
@@ -117,6 +145,11 @@ pub fn open<'a>(
     if at.abs_diff(now_ms) > WINDOW.as_millis() as u64 {
         return Err(Reject::Stale);
     }
+    if signed[20..20 + ADDR] != encode_addr(route.from)
+        || signed[20 + ADDR..HEADER] != encode_addr(route.to)
+    {
+        return Err(Reject::Misaddressed);
+    }
     if !guard.admit(nonce, at, now_ms) {
         return Err(Reject::Replay);
     }
@@ -128,9 +161,10 @@ pub fn receive(
     key: &GossipKey,
     now_ms: u64,
     guard: &mut ReplayGuard,
+    route: Route,
     datagram: &[u8],
 ) -> Result<ChitchatMessage, Reject> {
-    let mut body = open(key, now_ms, guard, datagram)?;
+    let mut body = open(key, now_ms, guard, route, datagram)?;
     ChitchatMessage::deserialize(&mut body).map_err(|_| Reject::Malformed)
 }
 
@@ -138,6 +172,8 @@ pub fn receive(
 pub struct AuthTransport {
     pub key: GossipKey,
     pub stats: Arc<FabricStats>,
+    /// The address peers send to (the advertised one); None: the bound address.
+    pub advertise: Option<SocketAddr>,
 }
 
 #[async_trait]
@@ -147,6 +183,7 @@ impl Transport for AuthTransport {
             .await
             .with_context(|| format!("binding the gossip socket {bind}/udp"))?;
         Ok(Box::new(AuthSocket {
+            me: self.advertise.unwrap_or(bind),
             socket,
             key: self.key.clone(),
             stats: self.stats.clone(),
@@ -158,6 +195,7 @@ impl Transport for AuthTransport {
 }
 
 struct AuthSocket {
+    me: SocketAddr,
     socket: tokio::net::UdpSocket,
     key: GossipKey,
     stats: Arc<FabricStats>,
@@ -178,6 +216,7 @@ impl Socket for AuthSocket {
             &self.key,
             crate::telemetry::timestamp(),
             u64::from_le_bytes(nonce),
+            Route { from: self.me, to },
             &payload,
         );
         if datagram.len() > MAX_DATAGRAM {
@@ -209,6 +248,7 @@ impl Socket for AuthSocket {
                 &self.key,
                 crate::telemetry::timestamp(),
                 &mut self.guard,
+                Route { from, to: self.me },
                 &self.buf[..n],
             ) {
                 Ok(message) => return Ok((from, message)),
@@ -231,29 +271,71 @@ mod tests {
         GossipKey::new(&[b; 32]).unwrap()
     }
 
+    fn route(from: &str, to: &str) -> Route {
+        Route {
+            from: from.parse().unwrap(),
+            to: to.parse().unwrap(),
+        }
+    }
+
     #[test]
     fn tampered_replayed_stale_and_foreign_datagrams_are_refused() {
         let k = key(1);
         let now = 1_800_000_000_000;
+        let r = route("10.0.0.1:7947", "10.0.0.2:7947");
         let mut guard = ReplayGuard::default();
-        let d = seal(&k, now, 7, b"hello");
-        assert_eq!(open(&k, now, &mut guard, &d), Ok(&b"hello"[..]));
-        assert_eq!(open(&k, now + 5, &mut guard, &d), Err(Reject::Replay));
-        let mut t = seal(&k, now, 8, b"hello");
+        let d = seal(&k, now, 7, r, b"hello");
+        assert_eq!(open(&k, now, &mut guard, r, &d), Ok(&b"hello"[..]));
+        assert_eq!(open(&k, now + 5, &mut guard, r, &d), Err(Reject::Replay));
+        let mut t = seal(&k, now, 8, r, b"hello");
         t[HEADER] ^= 1;
-        assert_eq!(open(&k, now, &mut guard, &t), Err(Reject::BadMac));
-        let other = seal(&key(2), now, 9, b"hello");
-        assert_eq!(open(&k, now, &mut guard, &other), Err(Reject::BadMac));
-        let old = seal(&k, now - 31_000, 10, b"hello");
-        assert_eq!(open(&k, now, &mut guard, &old), Err(Reject::Stale));
-        assert_eq!(open(&k, now, &mut guard, b"MFG1"), Err(Reject::Malformed));
-        // A valid MAC over bytes that are no chitchat message.
-        let junk = seal(&k, now, 11, b"\xff\xff\xff");
+        assert_eq!(open(&k, now, &mut guard, r, &t), Err(Reject::BadMac));
+        let other = seal(&key(2), now, 9, r, b"hello");
+        assert_eq!(open(&k, now, &mut guard, r, &other), Err(Reject::BadMac));
+        let old = seal(&k, now - 31_000, 10, r, b"hello");
+        assert_eq!(open(&k, now, &mut guard, r, &old), Err(Reject::Stale));
         assert_eq!(
-            receive(&k, now, &mut guard, &junk).unwrap_err(),
+            open(&k, now, &mut guard, r, b"MFG2"),
+            Err(Reject::Malformed)
+        );
+        // A valid MAC over bytes that are no chitchat message.
+        let junk = seal(&k, now, 11, r, b"\xff\xff\xff");
+        assert_eq!(
+            receive(&k, now, &mut guard, r, &junk).unwrap_err(),
             Reject::Malformed
         );
         assert!(GossipKey::new(b"short").is_err());
+    }
+
+    #[test]
+    fn a_datagram_counts_only_from_its_sender_to_its_recipient() {
+        let k = key(1);
+        let now = 1_800_000_000_000;
+        let r = route("10.0.0.1:7947", "10.0.0.2:7947");
+        let mut guard = ReplayGuard::default();
+        let d = seal(&k, now, 21, r, b"hello");
+        // Replayed to a third member, or sent on from another address: refused before
+        // its nonce is taken, so the real recipient still takes it.
+        let to_c = route("10.0.0.1:7947", "10.0.0.3:7947");
+        assert_eq!(
+            open(&k, now, &mut guard, to_c, &d),
+            Err(Reject::Misaddressed)
+        );
+        let via_m = route("10.0.0.9:7947", "10.0.0.2:7947");
+        assert_eq!(
+            open(&k, now, &mut guard, via_m, &d),
+            Err(Reject::Misaddressed)
+        );
+        let other_port = route("10.0.0.1:7948", "10.0.0.2:7947");
+        assert_eq!(
+            open(&k, now, &mut guard, other_port, &d),
+            Err(Reject::Misaddressed)
+        );
+        assert_eq!(open(&k, now, &mut guard, r, &d), Ok(&b"hello"[..]));
+        // IPv6 too.
+        let r6 = route("[fd00::1]:7947", "[fd00::2]:7947");
+        let d6 = seal(&k, now, 22, r6, b"x");
+        assert_eq!(open(&k, now, &mut guard, r6, &d6), Ok(&b"x"[..]));
     }
 
     #[test]
@@ -275,11 +357,12 @@ mod tests {
         #[test]
         fn the_handler_never_panics_on_arbitrary_datagrams(bytes in prop::collection::vec(any::<u8>(), 0..600)) {
             let k = key(3);
+            let r = route("127.0.0.1:1", "127.0.0.1:2");
             let mut g = ReplayGuard::default();
-            let _ = receive(&k, 1_000_000, &mut g, &bytes);
+            let _ = receive(&k, 1_000_000, &mut g, r, &bytes);
             // Validly sealed garbage reaches chitchat's decoder: it must refuse, not panic.
-            let sealed = seal(&k, 1_000_000, 1, &bytes);
-            let _ = receive(&k, 1_000_000, &mut g, &sealed);
+            let sealed = seal(&k, 1_000_000, 1, r, &bytes);
+            let _ = receive(&k, 1_000_000, &mut g, r, &sealed);
         }
     }
 }

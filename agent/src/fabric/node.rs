@@ -1,8 +1,9 @@
 //! The fabric at run time: membership and liveness through chitchat (Scuttlebutt gossip,
 //! chosen over SWIM/foca because its replicated key-value state carries each host's
 //! summary version and capacity for free, and its phi-accrual detector needs no tuning per
-//! fleet size), summaries fetched on demand over mutual-TLS HTTPS on the same port, and
-//! the candidates recomputed when a summary changes.
+//! fleet size), summaries fetched on demand over mutual-TLS HTTPS on the same port (the
+//! server's certificate must name the node: a subject alternative name equal to its node
+//! name), and the candidates recomputed when a summary changes.
 //!
 //! Peer states: `live` (gossiping, its summary fetched), `joining` (gossiping, no summary
 //! yet), `stale` (the detector says dead, or its summary cannot be fetched: its last
@@ -42,6 +43,21 @@ const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 /// 1,000 hosts this rate is what the exchange budget is spent on (`bench fabric`).
 const REPUBLISH_SIMILARITY: f64 = 0.95;
 pub const REPUBLISH_AFTER: Duration = Duration::from_secs(7200);
+
+/// Gossiping members taken for peers at most, in all and per IP address: a member (it
+/// holds the key) announcing thousands of node names must not grow the table, the fetches
+/// and the candidates without bound. Past either, new names are refused and counted.
+pub const MAX_PEERS: usize = 4096;
+pub const MAX_PEERS_PER_ADDRESS: usize = 8;
+
+/// Whether a new peer at `addr` fits, given how many peers each address has.
+fn room_for(
+    total: usize,
+    per_address: &std::collections::HashMap<std::net::IpAddr, usize>,
+    addr: SocketAddr,
+) -> bool {
+    total < MAX_PEERS && per_address.get(&addr.ip()).copied().unwrap_or(0) < MAX_PEERS_PER_ADDRESS
+}
 
 const KEY_VERSION: &str = "summary_version";
 const KEY_CAPACITY: &str = "capacity_bytes";
@@ -227,6 +243,7 @@ impl Fabric {
             &AuthTransport {
                 key,
                 stats: stats.clone(),
+                advertise: Some(cfg.advertise),
             },
         )
         .await
@@ -454,8 +471,22 @@ impl Fabric {
         for p in inner.peers.values_mut() {
             p.gossiping = false;
         }
+        let mut per_address: std::collections::HashMap<std::net::IpAddr, usize> =
+            std::collections::HashMap::new();
+        for p in inner.peers.values() {
+            *per_address.entry(p.addr.ip()).or_default() += 1;
+        }
         for (id, version) in live {
             let node = id.node_id.to_string();
+            if !inner.peers.contains_key(&node) {
+                if !room_for(inner.peers.len(), &per_address, id.gossip_advertise_addr) {
+                    self.stats.reject(Reject::TooManyPeers);
+                    continue;
+                }
+                *per_address
+                    .entry(id.gossip_advertise_addr.ip())
+                    .or_default() += 1;
+            }
             let p = inner.peers.entry(node).or_insert_with(|| Peer {
                 addr: id.gossip_advertise_addr,
                 announced: String::new(),
@@ -558,7 +589,14 @@ impl Fabric {
         let tcp = tokio::net::TcpStream::connect(addr)
             .await
             .map_err(|e| (None, format!("connecting: {e}")))?;
-        let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+        // The certificate must name the node whose summary it serves: a member with a
+        // valid certificate of its own cannot answer for another host's name.
+        let name = rustls::pki_types::ServerName::try_from(node.to_owned()).map_err(|_| {
+            (
+                Some(Reject::Tls),
+                format!("{node:?} is no DNS name or address"),
+            )
+        })?;
         let mut tls = self
             .client
             .connect(name, tcp)
@@ -714,6 +752,17 @@ async fn fetch_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn peers_are_capped_per_address_and_in_all() {
+        let addr = |ip: &str| -> SocketAddr { format!("{ip}:7947").parse().unwrap() };
+        let mut per = std::collections::HashMap::new();
+        assert!(room_for(0, &per, addr("10.0.0.1")));
+        per.insert(addr("10.0.0.1").ip(), MAX_PEERS_PER_ADDRESS);
+        assert!(!room_for(10, &per, addr("10.0.0.1")));
+        assert!(room_for(10, &per, addr("10.0.0.2")));
+        assert!(!room_for(MAX_PEERS, &per, addr("10.0.0.3")));
+    }
 
     #[test]
     fn responses_are_checked_before_their_body_is_used() {

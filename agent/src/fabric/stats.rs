@@ -14,6 +14,10 @@ pub enum Reject {
     Stale,
     /// A nonce already seen.
     Replay,
+    /// Sent from another address than the sender it names, or to another recipient.
+    Misaddressed,
+    /// A gossiping member past the caps on peers (per address, in total).
+    TooManyPeers,
     /// Larger than a datagram (sent) or than a summary may be (received).
     Oversize,
     /// A summary cut short, or one whose sketch or header does not decode.
@@ -25,11 +29,13 @@ pub enum Reject {
 }
 
 impl Reject {
-    pub const ALL: [Reject; 8] = [
+    pub const ALL: [Reject; 10] = [
         Reject::Malformed,
         Reject::BadMac,
         Reject::Stale,
         Reject::Replay,
+        Reject::Misaddressed,
+        Reject::TooManyPeers,
         Reject::Oversize,
         Reject::BadSummary,
         Reject::Tls,
@@ -47,6 +53,8 @@ impl Reject {
             Reject::BadMac => "bad_mac",
             Reject::Stale => "stale",
             Reject::Replay => "replay",
+            Reject::Misaddressed => "misaddressed",
+            Reject::TooManyPeers => "too_many_peers",
             Reject::Oversize => "oversize",
             Reject::BadSummary => "bad_summary",
             Reject::Tls => "tls",
@@ -67,7 +75,7 @@ pub struct FabricStats {
     pub bytes_out: AtomicU64,
     pub gossip_bytes_in: AtomicU64,
     pub gossip_bytes_out: AtomicU64,
-    rejected: [AtomicU64; 8],
+    rejected: [AtomicU64; Reject::ALL.len()],
 }
 
 impl FabricStats {

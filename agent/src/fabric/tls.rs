@@ -1,6 +1,7 @@
 //! Mutual TLS for the fabric's HTTPS channel: both ends present a certificate signed by the
-//! cluster CA, and a client checks that the server's certificate names the address it
-//! dialled (the address the peer advertised in gossip).
+//! cluster CA, and a client checks that the server's certificate names the node whose
+//! summary it fetches (a subject alternative name equal to the node name gossip
+//! announced): a member cannot serve a summary under another host's name.
 
 use std::{path::Path, sync::Arc};
 
@@ -67,4 +68,83 @@ pub fn load(ca: &Path, cert: &Path, key: &Path) -> Result<TlsConfigs, String> {
         server: tokio_rustls::TlsAcceptor::from(Arc::new(server)),
         client: tokio_rustls::TlsConnector::from(Arc::new(client)),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A cluster CA and a leaf for `name`, written as PEM files in `dir`: (ca, cert, key).
+    fn pki(dir: &Path, names: &[&str]) -> Vec<(std::path::PathBuf, std::path::PathBuf)> {
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+        std::fs::write(dir.join("ca.crt"), ca_cert.pem()).unwrap();
+        let issuer = rcgen::Issuer::new(ca_params, ca_key);
+        names
+            .iter()
+            .map(|n| {
+                let key = rcgen::KeyPair::generate().unwrap();
+                let cert = rcgen::CertificateParams::new(vec![(*n).to_owned()])
+                    .unwrap()
+                    .signed_by(&key, &issuer)
+                    .unwrap();
+                let (c, k) = (dir.join(format!("{n}.crt")), dir.join(format!("{n}.key")));
+                std::fs::write(&c, cert.pem()).unwrap();
+                std::fs::write(&k, key.serialize_pem()).unwrap();
+                (c, k)
+            })
+            .collect()
+    }
+
+    /// Whether a client (`client`'s certificate) that expects node `expect` completes a
+    /// handshake with a server holding `server`'s.
+    fn handshake(dir: &Path, server: &str, client: &str, expect: &str) -> bool {
+        let ca = dir.join("ca.crt");
+        let cfg = |n: &str| {
+            load(
+                &ca,
+                &dir.join(format!("{n}.crt")),
+                &dir.join(format!("{n}.key")),
+            )
+        };
+        let (s, c) = (cfg(server).unwrap(), cfg(client).unwrap());
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+            let (a, b) = tokio::io::duplex(64 << 10);
+            let server = tokio::spawn(async move {
+                let mut t = s.server.accept(b).await.ok()?;
+                t.write_all(b"ok").await.ok()?;
+                t.flush().await.ok()
+            });
+            let name = rustls::pki_types::ServerName::try_from(expect.to_owned()).unwrap();
+            let ok = match c.client.connect(name, a).await {
+                Ok(mut t) => {
+                    let mut buf = [0u8; 2];
+                    t.read_exact(&mut buf).await.is_ok() && &buf == b"ok"
+                }
+                Err(_) => false,
+            };
+            server.abort();
+            ok
+        })
+    }
+
+    #[test]
+    fn a_member_cannot_serve_under_another_nodes_name() {
+        let dir = std::env::temp_dir().join(format!("memfabric-tls-names-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        pki(&dir, &["node-a", "node-b", "rogue"]);
+        assert!(handshake(&dir, "node-b", "node-a", "node-b"));
+        // The rogue holds a valid cluster certificate, for its own name only.
+        assert!(!handshake(&dir, "rogue", "node-a", "node-b"));
+        assert!(handshake(&dir, "rogue", "node-a", "rogue"));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -157,6 +157,7 @@ fn gossip_bytes_per_member_minute(n: usize, secs: u64) -> anyhow::Result<f64> {
                 &memfabric::fabric::gossip_auth::AuthTransport {
                     key: key.clone(),
                     stats: st.clone(),
+                    advertise: None,
                 },
             )
             .await
