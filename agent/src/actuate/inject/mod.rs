@@ -266,7 +266,8 @@ fn calls(start: u64, end: u64, advice: Advice) -> Vec<(u64, u64)> {
 }
 
 /// Runs `madvise(start, end - start, advice)` inside `pid` and restores it as it was.
-/// `timeout` bounds each injected call (and each wait for a stop).
+/// `timeout` bounds each injected call, and the wait for the thread's stop (at least 1 s
+/// for the latter).
 pub fn madvise(
     pid: u32,
     start: u64,
@@ -319,7 +320,7 @@ fn madvise_call(
             timeout,
             hold,
         };
-        let patience = timeout * 2 + hold.0 + hold.1 + Duration::from_secs(2);
+        let patience = timeout * 2 + hold.0 + hold.1 + Duration::from_secs(3);
         let result = helper::run(pid, patience, || session::inject(&plan));
         attempt += 1;
         match result {

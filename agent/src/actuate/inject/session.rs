@@ -106,6 +106,10 @@ pub(super) fn resume_regs(mut r: libc::user_regs_struct) -> libc::user_regs_stru
     r
 }
 
+/// The least time given to a thread to reach its interrupt stop (a loaded host may not
+/// schedule it for a while; it is running its own code meanwhile, nothing is changed).
+const STOP_WAIT_MIN: Duration = Duration::from_secs(1);
+
 const ERESTARTSYS: i64 = -512;
 const ERESTARTNOINTR: i64 = -513;
 const ERESTARTNOHAND: i64 = -514;
@@ -186,7 +190,10 @@ pub(super) fn inject(plan: &Plan) -> Result<Injected, InjectError> {
     };
     ptrace::interrupt(pid).map_err(ptrace_err(raw, Step::Interrupt))?;
     let timeout = plan.timeout;
-    match wait_stop(pid, Some(Instant::now() + timeout))? {
+    // Reaching the stop waits for the scheduler, not for the call: never less than
+    // STOP_WAIT_MIN, however short the call's deadline.
+    let stop_wait = timeout.max(STOP_WAIT_MIN);
+    match wait_stop(pid, Some(Instant::now() + stop_wait))? {
         Some(WaitStatus::PtraceEvent(_, _, ev)) if ev == libc::PTRACE_EVENT_STOP => {
             att.stopped = true;
         }
@@ -211,7 +218,7 @@ pub(super) fn inject(plan: &Plan) -> Result<Injected, InjectError> {
             return Err(InjectError::Timeout {
                 pid: raw,
                 what: Step::InterruptStop,
-                timeout,
+                timeout: stop_wait,
             });
         }
     }
