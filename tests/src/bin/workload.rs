@@ -4,6 +4,7 @@
 //! alloc PAGES same|unique   map PAGES fresh anonymous pages (no THP) and write each once;
 //!                           replies `ok REGION`
 //! mergeable REGION          madvise(MADV_MERGEABLE) the region; replies `ok`
+//! unmergeable REGION        madvise(MADV_UNMERGEABLE) the region, one call; replies `ok`
 //! touch REGION COUNT        write one word into each of the first COUNT pages; `ok`
 //! alloc PAGES zero          (also) pages written with zeros: present, content zero
 //! sparse PAGES              map PAGES pages and write every other one (half stay absent)
@@ -328,6 +329,19 @@ fn main() {
                 } else {
                     Err(format!(
                         "madvise(MERGEABLE): {}",
+                        io::Error::last_os_error()
+                    ))
+                }
+            }),
+            Some("unmergeable") => region(1).and_then(|r| {
+                // SAFETY: a live mapping of ours.
+                let rc =
+                    unsafe { libc::madvise(r.ptr.cast(), r.pages * PAGE, libc::MADV_UNMERGEABLE) };
+                if rc == 0 {
+                    Ok("ok".into())
+                } else {
+                    Err(format!(
+                        "madvise(UNMERGEABLE): {}",
                         io::Error::last_os_error()
                     ))
                 }

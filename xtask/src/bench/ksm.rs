@@ -130,6 +130,21 @@ impl Daemon {
         self.child.id()
     }
 
+    /// `vm=N` per VM: the mappings the hints added to its process (each isolated hint
+    /// splits one), from the daemon's /metrics.
+    fn mappings_added(&self) -> Option<String> {
+        let text = super::get(self.port, "/metrics")?;
+        let rows: Vec<String> = text
+            .lines()
+            .filter_map(|l| {
+                let rest = l.strip_prefix("memfabric_hint_vm_mappings_added{")?;
+                let vm = rest.split("vm=\"").nth(1)?.split('"').next()?;
+                Some(format!("{vm}={}", rest.rsplit(' ').next()?))
+            })
+            .collect();
+        (!rows.is_empty()).then(|| rows.join(" "))
+    }
+
     /// SIGTERM, then checks that it exited cleanly and left no journal.
     fn stop(mut self) -> anyhow::Result<()> {
         // SAFETY: our own child.
@@ -328,6 +343,9 @@ fn run_policy(policy: Policy, load: &Load, agent: Option<&Path>) -> anyhow::Resu
         Load::Scenario(s) => run_scenario(policy, &mut ksm, &mut daemon, agent, s),
     };
     let controller = daemon.as_ref().and_then(Daemon::controller_cpu);
+    if let Some(pieces) = daemon.as_ref().and_then(Daemon::mappings_added) {
+        eprintln!("bench: memory mappings the hints added per VM: {pieces}");
+    }
     let stopped = daemon.map_or(Ok(()), Daemon::stop);
     let result = result.and_then(|s| stopped.map(|()| (s, controller)));
     let down = lab::down();

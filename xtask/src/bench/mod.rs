@@ -45,6 +45,14 @@ pub enum Bench {
         #[arg(long, default_value_t = 60.0)]
         gossip_interval_s: f64,
     },
+    /// Taking a merged range out of KSM: memfabric's bounded injected calls vs one call;
+    /// the guest's longest fault stall.
+    Unmerge {
+        #[arg(long, default_value_t = 1024)]
+        mib: usize,
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+    },
     /// What `memfabric run` costs (CPU, RSS) while it tracks lab guests.
     Agent {
         #[arg(long, default_value_t = 3)]
@@ -163,6 +171,13 @@ pub fn run(which: Bench) -> anyhow::Result<()> {
             &guests.to_string(),
             "--gossip-interval-s",
             &gossip_interval_s.to_string(),
+        ]),
+        Bench::Unmerge { mib, rounds } => c.args([
+            "unmerge",
+            "--mib",
+            &mib.to_string(),
+            "--rounds",
+            &rounds.to_string(),
         ]),
         Bench::Ksm { .. } | Bench::Agent { .. } => unreachable!("handled above"),
     };

@@ -18,6 +18,7 @@ use xtask::plot::{self, Series};
 
 mod fabric;
 mod scan;
+mod unmerge;
 
 /// Bytes the bench has allocated and not freed: memory figures are measured, not
 /// computed from a layout.
@@ -84,6 +85,14 @@ enum Which {
         /// The fleet's gossip interval in seconds (`[fabric] gossip_interval_ms`).
         #[arg(long, default_value_t = 60.0)]
         gossip_interval_s: f64,
+    },
+    /// Taking a merged range out of KSM: memfabric's bounded injected calls vs one call
+    /// over the whole range; the guest's longest fault stall, interleaved rounds.
+    Unmerge {
+        #[arg(long, default_value_t = 1024)]
+        mib: usize,
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
     },
 }
 
@@ -273,5 +282,6 @@ fn main() -> anyhow::Result<()> {
             guests,
             gossip_interval_s.max(0.1),
         ),
+        Which::Unmerge { mib, rounds } => unmerge::run(&cli.out, mib.max(16), rounds.max(1)),
     }
 }
