@@ -174,6 +174,20 @@ impl Domain {
     }
 }
 
+/// The one rule for "may this VM share memory with others?", used by the merge hints and
+/// the fabric alike: None when it is in no domain; otherwise it may only if none of the
+/// domains it is in says `share = false` (a refusal wins over the order of the config).
+pub fn may_share(domains: &[Domain], name: &str, uuid: Option<&str>) -> Option<bool> {
+    let mut found = None;
+    for d in domains.iter().filter(|d| d.contains(name, uuid)) {
+        if !d.share {
+            return Some(false);
+        }
+        found = Some(true);
+    }
+    found
+}
+
 /// `[fabric]`: peers on other hosts. Off unless `listen` is set; every channel is
 /// authenticated, so the certificate files and the gossip key are then required.
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
@@ -544,6 +558,27 @@ fn vmm_uids(users: &[String]) -> Result<Vec<u32>, ConfigError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_domain_that_does_not_share_wins_whatever_the_order() {
+        let d = |name: &str, re: &str, share| Domain {
+            name: name.into(),
+            name_match: Some(Regex::new(re).unwrap()),
+            uuids: vec!["5F1C2A3E-0000-4000-8000-00000000ABCD".into()],
+            share,
+        };
+        let open_first = [d("all", ".*", true), d("vault", "^v-", false)];
+        let closed_first = [d("vault", "^v-", false), d("all", ".*", true)];
+        for domains in [&open_first[..], &closed_first[..]] {
+            assert_eq!(may_share(domains, "v-1", None), Some(false));
+            assert_eq!(may_share(domains, "web-1", None), Some(true));
+        }
+        assert_eq!(may_share(&[d("vault", "^v-", false)], "web-1", None), None);
+        let by_uuid = [d("vault", "^$", false)];
+        let uuid = Some("5f1c2a3e-0000-4000-8000-00000000abcd");
+        assert_eq!(may_share(&by_uuid, "web-1", uuid), Some(false));
+        assert_eq!(may_share(&[], "web-1", None), None);
+    }
 
     #[test]
     fn flags_win_over_the_file_and_defaults_fill_the_rest() {

@@ -183,10 +183,8 @@ impl Daemon {
             .iter()
             .filter(|(_, vm)| {
                 !vm.merge_off
-                    && !self
-                        .domains
-                        .iter()
-                        .any(|d| !d.share && d.contains(&vm.name, vm.uuid.as_deref()))
+                    && crate::config::may_share(&self.domains, &vm.name, vm.uuid.as_deref())
+                        != Some(false)
             })
             .filter_map(|(pid, vm)| {
                 let sketch = sketches.per_pid.get(pid)?.clone();

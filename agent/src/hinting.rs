@@ -107,24 +107,19 @@ impl Hinting {
         self.expose_addresses = yes;
     }
 
-    /// The domain of a VM, by name or UUID (first match).
-    fn domain(&self, vm: &Vm) -> Option<&Domain> {
-        self.domains
-            .iter()
-            .find(|d| d.contains(&vm.name, vm.uuid.as_deref()))
-    }
-
     /// How the planner may hint `vm`; None: not at all (left alone, or in no domain while
-    /// domains are configured).
+    /// domains are configured). Whether it may share is [`crate::config::may_share`]'s
+    /// rule, the fabric's too.
     fn sharing(&self, vm: &Vm) -> Option<Sharing> {
         if vm.merge_off {
             return None;
         }
-        match (self.domains.is_empty(), self.domain(vm)) {
-            (true, _) => Some(Sharing::Ranges),
-            (false, Some(d)) if d.share => Some(Sharing::Ranges),
-            (false, Some(_)) => Some(Sharing::Never),
-            (false, None) => None,
+        if self.domains.is_empty() {
+            return Some(Sharing::Ranges);
+        }
+        match crate::config::may_share(&self.domains, &vm.name, vm.uuid.as_deref())? {
+            true => Some(Sharing::Ranges),
+            false => Some(Sharing::Never),
         }
     }
 
