@@ -359,17 +359,12 @@ mod tests {
         },
     };
 
-    /// A guest whose QEMU command line turns merging off is never hinted, whatever its
-    /// ranges do; the same guest without it is.
-    #[test]
-    fn operator_merge_off_is_left_alone() {
-        // A real anonymous mapping of this process stands for guest RAM.
-        let ram = vec![1u8; 8 << 20];
-        let start = (ram.as_ptr() as u64).next_multiple_of(RANGE_BYTES);
-        let ranked = |passes: u32| RankedRanges {
+    /// A ranking at pass `passes` with one volatile range of `pid` at `start`.
+    fn one_volatile(pid: u32, start: u64, passes: u32) -> RankedRanges {
+        RankedRanges {
             passes,
             by_pid: [(
-                std::process::id(),
+                pid,
                 vec![RankedRange {
                     class: RangeClass::Volatile,
                     counts: RangeCounts {
@@ -382,7 +377,17 @@ mod tests {
             )]
             .into(),
             ..RankedRanges::default()
-        };
+        }
+    }
+
+    /// A guest whose QEMU command line turns merging off is never hinted, whatever its
+    /// ranges do; the same guest without it is.
+    #[test]
+    fn operator_merge_off_is_left_alone() {
+        // A real anonymous mapping of this process stands for guest RAM.
+        let ram = vec![1u8; 8 << 20];
+        let start = (ram.as_ptr() as u64).next_multiple_of(RANGE_BYTES);
+        let ranked = |passes: u32| one_volatile(std::process::id(), start, passes);
         for merge_off in [true, false] {
             let vm = Vm {
                 pid: std::process::id(),
@@ -453,23 +458,7 @@ mod tests {
             merge_off: false,
         };
         let vms = [(pid, vm)].into();
-        let ranked = |passes: u32| RankedRanges {
-            passes,
-            by_pid: [(
-                pid,
-                vec![RankedRange {
-                    class: RangeClass::Volatile,
-                    counts: RangeCounts {
-                        start,
-                        ..RangeCounts::default()
-                    },
-                    savings: Default::default(),
-                    heat: Default::default(),
-                }],
-            )]
-            .into(),
-            ..RankedRanges::default()
-        };
+        let ranked = |passes: u32| one_volatile(pid, start, passes);
         let mut status = HintsStatus::default();
         for pass in 1..=4 {
             status = h.tick(f64::from(pass) * 10.0, &vms, &ranked(pass));

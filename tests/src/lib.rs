@@ -190,6 +190,21 @@ pub fn memory_hash(pid: u32, start: u64, end: u64) -> u64 {
     h.digest()
 }
 
+/// KSM pages mapped by `pid`, in kB (smaps_rollup's `KSM:`; 0 when unreadable).
+pub fn ksm_kb(pid: u32) -> u64 {
+    fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("KSM:")?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0)
+}
+
 /// A counter from /proc/vmstat.
 pub fn vmstat(name: &str) -> u64 {
     let text = fs::read_to_string("/proc/vmstat").expect("/proc/vmstat");

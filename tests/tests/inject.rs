@@ -16,7 +16,7 @@ use std::{
 
 use memfabric::actuate::inject::{self, Advice, InjectError};
 use memfabric_tests::{
-    KsmSession, Workload, memory_hash, privileged, registers, status_field, wait_for,
+    KsmSession, Workload, ksm_kb, memory_hash, privileged, registers, status_field, wait_for,
 };
 use serial_test::serial;
 
@@ -317,21 +317,6 @@ fn bad_input_leaves_the_target_untouched() {
     assert_runs_on(&b);
 }
 
-/// KSM pages mapped by `pid`, in kB (smaps_rollup's `KSM:`).
-fn ksm_kb(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
-        .unwrap()
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("KSM:")?
-                .split_whitespace()
-                .next()?
-                .parse()
-                .ok()
-        })
-        .expect("KSM: in smaps_rollup")
-}
-
 /// A workload blocked in read(2) with one region: (workload, start, end).
 fn blocked_target(args: &[&str], pages: usize, fill: &str) -> (Workload, u64, u64) {
     let mut w = Workload::spawn_with(WORKLOAD, args);
@@ -340,6 +325,27 @@ fn blocked_target(args: &[&str], pages: usize, fill: &str) -> (Workload, u64, u6
     // Let it block in read(2) again after replying.
     std::thread::sleep(Duration::from_millis(100));
     (w, start, end)
+}
+
+/// A daemon stand-in: memfabric's injection (MADV_MERGEABLE over `[start, end)` of
+/// `pid`) run by a process of its own, with a test hook's hold set in its environment.
+/// Returns once it holds the target (TracerPid set).
+fn stand_in_daemon(pid: u32, start: u64, end: u64, hold: (&str, &str)) -> Child {
+    let child = Command::new(WORKLOAD)
+        .args(["inject", &pid.to_string()])
+        .arg(format!("{start:#x}"))
+        .arg(format!("{end:#x}"))
+        .args(["merge", "2000"])
+        .env(hold.0, hold.1)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    assert!(
+        wait_for(Duration::from_secs(5), || status_field(pid, "TracerPid")
+            .is_some_and(|t| t != "0")),
+        "the injection never attached"
+    );
+    child
 }
 
 /// Still alive, not stopped, not traced, and answering.
@@ -426,20 +432,7 @@ fn a_signal_during_the_injection_arrives_once_with_its_siginfo() {
     std::thread::sleep(Duration::from_millis(50));
     // The daemon stand-in holds the target on the injected registers, before the call,
     // for 600 ms; a sigqueue'd SIGUSR1 (si_code SI_QUEUE, a value) arrives meanwhile.
-    let daemon = Command::new(WORKLOAD)
-        .args(["inject", &w.pid.to_string()])
-        .arg(format!("{start:#x}"))
-        .arg(format!("{end:#x}"))
-        .args(["merge", "2000"])
-        .env(inject::HOLD_BEFORE_ENV, "600")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    assert!(
-        wait_for(Duration::from_secs(5), || status_field(w.pid, "TracerPid")
-            .is_some_and(|t| t != "0")),
-        "the injection never attached"
-    );
+    let daemon = stand_in_daemon(w.pid, start, end, (inject::HOLD_BEFORE_ENV, "600"));
     std::thread::sleep(Duration::from_millis(100));
     let value = libc::sigval {
         sival_ptr: 4242 as *mut libc::c_void,
@@ -469,20 +462,7 @@ fn the_daemon_killed_mid_injection_leaves_the_target_as_it_was() {
     let before = mergeable_vmas(w.pid);
     // The daemon stand-in runs memfabric's injection and holds the target on the
     // injected registers, after the call, for 1.5 s; it is SIGKILLed there.
-    let mut daemon = Command::new(WORKLOAD)
-        .args(["inject", &w.pid.to_string()])
-        .arg(format!("{start:#x}"))
-        .arg(format!("{end:#x}"))
-        .args(["merge", "2000"])
-        .env(inject::HOLD_ENV, "1500")
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    assert!(
-        wait_for(Duration::from_secs(5), || status_field(w.pid, "TracerPid")
-            .is_some_and(|t| t != "0")),
-        "the injection never attached"
-    );
+    let mut daemon = stand_in_daemon(w.pid, start, end, (inject::HOLD_ENV, "1500"));
     std::thread::sleep(Duration::from_millis(300));
     daemon.kill().unwrap();
     daemon.wait().unwrap();

@@ -320,30 +320,18 @@ fn main() {
                 regions.push(r);
                 Ok(format!("ok {}", regions.len() - 1))
             }),
-            Some("mergeable") => region(1).and_then(|r| {
+            Some(cmd @ ("mergeable" | "unmergeable")) => region(1).and_then(|r| {
+                let advice = if cmd == "mergeable" {
+                    libc::MADV_MERGEABLE
+                } else {
+                    libc::MADV_UNMERGEABLE
+                };
                 // SAFETY: a live mapping of ours.
-                let rc =
-                    unsafe { libc::madvise(r.ptr.cast(), r.pages * PAGE, libc::MADV_MERGEABLE) };
+                let rc = unsafe { libc::madvise(r.ptr.cast(), r.pages * PAGE, advice) };
                 if rc == 0 {
                     Ok("ok".into())
                 } else {
-                    Err(format!(
-                        "madvise(MERGEABLE): {}",
-                        io::Error::last_os_error()
-                    ))
-                }
-            }),
-            Some("unmergeable") => region(1).and_then(|r| {
-                // SAFETY: a live mapping of ours.
-                let rc =
-                    unsafe { libc::madvise(r.ptr.cast(), r.pages * PAGE, libc::MADV_UNMERGEABLE) };
-                if rc == 0 {
-                    Ok("ok".into())
-                } else {
-                    Err(format!(
-                        "madvise(UNMERGEABLE): {}",
-                        io::Error::last_os_error()
-                    ))
+                    Err(format!("madvise({cmd}): {}", io::Error::last_os_error()))
                 }
             }),
             Some("touch") => region(1).and_then(|r| {

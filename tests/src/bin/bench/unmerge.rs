@@ -10,7 +10,7 @@ use std::{fmt::Write as _, fs, path::Path, time::Duration};
 
 use anyhow::Context as _;
 use memfabric::actuate::inject::{self, Advice};
-use memfabric_tests::{KsmSession, Workload};
+use memfabric_tests::{KsmSession, Workload, ksm_kb};
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Way {
@@ -116,20 +116,6 @@ fn one(exe: &str, pages: usize, way: Way) -> anyhow::Result<Sample> {
         idle_stall_ms: idle_us / 1e3,
         longest_stop_ms: longest_stop.as_secs_f64() * 1e3,
     })
-}
-
-fn ksm_kb(pid: u32) -> u64 {
-    fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("KSM:")?
-                .split_whitespace()
-                .next()?
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0)
 }
 
 fn report(out: &Path, mib: usize, rounds: usize, samples: &[Sample]) -> anyhow::Result<()> {
