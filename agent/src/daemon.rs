@@ -19,7 +19,7 @@ use crate::{
     inventory::{self, Scanner, Selector, Vm},
     ksm_host::{self, KsmHost, KsmStat},
     model::{HostState, ProbeSummary, Ranking, VmProbeCounters, VmState},
-    policy::{KsmCounters, KsmdPolicy, Observation},
+    policy::KsmdPolicy,
     probes::{LoadOptions, ProbeError, ProbeEvent, Probes},
     scan::RANGE_BYTES,
     scan_worker::thread_cpu,
@@ -69,7 +69,8 @@ pub struct Daemon {
     /// after it starts; merging is turned on and off).
     described: HashMap<u32, (Option<u64>, u32)>,
     refreshes: u32,
-    previous: HashMap<u32, (Instant, VmProbeCounters)>,
+    /// Guest activity from the probes' counters, tick to tick.
+    activity: crate::control::activity::Activity,
     exited: BTreeMap<u32, VmProbeCounters>,
     scan: Option<crate::scan_worker::ScanWorker>,
     ranking: Ranking,
@@ -78,9 +79,8 @@ pub struct Daemon {
     steering: Option<Steering>,
     /// Merge hints (recommended, or applied with `--act hints`).
     hinting: crate::hinting::Hinting,
-    /// Mergeable VMs that appeared, and write faults of tracked VMs, since the start.
+    /// Mergeable VMs that appeared since the start.
     vms_arrived: u64,
-    guest_writes: u64,
     started: Instant,
     /// VMs the probes could not track (a full map).
     track_failures: u64,
@@ -134,7 +134,7 @@ impl Daemon {
             vms: BTreeMap::new(),
             described: HashMap::new(),
             refreshes: 0,
-            previous: HashMap::new(),
+            activity: Default::default(),
             exited: BTreeMap::new(),
             scan: (cfg.scan_cpu > 0.0)
                 .then(|| crate::scan_worker::ScanWorker::start(cfg.scan_cpu, cfg.fabric.is_some())),
@@ -155,7 +155,6 @@ impl Daemon {
                 )
             }),
             vms_arrived: 0,
-            guest_writes: 0,
             started: Instant::now(),
             track_failures: 0,
             merged_pages_seeded: 0,
@@ -230,8 +229,103 @@ impl Daemon {
         self.state.clone()
     }
 
-    /// One refresh: follow VMs that appeared or left, read counters, publish the state.
+    /// One tick of the loop (see [`crate::control`]): observe, model, decide and act,
+    /// publish.
     pub fn refresh(&mut self) -> Result<(), DaemonError> {
+        // Observe: the VMs, the scanner, the probes, KSM.
+        let found = self.list_vms();
+        self.follow_vms(&found);
+        self.probes.refresh_mm_learning()?;
+        let scan = self.scan.as_ref().map(|w| {
+            w.set_targets(self.vms.keys().copied().collect());
+            w.status()
+        });
+        let report = scan.as_ref().and_then(|s| s.report.clone());
+        if let Some(r) = &report {
+            let probes = &self.probes;
+            self.ranking.update(r, || probes.heat_by_range(RANGE_BYTES));
+            self.publish_to_fabric(r);
+        }
+        let counters = self.probes.counters()?;
+        let ksm = KsmHost::read_with(self.ksmd);
+        // Model: each VM with its rates.
+        let vms = self.vm_states(report.as_deref(), scan.as_ref())?;
+        // Decide and act: the hints, then ksmd.
+        let t = self.started.elapsed().as_secs_f64();
+        let hints = self.hinting.tick(t, &self.vms, &self.ranking.ranked);
+        let hints_settling = self.hinting.settling(t, &self.vms, &self.ranking.ranked);
+        let ksmd = self.steering.as_mut().map(|steering| {
+            let cpu0 = thread_cpu();
+            let (mem_total_bytes, mem_available_bytes) = ksm_host::meminfo();
+            let obs = crate::control::ksmd_input::observation(
+                &ksm,
+                &vms,
+                crate::control::ksmd_input::Context {
+                    t,
+                    ksm_enters: counters.ksm_enters,
+                    vms_arrived: self.vms_arrived,
+                    guest_writes: self.activity.guest_writes(),
+                    potential_savings_bytes: report
+                        .as_ref()
+                        .map(|r| r.total.potential_savings_bytes),
+                    mem_total_bytes,
+                    mem_available_bytes,
+                    hints_settling,
+                },
+            );
+            steering.tick(&obs, thread_cpu() - cpu0)
+        });
+        // Publish.
+        let state = HostState {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            taken_at_unix_ms: telemetry::timestamp(),
+            ksm,
+            ksmd,
+            agent_cpu_seconds: ksm_host::cpu_seconds(std::process::id()).unwrap_or(0.0),
+            track_failures: self.track_failures,
+            scan_failed: scan.as_ref().and_then(|s| s.failed.clone()),
+            untrusted_vmm_processes: self.scanner.untrusted() as u64,
+            proc_read_errors: self.proc_errors,
+            vms,
+            probes: ProbeSummary {
+                attached: self
+                    .probes
+                    .status()
+                    .iter()
+                    .filter(|s| s.attached())
+                    .map(|s| s.tracepoint.clone())
+                    .collect(),
+                missing: self
+                    .probes
+                    .status()
+                    .iter()
+                    .filter(|s| !s.attached())
+                    .map(|s| s.tracepoint.clone())
+                    .collect(),
+                events_dropped: counters.events_dropped,
+                ksm_pages_insert_failed: counters.ksm_pages_insert_failed,
+                heat_insert_failed: counters.heat_insert_failed,
+                ksm_merges_untracked: counters.ksm_merges_untracked,
+                ksm_merges_unowned: counters.ksm_merges_unowned,
+                ksm_pages_stale: counters.ksm_pages_stale,
+                merged_pages_seeded: self.merged_pages_seeded,
+                kvm_cow_breaks: counters.kvm_cow_breaks,
+            },
+            scan_pass_seconds: scan.as_ref().map_or(0.0, |s| s.pass_seconds),
+            scan_bytes_total: scan.as_ref().map_or(0, |s| s.bytes_read),
+            scan_rechecked_ranges: scan.as_ref().map_or(0, |s| s.rechecked_ranges),
+            ranges: self.ranking.ranked.clone(),
+            hints: Some(hints),
+        };
+        if let Ok(mut s) = self.state.write() {
+            *s = state;
+        }
+        Ok(())
+    }
+
+    /// The VM processes of the host now; when /proc does not answer (out of descriptors?),
+    /// the VMs as they were.
+    fn list_vms(&mut self) -> inventory::Found {
         for ev in self.probes.drain_events() {
             let ProbeEvent::Exit { tgid, stats } = ev;
             self.exited.insert(tgid, stats.into());
@@ -239,7 +333,6 @@ impl Daemon {
         let found = match self.scanner.scan() {
             Ok(f) => f,
             Err(e) => {
-                // /proc did not answer (out of descriptors?): the VMs are as they were.
                 self.proc_errors += 1;
                 tracing::warn!("listing /proc: {e}; keeping the VMs as they were");
                 inventory::Found {
@@ -250,6 +343,12 @@ impl Daemon {
         };
         self.proc_errors += found.unknown.len() as u64;
         self.refreshes = self.refreshes.wrapping_add(1);
+        found
+    }
+
+    /// VMs that left are dropped (and untracked), new ones described and tracked, known
+    /// ones described again now and then.
+    fn follow_vms(&mut self, found: &inventory::Found) {
         // Gone: exited, or no longer matching, or its PID now belongs to another process.
         // A VM whose /proc could not be read stays.
         let gone: Vec<u32> = self
@@ -273,7 +372,7 @@ impl Daemon {
             self.hinting.gone(pid);
             self.described.remove(&pid);
             let _ = self.probes.untrack(pid);
-            self.previous.remove(&pid);
+            self.activity.forget(pid);
             self.exited.remove(&pid);
             if let Some(vm) = vm {
                 tracing::info!("VM {} (pid {pid}) is gone", vm.name);
@@ -343,145 +442,32 @@ impl Daemon {
                 self.vms.insert(pid, vm);
             }
         }
-        self.probes.refresh_mm_learning()?;
-        let scan = self.scan.as_ref().map(|w| {
-            w.set_targets(self.vms.keys().copied().collect());
-            w.status()
-        });
-        let report = scan.as_ref().and_then(|s| s.report.clone());
-        if let Some(r) = &report {
-            let probes = &self.probes;
-            self.ranking.update(r, || probes.heat_by_range(RANGE_BYTES));
-            self.publish_to_fabric(r);
-        }
-        let scan_counts = |pid: u32| report.as_ref().and_then(|r| r.per_pid.get(&pid).copied());
+    }
 
-        let now = Instant::now();
+    /// Each VM's state this tick: its KSM figures, scan counts, range classes and probe
+    /// rates.
+    fn vm_states(
+        &mut self,
+        report: Option<&crate::scan::Report>,
+        scan: Option<&crate::scan_worker::ScanStatus>,
+    ) -> Result<Vec<VmState>, DaemonError> {
+        let t = self.started.elapsed().as_secs_f64();
         let mut vms = Vec::new();
         for (pid, vm) in &self.vms {
             let probes: Option<VmProbeCounters> = self.probes.stats(*pid)?.map(Into::into);
-            let (wf, cb) = match (probes, self.previous.get(pid)) {
-                (Some(p), Some((t, prev))) => {
-                    let dt = now.duration_since(*t).as_secs_f64().max(1e-3);
-                    // First touches only: writes to present pages (COW breaks of churning
-                    // memory) are no new memory, and re-merging churn does not pay.
-                    let first =
-                        |c: &VmProbeCounters| c.write_faults.saturating_sub(c.write_protect_faults);
-                    self.guest_writes += first(&p).saturating_sub(first(prev))
-                        + p.kvm_write_faults.saturating_sub(prev.kvm_write_faults);
-                    (
-                        (p.write_faults.saturating_sub(prev.write_faults)) as f64 / dt,
-                        (p.cow_breaks.saturating_sub(prev.cow_breaks)) as f64 / dt,
-                    )
-                }
-                _ => (0.0, 0.0),
-            };
-            if let Some(p) = probes {
-                self.previous.insert(*pid, (now, p));
-            }
+            let rates = self.activity.update(*pid, t, probes);
             vms.push(VmState {
                 vm: vm.clone(),
                 ksm: KsmStat::read(*pid),
-                scan: scan_counts(*pid),
+                scan: report.and_then(|r| r.per_pid.get(pid).copied()),
                 range_classes: self.ranking.ranked.class_counts(*pid),
-                scan_pass_seconds: scan
-                    .as_ref()
-                    .and_then(|s| s.vm_pass_seconds.get(pid).copied()),
+                scan_pass_seconds: scan.and_then(|s| s.vm_pass_seconds.get(pid).copied()),
                 probes,
-                write_faults_per_sec: wf,
-                cow_breaks_per_sec: cb,
+                write_faults_per_sec: rates.write_faults_per_sec,
+                cow_breaks_per_sec: rates.cow_breaks_per_sec,
             });
         }
-        let hints = self.hinting.tick(
-            self.started.elapsed().as_secs_f64(),
-            &self.vms,
-            &self.ranking.ranked,
-        );
-        let hints_settling = self.hinting.settling(
-            self.started.elapsed().as_secs_f64(),
-            &self.vms,
-            &self.ranking.ranked,
-        );
-        let counters = self.probes.counters()?;
-        let ksm = KsmHost::read_with(self.ksmd);
-        let ksmd = self.steering.as_mut().map(|steering| {
-            let cpu0 = thread_cpu();
-            let (mem_total_bytes, mem_available_bytes) = ksm_host::meminfo();
-            let obs = Observation {
-                t: self.started.elapsed().as_secs_f64(),
-                ksm: KsmCounters {
-                    pages_scanned: ksm.pages_scanned.max(0) as u64,
-                    pages_shared: ksm.pages_shared.max(0) as u64,
-                    pages_sharing: ksm.pages_sharing.max(0) as u64,
-                    pages_unshared: ksm.pages_unshared.max(0) as u64,
-                    pages_volatile: ksm.pages_volatile.max(0) as u64,
-                    full_scans: ksm.full_scans.max(0) as u64,
-                    general_profit: ksm.general_profit_bytes,
-                },
-                ksmd_cpu_seconds: ksm.ksmd_cpu_seconds,
-                cow_ksm: ksm.cow_ksm,
-                ksm_enters: counters.ksm_enters,
-                vms_arrived: self.vms_arrived,
-                guest_writes: self.guest_writes,
-                mergeable_pages: vms
-                    .iter()
-                    .filter(|v| v.vm.mergeability == inventory::Mergeability::Mergeable)
-                    .map(|v| v.vm.guest_memory_bytes / 4096)
-                    .sum(),
-                potential_savings_pages: report
-                    .as_ref()
-                    .map(|r| r.total.potential_savings_bytes / 4096),
-                mem_available_bytes,
-                mem_total_bytes,
-                hints_settling,
-            };
-            steering.tick(&obs, thread_cpu() - cpu0)
-        });
-        let state = HostState {
-            version: env!("CARGO_PKG_VERSION").to_owned(),
-            taken_at_unix_ms: telemetry::timestamp(),
-            ksm,
-            ksmd,
-            agent_cpu_seconds: ksm_host::cpu_seconds(std::process::id()).unwrap_or(0.0),
-            track_failures: self.track_failures,
-            scan_failed: scan.as_ref().and_then(|s| s.failed.clone()),
-            untrusted_vmm_processes: self.scanner.untrusted() as u64,
-            proc_read_errors: self.proc_errors,
-            vms,
-            probes: ProbeSummary {
-                attached: self
-                    .probes
-                    .status()
-                    .iter()
-                    .filter(|s| s.attached())
-                    .map(|s| s.tracepoint.clone())
-                    .collect(),
-                missing: self
-                    .probes
-                    .status()
-                    .iter()
-                    .filter(|s| !s.attached())
-                    .map(|s| s.tracepoint.clone())
-                    .collect(),
-                events_dropped: counters.events_dropped,
-                ksm_pages_insert_failed: counters.ksm_pages_insert_failed,
-                heat_insert_failed: counters.heat_insert_failed,
-                ksm_merges_untracked: counters.ksm_merges_untracked,
-                ksm_merges_unowned: counters.ksm_merges_unowned,
-                ksm_pages_stale: counters.ksm_pages_stale,
-                merged_pages_seeded: self.merged_pages_seeded,
-                kvm_cow_breaks: counters.kvm_cow_breaks,
-            },
-            scan_pass_seconds: scan.as_ref().map_or(0.0, |s| s.pass_seconds),
-            scan_bytes_total: scan.as_ref().map_or(0, |s| s.bytes_read),
-            scan_rechecked_ranges: scan.as_ref().map_or(0, |s| s.rechecked_ranges),
-            ranges: self.ranking.ranked.clone(),
-            hints: Some(hints),
-        };
-        if let Ok(mut s) = self.state.write() {
-            *s = state;
-        }
-        Ok(())
+        Ok(vms)
     }
 }
 

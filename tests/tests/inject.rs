@@ -540,6 +540,8 @@ fn a_large_merged_unmerge_is_bounded_and_a_deadline_interrupts_it_cleanly() {
     let done = inject::madvise(w.pid, start, end, Advice::Unmergeable, TIMEOUT).unwrap();
     let wall = t.elapsed();
     assert_eq!(registers(w.pid), regs, "registers after the unmerge");
+    // The watcher records a fault when it returns: let the last one that waited finish.
+    std::thread::sleep(Duration::from_millis(100));
     let stall_us: u64 = w.cmd("stall").parse().unwrap();
     assert_eq!(done.calls, 128);
     // Every KSM page of the range was replaced by a private copy (smaps' `KSM:`; the

@@ -105,6 +105,8 @@ fn one(exe: &str, pages: usize, way: Way) -> anyhow::Result<Sample> {
         }
     };
     let wall = t.elapsed();
+    // The watcher records a fault when it returns: let the last one that waited finish.
+    std::thread::sleep(Duration::from_millis(100));
     let stall_us: f64 = w.cmd("stall").parse()?;
     anyhow::ensure!(ksm_kb(w.pid) == 0, "KSM pages left after the unmerge");
     w.exit();
