@@ -55,6 +55,16 @@ pub enum DaemonError {
     Fabric(String),
 }
 
+/// What one tick observed and decided, for [`Daemon::host_state`].
+struct Tick {
+    ksm: KsmHost,
+    ksmd: Option<crate::model::KsmdStatus>,
+    vms: Vec<VmState>,
+    scan: Option<crate::scan_worker::ScanStatus>,
+    counters: crate::probes::GlobalCounters,
+    hints: crate::model::HintsStatus,
+}
+
 /// Refreshes between two descriptions of a known VM (about 30 s at the default 2 s).
 const REDESCRIBE: u32 = 15;
 
@@ -276,7 +286,31 @@ impl Daemon {
             steering.tick(&obs, thread_cpu() - cpu0)
         });
         // Publish.
-        let state = HostState {
+        let state = self.host_state(Tick {
+            ksm,
+            ksmd,
+            vms,
+            scan,
+            counters,
+            hints,
+        });
+        if let Ok(mut s) = self.state.write() {
+            *s = state;
+        }
+        Ok(())
+    }
+
+    /// The state the endpoints serve, from one tick's parts and the daemon's counters.
+    fn host_state(&self, tick: Tick) -> HostState {
+        let Tick {
+            ksm,
+            ksmd,
+            vms,
+            scan,
+            counters,
+            hints,
+        } = tick;
+        HostState {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             taken_at_unix_ms: telemetry::timestamp(),
             ksm,
@@ -316,11 +350,7 @@ impl Daemon {
             scan_rechecked_ranges: scan.as_ref().map_or(0, |s| s.rechecked_ranges),
             ranges: self.ranking.ranked.clone(),
             hints: Some(hints),
-        };
-        if let Ok(mut s) = self.state.write() {
-            *s = state;
         }
-        Ok(())
     }
 
     /// The VM processes of the host now; when /proc does not answer (out of descriptors?),
