@@ -312,7 +312,7 @@ impl Daemon {
         } = tick;
         HostState {
             version: env!("CARGO_PKG_VERSION").to_owned(),
-            taken_at_unix_ms: telemetry::timestamp(),
+            taken_at_unix_ms: crate::util::clock::unix_ms(),
             ksm,
             ksmd,
             agent_cpu_seconds: ksm_host::cpu_seconds(std::process::id()).unwrap_or(0.0),

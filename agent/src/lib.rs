@@ -33,3 +33,4 @@ pub mod scan_worker;
 pub mod steer;
 pub mod telemetry;
 pub mod tracefs;
+pub mod util;

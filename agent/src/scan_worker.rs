@@ -69,9 +69,7 @@ struct Jitter(u64);
 
 impl Jitter {
     fn seeded() -> Jitter {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as u64);
+        let now = crate::util::clock::since_epoch().as_nanos() as u64;
         Jitter(now ^ u64::from(std::process::id()).rotate_left(32))
     }
 

@@ -7,7 +7,7 @@
 use std::{
     fmt,
     sync::{Arc, RwLock},
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::Duration,
 };
 
 use axum::{Json, Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
@@ -909,12 +909,6 @@ async fn metrics(State(app): State<App>, headers: axum::http::HeaderMap) -> impl
     }
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
 /// The daemon's health: the state must be fresh, and no worker may have died.
 fn health(s: &HostState, now_ms: u64, stale_after: Duration) -> (StatusCode, String) {
     let age = now_ms.saturating_sub(s.taken_at_unix_ms);
@@ -935,7 +929,7 @@ fn health(s: &HostState, now_ms: u64, stale_after: Duration) -> (StatusCode, Str
 
 async fn healthz(State(app): State<App>) -> impl IntoResponse {
     match app.state.read() {
-        Ok(s) => health(&s, now_ms(), app.opts.stale_after),
+        Ok(s) => health(&s, crate::util::clock::unix_ms(), app.opts.stale_after),
         Err(_) => (
             StatusCode::SERVICE_UNAVAILABLE,
             "state lock poisoned\n".into(),
@@ -1206,11 +1200,6 @@ pub fn router(state: Shared, opts: Options) -> Router {
             opts,
             readers: Arc::new(tokio::sync::Semaphore::new(MAX_JSON_READERS)),
         })
-}
-
-/// Milliseconds since the epoch, for `HostState::taken_at_unix_ms`.
-pub fn timestamp() -> u64 {
-    now_ms()
 }
 
 #[cfg(test)]

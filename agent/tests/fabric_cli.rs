@@ -478,7 +478,7 @@ fn three_agents_find_known_overlaps_refuse_forgeries_and_survive_a_lost_peer() {
     in_netns(&ns(4), move || {
         let s = std::net::UdpSocket::bind("10.77.0.4:0").unwrap();
         let me = s.local_addr().unwrap();
-        let now = memfabric::telemetry::timestamp();
+        let now = memfabric::util::clock::unix_ms();
         let to_a = Route {
             from: me,
             to: target,

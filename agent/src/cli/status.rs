@@ -45,7 +45,7 @@ fn one_shot() -> HostState {
         .collect();
     HostState {
         version: env!("CARGO_PKG_VERSION").to_owned(),
-        taken_at_unix_ms: memfabric::telemetry::timestamp(),
+        taken_at_unix_ms: memfabric::util::clock::unix_ms(),
         ksm: KsmHost::read(),
         vms,
         probes: Default::default(),

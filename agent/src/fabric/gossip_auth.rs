@@ -214,7 +214,7 @@ impl Socket for AuthSocket {
             .expose();
         let datagram = seal(
             &self.key,
-            crate::telemetry::timestamp(),
+            crate::util::clock::unix_ms(),
             u64::from_le_bytes(nonce),
             Route { from: self.me, to },
             &payload,
@@ -246,7 +246,7 @@ impl Socket for AuthSocket {
             self.stats.add_gossip_in(n);
             match receive(
                 &self.key,
-                crate::telemetry::timestamp(),
+                crate::util::clock::unix_ms(),
                 &mut self.guard,
                 Route { from, to: self.me },
                 &self.buf[..n],

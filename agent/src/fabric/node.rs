@@ -216,9 +216,7 @@ impl Fabric {
                 message: e.to_string(),
             })?;
         let stats = Arc::new(FabricStats::default());
-        let generation = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
+        let generation = crate::util::clock::since_epoch().as_secs();
         let chitchat_cfg = ChitchatConfig {
             chitchat_id: ChitchatId::new(cfg.node.clone(), generation, cfg.advertise),
             cluster_id: cfg.cluster.clone(),

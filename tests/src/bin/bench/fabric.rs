@@ -198,7 +198,7 @@ pub fn run(
 ) -> anyhow::Result<()> {
     let dir = out.join(format!(
         "fabric-{}",
-        memfabric::telemetry::timestamp() / 1000
+        memfabric::util::clock::unix_ms() / 1000
     ));
     fs::create_dir_all(&dir)?;
     let mut md = String::new();
