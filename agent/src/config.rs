@@ -264,8 +264,8 @@ impl FabricConfig {
                 "listening on {listen}: set `advertise` to the address peers reach this host at"
             )));
         }
-        let k = self.k.unwrap_or(crate::fabric::sketch::DEFAULT_K);
-        if !(64..=crate::fabric::sketch::MAX_K).contains(&k) {
+        let k = self.k.unwrap_or(crate::sketch::DEFAULT_K);
+        if !(64..=crate::sketch::MAX_K).contains(&k) {
             return Err(ConfigError::Fabric(format!("k = {k} outside 64..=65536")));
         }
         let gossip_ms = self.gossip_interval_ms.unwrap_or(1000);

@@ -30,6 +30,7 @@ pub mod policy;
 pub mod probes;
 pub mod scan;
 pub mod scan_worker;
+pub mod sketch;
 pub mod steer;
 pub mod telemetry;
 pub mod tracefs;

@@ -4,8 +4,8 @@
 
 use serde::Serialize;
 
-use super::sketch::Sketch;
-use crate::scan::PAGE;
+use crate::sketch::Sketch;
+use crate::util::PAGE;
 
 /// A local VM as the candidates see it.
 pub struct LocalVm<'a> {
@@ -85,7 +85,7 @@ pub fn compute(vms: &[LocalVm], hosts: &[PeerHost]) -> Candidates {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fabric::sketch::{DEFAULT_K, MAX_K};
+    use crate::sketch::{DEFAULT_K, MAX_K};
 
     #[test]
     fn the_best_host_is_the_one_holding_most_of_the_vm() {

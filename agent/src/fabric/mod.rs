@@ -6,7 +6,9 @@ pub mod candidates;
 pub mod gossip_auth;
 pub mod node;
 pub mod plan;
-pub mod sketch;
+/// The sketch lives at the crate root (the scanner builds it too); here for the fabric's
+/// users.
+pub use crate::sketch;
 pub mod stats;
 pub mod summary;
 pub mod tls;

@@ -24,12 +24,11 @@ use super::{
     candidates::{self, Candidates, LocalVm, PeerHost},
     gossip_auth::{AuthTransport, GossipKey},
     plan::{self, Plan, PlanHost, PlanVm},
-    sketch::Sketch,
     stats::{FabricStats, Reject},
     summary::{MAX_SUMMARY, Summary, VM_K, VmSummary, clean_id},
     tls::{self, TlsConfigs},
 };
-use crate::config::Fabric as FabricConfig;
+use crate::{config::Fabric as FabricConfig, sketch::Sketch};
 
 /// A stale peer is forgotten after this long.
 pub const DROP_AFTER: Duration = Duration::from_secs(60);

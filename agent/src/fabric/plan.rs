@@ -13,8 +13,8 @@ use std::collections::{BTreeMap, HashMap};
 
 use serde::Serialize;
 
-use super::sketch::Sketch;
-use crate::scan::PAGE;
+use crate::sketch::Sketch;
+use crate::util::PAGE;
 
 /// A VM where it runs now.
 #[derive(Clone, Debug)]

@@ -13,7 +13,7 @@
 
 use xxhash_rust::xxh3::xxh3_64;
 
-use super::sketch::{DecodeError, Sketch};
+use crate::sketch::{DecodeError, Sketch};
 
 const MAGIC: &[u8; 4] = b"MFSU";
 const VERSION: u8 = 1;

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    super::fabric::sketch::{MAX_K, Sketch},
+    super::sketch::{MAX_K, Sketch},
     PAGE,
     content::{ContentTable, Role},
     page_state::{F_MERGED, F_PRESENT, F_THP, F_ZERO, F_ZERO_FRAME, PageState},

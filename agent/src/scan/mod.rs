@@ -23,7 +23,7 @@ use page_state::{F_MERGED, F_THP, F_ZERO, F_ZERO_FRAME, PageState};
 
 use crate::inventory::{self, VmKind};
 
-pub const PAGE: usize = 4096;
+pub const PAGE: usize = crate::util::PAGE;
 /// Pages per chunk: one pagemap read, reads of its present runs into one reused buffer.
 const CHUNK: usize = 256;
 
