@@ -174,6 +174,9 @@ impl Domain {
     }
 }
 
+/// The longest node or VM id on the fabric's wire (a summary refuses longer ones).
+pub const MAX_ID: usize = 128;
+
 /// The one rule for "may this VM share memory with others?", used by the merge hints and
 /// the fabric alike: None when it is in no domain; otherwise it may only if none of the
 /// domains it is in says `share = false` (a refusal wins over the order of the config).
@@ -282,10 +285,7 @@ impl FabricConfig {
                 .filter(|h| !h.is_empty())
                 .unwrap_or_else(|| advertise.to_string()),
         };
-        if node.is_empty()
-            || node.len() > crate::fabric::summary::MAX_ID
-            || node.chars().any(char::is_control)
-        {
+        if node.is_empty() || node.len() > MAX_ID || node.chars().any(char::is_control) {
             return Err(ConfigError::Fabric(format!(
                 "node name {node:?}: 1 to 128 printable characters"
             )));

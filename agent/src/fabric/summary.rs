@@ -19,8 +19,8 @@ const MAGIC: &[u8; 4] = b"MFSU";
 const VERSION: u8 = 1;
 /// VMs in one summary at most.
 pub const MAX_VMS: usize = 1024;
-/// Bytes of a VM or host identity at most.
-pub const MAX_ID: usize = 128;
+/// Bytes of a VM or host identity at most (the config checks node names against it).
+pub use crate::config::MAX_ID;
 /// The largest summary a peer may send (a 64 KiB host sketch plus 1,024 VMs' small
 /// sketches fit well inside).
 pub const MAX_SUMMARY: usize = 4 << 20;
