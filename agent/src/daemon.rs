@@ -51,8 +51,8 @@ pub enum DaemonError {
     Refresh(String),
     #[error("config [web]: {0}")]
     Web(String),
-    #[error("{0}")]
-    Fabric(String),
+    #[error(transparent)]
+    Fabric(#[from] crate::fabric::node::FabricError),
 }
 
 /// What one tick observed and decided, for [`Daemon::host_state`].
@@ -648,11 +648,7 @@ pub async fn serve(
     let listener = bind(&cfg).await?;
     let (fabric_stop_tx, fabric_stop_rx) = tokio::sync::watch::channel(false);
     let fabric = match &cfg.fabric {
-        Some(f) => Some(
-            crate::fabric::node::Fabric::start(f, fabric_stop_rx)
-                .await
-                .map_err(|e| DaemonError::Fabric(e.to_string()))?,
-        ),
+        Some(f) => Some(crate::fabric::node::Fabric::start(f, fabric_stop_rx).await?),
         None => None,
     };
     let control = take_state(&cfg)?;

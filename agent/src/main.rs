@@ -32,6 +32,16 @@ fn exit_code(e: &anyhow::Error) -> u8 {
                     2
                 }
                 DaemonError::Probes(p) => probe_code(p),
+                DaemonError::Fabric(f) => {
+                    use memfabric::fabric::node::FabricError;
+                    match f {
+                        // Like the HTTP listener: the address is taken.
+                        FabricError::Listen { .. } => 4,
+                        // Its key or certificate files are bad input.
+                        FabricError::Key { .. } | FabricError::Tls(_) => 2,
+                        FabricError::Gossip(_) => 1,
+                    }
+                }
                 DaemonError::Actuate(a) => actuate_code(a),
                 _ => 1,
             };

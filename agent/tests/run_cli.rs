@@ -67,3 +67,79 @@ fn status_works_without_a_daemon() {
     assert!(stdout.contains("one-shot"), "{stdout}");
     assert!(stdout.contains("KSM: run="), "{stdout}");
 }
+
+/// A `[fabric]` config in `dir` listening on `listen`, with a CA, a certificate for node
+/// `n1` and a gossip key of `key_mode`.
+fn fabric_config(dir: &std::path::Path, listen: &str, key_mode: u32) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["n1".to_owned()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    std::fs::write(dir.join("ca.crt"), ca.pem()).unwrap();
+    std::fs::write(dir.join("n1.crt"), cert.pem()).unwrap();
+    std::fs::write(dir.join("n1.key"), key.serialize_pem()).unwrap();
+    std::fs::write(dir.join("gossip.key"), [0x5au8; 32]).unwrap();
+    std::fs::set_permissions(
+        dir.join("gossip.key"),
+        std::fs::Permissions::from_mode(key_mode),
+    )
+    .unwrap();
+    let cfg = dir.join("fabric.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[fabric]\nlisten = \"{listen}\"\nnode = \"n1\"\nca_file = \"{d}/ca.crt\"\n\
+             cert_file = \"{d}/n1.crt\"\nkey_file = \"{d}/n1.key\"\n\
+             gossip_key_file = \"{d}/gossip.key\"\n",
+            d = dir.display()
+        ),
+    )
+    .unwrap();
+    cfg
+}
+
+#[test]
+fn a_taken_fabric_port_exits_4_like_the_http_one_and_a_readable_key_2() {
+    let dir = std::env::temp_dir().join(format!("memfabric-fabricexit-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    // The fabric's port, taken (TCP and UDP).
+    let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = tcp.local_addr().unwrap().port();
+    let _udp = std::net::UdpSocket::bind(("127.0.0.1", port));
+    let cfg = fabric_config(&dir, &format!("127.0.0.1:{port}"), 0o600);
+    let (code, err) = run(&[
+        "run",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+    ]);
+    assert_eq!(code, Some(4), "{err}");
+    assert!(err.contains("[fabric] listening"), "{err}");
+    // A gossip key others can read: bad input, the daemon says how to fix it.
+    drop(tcp);
+    let free = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let cfg = fabric_config(&dir, &format!("127.0.0.1:{free}"), 0o644);
+    let (code, err) = run(&[
+        "run",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+    ]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("chmod 600"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
