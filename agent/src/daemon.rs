@@ -16,15 +16,15 @@ use tokio::net::TcpListener;
 use crate::{
     actuate::{ActuateError, KsmControl},
     config::{Act, Config, Listen},
+    control::ksmd::Steering,
     inventory::{self, Scanner, Selector, Vm},
     ksm_host::{self, KsmHost, KsmStat},
     model::{HostState, ProbeSummary, Ranking, VmProbeCounters, VmState},
     policy::KsmdPolicy,
     probes::{LoadOptions, ProbeError, ProbeEvent, Probes},
     scan::RANGE_BYTES,
-    scan_worker::thread_cpu,
-    steer::Steering,
     telemetry,
+    util::thread_cpu,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -60,7 +60,7 @@ struct Tick {
     ksm: KsmHost,
     ksmd: Option<crate::model::KsmdStatus>,
     vms: Vec<VmState>,
-    scan: Option<crate::scan_worker::ScanStatus>,
+    scan: Option<crate::scan::worker::ScanStatus>,
     counters: crate::probes::GlobalCounters,
     hints: crate::model::HintsStatus,
 }
@@ -82,13 +82,13 @@ pub struct Daemon {
     /// Guest activity from the probes' counters, tick to tick.
     activity: crate::control::activity::Activity,
     exited: BTreeMap<u32, VmProbeCounters>,
-    scan: Option<crate::scan_worker::ScanWorker>,
+    scan: Option<crate::scan::worker::ScanWorker>,
     ranking: Ranking,
     state: telemetry::Shared,
     /// The ksmd controller (absent when the host has no KSM).
     steering: Option<Steering>,
     /// Merge hints (recommended, or applied with `--act hints`).
-    hinting: crate::hinting::Hinting,
+    hinting: crate::control::hints::Hinting,
     /// Mergeable VMs that appeared since the start.
     vms_arrived: u64,
     started: Instant,
@@ -146,12 +146,13 @@ impl Daemon {
             refreshes: 0,
             activity: Default::default(),
             exited: BTreeMap::new(),
-            scan: (cfg.scan_cpu > 0.0)
-                .then(|| crate::scan_worker::ScanWorker::start(cfg.scan_cpu, cfg.fabric.is_some())),
+            scan: (cfg.scan_cpu > 0.0).then(|| {
+                crate::scan::worker::ScanWorker::start(cfg.scan_cpu, cfg.fabric.is_some())
+            }),
             ranking: Ranking::default(),
             state: Arc::new(RwLock::new(HostState::default())),
             hinting: {
-                let mut h = crate::hinting::Hinting::new(hints, cfg.domains.clone());
+                let mut h = crate::control::hints::Hinting::new(hints, cfg.domains.clone());
                 h.expose_addresses(cfg.expose_addresses);
                 h
             },
@@ -479,7 +480,7 @@ impl Daemon {
     fn vm_states(
         &mut self,
         report: Option<&crate::scan::Report>,
-        scan: Option<&crate::scan_worker::ScanStatus>,
+        scan: Option<&crate::scan::worker::ScanStatus>,
     ) -> Result<Vec<VmState>, DaemonError> {
         let t = self.started.elapsed().as_secs_f64();
         let mut vms = Vec::new();

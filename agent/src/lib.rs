@@ -17,8 +17,6 @@ pub mod control;
 pub mod daemon;
 pub mod fabric;
 pub mod heat;
-#[cfg(feature = "ebpf")]
-pub mod hinting;
 pub mod http;
 pub mod http_auth;
 pub mod inventory;
@@ -29,9 +27,7 @@ pub mod policy;
 #[cfg(feature = "ebpf")]
 pub mod probes;
 pub mod scan;
-pub mod scan_worker;
 pub mod sketch;
-pub mod steer;
 pub mod telemetry;
 pub mod tracefs;
 pub mod util;

@@ -7,4 +7,7 @@
 //! counters.
 
 pub mod activity;
+#[cfg(feature = "ebpf")]
+pub mod hints;
+pub mod ksmd;
 pub mod ksmd_input;

@@ -12,6 +12,7 @@ pub mod page_state;
 pub mod pagemap;
 pub mod rank;
 pub mod recheck;
+pub mod worker;
 
 use std::collections::BTreeMap;
 

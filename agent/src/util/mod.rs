@@ -2,5 +2,17 @@
 
 pub mod clock;
 
+/// CPU time this thread has used, in seconds (what the scan's pacing and the
+/// controllers' own cost are measured in).
+pub fn thread_cpu() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid timespec to fill.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
+}
+
 /// Bytes in a page (`memfabric_common::PAGE_SHIFT`, as the probes count them).
 pub const PAGE: usize = 1 << memfabric_common::PAGE_SHIFT;

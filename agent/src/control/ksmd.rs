@@ -8,7 +8,7 @@ use crate::{
     actuate::{KsmControl, Restored},
     model::KsmdStatus,
     policy::{KsmdController, KsmdPolicy, Observation, Reason},
-    scan_worker::thread_cpu,
+    util::thread_cpu,
 };
 
 pub struct Steering {

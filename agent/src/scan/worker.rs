@@ -10,7 +10,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::scan::{Report, Scanner, sleep_unless};
+use crate::{
+    scan::{Report, Scanner, sleep_unless},
+    util::thread_cpu,
+};
 
 /// What the scan thread publishes.
 #[derive(Clone, Debug, Default)]
@@ -26,17 +29,6 @@ pub struct ScanStatus {
     pub rechecked_ranges: u64,
     /// Set when the scan thread died (a panic): the daemon reports it on /healthz.
     pub failed: Option<String>,
-}
-
-/// CPU time this thread has used, in seconds.
-pub(crate) fn thread_cpu() -> f64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: a valid timespec to fill.
-    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
 }
 
 pub struct ScanWorker {
