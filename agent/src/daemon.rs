@@ -24,7 +24,6 @@ use crate::{
     probes::{LoadOptions, ProbeError, ProbeEvent, Probes},
     scan::RANGE_BYTES,
     telemetry,
-    util::thread_cpu,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -85,10 +84,9 @@ pub struct Daemon {
     scan: Option<crate::scan::worker::ScanWorker>,
     ranking: Ranking,
     state: telemetry::Shared,
-    /// The ksmd controller (absent when the host has no KSM).
-    steering: Option<Steering>,
-    /// Merge hints (recommended, or applied with `--act hints`).
-    hinting: crate::control::hints::Hinting,
+    /// The merge hints (recommended, or applied with `--act hints`) and the ksmd
+    /// controller (absent when the host has no KSM).
+    controllers: crate::control::Controllers,
     /// Mergeable VMs that appeared since the start.
     vms_arrived: u64,
     started: Instant,
@@ -151,20 +149,22 @@ impl Daemon {
             }),
             ranking: Ranking::default(),
             state: Arc::new(RwLock::new(HostState::default())),
-            hinting: {
-                let mut h = crate::control::hints::Hinting::new(hints, cfg.domains.clone());
-                h.expose_addresses(cfg.expose_addresses);
-                h
+            controllers: crate::control::Controllers {
+                hints: {
+                    let mut h = crate::control::hints::Hinting::new(hints, cfg.domains.clone());
+                    h.expose_addresses(cfg.expose_addresses);
+                    h
+                },
+                ksmd: crate::actuate::knobs::available().then(|| {
+                    Steering::new(
+                        KsmdPolicy {
+                            ksmd_cpu: cfg.ksmd_cpu,
+                            ..KsmdPolicy::default()
+                        },
+                        control,
+                    )
+                }),
             },
-            steering: crate::actuate::knobs::available().then(|| {
-                Steering::new(
-                    KsmdPolicy {
-                        ksmd_cpu: cfg.ksmd_cpu,
-                        ..KsmdPolicy::default()
-                    },
-                    control,
-                )
-            }),
             vms_arrived: 0,
             started: Instant::now(),
             track_failures: 0,
@@ -261,39 +261,32 @@ impl Daemon {
         let ksm = KsmHost::read_with(self.ksmd);
         // Model: each VM with its rates.
         let vms = self.vm_states(report.as_deref(), scan.as_ref())?;
+        let (mem_total_bytes, mem_available_bytes) = ksm_host::meminfo();
         // Decide and act: the hints, then ksmd.
-        let t = self.started.elapsed().as_secs_f64();
-        let hints = self.hinting.tick(t, &self.vms, &self.ranking.ranked);
-        let hints_settling = self.hinting.settling(t, &self.vms, &self.ranking.ranked);
-        let ksmd = self.steering.as_mut().map(|steering| {
-            let cpu0 = thread_cpu();
-            let (mem_total_bytes, mem_available_bytes) = ksm_host::meminfo();
-            let obs = crate::control::ksmd_input::observation(
-                &ksm,
-                &vms,
-                crate::control::ksmd_input::Context {
-                    t,
-                    ksm_enters: counters.ksm_enters,
-                    vms_arrived: self.vms_arrived,
-                    guest_writes: self.activity.guest_writes(),
-                    potential_savings_bytes: report
-                        .as_ref()
-                        .map(|r| r.total.potential_savings_bytes),
-                    mem_total_bytes,
-                    mem_available_bytes,
-                    hints_settling,
-                },
-            );
-            steering.tick(&obs, thread_cpu() - cpu0)
-        });
+        let decided = self.controllers.tick(
+            &self.vms,
+            &self.ranking.ranked,
+            &vms,
+            &ksm,
+            crate::control::ksmd_input::Context {
+                t: self.started.elapsed().as_secs_f64(),
+                ksm_enters: counters.ksm_enters,
+                vms_arrived: self.vms_arrived,
+                guest_writes: self.activity.guest_writes(),
+                potential_savings_bytes: report.as_ref().map(|r| r.total.potential_savings_bytes),
+                mem_total_bytes,
+                mem_available_bytes,
+                hints_settling: false,
+            },
+        );
         // Publish.
         let state = self.host_state(Tick {
             ksm,
-            ksmd,
+            ksmd: decided.ksmd,
             vms,
             scan,
             counters,
-            hints,
+            hints: decided.hints,
         });
         if let Ok(mut s) = self.state.write() {
             *s = state;
@@ -400,7 +393,7 @@ impl Daemon {
             .collect();
         for pid in gone {
             let vm = self.vms.remove(&pid);
-            self.hinting.gone(pid);
+            self.controllers.hints.gone(pid);
             self.described.remove(&pid);
             let _ = self.probes.untrack(pid);
             self.activity.forget(pid);
@@ -684,8 +677,8 @@ pub async fn serve(
                     _ => break Ok(()),
                 }
             };
-            daemon.hinting.finish();
-            match daemon.steering.as_mut().and_then(Steering::finish) {
+            daemon.controllers.hints.finish();
+            match daemon.controllers.ksmd.as_mut().and_then(Steering::finish) {
                 Some(r) if !r.failed.is_empty() => {
                     tracing::warn!("KSM settings: {r}; the next start tries again");
                 }
