@@ -1,0 +1,49 @@
+//! The HTTP server's own counters.
+
+use std::{fmt, sync::Arc};
+
+use prometheus_client::{collector::Collector, encoding::DescriptorEncoder};
+
+use super::encode::{counter, gauge};
+
+/// The HTTP server's own counters.
+#[derive(Debug)]
+pub(super) struct HttpCollector(pub(super) Arc<crate::http::Stats>);
+
+impl Collector for HttpCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> fmt::Result {
+        use std::sync::atomic::Ordering::Relaxed;
+        let s = &self.0;
+        let e = &mut enc;
+        gauge(
+            e,
+            "memfabric_http_connections",
+            "HTTP connections open now",
+            s.open.load(Relaxed) as i64,
+        )?;
+        counter(
+            e,
+            "memfabric_http_connections_accepted",
+            "HTTP connections accepted",
+            s.accepted.load(Relaxed),
+        )?;
+        counter(
+            e,
+            "memfabric_http_connections_evicted",
+            "HTTP connections closed to make room under the connection cap (oldest first)",
+            s.evicted.load(Relaxed),
+        )?;
+        counter(
+            e,
+            "memfabric_http_accept_errors",
+            "Failed accepts (for example out of file descriptors)",
+            s.accept_errors.load(Relaxed),
+        )?;
+        counter(
+            e,
+            "memfabric_http_busy_rejections",
+            "JSON requests answered 503 because too many were being served at once",
+            s.busy.load(Relaxed),
+        )
+    }
+}
