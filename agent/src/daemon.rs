@@ -702,6 +702,7 @@ pub async fn serve(
             expose_addresses: cfg.expose_addresses,
             http: http_stats.clone(),
             fabric: fabric.clone(),
+            auth: auth.as_ref().map(crate::http_auth::BasicAuth::stats_handle),
         },
     );
     let app = match auth {

@@ -23,6 +23,8 @@ pub struct Options {
     pub http: Arc<crate::http::Stats>,
     /// Peers on other hosts, when `[fabric]` is on.
     pub fabric: Option<Arc<crate::fabric::node::Fabric>>,
+    /// Basic auth's verifications, when it is on.
+    pub auth: Option<Arc<crate::http_auth::AuthStats>>,
 }
 
 /// JSON documents served at once (/v1/status, /v1/ranges): each is built in memory, so
@@ -447,7 +449,7 @@ async fn plan(State(app): State<App>) -> axum::response::Response {
 pub fn router(state: Shared, opts: Options) -> Router {
     let registry = Arc::new(registry(
         state.clone(),
-        Some(opts.http.clone()),
+        Some((opts.http.clone(), opts.auth.clone())),
         opts.fabric.clone(),
     ));
     Router::new()

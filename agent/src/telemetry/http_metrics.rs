@@ -6,15 +6,32 @@ use prometheus_client::{collector::Collector, encoding::DescriptorEncoder};
 
 use super::encode::{counter, gauge};
 
-/// The HTTP server's own counters.
+/// The HTTP server's own counters, and basic auth's when it is on.
 #[derive(Debug)]
-pub(super) struct HttpCollector(pub(super) Arc<crate::http::Stats>);
+pub(super) struct HttpCollector(
+    pub(super) Arc<crate::http::Stats>,
+    pub(super) Option<Arc<crate::http_auth::AuthStats>>,
+);
 
 impl Collector for HttpCollector {
     fn encode(&self, mut enc: DescriptorEncoder) -> fmt::Result {
         use std::sync::atomic::Ordering::Relaxed;
         let s = &self.0;
         let e = &mut enc;
+        if let Some(a) = &self.1 {
+            counter(
+                e,
+                "memfabric_http_auth_verifications",
+                "bcrypt verifications of presented credentials (remembered ones cost none)",
+                a.verifications.load(Relaxed),
+            )?;
+            gauge(
+                e,
+                "memfabric_http_auth_verifications_peak",
+                "The most bcrypt verifications that ran at once (at most 2)",
+                a.peak_concurrent.load(Relaxed) as i64,
+            )?;
+        }
         gauge(
             e,
             "memfabric_http_connections",

@@ -29,13 +29,16 @@ pub type Shared = Arc<RwLock<HostState>>;
 /// given).
 pub fn registry(
     state: Shared,
-    http: Option<Arc<crate::http::Stats>>,
+    http: Option<(
+        Arc<crate::http::Stats>,
+        Option<Arc<crate::http_auth::AuthStats>>,
+    )>,
     fabric: Option<Arc<crate::fabric::node::Fabric>>,
 ) -> Registry {
     let mut r = Registry::default();
     r.register_collector(Box::new(host::HostCollector(state)));
     if let Some(h) = http {
-        r.register_collector(Box::new(http_metrics::HttpCollector(h)));
+        r.register_collector(Box::new(http_metrics::HttpCollector(h.0, h.1)));
     }
     if let Some(f) = fabric {
         r.register_collector(Box::new(fabric_metrics::FabricCollector(f)));
