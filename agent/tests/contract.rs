@@ -42,7 +42,10 @@ fn exposition() -> String {
     };
     let registry = telemetry::registry(
         Arc::new(RwLock::new(state)),
-        Some(Arc::new(memfabric::http::Stats::default())),
+        Some((
+            Arc::new(memfabric::http::Stats::default()),
+            Some(Arc::new(memfabric::http_auth::AuthStats::default())),
+        )),
         None,
     );
     let mut text = String::new();
