@@ -526,10 +526,16 @@ fn a_large_merged_unmerge_is_bounded_and_a_deadline_interrupts_it_cleanly() {
         "registers after the interrupted call"
     );
     assert_eq!(memory_hash(w.pid, start, hashed_end), hash);
-    let unmerged_early = merged_kb - ksm_kb(w.pid);
+    // Calls that finished before the interrupted one (a loaded host may let a few through
+    // within 1 ms) are said; the interrupted one unmerged at most its 16 MiB.
+    let done_kb = match &err {
+        InjectError::Partly { done_mib, .. } => done_mib << 10,
+        _ => 0,
+    };
+    let unmerged_early = merged_kb.saturating_sub(ksm_kb(w.pid));
     assert!(
-        unmerged_early < 32 << 10,
-        "{unmerged_early} kB unmerged by one interrupted call"
+        unmerged_early <= done_kb + (16 << 10),
+        "{unmerged_early} kB unmerged, {done_kb} kB by calls that finished"
     );
 
     // With time enough: 128 bounded calls, every page unmerged, nothing else changed.
