@@ -107,6 +107,7 @@ fn child(ranges: &[(u64, usize)]) -> i32 {
     let pid = unsafe { libc::fork() };
     assert!(pid >= 0);
     if pid == 0 {
+        // SAFETY: in the forked child: raw system calls on memory it maps itself.
         unsafe {
             let base = libc::mmap(
                 std::ptr::null_mut(),

@@ -34,6 +34,7 @@ impl Workload {
         let pid = unsafe { libc::fork() };
         assert!(pid >= 0);
         if pid == 0 {
+            // SAFETY: in the forked child: raw system calls on memory it maps itself.
             unsafe {
                 let map = || {
                     libc::mmap(

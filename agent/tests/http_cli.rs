@@ -394,6 +394,7 @@ fn slow_readers_of_ranges_keep_the_daemon_bounded() {
     let pid = unsafe { libc::fork() };
     assert!(pid >= 0);
     if pid == 0 {
+        // SAFETY: in the forked child: raw system calls on memory it maps itself.
         unsafe {
             let p = libc::mmap(
                 std::ptr::null_mut(),

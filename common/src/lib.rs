@@ -286,9 +286,13 @@ impl Offsets {
 mod pod {
     // SAFETY: all of these are #[repr(C)], Copy, and have no padding or invalid bit patterns.
     unsafe impl aya::Pod for super::TgidStats {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::PageKey {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::MmPage {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::Event {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::Offsets {}
 }
 

@@ -31,12 +31,17 @@ fn try_sched_process_exit(ctx: &TracePointContext) -> Result<u32, i32> {
     let whole_process = if off.exit_group_dead == OFFSET_MISSING {
         pid_tgid as u32 == tgid
     } else {
+        // SAFETY: the offset is this tracepoint's field, from its format file at load time,
+        // and the type is the field's; read_at copies it with bpf_probe_read_kernel (a bad
+        // read is an error, never a fault).
         let group_dead: u8 = unsafe { ctx.read_at(off.exit_group_dead as usize)? };
         group_dead != 0
     };
     if !whole_process {
         return Ok(0);
     }
+    // SAFETY: a pointer the map lookup above returned: the value lives for this program's
+    // run (map values are freed after an RCU grace period).
     let stats = unsafe { *stats };
     match EVENTS.reserve::<Event>(0) {
         Some(mut entry) => {

@@ -29,18 +29,28 @@ pub fn ksm_merge_with_ksm_page(ctx: TracePointContext) -> u32 {
 
 fn try_merge_with_ksm_page(ctx: &TracePointContext) -> Result<u32, i32> {
     let off = offsets();
+    // SAFETY: the offset is this tracepoint's field, from its format file at load time, and
+    // the type is the field's; read_at copies it with bpf_probe_read_kernel (a bad read is
+    // an error, never a fault).
     let err: i32 = unsafe { ctx.read_at(off.mwk_err as usize)? };
     if err != 0 {
         return Ok(0);
     }
     count(Counter::KsmMerges);
+    // SAFETY: the offset is this tracepoint's field, from its format file at load time, and
+    // the type is the field's; read_at copies it with bpf_probe_read_kernel (a bad read is
+    // an error, never a fault).
     let mm: u64 = unsafe { ctx.read_at(off.mwk_mm as usize)? };
     let owner = match MM_OWNER.get_ptr(mm) {
         Some(owner) => {
+            // SAFETY: a pointer the map lookup above returned: the value lives for this
+            // program's run (map values are freed after an RCU grace period).
             let tgid = unsafe { *owner };
             let Some(stats) = TRACKED.get_ptr_mut(tgid) else {
                 return Ok(0);
             };
+            // SAFETY: `stats` points into the TRACKED value looked up above, live for this
+            // run.
             unsafe { bump(addr_of_mut!((*stats).ksm_merges)) };
             tgid
         }
@@ -60,6 +70,9 @@ fn try_merge_with_ksm_page(ctx: &TracePointContext) -> Result<u32, i32> {
     if off.rmap_address != OFFSET_MISSING {
         // Remember exactly which page was merged, so the fault probe can tell a KSM COW
         // break from other write-protect faults.
+        // SAFETY: the offset is this tracepoint's field, from its format file at load time,
+        // and the type is the field's; read_at copies it with bpf_probe_read_kernel (a bad
+        // read is an error, never a fault).
         let rmap_item: u64 = unsafe { ctx.read_at(off.mwk_rmap_item as usize)? };
         let address: u64 = read_kernel(rmap_item, off.rmap_address)?;
         if KSM_PAGES.insert(mm_page(mm, address), owner, 0).is_err() {
@@ -76,17 +89,26 @@ pub fn ksm_merge_one_page(ctx: TracePointContext) -> u32 {
 
 fn try_merge_one_page(ctx: &TracePointContext) -> Result<u32, i32> {
     let off = offsets();
+    // SAFETY: the offset is this tracepoint's field, from its format file at load time, and
+    // the type is the field's; read_at copies it with bpf_probe_read_kernel (a bad read is
+    // an error, never a fault).
     let err: i32 = unsafe { ctx.read_at(off.mop_err as usize)? };
     if err != 0 {
         return Ok(0);
     }
     count(Counter::KsmZeroMerges);
+    // SAFETY: the offset is this tracepoint's field, from its format file at load time, and
+    // the type is the field's; read_at copies it with bpf_probe_read_kernel (a bad read is
+    // an error, never a fault).
     let mm: u64 = unsafe { ctx.read_at(off.mop_mm as usize)? };
     let Some(owner) = MM_OWNER.get_ptr(mm) else {
         count(Counter::KsmMergesUntracked);
         return Ok(0);
     };
+    // SAFETY: a pointer the map lookup above returned: the value lives for this program's
+    // run (map values are freed after an RCU grace period).
     if let Some(stats) = TRACKED.get_ptr_mut(unsafe { *owner }) {
+        // SAFETY: `stats` points into the TRACKED value looked up above, live for this run.
         unsafe { bump(addr_of_mut!((*stats).ksm_zero_merges)) };
     }
     Ok(0)
@@ -115,10 +137,15 @@ fn try_ksm_enter(ctx: &TracePointContext) -> Result<u32, i32> {
     let off = offsets();
     if off.task_mm == OFFSET_MISSING {
         // No BTF offset for task_struct.mm: take the event's own field.
+        // SAFETY: the offset is this tracepoint's field, from its format file at load time,
+        // and the type is the field's; read_at copies it with bpf_probe_read_kernel (a bad
+        // read is an error, never a fault).
         let mm: u64 = unsafe { ctx.read_at(off.enter_mm as usize)? };
+        // SAFETY: `stats` points into the TRACKED value looked up above, live for this run.
         unsafe { *addr_of_mut!((*stats).mm) = mm };
         let _ = MM_OWNER.insert(mm, tgid, 0);
     } else {
+        // SAFETY: `stats` is the TRACKED value of the current task's TGID, looked up above.
         unsafe { learn_mm(tgid, stats, &off) };
     }
     Ok(0)

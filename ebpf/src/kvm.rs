@@ -35,9 +35,14 @@ fn try_kvm_page_fault(ctx: &TracePointContext) -> Result<u32, i32> {
     let Some(stats) = TRACKED.get_ptr_mut(current_tgid()) else {
         return Ok(0);
     };
+    // SAFETY: the offset is this tracepoint's field, from its format file at load time, and
+    // the type is the field's; read_at copies it with bpf_probe_read_kernel (a bad read is
+    // an error, never a fault).
     let error_code: u64 = unsafe { ctx.read_at(offsets().kvm_error_code as usize)? };
+    // SAFETY: `stats` points into the TRACKED value looked up above, live for this run.
     unsafe { bump(addr_of_mut!((*stats).kvm_faults)) };
     if error_code & KVM_PF_WRITE != 0 {
+        // SAFETY: `stats` points into the TRACKED value looked up above, live for this run.
         unsafe { bump(addr_of_mut!((*stats).kvm_write_faults)) };
     }
     Ok(0)
@@ -56,15 +61,23 @@ fn try_kvm_unmap_hva_range(ctx: &TracePointContext) -> Result<u32, i32> {
         return Ok(0);
     };
     let off = offsets();
+    // SAFETY: the offset is this tracepoint's field, from its format file at load time, and
+    // the type is the field's; read_at copies it with bpf_probe_read_kernel (a bad read is
+    // an error, never a fault).
     let start: u64 = unsafe { ctx.read_at(off.kvm_unmap_start as usize)? };
+    // SAFETY: the offset is this tracepoint's field, from its format file at load time, and
+    // the type is the field's; read_at copies it with bpf_probe_read_kernel (a bad read is
+    // an error, never a fault).
     let end: u64 = unsafe { ctx.read_at(off.kvm_unmap_end as usize)? };
     let Some(page) = kvm_unmap_page(start, end) else {
         return Ok(0);
     };
+    // SAFETY: `stats` is the TRACKED value of the current task's TGID, looked up above.
     let mm = unsafe { learn_mm(tgid, stats, &off) };
     // A user write to a merged page faulted first: page_fault_user already counted it and
     // forgot the page, so nothing is counted twice here.
     if ksm_cow_break(tgid, mm, page) {
+        // SAFETY: `stats` points into the TRACKED value looked up above, live for this run.
         unsafe { bump(addr_of_mut!((*stats).ksm_cow_breaks)) };
         count(Counter::KvmCowBreaks);
         add_heat(tgid, page, heat::WRITE_PROTECT + heat::COW_BREAK);

@@ -14,8 +14,11 @@ pub fn sched_switch(_ctx: TracePointContext) -> u32 {
         return 0;
     }
     if let Some(stats) = TRACKED.get_ptr_mut(tgid)
+        // SAFETY: a pointer the map lookup above returned: the value lives for this
+        // program's run (map values are freed after an RCU grace period).
         && unsafe { (*stats).mm } == 0
     {
+        // SAFETY: `stats` is the TRACKED value of the current task's TGID, looked up above.
         unsafe { learn_mm(tgid, stats, &offsets()) };
     }
     0

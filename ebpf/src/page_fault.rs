@@ -28,13 +28,22 @@ fn try_page_fault_user(ctx: &TracePointContext) -> Result<u32, i32> {
         return Ok(0);
     };
     let off = offsets();
+    // SAFETY: the offset is this tracepoint's field, from its format file at load time, and
+    // the type is the field's; read_at copies it with bpf_probe_read_kernel (a bad read is
+    // an error, never a fault).
     let error_code: u64 = unsafe { ctx.read_at(off.pf_error_code as usize)? };
+    // SAFETY: `stats` is the TRACKED value of the current task's TGID, looked up above.
     let mm = unsafe { learn_mm(tgid, stats, &off) };
     if error_code & PF_WRITE == 0 {
+        // SAFETY: `stats` points into the TRACKED value looked up above, live for this run.
         unsafe { bump(addr_of_mut!((*stats).read_faults)) };
         return Ok(0);
     }
+    // SAFETY: `stats` points into the TRACKED value looked up above, live for this run.
     unsafe { bump(addr_of_mut!((*stats).write_faults)) };
+    // SAFETY: the offset is this tracepoint's field, from its format file at load time, and
+    // the type is the field's; read_at copies it with bpf_probe_read_kernel (a bad read is
+    // an error, never a fault).
     let address: u64 = unsafe { ctx.read_at(off.pf_address as usize)? };
 
     if error_code & PF_PROTECTION == 0 {
@@ -42,9 +51,11 @@ fn try_page_fault_user(ctx: &TracePointContext) -> Result<u32, i32> {
         return Ok(0);
     }
     // A write to a present read-only page: fork COW, the zero page, or a KSM page.
+    // SAFETY: `stats` points into the TRACKED value looked up above, live for this run.
     unsafe { bump(addr_of_mut!((*stats).write_protect_faults)) };
     let mut add = heat::WRITE_PROTECT;
     if ksm_cow_break(tgid, mm, address) {
+        // SAFETY: `stats` points into the TRACKED value looked up above, live for this run.
         unsafe { bump(addr_of_mut!((*stats).ksm_cow_breaks)) };
         add += heat::COW_BREAK;
     }

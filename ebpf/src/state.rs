@@ -53,6 +53,7 @@ pub fn current_tgid() -> u32 {
 /// `field` must point into a live map value.
 #[inline(always)]
 pub unsafe fn bump(field: *mut u64) {
+    // SAFETY: the caller's contract: `field` points into a live map value.
     unsafe { add_to(field, 1) };
 }
 
@@ -64,6 +65,8 @@ pub unsafe fn bump(field: *mut u64) {
 pub unsafe fn add_to(field: *mut u64, n: u64) {
     // `AtomicU64::fetch_add` is not offered on the BPF target (no CAS); the intrinsic is.
     // The result is unused, so LLVM emits a plain BPF atomic add (no BPF_FETCH needed).
+    // SAFETY: the caller's contract: `field` points into a live map value, aligned for a
+    // u64.
     unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(field, n) };
 }
 
@@ -77,7 +80,8 @@ pub fn setting(s: Setting) -> bool {
 #[inline(always)]
 pub fn count(counter: Counter) {
     if let Some(slot) = COUNTERS.get_ptr_mut(counter as u32) {
-        // Per-CPU slot: only this CPU writes it, and programs do not nest on one CPU.
+        // SAFETY: a per-CPU slot the lookup just returned: only this CPU writes it, and
+        // programs do not nest on one CPU.
         unsafe { *slot += 1 };
     }
 }
@@ -85,6 +89,7 @@ pub fn count(counter: Counter) {
 /// Reads a `T` at `offset` into a kernel object.
 #[inline(always)]
 pub fn read_kernel<T>(base: u64, offset: u32) -> Result<T, i32> {
+    // SAFETY: bpf_probe_read_kernel checks the address: a bad one is an error, not a fault.
     unsafe { bpf_probe_read_kernel((base + offset as u64) as *const T) }
 }
 
@@ -96,19 +101,26 @@ pub fn read_kernel<T>(base: u64, offset: u32) -> Result<T, i32> {
 /// `stats` must point at the `TRACKED` value of the current task's TGID.
 #[inline(always)]
 pub unsafe fn learn_mm(tgid: u32, stats: *mut TgidStats, off: &Offsets) -> u64 {
+    // SAFETY: a pointer the map lookup above returned: the value lives for this program's
+    // run (map values are freed after an RCU grace period).
     let known = unsafe { (*stats).mm };
     if off.task_mm == OFFSET_MISSING {
         return known;
     }
+    // SAFETY: a helper without preconditions; the task pointer is only read through
+    // bpf_probe_read_kernel.
     let task = unsafe { bpf_get_current_task() };
     let Ok(mm) = read_kernel::<u64>(task, off.task_mm) else {
         return known;
     };
     if mm != known && mm != 0 {
+        // SAFETY: `stats` points into the TRACKED value looked up above, live for this run.
         unsafe { *addr_of_mut!((*stats).mm) = mm };
         let _ = MM_OWNER.insert(mm, tgid, 0);
         if known != 0
             && let Some(owner) = MM_OWNER.get_ptr(known)
+            // SAFETY: a pointer the map lookup above returned: the value lives for this
+            // program's run (map values are freed after an RCU grace period).
             && unsafe { *owner } == tgid
         {
             // exec gave the process a new mm; the old one is gone with it.
@@ -128,6 +140,8 @@ pub fn ksm_cow_break(tgid: u32, mm: u64, address: u64) -> bool {
     if mm != 0 {
         let key = mm_page(mm, address);
         if let Some(owner) = KSM_PAGES.get_ptr(key) {
+            // SAFETY: a pointer the map lookup above returned: the value lives for this
+            // program's run (map values are freed after an RCU grace period).
             let owner = unsafe { *owner };
             let _ = KSM_PAGES.remove(key);
             if owner == tgid || owner == UNKNOWN_OWNER {
@@ -155,7 +169,10 @@ pub fn add_heat(tgid: u32, address: u64, add: u64) {
         page: address & memfabric_common::PAGE_MASK,
     };
     match WRITE_HEAT.get_ptr_mut(key) {
-        Some(v) => unsafe { add_to(v, add) },
+        Some(v) => {
+            // SAFETY: `v` points into the WRITE_HEAT value the lookup just returned.
+            unsafe { add_to(v, add) }
+        }
         None => {
             if WRITE_HEAT.insert(key, add, 0).is_err() {
                 count(Counter::HeatInsertFailed);

@@ -438,10 +438,8 @@ fn a_signal_during_the_injection_arrives_once_with_its_siginfo() {
         sival_ptr: 4242 as *mut libc::c_void,
     };
     // SAFETY: sigqueue to our own child.
-    assert_eq!(
-        unsafe { libc::sigqueue(w.pid as i32, libc::SIGUSR1, value) },
-        0
-    );
+    let queued = unsafe { libc::sigqueue(w.pid as i32, libc::SIGUSR1, value) };
+    assert_eq!(queued, 0);
     let out = daemon.wait_with_output().unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok");
     assert!(wait_for(Duration::from_secs(5), || w
