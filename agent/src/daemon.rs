@@ -338,6 +338,8 @@ impl Daemon {
                 ksm_pages_stale: counters.ksm_pages_stale,
                 merged_pages_seeded: self.merged_pages_seeded,
                 kvm_cow_breaks: counters.kvm_cow_breaks,
+                mm_owner_insert_failed: counters.mm_owner_insert_failed,
+                probe_errors: counters.probe_errors,
             },
             scan_pass_seconds: scan.as_ref().map_or(0.0, |s| s.pass_seconds),
             scan_bytes_total: scan.as_ref().map_or(0, |s| s.bytes_read),

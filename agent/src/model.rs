@@ -87,6 +87,13 @@ pub struct ProbeSummary {
     /// COW breaks caught through KVM's MMU notifier (guest writes: no user page fault).
     #[serde(default)]
     pub kvm_cow_breaks: u64,
+    /// `mm` owners the probes could not remember (`MM_OWNER` full): that process's merges
+    /// count as untracked.
+    #[serde(default)]
+    pub mm_owner_insert_failed: u64,
+    /// Probe runs that ended early on a failed read (the event not counted).
+    #[serde(default)]
+    pub probe_errors: u64,
 }
 
 /// Everything the daemon knows, as of `taken_at_unix_ms`.

@@ -189,11 +189,17 @@ pub enum Counter {
     /// KSM COW breaks of tracked KVM processes seen through `kvm:kvm_unmap_hva_range`
     /// (a guest write resolved by KVM, or a write through GUP): no user page fault.
     KvmCowBreaks = 10,
+    /// `mm` -> TGID entries that could not be inserted (`MM_OWNER` full): that process's
+    /// merges are counted as untracked.
+    MmOwnerInsertFailed = 11,
+    /// Program runs that ended early: a tracepoint field or a kernel object could not be
+    /// read (the event is not counted).
+    ProbeErrors = 12,
 }
 
 impl Counter {
     /// Every counter, in index order.
-    pub const ALL: [Counter; 11] = [
+    pub const ALL: [Counter; 13] = [
         Counter::EventsDropped,
         Counter::KsmMerges,
         Counter::KsmZeroMerges,
@@ -205,6 +211,8 @@ impl Counter {
         Counter::KsmPagesStale,
         Counter::KsmMergesUnowned,
         Counter::KvmCowBreaks,
+        Counter::MmOwnerInsertFailed,
+        Counter::ProbeErrors,
     ];
     /// Entries in the `COUNTERS` array.
     pub const LEN: u32 = Self::ALL.len() as u32;

@@ -14,11 +14,11 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use memfabric_common::{Counter, Event, OFFSET_MISSING, event_kind};
 
-use crate::state::{EVENTS, MM_OWNER, TRACKED, count, offsets};
+use crate::state::{EVENTS, MM_OWNER, TRACKED, count, failed, offsets};
 
 #[tracepoint]
 pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
-    try_sched_process_exit(&ctx).unwrap_or(1)
+    try_sched_process_exit(&ctx).unwrap_or_else(failed)
 }
 
 fn try_sched_process_exit(ctx: &TracePointContext) -> Result<u32, i32> {

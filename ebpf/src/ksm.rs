@@ -18,13 +18,13 @@ use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
 use memfabric_common::{Counter, OFFSET_MISSING, Setting, UNKNOWN_OWNER};
 
 use crate::state::{
-    KSM_PAGES, MM_OWNER, TRACKED, bump, count, current_tgid, learn_mm, mm_page, offsets,
-    read_kernel, setting,
+    KSM_PAGES, MM_OWNER, TRACKED, bump, count, current_tgid, failed, learn_mm, mm_page, offsets,
+    own_mm, read_kernel, setting,
 };
 
 #[tracepoint]
 pub fn ksm_merge_with_ksm_page(ctx: TracePointContext) -> u32 {
-    try_merge_with_ksm_page(&ctx).unwrap_or(1)
+    try_merge_with_ksm_page(&ctx).unwrap_or_else(failed)
 }
 
 fn try_merge_with_ksm_page(ctx: &TracePointContext) -> Result<u32, i32> {
@@ -84,7 +84,7 @@ fn try_merge_with_ksm_page(ctx: &TracePointContext) -> Result<u32, i32> {
 
 #[tracepoint]
 pub fn ksm_merge_one_page(ctx: TracePointContext) -> u32 {
-    try_merge_one_page(&ctx).unwrap_or(1)
+    try_merge_one_page(&ctx).unwrap_or_else(failed)
 }
 
 fn try_merge_one_page(ctx: &TracePointContext) -> Result<u32, i32> {
@@ -124,7 +124,7 @@ pub fn ksm_remove_ksm_page(_ctx: TracePointContext) -> u32 {
 /// to learn a tracked process's mm, before ksmd merges anything of it.
 #[tracepoint]
 pub fn ksm_enter(ctx: TracePointContext) -> u32 {
-    try_ksm_enter(&ctx).unwrap_or(1)
+    try_ksm_enter(&ctx).unwrap_or_else(failed)
 }
 
 fn try_ksm_enter(ctx: &TracePointContext) -> Result<u32, i32> {
@@ -143,7 +143,7 @@ fn try_ksm_enter(ctx: &TracePointContext) -> Result<u32, i32> {
         let mm: u64 = unsafe { ctx.read_at(off.enter_mm as usize)? };
         // SAFETY: `stats` points into the TRACKED value looked up above, live for this run.
         unsafe { *addr_of_mut!((*stats).mm) = mm };
-        let _ = MM_OWNER.insert(mm, tgid, 0);
+        own_mm(mm, tgid);
     } else {
         // SAFETY: `stats` is the TRACKED value of the current task's TGID, looked up above.
         unsafe { learn_mm(tgid, stats, &off) };

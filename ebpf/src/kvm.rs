@@ -23,12 +23,12 @@ use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
 use memfabric_common::{Counter, KVM_PF_WRITE, heat, kvm_unmap_page};
 
 use crate::state::{
-    TRACKED, add_heat, bump, count, current_tgid, ksm_cow_break, learn_mm, offsets,
+    TRACKED, add_heat, bump, count, current_tgid, failed, ksm_cow_break, learn_mm, offsets,
 };
 
 #[tracepoint]
 pub fn kvm_page_fault(ctx: TracePointContext) -> u32 {
-    try_kvm_page_fault(&ctx).unwrap_or(1)
+    try_kvm_page_fault(&ctx).unwrap_or_else(failed)
 }
 
 fn try_kvm_page_fault(ctx: &TracePointContext) -> Result<u32, i32> {
@@ -50,7 +50,7 @@ fn try_kvm_page_fault(ctx: &TracePointContext) -> Result<u32, i32> {
 
 #[tracepoint]
 pub fn kvm_unmap_hva_range(ctx: TracePointContext) -> u32 {
-    try_kvm_unmap_hva_range(&ctx).unwrap_or(1)
+    try_kvm_unmap_hva_range(&ctx).unwrap_or_else(failed)
 }
 
 fn try_kvm_unmap_hva_range(ctx: &TracePointContext) -> Result<u32, i32> {

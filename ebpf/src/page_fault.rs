@@ -14,11 +14,13 @@ use core::ptr::addr_of_mut;
 use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
 use memfabric_common::{PF_PROTECTION, PF_WRITE, heat};
 
-use crate::state::{TRACKED, add_heat, bump, current_tgid, ksm_cow_break, learn_mm, offsets};
+use crate::state::{
+    TRACKED, add_heat, bump, current_tgid, failed, ksm_cow_break, learn_mm, offsets,
+};
 
 #[tracepoint]
 pub fn page_fault_user(ctx: TracePointContext) -> u32 {
-    try_page_fault_user(&ctx).unwrap_or(1)
+    try_page_fault_user(&ctx).unwrap_or_else(failed)
 }
 
 fn try_page_fault_user(ctx: &TracePointContext) -> Result<u32, i32> {

@@ -86,6 +86,21 @@ pub fn count(counter: Counter) {
     }
 }
 
+/// What a program returns when it ended early (a read failed): counted, never silent.
+#[inline(always)]
+pub fn failed(_errno: i32) -> u32 {
+    count(Counter::ProbeErrors);
+    1
+}
+
+/// Remembers that `mm` belongs to `tgid`; a full map is counted.
+#[inline(always)]
+pub fn own_mm(mm: u64, tgid: u32) {
+    if MM_OWNER.insert(mm, tgid, 0).is_err() {
+        count(Counter::MmOwnerInsertFailed);
+    }
+}
+
 /// Reads a `T` at `offset` into a kernel object.
 #[inline(always)]
 pub fn read_kernel<T>(base: u64, offset: u32) -> Result<T, i32> {
@@ -116,7 +131,7 @@ pub unsafe fn learn_mm(tgid: u32, stats: *mut TgidStats, off: &Offsets) -> u64 {
     if mm != known && mm != 0 {
         // SAFETY: `stats` points into the TRACKED value looked up above, live for this run.
         unsafe { *addr_of_mut!((*stats).mm) = mm };
-        let _ = MM_OWNER.insert(mm, tgid, 0);
+        own_mm(mm, tgid);
         if known != 0
             && let Some(owner) = MM_OWNER.get_ptr(known)
             // SAFETY: a pointer the map lookup above returned: the value lives for this

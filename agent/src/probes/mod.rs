@@ -142,6 +142,10 @@ pub struct GlobalCounters {
     pub ksm_merges_unowned: u64,
     /// KSM COW breaks seen through KVM's MMU notifier (no user page fault).
     pub kvm_cow_breaks: u64,
+    /// `mm` owners that could not be remembered (`MM_OWNER` full).
+    pub mm_owner_insert_failed: u64,
+    /// Program runs that ended early on a failed read.
+    pub probe_errors: u64,
 }
 
 /// An event from the ring buffer.
@@ -579,6 +583,8 @@ impl Probes {
             ksm_pages_stale: c(Counter::KsmPagesStale),
             ksm_merges_unowned: c(Counter::KsmMergesUnowned),
             kvm_cow_breaks: c(Counter::KvmCowBreaks),
+            mm_owner_insert_failed: c(Counter::MmOwnerInsertFailed),
+            probe_errors: c(Counter::ProbeErrors),
         })
     }
 

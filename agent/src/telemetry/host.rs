@@ -318,7 +318,8 @@ impl Collector for HostCollector {
             e,
             "memfabric_probe_insert_failures",
             "Probe map inserts that failed: a merge whose COW break will be missed \
-             (KSM_PAGES) or write heat lost (WRITE_HEAT)",
+             (KSM_PAGES), write heat lost (WRITE_HEAT), or an mm whose merges count as \
+             untracked (MM_OWNER)",
             MetricType::Counter,
             &[
                 (
@@ -326,8 +327,19 @@ impl Collector for HostCollector {
                     p.ksm_pages_insert_failed,
                 ),
                 (vec![("map", "WRITE_HEAT".to_owned())], p.heat_insert_failed),
+                (
+                    vec![("map", "MM_OWNER".to_owned())],
+                    p.mm_owner_insert_failed,
+                ),
             ],
             enc_counter,
+        )?;
+        counter(
+            e,
+            "memfabric_probe_errors",
+            "Probe runs that ended early because a tracepoint field or a kernel object \
+             could not be read (the event was not counted)",
+            p.probe_errors,
         )?;
         counter(
             e,
