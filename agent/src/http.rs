@@ -245,22 +245,14 @@ pub fn tls_acceptor(
     cert: &std::path::Path,
     key: &std::path::Path,
 ) -> Result<tokio_rustls::TlsAcceptor, TlsError> {
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _};
-    let read =
-        |what: &'static str, path: &std::path::Path, e: &dyn std::fmt::Display| TlsError::Read {
-            what,
-            path: path.display().to_string(),
-            message: e.to_string(),
-        };
-    let certs = CertificateDer::pem_file_iter(cert)
-        .map_err(|e| read("certificate", cert, &e))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| read("certificate", cert, &e))?;
-    if certs.is_empty() {
-        return Err(read("certificate", cert, &"no certificate in the file"));
-    }
-    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| read("key", key, &e))?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let read = |what: &'static str, path: &std::path::Path, message: String| TlsError::Read {
+        what,
+        path: path.display().to_string(),
+        message,
+    };
+    let certs = crate::util::pem::certs(cert).map_err(|m| read("certificate", cert, m))?;
+    let key = crate::util::pem::key(key).map_err(|m| read("key", key, m))?;
+    let provider = crate::util::pem::provider();
     let config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError::Config(e.to_string()))?

@@ -7,26 +7,18 @@ use std::{path::Path, sync::Arc};
 
 use rustls::{
     RootCertStore,
-    pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _},
+    pki_types::{CertificateDer, PrivateKeyDer},
     server::WebPkiClientVerifier,
 };
 
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
+use crate::util::pem::provider;
 
 fn read_certs(path: &Path, what: &str) -> Result<Vec<CertificateDer<'static>>, String> {
-    let certs = CertificateDer::pem_file_iter(path)
-        .and_then(|i| i.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| format!("reading the {what} {}: {e}", path.display()))?;
-    if certs.is_empty() {
-        return Err(format!("{} holds no {what}", path.display()));
-    }
-    Ok(certs)
+    crate::util::pem::certs(path).map_err(|e| format!("reading the {what} {}: {e}", path.display()))
 }
 
 fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
-    PrivateKeyDer::from_pem_file(path)
+    crate::util::pem::key(path)
         .map_err(|e| format!("reading the fabric key {}: {e}", path.display()))
 }
 
