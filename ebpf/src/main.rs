@@ -4,7 +4,10 @@
 #![no_main]
 // Atomic adds on shared map values (see state::bump); the eBPF crate always builds on nightly.
 #![feature(core_intrinsics)]
-#![allow(internal_features)]
+#![allow(
+    internal_features,
+    reason = "core_intrinsics: the atomic add the BPF target offers (no CAS for AtomicU64)"
+)]
 
 mod exit;
 mod ksm;
