@@ -498,6 +498,74 @@ mod tests {
         assert_eq!(calls(a, a + 4096, Advice::Unmergeable), vec![(a, a + 4096)]);
     }
 
+    /// At the interrupt stop, before any register changes: a process whose start time is
+    /// not the one checked (its PID reused) and code that is no longer a `syscall`
+    /// instruction are refused, and the target runs on untraced. On a real `sleep`.
+    #[test]
+    fn identity_and_code_are_checked_again_at_the_stop() {
+        // SAFETY: no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            assert!(
+                std::env::var_os("MEMFABRIC_REQUIRE_ROOT").is_none(),
+                "needs root (ptrace)"
+            );
+            eprintln!(
+                "\n!!! SKIPPED identity_and_code_are_checked_again_at_the_stop: needs root !!!\n"
+            );
+            return;
+        }
+        let mut child = std::process::Command::new("sleep")
+            .arg("600")
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        std::thread::sleep(Duration::from_millis(100));
+        let maps = procfs::process::Process::new(pid as i32)
+            .unwrap()
+            .maps()
+            .unwrap();
+        let syscall_at = find_syscall_instruction(pid, &maps).unwrap();
+        let stack = maps
+            .iter()
+            .find(|m| matches!(m.pathname, procfs::process::MMapPath::Stack))
+            .map(|m| m.address)
+            .unwrap();
+        let start_time = crate::inventory::start_time(pid).unwrap();
+        let plan = |start_time, syscall_at| session::Plan {
+            pid,
+            start_time,
+            seccomp_filtered: false,
+            start: stack.0,
+            end: stack.1,
+            advice: Advice::Mergeable,
+            syscall_at,
+            timeout: Duration::from_secs(2),
+            hold: (Duration::ZERO, Duration::ZERO),
+        };
+        let run =
+            |p: session::Plan| helper::run(pid, Duration::from_secs(10), || session::inject(&p));
+        // Another process now has this PID (as far as the start time says).
+        let e = run(plan(start_time + 1, syscall_at)).unwrap_err();
+        assert!(matches!(e, InjectError::Replaced(p) if p == pid), "{e}");
+        // The chosen address no longer holds `0f 05` (the stack's first bytes are not code).
+        let e = run(plan(start_time, stack.0)).unwrap_err();
+        assert!(matches!(e, InjectError::CodeChanged { .. }), "{e}");
+        // Nothing changed: not mergeable, not traced; and the right plan works.
+        let mergeable = || {
+            crate::actuate::hints::pieces(pid, stack.0, stack.1)
+                .unwrap()
+                .iter()
+                .all(|p| p.2)
+        };
+        let status = || std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        assert!(!mergeable());
+        assert!(status().contains("TracerPid:\t0"), "{}", status());
+        run(plan(start_time, syscall_at)).unwrap();
+        assert!(mergeable());
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
     #[test]
     fn errors_cross_the_helper_boundary_intact() {
         let e = InjectError::Partly {
