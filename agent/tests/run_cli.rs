@@ -114,14 +114,17 @@ fn a_taken_fabric_port_exits_4_like_the_http_one_and_a_readable_key_2() {
     let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = tcp.local_addr().unwrap().port();
     let _udp = std::net::UdpSocket::bind(("127.0.0.1", port));
-    let cfg = fabric_config(&dir, &format!("127.0.0.1:{port}"), 0o600);
-    let (code, err) = run(&[
-        "run",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--listen",
-        "127.0.0.1:0",
-    ]);
+    let run_on = |port: u16, key_mode: u32| {
+        let cfg = fabric_config(&dir, &format!("127.0.0.1:{port}"), key_mode);
+        run(&[
+            "run",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ])
+    };
+    let (code, err) = run_on(port, 0o600);
     assert_eq!(code, Some(4), "{err}");
     assert!(err.contains("[fabric] listening"), "{err}");
     // A gossip key others can read: bad input, the daemon says how to fix it.
@@ -131,14 +134,7 @@ fn a_taken_fabric_port_exits_4_like_the_http_one_and_a_readable_key_2() {
         .local_addr()
         .unwrap()
         .port();
-    let cfg = fabric_config(&dir, &format!("127.0.0.1:{free}"), 0o644);
-    let (code, err) = run(&[
-        "run",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--listen",
-        "127.0.0.1:0",
-    ]);
+    let (code, err) = run_on(free, 0o644);
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("chmod 600"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();

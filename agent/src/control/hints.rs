@@ -348,6 +348,23 @@ fn left_alone(vm: &Vm) -> Option<String> {
     })
 }
 
+/// Hints that act on VMs named `guest` (one sharing domain), journaling in a fresh state
+/// directory named after `test` (removed by the caller): for the loop's tests.
+#[cfg(test)]
+pub(crate) fn acting_on_guest(test: &str) -> (Hinting, std::path::PathBuf) {
+    let dir = std::env::temp_dir().join(format!("memfabric-{test}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let lock = crate::actuate::StateLock::acquire(&dir, None, |_| {}).unwrap();
+    let (control, _) = HintControl::begin(std::sync::Arc::new(lock), false).unwrap();
+    let domain = Domain {
+        name: "tenants".into(),
+        name_match: Some(regex::Regex::new("^guest$").unwrap()),
+        uuids: vec![],
+        share: true,
+    };
+    (Hinting::new(Some(control), vec![domain]), dir)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -431,17 +448,7 @@ mod tests {
         let ram = vec![1u8; 8 << 20];
         let start = (ram.as_ptr() as u64).next_multiple_of(RANGE_BYTES);
         let pid = std::process::id();
-        let dir = std::env::temp_dir().join(format!("memfabric-pieces-{pid}"));
-        let _ = std::fs::remove_dir_all(&dir);
-        let lock = crate::actuate::StateLock::acquire(&dir, None, |_| {}).unwrap();
-        let (control, _) = HintControl::begin(std::sync::Arc::new(lock), false).unwrap();
-        let domain = Domain {
-            name: "tenants".into(),
-            name_match: Some(regex::Regex::new("^guest$").unwrap()),
-            uuids: vec![],
-            share: true,
-        };
-        let mut h = Hinting::new(Some(control), vec![domain]);
+        let (mut h, dir) = acting_on_guest("pieces");
         // As if the hints had added all but one of the mappings they may (this process
         // has fewer than the real cap).
         let now = mapping_count(pid).unwrap();

@@ -71,8 +71,6 @@ mod decide {
     mod tests {
         use super::*;
         use crate::{
-            actuate::{StateLock, hints::HintControl},
-            config::Domain,
             inventory::{Mergeability, VmKind},
             policy::{KsmdPolicy, Reason},
         };
@@ -147,18 +145,9 @@ mod decide {
             assert_eq!(seen.len(), 4);
             assert!(!seen.contains(&Reason::HintsSettling), "{seen:?}");
 
-            let dir = std::env::temp_dir().join(format!("memfabric-control-{pid}"));
-            let _ = std::fs::remove_dir_all(&dir);
-            let lock = StateLock::acquire(&dir, None, |_| {}).unwrap();
-            let (control, _) = HintControl::begin(std::sync::Arc::new(lock), false).unwrap();
-            let domain = Domain {
-                name: "tenants".into(),
-                name_match: Some(regex::Regex::new("^guest$").unwrap()),
-                uuids: vec![],
-                share: true,
-            };
+            let (hints, dir) = super::super::hints::acting_on_guest("control");
             let acting = &mut Controllers {
-                hints: Hinting::new(Some(control), vec![domain]),
+                hints,
                 ksmd: Some(Steering::new(KsmdPolicy::default(), None)),
             };
             let held = reasons(acting);
