@@ -12,6 +12,8 @@ use serde::Deserialize;
 
 /// Where the daemon listens unless told otherwise: loopback only.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:9977";
+/// Where the daemon keeps its journals unless told otherwise (`state_dir`).
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/memfabric";
 
 /// Where the HTTP endpoints listen: a TCP address, or `unix:/path` for a unix socket
 /// that only root can reach (mode 0600).
@@ -523,7 +525,7 @@ impl Config {
             ksmd_cpu: ksmd / 100.0,
             state_dir: state_dir
                 .or(file.state_dir)
-                .unwrap_or_else(|| crate::actuate::DEFAULT_STATE_DIR.into()),
+                .unwrap_or_else(|| DEFAULT_STATE_DIR.into()),
             untrusted_vmm_executables: file.untrusted_vmm_executables,
             vmm_uids: vmm_uids(&file.vmm_users)?,
             web: file.web,

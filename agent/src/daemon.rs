@@ -17,13 +17,14 @@ use crate::{
     actuate::{ActuateError, KsmControl},
     config::{Act, Config, Listen},
     control::ksmd::Steering,
-    inventory::{self, Scanner, Selector, Vm},
-    ksm_host::{self, KsmHost, KsmStat},
-    model::{HostState, ProbeSummary, Ranking, VmProbeCounters, VmState},
+    host::inventory::{self, Scanner, Selector, Vm},
+    host::ksm::{self, KsmHost, KsmStat},
+    model::{Ranking, VmProbeCounters, VmState},
     policy::KsmdPolicy,
     probes::{LoadOptions, ProbeError, ProbeEvent, Probes},
     scan::RANGE_BYTES,
     telemetry,
+    wire::{HostState, ProbeSummary},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -57,11 +58,11 @@ pub enum DaemonError {
 /// What one tick observed and decided, for [`Daemon::host_state`].
 struct Tick {
     ksm: KsmHost,
-    ksmd: Option<crate::model::KsmdStatus>,
+    ksmd: Option<crate::wire::KsmdStatus>,
     vms: Vec<VmState>,
     scan: Option<crate::scan::worker::ScanStatus>,
     counters: crate::probes::GlobalCounters,
-    hints: crate::model::HintsStatus,
+    hints: crate::wire::HintsStatus,
 }
 
 /// Refreshes between two descriptions of a known VM (about 30 s at the default 2 s).
@@ -138,7 +139,7 @@ impl Daemon {
                 untrusted_vmm_executables: cfg.untrusted_vmm_executables,
                 vmm_uids: cfg.vmm_uids.clone(),
             }),
-            ksmd: ksm_host::ksmd_pid(),
+            ksmd: ksm::ksmd_pid(),
             vms: BTreeMap::new(),
             described: HashMap::new(),
             refreshes: 0,
@@ -218,7 +219,7 @@ impl Daemon {
             return;
         }
         let t = Instant::now();
-        match crate::scan::merged::find(pid, expected, Probes::SEED_LIMIT)
+        match crate::host::merged::find(pid, expected, Probes::SEED_LIMIT)
             .map_err(|e| e.to_string())
             .and_then(|pages| {
                 self.probes
@@ -261,7 +262,7 @@ impl Daemon {
         let ksm = KsmHost::read_with(self.ksmd);
         // Model: each VM with its rates.
         let vms = self.vm_states(report.as_deref(), scan.as_ref())?;
-        let (mem_total_bytes, mem_available_bytes) = ksm_host::meminfo();
+        let (mem_total_bytes, mem_available_bytes) = ksm::meminfo();
         // Decide and act: the hints, then ksmd.
         let decided = self.controllers.tick(
             &self.vms,
@@ -309,7 +310,7 @@ impl Daemon {
             taken_at_unix_ms: crate::util::clock::unix_ms(),
             ksm,
             ksmd,
-            agent_cpu_seconds: ksm_host::cpu_seconds(std::process::id()).unwrap_or(0.0),
+            agent_cpu_seconds: ksm::cpu_seconds(std::process::id()).unwrap_or(0.0),
             track_failures: self.track_failures,
             scan_failed: scan.as_ref().and_then(|s| s.failed.clone()),
             untrusted_vmm_processes: self.scanner.untrusted() as u64,

@@ -1,10 +1,12 @@
 //! memfabric: kernel-assisted page sharing for hypervisor hosts.
 //!
-//! Modules follow the data flow of docs/architecture.md: `tracefs`/`kernel_btf`/`probes`
-//! (the kernel side), `inventory` and `ksm_host` (what /proc and /sys say), `model` (the
-//! host's view), `policy` (pure decisions), `actuate` (the only code that changes the host),
-//! `telemetry` (metrics and HTTP), `control` (the loop's pure steps) and `daemon` (the loop
-//! itself), `config`.
+//! Modules follow the loop of docs/architecture.md, in layers (each uses only the ones
+//! below it; `tests/module_graph.rs` checks it): leaves (`util`, `sketch`, `heat`,
+//! `addresses`, `http_auth`); the host's read-only observers (`host`), `config` and the
+//! hardened HTTP loop (`http`); the guests' observers (`probes`, `scan`); the pure joins
+//! (`model`); pure decisions (`policy`); the only writer (`actuate`) and the published
+//! documents (`wire`); the loop's steps (`control`); other hosts (`fabric`); metrics and
+//! the API (`telemetry`); the loop itself (`daemon`).
 //!
 //! The `ebpf` feature (default) builds and embeds the probes; without it (xtask's view) the
 //! library has no eBPF dependency: inventory, scan, policy and actuate only.
@@ -17,11 +19,9 @@ pub mod control;
 pub mod daemon;
 pub mod fabric;
 pub mod heat;
+pub mod host;
 pub mod http;
 pub mod http_auth;
-pub mod inventory;
-pub mod kernel_btf;
-pub mod ksm_host;
 pub mod model;
 pub mod policy;
 #[cfg(feature = "ebpf")]
@@ -29,5 +29,5 @@ pub mod probes;
 pub mod scan;
 pub mod sketch;
 pub mod telemetry;
-pub mod tracefs;
 pub mod util;
+pub mod wire;

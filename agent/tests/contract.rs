@@ -9,10 +9,11 @@ use std::{
 
 use memfabric::{
     config::FileConfig,
-    inventory::{Mergeability, Vm, VmKind},
-    model::{HostState, VmProbeCounters, VmState},
-    scan::rank::RangeClass,
+    host::inventory::{Mergeability, Vm, VmKind},
+    model::rank::RangeClass,
+    model::{VmProbeCounters, VmState},
     telemetry,
+    wire::HostState,
 };
 
 fn exposition() -> String {

@@ -320,7 +320,7 @@ fn hint_repairs_that_fail_stay_journaled_until_their_process_is_gone() {
     let boot = fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
     let entry = serde_json::json!({
         "pid": pid,
-        "start_time": memfabric::inventory::start_time(pid).unwrap(),
+        "start_time": memfabric::host::inventory::start_time(pid).unwrap(),
         "start": 0x1000, "end": 0x2000, "was_mergeable": false,
     });
     let journal = serde_json::json!({"format": 1, "boot_id": boot.trim(), "ranges": [entry]});

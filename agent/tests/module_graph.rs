@@ -1,13 +1,43 @@
-//! The library's top-level modules import one another without a cycle: each `crate::x`
-//! path in a module's (non-test) source is an arrow to `x`, and the graph of arrows must
-//! have no strongly connected component larger than one module. A new cycle fails here
-//! with the modules in it.
+//! The library's top-level modules import one another without a cycle and without an
+//! upward arrow: each `crate::x` path in a module's (non-test) source is an arrow to `x`;
+//! the graph of arrows must have no strongly connected component larger than one module,
+//! and every arrow must point to a lower layer of [`LAYERS`]. A new cycle or upward arrow
+//! fails here with the modules in it; a new module fails until it is given a layer.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     fs,
     path::Path,
 };
+
+/// The layers, lowest first: the loop's data flow (observe, model, decide, act, publish)
+/// from the bottom up. A module may use only modules of lower layers.
+const LAYERS: &[&[&str]] = &[
+    // Leaves: helpers and plain data.
+    &["util", "sketch", "heat", "addresses", "http_auth"],
+    // Read-only observers of the host, the settings, the hardened HTTP loop.
+    &["host", "config", "http"],
+    // Observers of the guests: the probes and the page scanner.
+    &["probes", "scan"],
+    // The pure joins: VM states, ranking.
+    &["model"],
+    // Pure decisions.
+    &["policy"],
+    // The only writer; the published documents.
+    &["actuate", "wire"],
+    // The loop's steps: decide and act.
+    &["control"],
+    // Other hosts.
+    &["fabric"],
+    // Metrics and the API.
+    &["telemetry"],
+    // The loop itself.
+    &["daemon"],
+];
+
+fn layer(m: &str) -> Option<usize> {
+    LAYERS.iter().position(|l| l.contains(&m))
+}
 
 /// Every top-level module name: `x.rs` and `x/` under src (the binary's `main`, `cli` and
 /// `lib` aside).
@@ -69,8 +99,8 @@ fn arrows(src: &str, mods: &BTreeSet<String>) -> BTreeSet<String> {
     out
 }
 
-#[test]
-fn the_modules_import_one_another_without_a_cycle() {
+/// Top-level module -> the modules it uses.
+fn graph() -> BTreeMap<String, BTreeSet<String>> {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
     let mods = modules(&src);
     let mut files = Vec::new();
@@ -92,6 +122,32 @@ fn the_modules_import_one_another_without_a_cycle() {
         graph.values().any(|t| !t.is_empty()),
         "no arrows found: the parser is broken"
     );
+    graph
+}
+
+#[test]
+fn every_arrow_points_down_the_layers() {
+    let graph = graph();
+    let unplaced: Vec<&String> = graph.keys().filter(|m| layer(m).is_none()).collect();
+    assert!(
+        unplaced.is_empty(),
+        "modules without a layer (add them to LAYERS): {unplaced:?}"
+    );
+    let upward: Vec<String> = graph
+        .iter()
+        .flat_map(|(from, to)| to.iter().map(move |t| (from, t)))
+        .filter(|(from, to)| layer(to) >= layer(from))
+        .map(|(from, to)| format!("{from} -> {to}"))
+        .collect();
+    assert!(
+        upward.is_empty(),
+        "arrows to the same or a higher layer: {upward:?}"
+    );
+}
+
+#[test]
+fn the_modules_import_one_another_without_a_cycle() {
+    let graph = graph();
     // Tarjan's strongly connected components.
     struct T<'a> {
         g: &'a BTreeMap<String, BTreeSet<String>>,

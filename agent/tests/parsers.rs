@@ -5,9 +5,9 @@
 
 use memfabric::{
     config::{FileConfig, Listen},
-    inventory::{clean_name, identity_from_cmdline, qemu_memory},
-    ksm_host::{KsmStat, vmstat_in},
-    tracefs::parse_format,
+    host::inventory::{clean_name, identity_from_cmdline, qemu_memory},
+    host::ksm::{KsmStat, vmstat_in},
+    host::tracefs::parse_format,
 };
 use proptest::prelude::*;
 

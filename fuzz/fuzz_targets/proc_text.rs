@@ -2,6 +2,6 @@
 #![no_main]
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     let text = String::from_utf8_lossy(data);
-    let _ = memfabric::ksm_host::KsmStat::parse(&text);
-    let _ = memfabric::ksm_host::vmstat_in(&text, "cow_ksm");
+    let _ = memfabric::host::ksm::KsmStat::parse(&text);
+    let _ = memfabric::host::ksm::vmstat_in(&text, "cow_ksm");
 });

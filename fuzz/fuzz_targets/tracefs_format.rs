@@ -2,6 +2,6 @@
 #![no_main]
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     if let Ok(text) = std::str::from_utf8(data) {
-        let _ = memfabric::tracefs::parse_format(text);
+        let _ = memfabric::host::tracefs::parse_format(text);
     }
 });

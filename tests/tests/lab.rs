@@ -20,7 +20,7 @@ fn a_static_guest_gets_merged_and_lab_down_leaves_nothing_running() {
     .expect("booting a lab guest");
     let g = &guests[0];
     assert_eq!(lab::guests(), guests, "recorded in the state file");
-    let id = memfabric::inventory::identity(g.pid);
+    let id = memfabric::host::inventory::identity(g.pid);
     assert_eq!(id.name.as_deref(), Some("lab-1"));
     assert_eq!(id.uuid.as_deref(), Some(g.uuid.as_str()));
 
@@ -31,7 +31,7 @@ fn a_static_guest_gets_merged_and_lab_down_leaves_nothing_running() {
     let merging = ksm_stat(g.pid, "ksm_merging_pages");
 
     // Its guest RAM: QEMU marks it mergeable itself (mem-merge defaults to on).
-    let ram = memfabric::inventory::describe(g.pid, memfabric::inventory::VmKind::Qemu)
+    let ram = memfabric::host::inventory::describe(g.pid, memfabric::host::inventory::VmKind::Qemu)
         .expect("the guest")
         .ram;
     assert!(
@@ -40,7 +40,7 @@ fn a_static_guest_gets_merged_and_lab_down_leaves_nothing_running() {
     );
     let (start, end) = (ram[0].start, ram[0].end);
     let mg = || {
-        memfabric::inventory::describe(g.pid, memfabric::inventory::VmKind::Qemu)
+        memfabric::host::inventory::describe(g.pid, memfabric::host::inventory::VmKind::Qemu)
             .map(|v| v.ram.iter().all(|m| m.mergeable))
     };
     let untraced_and_running = || {

@@ -9,7 +9,7 @@ use std::{net::TcpListener, time::Duration};
 use memfabric::{
     config::{Act, Config, Domain},
     daemon,
-    inventory::{VmKind, describe},
+    host::inventory::{VmKind, describe},
 };
 use memfabric_tests::{TestLab, ksm_fast, privileged, wait_for};
 use xtask::lab::{self, Profile, UpOptions};

@@ -4,13 +4,11 @@
 
 use std::time::Duration;
 
-use memfabric::scan::pagemap::Pagemap;
 use memfabric::{
     heat::RangeHeatMap,
-    scan::{
-        PAGE, RANGE_BYTES, RangeCounts, Scanner,
-        rank::{RangeClass, RankPolicy, RankedRange, RankedRanges},
-    },
+    host::pagemap::Pagemap,
+    model::rank::{RangeClass, RankPolicy, RankedRange, RankedRanges},
+    scan::{PAGE, RANGE_BYTES, RangeCounts, Scanner},
 };
 use memfabric_tests::{Workload, ksm_fast, privileged, rss_kb, wait_for};
 use serial_test::serial;

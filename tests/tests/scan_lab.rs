@@ -121,7 +121,7 @@ fn predicted_savings_match_what_ksm_achieves() {
     scanner.pass(&pids).unwrap();
     let after = scanner.report();
     for pid in &pids {
-        let kernel = memfabric::ksm_host::KsmStat::read(*pid).merging_pages as u64;
+        let kernel = memfabric::host::ksm::KsmStat::read(*pid).merging_pages as u64;
         let seen = after.per_pid[pid].merged_pages;
         eprintln!("pid {pid}: scanner sees {seen} merged pages, ksm_stat {kernel}");
         assert!(

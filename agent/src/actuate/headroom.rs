@@ -153,7 +153,7 @@ pub fn judge(
 /// Whether `[start, end)` of `pid` may be taken out of KSM now; Ok carries the bytes it
 /// will copy.
 pub fn check_unmerge(pid: u32, start: u64, end: u64) -> Result<u64, Deferred> {
-    let pages = crate::scan::merged::count_in(pid, start, end)
+    let pages = crate::host::merged::count_in(pid, start, end)
         .map_err(|e| Deferred::Unknown(e.to_string()))?;
     let need = pages * 4096;
     let available = meminfo_kb("MemAvailable").unwrap_or(0) * 1024;

@@ -170,7 +170,7 @@ fn restore_entries(entries: &[RangeEntry]) -> (HintsRestored, Vec<RangeEntry>) {
     let mut out = HintsRestored::default();
     let mut left = Vec::new();
     for e in entries.iter().rev() {
-        if crate::inventory::start_time(e.pid) != Some(e.start_time) {
+        if crate::host::inventory::start_time(e.pid) != Some(e.start_time) {
             out.gone += 1;
             continue;
         }
@@ -258,7 +258,8 @@ impl HintControl {
         end: u64,
         mergeable: bool,
     ) -> Result<Applied, HintError> {
-        let start_time = crate::inventory::start_time(pid).ok_or(InjectError::NoProcess(pid))?;
+        let start_time =
+            crate::host::inventory::start_time(pid).ok_or(InjectError::NoProcess(pid))?;
         let pieces = pieces(pid, start, end)?;
         if pieces.is_empty() {
             return Err(InjectError::NotMapped { pid, start, end }.into());
@@ -316,7 +317,7 @@ impl HintControl {
     /// start time is the same process, whose ranges must still be put back (a VM that
     /// only stopped matching the selection, say); a reused PID is another one.
     pub fn forget(&mut self, pid: u32) {
-        let alive = crate::inventory::start_time(pid);
+        let alive = crate::host::inventory::start_time(pid);
         let before = self.journal.ranges.len();
         let mut dropped_inherited = 0;
         for (i, r) in self.journal.ranges.iter().enumerate() {

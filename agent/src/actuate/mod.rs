@@ -25,9 +25,6 @@ pub use ksm::{KsmControl, Restored};
 
 use std::path::PathBuf;
 
-/// Where the daemon keeps its journal unless told otherwise.
-pub const DEFAULT_STATE_DIR: &str = "/var/lib/memfabric";
-
 #[derive(Debug, thiserror::Error)]
 pub enum ActuateError {
     #[error(

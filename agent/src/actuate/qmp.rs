@@ -73,7 +73,7 @@ pub fn socket_from_cmdline(args: &[String]) -> Option<PathBuf> {
     None
 }
 
-pub use crate::inventory::merge_off;
+pub use crate::host::inventory::merge_off;
 
 /// One QMP session.
 pub struct Qmp {

@@ -9,10 +9,8 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use memfabric::{
     heat::RangeHeatMap,
-    scan::{
-        Counts, Scanner,
-        rank::{RankPolicy, RankedRanges},
-    },
+    model::rank::{RankPolicy, RankedRanges},
+    scan::{Counts, Scanner},
 };
 
 #[derive(Args)]

@@ -6,9 +6,10 @@ use std::process::ExitCode;
 use clap::Args;
 use memfabric::{
     config::DEFAULT_LISTEN,
-    inventory::{self, Selector},
-    ksm_host::{KsmHost, KsmStat},
-    model::{HostState, VmState},
+    host::inventory::{self, Selector},
+    host::ksm::{KsmHost, KsmStat},
+    model::VmState,
+    wire::HostState,
 };
 
 #[derive(Args)]
@@ -82,7 +83,7 @@ pub fn row(v: &VmState) -> [String; 9] {
 }
 
 /// The host's KSM state on one line (shared with `top`).
-pub fn ksm_line(k: &memfabric::ksm_host::KsmHost) -> String {
+pub fn ksm_line(k: &memfabric::host::ksm::KsmHost) -> String {
     format!(
         "KSM: run={} pages_to_scan={} sleep={} ms | shared={} sharing={} (saving {:.1} MiB) \
          zero={} | general_profit={:.1} MiB | full_scans={} | cow_ksm={} | ksmd CPU {:.1} s",
@@ -141,7 +142,7 @@ pub fn hints_line(state: &HostState) -> Option<String> {
                 "make"
             },
             d.bytes >> 20,
-            memfabric::inventory::clean_name(&d.vm),
+            memfabric::host::inventory::clean_name(&d.vm),
             d.target,
             d.reason,
             d.outcome

@@ -138,7 +138,7 @@ pub fn run(args: TopArgs) -> anyhow::Result<ExitCode> {
 
 #[cfg(test)]
 mod tests {
-    use memfabric::inventory::{Mergeability, Vm, VmKind};
+    use memfabric::host::inventory::{Mergeability, Vm, VmKind};
 
     use super::*;
 
@@ -154,7 +154,7 @@ mod tests {
                 mergeability: Mergeability::Unknown,
                 merge_off: false,
             },
-            ksm: memfabric::ksm_host::KsmStat {
+            ksm: memfabric::host::ksm::KsmStat {
                 merging_pages: merged,
                 ..Default::default()
             },

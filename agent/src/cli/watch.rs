@@ -7,8 +7,8 @@ use std::{collections::BTreeMap, process::ExitCode, time::Duration};
 use anyhow::Context as _;
 use clap::Args;
 use memfabric::{
-    inventory,
-    ksm_host::{KsmHost, KsmStat, vmstat},
+    host::inventory,
+    host::ksm::{KsmHost, KsmStat, vmstat},
     probes::{LoadOptions, ProbeEvent, Probes},
 };
 use memfabric_common::TgidStats;

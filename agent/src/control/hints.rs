@@ -8,10 +8,11 @@ use std::collections::BTreeMap;
 use crate::{
     actuate::hints::{Applied, HintControl, HintError},
     config::Domain,
-    inventory::Vm,
-    model::{HintView, HintsStatus, VmPieces},
+    host::inventory::Vm,
+    model::rank::RankedRanges,
     policy::hints::{HintPlanner, HintPolicy, Sharing, Target, VmRanges},
-    scan::{RANGE_BYTES, rank::RankedRanges},
+    scan::RANGE_BYTES,
+    wire::{HintView, HintsStatus, VmPieces},
 };
 
 /// Decisions kept for /v1/recommendations.
@@ -142,7 +143,7 @@ impl Hinting {
         let mut settling = false;
         for (pid, vm) in vms {
             let since = *self.first_seen.entry(*pid).or_insert(t);
-            if vm.mergeability != crate::inventory::Mergeability::Mergeable {
+            if vm.mergeability != crate::host::inventory::Mergeability::Mergeable {
                 continue;
             }
             let need = match self.sharing(vm) {
@@ -182,7 +183,7 @@ impl Hinting {
             let Some(sharing) = self.sharing(vm) else {
                 continue;
             };
-            let Ok(maps) = crate::scan::targets(*pid) else {
+            let Some(maps) = crate::host::maps::targets(*pid) else {
                 continue;
             };
             if let Some(now) = mapping_count(*pid) {
@@ -369,11 +370,9 @@ pub(crate) fn acting_on_guest(test: &str) -> (Hinting, std::path::PathBuf) {
 mod tests {
     use super::*;
     use crate::{
-        inventory::{Mergeability, VmKind},
-        scan::{
-            account::RangeCounts,
-            rank::{RangeClass, RankedRange},
-        },
+        host::inventory::{Mergeability, VmKind},
+        model::rank::{RangeClass, RankedRange},
+        scan::account::RangeCounts,
     };
 
     /// A ranking at pass `passes` with one volatile range of `pid` at `start`.

@@ -6,9 +6,9 @@ use std::collections::BTreeMap;
 
 use crate::{
     actuate::{KsmControl, Restored},
-    model::KsmdStatus,
     policy::{KsmdController, KsmdPolicy, Observation, Reason},
     util::thread_cpu,
+    wire::KsmdStatus,
 };
 
 pub struct Steering {

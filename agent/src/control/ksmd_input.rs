@@ -2,7 +2,7 @@
 //! counters, the probes' global counters, the VMs and the scanner's savings estimate.
 
 use crate::{
-    ksm_host::KsmHost,
+    host::ksm::KsmHost,
     model::VmState,
     policy::{KsmCounters, Observation},
 };
@@ -43,7 +43,7 @@ pub fn observation(ksm: &KsmHost, vms: &[VmState], c: Context) -> Observation {
         guest_writes: c.guest_writes,
         mergeable_pages: vms
             .iter()
-            .filter(|v| v.vm.mergeability == crate::inventory::Mergeability::Mergeable)
+            .filter(|v| v.vm.mergeability == crate::host::inventory::Mergeability::Mergeable)
             .map(|v| v.vm.guest_memory_bytes >> memfabric_common::PAGE_SHIFT)
             .sum(),
         potential_savings_pages: c
@@ -58,7 +58,7 @@ pub fn observation(ksm: &KsmHost, vms: &[VmState], c: Context) -> Observation {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::inventory::{Mergeability, Vm, VmKind};
+    use crate::host::inventory::{Mergeability, Vm, VmKind};
 
     fn vm(pid: u32, bytes: u64, mergeability: Mergeability) -> VmState {
         VmState {

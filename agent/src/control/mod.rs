@@ -2,7 +2,7 @@
 //! the scanner say: `daemon::Daemon::observe`), **model** (the pure joins of this module:
 //! guest activity from the probes' counters, the ksmd controller's observation), **decide
 //! and act** (the hints' and ksmd's controllers, each deciding from the model and applying
-//! through `actuate`), **publish** (the [`crate::model::HostState`] the endpoints serve).
+//! through `actuate`), **publish** (the [`crate::wire::HostState`] the endpoints serve).
 //! What is here needs no probes, no /proc and no root: it is unit-tested with recorded
 //! counters.
 
@@ -23,11 +23,12 @@ mod decide {
 
     use super::{hints::Hinting, ksmd::Steering, ksmd_input};
     use crate::{
-        inventory::Vm,
-        ksm_host::KsmHost,
-        model::{HintsStatus, KsmdStatus, VmState},
-        scan::rank::RankedRanges,
+        host::inventory::Vm,
+        host::ksm::KsmHost,
+        model::VmState,
+        model::rank::RankedRanges,
         util::thread_cpu,
+        wire::{HintsStatus, KsmdStatus},
     };
 
     /// The two controllers of the loop.
@@ -71,7 +72,7 @@ mod decide {
     mod tests {
         use super::*;
         use crate::{
-            inventory::{Mergeability, VmKind},
+            host::inventory::{Mergeability, VmKind},
             policy::{KsmdPolicy, Reason},
         };
 

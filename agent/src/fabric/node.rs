@@ -233,7 +233,7 @@ impl Fabric {
         };
         let capacity = cfg
             .capacity_bytes
-            .unwrap_or_else(|| crate::ksm_host::meminfo().0);
+            .unwrap_or_else(|| crate::host::ksm::meminfo().0);
         let chitchat = spawn_chitchat(
             chitchat_cfg,
             vec![(KEY_CAPACITY.into(), capacity.to_string())],

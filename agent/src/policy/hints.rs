@@ -21,7 +21,7 @@ use std::collections::{BTreeMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
-use crate::scan::rank::RangeClass;
+use crate::model::rank::RangeClass;
 
 /// What a range should be.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -25,7 +25,7 @@ use memfabric_common::{
     sizes,
 };
 
-use crate::{kernel_btf, tracefs};
+use crate::{host::btf, host::tracefs};
 
 /// `BPF_NOEXIST` from linux/bpf.h: insert only if the key is absent.
 const BPF_NOEXIST: u64 = 1;
@@ -190,7 +190,7 @@ pub const LEARNER_REST: Duration = Duration::from_secs(300);
 #[derive(Clone, Debug)]
 pub struct KernelInfo {
     pub tracefs: PathBuf,
-    pub btf: Result<kernel_btf::KernelOffsets, String>,
+    pub btf: Result<btf::KernelOffsets, String>,
 }
 
 impl fmt::Display for KernelInfo {
@@ -247,7 +247,7 @@ impl Probes {
             plan.push((spec, format!("{category}:{name}"), unavailable));
         }
 
-        let btf = kernel_btf::kernel_offsets().map_err(|e| e.to_string());
+        let btf = btf::kernel_offsets().map_err(|e| e.to_string());
         match &btf {
             Ok(k) => {
                 if let Some(v) = k.task_mm {
@@ -447,7 +447,7 @@ impl Probes {
     }
 
     /// Remembers pages of tracked process `tgid` that were already merged when tracking
-    /// began (see [`crate::scan::merged`]), so that writes to them count as the COW breaks
+    /// began (see [`crate::host::merged`]), so that writes to them count as the COW breaks
     /// they are, although the probes never saw them merge. At most a quarter of the map per
     /// process, so one large VM cannot evict every other's merges. Returns how many pages
     /// were remembered.

@@ -7,10 +7,7 @@
 
 pub mod account;
 pub mod content;
-pub mod merged;
 pub mod page_state;
-pub mod pagemap;
-pub mod rank;
 pub mod recheck;
 pub mod worker;
 
@@ -22,7 +19,7 @@ use account::Mapping;
 pub use account::{Counts, RANGE_BYTES, RangeCounts, Report};
 use page_state::{F_MERGED, F_THP, F_ZERO, F_ZERO_FRAME, PageState};
 
-use crate::inventory::{self, VmKind};
+use crate::host::{maps, pagemap};
 
 pub const PAGE: usize = crate::util::PAGE;
 /// Pages per chunk: one pagemap read, reads of its present runs into one reused buffer.
@@ -61,36 +58,6 @@ pub struct Scanner {
     rechecks: recheck::Rechecks,
     /// The scanner's clock (seconds since this instant).
     epoch: std::time::Instant,
-}
-
-/// The mappings to scan: a VM's guest RAM; for any other process, its private anonymous
-/// read-write mappings of 1 MiB or more.
-pub fn targets(pid: u32) -> Result<Vec<(u64, u64)>, ScanError> {
-    let proc_ =
-        procfs::process::Process::new(pid as i32).map_err(|_| ScanError::UnknownPid(pid))?;
-    let exe = proc_
-        .exe()
-        .ok()
-        .and_then(|e| e.file_name().map(|n| n.to_string_lossy().into_owned()));
-    if let Some(kind) = exe.as_deref().and_then(VmKind::from_exe)
-        && let Some(vm) = inventory::describe(pid, kind)
-        && !vm.ram.is_empty()
-    {
-        return Ok(vm.ram.iter().map(|m| (m.start, m.end)).collect());
-    }
-    use procfs::process::{MMPermissions, MMapPath};
-    let maps = proc_.maps().map_err(|_| ScanError::UnknownPid(pid))?;
-    Ok(maps
-        .into_iter()
-        .filter(|m| matches!(m.pathname, MMapPath::Anonymous))
-        .filter(|m| {
-            m.perms
-                .contains(MMPermissions::READ | MMPermissions::WRITE | MMPermissions::PRIVATE)
-                && !m.perms.contains(MMPermissions::EXECUTE)
-        })
-        .filter(|m| m.address.1 - m.address.0 >= 1 << 20)
-        .map(|m| m.address)
-        .collect())
 }
 
 /// Reads `buf.len()` bytes at `addr` of the process whose `/proc/PID/mem` is `mem`;
@@ -188,7 +155,7 @@ impl Scanner {
     ) -> Result<(), ScanError> {
         let plan = pids
             .iter()
-            .map(|&pid| Ok((pid, targets(pid)?)))
+            .map(|&pid| Ok((pid, maps::targets(pid).ok_or(ScanError::UnknownPid(pid))?)))
             .collect::<Result<Vec<_>, ScanError>>()?;
         let total: u64 = plan
             .iter()

@@ -8,7 +8,7 @@ use axum::{Json, Router, extract::State, http::StatusCode, response::IntoRespons
 use prometheus_client::registry::Registry;
 
 use super::{Shared, registry};
-use crate::model::HostState;
+use crate::wire::HostState;
 
 /// How the routes behave.
 #[derive(Clone, Debug)]

@@ -1,5 +1,5 @@
 //! The host's and its VMs' metrics, encoded from the current
-//! [`crate::model::HostState`] at scrape time.
+//! [`crate::wire::HostState`] at scrape time.
 
 use std::fmt;
 
@@ -421,7 +421,7 @@ impl Collector for HostCollector {
                 "Mapping pieces memfabric changed and will put back on exit",
                 h.changed_ranges as i64,
             )?;
-            let pieces = |f: fn(&crate::model::VmPieces) -> u64| -> Vec<(Labels, i64)> {
+            let pieces = |f: fn(&crate::wire::VmPieces) -> u64| -> Vec<(Labels, i64)> {
                 h.mapping_pieces
                     .iter()
                     .map(|p| {
@@ -480,7 +480,7 @@ impl Collector for HostCollector {
 }
 
 /// The ksmd controller: its targets, its decisions by reason, its own CPU.
-fn encode_ksmd(e: &mut DescriptorEncoder, k: &crate::model::KsmdStatus) -> fmt::Result {
+fn encode_ksmd(e: &mut DescriptorEncoder, k: &crate::wire::KsmdStatus) -> fmt::Result {
     let d = &k.decision;
     gauge(
         e,

@@ -18,7 +18,7 @@ use std::sync::{Arc, RwLock};
 
 use prometheus_client::registry::Registry;
 
-use crate::model::HostState;
+use crate::wire::HostState;
 
 pub use api::{Options, router};
 

@@ -14,7 +14,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use clap::ValueEnum;
-use memfabric::ksm_host;
+use memfabric::host::ksm as ksm_host;
 use xtask::{
     ksm::{self, KsmSession},
     lab::{self, Profile, UpOptions, scenario::Scenario},

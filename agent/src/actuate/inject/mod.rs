@@ -347,7 +347,7 @@ struct Target {
 fn preflight(pid: u32, start: u64, end: u64) -> Result<Target, InjectError> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .map_err(|_| InjectError::NoProcess(pid))?;
-    if crate::inventory::is_kernel_thread(pid) {
+    if crate::host::inventory::is_kernel_thread(pid) {
         return Err(InjectError::KernelThread(pid));
     }
     let ns = |p: &str| {
@@ -370,7 +370,7 @@ fn preflight(pid: u32, start: u64, end: u64) -> Result<Target, InjectError> {
     let mut tracer_now = tracer(&status);
     // One of our own tracer helpers, finishing: the link goes when it detaches; wait
     // for it a little.
-    let ours = |t: u32| crate::inventory::parent_pid(t) == Some(std::process::id());
+    let ours = |t: u32| crate::host::inventory::parent_pid(t) == Some(std::process::id());
     for _ in 0..1000 {
         if tracer_now == 0 || !ours(tracer_now) {
             break;
@@ -407,7 +407,7 @@ fn preflight(pid: u32, start: u64, end: u64) -> Result<Target, InjectError> {
                     });
                 }
                 let start_time =
-                    crate::inventory::start_time(pid).ok_or(InjectError::Exited(pid))?;
+                    crate::host::inventory::start_time(pid).ok_or(InjectError::Exited(pid))?;
                 return Ok(Target {
                     maps,
                     start_time,
@@ -464,7 +464,7 @@ fn find_syscall_instruction(
 /// memory may already be gone while the state still reads running).
 pub(super) fn exiting(pid: u32) -> bool {
     const PF_EXITING: u64 = 0x4;
-    crate::inventory::state_and_flags(pid).is_none_or(|(state, flags)| {
+    crate::host::inventory::state_and_flags(pid).is_none_or(|(state, flags)| {
         matches!(state.as_str(), "Z" | "X" | "x") || flags & PF_EXITING != 0
     })
 }
@@ -472,7 +472,7 @@ pub(super) fn exiting(pid: u32) -> bool {
 /// The guest-RAM mappings of `pid` (what `--all-guest-ram` hints), or its private
 /// anonymous read-write mappings of 1 MiB or more for a process that is not a VMM.
 pub fn guest_ram(pid: u32) -> io::Result<Vec<(u64, u64)>> {
-    crate::scan::targets(pid).map_err(io::Error::other)
+    crate::host::maps::targets(pid).ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))
 }
 
 #[cfg(test)]
@@ -530,7 +530,7 @@ mod tests {
             .find(|m| matches!(m.pathname, procfs::process::MMapPath::Stack))
             .map(|m| m.address)
             .unwrap();
-        let start_time = crate::inventory::start_time(pid).unwrap();
+        let start_time = crate::host::inventory::start_time(pid).unwrap();
         let plan = |start_time, syscall_at| session::Plan {
             pid,
             start_time,

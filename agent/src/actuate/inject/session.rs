@@ -224,7 +224,7 @@ pub(super) fn inject(plan: &Plan) -> Result<Injected, InjectError> {
     }
     let t0 = Instant::now();
     // Between the checks and the seize the PID may have been reused, or the code remapped.
-    if crate::inventory::start_time(raw) != Some(plan.start_time) {
+    if crate::host::inventory::start_time(raw) != Some(plan.start_time) {
         return Err(if exiting(raw) {
             InjectError::Exited(raw)
         } else {

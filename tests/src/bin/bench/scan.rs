@@ -25,9 +25,9 @@ use xxhash_rust::xxh3::xxh3_64;
 pub(crate) fn snapshot(pids: &[u32]) -> anyhow::Result<Vec<u8>> {
     let mut out = Vec::new();
     for &pid in pids {
-        let kind = memfabric::inventory::VmKind::Qemu;
-        let vm = memfabric::inventory::describe(pid, kind).context("guest vanished")?;
-        let map = memfabric::scan::pagemap::Pagemap::open(pid)?;
+        let kind = memfabric::host::inventory::VmKind::Qemu;
+        let vm = memfabric::host::inventory::describe(pid, kind).context("guest vanished")?;
+        let map = memfabric::host::pagemap::Pagemap::open(pid)?;
         let mem = fs::File::open(format!("/proc/{pid}/mem"))?;
         let mut entries = Vec::new();
         for r in &vm.ram {

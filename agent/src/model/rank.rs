@@ -7,8 +7,8 @@ use serde::{Deserialize, Serialize};
 
 use std::collections::BTreeMap;
 
-use super::account::{RangeCounts, RangeSavings, Report};
 pub use crate::heat::{PageHeat, RangeHeatMap};
+use crate::scan::account::{RangeCounts, RangeSavings, Report};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
