@@ -16,7 +16,7 @@ use tokio::net::TcpListener;
 use crate::{
     actuate::{ActuateError, KsmControl},
     config::{Act, Config, Listen},
-    control::ksmd::Steering,
+    control::{Decided, ksmd::Steering},
     host::inventory::{self, Scanner, Selector, Vm},
     host::ksm::{self, KsmHost, KsmStat},
     model::{Ranking, VmProbeCounters, VmState},
@@ -55,14 +55,15 @@ pub enum DaemonError {
     Fabric(#[from] crate::fabric::node::FabricError),
 }
 
-/// What one tick observed and decided, for [`Daemon::host_state`].
-struct Tick {
-    ksm: KsmHost,
-    ksmd: Option<crate::wire::KsmdStatus>,
-    vms: Vec<VmState>,
+/// What one tick observed.
+struct Observed {
     scan: Option<crate::scan::worker::ScanStatus>,
+    /// The scanner's latest pass.
+    report: Option<Arc<crate::scan::Report>>,
     counters: crate::probes::GlobalCounters,
-    hints: crate::wire::HintsStatus,
+    ksm: KsmHost,
+    mem_total_bytes: u64,
+    mem_available_bytes: u64,
 }
 
 /// Refreshes between two descriptions of a known VM (about 30 s at the default 2 s).
@@ -243,8 +244,30 @@ impl Daemon {
 
     /// One tick of the loop (see [`crate::control`]): observe, model, decide and act,
     /// publish.
-    pub fn refresh(&mut self) -> Result<(), DaemonError> {
+    pub fn tick(&mut self) -> Result<(), DaemonError> {
         // Observe: the VMs, the scanner, the probes, KSM.
+        let seen = self.observe()?;
+        // Model: a new scan pass ranked, each VM with its rates.
+        let vms = self.model(&seen)?;
+        // Decide and act: the hints, then ksmd.
+        let context = self.ksmd_context(&seen);
+        let decided =
+            self.controllers
+                .tick(&self.vms, &self.ranking.ranked, &vms, &seen.ksm, context);
+        // Publish: to the endpoints, and a new pass's summaries to the fabric.
+        if let Some(r) = &seen.report {
+            self.publish_to_fabric(r);
+        }
+        let state = self.host_state(seen, vms, decided);
+        if let Ok(mut s) = self.state.write() {
+            *s = state;
+        }
+        Ok(())
+    }
+
+    /// Observe: follows the VM processes of the host (probes, scanner), and reads the
+    /// scanner's status, the probes' counters, KSM and the host's memory.
+    fn observe(&mut self) -> Result<Observed, DaemonError> {
         let found = self.list_vms();
         self.follow_vms(&found);
         self.probes.refresh_mm_learning()?;
@@ -253,58 +276,53 @@ impl Daemon {
             w.status()
         });
         let report = scan.as_ref().and_then(|s| s.report.clone());
-        if let Some(r) = &report {
+        let (mem_total_bytes, mem_available_bytes) = ksm::meminfo();
+        Ok(Observed {
+            counters: self.probes.counters()?,
+            ksm: KsmHost::read_with(self.ksmd),
+            scan,
+            report,
+            mem_total_bytes,
+            mem_available_bytes,
+        })
+    }
+
+    /// Model: ranks a new scan pass (with the probes' heat since the last one) and joins
+    /// each VM's KSM figures, scan counts and probe rates.
+    fn model(&mut self, seen: &Observed) -> Result<Vec<VmState>, DaemonError> {
+        if let Some(r) = &seen.report {
             let probes = &self.probes;
             self.ranking.update(r, || probes.heat_by_range(RANGE_BYTES));
-            self.publish_to_fabric(r);
         }
-        let counters = self.probes.counters()?;
-        let ksm = KsmHost::read_with(self.ksmd);
-        // Model: each VM with its rates.
-        let vms = self.vm_states(report.as_deref(), scan.as_ref())?;
-        let (mem_total_bytes, mem_available_bytes) = ksm::meminfo();
-        // Decide and act: the hints, then ksmd.
-        let decided = self.controllers.tick(
-            &self.vms,
-            &self.ranking.ranked,
-            &vms,
-            &ksm,
-            crate::control::ksmd_input::Context {
-                t: self.started.elapsed().as_secs_f64(),
-                ksm_enters: counters.ksm_enters,
-                vms_arrived: self.vms_arrived,
-                guest_writes: self.activity.guest_writes(),
-                potential_savings_bytes: report.as_ref().map(|r| r.total.potential_savings_bytes),
-                mem_total_bytes,
-                mem_available_bytes,
-                hints_settling: false,
-            },
-        );
-        // Publish.
-        let state = self.host_state(Tick {
-            ksm,
-            ksmd: decided.ksmd,
-            vms,
-            scan,
-            counters,
-            hints: decided.hints,
-        });
-        if let Ok(mut s) = self.state.write() {
-            *s = state;
+        self.vm_states(seen.report.as_deref(), seen.scan.as_ref())
+    }
+
+    /// What the ksmd controller needs beyond the VMs' states.
+    fn ksmd_context(&self, seen: &Observed) -> crate::control::ksmd_input::Context {
+        crate::control::ksmd_input::Context {
+            t: self.started.elapsed().as_secs_f64(),
+            ksm_enters: seen.counters.ksm_enters,
+            vms_arrived: self.vms_arrived,
+            guest_writes: self.activity.guest_writes(),
+            potential_savings_bytes: seen
+                .report
+                .as_ref()
+                .map(|r| r.total.potential_savings_bytes),
+            mem_total_bytes: seen.mem_total_bytes,
+            mem_available_bytes: seen.mem_available_bytes,
+            hints_settling: false,
         }
-        Ok(())
     }
 
     /// The state the endpoints serve, from one tick's parts and the daemon's counters.
-    fn host_state(&self, tick: Tick) -> HostState {
-        let Tick {
+    fn host_state(&self, seen: Observed, vms: Vec<VmState>, decided: Decided) -> HostState {
+        let Observed {
             ksm,
-            ksmd,
-            vms,
             scan,
             counters,
-            hints,
-        } = tick;
+            ..
+        } = seen;
+        let Decided { hints, ksmd } = decided;
         HostState {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             taken_at_unix_ms: crate::util::clock::unix_ms(),
@@ -660,7 +678,7 @@ pub async fn serve(
         .spawn(move || {
             let mut daemon = match Daemon::new(&thread_cfg, control).and_then(|mut d| {
                 d.fabric = thread_fabric;
-                d.refresh()?;
+                d.tick()?;
                 Ok(d)
             }) {
                 Ok(d) => d,
@@ -673,7 +691,7 @@ pub async fn serve(
             let result = loop {
                 match stop_rx.recv_timeout(refresh) {
                     Err(mpsc::RecvTimeoutError::Timeout) => {
-                        if let Err(e) = daemon.refresh() {
+                        if let Err(e) = daemon.tick() {
                             break Err(e);
                         }
                     }
