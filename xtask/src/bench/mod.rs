@@ -15,44 +15,9 @@ use crate::setup;
 
 #[derive(Subcommand)]
 pub enum Bench {
-    /// Write-fault loop with the probes detached vs attached (untracked / tracked).
-    Probes {
-        /// Fresh pages written per run (262144 = 1 GiB).
-        #[arg(long, default_value_t = 262_144)]
-        pages: usize,
-        /// Interleaved rounds (each with an A/A control run).
-        #[arg(long, default_value_t = 15)]
-        rounds: usize,
-    },
-    /// The page scanner on lab guests: xxh3 vs memcpy, scan throughput, state bytes per
-    /// page, accuracy against an exact recount.
-    Scan {
-        #[arg(long, default_value_t = 2)]
-        guests: u32,
-        #[arg(long, default_value_t = 7)]
-        rounds: usize,
-    },
-    /// The fabric on a simulated fleet (1,000 hosts x 20 VMs) seeded with lab guests' page
-    /// hashes: estimate error per k, candidate time, exchange, hosts freed vs FFD.
-    Fabric {
-        #[arg(long, default_value_t = 1000)]
-        hosts: usize,
-        #[arg(long, default_value_t = 20)]
-        vms: usize,
-        #[arg(long, default_value_t = 3)]
-        guests: u32,
-        /// The fleet's gossip interval (s) for the exchange figure.
-        #[arg(long, default_value_t = 60.0)]
-        gossip_interval_s: f64,
-    },
-    /// Taking a merged range out of KSM: memfabric's bounded injected calls vs one call;
-    /// the guest's longest fault stall.
-    Unmerge {
-        #[arg(long, default_value_t = 1024)]
-        mib: usize,
-        #[arg(long, default_value_t = 5)]
-        rounds: usize,
-    },
+    /// The benchmarks of the bench binary (probes, scan, fabric, unmerge).
+    #[command(flatten)]
+    InProcess(xtask::bench_args::InProcess),
     /// What `memfabric run` costs (CPU, RSS) while it tracks lab guests.
     Agent {
         #[arg(long, default_value_t = 3)]
@@ -137,51 +102,18 @@ pub fn run(which: Bench) -> anyhow::Result<()> {
         "memfabric-tests",
         "--bins",
     ]))?;
-    let bench = cmd::root().join("target/release/memfabric-bench");
-    let out = cmd::root().join("reports");
-    let mut c = Command::new(bench);
-    c.arg("--out").arg(out);
-    match which {
-        Bench::Probes { pages, rounds } => c.args([
-            "probes",
-            "--pages",
-            &pages.to_string(),
-            "--rounds",
-            &rounds.to_string(),
-        ]),
-        Bench::Scan { guests, rounds } => c.args([
-            "scan",
-            "--guests",
-            &guests.to_string(),
-            "--rounds",
-            &rounds.to_string(),
-        ]),
-        Bench::Fabric {
-            hosts,
-            vms,
-            guests,
-            gossip_interval_s,
-        } => c.args([
-            "fabric",
-            "--hosts",
-            &hosts.to_string(),
-            "--vms",
-            &vms.to_string(),
-            "--guests",
-            &guests.to_string(),
-            "--gossip-interval-s",
-            &gossip_interval_s.to_string(),
-        ]),
-        Bench::Unmerge { mib, rounds } => c.args([
-            "unmerge",
-            "--mib",
-            &mib.to_string(),
-            "--rounds",
-            &rounds.to_string(),
-        ]),
-        Bench::Ksm { .. } | Bench::Agent { .. } => unreachable!("handled above"),
-    };
-    cmd::run(&mut c)
+    // The bench binary parses the same subcommands (`xtask::bench_args`): what followed
+    // `bench` on this command line goes to it unchanged.
+    let args: Vec<String> = std::env::args()
+        .skip_while(|a| a != "bench")
+        .skip(1)
+        .collect();
+    cmd::run(
+        Command::new(cmd::root().join("target/release/memfabric-bench"))
+            .arg("--out")
+            .arg(cmd::root().join("reports"))
+            .args(args),
+    )
 }
 
 /// A plain HTTP/1.0 GET on loopback (xtask keeps no HTTP client dependency).

@@ -1,0 +1,49 @@
+//! The benchmarks that run in the bench binary (`memfabric-bench`, in the tests crate:
+//! they need the probes in-process). `cargo xtask bench` parses the same subcommands and
+//! hands its arguments on unchanged, so both read one definition.
+
+use clap::Subcommand;
+
+#[derive(Subcommand)]
+pub enum InProcess {
+    /// Cost of the probes on a write-fault loop: detached vs attached (process not
+    /// tracked: the in-kernel filter) vs attached and tracked (full accounting).
+    Probes {
+        /// Fresh pages written per run (262144 = 1 GiB).
+        #[arg(long, default_value_t = 262_144)]
+        pages: usize,
+        /// Interleaved rounds; each round runs every mode once, in rotating order.
+        #[arg(long, default_value_t = 15)]
+        rounds: usize,
+    },
+    /// The page scanner on lab guests: xxh3 vs memcpy of the same bytes, scan throughput,
+    /// state bytes per page, and hash grouping against an exact byte-for-byte recount.
+    Scan {
+        #[arg(long, default_value_t = 2)]
+        guests: u32,
+        #[arg(long, default_value_t = 7)]
+        rounds: usize,
+    },
+    /// The fabric on a simulated fleet built from lab guests' page hashes: estimate
+    /// error per k, candidate time, exchange bytes, hosts freed vs first-fit decreasing.
+    Fabric {
+        #[arg(long, default_value_t = 1000)]
+        hosts: usize,
+        #[arg(long, default_value_t = 20)]
+        vms: usize,
+        /// Lab guests whose page hashes seed the fleet's images (0: synthetic only).
+        #[arg(long, default_value_t = 3)]
+        guests: u32,
+        /// The fleet's gossip interval in seconds (`[fabric] gossip_interval_ms`).
+        #[arg(long, default_value_t = 60.0)]
+        gossip_interval_s: f64,
+    },
+    /// Taking a merged range out of KSM: memfabric's bounded injected calls vs one call
+    /// over the whole range; the guest's longest fault stall, interleaved rounds.
+    Unmerge {
+        #[arg(long, default_value_t = 1024)]
+        mib: usize,
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+    },
+}
