@@ -1,16 +1,14 @@
 //! `memfabric check` as an operator runs it: real probes, real kernel.
 
-mod common;
-
 use std::process::Command;
 
-use common::root_or_skip;
+use memfabric_harness::privileged;
 
 const MEMFABRIC: &str = env!("CARGO_BIN_EXE_memfabric");
 
 #[test]
 fn check_attaches_every_probe() {
-    if !root_or_skip("check_attaches_every_probe") {
+    if !privileged("check_attaches_every_probe") {
         return;
     }
     let out = Command::new(MEMFABRIC).arg("check").output().unwrap();
@@ -38,7 +36,7 @@ fn check_attaches_every_probe() {
 
 #[test]
 fn check_names_a_tracepoint_that_does_not_exist() {
-    if !root_or_skip("check_names_a_tracepoint_that_does_not_exist") {
+    if !privileged("check_names_a_tracepoint_that_does_not_exist") {
         return;
     }
     let out = Command::new(MEMFABRIC)

@@ -6,8 +6,6 @@
 //! or garbage summaries are refused and counted, with no panic; a peer killed goes stale
 //! while the other two keep serving.
 
-mod common;
-
 use std::{
     fs,
     os::unix::fs::PermissionsExt as _,
@@ -17,8 +15,8 @@ use std::{
     time::Duration,
 };
 
-use common::{Children, poll_for, root_or_skip};
 use memfabric::fabric::gossip_auth::{GossipKey, Route, seal};
+use memfabric_harness::{Children, poll_for, privileged};
 use serde_json::Value;
 
 const MEMFABRIC: &str = env!("CARGO_BIN_EXE_memfabric");
@@ -149,7 +147,7 @@ impl Drop for Kids {
 
 /// GET over the daemon's unix socket: (status, body).
 fn get(sock: &Path, path: &str) -> Option<(u16, String)> {
-    let buf = common::unix_get(sock, path)?;
+    let buf = memfabric_harness::unix_get(sock, path)?;
     let (head, body) = buf.split_once("\r\n\r\n")?;
     let status = head.split_whitespace().nth(1)?.parse().ok()?;
     // Chunked bodies (axum's JSON is sized, /metrics may not be): join the chunks.
@@ -375,7 +373,7 @@ fn rogue(ns: String, dir: PathBuf, key: Vec<u8>, stop: Arc<std::sync::atomic::At
 
 #[test]
 fn three_agents_find_known_overlaps_refuse_forgeries_and_survive_a_lost_peer() {
-    if !root_or_skip("three_agents_find_known_overlaps_refuse_forgeries_and_survive_a_lost_peer") {
+    if !privileged("three_agents_find_known_overlaps_refuse_forgeries_and_survive_a_lost_peer") {
         return;
     }
     let tag = format!("{}", std::process::id() % 10_000);

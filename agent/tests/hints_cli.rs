@@ -3,14 +3,14 @@
 //! duplicates: the rewritten region is made unmergeable, the stable one stays merged,
 //! COW breaks fall; SIGTERM puts the flags back; after kill -9 a restart puts them back.
 
-mod common;
-
 use std::{
     fs,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
+
+use memfabric_harness::wait_for;
 
 const MEMFABRIC: &str = env!("CARGO_BIN_EXE_memfabric");
 const MIB: usize = 1 << 20;
@@ -167,17 +167,6 @@ fn daemon(state: &Path, cfg: &Path, pid: i32, log: &Path) -> Child {
         .unwrap()
 }
 
-fn wait_until(secs: u64, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while Instant::now() < deadline {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    f()
-}
-
 fn term(child: &mut Child) -> std::process::ExitStatus {
     // SAFETY: our child.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
@@ -186,7 +175,7 @@ fn term(child: &mut Child) -> std::process::ExitStatus {
 
 #[test]
 fn rewritten_ranges_leave_ksm_and_come_back_at_exit() {
-    if !common::root_or_skip("rewritten_ranges_leave_ksm_and_come_back_at_exit") {
+    if !memfabric_harness::privileged("rewritten_ranges_leave_ksm_and_come_back_at_exit") {
         return;
     }
     let knobs = ksm_knobs();
@@ -212,7 +201,7 @@ fn rewritten_ranges_leave_ksm_and_come_back_at_exit() {
     let mut d = daemon(&state, &cfg, w.pid, &log);
     let cow0 = cow_ksm();
     let t0 = Instant::now();
-    let out = wait_until(120, || w.mergeable(w.a) == Some(false));
+    let out = wait_for(Duration::from_secs(120), || w.mergeable(w.a) == Some(false));
     let log_text = || fs::read_to_string(&log).unwrap_or_default();
     assert!(out, "the rewritten region stayed mergeable: {}", log_text());
     let took = t0.elapsed();
@@ -250,7 +239,7 @@ fn rewritten_ranges_leave_ksm_and_come_back_at_exit() {
     // Again, then kill -9: the next start puts the flag back first.
     let mut d = daemon(&state, &cfg, w.pid, &log);
     assert!(
-        wait_until(120, || w.mergeable(w.a) == Some(false)),
+        wait_for(Duration::from_secs(120), || w.mergeable(w.a) == Some(false)),
         "{}",
         log_text()
     );
@@ -262,7 +251,7 @@ fn rewritten_ranges_leave_ksm_and_come_back_at_exit() {
     assert!(status.contains("TracerPid:\t0"), "left traced: {status}");
     let mut d = daemon(&state, &cfg, w.pid, &log);
     assert!(
-        wait_until(10, || w.mergeable(w.a) == Some(true)),
+        wait_for(Duration::from_secs(10), || w.mergeable(w.a) == Some(true)),
         "not restored after kill -9 and a restart: {}",
         log_text()
     );
@@ -284,7 +273,7 @@ fn locked_state(test: &str) -> (PathBuf, std::sync::Arc<memfabric::actuate::Stat
 #[test]
 fn hinted_ranges_are_forgotten_only_with_their_process() {
     use memfabric::actuate::hints::{Applied, HintControl};
-    if !common::root_or_skip("hinted_ranges_are_forgotten_only_with_their_process") {
+    if !memfabric_harness::privileged("hinted_ranges_are_forgotten_only_with_their_process") {
         return;
     }
     let w = Workload::spawn();
@@ -310,7 +299,9 @@ fn hinted_ranges_are_forgotten_only_with_their_process() {
 #[test]
 fn hint_repairs_that_fail_stay_journaled_until_their_process_is_gone() {
     use memfabric::actuate::hints::HintControl;
-    if !common::root_or_skip("hint_repairs_that_fail_stay_journaled_until_their_process_is_gone") {
+    if !memfabric_harness::privileged(
+        "hint_repairs_that_fail_stay_journaled_until_their_process_is_gone",
+    ) {
         return;
     }
     let w = Workload::spawn();

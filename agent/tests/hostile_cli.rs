@@ -2,10 +2,6 @@
 //! `qemu-system-x86_64`. The daemon must not take an untrusted executable for a VMM, and
 //! thousands of (trusted) ones must not bring it down.
 
-mod common;
-#[path = "common/daemon.rs"]
-mod daemon;
-
 use std::{
     fs,
     os::unix::fs::PermissionsExt as _,
@@ -14,8 +10,10 @@ use std::{
     time::Duration,
 };
 
-use common::{Children, poll_for};
-use daemon::Daemon;
+use memfabric_harness::Daemon;
+use memfabric_harness::{Children, poll_for};
+
+const MEMFABRIC: &str = env!("CARGO_BIN_EXE_memfabric");
 
 /// A copy of `sleep` named `name` in a fresh directory, owned by `uid`.
 fn fake_vmm(test: &str, name: &str, uid: u32) -> (PathBuf, PathBuf) {
@@ -67,14 +65,14 @@ fn spawn(exe: &Path, n: usize) -> Children {
 
 #[test]
 fn a_vmm_name_on_an_untrusted_executable_is_not_a_vm() {
-    if !common::root_or_skip("a_vmm_name_on_an_untrusted_executable_is_not_a_vm") {
+    if !memfabric_harness::privileged("a_vmm_name_on_an_untrusted_executable_is_not_a_vm") {
         return;
     }
     // Owned by `nobody`: what an unprivileged user can make.
     let (dir, exe) = fake_vmm("untrusted", "qemu-system-x86_64", 65534);
     let fake = spawn(&exe, 1);
     let pid = u64::from(fake.0[0].id());
-    let d = Daemon::start(&[]);
+    let d = Daemon::start(MEMFABRIC, &[]);
     let pids = poll_for(Duration::from_secs(20), || vm_pids(&d)).expect("daemon up");
     assert!(
         !pids.contains(&pid),
@@ -86,7 +84,7 @@ fn a_vmm_name_on_an_untrusted_executable_is_not_a_vm() {
     // The operator can choose to trust them.
     let cfg = dir.join("trust.toml");
     fs::write(&cfg, "untrusted_vmm_executables = true\n").unwrap();
-    let d = Daemon::start(&["--config", cfg.to_str().unwrap()]);
+    let d = Daemon::start(MEMFABRIC, &["--config", cfg.to_str().unwrap()]);
     let listed = poll_for(Duration::from_secs(20), || {
         vm_pids(&d).filter(|p| p.contains(&pid))
     });
@@ -98,7 +96,7 @@ fn a_vmm_name_on_an_untrusted_executable_is_not_a_vm() {
 
 #[test]
 fn thousands_of_vmms_do_not_bring_the_daemon_down() {
-    if !common::root_or_skip("thousands_of_vmms_do_not_bring_the_daemon_down") {
+    if !memfabric_harness::privileged("thousands_of_vmms_do_not_bring_the_daemon_down") {
         return;
     }
     // Root-owned and not writable by others: trusted, so every one is a "VM". One more
@@ -106,7 +104,7 @@ fn thousands_of_vmms_do_not_bring_the_daemon_down() {
     const N: usize = 4_097;
     let (dir, exe) = fake_vmm("capacity", "qemu-system-x86_64", 0);
     let fakes = spawn(&exe, N);
-    let d = Daemon::start(&[]);
+    let d = Daemon::start(MEMFABRIC, &[]);
     let all = poll_for(Duration::from_secs(120), || {
         vm_pids(&d).filter(|p| p.len() >= N)
     });
@@ -115,7 +113,7 @@ fn thousands_of_vmms_do_not_bring_the_daemon_down() {
     assert!(failures >= 1.0, "the map holds 4,096: {failures}");
     // Still serving, still refreshing.
     assert!(d.get("/healthz").is_some_and(|h| h.starts_with("ok")));
-    let rss = common::rss_kib(d.pid());
+    let rss = memfabric_harness::rss_kib(d.pid());
     assert!(rss < 512 * 1024, "RSS {rss} KiB with {N} fake VMs");
     eprintln!("{N} fake VMs: {failures} not tracked by the probes, daemon RSS {rss} KiB");
     drop(d);
@@ -126,7 +124,9 @@ fn thousands_of_vmms_do_not_bring_the_daemon_down() {
 #[test]
 fn a_vmm_run_by_another_user_or_with_a_foreign_preload_is_not_a_vm() {
     use std::os::unix::process::CommandExt as _;
-    if !common::root_or_skip("a_vmm_run_by_another_user_or_with_a_foreign_preload_is_not_a_vm") {
+    if !memfabric_harness::privileged(
+        "a_vmm_run_by_another_user_or_with_a_foreign_preload_is_not_a_vm",
+    ) {
         return;
     }
     // A trusted executable (root-owned, not writable by others) ...
@@ -146,7 +146,7 @@ fn a_vmm_run_by_another_user_or_with_a_foreign_preload_is_not_a_vm() {
     let plain = Command::new(&exe).arg("600").spawn();
     let kids = Children(vec![nobody.unwrap(), preloaded.unwrap(), plain.unwrap()]);
     let [nobody, preloaded, plain] = [0, 1, 2].map(|i| u64::from(kids.0[i].id()));
-    let d = Daemon::start(&[]);
+    let d = Daemon::start(MEMFABRIC, &[]);
     let pids = poll_for(Duration::from_secs(20), || {
         vm_pids(&d).filter(|p| p.contains(&plain))
     })
@@ -165,7 +165,7 @@ fn a_vmm_run_by_another_user_or_with_a_foreign_preload_is_not_a_vm() {
     // The operator names the user its VMMs run as.
     let cfg = dir.join("users.toml");
     fs::write(&cfg, "vmm_users = [\"nobody\"]\n").unwrap();
-    let d = Daemon::start(&["--config", cfg.to_str().unwrap()]);
+    let d = Daemon::start(MEMFABRIC, &["--config", cfg.to_str().unwrap()]);
     let listed = poll_for(Duration::from_secs(20), || {
         vm_pids(&d).filter(|p| p.contains(&nobody))
     });
@@ -173,7 +173,7 @@ fn a_vmm_run_by_another_user_or_with_a_foreign_preload_is_not_a_vm() {
     drop(d);
     // An unknown user is a configuration error.
     fs::write(&cfg, "vmm_users = [\"no-such-user-here\"]\n").unwrap();
-    let (code, err) = Daemon::start(&["--config", cfg.to_str().unwrap()]).wait();
+    let (code, err) = Daemon::start(MEMFABRIC, &["--config", cfg.to_str().unwrap()]).wait();
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("no-such-user-here"), "{err}");
     drop(kids);

@@ -2,10 +2,6 @@
 //! sockets, a request that never finishes, and a unix socket only root may open. All on
 //! loopback, bounded in count and time.
 
-mod common;
-#[path = "common/daemon.rs"]
-mod daemon;
-
 use std::{
     io::{Read as _, Write as _},
     net::TcpStream,
@@ -14,7 +10,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use daemon::Daemon;
+use memfabric_harness::Daemon;
+
+const MEMFABRIC: &str = env!("CARGO_BIN_EXE_memfabric");
 
 /// Raises this process's open-file limit so it can hold `n` sockets.
 fn allow_files(n: u64) {
@@ -52,12 +50,12 @@ fn metric(text: &str, name: &str) -> Option<f64> {
 
 #[test]
 fn two_thousand_idle_sockets_do_not_lock_out_a_scraper() {
-    if !common::root_or_skip("two_thousand_idle_sockets_do_not_lock_out_a_scraper") {
+    if !memfabric_harness::privileged("two_thousand_idle_sockets_do_not_lock_out_a_scraper") {
         return;
     }
     const IDLE: usize = 2000;
     allow_files(IDLE as u64 + 256);
-    let d = Daemon::start(&[]);
+    let d = Daemon::start(MEMFABRIC, &[]);
     up(&d);
     let addr = format!("127.0.0.1:{}", d.port());
     let mut idle = Vec::with_capacity(IDLE);
@@ -101,10 +99,10 @@ fn two_thousand_idle_sockets_do_not_lock_out_a_scraper() {
 
 #[test]
 fn a_half_sent_request_does_not_hold_up_shutdown() {
-    if !common::root_or_skip("a_half_sent_request_does_not_hold_up_shutdown") {
+    if !memfabric_harness::privileged("a_half_sent_request_does_not_hold_up_shutdown") {
         return;
     }
-    let d = Daemon::start(&[]);
+    let d = Daemon::start(MEMFABRIC, &[]);
     up(&d);
     let mut s = TcpStream::connect(format!("127.0.0.1:{}", d.port())).unwrap();
     // No blank line: the request head never ends.
@@ -126,7 +124,7 @@ fn a_half_sent_request_does_not_hold_up_shutdown() {
 
 #[test]
 fn a_unix_socket_is_root_only_and_removed_on_exit() {
-    if !common::root_or_skip("a_unix_socket_is_root_only_and_removed_on_exit") {
+    if !memfabric_harness::privileged("a_unix_socket_is_root_only_and_removed_on_exit") {
         return;
     }
     let dir = std::env::temp_dir().join(format!("memfabric-unix-{}", std::process::id()));
@@ -140,7 +138,7 @@ fn a_unix_socket_is_root_only_and_removed_on_exit() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let get = |path: &str| common::unix_get(&sock, path);
+    let get = |path: &str| memfabric_harness::unix_get(&sock, path);
     let deadline = Instant::now() + Duration::from_secs(30);
     let reply = loop {
         if let Some(r) = get("/healthz").filter(|r| r.starts_with("HTTP/1.1 200")) {
@@ -211,7 +209,7 @@ fn https_get(port: u16, ca: &[u8], path: &str, auth: Option<&str>) -> Result<Str
 
 #[test]
 fn tls_and_basic_auth_guard_every_endpoint() {
-    if !common::root_or_skip("tls_and_basic_auth_guard_every_endpoint") {
+    if !memfabric_harness::privileged("tls_and_basic_auth_guard_every_endpoint") {
         return;
     }
     let dir = std::env::temp_dir().join(format!("memfabric-tls-{}", std::process::id()));
@@ -233,7 +231,7 @@ fn tls_and_basic_auth_guard_every_endpoint() {
         ),
     )
     .unwrap();
-    let d = Daemon::start(&["--config", cfg.to_str().unwrap()]);
+    let d = Daemon::start(MEMFABRIC, &["--config", cfg.to_str().unwrap()]);
     let port = d.port();
     let ca = cert_pem.as_bytes();
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -305,12 +303,15 @@ fn a_bad_web_config_is_refused_before_anything_starts() {
 /// reads fail: that must leave the VMs as they were, not take them for exited.
 #[test]
 fn out_of_descriptors_the_vms_stay_tracked() {
-    if !common::root_or_skip("out_of_descriptors_the_vms_stay_tracked") {
+    if !memfabric_harness::privileged("out_of_descriptors_the_vms_stay_tracked") {
         return;
     }
     let mut vm = Command::new("sleep").arg("600").spawn().unwrap();
     let pid = vm.id();
-    let d = Daemon::start(&["--pid", &pid.to_string(), "--refresh-ms", "200"]);
+    let d = Daemon::start(
+        MEMFABRIC,
+        &["--pid", &pid.to_string(), "--refresh-ms", "200"],
+    );
     up(&d);
     let listed = |d: &Daemon| {
         d.json("/v1/status")
@@ -386,7 +387,7 @@ fn out_of_descriptors_the_vms_stay_tracked() {
 /// 4 documents are held at once, the rest are told to retry), and /metrics still answers.
 #[test]
 fn slow_readers_of_ranges_keep_the_daemon_bounded() {
-    if !common::root_or_skip("slow_readers_of_ranges_keep_the_daemon_bounded") {
+    if !memfabric_harness::privileged("slow_readers_of_ranges_keep_the_daemon_bounded") {
         return;
     }
     const SIZE: usize = 16 << 30;
@@ -425,7 +426,7 @@ fn slow_readers_of_ranges_keep_the_daemon_bounded() {
         }
     }
     let _child = Kill(pid);
-    let d = Daemon::start_with(&["--pid", &pid.to_string()], "50");
+    let d = Daemon::start_with(MEMFABRIC, &["--pid", &pid.to_string()], "50");
     up(&d);
     let path = format!("/v1/ranges?vm={pid}&limit=8192");
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -442,7 +443,7 @@ fn slow_readers_of_ranges_keep_the_daemon_bounded() {
     let v: serde_json::Value = serde_json::from_str(&first).unwrap();
     let n = v["ranges"].as_array().unwrap().len();
     assert!(n >= 4096, "{n} ranges");
-    let before = common::rss_kib(d.pid());
+    let before = memfabric_harness::rss_kib(d.pid());
     // 64 clients ask and never read.
     let slow: Vec<TcpStream> = (0..64)
         .map(|_| {
@@ -455,7 +456,7 @@ fn slow_readers_of_ranges_keep_the_daemon_bounded() {
     let t = Instant::now();
     let metrics = d.get("/metrics").expect("/metrics with 64 slow readers");
     let took = t.elapsed();
-    let during = common::rss_kib(d.pid());
+    let during = memfabric_harness::rss_kib(d.pid());
     let busy = metric(&metrics, "memfabric_http_busy_rejections_total").unwrap_or(0.0);
     eprintln!(
         "{n} ranges per document ({} KiB); 64 slow readers: daemon RSS {before} -> {during} kB, \
@@ -501,7 +502,9 @@ fn cpu_seconds(pid: u32) -> f64 {
 
 #[test]
 fn a_flood_of_wrong_credentials_costs_two_verifications_at_a_time() {
-    if !common::root_or_skip("a_flood_of_wrong_credentials_costs_two_verifications_at_a_time") {
+    if !memfabric_harness::privileged(
+        "a_flood_of_wrong_credentials_costs_two_verifications_at_a_time",
+    ) {
         return;
     }
     let dir = std::env::temp_dir().join(format!("memfabric-authflood-{}", std::process::id()));
@@ -515,7 +518,7 @@ fn a_flood_of_wrong_credentials_costs_two_verifications_at_a_time() {
         format!("[web]\nbasic_auth_users = {{ prometheus = \"{hash}\" }}\n"),
     )
     .unwrap();
-    let d = Daemon::start(&["--config", cfg.to_str().unwrap()]);
+    let d = Daemon::start(MEMFABRIC, &["--config", cfg.to_str().unwrap()]);
     let port = d.port();
     let deadline = Instant::now() + Duration::from_secs(30);
     while get_with(port, "/healthz", "prometheus:s3cret") != Some(200) {

@@ -2,10 +2,6 @@
 //! a new VM (new name, new counters), a `--pid` whose process exited does not adopt
 //! whatever takes its number, and a kernel thread is no process to track.
 
-mod common;
-#[path = "common/daemon.rs"]
-mod daemon;
-
 use std::{
     fs,
     os::unix::fs::PermissionsExt as _,
@@ -13,8 +9,8 @@ use std::{
     time::Duration,
 };
 
-use common::{Children, poll_for};
-use daemon::Daemon;
+use memfabric_harness::Daemon;
+use memfabric_harness::{Children, poll_for};
 
 const MEMFABRIC: &str = env!("CARGO_BIN_EXE_memfabric");
 
@@ -78,7 +74,7 @@ fn a_kernel_thread_is_refused() {
 
 #[test]
 fn reused_pids_are_new_processes() {
-    if !common::root_or_skip("reused_pids_are_new_processes") {
+    if !memfabric_harness::privileged("reused_pids_are_new_processes") {
         return;
     }
     // A trusted VMM named QEMU that carries a `-name`: a root-owned copy of bash.
@@ -112,7 +108,10 @@ fn reused_pids_are_new_processes() {
     ]);
     let (vm_pid, given_pid) = (kids.0[0].id(), kids.0[1].id());
     // A slow refresh: both swaps below happen between two refreshes.
-    let d = Daemon::start(&["--refresh-ms", "4000", "--pid", &given_pid.to_string()]);
+    let d = Daemon::start(
+        MEMFABRIC,
+        &["--refresh-ms", "4000", "--pid", &given_pid.to_string()],
+    );
     let name = poll_for(Duration::from_secs(30), || listed(&d, vm_pid).flatten());
     assert_eq!(name.as_deref(), Some("first"), "the VM was not listed");
     assert!(poll_for(Duration::from_secs(10), || listed(&d, given_pid).flatten()).is_some());

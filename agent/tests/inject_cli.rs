@@ -1,7 +1,5 @@
 //! `memfabric hint` and `memfabric launch` as an operator runs them.
 
-mod common;
-
 use std::{
     process::{Command, Stdio},
     time::Duration,
@@ -29,7 +27,7 @@ fn mapping(pid: u32, name: &str) -> Option<(u64, u64, bool)> {
 
 #[test]
 fn hint_marks_a_range_of_a_running_process() {
-    if !common::root_or_skip("hint_marks_a_range_of_a_running_process") {
+    if !memfabric_harness::privileged("hint_marks_a_range_of_a_running_process") {
         return;
     }
     let mut child = Command::new("sleep").arg("600").spawn().unwrap();
@@ -71,7 +69,7 @@ fn hint_marks_a_range_of_a_running_process() {
 
 #[test]
 fn a_process_in_another_user_namespace_is_left_alone() {
-    if !common::root_or_skip("a_process_in_another_user_namespace_is_left_alone") {
+    if !memfabric_harness::privileged("a_process_in_another_user_namespace_is_left_alone") {
         return;
     }
     let mut child = Command::new("unshare")
@@ -144,7 +142,7 @@ fn hint_refuses_bad_input_with_exit_2() {
 
 #[test]
 fn launch_turns_merging_on_for_the_program() {
-    if !common::root_or_skip("launch_turns_merging_on_for_the_program") {
+    if !memfabric_harness::privileged("launch_turns_merging_on_for_the_program") {
         return;
     }
     let ksm_stat = |extra: &[&str]| {

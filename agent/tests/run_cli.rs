@@ -37,15 +37,7 @@ fn an_unknown_pid_is_refused_with_exit_code_2() {
 
 #[test]
 fn a_taken_port_is_refused_with_exit_code_4() {
-    // SAFETY: no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        assert!(
-            std::env::var_os("MEMFABRIC_REQUIRE_ROOT").is_none(),
-            "needs root"
-        );
-        eprintln!(
-            "\n!!! SKIPPED a_taken_port_is_refused_with_exit_code_4: needs root (eBPF) !!!\n"
-        );
+    if !memfabric_harness::privileged("a_taken_port_is_refused_with_exit_code_4") {
         return;
     }
     let taken = TcpListener::bind("127.0.0.1:0").unwrap();

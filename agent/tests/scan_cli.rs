@@ -1,11 +1,9 @@
 //! `memfabric scan` as an operator runs it: the JSON contract, the ranges, and clear
 //! errors for bad input.
 
-mod common;
-
 use std::process::Command;
 
-use common::root_or_skip;
+use memfabric_harness::privileged;
 
 const MEMFABRIC: &str = env!("CARGO_BIN_EXE_memfabric");
 
@@ -38,7 +36,7 @@ fn scan(args: &[&str]) -> (Option<i32>, String, String) {
 
 #[test]
 fn the_json_has_every_contract_field_and_the_ranges() {
-    if !root_or_skip("the_json_has_every_contract_field_and_the_ranges") {
+    if !privileged("the_json_has_every_contract_field_and_the_ranges") {
         return;
     }
     // 4 MiB of this test process, all pages identical: duplicates within one process.
@@ -101,7 +99,7 @@ fn the_json_has_every_contract_field_and_the_ranges() {
 
 #[test]
 fn an_unknown_pid_is_refused_with_exit_code_2() {
-    if !root_or_skip("an_unknown_pid_is_refused_with_exit_code_2") {
+    if !privileged("an_unknown_pid_is_refused_with_exit_code_2") {
         return;
     }
     let (code, _, err) = scan(&["--pid", "99999999"]);

@@ -6,10 +6,6 @@
 //! directory is refused. KSM is one switch for the host: these tests run one at a time and
 //! each puts the knobs back, even on panic.
 
-mod common;
-#[path = "common/daemon.rs"]
-mod daemon;
-
 use std::{
     fs,
     path::{Path, PathBuf},
@@ -17,7 +13,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use daemon::Daemon;
+use memfabric_harness::Daemon;
+
+use memfabric_harness::wait_for;
+
+const MEMFABRIC: &str = env!("CARGO_BIN_EXE_memfabric");
 
 const KSM: &str = "/sys/kernel/mm/ksm";
 /// The knobs the daemon may touch, in the order a restore must write them.
@@ -101,7 +101,7 @@ fn start(state: &Path, extra: &[&str]) -> Daemon {
     args.push(state.to_str().unwrap());
     args.extend(["--pid", &me]);
     args.extend(extra);
-    Daemon::start(&args)
+    Daemon::start(MEMFABRIC, &args)
 }
 
 /// This test alone on KSM, and the knobs as found now (put back at the end, whatever
@@ -114,17 +114,6 @@ fn exclusive() -> (
     let one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let before = snapshot();
     (one, before.clone(), KnobGuard(before))
-}
-
-fn wait_for(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if cond() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    cond()
 }
 
 /// 16 MiB of this process's memory: 4,096 pages in 16 distinct contents, mergeable.
@@ -181,7 +170,7 @@ fn changed(before: &[(&str, String)]) -> bool {
 
 #[test]
 fn steers_ksmd_merges_and_puts_every_knob_back_on_sigterm() {
-    if !common::root_or_skip("steers_ksmd_merges_and_puts_every_knob_back_on_sigterm") {
+    if !memfabric_harness::privileged("steers_ksmd_merges_and_puts_every_knob_back_on_sigterm") {
         return;
     }
     let (_one, before, _guard) = exclusive();
@@ -223,7 +212,7 @@ fn steers_ksmd_merges_and_puts_every_knob_back_on_sigterm() {
 
 #[test]
 fn after_kill_9_the_next_start_puts_the_knobs_back() {
-    if !common::root_or_skip("after_kill_9_the_next_start_puts_the_knobs_back") {
+    if !memfabric_harness::privileged("after_kill_9_the_next_start_puts_the_knobs_back") {
         return;
     }
     let (_one, before, _guard) = exclusive();
@@ -253,7 +242,9 @@ fn after_kill_9_the_next_start_puts_the_knobs_back() {
 
 #[test]
 fn a_second_steering_daemon_is_refused_before_it_loads_anything() {
-    if !common::root_or_skip("a_second_steering_daemon_is_refused_before_it_loads_anything") {
+    if !memfabric_harness::privileged(
+        "a_second_steering_daemon_is_refused_before_it_loads_anything",
+    ) {
         return;
     }
     let (_one, before, _guard) = exclusive();
@@ -280,7 +271,7 @@ fn a_second_steering_daemon_is_refused_before_it_loads_anything() {
 
 #[test]
 fn an_advisor_the_operator_turned_on_comes_back_on() {
-    if !common::root_or_skip("an_advisor_the_operator_turned_on_comes_back_on") {
+    if !memfabric_harness::privileged("an_advisor_the_operator_turned_on_comes_back_on") {
         return;
     }
     if !advisor_or_skip() {
@@ -306,7 +297,7 @@ fn an_advisor_the_operator_turned_on_comes_back_on() {
 
 #[test]
 fn bad_input_is_refused_and_the_host_left_untouched() {
-    if !common::root_or_skip("bad_input_is_refused_and_the_host_left_untouched") {
+    if !memfabric_harness::privileged("bad_input_is_refused_and_the_host_left_untouched") {
         return;
     }
     let (_one, before, _guard) = exclusive();
@@ -347,7 +338,7 @@ fn bad_input_is_refused_and_the_host_left_untouched() {
 
 #[test]
 fn a_knob_written_just_before_a_crash_is_put_back() {
-    if !common::root_or_skip("a_knob_written_just_before_a_crash_is_put_back") {
+    if !memfabric_harness::privileged("a_knob_written_just_before_a_crash_is_put_back") {
         return;
     }
     let (_one, before, _guard) = exclusive();
@@ -379,7 +370,7 @@ fn a_knob_written_just_before_a_crash_is_put_back() {
 
 #[test]
 fn knobs_that_could_not_be_put_back_stay_journaled() {
-    if !common::root_or_skip("knobs_that_could_not_be_put_back_stay_journaled")
+    if !memfabric_harness::privileged("knobs_that_could_not_be_put_back_stay_journaled")
         || !advisor_or_skip()
     {
         return;
@@ -420,7 +411,7 @@ fn knobs_that_could_not_be_put_back_stay_journaled() {
 
 #[test]
 fn an_untrusted_state_directory_is_refused_with_exit_3() {
-    if !common::root_or_skip("an_untrusted_state_directory_is_refused_with_exit_3") {
+    if !memfabric_harness::privileged("an_untrusted_state_directory_is_refused_with_exit_3") {
         return;
     }
     use std::os::unix::fs::PermissionsExt as _;

@@ -7,25 +7,11 @@ use std::{
     fs,
     io::{BufRead, BufReader, Write},
     process::{Child, ChildStdin, ChildStdout, Command, Stdio},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
+pub use memfabric_harness::{poll_for, privileged, rss_kib, wait_for};
 pub use xtask::ksm::KsmSession;
-
-/// True when the tests may use root-only kernel facilities. Run by hand without root, a
-/// test skips loudly; under CI or `cargo xtask test` (which set `MEMFABRIC_REQUIRE_ROOT`)
-/// a missing root fails the test instead.
-pub fn privileged(test: &str) -> bool {
-    // SAFETY: no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        return true;
-    }
-    if std::env::var_os("MEMFABRIC_REQUIRE_ROOT").is_some() || std::env::var_os("CI").is_some() {
-        panic!("{test} needs root (eBPF, KSM), and this run requires privileged tests");
-    }
-    eprintln!("\n!!! SKIPPED {test}: needs root (eBPF, KSM). Run `sudo cargo xtask test`. !!!\n");
-    false
-}
 
 /// A running `memfabric-workload` child. Killed on drop.
 pub struct Workload {
@@ -227,20 +213,6 @@ pub fn ksm_stat(pid: u32, field: &str) -> i64 {
         .unwrap_or(0)
 }
 
-/// Polls `cond` every 50 ms until it holds or `timeout` passes; returns whether it held.
-pub fn wait_for(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if cond() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// Turns KSM on, scanning fast enough for a test (1000 pages every 20 ms). The settings
 /// are saved first (also to disk, for a crash) and restored when the session drops, also
 /// when the test panics. KSM is one switch for the whole host: tests using this must be
@@ -256,21 +228,6 @@ pub fn ksm_fast() -> KsmSession {
         ksm.set(knob, value).expect("setting KSM");
     }
     ksm
-}
-
-/// Resident set size of `pid`, in kB (VmRSS).
-pub fn rss_kb(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .expect("reading /proc/PID/status")
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("VmRSS:")?
-                .split_whitespace()
-                .next()?
-                .parse()
-                .ok()
-        })
-        .expect("VmRSS in /proc/PID/status")
 }
 
 /// A private VM lab for one test: its own state directory, so a developer's running lab is

@@ -10,7 +10,7 @@ use memfabric::{
     model::rank::{RangeClass, RankPolicy, RankedRange, RankedRanges},
     scan::{PAGE, RANGE_BYTES, RangeCounts, Scanner},
 };
-use memfabric_tests::{Workload, ksm_fast, privileged, rss_kb, wait_for};
+use memfabric_tests::{Workload, ksm_fast, privileged, rss_kib, wait_for};
 use serial_test::serial;
 
 const WORKLOAD: &str = env!("CARGO_BIN_EXE_memfabric-workload");
@@ -190,9 +190,9 @@ fn scanning_never_faults_pages_in() {
     }
     let mut w = Workload::spawn(WORKLOAD);
     w.cmd("sparse 8192"); // 32 MiB mapped, half of it never touched
-    let before = rss_kb(w.pid);
+    let before = rss_kib(w.pid);
     let report = scan(&[w.pid], 3);
-    let after = rss_kb(w.pid);
+    let after = rss_kib(w.pid);
     assert!(report.per_pid[&w.pid].pages_present >= 4096);
     assert!(
         after <= before + 64,

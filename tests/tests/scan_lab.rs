@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use memfabric::scan::Scanner;
-use memfabric_tests::{TestLab, privileged, rss_kb, wait_for};
+use memfabric_tests::{TestLab, privileged, rss_kib, wait_for};
 use xtask::{
     ksm,
     lab::{self, Profile, UpOptions},
@@ -29,7 +29,7 @@ fn predicted_savings_match_what_ksm_achieves() {
     let pids: Vec<u32> = guests.iter().map(|g| g.pid).collect();
 
     // Predict before KSM runs.
-    let rss_before: Vec<u64> = pids.iter().map(|p| rss_kb(*p)).collect();
+    let rss_before: Vec<u64> = pids.iter().map(|p| rss_kib(*p)).collect();
     let mut scanner = Scanner::new(2);
     for i in 0..3 {
         if i > 0 {
@@ -41,7 +41,7 @@ fn predicted_savings_match_what_ksm_achieves() {
     // Reading never faults guest RAM in: a third of each guest's RAM is not present, and
     // scanning would add all of it (~80 MiB) to the QEMU process's RSS.
     for (pid, before) in pids.iter().zip(rss_before) {
-        let after = rss_kb(*pid);
+        let after = rss_kib(*pid);
         eprintln!("guest {pid}: RSS {before} kB before 3 scan passes, {after} kB after");
         assert!(
             after <= before + 4096,

@@ -503,15 +503,7 @@ mod tests {
     /// instruction are refused, and the target runs on untraced. On a real `sleep`.
     #[test]
     fn identity_and_code_are_checked_again_at_the_stop() {
-        // SAFETY: no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
-            assert!(
-                std::env::var_os("MEMFABRIC_REQUIRE_ROOT").is_none(),
-                "needs root (ptrace)"
-            );
-            eprintln!(
-                "\n!!! SKIPPED identity_and_code_are_checked_again_at_the_stop: needs root !!!\n"
-            );
+        if !memfabric_harness::privileged("identity_and_code_are_checked_again_at_the_stop") {
             return;
         }
         let mut child = std::process::Command::new("sleep")

@@ -1,0 +1,192 @@
+//! What every memfabric test and bench shares, in one place: the root check (a test that
+//! needs root skips loudly by hand and fails under CI), waiting for a condition, a
+//! `memfabric run` child with its own port and log, and process figures read from /proc.
+//! No dependency on memfabric itself: the agent's own tests use it too.
+
+use std::{
+    fs,
+    net::TcpListener,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+/// True when the test may use root-only kernel facilities. Run by hand without root, a
+/// test skips loudly; under CI or `cargo xtask test` (which set `MEMFABRIC_REQUIRE_ROOT`)
+/// a missing root fails the test instead.
+pub fn privileged(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    if std::env::var_os("MEMFABRIC_REQUIRE_ROOT").is_some() || std::env::var_os("CI").is_some() {
+        panic!(
+            "{test} needs root (eBPF, KSM, /proc/PID/mem), and this run requires privileged tests"
+        );
+    }
+    eprintln!(
+        "\n!!! SKIPPED {test}: needs root (eBPF, KSM, /proc/PID/mem). Run `sudo cargo xtask test`. !!!\n"
+    );
+    false
+}
+
+/// Polls `f` every 50 ms until it gives a value or `timeout` passes.
+pub fn poll_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Polls `cond` until it holds or `timeout` passes; returns whether it held.
+pub fn wait_for(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    poll_for(timeout, || cond().then_some(())).is_some()
+}
+
+/// Resident set size of the live process `pid`, in KiB (VmRSS). Panics when it cannot be
+/// read: a memory bound checked against 0 would pass for the wrong reason.
+pub fn rss_kib(pid: u32) -> u64 {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_else(|e| panic!("reading /proc/{pid}/status: {e}"))
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("VmRSS:")?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no VmRSS in /proc/{pid}/status"))
+}
+
+/// Children killed (all first, then reaped) on drop.
+pub struct Children(pub Vec<Child>);
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+        }
+        for c in &mut self.0 {
+            let _ = c.wait();
+        }
+    }
+}
+
+/// The raw answer to `GET path` over the unix socket `sock` (None: no connection, or no
+/// complete answer within 10 s).
+pub fn unix_get(sock: &Path, path: &str) -> Option<String> {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::os::unix::net::UnixStream::connect(sock).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: memfabric\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    Some(out)
+}
+
+/// A `memfabric run` child. Its stderr goes to a file, not a pipe: a daemon logging
+/// thousands of lines into an unread pipe would block. SIGTERM and reaped on drop.
+pub struct Daemon {
+    child: Child,
+    port: u16,
+    log: PathBuf,
+}
+
+impl Daemon {
+    /// `EXE run --scan-cpu 0 --listen 127.0.0.1:<free port> ARGS...` (`exe`: the
+    /// memfabric binary, `env!("CARGO_BIN_EXE_memfabric")` in the agent's tests).
+    pub fn start(exe: &str, args: &[&str]) -> Daemon {
+        Self::start_with(exe, args, "0")
+    }
+
+    /// The same with the page scanner at `scan_cpu` percent of a core.
+    pub fn start_with(exe: &str, args: &[&str], scan_cpu: &str) -> Daemon {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let log = std::env::temp_dir().join(format!(
+            "memfabric-test-daemon-{}-{port}.log",
+            std::process::id()
+        ));
+        let child = Command::new(exe)
+            .args(["run", "--scan-cpu", scan_cpu, "--listen"])
+            .arg(format!("127.0.0.1:{port}"))
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        Daemon { child, port, log }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn get(&self, path: &str) -> Option<String> {
+        let mut r = ureq::get(&format!("http://127.0.0.1:{}{path}", self.port))
+            .call()
+            .ok()?;
+        r.body_mut().read_to_string().ok()
+    }
+
+    pub fn json(&self, path: &str) -> Option<serde_json::Value> {
+        serde_json::from_str(&self.get(path)?).ok()
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: our own child.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, sig) };
+    }
+
+    /// Waits for the exit (20 s at most); returns the exit code and stderr.
+    pub fn wait(mut self) -> (Option<i32>, String) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let status = loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                break s;
+            }
+            assert!(Instant::now() < deadline, "memfabric did not exit");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        (
+            status.code(),
+            fs::read_to_string(&self.log).unwrap_or_default(),
+        )
+    }
+
+    /// SIGTERM, then a clean exit; returns stderr.
+    pub fn stop(self) -> String {
+        self.signal(libc::SIGTERM);
+        let (code, err) = self.wait();
+        assert_eq!(code, Some(0), "memfabric run on SIGTERM: {err}");
+        err
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.signal(libc::SIGTERM);
+            let _ = self.child.wait();
+        }
+        let _ = fs::remove_file(&self.log);
+    }
+}
