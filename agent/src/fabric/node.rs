@@ -3,11 +3,9 @@
 //! summary version and capacity for free, and its phi-accrual detector needs no tuning per
 //! fleet size), summaries fetched on demand over mutual-TLS HTTPS on the same port (the
 //! server's certificate must name the node: a subject alternative name equal to its node
-//! name), and the candidates recomputed when a summary changes.
-//!
-//! Peer states: `live` (gossiping, its summary fetched), `joining` (gossiping, no summary
-//! yet), `stale` (the detector says dead, or its summary cannot be fetched: its last
-//! summary is kept but not used for candidates), dropped after [`DROP_AFTER`] stale.
+//! name), and the candidates recomputed when a summary changes. The parts: who the peers
+//! are ([`super::membership`]), fetching a summary ([`super::client`]), serving this
+//! host's ([`super::service`]); here the loop that joins them and what it publishes.
 
 use std::{
     collections::BTreeMap,
@@ -17,23 +15,18 @@ use std::{
 };
 
 use chitchat::{ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig, spawn_chitchat};
-use serde::Serialize;
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use super::{
     candidates::{self, Candidates, LocalVm, PeerHost},
     gossip_auth::{AuthTransport, GossipKey},
+    membership::{self, DROP_AFTER, Peer, PeerState, PeerView},
     plan::{self, Plan, PlanHost, PlanVm},
     stats::{FabricStats, Reject},
-    summary::{MAX_SUMMARY, Summary, VM_K, VmSummary, clean_id},
+    summary::{Summary, VM_K, VmSummary, clean_id},
     tls::{self, TlsConfigs},
 };
 use crate::{config::Fabric as FabricConfig, sketch::Sketch};
 
-/// A stale peer is forgotten after this long.
-pub const DROP_AFTER: Duration = Duration::from_secs(60);
-/// Failed fetches before a gossiping peer counts as stale.
-const STALE_AFTER_FAILURES: u32 = 3;
 /// The longest a summary fetch may take (connect, handshake, transfer).
 const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 /// A published summary is replaced only when it changed this much (Jaccard of the host
@@ -42,21 +35,6 @@ const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 /// 1,000 hosts this rate is what the exchange budget is spent on (`bench fabric`).
 const REPUBLISH_SIMILARITY: f64 = 0.95;
 pub const REPUBLISH_AFTER: Duration = Duration::from_secs(7200);
-
-/// Gossiping members taken for peers at most, in all and per IP address: a member (it
-/// holds the key) announcing thousands of node names must not grow the table, the fetches
-/// and the candidates without bound. Past either, new names are refused and counted.
-pub const MAX_PEERS: usize = 4096;
-pub const MAX_PEERS_PER_ADDRESS: usize = 8;
-
-/// Whether a new peer at `addr` fits, given how many peers each address has.
-fn room_for(
-    total: usize,
-    per_address: &std::collections::HashMap<std::net::IpAddr, usize>,
-    addr: SocketAddr,
-) -> bool {
-    total < MAX_PEERS && per_address.get(&addr.ip()).copied().unwrap_or(0) < MAX_PEERS_PER_ADDRESS
-}
 
 const KEY_VERSION: &str = "summary_version";
 const KEY_CAPACITY: &str = "capacity_bytes";
@@ -76,64 +54,6 @@ struct Local {
     summary: Summary,
     encoded: Arc<Vec<u8>>,
     published: Instant,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum PeerState {
-    Joining,
-    Live,
-    Stale,
-}
-
-impl PeerState {
-    pub const ALL: [PeerState; 3] = [PeerState::Joining, PeerState::Live, PeerState::Stale];
-    pub fn label(self) -> &'static str {
-        match self {
-            PeerState::Joining => "joining",
-            PeerState::Live => "live",
-            PeerState::Stale => "stale",
-        }
-    }
-}
-
-struct Peer {
-    addr: SocketAddr,
-    /// The version gossip announces, and the one fetched.
-    announced: String,
-    fetched: Option<String>,
-    summary: Option<Arc<Summary>>,
-    gossiping: bool,
-    failures: u32,
-    next_try: Instant,
-    stale_since: Option<Instant>,
-    last_error: Option<String>,
-}
-
-impl Peer {
-    fn state(&self) -> PeerState {
-        if !self.gossiping || self.failures >= STALE_AFTER_FAILURES {
-            PeerState::Stale
-        } else if self.summary.is_some() {
-            PeerState::Live
-        } else {
-            PeerState::Joining
-        }
-    }
-}
-
-/// A peer as `memfabric peers` shows it.
-#[derive(Clone, Debug, Serialize)]
-pub struct PeerView {
-    pub node: String,
-    pub addr: String,
-    pub state: PeerState,
-    pub summary_version: Option<String>,
-    pub capacity_bytes: Option<u64>,
-    pub used_bytes: Option<u64>,
-    pub vms: Option<usize>,
-    pub failures: u32,
-    pub last_error: Option<String>,
 }
 
 #[derive(Default)]
@@ -262,9 +182,7 @@ impl Fabric {
             cfg.advertise,
             cfg.peers
         );
-        let app = axum::Router::new()
-            .route("/v1/fabric/summary", axum::routing::get(serve_summary))
-            .with_state(fabric.clone());
+        let app = super::service::router(fabric.clone());
         let mut stop_http = shutdown.clone();
         tokio::spawn(crate::http::serve(
             listener,
@@ -281,6 +199,11 @@ impl Fabric {
         ));
         tokio::spawn(fetch_loop(fabric.clone(), cfg.gossip_interval, shutdown));
         Ok(fabric)
+    }
+
+    /// The summary this host serves, encoded (none before the first scan pass).
+    pub(crate) fn encoded_summary(&self) -> Option<Arc<Vec<u8>>> {
+        self.lock().local.as_ref().map(|l| l.encoded.clone())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -462,70 +385,12 @@ impl Fabric {
             })
             .collect();
         drop(c);
-        let now = Instant::now();
+        let live = live
+            .into_iter()
+            .map(|(id, v)| (id.node_id.to_string(), id.gossip_advertise_addr, v))
+            .collect();
         let mut inner = self.lock();
-        let mut changed = false;
-        for p in inner.peers.values_mut() {
-            p.gossiping = false;
-        }
-        let mut per_address: std::collections::HashMap<std::net::IpAddr, usize> =
-            std::collections::HashMap::new();
-        for p in inner.peers.values() {
-            *per_address.entry(p.addr.ip()).or_default() += 1;
-        }
-        for (id, version) in live {
-            let node = id.node_id.to_string();
-            if !inner.peers.contains_key(&node) {
-                if !room_for(inner.peers.len(), &per_address, id.gossip_advertise_addr) {
-                    self.stats.reject(Reject::TooManyPeers);
-                    continue;
-                }
-                *per_address
-                    .entry(id.gossip_advertise_addr.ip())
-                    .or_default() += 1;
-            }
-            let p = inner.peers.entry(node).or_insert_with(|| Peer {
-                addr: id.gossip_advertise_addr,
-                announced: String::new(),
-                fetched: None,
-                summary: None,
-                gossiping: true,
-                failures: 0,
-                next_try: now,
-                stale_since: None,
-                last_error: None,
-            });
-            if p.addr != id.gossip_advertise_addr {
-                // Restarted elsewhere: fetch afresh.
-                p.addr = id.gossip_advertise_addr;
-                p.failures = 0;
-                p.next_try = now;
-            }
-            p.gossiping = true;
-            if let Some(v) = version {
-                p.announced = v;
-            }
-        }
-        for p in inner.peers.values_mut() {
-            let stale = p.state() == PeerState::Stale;
-            match (stale, p.stale_since) {
-                (true, None) => {
-                    p.stale_since = Some(now);
-                    changed = true;
-                }
-                (false, Some(_)) => {
-                    p.stale_since = None;
-                    changed = true;
-                }
-                _ => {}
-            }
-        }
-        let before = inner.peers.len();
-        inner.peers.retain(|_, p| {
-            p.stale_since
-                .is_none_or(|t| now.duration_since(t) < DROP_AFTER)
-        });
-        if changed || inner.peers.len() != before {
+        if membership::sync(&mut inner.peers, live, Instant::now(), &self.stats) {
             inner.generation += 1;
         }
     }
@@ -576,143 +441,13 @@ impl Fabric {
         inner.generation += 1;
     }
 
-    /// One summary over mutual TLS: `GET /v1/fabric/summary`, bounded (the caller times
-    /// it). An unreachable peer is an error but no refusal.
+    /// One summary over mutual TLS (see [`super::client`]); the caller bounds the time.
     async fn fetch(
         &self,
         node: &str,
         addr: SocketAddr,
-    ) -> Result<Summary, (Option<Reject>, String)> {
-        let tcp = tokio::net::TcpStream::connect(addr)
-            .await
-            .map_err(|e| (None, format!("connecting: {e}")))?;
-        // The certificate must name the node whose summary it serves: a member with a
-        // valid certificate of its own cannot answer for another host's name.
-        let name = rustls::pki_types::ServerName::try_from(node.to_owned()).map_err(|_| {
-            (
-                Some(Reject::Tls),
-                format!("{node:?} is no DNS name or address"),
-            )
-        })?;
-        let mut tls = self
-            .client
-            .connect(name, tcp)
-            .await
-            .map_err(|e| (Some(Reject::Tls), format!("TLS: {e}")))?;
-        let req =
-            format!("GET /v1/fabric/summary HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-        tls.write_all(req.as_bytes())
-            .await
-            .map_err(|e| (None, format!("sending: {e}")))?;
-        // The head first (at most 8 KiB): an announced body over the limit is refused
-        // before any of it is read.
-        let mut buf = Vec::new();
-        let mut chunk = vec![0u8; 64 << 10];
-        let head_end = loop {
-            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                break i + 4;
-            }
-            if buf.len() > 8192 {
-                return Err((Some(Reject::Oversize), "a response head over 8 KiB".into()));
-            }
-            let n = tls
-                .read(&mut chunk)
-                .await
-                .map_err(|e| (Some(Reject::BadSummary), format!("reading: {e}")))?;
-            if n == 0 {
-                return Err((
-                    Some(Reject::BadSummary),
-                    "closed before a response head".into(),
-                ));
-            }
-            self.stats.add_in(n);
-            buf.extend_from_slice(&chunk[..n]);
-        };
-        let announced = std::str::from_utf8(&buf[..head_end])
-            .ok()
-            .and_then(content_length)
-            .unwrap_or(0);
-        if announced > MAX_SUMMARY {
-            return Err((
-                Some(Reject::Oversize),
-                format!("a summary of {announced} bytes (at most {MAX_SUMMARY})"),
-            ));
-        }
-        // The body, never past what was announced (a missing length reads nothing and
-        // fails below).
-        while buf.len() < head_end + announced {
-            let want = (head_end + announced - buf.len()).min(chunk.len());
-            let n = tls
-                .read(&mut chunk[..want])
-                .await
-                .map_err(|e| (Some(Reject::BadSummary), format!("reading: {e}")))?;
-            if n == 0 {
-                break;
-            }
-            self.stats.add_in(n);
-            buf.extend_from_slice(&chunk[..n]);
-        }
-        let body = http_body(&buf).map_err(|e| (Some(Reject::BadSummary), e))?;
-        let s = Summary::decode(body).map_err(|e| (Some(Reject::BadSummary), e.to_string()))?;
-        if s.host != node {
-            return Err((
-                Some(Reject::BadSummary),
-                format!("the summary is {:?}'s, not {node:?}'s", s.host),
-            ));
-        }
-        Ok(s)
-    }
-}
-
-/// The Content-Length a response head announces.
-fn content_length(head: &str) -> Option<usize> {
-    head.split("\r\n")
-        .filter_map(|l| l.split_once(':'))
-        .find(|(k, _)| k.trim().eq_ignore_ascii_case("content-length"))
-        .and_then(|(_, v)| v.trim().parse::<usize>().ok())
-}
-
-/// The body of a complete `200` HTTP/1.1 response with a matching Content-Length.
-pub fn http_body(buf: &[u8]) -> Result<&[u8], String> {
-    let end = buf
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or("no complete response head")?;
-    let head = std::str::from_utf8(&buf[..end]).map_err(|_| "a response head not UTF-8")?;
-    let status = head.split("\r\n").next().unwrap_or_default();
-    if !status.starts_with("HTTP/1.1 200") {
-        return Err(format!("answered {status:?}"));
-    }
-    let len = content_length(head).ok_or("no Content-Length")?;
-    let body = &buf[end + 4..];
-    if body.len() != len {
-        return Err(format!(
-            "truncated: {} of {len} bytes (Content-Length)",
-            body.len()
-        ));
-    }
-    Ok(body)
-}
-
-async fn serve_summary(
-    axum::extract::State(f): axum::extract::State<Arc<Fabric>>,
-) -> axum::response::Response {
-    use axum::response::IntoResponse as _;
-    let encoded = f.lock().local.as_ref().map(|l| l.encoded.clone());
-    match encoded {
-        Some(b) => {
-            f.stats.add_out(b.len());
-            (
-                [(axum::http::header::CONTENT_TYPE, "application/octet-stream")],
-                b.as_ref().clone(),
-            )
-                .into_response()
-        }
-        None => (
-            axum::http::StatusCode::SERVICE_UNAVAILABLE,
-            "no summary yet: the first scan pass has not finished",
-        )
-            .into_response(),
+    ) -> Result<Summary, super::client::FetchError> {
+        super::client::summary(&self.client, &self.stats, node, addr).await
     }
 }
 
@@ -744,30 +479,4 @@ async fn fetch_loop(
         let _ = tokio::task::spawn_blocking(move || f.recompute()).await;
     }
     let _ = fabric.chitchat.initiate_shutdown();
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn peers_are_capped_per_address_and_in_all() {
-        let addr = |ip: &str| -> SocketAddr { format!("{ip}:7947").parse().unwrap() };
-        let mut per = std::collections::HashMap::new();
-        assert!(room_for(0, &per, addr("10.0.0.1")));
-        per.insert(addr("10.0.0.1").ip(), MAX_PEERS_PER_ADDRESS);
-        assert!(!room_for(10, &per, addr("10.0.0.1")));
-        assert!(room_for(10, &per, addr("10.0.0.2")));
-        assert!(!room_for(MAX_PEERS, &per, addr("10.0.0.3")));
-    }
-
-    #[test]
-    fn responses_are_checked_before_their_body_is_used() {
-        let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nabc";
-        assert_eq!(http_body(ok).unwrap(), b"abc");
-        assert!(http_body(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nabc").is_err());
-        assert!(http_body(b"HTTP/1.1 503 x\r\ncontent-length: 0\r\n\r\n").is_err());
-        assert!(http_body(b"HTTP/1.1 200 OK\r\n\r\nabc").is_err());
-        assert!(http_body(b"garbage").is_err());
-    }
 }
