@@ -3,6 +3,35 @@
 //! (`--expose-addresses`): they tell where a VMM mapped a tenant's memory, which helps an
 //! attacker defeat its address-space randomisation.
 
+use std::cell::Cell;
+
+thread_local! {
+    /// Whether the serialization running on this thread may show guest addresses. Off
+    /// unless [`exposing`] turns it on: a document serialized anywhere else hides them.
+    static EXPOSE: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `f` (a serialization) with guest addresses shown when `expose`, hidden otherwise.
+pub fn exposing<T>(expose: bool, f: impl FnOnce() -> T) -> T {
+    /// Puts the previous setting back, also when `f` panics.
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            EXPOSE.set(self.0);
+        }
+    }
+    let _restore = Restore(EXPOSE.replace(expose));
+    f()
+}
+
+/// For `#[serde(skip_serializing_if = "crate::addresses::hidden")]` on a field that holds
+/// a guest-RAM address: the field is left out of every document unless it is serialized
+/// inside [`exposing`]`(true, ..)`. The redaction belongs to the field's declaration, so a
+/// renamed or new address field cannot leak by being missed at the API's edge.
+pub fn hidden(_address: &u64) -> bool {
+    !EXPOSE.get()
+}
+
 /// `text` with every hexadecimal number of five digits or more (`0x7f3a...`) replaced by
 /// `0x…`: user-space addresses, never PIDs, sizes in MiB or errno values, which memfabric
 /// prints in decimal.
@@ -50,5 +79,30 @@ mod tests {
         );
         assert_eq!(shown("at 0x7f0000000000", true), "at 0x7f0000000000");
         assert_eq!(hide(""), "");
+    }
+
+    #[derive(serde::Serialize)]
+    struct Range {
+        #[serde(skip_serializing_if = "hidden")]
+        first: u64,
+        bytes: u64,
+    }
+
+    #[test]
+    fn address_fields_are_hidden_unless_a_serialization_exposes_them() {
+        let r = Range {
+            first: 0x7f00_0000_0000,
+            bytes: 4096,
+        };
+        let plain = serde_json::to_string(&r).unwrap();
+        assert_eq!(plain, r#"{"bytes":4096}"#);
+        let shown = exposing(true, || serde_json::to_string(&r).unwrap());
+        assert!(shown.contains("139637976727552"), "{shown}");
+        // The setting ends with the call, and nested calls put theirs back.
+        assert_eq!(serde_json::to_string(&r).unwrap(), plain);
+        let inner = exposing(true, || {
+            exposing(false, || serde_json::to_string(&r).unwrap())
+        });
+        assert_eq!(inner, plain);
     }
 }

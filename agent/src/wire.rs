@@ -118,11 +118,11 @@ pub struct KsmdStatus {
 pub struct HintView {
     pub vm: String,
     pub pid: u32,
-    /// Guest-RAM addresses: served only with `--expose-addresses` (a `bytes` size
-    /// instead), so absent (0) in what a client reads otherwise.
-    #[serde(default)]
+    /// Guest-RAM addresses: hidden from every document unless the daemon runs with
+    /// `--expose-addresses` (`bytes` is always served), so 0 when read back otherwise.
+    #[serde(default, skip_serializing_if = "crate::addresses::hidden")]
     pub start: u64,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "crate::addresses::hidden")]
     pub end: u64,
     /// `end - start`, always served.
     #[serde(default)]

@@ -92,9 +92,11 @@ pub fn run(args: ScanArgs) -> anyhow::Result<ExitCode> {
         .then(|| RankedRanges::rank(&report, &RangeHeatMap::new(), 0.0, RankPolicy::default()));
     report.ranges.clear(); // the ranked ranges carry them
     if args.json {
-        let mut value = serde_json::to_value(&report)?;
+        // The operator's own one-off scan of PIDs they named: addresses included.
+        let mut value = memfabric::addresses::exposing(true, || serde_json::to_value(&report))?;
         if let Some(r) = &ranked {
-            value["ranges"] = serde_json::to_value(&r.by_pid)?;
+            value["ranges"] =
+                memfabric::addresses::exposing(true, || serde_json::to_value(&r.by_pid))?;
         }
         println!("{}", serde_json::to_string_pretty(&value)?);
         return Ok(ExitCode::SUCCESS);

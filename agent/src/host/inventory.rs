@@ -145,12 +145,15 @@ pub enum Mergeability {
 /// One mapping that holds guest RAM.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RamMapping {
-    /// Virtual addresses in the VMM; absent from /v1/status unless the daemon runs with
-    /// `--expose-addresses` (then 0 here).
-    #[serde(default)]
+    /// Virtual addresses in the VMM: hidden from every document unless the daemon runs
+    /// with `--expose-addresses` (then 0 here when read back).
+    #[serde(default, skip_serializing_if = "crate::addresses::hidden")]
     pub start: u64,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "crate::addresses::hidden")]
     pub end: u64,
+    /// `end - start`, always served.
+    #[serde(default)]
+    pub bytes: u64,
     pub backing: String,
     pub mergeable: bool,
 }
@@ -341,6 +344,7 @@ fn ram_mappings(proc_: &Process) -> Vec<RamMapping> {
             Some(RamMapping {
                 start: m.address.0,
                 end: m.address.1,
+                bytes: m.address.1 - m.address.0,
                 backing,
                 mergeable: flags.contains(VmFlags::MG),
             })
@@ -689,6 +693,7 @@ mod tests {
         let m = |backing: &str, mergeable| RamMapping {
             start: 0,
             end: 1 << 30,
+            bytes: 1 << 30,
             backing: backing.into(),
             mergeable,
         };

@@ -94,7 +94,9 @@ fn is_zero(v: &u32) -> bool {
 /// The figures of one 2 MiB range of a VM's guest RAM (page counts; 512 at most each).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RangeCounts {
-    /// First byte (2 MiB aligned; the range may be cut by its mapping's ends).
+    /// First byte (2 MiB aligned; the range may be cut by its mapping's ends): a guest
+    /// address, hidden from documents unless exposed (`/v1/ranges` gives an offset).
+    #[serde(default, skip_serializing_if = "crate::addresses::hidden")]
     pub start: u64,
     /// Pages of the range inside the scanned mapping.
     pub pages: u32,

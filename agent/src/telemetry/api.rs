@@ -209,56 +209,33 @@ async fn status(State(app): State<App>) -> axum::response::Response {
         return busy();
     };
     let s = app.state.read().map(|s| s.clone()).unwrap_or_default();
-    let mut v = serde_json::to_value(&s).unwrap_or_default();
-    if !app.opts.expose_addresses {
-        redact_addresses(&mut v);
-    }
-    held_json(v, permit)
+    held_json(status_document(&s, app.opts.expose_addresses), permit)
 }
 
-/// Removes guest-RAM virtual addresses from a `/v1/status` document: each mapping keeps
-/// its size and kind, each hint decision its size and an outcome without addresses.
-fn redact_addresses(status: &mut serde_json::Value) {
-    if let Some(vms) = status.get_mut("vms").and_then(|v| v.as_array_mut()) {
-        for ram in vms
-            .iter_mut()
-            .filter_map(|v| v.get_mut("ram").and_then(|r| r.as_array_mut()))
-        {
-            ram.iter_mut().for_each(addresses_to_bytes);
-        }
+/// The `/v1/status` document. Guest addresses are left out by their fields' own serde
+/// attributes ([`crate::addresses::hidden`]) unless `expose`; error texts are hidden of
+/// any address they quote.
+fn status_document(s: &HostState, expose: bool) -> serde_json::Value {
+    let mut v = crate::addresses::exposing(expose, || serde_json::to_value(s).unwrap_or_default());
+    if !expose {
+        hide_in_outcomes(&mut v);
     }
-    if let Some(recent) = status
+    v
+}
+
+/// Hides addresses quoted in the hint decisions' outcome texts (`failed: ...`).
+fn hide_in_outcomes(doc: &mut serde_json::Value) {
+    let Some(recent) = doc
         .pointer_mut("/hints/recent")
         .and_then(|r| r.as_array_mut())
-    {
-        recent.iter_mut().for_each(redact_decision);
-    }
-}
-
-/// A hint decision without addresses: its size instead of its bounds, its outcome text
-/// hidden of any address an error put there.
-fn redact_decision(v: &mut serde_json::Value) {
-    addresses_to_bytes(v);
-    if let Some(o) = v.get_mut("outcome")
-        && let Some(text) = o.as_str()
-    {
-        *o = crate::addresses::hide(text).into();
-    }
-}
-
-/// Replaces an object's `start` and `end` (virtual addresses) by `bytes`, their distance.
-fn addresses_to_bytes(v: &mut serde_json::Value) {
-    let Some(m) = v.as_object_mut() else {
+    else {
         return;
     };
-    let bytes = match (m.remove("start"), m.remove("end")) {
-        (Some(s), Some(e)) => e
-            .as_u64()
-            .unwrap_or(0)
-            .saturating_sub(s.as_u64().unwrap_or(0)),
-        _ => 0,
-    };
-    m.insert("bytes".into(), bytes.into());
+    for o in recent.iter_mut().filter_map(|d| d.get_mut("outcome")) {
+        if let Some(text) = o.as_str() {
+            *o = crate::addresses::hide(text).into();
+        }
+    }
 }
 
 /// `/v1/recommendations`: the ksmd decision and the merge hints (decided, applied or only
@@ -268,13 +245,13 @@ async fn recommendations(State(app): State<App>) -> axum::response::Response {
         return busy();
     };
     let s = app.state.read().map(|s| s.clone()).unwrap_or_default();
-    let mut v = serde_json::json!({ "ksmd": s.ksmd, "hints": s.hints });
-    if !app.opts.expose_addresses
-        && let Some(recent) = v
-            .pointer_mut("/hints/recent")
-            .and_then(|r| r.as_array_mut())
-    {
-        recent.iter_mut().for_each(redact_decision);
+    let expose = app.opts.expose_addresses;
+    let mut v = crate::addresses::exposing(
+        expose,
+        || serde_json::json!({ "ksmd": s.ksmd, "hints": s.hints }),
+    );
+    if !expose {
+        hide_in_outcomes(&mut v);
     }
     held_json(v, permit)
 }
@@ -365,29 +342,29 @@ fn ranges_document(
     let offset = q.offset.unwrap_or(0);
     let limit = q.limit.unwrap_or(RANGES_PAGE).clamp(1, RANGES_PAGE_MAX);
     let page = list.iter().skip(offset).take(limit);
-    let mut rows: Vec<serde_json::Value> = page
-        .map(|r| serde_json::to_value(r).unwrap_or_default())
-        .collect();
-    if !expose {
-        // Offsets into the guest RAM (its mappings laid end to end) instead of addresses.
-        let ram = &vm.vm.ram;
-        for row in rows.iter_mut().filter_map(|r| r.as_object_mut()) {
-            let Some(start) = row.remove("start").and_then(|v| v.as_u64()) else {
-                continue;
-            };
-            let mut before = 0u64;
-            let mut off = None;
-            for m in ram {
-                // A range is 2 MiB aligned: its start may lie just below its mapping's.
-                if start < m.end && start + crate::scan::RANGE_BYTES > m.start {
-                    off = Some(before + start.saturating_sub(m.start));
-                    break;
-                }
-                before += m.end - m.start;
+    // Hidden, a range's address becomes its offset into the guest RAM (the VM's mappings
+    // laid end to end).
+    let offset_of = |start: u64| {
+        let mut before = 0u64;
+        for m in &vm.vm.ram {
+            // A range is 2 MiB aligned: its start may lie just below its mapping's.
+            if start < m.end && start + crate::scan::RANGE_BYTES > m.start {
+                return Some(before + start.saturating_sub(m.start));
             }
-            row.insert("offset".into(), off.into());
+            before += m.end - m.start;
         }
-    }
+        None
+    };
+    let rows: Vec<serde_json::Value> = crate::addresses::exposing(expose, || {
+        page.map(|r| {
+            let mut row = serde_json::to_value(r).unwrap_or_default();
+            if !expose && let Some(o) = row.as_object_mut() {
+                o.insert("offset".into(), offset_of(r.counts.start).into());
+            }
+            row
+        })
+        .collect()
+    });
     let next = (offset + rows.len() < list.len()).then_some(offset + rows.len());
     Ok(serde_json::json!({
         "vm": vm.vm.name,
@@ -475,24 +452,76 @@ mod tests {
 
     use super::*;
 
+    /// A host state whose VM has a RAM mapping and whose hints hold a failed decision
+    /// quoting its addresses.
+    fn with_addresses() -> HostState {
+        let json = serde_json::json!({
+            "name": "vm-a", "pid": 7, "kind": "qemu", "uuid": null, "guest_memory_bytes": 1u64 << 30,
+            "ram": [{ "start": 0x7f00_0000_0000u64, "end": 0x7f00_4000_0000u64,
+                      "bytes": 1u64 << 30, "backing": "private-anonymous", "mergeable": true }],
+            "mergeability": "mergeable",
+        });
+        let vm: crate::host::inventory::Vm = serde_json::from_value(json).unwrap();
+        let mut s = HostState::default();
+        s.vms.push(crate::model::VmState {
+            vm,
+            ksm: Default::default(),
+            probes: None,
+            scan: None,
+            scan_pass_seconds: None,
+            range_classes: None,
+            write_faults_per_sec: 0.0,
+            cow_breaks_per_sec: 0.0,
+        });
+        s.hints = Some(crate::wire::HintsStatus {
+            recent: vec![crate::wire::HintView {
+                vm: "vm-a".into(),
+                pid: 7,
+                start: 0x7f00_0000_0000,
+                end: 0x7f00_0020_0000,
+                bytes: 2 << 20,
+                target: crate::policy::hints::Target::Unmergeable,
+                reason: crate::policy::hints::HintReason::Volatile,
+                outcome: "failed: 0x7f0000000000-0x7f0000200000 is not entirely mapped".into(),
+                stopped_us: None,
+            }],
+            ..Default::default()
+        });
+        s
+    }
+
     #[test]
     fn status_documents_carry_no_guest_addresses() {
-        let mut v = serde_json::json!({
-            "vms": [{ "ram": [{ "start": 0x7f00_0000_0000u64, "end": 0x7f00_4000_0000u64 }] }],
-            "hints": { "recent": [{
-                "start": 0x7f00_0000_0000u64,
-                "end": 0x7f00_0020_0000u64,
-                "outcome": "failed: 0x7f0000000000-0x7f0000200000 is not entirely mapped in PID 7",
-            }] },
-        });
-        redact_addresses(&mut v);
+        let s = with_addresses();
+        let v = status_document(&s, false);
         let text = v.to_string();
-        assert!(!text.contains("start") && !text.contains("0x7f"), "{text}");
+        assert!(
+            !text.contains("\"start\"") && !text.contains("\"end\""),
+            "{text}"
+        );
+        assert!(
+            !text.contains("0x7f") && !text.contains("139637976727552"),
+            "{text}"
+        );
         assert_eq!(
             v.pointer("/hints/recent/0/bytes"),
             Some(&(2u64 << 20).into())
         );
         assert_eq!(v.pointer("/vms/0/ram/0/bytes"), Some(&(1u64 << 30).into()));
+        // Asked for, they are there.
+        let v = status_document(&s, true);
+        assert_eq!(
+            v.pointer("/vms/0/ram/0/start"),
+            Some(&0x7f00_0000_0000u64.into())
+        );
+        assert_eq!(
+            v.pointer("/hints/recent/0/end"),
+            Some(&0x7f00_0020_0000u64.into())
+        );
+        // Read back by the CLI, hidden addresses are 0 and sizes stay.
+        let back: HostState = serde_json::from_value(status_document(&s, false)).unwrap();
+        assert_eq!(back.vms[0].vm.ram[0].start, 0);
+        assert_eq!(back.vms[0].vm.ram[0].bytes, 1 << 30);
     }
 
     #[test]
@@ -532,18 +561,6 @@ mod tests {
         assert!(text.contains("memfabric_ksm_pages_shared 0"), "{text}");
         assert!(!text.contains("memfabric_ksm_pages_sharing"), "{text}");
         assert!(!text.contains("memfabric_ksm_cow_breaks"), "{text}");
-    }
-
-    #[test]
-    fn addresses_are_redacted_to_sizes() {
-        let mut v = serde_json::json!({"vms": [{"ram": [
-            {"start": 4096, "end": 4096 * 3, "backing": "private-anonymous"}
-        ]}]});
-        redact_addresses(&mut v);
-        assert_eq!(
-            v["vms"][0]["ram"][0],
-            serde_json::json!({"bytes": 8192, "backing": "private-anonymous"})
-        );
     }
 
     #[test]
