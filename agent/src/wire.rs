@@ -129,9 +129,10 @@ pub struct HintView {
     pub bytes: u64,
     pub target: crate::policy::hints::Target,
     pub reason: crate::policy::hints::HintReason,
-    /// `applied`, `already` (nothing to do), `recommended` (not acting), `rate-limited`,
+    /// What became of it (served as `applied`, `already` (nothing to do), `recommended`
+    /// (not acting), `rate-limited`,
     /// `deferred` (next ranking), `failed: ...`.
-    pub outcome: String,
+    pub outcome: HintOutcome,
     /// How long the VM was stopped for the injection.
     pub stopped_us: Option<f64>,
 }
@@ -171,4 +172,118 @@ pub struct HintsStatus {
     pub mapping_pieces: Vec<VmPieces>,
     /// The latest decisions, oldest first.
     pub recent: Vec<HintView>,
+}
+
+/// What became of one hint decision. Served as the strings the API has always carried:
+/// the kind ([`HintOutcome::kind`]), then `: ` and the detail for a deferral or failure.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HintOutcome {
+    /// Not acting: what memfabric would do.
+    Recommended,
+    /// Over the planner's rate limit for the VM.
+    RateLimited,
+    Applied,
+    /// The range already was as decided: nothing to do.
+    Already,
+    /// Left for a later ranking: why (none: this ranking's injection budget was spent).
+    Deferred(Option<String>),
+    Failed(String),
+}
+
+impl HintOutcome {
+    /// Every kind, in the order metrics list them.
+    pub const KINDS: [&'static str; 6] = [
+        "recommended",
+        "rate-limited",
+        "applied",
+        "already",
+        "deferred",
+        "failed",
+    ];
+
+    /// The kind alone (a metric label's value).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            HintOutcome::Recommended => "recommended",
+            HintOutcome::RateLimited => "rate-limited",
+            HintOutcome::Applied => "applied",
+            HintOutcome::Already => "already",
+            HintOutcome::Deferred(_) => "deferred",
+            HintOutcome::Failed(_) => "failed",
+        }
+    }
+}
+
+impl std::fmt::Display for HintOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HintOutcome::Deferred(Some(why)) | HintOutcome::Failed(why) => {
+                write!(f, "{}: {why}", self.kind())
+            }
+            _ => f.write_str(self.kind()),
+        }
+    }
+}
+
+impl std::str::FromStr for HintOutcome {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<HintOutcome, String> {
+        let (kind, detail) = match s.split_once(": ") {
+            Some((k, d)) => (k, Some(d.to_owned())),
+            None => (s, None),
+        };
+        Ok(match (kind, detail) {
+            ("recommended", None) => HintOutcome::Recommended,
+            ("rate-limited", None) => HintOutcome::RateLimited,
+            ("applied", None) => HintOutcome::Applied,
+            ("already", None) => HintOutcome::Already,
+            ("deferred", why) => HintOutcome::Deferred(why),
+            ("failed", Some(why)) => HintOutcome::Failed(why),
+            _ => return Err(format!("unknown hint outcome {s:?}")),
+        })
+    }
+}
+
+impl Serialize for HintOutcome {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for HintOutcome {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<HintOutcome, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hint_outcomes_are_served_as_they_always_were() {
+        for (o, text) in [
+            (HintOutcome::Recommended, "recommended"),
+            (HintOutcome::RateLimited, "rate-limited"),
+            (HintOutcome::Applied, "applied"),
+            (HintOutcome::Already, "already"),
+            (HintOutcome::Deferred(None), "deferred"),
+            (
+                HintOutcome::Deferred(Some("the VM's cgroup lacks 40 MiB".into())),
+                "deferred: the VM's cgroup lacks 40 MiB",
+            ),
+            (
+                HintOutcome::Failed("the target exited".into()),
+                "failed: the target exited",
+            ),
+        ] {
+            let json = serde_json::to_value(&o).unwrap();
+            assert_eq!(json, serde_json::Value::from(text));
+            assert_eq!(serde_json::from_value::<HintOutcome>(json).unwrap(), o);
+            assert!(HintOutcome::KINDS.contains(&o.kind()));
+        }
+        assert!("made up".parse::<HintOutcome>().is_err());
+    }
 }

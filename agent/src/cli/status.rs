@@ -136,7 +136,7 @@ pub fn hints_line(state: &HostState) -> Option<String> {
     let last = h.recent.last().map(|d| {
         format!(
             "; last: {} {} MiB of {} {:?} ({:?}, {})",
-            if d.outcome == "applied" {
+            if d.outcome == memfabric::wire::HintOutcome::Applied {
                 "made"
             } else {
                 "make"

@@ -12,7 +12,7 @@ use crate::{
     model::rank::RankedRanges,
     policy::hints::{HintPlanner, HintPolicy, Sharing, Target, VmRanges},
     scan::RANGE_BYTES,
-    wire::{HintView, HintsStatus, VmPieces},
+    wire::{HintOutcome, HintView, HintsStatus, VmPieces},
 };
 
 /// Decisions kept for /v1/recommendations.
@@ -225,7 +225,7 @@ impl Hinting {
                 bytes: d.end - d.start,
                 target: d.target,
                 reason: d.reason,
-                outcome: "recommended".into(),
+                outcome: HintOutcome::Recommended,
                 stopped_us: None,
             };
             // Each change may split a mapping in three: counted at the worst.
@@ -234,15 +234,15 @@ impl Hinting {
                 .get(&d.pid)
                 .map(|&(first, now)| (now.saturating_sub(first), cap));
             if !d.within_rate {
-                view.outcome = "rate-limited".into();
+                view.outcome = HintOutcome::RateLimited;
             } else if acting
                 && let Some((added, cap)) = split_room
                 && added + 2 > cap
             {
-                view.outcome = format!(
-                    "deferred: the hints added {added} memory mappings to this VM (at most \
-                     {cap}, far below vm.max_map_count)"
-                );
+                view.outcome = HintOutcome::Deferred(Some(format!(
+                    "the hints added {added} memory mappings to this VM (at most {cap}, far \
+                     below vm.max_map_count)"
+                )));
                 self.status.deferred_total += 1;
                 self.planner.failed(&d);
             } else if acting && done < MAX_PER_RANKING {
@@ -253,13 +253,13 @@ impl Hinting {
                         if let Some(m) = self.mappings.get_mut(&d.pid) {
                             m.1 = mapping_count(d.pid).unwrap_or(m.1 + 2);
                         }
-                        view.outcome = "applied".into();
+                        view.outcome = HintOutcome::Applied;
                         view.stopped_us = Some(stopped.as_secs_f64() * 1e6);
                         self.status.applied_total += 1;
                         self.status.stop_seconds_total += stopped.as_secs_f64();
                     }
                     Ok(Applied::Already) => {
-                        view.outcome = "already".into();
+                        view.outcome = HintOutcome::Already;
                         self.status.already_total += 1;
                     }
                     Err(HintError::Deferred(why)) => {
@@ -269,7 +269,7 @@ impl Hinting {
                             view.vm,
                             d.pid
                         );
-                        view.outcome = format!("deferred: {why}");
+                        view.outcome = HintOutcome::Deferred(Some(why.to_string()));
                         self.status.deferred_total += 1;
                         self.planner.failed(&d);
                     }
@@ -282,14 +282,14 @@ impl Hinting {
                             view.vm,
                             d.pid
                         );
-                        view.outcome = format!("failed: {e}");
+                        view.outcome = HintOutcome::Failed(e);
                         self.status.failed_total += 1;
                         self.planner.failed(&d);
                     }
                 }
             } else if acting {
                 self.planner.failed(&d); // over this ranking's budget: next time
-                view.outcome = "deferred".into();
+                view.outcome = HintOutcome::Deferred(None);
             }
             self.status.recent.push(view);
         }
@@ -475,7 +475,9 @@ mod tests {
             .find(|d| d.target == Target::Unmergeable && d.start == start)
             .expect("a decision for the volatile range");
         assert!(
-            d.outcome.starts_with("deferred: the hints added"),
+            d.outcome
+                .to_string()
+                .starts_with("deferred: the hints added"),
             "{}",
             d.outcome
         );

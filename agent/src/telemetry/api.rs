@@ -482,7 +482,9 @@ mod tests {
                 bytes: 2 << 20,
                 target: crate::policy::hints::Target::Unmergeable,
                 reason: crate::policy::hints::HintReason::Volatile,
-                outcome: "failed: 0x7f0000000000-0x7f0000200000 is not entirely mapped".into(),
+                outcome: crate::wire::HintOutcome::Failed(
+                    "0x7f0000000000-0x7f0000200000 is not entirely mapped".into(),
+                ),
                 stopped_us: None,
             }],
             ..Default::default()

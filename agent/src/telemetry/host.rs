@@ -6,6 +6,7 @@ use std::fmt;
 use prometheus_client::{collector::Collector, encoding::DescriptorEncoder, metrics::MetricType};
 
 use super::encode::{Labels, counter, enc_counter, enc_gauge, family, gauge};
+use crate::wire::HintOutcome;
 
 /// The host's state, shared with the refresh loop.
 #[derive(Debug)]
@@ -402,10 +403,25 @@ impl Collector for HostCollector {
                  deferred (short of memory for an unmerge, or of room for more mappings)",
                 MetricType::Counter,
                 &[
-                    (vec![("outcome", "applied".to_owned())], h.applied_total),
-                    (vec![("outcome", "already".to_owned())], h.already_total),
-                    (vec![("outcome", "failed".to_owned())], h.failed_total),
-                    (vec![("outcome", "deferred".to_owned())], h.deferred_total),
+                    (
+                        vec![("outcome", HintOutcome::Applied.kind().to_owned())],
+                        h.applied_total,
+                    ),
+                    (
+                        vec![("outcome", HintOutcome::Already.kind().to_owned())],
+                        h.already_total,
+                    ),
+                    (
+                        vec![(
+                            "outcome",
+                            HintOutcome::Failed(String::new()).kind().to_owned(),
+                        )],
+                        h.failed_total,
+                    ),
+                    (
+                        vec![("outcome", HintOutcome::Deferred(None).kind().to_owned())],
+                        h.deferred_total,
+                    ),
                 ],
                 enc_counter,
             )?;
