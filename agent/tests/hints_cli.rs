@@ -137,8 +137,9 @@ fn ksm_knobs() -> Vec<(String, String)> {
         .collect()
 }
 
-/// `memfabric run --act ksmd,hints` with a domain that shares, tracking `pid`.
-fn daemon(state: &Path, cfg: &Path, pid: i32, log: &Path) -> Child {
+/// `memfabric run --act ksmd,hints` with a domain that shares, tracking `pid`; stopped
+/// with SIGTERM if the test fails while it runs (so it puts KSM and the hints back).
+fn daemon(state: &Path, cfg: &Path, pid: i32, log: &Path) -> memfabric_harness::Guarded {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -164,6 +165,7 @@ fn daemon(state: &Path, cfg: &Path, pid: i32, log: &Path) -> Child {
         .stdout(Stdio::null())
         .stderr(fs::File::create(log).unwrap())
         .spawn()
+        .map(memfabric_harness::Guarded::new)
         .unwrap()
 }
 

@@ -65,17 +65,52 @@ pub fn rss_kib(pid: u32) -> u64 {
         .unwrap_or_else(|| panic!("no VmRSS in /proc/{pid}/status"))
 }
 
-/// Children killed (all first, then reaped) on drop.
+/// Children stopped on drop, also when the test panics: SIGTERM to all (a memfabric
+/// daemon then puts back what it changed on the host), [`STOP_GRACE`] for each to exit,
+/// then SIGKILL for what still runs.
 pub struct Children(pub Vec<Child>);
+
+/// How long a child has to exit after SIGTERM before it is killed.
+pub const STOP_GRACE: Duration = Duration::from_secs(20);
 
 impl Drop for Children {
     fn drop(&mut self) {
         for c in &mut self.0 {
-            let _ = c.kill();
+            if let Ok(None) = c.try_wait() {
+                // SAFETY: a child of ours, not yet reaped (its PID cannot be reused).
+                unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGTERM) };
+            }
         }
+        let deadline = Instant::now() + STOP_GRACE;
         for c in &mut self.0 {
+            while matches!(c.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.kill();
             let _ = c.wait();
         }
+    }
+}
+
+/// One child stopped as [`Children`] stops theirs; otherwise used as the child itself.
+pub struct Guarded(Children);
+
+impl Guarded {
+    pub fn new(child: Child) -> Guarded {
+        Guarded(Children(vec![child]))
+    }
+}
+
+impl std::ops::Deref for Guarded {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0.0[0]
+    }
+}
+
+impl std::ops::DerefMut for Guarded {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0.0[0]
     }
 }
 
