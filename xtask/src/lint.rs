@@ -1,5 +1,7 @@
-//! `cargo xtask lint`: rustfmt and clippy with warnings denied. The eBPF crate is checked
-//! for its own target, as it only builds there.
+//! `cargo xtask lint`: rustfmt and clippy with warnings denied (the eBPF crate checked for
+//! its own target, as it only builds there), and cargo-deny over the dependency graph
+//! (deny.toml: licenses, bans, sources; advisories need GitHub, which build hosts here
+//! cannot reach).
 
 use xtask::cmd;
 
@@ -19,5 +21,7 @@ pub fn run() -> anyhow::Result<()> {
         "-D",
         "warnings",
     ]))?;
-    cmd::run(crate::build::ebpf_cargo("clippy").args(["--", "-D", "warnings"]))
+    cmd::run(crate::build::ebpf_cargo("clippy").args(["--", "-D", "warnings"]))?;
+    setup::cargo_deny()?;
+    cmd::run(cmd::cargo().args(["deny", "--locked", "check", "licenses", "bans", "sources"]))
 }

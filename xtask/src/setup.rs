@@ -21,6 +21,8 @@ const PACKAGES: &[&str] = &[
 ];
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const BPF_LINKER_VERSION: &str = "0.13.0";
+/// cargo-deny, for `cargo xtask lint` (licenses, bans, sources of the dependency graph).
+const CARGO_DENY_VERSION: &str = "0.20.2";
 /// The toolchain aya-build uses for the eBPF crate (`rustup run nightly`).
 const NIGHTLY: &str = "nightly";
 
@@ -191,6 +193,25 @@ fn bpf_linker() -> anyhow::Result<()> {
         bail!("bpf-linker was installed but is not on PATH; add ~/.cargo/bin to PATH");
     }
     Ok(())
+}
+
+/// Installs cargo-deny (idempotent): `cargo xtask lint` checks the dependency graph with
+/// it. Not part of [`run`]: the demo and the tests do not need it.
+pub fn cargo_deny() -> anyhow::Result<()> {
+    let have = output(cmd::cargo().args(["deny", "--version"])).unwrap_or_default();
+    if have.contains(CARGO_DENY_VERSION) {
+        eprintln!("setup: [ok] cargo-deny {CARGO_DENY_VERSION}");
+        return Ok(());
+    }
+    eprintln!("setup: building cargo-deny {CARGO_DENY_VERSION} (a few minutes)");
+    cmd::run(cmd::cargo().args([
+        "install",
+        "cargo-deny",
+        "--locked",
+        "--version",
+        CARGO_DENY_VERSION,
+    ]))
+    .context("building cargo-deny")
 }
 
 fn tracefs() -> anyhow::Result<()> {
