@@ -17,7 +17,7 @@ use memfabric_common::{Counter, Event, OFFSET_MISSING, event_kind};
 use crate::state::{EVENTS, MM_OWNER, TRACKED, count, failed, offsets};
 
 #[tracepoint]
-pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
+pub(crate) fn sched_process_exit(ctx: TracePointContext) -> u32 {
     try_sched_process_exit(&ctx).unwrap_or_else(failed)
 }
 

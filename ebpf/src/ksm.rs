@@ -23,7 +23,7 @@ use crate::state::{
 };
 
 #[tracepoint]
-pub fn ksm_merge_with_ksm_page(ctx: TracePointContext) -> u32 {
+pub(crate) fn ksm_merge_with_ksm_page(ctx: TracePointContext) -> u32 {
     try_merge_with_ksm_page(&ctx).unwrap_or_else(failed)
 }
 
@@ -83,7 +83,7 @@ fn try_merge_with_ksm_page(ctx: &TracePointContext) -> Result<u32, i32> {
 }
 
 #[tracepoint]
-pub fn ksm_merge_one_page(ctx: TracePointContext) -> u32 {
+pub(crate) fn ksm_merge_one_page(ctx: TracePointContext) -> u32 {
     try_merge_one_page(&ctx).unwrap_or_else(failed)
 }
 
@@ -115,7 +115,7 @@ fn try_merge_one_page(ctx: &TracePointContext) -> Result<u32, i32> {
 }
 
 #[tracepoint]
-pub fn ksm_remove_ksm_page(_ctx: TracePointContext) -> u32 {
+pub(crate) fn ksm_remove_ksm_page(_ctx: TracePointContext) -> u32 {
     count(Counter::KsmPagesRemoved);
     0
 }
@@ -123,7 +123,7 @@ pub fn ksm_remove_ksm_page(_ctx: TracePointContext) -> u32 {
 /// `ksm_enter` fires in the context of the process whose mm joins KSM: the cheapest moment
 /// to learn a tracked process's mm, before ksmd merges anything of it.
 #[tracepoint]
-pub fn ksm_enter(ctx: TracePointContext) -> u32 {
+pub(crate) fn ksm_enter(ctx: TracePointContext) -> u32 {
     try_ksm_enter(&ctx).unwrap_or_else(failed)
 }
 

@@ -27,7 +27,7 @@ use crate::state::{
 };
 
 #[tracepoint]
-pub fn kvm_page_fault(ctx: TracePointContext) -> u32 {
+pub(crate) fn kvm_page_fault(ctx: TracePointContext) -> u32 {
     try_kvm_page_fault(&ctx).unwrap_or_else(failed)
 }
 
@@ -49,7 +49,7 @@ fn try_kvm_page_fault(ctx: &TracePointContext) -> Result<u32, i32> {
 }
 
 #[tracepoint]
-pub fn kvm_unmap_hva_range(ctx: TracePointContext) -> u32 {
+pub(crate) fn kvm_unmap_hva_range(ctx: TracePointContext) -> u32 {
     try_kvm_unmap_hva_range(&ctx).unwrap_or_else(failed)
 }
 

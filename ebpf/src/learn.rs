@@ -8,7 +8,7 @@ use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
 use crate::state::{TRACKED, current_tgid, learn_mm, offsets};
 
 #[tracepoint]
-pub fn sched_switch(_ctx: TracePointContext) -> u32 {
+pub(crate) fn sched_switch(_ctx: TracePointContext) -> u32 {
     let tgid = current_tgid();
     if tgid == 0 {
         return 0;

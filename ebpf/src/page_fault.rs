@@ -19,7 +19,7 @@ use crate::state::{
 };
 
 #[tracepoint]
-pub fn page_fault_user(ctx: TracePointContext) -> u32 {
+pub(crate) fn page_fault_user(ctx: TracePointContext) -> u32 {
     try_page_fault_user(&ctx).unwrap_or_else(failed)
 }
 

@@ -20,30 +20,31 @@ use memfabric_common::{
 static OFFSETS: Global<Offsets> = Global::new(Offsets::MISSING);
 
 #[map]
-pub static TRACKED: HashMap<u32, TgidStats> = HashMap::with_max_entries(sizes::TRACKED, 0);
+pub(crate) static TRACKED: HashMap<u32, TgidStats> = HashMap::with_max_entries(sizes::TRACKED, 0);
 #[map]
-pub static MM_OWNER: HashMap<u64, u32> = HashMap::with_max_entries(sizes::MM_OWNER, 0);
+pub(crate) static MM_OWNER: HashMap<u64, u32> = HashMap::with_max_entries(sizes::MM_OWNER, 0);
 #[map]
-pub static WRITE_HEAT: LruHashMap<PageKey, u64> =
+pub(crate) static WRITE_HEAT: LruHashMap<PageKey, u64> =
     LruHashMap::with_max_entries(sizes::WRITE_HEAT, 0);
 #[map]
-pub static KSM_PAGES: LruHashMap<MmPage, u32> = LruHashMap::with_max_entries(sizes::KSM_PAGES, 0);
+pub(crate) static KSM_PAGES: LruHashMap<MmPage, u32> =
+    LruHashMap::with_max_entries(sizes::KSM_PAGES, 0);
 #[map]
-pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::LEN, 0);
+pub(crate) static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::LEN, 0);
 #[map]
-pub static SETTINGS: Array<u32> = Array::with_max_entries(Setting::LEN, 0);
+pub(crate) static SETTINGS: Array<u32> = Array::with_max_entries(Setting::LEN, 0);
 #[map]
-pub static EVENTS: RingBuf = RingBuf::with_byte_size(sizes::EVENTS, 0);
+pub(crate) static EVENTS: RingBuf = RingBuf::with_byte_size(sizes::EVENTS, 0);
 
 /// The load-time offsets.
 #[inline(always)]
-pub fn offsets() -> Offsets {
+pub(crate) fn offsets() -> Offsets {
     OFFSETS.load()
 }
 
 /// TGID (the process ID userspace knows) of the current task.
 #[inline(always)]
-pub fn current_tgid() -> u32 {
+pub(crate) fn current_tgid() -> u32 {
     (bpf_get_current_pid_tgid() >> 32) as u32
 }
 
@@ -52,7 +53,7 @@ pub fn current_tgid() -> u32 {
 /// # Safety
 /// `field` must point into a live map value.
 #[inline(always)]
-pub unsafe fn bump(field: *mut u64) {
+pub(crate) unsafe fn bump(field: *mut u64) {
     // SAFETY: the caller's contract: `field` points into a live map value.
     unsafe { add_to(field, 1) };
 }
@@ -62,7 +63,7 @@ pub unsafe fn bump(field: *mut u64) {
 /// # Safety
 /// `field` must point into a live map value.
 #[inline(always)]
-pub unsafe fn add_to(field: *mut u64, n: u64) {
+pub(crate) unsafe fn add_to(field: *mut u64, n: u64) {
     // `AtomicU64::fetch_add` is not offered on the BPF target (no CAS); the intrinsic is.
     // The result is unused, so LLVM emits a plain BPF atomic add (no BPF_FETCH needed).
     // SAFETY: the caller's contract: `field` points into a live map value, aligned for a
@@ -72,13 +73,13 @@ pub unsafe fn add_to(field: *mut u64, n: u64) {
 
 /// Whether a run-time setting is on.
 #[inline(always)]
-pub fn setting(s: Setting) -> bool {
+pub(crate) fn setting(s: Setting) -> bool {
     SETTINGS.get(s as u32).is_some_and(|v| *v != 0)
 }
 
 /// Adds one to a global per-CPU counter.
 #[inline(always)]
-pub fn count(counter: Counter) {
+pub(crate) fn count(counter: Counter) {
     if let Some(slot) = COUNTERS.get_ptr_mut(counter as u32) {
         // SAFETY: a per-CPU slot the lookup just returned: only this CPU writes it, and
         // programs do not nest on one CPU.
@@ -88,14 +89,14 @@ pub fn count(counter: Counter) {
 
 /// What a program returns when it ended early (a read failed): counted, never silent.
 #[inline(always)]
-pub fn failed(_errno: i32) -> u32 {
+pub(crate) fn failed(_errno: i32) -> u32 {
     count(Counter::ProbeErrors);
     1
 }
 
 /// Remembers that `mm` belongs to `tgid`; a full map is counted.
 #[inline(always)]
-pub fn own_mm(mm: u64, tgid: u32) {
+pub(crate) fn own_mm(mm: u64, tgid: u32) {
     if MM_OWNER.insert(mm, tgid, 0).is_err() {
         count(Counter::MmOwnerInsertFailed);
     }
@@ -103,7 +104,7 @@ pub fn own_mm(mm: u64, tgid: u32) {
 
 /// Reads a `T` at `offset` into a kernel object.
 #[inline(always)]
-pub fn read_kernel<T>(base: u64, offset: u32) -> Result<T, i32> {
+pub(crate) fn read_kernel<T>(base: u64, offset: u32) -> Result<T, i32> {
     // SAFETY: bpf_probe_read_kernel checks the address: a bad one is an error, not a fault.
     unsafe { bpf_probe_read_kernel((base + offset as u64) as *const T) }
 }
@@ -115,7 +116,7 @@ pub fn read_kernel<T>(base: u64, offset: u32) -> Result<T, i32> {
 /// # Safety
 /// `stats` must point at the `TRACKED` value of the current task's TGID.
 #[inline(always)]
-pub unsafe fn learn_mm(tgid: u32, stats: *mut TgidStats, off: &Offsets) -> u64 {
+pub(crate) unsafe fn learn_mm(tgid: u32, stats: *mut TgidStats, off: &Offsets) -> u64 {
     // SAFETY: a pointer the map lookup above returned: the value lives for this program's
     // run (map values are freed after an RCU grace period).
     let known = unsafe { (*stats).mm };
@@ -151,7 +152,7 @@ pub unsafe fn learn_mm(tgid: u32, stats: *mut TgidStats, off: &Offsets) -> u64 {
 /// the process (keyed by TGID). Either is forgotten here: the write leaves the page
 /// unshared.
 #[inline(always)]
-pub fn ksm_cow_break(tgid: u32, mm: u64, address: u64) -> bool {
+pub(crate) fn ksm_cow_break(tgid: u32, mm: u64, address: u64) -> bool {
     if mm != 0 {
         let key = mm_page(mm, address);
         if let Some(owner) = KSM_PAGES.get_ptr(key) {
@@ -177,7 +178,7 @@ pub fn ksm_cow_break(tgid: u32, mm: u64, address: u64) -> bool {
 
 /// Adds `add` to the write heat of `tgid`'s page at `address`.
 #[inline(always)]
-pub fn add_heat(tgid: u32, address: u64, add: u64) {
+pub(crate) fn add_heat(tgid: u32, address: u64, add: u64) {
     let key = PageKey {
         tgid,
         _pad: 0,
@@ -198,7 +199,7 @@ pub fn add_heat(tgid: u32, address: u64, add: u64) {
 
 /// The page of `mm` at `address` (flag bits masked off), as a `KSM_PAGES` key.
 #[inline(always)]
-pub fn mm_page(mm: u64, address: u64) -> MmPage {
+pub(crate) fn mm_page(mm: u64, address: u64) -> MmPage {
     MmPage {
         mm,
         page: address & memfabric_common::PAGE_MASK,

@@ -8,7 +8,7 @@ use xtask::cmd::{cargo, nightly_cargo, root, run};
 
 /// `cargo SUBCOMMAND` for the eBPF crate on its own target, with the flags aya-build
 /// uses (BTF kept). Shared by `build-ebpf` and `lint`.
-pub fn ebpf_cargo(subcommand: &str) -> std::process::Command {
+pub(crate) fn ebpf_cargo(subcommand: &str) -> std::process::Command {
     let flags = [
         "--cfg=bpf_target_arch=\"x86_64\"",
         "-Cdebuginfo=2",
@@ -32,7 +32,7 @@ pub fn ebpf_cargo(subcommand: &str) -> std::process::Command {
 }
 
 /// Builds the eBPF object alone, returns its path.
-pub fn ebpf() -> anyhow::Result<PathBuf> {
+pub(crate) fn ebpf() -> anyhow::Result<PathBuf> {
     run(&mut ebpf_cargo("build"))
         .context("building the eBPF object (did `cargo xtask setup` run?)")?;
     let obj = root().join("target/bpfel-unknown-none/release/memfabric");
@@ -41,7 +41,7 @@ pub fn ebpf() -> anyhow::Result<PathBuf> {
 }
 
 /// Builds the agent in release mode (its build.rs builds and embeds the eBPF object).
-pub fn agent() -> anyhow::Result<PathBuf> {
+pub(crate) fn agent() -> anyhow::Result<PathBuf> {
     run(cargo().args(["build", "--locked", "--release", "--package", "memfabric"]))?;
     Ok(root().join("target/release/memfabric"))
 }

@@ -18,7 +18,7 @@ use xtask::{cmd, ksm::KsmSession, lab};
 use crate::{build, lab_cli::UpArgs, setup};
 
 #[derive(Args)]
-pub struct DemoArgs {
+pub(crate) struct DemoArgs {
     #[command(flatten)]
     up: UpArgs,
     /// Stop after this many seconds (default: until Ctrl-C).
@@ -30,7 +30,7 @@ pub struct DemoArgs {
     pages_to_scan: u32,
 }
 
-pub fn run(args: DemoArgs) -> anyhow::Result<()> {
+pub(crate) fn run(args: DemoArgs) -> anyhow::Result<()> {
     anyhow::ensure!(cmd::is_root(), "the demo needs root (eBPF, KSM, QEMU)");
     setup::run()?;
     let agent = build::agent()?;

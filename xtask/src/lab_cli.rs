@@ -9,7 +9,7 @@ use xtask::lab::{self, Profile, UpOptions};
 use crate::setup;
 
 #[derive(Subcommand)]
-pub enum LabCmd {
+pub(crate) enum LabCmd {
     /// Boot guests in the background (kernel and initramfs cached under target/lab).
     Up(LabUpArgs),
     /// List the lab's guests: PID, name, RSS, KSM merging pages.
@@ -19,7 +19,7 @@ pub enum LabCmd {
 }
 
 #[derive(Args, Clone)]
-pub struct UpArgs {
+pub(crate) struct UpArgs {
     #[arg(long, default_value_t = 3)]
     pub guests: u32,
     /// Guest RAM (e.g. 256M, 1G).
@@ -41,7 +41,7 @@ pub struct UpArgs {
 }
 
 #[derive(Args, Clone)]
-pub struct LabUpArgs {
+pub(crate) struct LabUpArgs {
     #[command(flatten)]
     pub up: UpArgs,
     /// Play a scenario (`timeline` or a TOML file) in the foreground instead: guests start
@@ -51,7 +51,7 @@ pub struct LabUpArgs {
 }
 
 impl UpArgs {
-    pub fn options(&self) -> UpOptions {
+    pub(crate) fn options(&self) -> UpOptions {
         UpOptions {
             guests: self.guests,
             mem_mb: self.mem,
@@ -64,7 +64,7 @@ impl UpArgs {
     }
 }
 
-pub fn run(c: LabCmd) -> anyhow::Result<()> {
+pub(crate) fn run(c: LabCmd) -> anyhow::Result<()> {
     match c {
         LabCmd::Up(args) => {
             if !xtask::cmd::is_root() {
@@ -99,7 +99,7 @@ pub fn run(c: LabCmd) -> anyhow::Result<()> {
     }
 }
 
-pub fn print_status() {
+pub(crate) fn print_status() {
     let rows = lab::status();
     if rows.is_empty() {
         println!("no lab guests");

@@ -7,7 +7,7 @@ use xtask::cmd;
 
 use crate::setup;
 
-pub fn run() -> anyhow::Result<()> {
+pub(crate) fn run() -> anyhow::Result<()> {
     setup::run()?;
     cmd::run(cmd::cargo().args(["fmt", "--all", "--", "--check"]))?;
     cmd::run(cmd::cargo().args([

@@ -8,7 +8,7 @@ use xtask::cmd;
 
 use crate::{build, setup};
 
-pub fn run(args: &[String]) -> anyhow::Result<()> {
+pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
     setup::run()?;
     let agent = build::agent()?;
     cmd::run(Command::new(&agent).arg("check").args(args))

@@ -26,7 +26,7 @@ const CARGO_DENY_VERSION: &str = "0.20.2";
 /// The toolchain aya-build uses for the eBPF crate (`rustup run nightly`).
 const NIGHTLY: &str = "nightly";
 
-pub fn run() -> anyhow::Result<()> {
+pub(crate) fn run() -> anyhow::Result<()> {
     let start = Instant::now();
     if !cmd::is_root() {
         bail!(
@@ -197,7 +197,7 @@ fn bpf_linker() -> anyhow::Result<()> {
 
 /// Installs cargo-deny (idempotent): `cargo xtask lint` checks the dependency graph with
 /// it. Not part of [`run`]: the demo and the tests do not need it.
-pub fn cargo_deny() -> anyhow::Result<()> {
+pub(crate) fn cargo_deny() -> anyhow::Result<()> {
     let have = output(cmd::cargo().args(["deny", "--version"])).unwrap_or_default();
     if have.contains(CARGO_DENY_VERSION) {
         eprintln!("setup: [ok] cargo-deny {CARGO_DENY_VERSION}");

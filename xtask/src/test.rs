@@ -28,7 +28,7 @@ fn counts(line: &str) -> Option<(u64, u64)> {
     Some((num(" passed")?, num(" failed")?))
 }
 
-pub fn run(args: &[String]) -> anyhow::Result<()> {
+pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
     if !cmd::is_root() {
         bail!(
             "the test suite loads eBPF programs and drives KSM: run it as root \

@@ -7,14 +7,14 @@ use clap::Args;
 use memfabric::probes::{LoadOptions, ProbeState, Probes};
 
 #[derive(Args)]
-pub struct CheckArgs {
+pub(super) struct CheckArgs {
     /// Attach PROGRAM to another tracepoint, as PROGRAM=CATEGORY:NAME (repeatable), for
     /// kernels that renamed one.
     #[arg(long = "tracepoint", value_name = "PROGRAM=CATEGORY:NAME")]
     tracepoints: Vec<String>,
 }
 
-pub fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
+pub(super) fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
     let mut opts = LoadOptions::default();
     for t in &args.tracepoints {
         opts.add_override(t)?;

@@ -8,7 +8,7 @@ use memfabric::config::DEFAULT_LISTEN;
 use serde_json::Value;
 
 #[derive(Args)]
-pub struct FabricArgs {
+pub(super) struct FabricArgs {
     /// Print the daemon's JSON document.
     #[arg(long)]
     json: bool,
@@ -74,7 +74,7 @@ fn show(args: FabricArgs, path: &str, print: fn(&Value)) -> anyhow::Result<ExitC
     }
 }
 
-pub fn peers(args: FabricArgs) -> anyhow::Result<ExitCode> {
+pub(super) fn peers(args: FabricArgs) -> anyhow::Result<ExitCode> {
     show(args, "/v1/peers", |v| {
         println!(
             "{:<24} {:<22} {:<8} {:>12} {:>12} {:>4}",
@@ -98,7 +98,7 @@ pub fn peers(args: FabricArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
-pub fn candidates(args: FabricArgs) -> anyhow::Result<ExitCode> {
+pub(super) fn candidates(args: FabricArgs) -> anyhow::Result<ExitCode> {
     show(args, "/v1/candidates", |v| {
         println!(
             "{:<38} {:<24} {:>12} {:>8} {:>10}",
@@ -119,7 +119,7 @@ pub fn candidates(args: FabricArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
-pub fn plan(args: FabricArgs) -> anyhow::Result<ExitCode> {
+pub(super) fn plan(args: FabricArgs) -> anyhow::Result<ExitCode> {
     show(args, "/v1/plan", |v| {
         println!(
             "{} hosts, {} VMs: sharing-aware packing uses {} (frees {}); first-fit decreasing uses {} (frees {}); sharing saves {}",

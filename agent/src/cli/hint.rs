@@ -9,7 +9,7 @@ use clap::Args;
 use memfabric::actuate::inject::{self, Advice, InjectError};
 
 #[derive(Args)]
-pub struct HintArgs {
+pub(super) struct HintArgs {
     /// The process (a VMM).
     #[arg(long)]
     pid: u32,
@@ -45,7 +45,7 @@ fn number(s: &str) -> anyhow::Result<u64> {
 
 /// Exit codes: 2 bad input (no such process, a range not mapped, a kernel thread, a process
 /// another tracer holds, a sandboxed one), 3 not permitted, 1 anything else.
-pub fn exit_code(e: &InjectError) -> u8 {
+pub(super) fn exit_code(e: &InjectError) -> u8 {
     match e.root() {
         InjectError::NoProcess(_)
         | InjectError::KernelThread(_)
@@ -63,7 +63,7 @@ pub fn exit_code(e: &InjectError) -> u8 {
     }
 }
 
-pub fn run(args: HintArgs) -> anyhow::Result<ExitCode> {
+pub(super) fn run(args: HintArgs) -> anyhow::Result<ExitCode> {
     let advice = if args.merge {
         Advice::Mergeable
     } else {

@@ -9,7 +9,7 @@ use std::{os::unix::process::CommandExt as _, process::ExitCode};
 use clap::Args;
 
 #[derive(Args)]
-pub struct LaunchArgs {
+pub(super) struct LaunchArgs {
     /// Turn merging off instead (and unmerge what was merged: the kernel does on 0).
     #[arg(long)]
     no_merge: bool,
@@ -21,7 +21,7 @@ pub struct LaunchArgs {
 /// `prctl(PR_SET_MEMORY_MERGE)` (Linux 6.4+).
 const PR_SET_MEMORY_MERGE: libc::c_int = 67;
 
-pub fn run(args: LaunchArgs) -> anyhow::Result<ExitCode> {
+pub(super) fn run(args: LaunchArgs) -> anyhow::Result<ExitCode> {
     let on = libc::c_ulong::from(!args.no_merge);
     // SAFETY: prctl with integer arguments only.
     if unsafe { libc::prctl(PR_SET_MEMORY_MERGE, on, 0, 0, 0) } != 0 {

@@ -20,7 +20,7 @@ use clap::{Parser, Subcommand};
     version,
     about = "Kernel-assisted page sharing for hypervisor hosts"
 )]
-pub struct Cli {
+pub(crate) struct Cli {
     /// More logging (-v: debug, -vv: trace). RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     pub verbose: u8,
@@ -71,7 +71,7 @@ enum Commands {
 }
 
 impl Cli {
-    pub fn run(self) -> anyhow::Result<ExitCode> {
+    pub(crate) fn run(self) -> anyhow::Result<ExitCode> {
         match self.command {
             Commands::Check(args) => check::run(args),
             Commands::Watch(args) => watch::run(args),
@@ -89,14 +89,14 @@ impl Cli {
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
-pub enum LogFormat {
+pub(crate) enum LogFormat {
     Human,
     Json,
 }
 
 /// Logs on stderr, human-readable or JSON; aya-log records from the probes arrive through
 /// the `log` bridge.
-pub fn init_logging(verbose: u8, format: LogFormat) {
+pub(crate) fn init_logging(verbose: u8, format: LogFormat) {
     use tracing_subscriber::{EnvFilter, util::SubscriberInitExt as _};
     let default = match verbose {
         0 => "info",

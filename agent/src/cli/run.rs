@@ -9,7 +9,7 @@ use memfabric::{
 };
 
 #[derive(Args)]
-pub struct RunArgs {
+pub(super) struct RunArgs {
     /// TOML config file (keys: listen, pids, match, refresh_ms, scan_cpu_percent, act,
     /// ksmd_cpu_percent, state_dir).
     #[arg(long, env = "MEMFABRIC_CONFIG")]
@@ -59,7 +59,7 @@ pub struct RunArgs {
     peers: Vec<String>,
 }
 
-pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+pub(super) fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let file = match &args.config {
         Some(p) => FileConfig::load(p)?,
         None => FileConfig::default(),

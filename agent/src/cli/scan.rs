@@ -14,7 +14,7 @@ use memfabric::{
 };
 
 #[derive(Args)]
-pub struct ScanArgs {
+pub(super) struct ScanArgs {
     /// Process to scan (repeatable): a VM's guest RAM, or any process's private anonymous
     /// memory.
     #[arg(long = "pid", required = true)]
@@ -67,7 +67,7 @@ fn progress_bar(pass: u32, passes: u32) -> ProgressBar {
     bar
 }
 
-pub fn run(args: ScanArgs) -> anyhow::Result<ExitCode> {
+pub(super) fn run(args: ScanArgs) -> anyhow::Result<ExitCode> {
     let mut scanner = Scanner::new(args.stable_after);
     for i in 0..args.passes {
         if i > 0 {

@@ -13,7 +13,7 @@ use memfabric::{
 };
 
 #[derive(Args)]
-pub struct StatusArgs {
+pub(super) struct StatusArgs {
     /// Print the state as JSON.
     #[arg(long)]
     json: bool,
@@ -58,7 +58,7 @@ const MIB: f64 = 1024.0 * 1024.0;
 
 /// One VM's cells under [`COLUMNS`] (shared with `top`). Rates need the probes: "-"
 /// without them.
-pub fn row(v: &VmState) -> [String; 9] {
+pub(super) fn row(v: &VmState) -> [String; 9] {
     let rate = |x: f64| {
         if v.probes.is_some() {
             format!("{x:.1}")
@@ -83,7 +83,7 @@ pub fn row(v: &VmState) -> [String; 9] {
 }
 
 /// The host's KSM state on one line (shared with `top`).
-pub fn ksm_line(k: &memfabric::host::ksm::KsmHost) -> String {
+pub(super) fn ksm_line(k: &memfabric::host::ksm::KsmHost) -> String {
     format!(
         "KSM: run={} pages_to_scan={} sleep={} ms | shared={} sharing={} (saving {:.1} MiB) \
          zero={} | general_profit={:.1} MiB | full_scans={} | cow_ksm={} | ksmd CPU {:.1} s",
@@ -102,7 +102,7 @@ pub fn ksm_line(k: &memfabric::host::ksm::KsmHost) -> String {
 }
 
 /// The ksmd controller's line: what it applies (or recommends) and why.
-pub fn ksmd_line(state: &HostState) -> Option<String> {
+pub(super) fn ksmd_line(state: &HostState) -> Option<String> {
     let k = state.ksmd.as_ref()?;
     let d = &k.decision;
     Some(format!(
@@ -131,7 +131,7 @@ pub fn ksmd_line(state: &HostState) -> Option<String> {
 }
 
 /// The merge hints' line: acting or not (and why), what was done, the latest decision.
-pub fn hints_line(state: &HostState) -> Option<String> {
+pub(super) fn hints_line(state: &HostState) -> Option<String> {
     let h = state.hints.as_ref()?;
     let last = h.recent.last().map(|d| {
         format!(
@@ -176,7 +176,7 @@ pub fn hints_line(state: &HostState) -> Option<String> {
 }
 
 /// Column titles of [`row`].
-pub const COLUMNS: [&str; 9] = [
+pub(super) const COLUMNS: [&str; 9] = [
     "VM",
     "PID",
     "KIND",
@@ -189,7 +189,7 @@ pub const COLUMNS: [&str; 9] = [
 ];
 
 /// The state from the daemon at `endpoint`, or one-shot; with a line saying which.
-pub fn load(endpoint: &str) -> (HostState, String) {
+pub(super) fn load(endpoint: &str) -> (HostState, String) {
     match from_daemon(endpoint) {
         Some(s) => (s, format!("daemon at {endpoint}")),
         None => (
@@ -199,7 +199,7 @@ pub fn load(endpoint: &str) -> (HostState, String) {
     }
 }
 
-pub fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
+pub(super) fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
     let (state, source) = load(&args.endpoint);
     if args.json {
         println!("{}", serde_json::to_string_pretty(&state)?);

@@ -16,7 +16,7 @@ use ratatui::{
 };
 
 #[derive(Args)]
-pub struct TopArgs {
+pub(super) struct TopArgs {
     /// Daemon to ask.
     #[arg(long, env = "MEMFABRIC_ENDPOINT", default_value_t = format!("http://{DEFAULT_LISTEN}"))]
     endpoint: String,
@@ -27,7 +27,7 @@ pub struct TopArgs {
 
 /// Row order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum SortBy {
+pub(super) enum SortBy {
     /// Most merged memory first.
     Savings,
     /// Most COW breaks per second first, then write faults.
@@ -45,7 +45,7 @@ impl SortBy {
     }
 }
 
-pub fn sort(vms: &mut [VmState], by: SortBy) {
+pub(super) fn sort(vms: &mut [VmState], by: SortBy) {
     match by {
         SortBy::Savings => vms.sort_by_key(|v| std::cmp::Reverse(v.ksm.merging_pages)),
         SortBy::Churn => vms.sort_by(|a, b| {
@@ -57,7 +57,7 @@ pub fn sort(vms: &mut [VmState], by: SortBy) {
     }
 }
 
-pub fn run(args: TopArgs) -> anyhow::Result<ExitCode> {
+pub(super) fn run(args: TopArgs) -> anyhow::Result<ExitCode> {
     let mut terminal = ratatui::try_init()?;
     let result = (|| -> anyhow::Result<()> {
         let interval = Duration::from_millis(args.interval_ms.max(200));

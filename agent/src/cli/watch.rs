@@ -14,7 +14,7 @@ use memfabric::{
 use memfabric_common::TgidStats;
 
 #[derive(Args)]
-pub struct WatchArgs {
+pub(super) struct WatchArgs {
     /// Process to track (repeatable), e.g. a QEMU PID.
     #[arg(long = "pid", required = true)]
     pids: Vec<u32>,
@@ -38,7 +38,7 @@ fn rss_mib(pid: u32) -> u64 {
 
 const MIB: f64 = 1024.0 * 1024.0;
 
-pub fn run(args: WatchArgs) -> anyhow::Result<ExitCode> {
+pub(super) fn run(args: WatchArgs) -> anyhow::Result<ExitCode> {
     let mut probes = Probes::load(&LoadOptions::default()).context("loading memfabric's probes")?;
     let mut names = BTreeMap::new();
     for &pid in &args.pids {

@@ -99,7 +99,7 @@ fn measure(agent: &Path, started: &[lab::Guest], seconds: u64, scan: &str) -> an
 /// scan budget (is the budget held?), one after the other on the same guests.
 const CONFIGS: [(&str, &str); 2] = [("scan off", "0"), ("scan budget 5 %", "5")];
 
-pub fn run(agent: &Path, guests: u32, seconds: u64, out: &Path) -> anyhow::Result<()> {
+pub(super) fn run(agent: &Path, guests: u32, seconds: u64, out: &Path) -> anyhow::Result<()> {
     let state = xtask::cmd::root().join("target/lab-bench");
     // SAFETY: single-threaded here; nothing else reads the environment.
     unsafe { std::env::set_var("MEMFABRIC_LAB_STATE", &state) };

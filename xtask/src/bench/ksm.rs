@@ -23,7 +23,7 @@ use xtask::{
 use xtask::plot::{self, Series};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum Policy {
+pub(crate) enum Policy {
     /// Kernel defaults: 100 pages every 20 ms.
     Stock,
     /// The kernel's scan-time advisor (advisor_mode=scan-time) steers pages_to_scan.
@@ -242,7 +242,7 @@ fn progress(policy: Policy, s: &Sample) {
 }
 
 /// What the guests run: one profile for all, or a scenario.
-pub enum Load {
+pub(super) enum Load {
     Profile {
         profile: Profile,
         guests: u32,
@@ -431,7 +431,7 @@ fn mib(pages: u64) -> f64 {
     pages as f64 * 4096.0 / MIB
 }
 
-pub fn run(
+pub(super) fn run(
     load: &Load,
     policies: &[Policy],
     agent: Option<&Path>,

@@ -14,7 +14,7 @@ use xtask::cmd;
 use crate::setup;
 
 #[derive(Subcommand)]
-pub enum Bench {
+pub(crate) enum Bench {
     /// The benchmarks of the bench binary (probes, scan, fabric, unmerge).
     #[command(flatten)]
     InProcess(xtask::bench_args::InProcess),
@@ -55,7 +55,7 @@ pub enum Bench {
     },
 }
 
-pub fn run(which: Bench) -> anyhow::Result<()> {
+pub(crate) fn run(which: Bench) -> anyhow::Result<()> {
     if !cmd::is_root() {
         bail!("benchmarks load eBPF programs: run them as root");
     }

@@ -119,10 +119,10 @@ mod errno_serde {
     use nix::errno::Errno;
     use serde::{Deserialize as _, Deserializer, Serializer};
 
-    pub fn serialize<S: Serializer>(e: &Errno, s: S) -> Result<S::Ok, S::Error> {
+    pub(super) fn serialize<S: Serializer>(e: &Errno, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_i32(*e as i32)
     }
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Errno, D::Error> {
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Errno, D::Error> {
         Ok(Errno::from_raw(i32::deserialize(d)?))
     }
 }

@@ -189,7 +189,7 @@ fn gossip_bytes_per_member_minute(n: usize, secs: u64) -> anyhow::Result<f64> {
     })
 }
 
-pub fn run(
+pub(crate) fn run(
     out: &Path,
     hosts: usize,
     per_host: usize,

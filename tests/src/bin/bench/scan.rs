@@ -54,7 +54,7 @@ pub(crate) fn snapshot(pids: &[u32]) -> anyhow::Result<Vec<u8>> {
     Ok(out)
 }
 
-pub fn run(out: &Path, guests: u32, rounds: usize) -> anyhow::Result<()> {
+pub(crate) fn run(out: &Path, guests: u32, rounds: usize) -> anyhow::Result<()> {
     let state = xtask::cmd::root().join("target/lab-bench");
     // SAFETY: single-threaded here; nothing else reads the environment.
     unsafe { std::env::set_var("MEMFABRIC_LAB_STATE", &state) };

@@ -39,7 +39,7 @@ struct Sample {
     longest_stop_ms: f64,
 }
 
-pub fn run(out: &Path, mib: usize, rounds: usize) -> anyhow::Result<()> {
+pub(crate) fn run(out: &Path, mib: usize, rounds: usize) -> anyhow::Result<()> {
     let exe = std::env::current_exe()?.with_file_name("memfabric-workload");
     let exe = exe.to_str().context("workload path")?.to_owned();
     let mut ksm = KsmSession::begin()?;
