@@ -183,6 +183,73 @@ fn scanning_never_unmerges_ksm_pages() {
     );
 }
 
+/// Pages on a KSM frame whose content was read once are not read again, and they account
+/// exactly as if they had been: two scanners, one reading every page and one skipping
+/// known frames, report the same figures pass after pass over merged, unique and zero
+/// memory; the skipping one reads the merged region once. With the content of a merged
+/// page changed (a write breaks COW onto a new frame), the change is seen in the next pass.
+#[test]
+#[serial(ksm)]
+fn known_frames_are_not_read_again_and_account_the_same() {
+    if !privileged("known_frames_are_not_read_again_and_account_the_same") {
+        return;
+    }
+    const N: usize = 2048;
+    let mut ksm = ksm_fast();
+    let mut w = Workload::spawn(WORKLOAD);
+    let merged = w.cmd(&format!("alloc {N} same"));
+    w.cmd(&format!("mergeable {merged}"));
+    w.cmd(&format!("alloc {N} unique"));
+    let span = w.span(&merged);
+    assert!(
+        wait_for(Duration::from_secs(90), || ksm_frames(w.pid, span) == N),
+        "KSM merged only {} of {N} pages",
+        ksm_frames(w.pid, span)
+    );
+    ksm.set("run", "0").unwrap();
+    let (mut all, mut skip) = (Scanner::new(2), Scanner::new(2));
+    all.set_skip_known(false);
+    let mut read = [0u64; 2];
+    for pass in 0..4 {
+        for (i, s) in [&mut all, &mut skip].into_iter().enumerate() {
+            let before = s.bytes_read();
+            s.pass(&[w.pid]).unwrap();
+            read[i] = s.bytes_read() - before;
+        }
+        let (a, b) = (all.report(), skip.report());
+        assert_eq!(
+            a.per_pid[&w.pid], b.per_pid[&w.pid],
+            "pass {pass}: the figures differ"
+        );
+        assert_eq!(a.per_pid[&w.pid].merged_pages, N as u64);
+        if pass > 0 {
+            // The merged region (one KSM frame, read once) is skipped, but for the
+            // occasional check; the unique pages are read.
+            let merged_bytes = (N * PAGE) as u64;
+            assert!(
+                read[1] + merged_bytes * 3 / 4 <= read[0],
+                "pass {pass}: read {} with skipping, {} without",
+                read[1],
+                read[0]
+            );
+        }
+    }
+    let (stats, frames) = skip.known_stats();
+    assert!(stats.skipped >= 3 * (N as u64) * 3 / 4, "{stats:?}");
+    assert_eq!(stats.mismatched, 0, "{stats:?}");
+    // One KSM frame per max_page_sharing sharers holds the merged region.
+    let per_frame: usize = std::fs::read_to_string("/sys/kernel/mm/ksm/max_page_sharing")
+        .map_or(256, |v| v.trim().parse().unwrap_or(256));
+    assert_eq!(frames, N.div_ceil(per_frame), "KSM frames remembered");
+    // A write to a merged page breaks COW onto a frame of its own: the next pass reads it.
+    w.cmd(&format!("touch {merged} 16"));
+    skip.pass(&[w.pid]).unwrap();
+    all.pass(&[w.pid]).unwrap();
+    let (a, b) = (all.report(), skip.report());
+    assert_eq!(a.per_pid[&w.pid], b.per_pid[&w.pid]);
+    assert_eq!(b.per_pid[&w.pid].merged_pages, (N - 16) as u64);
+}
+
 #[test]
 fn scanning_never_faults_pages_in() {
     if !privileged("scanning_never_faults_pages_in") {

@@ -46,4 +46,13 @@ pub enum InProcess {
         #[arg(long, default_value_t = 5)]
         rounds: usize,
     },
+    /// What one scan pass costs as guest RAM grows (holders of 1, 4, 16 GiB, half of it
+    /// merged by KSM): reading every page vs skipping pages whose content the frame tells.
+    Scale {
+        /// Sizes of guest RAM in GiB, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "1,4,16")]
+        gib: Vec<usize>,
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+    },
 }

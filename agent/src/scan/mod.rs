@@ -7,6 +7,7 @@
 
 pub mod account;
 pub mod content;
+pub mod known;
 pub mod page_state;
 pub mod recheck;
 pub mod worker;
@@ -58,6 +59,12 @@ pub struct Scanner {
     rechecks: recheck::Rechecks,
     /// The scanner's clock (seconds since this instant).
     epoch: std::time::Instant,
+    /// Frames whose content is known without a read (the zero page, KSM pages).
+    known: known::KnownFrames,
+    /// Whether known frames are skipped (off: every present page is read, as before).
+    skip_known: bool,
+    /// Per page of the run being read: its hash when known, else what a read checks.
+    lookups: Vec<known::Lookup>,
 }
 
 /// Reads `buf.len()` bytes at `addr` of the process whose `/proc/PID/mem` is `mem`;
@@ -98,7 +105,21 @@ impl Scanner {
             sketches: false,
             rechecks: recheck::Rechecks::default(),
             epoch: std::time::Instant::now(),
+            known: known::KnownFrames::default(),
+            skip_known: true,
+            lookups: Vec::with_capacity(CHUNK),
         }
+    }
+
+    /// Whether pages on the zero page or on a KSM frame of known content are skipped
+    /// (on by default; off reads every present page, for comparison).
+    pub fn set_skip_known(&mut self, on: bool) {
+        self.skip_known = on;
+    }
+
+    /// What skipping known frames did so far, and how many KSM frames are remembered.
+    pub fn known_stats(&self) -> (known::KnownStats, usize) {
+        (self.known.stats, self.known.len())
     }
 
     /// Builds each VM's content sketch in its report (the fabric's; off by default: they
@@ -194,6 +215,7 @@ impl Scanner {
             *self.vm_passes.entry(pid).or_default() += 1;
         }
         self.passes += 1;
+        self.known.forget_unseen(self.passes, self.procs.len());
         Ok(())
     }
 
@@ -226,32 +248,59 @@ impl Scanner {
                 while j < n && readable(&self.entries[j]) {
                     j += 1;
                 }
-                let bytes = (j - i) * PAGE;
                 // Frame flags first, so they describe the frames the data came from.
                 map.frame_flags_of(&self.entries[i..j], &mut self.frames);
-                let got = read_remote(mem, addr + (i * PAGE) as u64, &mut self.buf[..bytes]);
-                self.bytes_read += got as u64;
+                self.lookups.clear();
                 for k in i..j {
-                    let p = first + k;
-                    let off = (k - i) * PAGE;
-                    if off + PAGE > got {
-                        // Unmapped meanwhile: treat as not present.
-                        m.pages[p] = PageState::ABSENT;
+                    let f = self.frames[k - i];
+                    self.lookups.push(if self.skip_known {
+                        self.known.lookup(
+                            self.entries[k].pfn(),
+                            f.ksm,
+                            f.zero_page,
+                            self.zero_hash,
+                            self.passes,
+                        )
+                    } else {
+                        known::Lookup::Read { expect: None }
+                    });
+                }
+                // Runs of pages that must be read, one read each; known pages between them.
+                let mut a = i;
+                while a < j {
+                    if let known::Lookup::Known(h) = self.lookups[a - i] {
+                        let f = self.frames[a - i];
+                        m.pages[first + a] = m.pages[first + a].rescanned(h, page_flags(false, f));
+                        a += 1;
                         continue;
                     }
-                    let page = &self.buf[off..off + PAGE];
-                    let h = xxh3_64(page);
-                    let pagemap::FrameFlags {
-                        ksm: merged,
-                        zero_page: zero_frame,
-                        thp,
-                    } = self.frames[k - i];
-                    let zero = !zero_frame && h == self.zero_hash && page.iter().all(|b| *b == 0);
-                    let flags = if zero { F_ZERO } else { 0 }
-                        | if zero_frame { F_ZERO_FRAME } else { 0 }
-                        | if thp { F_THP } else { 0 }
-                        | if merged { F_MERGED } else { 0 };
-                    m.pages[p] = m.pages[p].rescanned(h, flags);
+                    let mut b = a;
+                    while b < j && !matches!(self.lookups[b - i], known::Lookup::Known(_)) {
+                        b += 1;
+                    }
+                    let bytes = (b - a) * PAGE;
+                    let got = read_remote(mem, addr + (a * PAGE) as u64, &mut self.buf[..bytes]);
+                    self.bytes_read += got as u64;
+                    for k in a..b {
+                        let p = first + k;
+                        let off = (k - a) * PAGE;
+                        if off + PAGE > got {
+                            // Unmapped meanwhile: treat as not present.
+                            m.pages[p] = PageState::ABSENT;
+                            continue;
+                        }
+                        let page = &self.buf[off..off + PAGE];
+                        let h = xxh3_64(page);
+                        let f = self.frames[k - i];
+                        if let known::Lookup::Read { expect } = self.lookups[k - i] {
+                            self.known
+                                .read(self.entries[k].pfn(), f.ksm, h, expect, self.passes);
+                        }
+                        let zero =
+                            !f.zero_page && h == self.zero_hash && page.iter().all(|b| *b == 0);
+                        m.pages[p] = m.pages[p].rescanned(h, page_flags(zero, f));
+                    }
+                    a = b;
                 }
                 i = j;
             }
@@ -357,6 +406,12 @@ impl Scanner {
         report.state_bytes_per_page = page_state::BYTES_PER_PAGE;
         (report, table)
     }
+}
+
+/// A page's flags from what its content and frame showed.
+fn page_flags(zero: bool, f: pagemap::FrameFlags) -> u8 {
+    let bit = |on: bool, flag: u8| if on { flag } else { 0 };
+    bit(zero, F_ZERO) | bit(f.zero_page, F_ZERO_FRAME) | bit(f.thp, F_THP) | bit(f.ksm, F_MERGED)
 }
 
 /// Sleeps for `d`, in slices of at most 50 ms, and returns early once `stop` is set: at

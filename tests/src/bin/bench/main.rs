@@ -20,6 +20,7 @@ use xtask::{
 };
 
 mod fabric;
+mod scale;
 mod scan;
 mod unmerge;
 
@@ -242,5 +243,6 @@ fn main() -> anyhow::Result<()> {
             gossip_interval_s.max(0.1),
         ),
         InProcess::Unmerge { mib, rounds } => unmerge::run(&cli.out, mib.max(16), rounds.max(1)),
+        InProcess::Scale { gib, rounds } => scale::run(&cli.out, &gib, rounds.max(1)),
     }
 }

@@ -1,0 +1,162 @@
+//! Pages whose content the scanner knows without reading them. Two kinds of frame cannot
+//! change under a process: the kernel's shared zero page (a write faults a new page in),
+//! and a KSM page (write-protected; a write breaks COW onto a new frame, and KSM never
+//! writes a stable page in place). So a page still mapped to the zero page is zero, and a
+//! page still mapped to a KSM frame whose content was read once holds that content: in a
+//! merged host most of the guest RAM is such pages, and reading them again on every pass
+//! was most of the scan's cost.
+//!
+//! The frame is the key. A KSM frame that is freed and reused for another KSM page would
+//! keep a stale entry: entries not seen for [`FORGET_AFTER_PASSES`] VM passes are dropped
+//! (a freed KSM page is not seen again), and a rotating sample of one hit in
+//! [`VERIFY_ONE_IN`] is read anyway and compared; a mismatch replaces the entry and is
+//! counted.
+
+use rustc_hash::FxHashMap;
+
+/// One hit in this many is read anyway and checked (a different sample each pass).
+pub const VERIFY_ONE_IN: u64 = 16;
+/// VM passes after which a KSM frame not seen again is forgotten, per tracked VM.
+pub const FORGET_AFTER_PASSES: u32 = 2;
+
+/// What the cache did, for the scan's figures.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KnownStats {
+    /// Pages not read: on the zero page, or on a KSM frame of known content.
+    pub skipped: u64,
+    /// Hits read anyway to check them, and of those, the ones that differed.
+    pub verified: u64,
+    pub mismatched: u64,
+}
+
+/// Content hashes of KSM frames, by frame number.
+#[derive(Default)]
+pub struct KnownFrames {
+    /// Frame -> (full hash, pass last seen).
+    ksm: FxHashMap<u64, (u64, u32)>,
+    pub stats: KnownStats,
+}
+
+/// What to do with one present page.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lookup {
+    /// Its content's hash is known: no read.
+    Known(u64),
+    /// Read it; if `expect` is set, the read checks a known hash.
+    Read { expect: Option<u64> },
+}
+
+impl KnownFrames {
+    /// The page on frame `pfn` (0: unknown) with these kpageflags, in pass `pass`.
+    pub fn lookup(
+        &mut self,
+        pfn: u64,
+        ksm: bool,
+        zero_page: bool,
+        zero_hash: u64,
+        pass: u32,
+    ) -> Lookup {
+        if zero_page {
+            self.stats.skipped += 1;
+            return Lookup::Known(zero_hash);
+        }
+        if !ksm || pfn == 0 {
+            return Lookup::Read { expect: None };
+        }
+        let Some(entry) = self.ksm.get_mut(&pfn) else {
+            return Lookup::Read { expect: None };
+        };
+        entry.1 = pass;
+        // A sample that moves with the pass: every frame is checked now and then.
+        let mix = pfn
+            .wrapping_add(u64::from(pass))
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        if (mix >> 32) % VERIFY_ONE_IN == 0 {
+            return Lookup::Read {
+                expect: Some(entry.0),
+            };
+        }
+        self.stats.skipped += 1;
+        Lookup::Known(entry.0)
+    }
+
+    /// A page read with full hash `hash`: remembered when its frame is a KSM page; a
+    /// check (`expect`) that failed is counted.
+    pub fn read(&mut self, pfn: u64, ksm: bool, hash: u64, expect: Option<u64>, pass: u32) {
+        if let Some(e) = expect {
+            self.stats.verified += 1;
+            if e != hash {
+                self.stats.mismatched += 1;
+            }
+        }
+        if ksm && pfn != 0 {
+            self.ksm.insert(pfn, (hash, pass));
+        }
+    }
+
+    /// Drops frames not seen in the last `FORGET_AFTER_PASSES * vms` passes.
+    pub fn forget_unseen(&mut self, pass: u32, vms: usize) {
+        let keep =
+            FORGET_AFTER_PASSES.saturating_mul(u32::try_from(vms.max(1)).unwrap_or(u32::MAX));
+        self.ksm
+            .retain(|_, (_, seen)| pass.saturating_sub(*seen) <= keep);
+    }
+
+    /// KSM frames remembered.
+    pub fn len(&self) -> usize {
+        self.ksm.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ksm.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_and_remembered_ksm_frames_are_not_read_and_a_sample_is_checked() {
+        let mut k = KnownFrames::default();
+        // The zero page: known, whatever its frame.
+        assert_eq!(k.lookup(7, false, true, 42, 1), Lookup::Known(42));
+        // A plain page: read; a KSM frame seen for the first time: read, then remembered.
+        assert_eq!(
+            k.lookup(9, false, false, 42, 1),
+            Lookup::Read { expect: None }
+        );
+        assert_eq!(
+            k.lookup(10, true, false, 42, 1),
+            Lookup::Read { expect: None }
+        );
+        k.read(10, true, 0xabc, None, 1);
+        // Frame number 0 (no CAP_SYS_ADMIN) is never a key.
+        k.read(0, true, 0xdef, None, 1);
+        assert_eq!(k.len(), 1);
+        // Seen again over many passes: known, except a sample of about 1 in 16.
+        let (mut known, mut checked) = (0, 0);
+        for pass in 2..2002 {
+            match k.lookup(10, true, false, 42, pass) {
+                Lookup::Known(h) => {
+                    assert_eq!(h, 0xabc);
+                    known += 1;
+                }
+                Lookup::Read { expect } => {
+                    assert_eq!(expect, Some(0xabc));
+                    k.read(10, true, 0xabc, expect, pass);
+                    checked += 1;
+                }
+            }
+        }
+        assert!((60..200).contains(&checked), "{checked} of 2000 checked");
+        assert_eq!(known + checked, 2000);
+        assert_eq!(k.stats.mismatched, 0);
+        // A check that finds other content replaces the entry and is counted.
+        k.read(10, true, 0x123, Some(0xabc), 3000);
+        assert_eq!(k.stats.mismatched, 1);
+        // Not seen for long: forgotten.
+        k.forget_unseen(3000 + 2 * 4 + 1, 4);
+        assert!(k.is_empty());
+    }
+}

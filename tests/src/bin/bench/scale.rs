@@ -1,0 +1,236 @@
+//! `bench scale`: what one scan pass costs as guest RAM grows, with the scanner reading
+//! every present page (as before) and skipping pages whose content it knows from their
+//! frame (the zero page, KSM frames read once), side by side on the same memory.
+//!
+//! Per size: four holder processes share the RAM; half of each is content all four hold
+//! (KSM merges it), 40 % is unique, 10 % unique and rewritten every second. KSM merges
+//! first (fast), then runs at its default pace while the passes are measured. Both
+//! scanners pass over all four holders in turn, rounds interleaved; their first pass (cold:
+//! nothing known) is reported apart from the steady ones (medians). Their reports must
+//! agree: a skipped page must account as if it had been read.
+
+use std::{fmt::Write as _, fs, path::Path, time::Duration};
+
+use anyhow::Context as _;
+use memfabric::{scan::Scanner, util::thread_cpu};
+use memfabric_tests::{KsmSession, Workload, ksm_stat, wait_for};
+
+use crate::LIVE_BYTES;
+
+/// One measured pass.
+struct Pass {
+    gib: usize,
+    skip: bool,
+    cold: bool,
+    cpu_s: f64,
+    bytes_read: u64,
+    skipped: u64,
+}
+
+/// Per size: the figures that do not vary by pass.
+struct Size {
+    gib: usize,
+    merged_pages: u64,
+    /// Scanner state after a pass (bytes allocated and held), without and with skipping.
+    state_bytes: [u64; 2],
+    /// Potential savings each scanner reported (MiB), and the merged pages each counted.
+    savings_mib: [f64; 2],
+    merged_counted: [u64; 2],
+    known_frames: usize,
+    mismatched: u64,
+}
+
+pub(crate) fn run(out: &Path, sizes: &[usize], rounds: usize) -> anyhow::Result<()> {
+    let exe = std::env::current_exe()?.with_file_name("memfabric-workload");
+    let exe = exe.to_str().context("workload path")?.to_owned();
+    let mut passes = Vec::new();
+    let mut figures = Vec::new();
+    for &gib in sizes {
+        let mut ksm = KsmSession::begin()?;
+        for (k, v) in [
+            ("pages_to_scan", "20000"),
+            ("sleep_millisecs", "10"),
+            ("run", "1"),
+        ] {
+            ksm.set(k, v)?;
+        }
+        let holders = hold(&exe, gib)?;
+        let shared_pages = (gib << 18) / 2 / 4;
+        // Three of each four copies of the shared half become sharers of a KSM page.
+        let want = (shared_pages * 4 * 9 / 10) as i64;
+        let merged = || -> i64 {
+            holders
+                .iter()
+                .map(|w| ksm_stat(w.pid, "ksm_merging_pages"))
+                .sum()
+        };
+        let t = std::time::Instant::now();
+        anyhow::ensure!(
+            wait_for(Duration::from_secs(900), || merged() >= want),
+            "KSM merged {} of {want} pages in 15 minutes",
+            merged()
+        );
+        eprintln!(
+            "{gib} GiB: {} pages merged in {:.0} s",
+            merged(),
+            t.elapsed().as_secs_f64()
+        );
+        // Steady state: KSM at its default pace, as a host runs it.
+        ksm.set("pages_to_scan", "100")?;
+        ksm.set("sleep_millisecs", "20")?;
+        let pids: Vec<u32> = holders.iter().map(|w| w.pid).collect();
+        let mut scanners = Vec::new();
+        let mut state_bytes = [0; 2];
+        for (i, skip) in [false, true].into_iter().enumerate() {
+            let before = LIVE_BYTES.load(std::sync::atomic::Ordering::Relaxed);
+            let mut s = Scanner::new(2);
+            s.set_skip_known(skip);
+            passes.push(measure(&mut s, &pids, gib, skip, true)?);
+            state_bytes[i] =
+                (LIVE_BYTES.load(std::sync::atomic::Ordering::Relaxed) - before) as u64;
+            scanners.push(s);
+        }
+        for round in 0..rounds {
+            for i in if round % 2 == 0 { [0, 1] } else { [1, 0] } {
+                let p = measure(&mut scanners[i], &pids, gib, i == 1, false)?;
+                eprintln!(
+                    "{gib} GiB round {round} {}: {:.3} s CPU, {} MiB read, {} pages skipped",
+                    if i == 1 { "skipping" } else { "reading all" },
+                    p.cpu_s,
+                    p.bytes_read >> 20,
+                    p.skipped
+                );
+                passes.push(p);
+            }
+        }
+        let reports: Vec<_> = scanners.iter().map(Scanner::report).collect();
+        let (stats, frames) = scanners[1].known_stats();
+        figures.push(Size {
+            gib,
+            merged_pages: merged() as u64,
+            state_bytes,
+            savings_mib: [0, 1]
+                .map(|i| reports[i].total.potential_savings_bytes as f64 / 1048576.0),
+            merged_counted: [0, 1].map(|i| reports[i].total.merged_pages),
+            known_frames: frames,
+            mismatched: stats.mismatched,
+        });
+        drop(scanners);
+        drop(holders);
+        drop(ksm);
+    }
+    report(out, rounds, &passes, &figures)
+}
+
+/// Four holders of `gib` GiB in all: half shared content, 40 % unique, 10 % unique and
+/// rewritten every second; all mergeable.
+fn hold(exe: &str, gib: usize) -> anyhow::Result<Vec<Workload>> {
+    let pages = (gib << 18) / 4;
+    let mut out = Vec::new();
+    for _ in 0..4 {
+        let mut w = Workload::spawn(exe);
+        for (share, fill) in [(50, "ids 1"), (40, "unique"), (10, "unique")] {
+            let region = w.cmd(&format!("alloc {} {fill}", pages * share / 100));
+            w.cmd(&format!("mergeable {region}"));
+            if share == 10 {
+                w.cmd(&format!("flip {region} 1000"));
+            }
+        }
+        out.push(w);
+    }
+    Ok(out)
+}
+
+/// One unpaced pass over `pids`, its CPU and reads.
+fn measure(
+    s: &mut Scanner,
+    pids: &[u32],
+    gib: usize,
+    skip: bool,
+    cold: bool,
+) -> anyhow::Result<Pass> {
+    let (bytes0, skipped0) = (s.bytes_read(), s.known_stats().0.skipped);
+    let cpu0 = thread_cpu();
+    s.pass(pids)?;
+    Ok(Pass {
+        gib,
+        skip,
+        cold,
+        cpu_s: thread_cpu() - cpu0,
+        bytes_read: s.bytes_read() - bytes0,
+        skipped: s.known_stats().0.skipped - skipped0,
+    })
+}
+
+fn report(out: &Path, rounds: usize, passes: &[Pass], sizes: &[Size]) -> anyhow::Result<()> {
+    let dir = xtask::report::dir(out, "scale")?;
+    let mut csv = String::from("gib,skip_known,cold,cpu_s,bytes_read,pages_skipped\n");
+    for p in passes {
+        writeln!(
+            csv,
+            "{},{},{},{:.4},{},{}",
+            p.gib, p.skip, p.cold, p.cpu_s, p.bytes_read, p.skipped
+        )?;
+    }
+    fs::write(dir.join("passes.csv"), csv)?;
+    let med = |gib: usize, skip: bool, f: fn(&Pass) -> f64| {
+        let mut v: Vec<f64> = passes
+            .iter()
+            .filter(|p| p.gib == gib && p.skip == skip && !p.cold)
+            .map(f)
+            .collect();
+        xtask::report::median(&mut v)
+    };
+    let mut md = format!(
+        "# bench scale\n\nFour holders per size: 50 % content all four hold (merged by KSM), \
+         40 % unique, 10 % unique and rewritten every second. One pass = all four holders, \
+         unpaced. Steady passes: medians of {rounds} interleaved rounds after a cold first \
+         pass each. CPU is the scan thread's.\n\n\
+         | guest RAM | reads all: CPU s/pass | skips known: CPU s/pass | ratio | reads all: \
+         MiB read/pass | skips known: MiB read/pass | CPU ms per GiB per pass (all / skip) \
+         |\n|---|---|---|---|---|---|---|\n"
+    );
+    for s in sizes {
+        let (a, b) = (
+            med(s.gib, false, |p| p.cpu_s),
+            med(s.gib, true, |p| p.cpu_s),
+        );
+        writeln!(
+            md,
+            "| {} GiB | {a:.3} | {b:.3} | {:.2} | {:.0} | {:.0} | {:.1} / {:.1} |",
+            s.gib,
+            b / a,
+            med(s.gib, false, |p| p.bytes_read as f64) / 1048576.0,
+            med(s.gib, true, |p| p.bytes_read as f64) / 1048576.0,
+            a * 1e3 / s.gib as f64,
+            b * 1e3 / s.gib as f64,
+        )?;
+    }
+    writeln!(
+        md,
+        "\n| guest RAM | pages merged (KSM) | merged pages counted (all / skip) | potential \
+         savings MiB (all / skip) | scanner state MiB (all / skip) | state bytes per GiB of \
+         guest RAM (skip) | KSM frames remembered | checks that differed |\n\
+         |---|---|---|---|---|---|---|---|"
+    )?;
+    for s in sizes {
+        writeln!(
+            md,
+            "| {} GiB | {} | {} / {} | {:.1} / {:.1} | {:.1} / {:.1} | {:.0} | {} | {} |",
+            s.gib,
+            s.merged_pages,
+            s.merged_counted[0],
+            s.merged_counted[1],
+            s.savings_mib[0],
+            s.savings_mib[1],
+            s.state_bytes[0] as f64 / 1048576.0,
+            s.state_bytes[1] as f64 / 1048576.0,
+            s.state_bytes[1] as f64 / s.gib as f64,
+            s.known_frames,
+            s.mismatched
+        )?;
+    }
+    fs::write(dir.join("summary.md"), &md)?;
+    println!("{md}\nreport: {}", dir.display());
+    Ok(())
+}
