@@ -90,16 +90,7 @@ mod decide {
         }
 
         fn state(v: &Vm) -> VmState {
-            VmState {
-                vm: v.clone(),
-                ksm: Default::default(),
-                probes: None,
-                scan: None,
-                scan_pass_seconds: None,
-                range_classes: None,
-                write_faults_per_sec: 0.0,
-                cow_breaks_per_sec: 0.0,
-            }
+            VmState::new(v.clone())
         }
 
         fn ksm(full_scans: i64, sharing: i64) -> KsmHost {

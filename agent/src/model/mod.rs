@@ -61,6 +61,22 @@ pub struct VmState {
     pub cow_breaks_per_sec: f64,
 }
 
+impl VmState {
+    /// A VM as first seen: no KSM, scan or probe figures yet.
+    pub fn new(vm: Vm) -> VmState {
+        VmState {
+            vm,
+            ksm: KsmStat::default(),
+            probes: None,
+            scan: None,
+            scan_pass_seconds: None,
+            range_classes: None,
+            write_faults_per_sec: 0.0,
+            cow_breaks_per_sec: 0.0,
+        }
+    }
+}
+
 /// Where scan results and probe heat are joined: the scanned ranges ranked once per scan
 /// pass, with the probes' write heat of the interval since the previous ranking.
 pub struct Ranking {

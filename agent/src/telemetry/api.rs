@@ -463,16 +463,7 @@ mod tests {
         });
         let vm: crate::host::inventory::Vm = serde_json::from_value(json).unwrap();
         let mut s = HostState::default();
-        s.vms.push(crate::model::VmState {
-            vm,
-            ksm: Default::default(),
-            probes: None,
-            scan: None,
-            scan_pass_seconds: None,
-            range_classes: None,
-            write_faults_per_sec: 0.0,
-            cow_breaks_per_sec: 0.0,
-        });
+        s.vms.push(crate::model::VmState::new(vm));
         s.hints = Some(crate::wire::HintsStatus {
             recent: vec![crate::wire::HintView {
                 vm: "vm-a".into(),

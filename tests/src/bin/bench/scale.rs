@@ -13,7 +13,7 @@ use std::{fmt::Write as _, fs, path::Path, time::Duration};
 
 use anyhow::Context as _;
 use memfabric::{scan::Scanner, util::thread_cpu};
-use memfabric_tests::{KsmSession, Workload, ksm_stat, wait_for};
+use memfabric_tests::{Workload, ksm_stat, wait_for};
 
 use crate::LIVE_BYTES;
 
@@ -46,14 +46,7 @@ pub(crate) fn run(out: &Path, sizes: &[usize], rounds: usize) -> anyhow::Result<
     let mut passes = Vec::new();
     let mut figures = Vec::new();
     for &gib in sizes {
-        let mut ksm = KsmSession::begin()?;
-        for (k, v) in [
-            ("pages_to_scan", "20000"),
-            ("sleep_millisecs", "10"),
-            ("run", "1"),
-        ] {
-            ksm.set(k, v)?;
-        }
+        let mut ksm = memfabric_tests::ksm_bench()?;
         let holders = hold(&exe, gib)?;
         let shared_pages = (gib << 18) / 2 / 4;
         // Three of each four copies of the shared half become sharers of a KSM page.

@@ -10,7 +10,7 @@ use std::{fmt::Write as _, fs, path::Path, time::Duration};
 
 use anyhow::Context as _;
 use memfabric::actuate::inject::{self, Advice};
-use memfabric_tests::{KsmSession, Workload, ksm_kb};
+use memfabric_tests::{Workload, ksm_kb};
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Way {
@@ -42,14 +42,7 @@ struct Sample {
 pub(crate) fn run(out: &Path, mib: usize, rounds: usize) -> anyhow::Result<()> {
     let exe = std::env::current_exe()?.with_file_name("memfabric-workload");
     let exe = exe.to_str().context("workload path")?.to_owned();
-    let mut ksm = KsmSession::begin()?;
-    for (k, v) in [
-        ("pages_to_scan", "20000"),
-        ("sleep_millisecs", "10"),
-        ("run", "1"),
-    ] {
-        ksm.set(k, v)?;
-    }
+    let ksm = memfabric_tests::ksm_bench()?;
     let mut samples = Vec::new();
     for round in 0..rounds {
         let order = if round % 2 == 0 {
