@@ -493,11 +493,7 @@ fn get_with(port: u16, path: &str, credential: &str) -> Option<u16> {
 
 /// CPU seconds `pid` has used (utime + stime).
 fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let f: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
-    let ticks: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
-    // SAFETY: no preconditions.
-    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+    memfabric::host::ksm::cpu_seconds(pid).expect("the daemon's /proc/PID/stat")
 }
 
 #[test]

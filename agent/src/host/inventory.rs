@@ -404,29 +404,28 @@ fn kind_from_comm(comm: &str) -> Option<VmKind> {
     }
 }
 
-/// Fields of /proc/PID/stat after the command name (which may hold spaces and ')').
-fn stat_fields(pid: u32) -> Option<Vec<String>> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &stat[stat.rfind(')')? + 1..];
-    Some(rest.split_whitespace().map(str::to_owned).collect())
+/// /proc/PID/stat, parsed by procfs (the command name may hold spaces and ')').
+fn stat(pid: u32) -> Option<procfs::process::Stat> {
+    procfs::process::Process::new(i32::try_from(pid).ok()?)
+        .ok()?
+        .stat()
+        .ok()
 }
 
 /// When the process started (clock ticks after boot): with the PID, a process's identity,
 /// since PIDs are reused.
 pub fn start_time(pid: u32) -> Option<u64> {
-    // Field 22 of stat; the 20th after the command name.
-    stat_fields(pid)?.get(19)?.parse().ok()
+    stat(pid).map(|s| s.starttime)
 }
 
-/// A process's parent (field 4 of stat).
+/// A process's parent.
 pub fn parent_pid(pid: u32) -> Option<u32> {
-    stat_fields(pid)?.get(1)?.parse().ok()
+    stat(pid).and_then(|s| u32::try_from(s.ppid).ok())
 }
 
-/// A process's state letter and `flags` (PF_*) from /proc/PID/stat.
+/// A process's state letter and `flags` (PF_*).
 pub fn state_and_flags(pid: u32) -> Option<(String, u64)> {
-    let f = stat_fields(pid)?;
-    Some((f.first()?.clone(), f.get(6)?.parse().ok()?))
+    stat(pid).map(|s| (s.state.to_string(), u64::from(s.flags)))
 }
 
 /// Whether `pid` is a kernel thread (`PF_KTHREAD`): no user memory to track.

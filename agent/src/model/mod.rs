@@ -1,5 +1,7 @@
-//! The host's view, refreshed by the daemon and served as /metrics, /v1/status and the
-//! `status` table: per VM what KSM merged and what the probes saw, and the host's KSM.
+//! The pure joins of the loop: each VM's state this tick (its KSM figures, scan counts,
+//! range classes and probe rates: [`VmState`]) and the ranking of a new scan pass with the
+//! probes' heat since the last one ([`Ranking`], [`rank`]). The published document built
+//! from them is [`crate::wire::HostState`].
 
 use std::{collections::BTreeMap, sync::Arc, time::Instant};
 

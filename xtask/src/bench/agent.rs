@@ -24,12 +24,7 @@ use xtask::{
 
 /// utime + stime (s) and RSS (KiB) of a process.
 fn usage(pid: u32) -> Option<(f64, u64)> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = stat.rsplit_once(')')?.1;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    let cpu = (f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?) as f64 / hz;
+    let cpu = memfabric::host::ksm::cpu_seconds(pid)?;
     let rss = lab::proc_field(pid, "status", "VmRSS:")?;
     Some((cpu, rss))
 }
