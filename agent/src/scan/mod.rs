@@ -292,7 +292,9 @@ impl Scanner {
                         let page = &self.buf[off..off + PAGE];
                         let h = xxh3_64(page);
                         let f = self.frames[k - i];
-                        if let known::Lookup::Read { expect } = self.lookups[k - i] {
+                        if self.skip_known
+                            && let known::Lookup::Read { expect } = self.lookups[k - i]
+                        {
                             self.known
                                 .read(self.entries[k].pfn(), f.ksm, h, expect, self.passes);
                         }
