@@ -10,7 +10,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     host::ksm::KsmHost,
-    model::{VmState, rank::RankedRanges},
+    model::{
+        VmState,
+        rank::{RangeClass, RankPolicy, RankedRange, RankedRanges},
+    },
 };
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -172,6 +175,34 @@ pub struct HintsStatus {
     pub mapping_pieces: Vec<VmPieces>,
     /// The latest decisions, oldest first.
     pub recent: Vec<HintView>,
+}
+
+/// One page of `/v1/ranges`: a VM's ranked 2 MiB ranges in address order, with the
+/// ranking's policy and heat window.
+#[derive(Debug, Serialize)]
+pub struct RangesPageV1<'a> {
+    pub vm: &'a str,
+    pub pid: u32,
+    /// Scan passes over the VM so far.
+    pub passes: Option<u32>,
+    pub heat_window_seconds: f64,
+    pub policy: RankPolicy,
+    pub classes: Option<&'a BTreeMap<RangeClass, u32>>,
+    /// Ranges of the VM in all, the first one on this page, and the next page's.
+    pub total: usize,
+    pub offset: usize,
+    pub next_offset: Option<usize>,
+    pub ranges: Vec<RangeRow<'a>>,
+}
+
+/// One range of a [`RangesPageV1`]: its figures, and with addresses hidden its offset
+/// into the guest RAM (the VM's mappings laid end to end; null when it lies in none).
+#[derive(Debug, Serialize)]
+pub struct RangeRow<'a> {
+    #[serde(flatten)]
+    pub range: &'a RankedRange,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub offset: Option<Option<u64>>,
 }
 
 /// What became of one hint decision. Served as the strings the API has always carried:
