@@ -24,6 +24,9 @@ pub const FORGET_AFTER_PASSES: u32 = 2;
 pub struct KnownStats {
     /// Pages not read: on the zero page, or on a KSM frame of known content.
     pub skipped: u64,
+    /// Settled pages not read in this pass (read in one pass of
+    /// [`super::page_state::SAMPLE_ONE_IN`]).
+    pub kept: u64,
     /// Hits read anyway to check them, and of those, the ones that differed.
     pub verified: u64,
     pub mismatched: u64,
@@ -42,6 +45,8 @@ pub struct KnownFrames {
 pub enum Lookup {
     /// Its content's hash is known: no read.
     Known(u64),
+    /// A settled page outside this pass's sample: taken as unchanged, not read.
+    Kept,
     /// Read it; if `expect` is set, the read checks a known hash.
     Read { expect: Option<u64> },
 }
@@ -71,7 +76,7 @@ impl KnownFrames {
         let mix = pfn
             .wrapping_add(u64::from(pass))
             .wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        if (mix >> 32) % VERIFY_ONE_IN == 0 {
+        if (mix >> 32).is_multiple_of(VERIFY_ONE_IN) {
             return Lookup::Read {
                 expect: Some(entry.0),
             };
@@ -147,6 +152,7 @@ mod tests {
                     k.read(10, true, 0xabc, expect, pass);
                     checked += 1;
                 }
+                Lookup::Kept => unreachable!("the cache never keeps: the scanner does"),
             }
         }
         assert!((60..200).contains(&checked), "{checked} of 2000 checked");

@@ -18,7 +18,7 @@ use xxhash_rust::xxh3::xxh3_64;
 
 use account::Mapping;
 pub use account::{Counts, RANGE_BYTES, RangeCounts, Report};
-use page_state::{F_MERGED, F_THP, F_ZERO, F_ZERO_FRAME, PageState};
+use page_state::{F_MERGED, F_THP, F_ZERO, F_ZERO_FRAME, PageState, SAMPLE_ONE_IN};
 
 use crate::host::{maps, pagemap};
 
@@ -228,6 +228,7 @@ impl Scanner {
         progress: &mut dyn FnMut(u64),
     ) -> Result<(), ScanError> {
         let pages = m.pages.len();
+        let vm_pass = self.vm_passes.get(&pid).copied().unwrap_or(0) as usize;
         let readable = |e: &pagemap::Entry| e.present() && !e.swapped();
         let mut first = 0;
         while first < pages {
@@ -253,7 +254,7 @@ impl Scanner {
                 self.lookups.clear();
                 for k in i..j {
                     let f = self.frames[k - i];
-                    self.lookups.push(if self.skip_known {
+                    let lookup = if self.skip_known {
                         self.known.lookup(
                             self.entries[k].pfn(),
                             f.ksm,
@@ -263,19 +264,41 @@ impl Scanner {
                         )
                     } else {
                         known::Lookup::Read { expect: None }
-                    });
+                    };
+                    // A settled page on a frame of its own: read in one pass of
+                    // SAMPLE_ONE_IN, by its place in the mapping.
+                    let lookup = match lookup {
+                        known::Lookup::Read { expect: None }
+                            if self.skip_known
+                                && m.pages[first + k].settled()
+                                && !(first + k + vm_pass).is_multiple_of(SAMPLE_ONE_IN) =>
+                        {
+                            self.known.stats.kept += 1;
+                            known::Lookup::Kept
+                        }
+                        l => l,
+                    };
+                    self.lookups.push(lookup);
                 }
                 // Runs of pages that must be read, one read each; known pages between them.
+                let read = |l: &known::Lookup| matches!(l, known::Lookup::Read { .. });
                 let mut a = i;
                 while a < j {
-                    if let known::Lookup::Known(h) = self.lookups[a - i] {
-                        let f = self.frames[a - i];
-                        m.pages[first + a] = m.pages[first + a].rescanned(h, page_flags(false, f));
+                    let f = self.frames[a - i];
+                    let p = first + a;
+                    match self.lookups[a - i] {
+                        known::Lookup::Known(h) => {
+                            m.pages[p] = m.pages[p].rescanned(h, page_flags(false, f));
+                        }
+                        known::Lookup::Kept => m.pages[p] = m.pages[p].kept(page_flags(false, f)),
+                        known::Lookup::Read { .. } => {}
+                    }
+                    if !read(&self.lookups[a - i]) {
                         a += 1;
                         continue;
                     }
                     let mut b = a;
-                    while b < j && !matches!(self.lookups[b - i], known::Lookup::Known(_)) {
+                    while b < j && read(&self.lookups[b - i]) {
                         b += 1;
                     }
                     let bytes = (b - a) * PAGE;

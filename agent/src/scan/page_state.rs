@@ -19,6 +19,14 @@ const CHANGES_MAX: u8 = 3;
 /// ksmd merged them in between (8,000 COW breaks per guest).
 pub const CHANGE_MEMORY: u16 = 8;
 
+/// Unchanged passes after which a page on a frame of its own is settled: it is read in one
+/// pass of [`SAMPLE_ONE_IN`] only (a rotating sample) and taken as unchanged in the
+/// others. Memory that has not changed for this long rarely starts again; when it does,
+/// the change is seen within `SAMPLE_ONE_IN` passes instead of one.
+pub const SETTLED_AFTER: u16 = 32;
+/// A settled page is read once in this many passes.
+pub const SAMPLE_ONE_IN: usize = 8;
+
 /// The page was present (and read) in the last pass.
 pub const F_PRESENT: u8 = 1;
 /// Zero content on a frame of its own (KSM can save it).
@@ -91,6 +99,22 @@ impl PageState {
         self.changed() || self.changes() >= 2
     }
 
+    /// Present, unchanged for [`SETTLED_AFTER`] passes and no recent change.
+    pub fn settled(self) -> bool {
+        self.has(F_PRESENT) && self.unchanged() >= SETTLED_AFTER && self.changes() == 0
+    }
+
+    /// The state after a pass that did not read this settled page: one more unchanged
+    /// pass, the frame's current `flags` (its zero content kept, which only a read tells).
+    pub fn kept(self, flags: u8) -> PageState {
+        PageState::with_changes(
+            self.hash(),
+            flags | (self.flags() & F_ZERO) | F_PRESENT | F_SEEN,
+            self.unchanged().saturating_add(1),
+            0,
+        )
+    }
+
     /// The state after reading the page again with full hash `hash` and frame flags
     /// `flags` (without `F_PRESENT`/`F_SEEN`, which this sets).
     pub fn rescanned(self, hash: u64, flags: u8) -> PageState {
@@ -139,6 +163,22 @@ mod tests {
         assert_eq!(second.unchanged(), 1);
         // A change in the kept bits resets the count.
         assert_eq!(second.rescanned(43 << 16, 0).unchanged(), 0);
+    }
+
+    #[test]
+    fn settled_pages_are_kept_with_their_content_flags() {
+        let mut s = PageState::ABSENT.rescanned(5 << 16, F_ZERO);
+        for _ in 0..SETTLED_AFTER {
+            assert!(!s.settled());
+            s = s.rescanned(5 << 16, F_ZERO);
+        }
+        assert!(s.settled());
+        let k = s.kept(F_THP);
+        assert_eq!(k.hash(), s.hash());
+        assert_eq!(k.flags(), F_ZERO | F_THP | F_PRESENT | F_SEEN);
+        assert_eq!(k.unchanged(), s.unchanged() + 1);
+        // A change read in a sampled pass unsettles it.
+        assert!(!k.rescanned(6 << 16, 0).settled());
     }
 
     #[test]
