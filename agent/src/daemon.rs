@@ -215,7 +215,7 @@ impl Daemon {
     /// was watching (a restarted daemon on a host whose VMs are merged), so writes to them
     /// count as COW breaks. Costs one pagemap walk, only for a process that has merged pages.
     fn seed_merged(&mut self, pid: u32) {
-        let expected = KsmStat::read(pid).merging_pages.max(0) as usize;
+        let expected = usize::try_from(KsmStat::read(pid).merging_pages).unwrap_or(0);
         if expected == 0 {
             return;
         }

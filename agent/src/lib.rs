@@ -11,6 +11,9 @@
 //! The `ebpf` feature (default) builds and embeds the probes; without it (xtask's view) the
 //! library has no eBPF dependency: inventory, scan, policy and actuate only.
 
+// Narrowing casts go through `util::convert`, each written once with why it is sound.
+#![deny(clippy::cast_possible_truncation)]
+
 pub mod actuate;
 pub mod addresses;
 pub mod config;

@@ -13,6 +13,9 @@ use xxhash_rust::xxh3::xxh3_64;
 
 /// Bits of each page hash in a sketch (the wire carries 6 bytes per hash).
 pub const HASH_BITS: u32 = 48;
+/// [`HASH_BITS`] as the wire form's header byte.
+const HASH_BITS_BYTE: u8 = 48;
+const _: () = assert!(HASH_BITS_BYTE as u32 == HASH_BITS);
 const MASK: u64 = (1 << HASH_BITS) - 1;
 /// Largest k a decoder accepts: 65,536 hashes is 384 KiB.
 pub const MAX_K: usize = 65_536;
@@ -251,9 +254,10 @@ impl Sketch {
         let mut out = Vec::with_capacity(HEADER + self.mins.len() * HASH_BYTES + CHECKSUM);
         out.extend_from_slice(MAGIC);
         out.push(VERSION);
-        out.push(HASH_BITS as u8);
-        out.extend_from_slice(&(self.k as u32).to_le_bytes());
-        out.extend_from_slice(&(self.mins.len() as u32).to_le_bytes());
+        out.push(HASH_BITS_BYTE);
+        // k and the hashes kept are at most MAX_K (65,536).
+        out.extend_from_slice(&crate::util::convert::u32_saturating(self.k).to_le_bytes());
+        out.extend_from_slice(&crate::util::convert::u32_saturating(self.mins.len()).to_le_bytes());
         out.extend_from_slice(&self.distinct.to_le_bytes());
         for h in &self.mins {
             out.extend_from_slice(&h.to_le_bytes()[..HASH_BYTES]);
@@ -331,7 +335,7 @@ mod tests {
         // all of them among 500,000 pages of their own.
         let vm = Sketch::of_ids(DEFAULT_K, 0..200_000);
         for share in [0.0, 0.1, 0.35, 0.8, 1.0] {
-            let held = (200_000.0 * share) as u64;
+            let held = crate::util::convert::u64_of_f64(200_000.0 * share);
             let host = Sketch::of_ids(DEFAULT_K, (0..held).chain(1_000_000..1_500_000));
             let (est, bound) = vm.overlap(&host);
             let err = (est - held as f64).abs() / 200_000.0;
@@ -357,7 +361,7 @@ mod tests {
         let vm = Sketch::of_ids(MAX_K, 0..200_000);
         for (host_pages, limit) in [(400_000u64, 0.02), (4_000_000, 0.08)] {
             for share in [0.0, 0.05, 0.5, 0.95, 1.0] {
-                let held = (200_000.0 * share) as u64;
+                let held = crate::util::convert::u64_of_f64(200_000.0 * share);
                 let host = Sketch::of_ids(
                     DEFAULT_K,
                     (0..held).chain(10_000_000..10_000_000 + host_pages),
@@ -417,8 +421,9 @@ mod tests {
             Err(DecodeError::Length { .. })
         ));
         let mut big = wire.clone();
-        big[6..10].copy_from_slice(&(MAX_K as u32 + 1).to_le_bytes());
-        assert_eq!(Sketch::decode(&big), Err(DecodeError::K(MAX_K as u32 + 1)));
+        let over = u32::try_from(MAX_K).unwrap() + 1;
+        big[6..10].copy_from_slice(&over.to_le_bytes());
+        assert_eq!(Sketch::decode(&big), Err(DecodeError::K(over)));
         let mut v2 = wire.clone();
         v2[4] = 2;
         assert_eq!(Sketch::decode(&v2), Err(DecodeError::Version(2)));

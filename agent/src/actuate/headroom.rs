@@ -56,7 +56,9 @@ fn meminfo_kb(key: &str) -> Option<u64> {
 /// The memory kept in reserve (bytes).
 pub fn reserve() -> u64 {
     let total = meminfo_kb("MemTotal").unwrap_or(0) * 1024;
-    RESERVE_MIN_BYTES.max((total as f64 * RESERVE_FRACTION) as u64)
+    RESERVE_MIN_BYTES.max(crate::util::convert::u64_of_f64(
+        total as f64 * RESERVE_FRACTION,
+    ))
 }
 
 /// The memory cgroup directory of `pid` with the names of its limit and usage files:

@@ -6,6 +6,7 @@ use serde::Serialize;
 
 use crate::sketch::Sketch;
 use crate::util::PAGE;
+use crate::util::convert::u64_of_f64;
 
 /// A local VM as the candidates see it.
 pub struct LocalVm<'a> {
@@ -52,14 +53,14 @@ pub fn compute(vms: &[LocalVm], hosts: &[PeerHost]) -> Candidates {
             .iter()
             .map(|h| {
                 let c = vm.sketch.containment(h.sketch);
-                let vm_pages = vm.sketch.distinct().round() as u64;
-                let shared = (c.pages.round() as u64).min(vm_pages);
+                let vm_pages = u64_of_f64(vm.sketch.distinct().round());
+                let shared = u64_of_f64(c.pages.round()).min(vm_pages);
                 Candidate {
                     vm: vm.id.to_owned(),
                     host: h.id.to_owned(),
                     vm_pages,
                     shared_pages: shared,
-                    bound_pages: c.bound.round() as u64,
+                    bound_pages: u64_of_f64(c.bound.round()),
                     shared_bytes: shared * PAGE as u64,
                     fraction: if vm_pages == 0 {
                         0.0

@@ -107,7 +107,7 @@ pub struct ReplayGuard {
 impl ReplayGuard {
     /// Records `nonce` (sent at `at_ms`); false if it was already seen.
     fn admit(&mut self, nonce: u64, at_ms: u64, now_ms: u64) -> bool {
-        let window = WINDOW.as_millis() as u64;
+        let window = crate::util::convert::millis(WINDOW);
         while let Some(&(n, t)) = self.order.front() {
             if t + 2 * window >= now_ms && self.order.len() < MAX_NONCES {
                 break;
@@ -142,7 +142,7 @@ pub fn open<'a>(
     hmac::verify(&key.0, signed, tag).map_err(|_| Reject::BadMac)?;
     let at = u64::from_le_bytes(signed[4..12].try_into().expect("8 bytes"));
     let nonce = u64::from_le_bytes(signed[12..20].try_into().expect("8 bytes"));
-    if at.abs_diff(now_ms) > WINDOW.as_millis() as u64 {
+    if at.abs_diff(now_ms) > crate::util::convert::millis(WINDOW) {
         return Err(Reject::Stale);
     }
     if signed[20..20 + ADDR] != encode_addr(route.from)

@@ -79,7 +79,7 @@ fn saved_pages(vm: &Sketch, union: &Option<Sketch>) -> u64 {
         if c.sampled < MIN_SAMPLED {
             0
         } else {
-            (c.pages - c.bound).max(0.0).round() as u64
+            crate::util::convert::u64_of_f64((c.pages - c.bound).max(0.0).round())
         }
     })
 }

@@ -84,13 +84,14 @@ pub fn clean_id(id: &str) -> String {
 
 fn put_id(out: &mut Vec<u8>, id: &str) {
     let id = clean_id(id);
-    out.push(id.len() as u8);
+    // clean_id keeps at most MAX_ID (128) bytes: the length fits its byte.
+    out.push(u8::try_from(id.len()).unwrap_or(u8::MAX));
     out.extend_from_slice(id.as_bytes());
 }
 
 fn put_sketch(out: &mut Vec<u8>, s: &Sketch) {
     let b = s.encode();
-    out.extend_from_slice(&(b.len() as u32).to_le_bytes());
+    out.extend_from_slice(&crate::util::convert::u32_saturating(b.len()).to_le_bytes());
     out.extend_from_slice(&b);
 }
 
@@ -104,7 +105,8 @@ impl Summary {
         put_id(&mut out, &self.host);
         put_sketch(&mut out, &self.sketch);
         let vms = &self.vms[..self.vms.len().min(MAX_VMS)];
-        out.extend_from_slice(&(vms.len() as u16).to_le_bytes());
+        // At most MAX_VMS (1,024) entries: the count fits its two bytes.
+        out.extend_from_slice(&u16::try_from(vms.len()).unwrap_or(u16::MAX).to_le_bytes());
         for vm in vms {
             put_id(&mut out, &vm.id);
             out.extend_from_slice(&vm.bytes.to_le_bytes());

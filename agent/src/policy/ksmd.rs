@@ -415,8 +415,8 @@ fn knobs_for(pace: f64, cap: f64) -> Knobs {
     }
     Knobs {
         run: true,
-        pages_to_scan: pages as u32,
-        sleep_millisecs: sleep as u32,
+        pages_to_scan: crate::util::convert::u32_of_f64(pages),
+        sleep_millisecs: crate::util::convert::u32_of_f64(sleep),
     }
 }
 

@@ -563,7 +563,7 @@ impl Probes {
         for (i, sum) in sums.iter_mut().enumerate() {
             let per_cpu = self
                 .counters
-                .get(&(i as u32), 0)
+                .get(&crate::util::convert::u32_saturating(i), 0)
                 .map_err(|source| ProbeError::Map {
                     map: maps::COUNTERS,
                     source,

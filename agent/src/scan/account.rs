@@ -13,6 +13,7 @@ use super::{
     content::{ContentTable, Role},
     page_state::{F_MERGED, F_PRESENT, F_THP, F_ZERO, F_ZERO_FRAME, PageState},
 };
+use crate::util::convert::{u32_saturating, usize_of};
 
 /// Ranges are 2 MiB (a huge page): the unit the policy can madvise without splitting THPs.
 pub const RANGE_BYTES: u64 = 2 << 20;
@@ -234,9 +235,9 @@ impl Mapping {
                 continue;
             }
             let (n, from, to) = (
-                ((b - a) / page) as usize,
-                ((a - k.start) / page) as usize,
-                ((a - start) / page) as usize,
+                usize_of((b - a) / page),
+                usize_of((a - k.start) / page),
+                usize_of((a - start) / page),
             );
             m.pages[to..to + n].copy_from_slice(&k.pages[from..from + n]);
         }
@@ -313,7 +314,7 @@ pub fn account(
                     continue;
                 }
                 r.stable_pages += 1;
-                let Some(a) = table.attribute(s.hash(), vm as u32) else {
+                let Some(a) = table.attribute(s.hash(), u32_saturating(vm)) else {
                     continue;
                 };
                 // The first copy in this VM is one distinct content of it.
@@ -365,7 +366,7 @@ mod tests {
     #[test]
     fn a_split_or_joined_mapping_keeps_its_pages_history() {
         let p = PAGE as u64;
-        let st = |i: u64| PageState::new(i << 16, F_PRESENT, i as u16);
+        let st = |i: u64| PageState::new(i << 16, F_PRESENT, u16::try_from(i).unwrap());
         let whole = Mapping {
             start: 100 * p,
             pages: (0..10).map(st).collect(),

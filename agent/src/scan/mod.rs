@@ -20,7 +20,10 @@ use account::Mapping;
 pub use account::{Counts, RANGE_BYTES, RangeCounts, Report};
 use page_state::{F_MERGED, F_THP, F_ZERO, F_ZERO_FRAME, PageState, SAMPLE_ONE_IN};
 
-use crate::host::{maps, pagemap};
+use crate::{
+    host::{maps, pagemap},
+    util::convert,
+};
 
 pub const PAGE: usize = crate::util::PAGE;
 /// Pages per chunk: one pagemap read, reads of its present runs into one reused buffer.
@@ -196,7 +199,7 @@ impl Scanner {
             let mut known = self.procs.remove(&pid).unwrap_or_default();
             let mut mappings = Vec::with_capacity(ranges.len());
             for (start, end) in ranges {
-                let pages = ((end - start) as usize) / PAGE;
+                let pages = convert::usize_of(end - start) / PAGE;
                 // Pages seen before keep their history, whatever became of their VMA. The
                 // same mapping is moved, not copied (mappings are disjoint: no other one
                 // needs its pages).
@@ -389,12 +392,12 @@ impl Scanner {
                 let (Some(&first), Some(&last)) = (addrs.first(), addrs.last()) else {
                     continue;
                 };
-                let n = ((last - first) / PAGE as u64) as usize + 1;
+                let n = convert::usize_of((last - first) / PAGE as u64) + 1;
                 if map.read(first, n, &mut self.entries).is_err() {
                     continue;
                 }
                 for addr in addrs {
-                    let e = self.entries[((addr - first) / PAGE as u64) as usize];
+                    let e = self.entries[convert::usize_of((addr - first) / PAGE as u64)];
                     if !e.present() || e.swapped() {
                         continue;
                     }

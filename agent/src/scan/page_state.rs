@@ -41,7 +41,8 @@ pub const F_ZERO_FRAME: u8 = 16;
 pub const F_THP: u8 = 32;
 
 /// Bytes of history per tracked page.
-pub const BYTES_PER_PAGE: u32 = std::mem::size_of::<PageState>() as u32;
+pub const BYTES_PER_PAGE: u32 = 8;
+const _: () = assert!(std::mem::size_of::<PageState>() == BYTES_PER_PAGE as usize);
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[repr(transparent)]
@@ -78,12 +79,20 @@ impl PageState {
     }
 
     /// Consecutive scans the page's content stayed the same (saturates at 255).
+    #[expect(
+        clippy::cast_possible_truncation,
+        reason = "masked to its 8 bits first"
+    )]
     pub fn unchanged(self) -> u16 {
         (self.0 & u64::from(UNCHANGED_MAX)) as u16
     }
 
     /// Changes seen since the page was last unchanged for [`CHANGE_MEMORY`] scans
     /// (saturates at 3).
+    #[expect(
+        clippy::cast_possible_truncation,
+        reason = "masked to its 2 bits first"
+    )]
     pub fn changes(self) -> u8 {
         ((self.0 >> CHANGES_SHIFT) & u64::from(CHANGES_MAX)) as u8
     }

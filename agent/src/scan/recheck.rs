@@ -26,6 +26,7 @@ use super::{
     account::{Mapping, RANGE_BYTES},
     page_state::{F_PRESENT, F_SEEN, F_ZERO_FRAME, HASH_MASK, PageState},
 };
+use crate::util::convert::{u32_saturating, usize_of};
 
 /// Pages sampled per range.
 pub const SAMPLES: usize = 8;
@@ -143,8 +144,7 @@ impl Rechecks {
             let mut base = m.start & !(RANGE_BYTES - 1);
             while base < end {
                 let (a, b) = (base.max(m.start), (base + RANGE_BYTES).min(end));
-                let pages =
-                    &m.pages[((a - m.start) as usize / PAGE)..((b - m.start) as usize / PAGE)];
+                let pages = &m.pages[usize_of(a - m.start) / PAGE..usize_of(b - m.start) / PAGE];
                 let key = (pid, base);
                 let why = suspicion(pages);
                 let suspect = why != Suspicion::None;
@@ -154,7 +154,7 @@ impl Rechecks {
                         if let Some(p) = s
                             .addr
                             .checked_sub(a)
-                            .map(|o| (o / PAGE as u64) as usize)
+                            .map(|o| usize_of(o / PAGE as u64))
                             .and_then(|i| pages.get(i))
                             .filter(|p| p.has(F_PRESENT))
                         {
@@ -255,8 +255,8 @@ impl Rechecks {
         self.ranges
             .get(&(pid, start))
             .map(|v| Evidence {
-                sampled: v.len() as u32,
-                repeated: v.iter().filter(|s| s.repeated(now)).count() as u32,
+                sampled: u32_saturating(v.len()),
+                repeated: u32_saturating(v.iter().filter(|s| s.repeated(now)).count()),
             })
             .unwrap_or_default()
     }

@@ -61,7 +61,10 @@ struct Jitter(u64);
 
 impl Jitter {
     fn seeded() -> Jitter {
-        let now = crate::util::clock::since_epoch().as_nanos() as u64;
+        // The low 64 bits of the nanoseconds: a seed, not a time.
+        let now =
+            u64::try_from(crate::util::clock::since_epoch().as_nanos() & u128::from(u64::MAX))
+                .unwrap_or_default();
         Jitter(now ^ u64::from(std::process::id()).rotate_left(32))
     }
 
@@ -86,7 +89,7 @@ impl Jitter {
     /// Fisher-Yates.
     fn shuffle<T>(&mut self, v: &mut [T]) {
         for i in (1..v.len()).rev() {
-            let j = (self.next() % (i as u64 + 1)) as usize;
+            let j = crate::util::convert::usize_of(self.next() % (i as u64 + 1));
             v.swap(i, j);
         }
     }

@@ -198,7 +198,7 @@ async fn metrics(State(app): State<App>, headers: axum::http::HeaderMap) -> impl
 /// The daemon's health: the state must be fresh, and no worker may have died.
 fn health(s: &HostState, now_ms: u64, stale_after: Duration) -> (StatusCode, String) {
     let age = now_ms.saturating_sub(s.taken_at_unix_ms);
-    if s.taken_at_unix_ms == 0 || age > stale_after.as_millis() as u64 {
+    if s.taken_at_unix_ms == 0 || age > crate::util::convert::millis(stale_after) {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             format!("stale: state {age} ms old\n"),

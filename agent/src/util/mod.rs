@@ -1,6 +1,7 @@
 //! Leaves every other module may use, which use nothing of memfabric's.
 
 pub mod clock;
+pub mod convert;
 pub mod pem;
 
 /// CPU time this thread has used, in seconds (what the scan's pacing and the

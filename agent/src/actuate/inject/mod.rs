@@ -259,7 +259,7 @@ fn calls(start: u64, end: u64, advice: Advice) -> Vec<(u64, u64)> {
     match advice {
         Advice::Mergeable => vec![(start, end)],
         Advice::Unmergeable => (start..end)
-            .step_by(UNMERGE_CHUNK_BYTES as usize)
+            .step_by(crate::util::convert::usize_of(UNMERGE_CHUNK_BYTES))
             .map(|s| (s, (s + UNMERGE_CHUNK_BYTES).min(end)))
             .collect(),
     }
@@ -441,7 +441,7 @@ fn find_syscall_instruction(
         let mut at = m.address.0;
         let end = m.address.1.min(m.address.0 + (8 << 20));
         while at < end {
-            let n = ((end - at) as usize).min(buf.len());
+            let n = crate::util::convert::usize_of(end - at).min(buf.len());
             let Ok(got) = mem.read_at(&mut buf[..n], at) else {
                 break;
             };

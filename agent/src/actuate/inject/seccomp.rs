@@ -104,14 +104,14 @@ pub fn run(prog: &[Insn], call: &Call) -> Result<u32, String> {
                     let i = k as usize;
                     a = u32::from_le_bytes(data[i..i + 4].try_into().expect("4 bytes"));
                 }
-                0x80 => a = data.len() as u32,
+                0x80 => a = crate::util::convert::u32_saturating(data.len()),
                 0x00 => a = k,
                 0x60 if k < 16 => a = mem[k as usize],
                 _ => return bad(),
             },
             // BPF_LDX
             0x01 => match code & 0xf8 {
-                0x80 => x = data.len() as u32,
+                0x80 => x = crate::util::convert::u32_saturating(data.len()),
                 0x00 => x = k,
                 0x60 if k < 16 => x = mem[k as usize],
                 _ => return bad(),
@@ -213,7 +213,7 @@ fn filters(tid: Pid) -> Result<Vec<Vec<Insn>>, String> {
                 e => format!("reading its filter {index}: {e}"),
             });
         }
-        let n = n as usize;
+        let n = usize::try_from(n).unwrap_or(usize::MAX);
         if n == 0 || n > MAX_INSNS {
             return Err(format!("its filter {index} has {n} instructions"));
         }
@@ -227,7 +227,7 @@ fn filters(tid: Pid) -> Result<Vec<Vec<Insn>>, String> {
                 prog.as_mut_ptr(),
             )
         };
-        if got < 0 || got as usize != n {
+        if usize::try_from(got).ok() != Some(n) {
             return Err(format!(
                 "reading its filter {index}: {}",
                 std::io::Error::last_os_error()
@@ -263,6 +263,9 @@ pub fn check(tid: Pid, call: &Call) -> Result<(), String> {
 mod tests {
     use super::*;
 
+    /// `madvise` on x86-64.
+    const MADVISE: u32 = 28;
+
     const fn stmt(code: u16, k: u32) -> Insn {
         Insn {
             code,
@@ -291,7 +294,7 @@ mod tests {
             jeq(AUDIT_ARCH_X86_64, 1, 0),
             stmt(RET, 0),
             stmt(LD_ABS, 0),
-            jeq(libc::SYS_madvise as u32, 0, 2),
+            jeq(MADVISE, 0, 2),
             stmt(LD_ABS, 32),
             jeq(libc::MADV_DONTNEED as u32, 0, 1),
             stmt(RET, ALLOW),
@@ -301,7 +304,7 @@ mod tests {
 
     fn madvise(advice: i32) -> Call {
         Call {
-            nr: libc::SYS_madvise as u32,
+            nr: MADVISE,
             ip: 0x1000,
             args: [0x7f00_0000_0000, 4096, advice as u64, 0, 0, 0],
         }
@@ -314,7 +317,7 @@ mod tests {
         assert_eq!(run(&p, &madvise(libc::MADV_MERGEABLE)), Ok(TRAP));
         assert_eq!(run(&p, &madvise(libc::MADV_UNMERGEABLE)), Ok(TRAP));
         let mut other = madvise(libc::MADV_MERGEABLE);
-        other.nr = libc::SYS_read as u32;
+        other.nr = 0; // read(2) on x86-64
         assert_eq!(run(&p, &other), Ok(ALLOW));
         assert!(!allows(TRAP) && allows(ALLOW) && allows(0x7ffc_0000));
     }

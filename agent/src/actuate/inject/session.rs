@@ -15,6 +15,10 @@ use nix::{
 
 use super::{Advice, InjectError, Injected, Step, exiting, seccomp};
 
+/// `madvise`'s system call number on x86-64, as the seccomp filter sees it.
+const MADVISE_NR: u32 = 28;
+const _: () = assert!(libc::SYS_madvise == MADVISE_NR as libc::c_long);
+
 /// Everything the session needs, decided before the fork.
 pub(super) struct Plan {
     pub pid: u32,
@@ -243,7 +247,7 @@ pub(super) fn inject(plan: &Plan) -> Result<Injected, InjectError> {
     let call = call_regs(saved, plan);
     if plan.seccomp_filtered {
         let data = seccomp::Call {
-            nr: libc::SYS_madvise as u32,
+            nr: MADVISE_NR,
             ip: plan.syscall_at + 2,
             args: [call.rdi, call.rsi, call.rdx, 0, 0, 0],
         };
@@ -336,7 +340,7 @@ pub(super) fn inject(plan: &Plan) -> Result<Injected, InjectError> {
         }
         r if r < 0 && r > -4096 => Err(InjectError::Madvise {
             pid: raw,
-            errno: Errno::from_raw(-r as i32),
+            errno: Errno::from_raw(i32::try_from(-r).unwrap_or(libc::EIO)),
         }),
         r => Err(InjectError::UnexpectedResult { pid: raw, value: r }),
     }

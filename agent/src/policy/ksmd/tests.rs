@@ -25,7 +25,7 @@ fn advance(
 ) -> Observation {
     let mut n = o.clone();
     n.t += dt;
-    let pages = (knobs.pace() * dt) as u64;
+    let pages = crate::util::convert::u64_of_f64(knobs.pace() * dt);
     n.ksm.pages_scanned += pages;
     n.ksmd_cpu_seconds += pages as f64 * cost;
     let scans = n.ksm.pages_scanned / scan;
@@ -193,7 +193,7 @@ fn step() -> impl Strategy<Value = Step> {
 fn apply(o: &Observation, knobs: Knobs, s: &Step) -> Observation {
     let mut n = o.clone();
     n.t += s.dt;
-    let pages = (knobs.pace() * s.dt) as u64;
+    let pages = crate::util::convert::u64_of_f64(knobs.pace() * s.dt);
     n.ksm.pages_scanned += pages;
     n.ksmd_cpu_seconds += pages as f64 * s.cost;
     n.ksm.full_scans += s.full_scans;
