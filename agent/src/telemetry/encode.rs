@@ -5,20 +5,19 @@ use std::fmt;
 
 use prometheus_client::{
     encoding::{
-        DescriptorEncoder, EncodeCounterValue, EncodeGaugeValue, EncodeMetric, MetricEncoder,
+        DescriptorEncoder, EncodeCounterValue, EncodeGaugeValue, EncodeLabelSet, EncodeMetric,
+        MetricEncoder,
     },
     metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge},
 };
 
-pub(super) type Labels = Vec<(&'static str, String)>;
-
-/// Encodes one metric family with several label sets.
-pub(super) fn family<V: Copy>(
+/// Encodes one metric family with several label sets (see `labels`).
+pub(super) fn family<L: EncodeLabelSet, V: Copy>(
     enc: &mut DescriptorEncoder,
     name: &str,
     help: &str,
     kind: MetricType,
-    rows: &[(Labels, V)],
+    rows: &[(L, V)],
     encode: fn(V, MetricEncoder<'_>) -> fmt::Result,
 ) -> fmt::Result {
     let mut m = enc.encode_descriptor(name, help, None, kind)?;

@@ -4,7 +4,10 @@ use std::{fmt, sync::Arc};
 
 use prometheus_client::{collector::Collector, encoding::DescriptorEncoder, metrics::MetricType};
 
-use super::encode::{Labels, enc_counter, enc_gauge, family};
+use super::{
+    encode::{enc_counter, enc_gauge, family},
+    labels,
+};
 
 #[derive(Debug)]
 pub(super) struct FabricCollector(pub(super) Arc<crate::fabric::node::Fabric>);
@@ -14,10 +17,10 @@ impl Collector for FabricCollector {
         use std::sync::atomic::Ordering::Relaxed;
         let f = &self.0;
         let e = &mut enc;
-        let peers: Vec<(Labels, i64)> = f
+        let peers: Vec<(labels::State, i64)> = f
             .peer_counts()
             .iter()
-            .map(|(s, n)| (vec![("state", s.label().to_owned())], *n as i64))
+            .map(|(s, n)| (labels::State { state: s.label() }, *n as i64))
             .collect();
         family(
             e,
@@ -27,15 +30,16 @@ impl Collector for FabricCollector {
             &peers,
             enc_gauge,
         )?;
-        let shared: Vec<(Labels, i64)> = f
+        let shared: Vec<(labels::VmHost, i64)> = f
             .candidates()
             .pairs
             .iter()
             .map(|c| {
-                (
-                    vec![("vm", c.vm.clone()), ("host", c.host.clone())],
-                    c.shared_bytes as i64,
-                )
+                let pair = labels::VmHost {
+                    vm: c.vm.clone(),
+                    host: c.host.clone(),
+                };
+                (pair, c.shared_bytes as i64)
             })
             .collect();
         family(
@@ -49,11 +53,11 @@ impl Collector for FabricCollector {
         let s = &f.stats;
         let bytes = [
             (
-                vec![("direction", "in".to_owned())],
+                labels::Direction { direction: "in" },
                 s.bytes_in.load(Relaxed),
             ),
             (
-                vec![("direction", "out".to_owned())],
+                labels::Direction { direction: "out" },
                 s.bytes_out.load(Relaxed),
             ),
         ];
@@ -66,7 +70,7 @@ impl Collector for FabricCollector {
             enc_counter,
         )?;
         let server_tls = f.server_stats.tls_failures.load(Relaxed);
-        let rejected: Vec<(Labels, u64)> = crate::fabric::stats::Reject::ALL
+        let rejected: Vec<(labels::Reason, u64)> = crate::fabric::stats::Reject::ALL
             .iter()
             .map(|r| {
                 let extra = if *r == crate::fabric::stats::Reject::Tls {
@@ -74,10 +78,7 @@ impl Collector for FabricCollector {
                 } else {
                     0
                 };
-                (
-                    vec![("reason", r.label().to_owned())],
-                    s.rejected(*r) + extra,
-                )
+                (labels::Reason { reason: r.label() }, s.rejected(*r) + extra)
             })
             .collect();
         family(

@@ -5,8 +5,16 @@ use std::fmt;
 
 use prometheus_client::{collector::Collector, encoding::DescriptorEncoder, metrics::MetricType};
 
-use super::encode::{Labels, counter, enc_counter, enc_gauge, family, gauge};
+use super::{
+    encode::{counter, enc_counter, enc_gauge, family, gauge},
+    labels,
+};
 use crate::wire::HintOutcome;
+
+/// The label of a hint outcome's kind.
+fn outcome(o: HintOutcome) -> labels::Outcome {
+    labels::Outcome { outcome: o.kind() }
+}
 
 /// The host's state, shared with the refresh loop.
 #[derive(Debug)]
@@ -121,14 +129,8 @@ impl Collector for HostCollector {
                 k.ksmd_cpu_seconds,
             )?;
         }
-        let label = |v: &crate::model::VmState| -> Labels {
-            vec![
-                ("vm", v.vm.name.clone()),
-                ("pid", v.vm.pid.to_string()),
-                ("kind", v.vm.kind.as_str().to_owned()),
-            ]
-        };
-        let rows = |f: &dyn Fn(&crate::model::VmState) -> i64| -> Vec<(Labels, i64)> {
+        let label = labels::Vm::of;
+        let rows = |f: &dyn Fn(&crate::model::VmState) -> i64| -> Vec<(labels::Vm, i64)> {
             s.vms.iter().map(|v| (label(v), f(v))).collect()
         };
         family(
@@ -163,12 +165,9 @@ impl Collector for HostCollector {
             .collect();
         let mut faults = Vec::new();
         for (v, p) in &probed {
-            let mut r = label(v);
-            r.push(("access", "read".into()));
-            faults.push((r, p.read_faults));
-            let mut w = label(v);
-            w.push(("access", "write".into()));
-            faults.push((w, p.write_faults));
+            for (access, n) in [("read", p.read_faults), ("write", p.write_faults)] {
+                faults.push(((label(v), labels::Access { access }), n));
+            }
         }
         family(
             e,
@@ -178,7 +177,7 @@ impl Collector for HostCollector {
             &faults,
             enc_counter,
         )?;
-        let prow = |f: &dyn Fn(&crate::model::VmProbeCounters) -> u64| -> Vec<(Labels, u64)> {
+        let prow = |f: &dyn Fn(&crate::model::VmProbeCounters) -> u64| -> Vec<(labels::Vm, u64)> {
             probed.iter().map(|(v, p)| (label(v), f(p))).collect()
         };
         family(
@@ -211,7 +210,7 @@ impl Collector for HostCollector {
             .iter()
             .filter_map(|v| v.scan.map(|c| (v, c)))
             .collect();
-        let srow = |f: &dyn Fn(&crate::scan::Counts) -> u64| -> Vec<(Labels, i64)> {
+        let srow = |f: &dyn Fn(&crate::scan::Counts) -> u64| -> Vec<(labels::Vm, i64)> {
             scanned
                 .iter()
                 .map(|(v, c)| (label(v), f(c) as i64))
@@ -247,9 +246,7 @@ impl Collector for HostCollector {
                 ("intra", c.potential_savings_intra_bytes),
                 ("inter", c.potential_savings_inter_bytes),
             ] {
-                let mut l = label(v);
-                l.push(("scope", scope.into()));
-                savings.push((l, bytes as i64));
+                savings.push(((label(v), labels::Scope { scope }), bytes as i64));
             }
         }
         family(
@@ -263,9 +260,10 @@ impl Collector for HostCollector {
         let mut ranges = Vec::new();
         for v in &s.vms {
             for (class, n) in v.range_classes.iter().flatten() {
-                let mut l = label(v);
-                l.push(("class", class.as_str().into()));
-                ranges.push((l, i64::from(*n)));
+                let class = labels::Class {
+                    class: class.as_str(),
+                };
+                ranges.push(((label(v), class), i64::from(*n)));
             }
         }
         family(
@@ -276,7 +274,7 @@ impl Collector for HostCollector {
             &ranges,
             enc_gauge,
         )?;
-        let vm_pass: Vec<(Labels, f64)> = s
+        let vm_pass: Vec<(labels::Vm, f64)> = s
             .vms
             .iter()
             .filter_map(|v| v.scan_pass_seconds.map(|t| (label(v), t)))
@@ -323,15 +321,9 @@ impl Collector for HostCollector {
              untracked (MM_OWNER)",
             MetricType::Counter,
             &[
-                (
-                    vec![("map", "KSM_PAGES".to_owned())],
-                    p.ksm_pages_insert_failed,
-                ),
-                (vec![("map", "WRITE_HEAT".to_owned())], p.heat_insert_failed),
-                (
-                    vec![("map", "MM_OWNER".to_owned())],
-                    p.mm_owner_insert_failed,
-                ),
+                (labels::Map { map: "KSM_PAGES" }, p.ksm_pages_insert_failed),
+                (labels::Map { map: "WRITE_HEAT" }, p.heat_insert_failed),
+                (labels::Map { map: "MM_OWNER" }, p.mm_owner_insert_failed),
             ],
             enc_counter,
         )?;
@@ -403,25 +395,10 @@ impl Collector for HostCollector {
                  deferred (short of memory for an unmerge, or of room for more mappings)",
                 MetricType::Counter,
                 &[
-                    (
-                        vec![("outcome", HintOutcome::Applied.kind().to_owned())],
-                        h.applied_total,
-                    ),
-                    (
-                        vec![("outcome", HintOutcome::Already.kind().to_owned())],
-                        h.already_total,
-                    ),
-                    (
-                        vec![(
-                            "outcome",
-                            HintOutcome::Failed(String::new()).kind().to_owned(),
-                        )],
-                        h.failed_total,
-                    ),
-                    (
-                        vec![("outcome", HintOutcome::Deferred(None).kind().to_owned())],
-                        h.deferred_total,
-                    ),
+                    (outcome(HintOutcome::Applied), h.applied_total),
+                    (outcome(HintOutcome::Already), h.already_total),
+                    (outcome(HintOutcome::Failed(String::new())), h.failed_total),
+                    (outcome(HintOutcome::Deferred(None)), h.deferred_total),
                 ],
                 enc_counter,
             )?;
@@ -437,14 +414,15 @@ impl Collector for HostCollector {
                 "Mapping pieces memfabric changed and will put back on exit",
                 h.changed_ranges as i64,
             )?;
-            let pieces = |f: fn(&crate::wire::VmPieces) -> u64| -> Vec<(Labels, i64)> {
+            let pieces = |f: fn(&crate::wire::VmPieces) -> u64| -> Vec<(labels::VmPid, i64)> {
                 h.mapping_pieces
                     .iter()
                     .map(|p| {
-                        (
-                            vec![("vm", p.vm.clone()), ("pid", p.pid.to_string())],
-                            f(p) as i64,
-                        )
+                        let vm = labels::VmPid {
+                            vm: p.vm.clone(),
+                            pid: p.pid,
+                        };
+                        (vm, f(p) as i64)
                     })
                     .collect()
             };
@@ -482,7 +460,12 @@ impl Collector for HostCollector {
         if let Some(k) = &s.ksmd {
             encode_ksmd(e, k)?;
         }
-        let info: Vec<(Labels, i64)> = vec![(vec![("version", s.version.clone())], 1)];
+        let info = [(
+            labels::Version {
+                version: s.version.clone(),
+            },
+            1i64,
+        )];
         family(
             e,
             "memfabric_build_info",
@@ -540,10 +523,10 @@ fn encode_ksmd(e: &mut DescriptorEncoder, k: &crate::wire::KsmdStatus) -> fmt::R
         "Measured ksmd CPU per page visit",
         d.cost_us_per_page * 1e-6,
     )?;
-    let rows: Vec<(Labels, u64)> = k
+    let rows: Vec<(labels::Reason, u64)> = k
         .decisions_total
         .iter()
-        .map(|(r, n)| (vec![("reason", r.as_str().to_owned())], *n))
+        .map(|(r, n)| (labels::Reason { reason: r.as_str() }, *n))
         .collect();
     family(
         e,

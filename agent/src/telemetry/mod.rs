@@ -13,6 +13,7 @@ mod encode;
 mod fabric_metrics;
 mod host;
 mod http_metrics;
+mod labels;
 
 use std::sync::{Arc, RwLock};
 
