@@ -291,9 +291,11 @@ fn hinted_ranges_are_forgotten_only_with_their_process() {
     // memfabric's to put back.
     hints.forget(w.pid as u32);
     assert_eq!(hints.changed(), 1, "a live process's range was forgotten");
+    let restored = hints.restore().unwrap();
+    assert_eq!(restored.restored, 1, "not put back at exit: {restored}");
     drop(hints);
     assert_eq!(w.mergeable(b), Some(true), "not put back at exit");
-    assert!(!dir.join("hints.json").exists());
+    assert!(!dir.join("hints.json").exists(), "{restored}");
     drop(lock);
     fs::remove_dir_all(&dir).unwrap();
 }

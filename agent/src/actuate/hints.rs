@@ -186,7 +186,20 @@ fn restore_entries(entries: &[RangeEntry]) -> (HintsRestored, Vec<RangeEntry>) {
             left.push(e.clone());
             continue;
         }
-        match inject::madvise(e.pid, e.start, e.end, advice, INJECT_TIMEOUT) {
+        // Twice at most: a call that missed its deadline on a loaded host (the target
+        // slow to stop, the helper slow to start) is tried once more before the range is
+        // kept in the journal for the next start.
+        let attempt = || inject::madvise(e.pid, e.start, e.end, advice, INJECT_TIMEOUT);
+        let result = attempt().or_else(|err| {
+            if err.is_gone() {
+                Err(err)
+            } else {
+                tracing::debug!("putting back PID {}: {err}; trying again", e.pid);
+                std::thread::sleep(Duration::from_millis(200));
+                attempt()
+            }
+        });
+        match result {
             Ok(_) => out.restored += 1,
             Err(e) if e.is_gone() => out.gone += 1,
             Err(err) => {
