@@ -11,7 +11,7 @@ use std::{
 };
 
 use memfabric_harness::Daemon;
-use memfabric_harness::{Children, poll_for};
+use memfabric_harness::{Children, poll_for, spawn_fresh};
 
 const MEMFABRIC: &str = env!("CARGO_BIN_EXE_memfabric");
 
@@ -47,20 +47,11 @@ fn metric(d: &Daemon, name: &str) -> Option<f64> {
 }
 
 fn spawn(exe: &Path, n: usize) -> Children {
-    let one = || {
-        // The copy was just written: a child forked meanwhile by another test thread can
-        // still hold it open for writing (ETXTBSY) until it execs. Retry briefly.
-        for _ in 0..250 {
-            match Command::new(exe).arg("600").spawn() {
-                Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) => {
-                    std::thread::sleep(Duration::from_millis(20))
-                }
-                r => return r.expect("spawning a fake VMM"),
-            }
-        }
-        panic!("{} stayed busy (ETXTBSY)", exe.display())
-    };
-    Children((0..n).map(|_| one()).collect())
+    Children(
+        (0..n)
+            .map(|_| spawn_fresh(Command::new(exe).arg("600")))
+            .collect(),
+    )
 }
 
 #[test]
@@ -132,19 +123,20 @@ fn a_vmm_run_by_another_user_or_with_a_foreign_preload_is_not_a_vm() {
     // A trusted executable (root-owned, not writable by others) ...
     let (dir, exe) = fake_vmm("users", "qemu-system-x86_64", 0);
     // ... run by `nobody`, who could give it any VM's -name and -uuid;
-    let nobody = Command::new(&exe).arg("600").uid(65534).gid(65534).spawn();
+    let nobody = spawn_fresh(Command::new(&exe).arg("600").uid(65534).gid(65534));
     // ... run by root with a library `nobody` could have written preloaded;
     let lib = dir.join("libhook.so");
     fs::write(&lib, b"").unwrap();
     std::os::unix::fs::chown(&lib, Some(65534), Some(65534)).unwrap();
-    let preloaded = Command::new(&exe)
-        .arg("600")
-        .env("LD_PRELOAD", &lib)
-        .stderr(std::process::Stdio::null())
-        .spawn();
+    let preloaded = spawn_fresh(
+        Command::new(&exe)
+            .arg("600")
+            .env("LD_PRELOAD", &lib)
+            .stderr(std::process::Stdio::null()),
+    );
     // ... and run by root as it is: the only VM of the three.
-    let plain = Command::new(&exe).arg("600").spawn();
-    let kids = Children(vec![nobody.unwrap(), preloaded.unwrap(), plain.unwrap()]);
+    let plain = spawn_fresh(Command::new(&exe).arg("600"));
+    let kids = Children(vec![nobody, preloaded, plain]);
     let [nobody, preloaded, plain] = [0, 1, 2].map(|i| u64::from(kids.0[i].id()));
     let d = Daemon::start(MEMFABRIC, &[]);
     let pids = poll_for(Duration::from_secs(20), || {

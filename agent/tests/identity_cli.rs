@@ -103,7 +103,7 @@ fn reused_pids_are_new_processes() {
         c
     };
     let mut kids = Children(vec![
-        vmm("first").spawn().unwrap(),
+        memfabric_harness::spawn_fresh(&mut vmm("first")),
         sleeper().spawn().unwrap(),
     ]);
     let (vm_pid, given_pid) = (kids.0[0].id(), kids.0[1].id());

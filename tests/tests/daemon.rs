@@ -308,18 +308,7 @@ fn a_vm_process_is_discovered_by_name_and_uuid() {
     ])
     .stdin(std::process::Stdio::piped())
     .stdout(std::process::Stdio::piped());
-    // A thread of the other test may fork while the copy's write descriptor is open,
-    // and exec then fails with ETXTBSY until that child has exec'd too: retry briefly.
-    let mut tries = 0;
-    let mut child = loop {
-        match cmd.spawn() {
-            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && tries < 50 => {
-                tries += 1;
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            other => break other.unwrap(),
-        }
-    };
+    let mut child = memfabric_harness::spawn_fresh(&mut cmd);
     let pid = child.id();
     let d = TestDaemon::start(vec![]);
     let series =

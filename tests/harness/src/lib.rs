@@ -65,6 +65,21 @@ pub fn rss_kib(pid: u32) -> u64 {
         .unwrap_or_else(|| panic!("no VmRSS in /proc/{pid}/status"))
 }
 
+/// `cmd` spawned, for an executable a test has just written. A child forked meanwhile by
+/// another test thread holds the copy's write descriptor until it execs, and exec fails
+/// with ETXTBSY until then: retry for up to five seconds.
+pub fn spawn_fresh(cmd: &mut Command) -> Child {
+    for _ in 0..250 {
+        match cmd.spawn() {
+            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
+            r => return r.unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}")),
+        }
+    }
+    panic!("{cmd:?} stayed busy (ETXTBSY)")
+}
+
 /// Children stopped on drop, also when the test panics: SIGTERM to all (a memfabric
 /// daemon then puts back what it changed on the host), [`STOP_GRACE`] for each to exit,
 /// then SIGKILL for what still runs.
