@@ -6,7 +6,8 @@
 //! hardened HTTP loop (`http`); the guests' observers (`probes`, `scan`); the pure joins
 //! (`model`); pure decisions (`policy`); the only writer (`actuate`) and the published
 //! documents (`wire`); the loop's steps (`control`); other hosts (`fabric`); metrics and
-//! the API (`telemetry`); the loop itself (`daemon`).
+//! the API (`telemetry`); the loop itself (`daemon`). `migrate` (above `fabric`) moves a
+//! VM to another host through deduplicating proxies.
 //!
 //! The `ebpf` feature (default) builds and embeds the probes; without it (xtask's view) the
 //! library has no eBPF dependency: inventory, scan, policy and actuate only.
@@ -25,6 +26,7 @@ pub mod heat;
 pub mod host;
 pub mod http;
 pub mod http_auth;
+pub mod migrate;
 pub mod model;
 pub mod policy;
 #[cfg(feature = "ebpf")]

@@ -29,6 +29,8 @@ const LAYERS: &[&[&str]] = &[
     &["control"],
     // Other hosts.
     &["fabric"],
+    // Moving a VM to another host through the fabric's channel.
+    &["migrate"],
     // Metrics and the API.
     &["telemetry"],
     // The loop itself.

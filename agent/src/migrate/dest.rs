@@ -1,0 +1,177 @@
+//! The destination proxy: frames from the source in, QEMU's stream out to the incoming
+//! QEMU, byte for byte what the source QEMU wrote. A reference is resolved from this
+//! host's own pages ([`Holdings`]); one it cannot resolve (changed, gone, a false
+//! positive of the filter) is asked for again and the stream waits for it: a stall, never
+//! a wrong byte. What the incoming QEMU writes back goes to the source.
+
+use std::{collections::VecDeque, sync::Arc, sync::atomic::Ordering};
+
+use tokio::{
+    io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _},
+    sync::mpsc,
+};
+
+use super::{
+    Failure, Progress,
+    holdings::Holdings,
+    link::{self, Down, Up},
+    source::Confirmed,
+    stream::PAGE,
+};
+
+/// Frames held while a resent page is awaited: 256 MiB of stream at most.
+const MAX_HELD_BYTES: usize = 256 << 20;
+/// An acknowledgement every this many resolved references.
+const ACK_EVERY: u64 = 512;
+
+/// Runs the proxy until the source's stream ended and everything was handed to QEMU.
+pub async fn run<L, Q>(
+    mut link: L,
+    qemu: Q,
+    holdings: Arc<Holdings>,
+    progress: Arc<Progress>,
+) -> Result<Confirmed, Failure>
+where
+    L: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    Q: AsyncRead + AsyncWrite + Send + 'static,
+{
+    link::hello(&mut link).await?;
+    let mut first = Vec::new();
+    let filter = holdings.filter().encode();
+    progress
+        .filter_bytes
+        .store(filter.len() as u64, Ordering::Relaxed);
+    Up::Filter(filter).encode(&mut first);
+    link.write_all(&first).await?;
+    link.flush().await?;
+    let (mut link_rx, link_tx) = tokio::io::split(link);
+    let (qemu_rx, mut qemu_tx) = tokio::io::split(qemu);
+    let (tx, rx) = mpsc::channel::<Vec<u8>>(16);
+    let writer = tokio::spawn(super::write_frames(link_tx, rx, progress.clone()));
+    let back = tokio::spawn(back(qemu_rx, tx.clone()));
+    let mut sha = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut total = 0u64;
+    let mut next_ref = 0u64;
+    let mut held: VecDeque<Down> = VecDeque::new();
+    let mut held_bytes = 0usize;
+    let mut page = Box::new([0u8; PAGE]);
+    let result = async {
+        loop {
+            let frame = match held.pop_front() {
+                Some(f) => {
+                    held_bytes -= frame_len(&f);
+                    f
+                }
+                None => Down::read(&mut link_rx).await?,
+            };
+            let bytes: &[u8] = match &frame {
+                Down::Raw(b) => b,
+                Down::Ref(d) => {
+                    let index = next_ref;
+                    next_ref += 1;
+                    if holdings.resolve(d, &mut page) {
+                        progress.referenced.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        progress.resent.fetch_add(1, Ordering::Relaxed);
+                        let mut f = Vec::new();
+                        Up::Need(index).encode(&mut f);
+                        tx.send(f).await.map_err(|_| Failure::closed())?;
+                        // Read on (the source keeps streaming) until the page comes.
+                        loop {
+                            match Down::read(&mut link_rx).await? {
+                                Down::Again { index: i, page: p } if i == index => {
+                                    page = p;
+                                    break;
+                                }
+                                Down::Again { index: i, .. } => {
+                                    return Err(Failure::Peer(format!(
+                                        "page {i} sent again, {index} awaited"
+                                    )));
+                                }
+                                Down::Abort(why) => return Err(Failure::Peer(why)),
+                                other => {
+                                    held_bytes += frame_len(&other);
+                                    if held_bytes > MAX_HELD_BYTES {
+                                        return Err(Failure::Peer(format!(
+                                            "page {index} not sent again within {MAX_HELD_BYTES} bytes"
+                                        )));
+                                    }
+                                    held.push_back(other);
+                                }
+                            }
+                        }
+                    }
+                    if next_ref.is_multiple_of(ACK_EVERY) {
+                        let mut f = Vec::new();
+                        Up::Ack(next_ref).encode(&mut f);
+                        tx.send(f).await.map_err(|_| Failure::closed())?;
+                    }
+                    &page[..]
+                }
+                Down::End { bytes, sha256 } => {
+                    let ours: link::Sha256 = sha
+                        .clone()
+                        .finish()
+                        .as_ref()
+                        .try_into()
+                        .unwrap_or([0u8; 32]);
+                    qemu_tx.flush().await.map_err(Failure::Qemu)?;
+                    let mut f = Vec::new();
+                    Up::Done {
+                        bytes: total,
+                        sha256: ours,
+                    }
+                    .encode(&mut f);
+                    tx.send(f).await.map_err(|_| Failure::closed())?;
+                    if (*bytes, *sha256) != (total, ours) {
+                        return Err(Failure::Mismatch {
+                            sent: *bytes,
+                            delivered: total,
+                        });
+                    }
+                    return Ok(Confirmed {
+                        bytes: total,
+                        sha256: ours,
+                    });
+                }
+                Down::Abort(why) => return Err(Failure::Peer(why.clone())),
+                Down::Again { index, .. } => {
+                    return Err(Failure::Peer(format!("page {index} sent unasked")));
+                }
+            };
+            qemu_tx.write_all(bytes).await.map_err(Failure::Qemu)?;
+            sha.update(bytes);
+            total += bytes.len() as u64;
+            progress.qemu_bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        }
+    }
+    .await;
+    // The stream is over (or failed): the return path has nothing more to carry.
+    back.abort();
+    drop(tx);
+    let _ = writer.await;
+    result
+}
+
+fn frame_len(f: &Down) -> usize {
+    match f {
+        Down::Raw(b) => b.len(),
+        _ => PAGE,
+    }
+}
+
+/// The incoming QEMU's return path to the source, until QEMU closes it.
+async fn back<Q: AsyncRead>(qemu: Q, tx: mpsc::Sender<Vec<u8>>) {
+    tokio::pin!(qemu);
+    let mut buf = vec![0u8; 64 << 10];
+    while let Ok(n) = qemu.read(&mut buf).await {
+        if n == 0 {
+            break;
+        }
+        let mut f = Vec::new();
+        Up::Back(buf[..n].to_vec()).encode(&mut f);
+        if tx.send(f).await.is_err() {
+            break;
+        }
+    }
+}

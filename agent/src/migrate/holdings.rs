@@ -1,0 +1,301 @@
+//! What the destination host holds: the pages of its own VMs, indexed by content, and the
+//! compact membership filter of them the source fetches before it sends anything.
+//!
+//! References name a page by its BLAKE3 digest, not by the scanner's xxh3: a guest on the
+//! destination could otherwise craft a page that collides with one of the migrating VM's
+//! and have its own bytes loaded into another tenant's memory. The filter and the index
+//! are keyed by the digest's first 8 bytes; what an index entry points at is read again
+//! and its full digest compared before it stands for a page, so a page changed or gone
+//! since the scan is a miss (the source sends it), never a wrong page.
+
+use std::{collections::HashMap, fs::File, os::unix::fs::FileExt as _};
+
+use xorf::{DmaSerializable as _, Filter as _, FilterRef as _};
+
+use super::stream::PAGE;
+use crate::host::inventory::Vm;
+
+/// A page's content name: its BLAKE3 digest.
+pub type Digest = [u8; 32];
+
+pub fn digest(page: &[u8]) -> Digest {
+    *blake3::hash(page).as_bytes()
+}
+
+/// The 64-bit key of a digest, for the filter and the index.
+pub fn key(d: &Digest) -> u64 {
+    let mut k = [0u8; 8];
+    k.copy_from_slice(&d[..8]);
+    u64::from_le_bytes(k)
+}
+
+const DESCRIPTOR: usize = xorf::BinaryFuse16::DESCRIPTOR_LEN;
+
+/// The largest filter accepted from a peer: 32 Mi fingerprints (a destination with
+/// 128 GiB of distinct guest pages).
+pub const MAX_FILTER_BYTES: usize = DESCRIPTOR + (64 << 20);
+
+/// A binary fuse filter (xorf's `BinaryFuse16`: 18 bits a page, about one false positive
+/// in 65,536) of the pages a host holds. A false positive costs one resend.
+#[derive(Debug, Clone)]
+pub struct Filter {
+    descriptor: [u8; DESCRIPTOR],
+    fingerprints: Vec<u16>,
+}
+
+impl Filter {
+    /// The filter of `keys` (sorted and deduplicated here).
+    pub fn build(mut keys: Vec<u64>) -> Filter {
+        keys.sort_unstable();
+        keys.dedup();
+        let mut descriptor = [0u8; DESCRIPTOR];
+        if keys.is_empty() {
+            return Filter {
+                descriptor,
+                fingerprints: Vec::new(),
+            };
+        }
+        match xorf::BinaryFuse16::try_from(&keys[..]) {
+            Ok(f) => {
+                f.dma_copy_descriptor_to(&mut descriptor);
+                Filter {
+                    descriptor,
+                    fingerprints: f.fingerprints.to_vec(),
+                }
+            }
+            // Construction fails only on duplicate keys, removed above; an empty filter
+            // (every page sent) is the safe answer all the same.
+            Err(_) => Filter {
+                descriptor,
+                fingerprints: Vec::new(),
+            },
+        }
+    }
+
+    pub fn contains(&self, key: u64) -> bool {
+        if self.fingerprints.is_empty() {
+            return false;
+        }
+        xorf::BinaryFuse16Ref::from_dma(&self.descriptor, bytemuck::cast_slice(&self.fingerprints))
+            .contains(&key)
+    }
+
+    /// Its size on the wire.
+    pub fn encoded_len(&self) -> usize {
+        DESCRIPTOR + 2 * self.fingerprints.len()
+    }
+
+    /// Descriptor, then the fingerprints little-endian.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.encoded_len());
+        out.extend_from_slice(&self.descriptor);
+        for f in &self.fingerprints {
+            out.extend_from_slice(&f.to_le_bytes());
+        }
+        out
+    }
+
+    /// A peer's filter, checked so that no lookup can index outside it.
+    pub fn decode(b: &[u8]) -> Result<Filter, String> {
+        if b.len() < DESCRIPTOR
+            || b.len() > MAX_FILTER_BYTES
+            || !(b.len() - DESCRIPTOR).is_multiple_of(2)
+        {
+            return Err(format!("a filter of {} bytes", b.len()));
+        }
+        let mut descriptor = [0u8; DESCRIPTOR];
+        descriptor.copy_from_slice(&b[..DESCRIPTOR]);
+        let fingerprints: Vec<u16> = b[DESCRIPTOR..]
+            .chunks_exact(2)
+            .map(|c| u16::from_le_bytes([c[0], c[1]]))
+            .collect();
+        if !fingerprints.is_empty() {
+            let word =
+                |at: usize| u64::from(u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]));
+            // Layout of xorf's descriptor: seed (8), segment length, its mask, segment
+            // count length (4 each). A lookup reads below count_length + 2 * length.
+            let (len, mask, count_len) = (word(8), word(12), word(16));
+            let sound = len.is_power_of_two()
+                && len <= 1 << 18
+                && mask == len - 1
+                && count_len % len == 0
+                && count_len + 2 * len <= fingerprints.len() as u64;
+            if !sound {
+                return Err("a filter whose layout does not fit its fingerprints".into());
+            }
+        }
+        Ok(Filter {
+            descriptor,
+            fingerprints,
+        })
+    }
+}
+
+/// Where a page was found.
+#[derive(Clone, Copy, Debug)]
+struct Place {
+    pid: u32,
+    addr: u64,
+}
+
+/// Pages of this host's VMs by content; see the module doc.
+pub struct Holdings {
+    index: HashMap<u64, Place>,
+    mems: HashMap<u32, File>,
+    /// Guest RAM read while indexing, in bytes.
+    pub scanned_bytes: u64,
+}
+
+/// Bytes read from a VM at once while indexing.
+const CHUNK: usize = 1 << 20;
+
+impl Holdings {
+    /// Indexes the RAM of `vms`, except those whose UUID is `exclude_uuid` (the migrating
+    /// VM itself, and its incoming QEMU). Zero pages are left out: QEMU sends those as a
+    /// flag already. A VM that exits meanwhile is skipped.
+    pub fn scan(vms: &[Vm], exclude_uuid: Option<&str>) -> Holdings {
+        let mut h = Holdings {
+            index: HashMap::new(),
+            mems: HashMap::new(),
+            scanned_bytes: 0,
+        };
+        let mut buf = vec![0u8; CHUNK];
+        for vm in vms {
+            if exclude_uuid.is_some() && vm.uuid.as_deref() == exclude_uuid {
+                continue;
+            }
+            let Ok(mem) = File::open(format!("/proc/{}/mem", vm.pid)) else {
+                continue;
+            };
+            for m in &vm.ram {
+                let mut at = m.start;
+                while at < m.end {
+                    let want = usize::try_from((m.end - at).min(CHUNK as u64)).unwrap_or(CHUNK);
+                    let Ok(n) = mem.read_at(&mut buf[..want], at) else {
+                        break;
+                    };
+                    if n < PAGE {
+                        break;
+                    }
+                    h.scanned_bytes += n as u64;
+                    for (i, page) in buf[..n].chunks_exact(PAGE).enumerate() {
+                        if page.iter().all(|&b| b == 0) {
+                            continue;
+                        }
+                        let addr = at + (i * PAGE) as u64;
+                        h.index
+                            .entry(key(&digest(page)))
+                            .or_insert(Place { pid: vm.pid, addr });
+                    }
+                    at += (n - n % PAGE) as u64;
+                }
+            }
+            h.mems.insert(vm.pid, mem);
+        }
+        h
+    }
+
+    /// Distinct pages indexed.
+    pub fn pages(&self) -> usize {
+        self.index.len()
+    }
+
+    pub fn filter(&self) -> Filter {
+        Filter::build(self.index.keys().copied().collect())
+    }
+
+    /// The page named `d`, read now from the VM that held it and checked against `d`.
+    pub fn resolve(&self, d: &Digest, out: &mut [u8; PAGE]) -> bool {
+        let Some(place) = self.index.get(&key(d)) else {
+            return false;
+        };
+        let Some(mem) = self.mems.get(&place.pid) else {
+            return false;
+        };
+        matches!(mem.read_at(out, place.addr), Ok(PAGE)) && digest(out) == *d
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_filter_holds_its_keys_and_few_others() {
+        let keys: Vec<u64> = (0..100_000u64)
+            .map(|i| key(&digest(&i.to_le_bytes())))
+            .collect();
+        let f = Filter::decode(&Filter::build(keys.clone()).encode()).unwrap();
+        assert!(keys.iter().all(|&k| f.contains(k)));
+        let others = (100_000..200_000u64)
+            .filter(|i| f.contains(key(&digest(&i.to_le_bytes()))))
+            .count();
+        assert!(others < 20, "{others} false positives in 100,000");
+        assert!(f.encoded_len() < 100_000 * 5 / 2, "{}", f.encoded_len());
+        let empty = Filter::decode(&Filter::build(Vec::new()).encode()).unwrap();
+        assert!(!empty.contains(keys[0]));
+    }
+
+    #[test]
+    fn a_forged_filter_is_refused_or_harmless() {
+        let good = Filter::build((0..1000u64).collect()).encode();
+        for i in 0..DESCRIPTOR {
+            for v in [0u8, 1, 0x7f, 0xff] {
+                let mut b = good.clone();
+                b[i] = v;
+                if let Ok(f) = Filter::decode(&b) {
+                    for k in 0..10_000u64 {
+                        f.contains(k.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+                    }
+                }
+            }
+        }
+        assert!(Filter::decode(&good[..good.len() - 1]).is_err());
+        assert!(Filter::decode(&good[..DESCRIPTOR + 2]).is_err());
+        assert!(Filter::decode(&[0u8; 3]).is_err());
+    }
+
+    #[test]
+    fn a_page_is_resolved_only_while_it_is_what_was_named() {
+        // This process's own heap stands in for a donor VM's RAM.
+        let mut ram = vec![0u8; 4 * PAGE + PAGE];
+        let off = ram.as_ptr().align_offset(PAGE);
+        let base = ram.as_ptr() as u64 + off as u64;
+        for (i, b) in ram[off..off + 4 * PAGE].iter_mut().enumerate() {
+            *b = [1, 2, 3, 4][i / PAGE];
+        }
+        let vm = Vm {
+            pid: std::process::id(),
+            kind: crate::host::inventory::VmKind::Qemu,
+            name: "donor".into(),
+            uuid: None,
+            guest_memory_bytes: 4 * PAGE as u64,
+            ram: vec![crate::host::inventory::RamMapping {
+                start: base,
+                end: base + 4 * PAGE as u64,
+                bytes: 4 * PAGE as u64,
+                backing: "anon".into(),
+                mergeable: false,
+            }],
+            mergeability: crate::host::inventory::Mergeability::Unknown,
+            merge_off: false,
+        };
+        let h = Holdings::scan(std::slice::from_ref(&vm), None);
+        assert_eq!(h.pages(), 4);
+        let named = digest(&[3u8; PAGE]);
+        let mut out = [0u8; PAGE];
+        assert!(h.filter().contains(key(&named)));
+        assert!(h.resolve(&named, &mut out));
+        assert_eq!(out, [3u8; PAGE]);
+        // The page changes: a miss, not a wrong page.
+        ram[off + 2 * PAGE] = 9;
+        assert!(!h.resolve(&named, &mut out));
+        assert!(!h.resolve(&digest(&[7u8; PAGE]), &mut out));
+        // The migrating VM's own UUID is left out.
+        let mine = Vm {
+            uuid: Some("u".into()),
+            ..vm
+        };
+        assert_eq!(Holdings::scan(&[mine], Some("u")).pages(), 0);
+    }
+}

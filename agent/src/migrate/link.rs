@@ -1,0 +1,264 @@
+//! The two proxies' protocol over the fabric's mutual-TLS channel: frames with a one-byte
+//! tag, fixed or length-prefixed, every length bounded before anything is allocated.
+//!
+//! Source to destination ([`Down`]): bytes of QEMU's stream as they are, page references,
+//! pages sent again on request, and the end with the stream's length and SHA-256.
+//! Destination to source ([`Up`]): its filter (first), QEMU's return path, requests for
+//! pages it could not resolve, acknowledgements (the source then drops its copies), and
+//! the end with what it handed to QEMU.
+
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+use super::{
+    holdings::{Digest, MAX_FILTER_BYTES},
+    stream::PAGE,
+};
+
+/// Sent first by both ends: the protocol and its version.
+pub const HELLO: &[u8; 8] = b"MFMIG\0\0\x01";
+
+/// The largest run of raw bytes in one frame.
+pub const MAX_RAW: usize = 1 << 20;
+const MAX_TEXT: usize = 4096;
+
+pub type Sha256 = [u8; 32];
+
+/// Source to destination.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Down {
+    Raw(Vec<u8>),
+    /// A page the destination holds, by digest; references are numbered from 0 in order.
+    Ref(Digest),
+    /// The page of reference `index` (the destination asked for it).
+    Again {
+        index: u64,
+        page: Box<[u8; PAGE]>,
+    },
+    /// QEMU's stream ended after `bytes` bytes with this SHA-256.
+    End {
+        bytes: u64,
+        sha256: Sha256,
+    },
+    /// The source gave up; the reason.
+    Abort(String),
+}
+
+/// Destination to source.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Up {
+    Filter(Vec<u8>),
+    /// Bytes the incoming QEMU wrote back (its return path).
+    Back(Vec<u8>),
+    /// Reference `index` could not be resolved: send its page.
+    Need(u64),
+    /// References below this index are resolved.
+    Ack(u64),
+    /// The incoming QEMU was handed `bytes` bytes with this SHA-256.
+    Done {
+        bytes: u64,
+        sha256: Sha256,
+    },
+    Abort(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("the peer broke the protocol: {0}")]
+    Protocol(String),
+}
+
+type R<T> = Result<T, LinkError>;
+
+fn bad<T>(what: impl Into<String>) -> R<T> {
+    Err(LinkError::Protocol(what.into()))
+}
+
+pub async fn hello<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(s: &mut S) -> R<()> {
+    s.write_all(HELLO).await?;
+    s.flush().await?;
+    let mut theirs = [0u8; 8];
+    s.read_exact(&mut theirs).await?;
+    if &theirs != HELLO {
+        return bad("not a memfabric migration peer of this version");
+    }
+    Ok(())
+}
+
+async fn read_len<S: tokio::io::AsyncRead + Unpin>(s: &mut S, max: usize) -> R<Vec<u8>> {
+    let len = s.read_u32().await? as usize;
+    if len > max {
+        return bad(format!("a frame of {len} bytes (at most {max})"));
+    }
+    let mut v = vec![0u8; len];
+    s.read_exact(&mut v).await?;
+    Ok(v)
+}
+
+async fn read_text<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> R<String> {
+    let v = read_len(s, MAX_TEXT).await?;
+    Ok(String::from_utf8_lossy(&v).into_owned())
+}
+
+fn put_len(out: &mut Vec<u8>, tag: u8, body: &[u8]) {
+    out.push(tag);
+    out.extend_from_slice(&u32::try_from(body.len()).unwrap_or(u32::MAX).to_be_bytes());
+    out.extend_from_slice(body);
+}
+
+fn short(text: &str) -> &[u8] {
+    let b = text.as_bytes();
+    &b[..b.len().min(MAX_TEXT)]
+}
+
+impl Down {
+    /// Appends its encoding to `out`.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        match self {
+            Down::Raw(b) => put_len(out, 1, b),
+            Down::Ref(d) => {
+                out.push(2);
+                out.extend_from_slice(d);
+            }
+            Down::Again { index, page } => {
+                out.push(3);
+                out.extend_from_slice(&index.to_be_bytes());
+                out.extend_from_slice(&page[..]);
+            }
+            Down::End { bytes, sha256 } => {
+                out.push(4);
+                out.extend_from_slice(&bytes.to_be_bytes());
+                out.extend_from_slice(sha256);
+            }
+            Down::Abort(why) => put_len(out, 5, short(why)),
+        }
+    }
+
+    pub async fn read<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> R<Down> {
+        Ok(match s.read_u8().await? {
+            1 => Down::Raw(read_len(s, MAX_RAW).await?),
+            2 => {
+                let mut d = [0u8; 32];
+                s.read_exact(&mut d).await?;
+                Down::Ref(d)
+            }
+            3 => {
+                let index = s.read_u64().await?;
+                let mut page = Box::new([0u8; PAGE]);
+                s.read_exact(&mut page[..]).await?;
+                Down::Again { index, page }
+            }
+            4 => {
+                let bytes = s.read_u64().await?;
+                let mut sha256 = [0u8; 32];
+                s.read_exact(&mut sha256).await?;
+                Down::End { bytes, sha256 }
+            }
+            5 => Down::Abort(read_text(s).await?),
+            t => return bad(format!("frame type {t}")),
+        })
+    }
+}
+
+impl Up {
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        match self {
+            Up::Filter(b) => put_len(out, 1, b),
+            Up::Back(b) => put_len(out, 2, b),
+            Up::Need(i) => {
+                out.push(3);
+                out.extend_from_slice(&i.to_be_bytes());
+            }
+            Up::Ack(i) => {
+                out.push(4);
+                out.extend_from_slice(&i.to_be_bytes());
+            }
+            Up::Done { bytes, sha256 } => {
+                out.push(5);
+                out.extend_from_slice(&bytes.to_be_bytes());
+                out.extend_from_slice(sha256);
+            }
+            Up::Abort(why) => put_len(out, 6, short(why)),
+        }
+    }
+
+    pub async fn read<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> R<Up> {
+        Ok(match s.read_u8().await? {
+            1 => Up::Filter(read_len(s, MAX_FILTER_BYTES).await?),
+            2 => Up::Back(read_len(s, MAX_RAW).await?),
+            3 => Up::Need(s.read_u64().await?),
+            4 => Up::Ack(s.read_u64().await?),
+            5 => {
+                let bytes = s.read_u64().await?;
+                let mut sha256 = [0u8; 32];
+                s.read_exact(&mut sha256).await?;
+                Up::Done { bytes, sha256 }
+            }
+            6 => Up::Abort(read_text(s).await?),
+            t => return bad(format!("frame type {t}")),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn frames_read_back_as_written() {
+        let downs = vec![
+            Down::Raw(vec![1, 2, 3]),
+            Down::Ref([7u8; 32]),
+            Down::Again {
+                index: 9,
+                page: Box::new([5u8; PAGE]),
+            },
+            Down::End {
+                bytes: 77,
+                sha256: [1u8; 32],
+            },
+            Down::Abort("why".into()),
+        ];
+        let mut b = Vec::new();
+        downs.iter().for_each(|d| d.encode(&mut b));
+        let mut r = &b[..];
+        for d in &downs {
+            assert_eq!(&Down::read(&mut r).await.unwrap(), d);
+        }
+        let ups = vec![
+            Up::Filter(vec![0; 30]),
+            Up::Back(vec![4; 10]),
+            Up::Need(3),
+            Up::Ack(4),
+            Up::Done {
+                bytes: 1,
+                sha256: [2u8; 32],
+            },
+            Up::Abort("no".into()),
+        ];
+        let mut b = Vec::new();
+        ups.iter().for_each(|u| u.encode(&mut b));
+        let mut r = &b[..];
+        for u in &ups {
+            assert_eq!(&Up::read(&mut r).await.unwrap(), u);
+        }
+    }
+
+    #[tokio::test]
+    async fn hostile_frames_are_errors_without_allocating() {
+        // A raw frame claiming 4 GiB, an unknown tag, a truncated page.
+        let mut r = &[1u8, 0xff, 0xff, 0xff, 0xff][..];
+        assert!(matches!(
+            Down::read(&mut r).await,
+            Err(LinkError::Protocol(_))
+        ));
+        let mut r = &[42u8][..];
+        assert!(matches!(
+            Up::read(&mut r).await,
+            Err(LinkError::Protocol(_))
+        ));
+        let mut r = &[3u8, 0, 0, 0, 0, 0, 0, 0, 1, 9, 9][..];
+        assert!(matches!(Down::read(&mut r).await, Err(LinkError::Io(_))));
+    }
+}

@@ -1,0 +1,311 @@
+//! One migration end to end on each side: the source points its QEMU at the proxy over
+//! QMP and watches QEMU's own progress; the destination indexes its VMs, serves its filter
+//! and feeds the incoming QEMU. Either side's failure leaves the VM running on the source:
+//! the source cancels QEMU's migration, or resumes the guest if QEMU had already finished
+//! writing when the destination failed.
+
+use std::{
+    os::unix::fs::DirBuilderExt as _,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+
+use super::{Failure, Progress, dest, holdings::Holdings, source};
+use crate::{
+    actuate::qmp::Qmp,
+    fabric::tls,
+    host::inventory::{self, Selector},
+};
+
+/// QEMU's capabilities that change the stream's records or channels: off through the
+/// proxy.
+const REFUSED_CAPABILITIES: &[&str] = &[
+    "compress",
+    "xbzrle",
+    "multifd",
+    "postcopy-ram",
+    "postcopy-preempt",
+    "x-colo",
+    "background-snapshot",
+    "zero-copy-send",
+];
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The fabric's certificates: this host's, and the CA every agent's is signed by.
+#[derive(Clone, Debug)]
+pub struct Tls {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl Tls {
+    fn load(&self) -> Result<tls::TlsConfigs, Failure> {
+        tls::load(&self.ca, &self.cert, &self.key).map_err(Failure::Setup)
+    }
+}
+
+/// What a migration did, at either end.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Summary {
+    /// QEMU's stream (what a plain migration would have sent).
+    pub stream_bytes: u64,
+    /// What this end wrote to the link.
+    pub wire_bytes: u64,
+    pub filter_bytes: u64,
+    pub pages: u64,
+    pub referenced: u64,
+    pub resent: u64,
+    pub seconds: f64,
+    /// QEMU's downtime (source only).
+    pub downtime_ms: Option<u64>,
+}
+
+impl Summary {
+    fn of(p: &Progress, started: Instant, downtime_ms: Option<u64>) -> Summary {
+        Summary {
+            stream_bytes: Progress::get(&p.qemu_bytes),
+            wire_bytes: Progress::get(&p.wire_bytes),
+            filter_bytes: Progress::get(&p.filter_bytes),
+            pages: Progress::get(&p.pages),
+            referenced: Progress::get(&p.referenced),
+            resent: Progress::get(&p.resent),
+            seconds: started.elapsed().as_secs_f64(),
+            downtime_ms,
+        }
+    }
+}
+
+/// Where the source sends: the destination proxy's address and the node name its
+/// certificate must carry.
+#[derive(Clone, Debug)]
+pub struct SendOptions {
+    pub qmp: PathBuf,
+    pub to: String,
+    pub node: String,
+    pub tls: Tls,
+    /// A private directory for the proxy's socket (created 0700, removed after).
+    pub work_dir: PathBuf,
+}
+
+fn qmp<T>(
+    path: &Path,
+    f: impl FnOnce(&mut Qmp) -> Result<T, crate::actuate::qmp::QmpError>,
+) -> Result<T, Failure> {
+    let mut q = Qmp::connect(path).map_err(|e| Failure::Setup(e.to_string()))?;
+    f(&mut q).map_err(|e| Failure::Setup(e.to_string()))
+}
+
+/// QEMU's `query-migrate` status and downtime.
+fn query(path: &Path) -> Result<(String, Option<u64>), Failure> {
+    qmp(path, |q| q.execute("query-migrate", serde_json::json!({}))).map(|v| {
+        (
+            v["status"].as_str().unwrap_or("none").to_owned(),
+            v["downtime"].as_u64(),
+        )
+    })
+}
+
+/// Refuses a QEMU whose migration capabilities would change the stream's records.
+fn check_capabilities(path: &Path) -> Result<(), Failure> {
+    let caps = qmp(path, |q| {
+        q.execute("query-migrate-capabilities", serde_json::json!({}))
+    })?;
+    let on: Vec<&str> = caps
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|c| c["state"] == true)
+        .filter_map(|c| c["capability"].as_str())
+        .filter(|c| REFUSED_CAPABILITIES.contains(c))
+        .collect();
+    if on.is_empty() {
+        Ok(())
+    } else {
+        Err(Failure::Setup(format!(
+            "QEMU has migration capabilities on that the proxy does not carry: {} \
+             (turn them off: migrate-set-capabilities)",
+            on.join(", ")
+        )))
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, Failure> + Send + 'static,
+) -> Result<T, Failure> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Failure::Setup(format!("a blocking task: {e}")))?
+}
+
+/// Migrates the VM behind `opts.qmp` through the proxies; `progress` is updated as it
+/// goes. On failure the VM runs on the source.
+pub async fn send(opts: SendOptions, progress: Arc<Progress>) -> Result<Summary, Failure> {
+    let started = Instant::now();
+    let qmp_path = opts.qmp.clone();
+    blocking(move || check_capabilities(&qmp_path)).await?;
+    let configs = opts.tls.load()?;
+    let name = rustls::pki_types::ServerName::try_from(opts.node.clone())
+        .map_err(|e| Failure::Setup(format!("node name {:?}: {e}", opts.node)))?;
+    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&opts.to))
+        .await
+        .map_err(|_| Failure::Setup(format!("connecting to {}: timed out", opts.to)))?
+        .map_err(|e| Failure::Setup(format!("connecting to {}: {e}", opts.to)))?;
+    let _ = tcp.set_nodelay(true);
+    let link = tokio::time::timeout(CONNECT_TIMEOUT, configs.client.connect(name, tcp))
+        .await
+        .map_err(|_| Failure::Setup("TLS with the destination: timed out".into()))?
+        .map_err(|e| Failure::Setup(format!("TLS with the destination {}: {e}", opts.node)))?;
+    let _ = std::fs::remove_dir_all(&opts.work_dir);
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .recursive(true)
+        .create(&opts.work_dir)
+        .map_err(|e| Failure::Setup(format!("{}: {e}", opts.work_dir.display())))?;
+    let sock = opts.work_dir.join("qemu.sock");
+    let listener = UnixListener::bind(&sock)
+        .map_err(|e| Failure::Setup(format!("{}: {e}", sock.display())))?;
+    let (qmp_path, uri) = (opts.qmp.clone(), format!("unix:{}", sock.display()));
+    blocking(move || {
+        qmp(&qmp_path, |q| {
+            q.execute("migrate", serde_json::json!({ "uri": uri }))
+        })
+    })
+    .await?;
+    let accepted = tokio::time::timeout(CONNECT_TIMEOUT, listener.accept()).await;
+    let _ = std::fs::remove_dir_all(&opts.work_dir);
+    let result = match accepted {
+        Ok(Ok((qemu, _))) => source::run(qemu, link, progress.clone()).await,
+        Ok(Err(e)) => Err(Failure::Setup(format!("QEMU's connection: {e}"))),
+        Err(_) => Err(Failure::Setup("QEMU did not connect to the proxy".into())),
+    };
+    // QEMU's own view: it must end `completed` (then the guest is paused on the source
+    // and runs on the destination once started there).
+    let qmp_path = opts.qmp.clone();
+    let (status, downtime) = blocking(move || {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let (s, d) = query(&qmp_path)?;
+            if matches!(s.as_str(), "completed" | "failed" | "cancelled" | "none")
+                || Instant::now() > deadline
+            {
+                return Ok((s, d));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    })
+    .await?;
+    match result {
+        Ok(_) if status == "completed" => Ok(Summary::of(&progress, started, downtime)),
+        Ok(_) => {
+            keep_on_source(&opts.qmp).await;
+            Err(Failure::Setup(format!(
+                "QEMU's migration ended {status} though the proxies agreed"
+            )))
+        }
+        Err(e) => {
+            keep_on_source(&opts.qmp).await;
+            Err(e)
+        }
+    }
+}
+
+/// After a failure: cancel QEMU's migration, and resume the guest if QEMU had finished
+/// (the destination did not get a verified stream, so it must not run there).
+async fn keep_on_source(path: &Path) {
+    let path = path.to_owned();
+    let _ = blocking(move || {
+        let _ = qmp(&path, |q| {
+            q.execute("migrate_cancel", serde_json::json!({}))
+        });
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            match query(&path) {
+                Ok((s, _)) if s == "completed" => {
+                    let _ = qmp(&path, |q| q.execute("cont", serde_json::json!({})));
+                    break;
+                }
+                Ok((s, _)) if matches!(s.as_str(), "failed" | "cancelled" | "none") => break,
+                _ => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
+        let running = qmp(&path, |q| q.execute("query-status", serde_json::json!({})))?;
+        if running["running"] != true {
+            let _ = qmp(&path, |q| q.execute("cont", serde_json::json!({})));
+        }
+        Ok(())
+    })
+    .await;
+}
+
+#[derive(Clone, Debug)]
+pub struct ReceiveOptions {
+    pub listen: String,
+    /// The unix socket the incoming QEMU listens on (`-incoming unix:PATH`).
+    pub incoming: PathBuf,
+    /// The migrating VM's UUID: its own QEMUs are not donors.
+    pub uuid: Option<String>,
+    pub tls: Tls,
+    /// How long to wait for the source.
+    pub accept_timeout: Duration,
+}
+
+/// Indexes this host's VMs, then receives one migration.
+pub async fn receive(
+    opts: ReceiveOptions,
+    ready: impl FnOnce(std::net::SocketAddr, &Holdings),
+    progress: Arc<Progress>,
+) -> Result<Summary, Failure> {
+    let configs = opts.tls.load()?;
+    let listener = TcpListener::bind(&opts.listen)
+        .await
+        .map_err(|e| Failure::Setup(format!("listening on {}: {e}", opts.listen)))?;
+    let uuid = opts.uuid.clone();
+    let holdings = Arc::new(
+        blocking(move || {
+            let vms: Vec<_> = inventory::discover(&Selector::default())
+                .into_values()
+                .collect();
+            Ok(Holdings::scan(&vms, uuid.as_deref()))
+        })
+        .await?,
+    );
+    let addr = listener
+        .local_addr()
+        .map_err(|e| Failure::Setup(e.to_string()))?;
+    ready(addr, &holdings);
+    let (tcp, peer) = tokio::time::timeout(opts.accept_timeout, listener.accept())
+        .await
+        .map_err(|_| Failure::Setup("no source connected in time".into()))?
+        .map_err(|e| Failure::Setup(format!("accepting: {e}")))?;
+    let _ = tcp.set_nodelay(true);
+    let started = Instant::now();
+    let link = tokio::time::timeout(CONNECT_TIMEOUT, configs.server.accept(tcp))
+        .await
+        .map_err(|_| Failure::Peer(format!("TLS from {peer}: timed out")))?
+        .map_err(|e| Failure::Peer(format!("TLS from {peer}: {e}")))?;
+    let qemu = connect_incoming(&opts.incoming).await?;
+    dest::run(link, qemu, holdings, progress.clone()).await?;
+    Ok(Summary::of(&progress, started, None))
+}
+
+/// The incoming QEMU's socket, retried while QEMU starts.
+async fn connect_incoming(path: &Path) -> Result<UnixStream, Failure> {
+    let deadline = Instant::now() + CONNECT_TIMEOUT;
+    loop {
+        match UnixStream::connect(path).await {
+            Ok(s) => return Ok(s),
+            Err(e) if Instant::now() > deadline => {
+                return Err(Failure::Setup(format!(
+                    "the incoming QEMU's socket {}: {e}",
+                    path.display()
+                )));
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}

@@ -1,0 +1,240 @@
+//! The source proxy: QEMU's outgoing stream in, frames to the destination out. Page
+//! bodies the destination's filter says it holds go as references; a copy of each is kept
+//! until the destination acknowledges it (at most [`WINDOW`] pages: the proxy stops
+//! reading from QEMU when the window is full), so that a page the destination could not
+//! resolve is sent again. The destination's return-path bytes are handed to QEMU.
+
+use std::{
+    collections::VecDeque,
+    sync::{Arc, Mutex, atomic::Ordering},
+    time::Duration,
+};
+
+use tokio::{
+    io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _},
+    sync::{Notify, mpsc},
+};
+
+use super::{
+    Failure, Progress,
+    holdings::{Filter, digest, key},
+    link::{self, Down, MAX_RAW, Up},
+    stream::{PAGE, Splitter, Token},
+};
+
+/// Referenced pages kept for resending: 64 MiB.
+pub const WINDOW: usize = 16_384;
+/// How long the destination may take to send its filter (it indexes its VMs first).
+pub const FILTER_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Referenced pages not yet acknowledged, oldest first: (index, page).
+#[derive(Default)]
+struct Kept {
+    pages: Mutex<VecDeque<(u64, Box<[u8; PAGE]>)>>,
+    freed: Notify,
+}
+
+/// What the destination confirmed at the end.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Confirmed {
+    pub bytes: u64,
+    pub sha256: link::Sha256,
+}
+
+/// Runs the proxy until the destination confirmed what it handed to its QEMU, which must
+/// be exactly what this QEMU wrote.
+pub async fn run<Q, L>(qemu: Q, mut link: L, progress: Arc<Progress>) -> Result<Confirmed, Failure>
+where
+    Q: AsyncRead + AsyncWrite + Send + 'static,
+    L: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    link::hello(&mut link).await?;
+    let filter = match tokio::time::timeout(FILTER_TIMEOUT, Up::read(&mut link)).await {
+        Err(_) => {
+            return Err(Failure::Peer(
+                "no filter from the destination in time".into(),
+            ));
+        }
+        Ok(r) => match r? {
+            Up::Filter(b) => {
+                progress
+                    .filter_bytes
+                    .store(b.len() as u64, Ordering::Relaxed);
+                Filter::decode(&b).map_err(Failure::Peer)?
+            }
+            Up::Abort(why) => return Err(Failure::Peer(why)),
+            other => return Err(Failure::Peer(format!("{other:?} before the filter"))),
+        },
+    };
+    let (mut link_rx, link_tx) = tokio::io::split(link);
+    let (qemu_rx, mut qemu_tx) = tokio::io::split(qemu);
+    let kept = Arc::new(Kept::default());
+    let (tx, rx) = mpsc::channel::<Vec<u8>>(16);
+    let writer = tokio::spawn(super::write_frames(link_tx, rx, progress.clone()));
+    let forward = tokio::spawn(forward(
+        qemu_rx,
+        tx.clone(),
+        filter,
+        kept.clone(),
+        progress.clone(),
+    ));
+    let result = async {
+        loop {
+            match Up::read(&mut link_rx).await? {
+                Up::Back(b) => qemu_tx.write_all(&b).await.map_err(Failure::Qemu)?,
+                Up::Need(index) => {
+                    let frame = {
+                        let pages = kept.pages.lock().unwrap_or_else(|e| e.into_inner());
+                        let Some((_, page)) = pages.iter().find(|(i, _)| *i == index) else {
+                            return Err(Failure::Peer(format!(
+                                "asked for reference {index}, not kept"
+                            )));
+                        };
+                        let mut f = Vec::with_capacity(PAGE + 9);
+                        Down::Again {
+                            index,
+                            page: page.clone(),
+                        }
+                        .encode(&mut f);
+                        f
+                    };
+                    progress.resent.fetch_add(1, Ordering::Relaxed);
+                    tx.send(frame).await.map_err(|_| Failure::closed())?;
+                }
+                Up::Ack(upto) => {
+                    let mut pages = kept.pages.lock().unwrap_or_else(|e| e.into_inner());
+                    while pages.front().is_some_and(|(i, _)| *i < upto) {
+                        pages.pop_front();
+                    }
+                    kept.freed.notify_one();
+                }
+                Up::Done { bytes, sha256 } => return Ok(Confirmed { bytes, sha256 }),
+                Up::Abort(why) => return Err(Failure::Peer(why)),
+                Up::Filter(_) => return Err(Failure::Peer("a second filter".into())),
+            }
+        }
+    }
+    .await;
+    let sent = forward.await;
+    drop(tx);
+    let _ = writer.await;
+    let confirmed = result?;
+    let ours = match sent {
+        Ok(Ok(ours)) => ours,
+        Ok(Err(e)) => return Err(e),
+        Err(e) => return Err(Failure::Peer(format!("the forwarding task: {e}"))),
+    };
+    if confirmed != ours {
+        return Err(Failure::Mismatch {
+            sent: ours.bytes,
+            delivered: confirmed.bytes,
+        });
+    }
+    Ok(confirmed)
+}
+
+/// QEMU's stream to frames; returns its length and SHA-256 once QEMU closed it.
+async fn forward<Q: AsyncRead>(
+    qemu: Q,
+    tx: mpsc::Sender<Vec<u8>>,
+    filter: Filter,
+    kept: Arc<Kept>,
+    progress: Arc<Progress>,
+) -> Result<Confirmed, Failure> {
+    tokio::pin!(qemu);
+    let mut split = Splitter::new();
+    let mut sha = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut buf: Vec<u8> = Vec::with_capacity(2 * MAX_RAW);
+    let mut total = 0u64;
+    let mut next_ref = 0u64;
+    let mut raw: Vec<u8> = Vec::new();
+    let mut frames: Vec<u8> = Vec::new();
+    let mut chunk = vec![0u8; 256 << 10];
+    loop {
+        let n = qemu.read(&mut chunk).await.map_err(Failure::Qemu)?;
+        let eof = n == 0;
+        buf.extend_from_slice(&chunk[..n]);
+        sha.update(&chunk[..n]);
+        total += n as u64;
+        progress.qemu_bytes.fetch_add(n as u64, Ordering::Relaxed);
+        let mut at = 0;
+        loop {
+            let token = match split.next(&buf[at..]) {
+                Some(t) => t,
+                None if eof => match split.finish(&buf[at..]) {
+                    Some(t) => t,
+                    None => break,
+                },
+                None => break,
+            };
+            let bytes = &buf[at..at + token.len()];
+            at += token.len();
+            if token == Token::Page {
+                progress.pages.fetch_add(1, Ordering::Relaxed);
+                let d = digest(bytes);
+                if filter.contains(key(&d)) {
+                    if !raw.is_empty() {
+                        Down::Raw(std::mem::take(&mut raw)).encode(&mut frames);
+                    }
+                    Down::Ref(d).encode(&mut frames);
+                    let mut page = Box::new([0u8; PAGE]);
+                    page.copy_from_slice(bytes);
+                    loop {
+                        let freed = kept.freed.notified();
+                        {
+                            let mut pages = kept.pages.lock().unwrap_or_else(|e| e.into_inner());
+                            if pages.len() < WINDOW {
+                                pages.push_back((next_ref, page));
+                                break;
+                            }
+                        }
+                        // Full: send what is encoded so the destination can catch up.
+                        if !frames.is_empty() {
+                            tx.send(std::mem::take(&mut frames))
+                                .await
+                                .map_err(|_| Failure::closed())?;
+                        }
+                        freed.await;
+                    }
+                    next_ref += 1;
+                    progress.referenced.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+            }
+            raw.extend_from_slice(bytes);
+            if raw.len() >= MAX_RAW {
+                Down::Raw(std::mem::take(&mut raw)).encode(&mut frames);
+            }
+        }
+        buf.drain(..at);
+        if !raw.is_empty() {
+            Down::Raw(std::mem::take(&mut raw)).encode(&mut frames);
+        }
+        if eof {
+            let sha256: link::Sha256 = sha
+                .clone()
+                .finish()
+                .as_ref()
+                .try_into()
+                .unwrap_or([0u8; 32]);
+            Down::End {
+                bytes: total,
+                sha256,
+            }
+            .encode(&mut frames);
+            tx.send(frames).await.map_err(|_| Failure::closed())?;
+            if let Some(stop) = split.stopped() {
+                tracing::info!(?stop, "migration stream: parsing stopped");
+            }
+            return Ok(Confirmed {
+                bytes: total,
+                sha256,
+            });
+        }
+        if !frames.is_empty() {
+            tx.send(std::mem::take(&mut frames))
+                .await
+                .map_err(|_| Failure::closed())?;
+        }
+    }
+}
