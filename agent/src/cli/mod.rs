@@ -4,6 +4,7 @@ mod check;
 mod fabric;
 mod hint;
 mod launch;
+mod migrate;
 mod run;
 mod scan;
 mod status;
@@ -68,6 +69,9 @@ enum Commands {
     /// A sharing-aware consolidation plan of this host and its peers, beside first-fit
     /// decreasing (from the daemon).
     Plan(fabric::FabricArgs),
+    /// Live-migrate a QEMU guest to another host, sending as references the pages that
+    /// host already holds (`receive` on the destination first, then `send`).
+    Migrate(migrate::MigrateArgs),
 }
 
 impl Cli {
@@ -84,6 +88,7 @@ impl Cli {
             Commands::Peers(args) => fabric::peers(args),
             Commands::Candidates(args) => fabric::candidates(args),
             Commands::Plan(args) => fabric::plan(args),
+            Commands::Migrate(args) => migrate::run(args),
         }
     }
 }
