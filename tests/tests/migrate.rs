@@ -1,0 +1,276 @@
+//! Deduplicating live migration end to end: a real QEMU lab guest migrated through the two
+//! proxies (mutual TLS on loopback) into an incoming QEMU started from the source's own
+//! command line, with a twin guest (same image, another seed) as the destination's donor.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    sync::Arc,
+    time::Duration,
+};
+
+use memfabric::migrate::{
+    Progress,
+    run::{self, ReceiveOptions, SendOptions, Tls},
+};
+use memfabric_tests::{TestLab, privileged};
+use xtask::lab::{self, Profile, UpOptions};
+
+/// A cluster CA and one certificate per node name, as PEM files in `dir`.
+fn pki(dir: &Path, names: &[&str]) -> Vec<Tls> {
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let ca = dir.join("ca.crt");
+    std::fs::write(&ca, ca_cert.pem()).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    names
+        .iter()
+        .map(|n| {
+            let key = rcgen::KeyPair::generate().unwrap();
+            let cert = rcgen::CertificateParams::new(vec![(*n).to_owned()])
+                .unwrap()
+                .signed_by(&key, &issuer)
+                .unwrap();
+            let (c, k) = (dir.join(format!("{n}.crt")), dir.join(format!("{n}.key")));
+            std::fs::write(&c, cert.pem()).unwrap();
+            std::fs::write(&k, key.serialize_pem()).unwrap();
+            Tls {
+                ca: ca.clone(),
+                cert: c,
+                key: k,
+            }
+        })
+        .collect()
+}
+
+/// The source guest's QEMU command line, made the incoming side of a migration: its own
+/// console, QMP socket and no pidfile, listening on `incoming`, paused (`-S`).
+fn incoming_command(pid: u32, dir: &Path, incoming: &Path) -> Command {
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    let args: Vec<String> = raw
+        .split(|b| *b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    let mut cmd = Command::new(&args[0]);
+    let mut it = args[1..].iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "-daemonize" => {}
+            "-pidfile" | "-serial" | "-qmp" => {
+                it.next();
+            }
+            _ => {
+                cmd.arg(a);
+            }
+        }
+    }
+    cmd.arg("-serial")
+        .arg(format!("file:{}", dir.join("incoming.console").display()))
+        .arg("-qmp")
+        .arg(format!(
+            "unix:{},server=on,wait=off",
+            dir.join("incoming.qmp").display()
+        ))
+        .arg("-incoming")
+        .arg(format!("unix:{}", incoming.display()))
+        .arg("-S");
+    cmd
+}
+
+fn qmp(path: &Path, command: &str, args: serde_json::Value) -> serde_json::Value {
+    memfabric::actuate::qmp::Qmp::connect(path)
+        .and_then(|mut q| q.execute(command, args))
+        .unwrap_or_else(|e| panic!("{command} on {}: {e}", path.display()))
+}
+
+/// Digests of a QEMU's guest RAM mappings, read through /proc/PID/mem.
+fn guest_ram(pid: u32) -> Vec<(u64, String)> {
+    use std::os::unix::fs::FileExt as _;
+    let vm = memfabric::host::inventory::describe(pid, memfabric::host::inventory::VmKind::Qemu)
+        .expect("a QEMU");
+    let mem = std::fs::File::open(format!("/proc/{pid}/mem")).unwrap();
+    vm.ram
+        .iter()
+        .map(|m| {
+            let mut h = blake3::Hasher::new();
+            let mut buf = vec![0u8; 1 << 20];
+            let mut at = m.start;
+            while at < m.end {
+                let n = mem.read_at(&mut buf, at).unwrap();
+                h.update(&buf[..n]);
+                at += n as u64;
+            }
+            (m.end - m.start, h.finalize().to_hex().to_string())
+        })
+        .collect()
+}
+
+#[test]
+#[serial_test::serial]
+fn a_guest_whose_twin_runs_on_the_destination_moves_with_a_fraction_of_the_bytes() {
+    if !privileged("a_guest_whose_twin_runs_on_the_destination_moves_with_a_fraction_of_the_bytes")
+    {
+        return;
+    }
+    let _lab = TestLab::new("migrate-test");
+    let dir: PathBuf =
+        std::env::temp_dir().join(format!("memfabric-migrate-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let guests = lab::up(&UpOptions {
+        guests: 2,
+        profile: Profile::Static,
+        ..UpOptions::default()
+    })
+    .expect("booting two lab guests");
+    let (src, donor) = (&guests[0], guests[1].name.clone());
+    let tls = pki(&dir, &["src", "dst"]);
+    let incoming = dir.join("incoming.sock");
+    let mut dst = memfabric_harness::Guarded::new(
+        incoming_command(src.pid, &dir, &incoming)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("the incoming QEMU"),
+    );
+    let src_qmp = lab::state_dir().join(format!("{}.qmp", src.name));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (ps, pd) = (Arc::new(Progress::default()), Arc::new(Progress::default()));
+    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+    let receive = run::receive(
+        ReceiveOptions {
+            listen: "127.0.0.1:0".into(),
+            incoming: incoming.clone(),
+            uuid: Some(src.uuid.clone()),
+            tls: tls[1].clone(),
+            accept_timeout: Duration::from_secs(120),
+        },
+        move |addr, h| {
+            eprintln!("destination holds {} pages", h.pages());
+            assert!(h.pages() > 1000, "the donor {donor} was not indexed");
+            addr_tx.send(addr).unwrap();
+        },
+        pd.clone(),
+    );
+    let (sent, received) = rt.block_on(async {
+        let recv = tokio::spawn(receive);
+        let addr = tokio::task::spawn_blocking(move || addr_rx.recv().unwrap())
+            .await
+            .unwrap();
+        let sent = run::send(
+            SendOptions {
+                qmp: src_qmp.clone(),
+                to: addr.to_string(),
+                node: "dst".into(),
+                tls: tls[0].clone(),
+                work_dir: dir.join("send"),
+            },
+            ps.clone(),
+        )
+        .await;
+        (sent, recv.await.unwrap())
+    });
+    let sent = sent.expect("the migration");
+    let received = received.expect("the receiving side");
+    eprintln!("source: {sent:?}\ndestination: {received:?}");
+    // What QEMU wrote is what the incoming QEMU was handed (both ends checked SHA-256).
+    assert_eq!(sent.stream_bytes, received.stream_bytes);
+    assert_eq!(sent.referenced, received.referenced + received.resent);
+    // The twin holds the shared part of the guest: far fewer bytes on the wire.
+    assert!(
+        sent.wire_bytes * 10 < sent.stream_bytes * 6,
+        "{} of {} bytes sent",
+        sent.wire_bytes,
+        sent.stream_bytes
+    );
+    // Guest memory page for page, then the guest runs on the destination.
+    let dst_qmp = dir.join("incoming.qmp");
+    let (a, b) = (guest_ram(src.pid), guest_ram(dst.id()));
+    assert!(!a.is_empty());
+    assert_eq!(a, b, "guest memory differs after migration");
+    qmp(&dst_qmp, "cont", serde_json::json!({}));
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        qmp(&dst_qmp, "query-status", serde_json::json!({}))["status"],
+        "running"
+    );
+    assert!(
+        matches!(dst.try_wait(), Ok(None)),
+        "the migrated guest exited"
+    );
+    drop(dst);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+#[serial_test::serial]
+fn a_destination_that_dies_mid_stream_leaves_the_vm_running_on_the_source() {
+    if !privileged("a_destination_that_dies_mid_stream_leaves_the_vm_running_on_the_source") {
+        return;
+    }
+    let _lab = TestLab::new("migrate-fail-test");
+    let dir: PathBuf =
+        std::env::temp_dir().join(format!("memfabric-migrate-fail-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let guests = lab::up(&UpOptions {
+        guests: 1,
+        first: 5,
+        profile: Profile::Static,
+        ..UpOptions::default()
+    })
+    .expect("booting a lab guest");
+    let src = &guests[0];
+    let tls = pki(&dir, &["src", "dst"]);
+    let src_qmp = lab::state_dir().join(format!("{}.qmp", src.name));
+    // A "destination" that completes the TLS handshake with the right certificate, sends
+    // an empty filter, reads a little of the stream and then drops the connection.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let result = rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let acceptor = memfabric::fabric::tls::load(&tls[1].ca, &tls[1].cert, &tls[1].key)
+            .unwrap()
+            .server;
+        let dying = tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+            let (tcp, _) = listener.accept().await.unwrap();
+            let mut s = acceptor.accept(tcp).await.unwrap();
+            memfabric::migrate::link::hello(&mut s).await.unwrap();
+            let mut f = Vec::new();
+            memfabric::migrate::link::Up::Filter(
+                memfabric::migrate::holdings::Filter::build(Vec::new()).encode(),
+            )
+            .encode(&mut f);
+            s.write_all(&f).await.unwrap();
+            let mut buf = vec![0u8; 8 << 20];
+            s.read_exact(&mut buf).await.unwrap();
+        });
+        let r = run::send(
+            SendOptions {
+                qmp: src_qmp.clone(),
+                to: addr.to_string(),
+                node: "dst".into(),
+                tls: tls[0].clone(),
+                work_dir: dir.join("send"),
+            },
+            Arc::new(Progress::default()),
+        )
+        .await;
+        dying.await.unwrap();
+        r
+    });
+    assert!(result.is_err(), "a dead destination, yet {result:?}");
+    let status = qmp(&src_qmp, "query-status", serde_json::json!({}));
+    assert_eq!(status["status"], "running", "{status}");
+    assert!(lab::qemu::alive(src));
+    let _ = std::fs::remove_dir_all(&dir);
+}
