@@ -206,4 +206,26 @@ mod tests {
         assert_eq!(Progress::get(&ps.resent), 1);
         assert_eq!(Progress::get(&pd.referenced), 1);
     }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_destination_that_gives_up_ends_the_source_without_hanging() {
+        let (src_qemu, mut qemu_out) = tokio::io::duplex(1 << 16);
+        let (a, mut b) = tokio::io::duplex(1 << 16);
+        let s = tokio::spawn(source::run(src_qemu, a, Arc::new(Progress::default())));
+        // QEMU writes on and never closes.
+        tokio::spawn(async move { while qemu_out.write_all(&[0u8; PAGE]).await.is_ok() {} });
+        link::hello(&mut b).await.unwrap();
+        let mut f = Vec::new();
+        link::Up::Filter(holdings::Filter::build(Vec::new()).encode()).encode(&mut f);
+        link::Up::Abort("disk full".into()).encode(&mut f);
+        b.write_all(&f).await.unwrap();
+        let r = tokio::time::timeout(std::time::Duration::from_secs(10), s)
+            .await
+            .expect("the source hung")
+            .unwrap();
+        assert!(
+            matches!(&r, Err(Failure::Peer(w)) if w.contains("disk full")),
+            "{r:?}"
+        );
+    }
 }

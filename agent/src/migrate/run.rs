@@ -161,9 +161,10 @@ pub async fn send(opts: SendOptions, progress: Arc<Progress>) -> Result<Summary,
         .map_err(|_| Failure::Setup("TLS with the destination: timed out".into()))?
         .map_err(|e| Failure::Setup(format!("TLS with the destination {}: {e}", opts.node)))?;
     let _ = std::fs::remove_dir_all(&opts.work_dir);
+    // Not recursive: a directory someone else created meanwhile (the default lives under
+    // the temporary directory) is an error, never a place for QEMU's socket.
     std::fs::DirBuilder::new()
         .mode(0o700)
-        .recursive(true)
         .create(&opts.work_dir)
         .map_err(|e| Failure::Setup(format!("{}: {e}", opts.work_dir.display())))?;
     let sock = opts.work_dir.join("qemu.sock");

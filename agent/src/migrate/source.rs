@@ -71,13 +71,20 @@ where
     let kept = Arc::new(Kept::default());
     let (tx, rx) = mpsc::channel::<Vec<u8>>(16);
     let writer = tokio::spawn(super::write_frames(link_tx, rx, progress.clone()));
-    let forward = tokio::spawn(forward(
-        qemu_rx,
-        tx.clone(),
-        filter,
-        kept.clone(),
-        progress.clone(),
-    ));
+    let forward = {
+        let (tx, kept, progress) = (tx.clone(), kept.clone(), progress.clone());
+        tokio::spawn(async move {
+            let r = forward(qemu_rx, tx.clone(), filter, kept, progress).await;
+            if let Err(e) = &r {
+                // Tell the destination, which then closes the link: the loop below, which
+                // waits for its frames, ends too.
+                let mut f = Vec::new();
+                Down::Abort(e.to_string()).encode(&mut f);
+                let _ = tx.send(f).await;
+            }
+            r
+        })
+    };
     let result = async {
         loop {
             match Up::read(&mut link_rx).await? {
@@ -115,10 +122,18 @@ where
         }
     }
     .await;
+    let confirmed = match result {
+        Ok(c) => c,
+        Err(e) => {
+            // The forwarding task may wait for window room or the link: stop both.
+            forward.abort();
+            writer.abort();
+            return Err(e);
+        }
+    };
     let sent = forward.await;
     drop(tx);
     let _ = writer.await;
-    let confirmed = result?;
     let ours = match sent {
         Ok(Ok(ours)) => ours,
         Ok(Err(e)) => return Err(e),
