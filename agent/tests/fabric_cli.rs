@@ -16,7 +16,7 @@ use std::{
 };
 
 use memfabric::fabric::gossip_auth::{GossipKey, Route, seal};
-use memfabric_harness::{Children, poll_for, privileged};
+use memfabric_harness::{Children, Pki, poll_for, privileged};
 use serde_json::Value;
 
 const MEMFABRIC: &str = env!("CARGO_BIN_EXE_memfabric");
@@ -187,35 +187,6 @@ fn metric(sock: &Path, name: &str, label: &str) -> f64 {
         .unwrap_or(-1.0)
 }
 
-struct Pki {
-    ca: rcgen::Issuer<'static, rcgen::KeyPair>,
-    ca_pem: String,
-}
-
-impl Pki {
-    fn new(name: &str) -> Pki {
-        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, name);
-        let key = rcgen::KeyPair::generate().unwrap();
-        let cert = params.self_signed(&key).unwrap();
-        Pki {
-            ca_pem: cert.pem(),
-            ca: rcgen::Issuer::new(params, key),
-        }
-    }
-
-    /// (certificate PEM, key PEM) for node `name` at `ip` (both subject alternative names).
-    fn leaf(&self, name: &str, ip: &str) -> (String, String) {
-        let params = rcgen::CertificateParams::new(vec![name.to_owned(), ip.to_owned()]).unwrap();
-        let key = rcgen::KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.ca).unwrap();
-        (cert.pem(), key.serialize_pem())
-    }
-}
-
 struct Node {
     sock: PathBuf,
     ip: String,
@@ -223,7 +194,7 @@ struct Node {
 
 /// Writes a node's certificate, key and config; returns the config path.
 fn node_files(dir: &Path, pki: &Pki, name: &str, ip: &str, key_file: &Path) -> PathBuf {
-    let (cert, key) = pki.leaf(name, ip);
+    let (cert, key) = pki.leaf(&[name, ip]);
     fs::write(dir.join(format!("{name}.crt")), cert).unwrap();
     fs::write(dir.join(format!("{name}.key")), key).unwrap();
     let cfg = dir.join(format!("{name}.toml"));
@@ -546,7 +517,7 @@ fn three_agents_find_known_overlaps_refuse_forgeries_and_survive_a_lost_peer() {
 
     // A certificate from another CA, and no certificate at all: refused.
     let other = Pki::new("another cluster");
-    let (ocert, okey) = other.leaf("rogue", "10.77.0.4");
+    let (ocert, okey) = other.leaf(&["rogue", "10.77.0.4"]);
     fs::write(dir.join("other.crt"), ocert).unwrap();
     fs::write(dir.join("other.key"), okey).unwrap();
     fs::write(dir.join("other-ca.crt"), &other.ca_pem).unwrap();
@@ -628,7 +599,7 @@ fn three_agents_find_known_overlaps_refuse_forgeries_and_survive_a_lost_peer() {
     );
 
     // A member (valid key and certificate) serving broken summaries.
-    let (rc, rk) = pki.leaf("rogue", "10.77.0.4");
+    let (rc, rk) = pki.leaf(&["rogue", "10.77.0.4"]);
     fs::write(dir.join("rogue.crt"), rc).unwrap();
     fs::write(dir.join("rogue.key"), rk).unwrap();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));

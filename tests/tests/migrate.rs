@@ -16,33 +16,75 @@ use memfabric::migrate::{
 use memfabric_tests::{TestLab, privileged};
 use xtask::lab::{self, Profile, UpOptions};
 
-/// A cluster CA and one certificate per node name, as PEM files in `dir`.
-fn pki(dir: &Path, names: &[&str]) -> Vec<Tls> {
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
-    let ca = dir.join("ca.crt");
-    std::fs::write(&ca, ca_cert.pem()).unwrap();
-    let issuer = rcgen::Issuer::new(ca_params, ca_key);
-    names
-        .iter()
-        .map(|n| {
-            let key = rcgen::KeyPair::generate().unwrap();
-            let cert = rcgen::CertificateParams::new(vec![(*n).to_owned()])
-                .unwrap()
-                .signed_by(&key, &issuer)
-                .unwrap();
-            let (c, k) = (dir.join(format!("{n}.crt")), dir.join(format!("{n}.key")));
-            std::fs::write(&c, cert.pem()).unwrap();
-            std::fs::write(&k, key.serialize_pem()).unwrap();
-            Tls {
-                ca: ca.clone(),
-                cert: c,
-                key: k,
-            }
+/// A lab for one test: its guests (the first is the one migrated), a scratch directory
+/// and the two proxies' certificates (source, destination `dst`).
+struct Setup {
+    _lab: TestLab,
+    dir: PathBuf,
+    guests: Vec<lab::Guest>,
+    src: Tls,
+    dst: Tls,
+}
+
+impl Setup {
+    fn new(test: &str, guests: u32, first: u32) -> Setup {
+        let lab = TestLab::new(test);
+        let dir = std::env::temp_dir().join(format!("memfabric-{test}-dir-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let guests = lab::up(&UpOptions {
+            guests,
+            first,
+            profile: Profile::Static,
+            ..UpOptions::default()
         })
-        .collect()
+        .expect("booting lab guests");
+        let mut tls = memfabric_harness::Pki::new("migration test cluster")
+            .write(&dir, &["src", "dst"])
+            .into_iter()
+            .map(|(cert, key)| Tls {
+                ca: dir.join("ca.crt"),
+                cert,
+                key,
+            });
+        let (src, dst) = (tls.next().unwrap(), tls.next().unwrap());
+        Setup {
+            _lab: lab,
+            dir,
+            guests,
+            src,
+            dst,
+        }
+    }
+
+    /// The migrated guest's QMP socket.
+    fn src_qmp(&self) -> PathBuf {
+        lab::state_dir().join(format!("{}.qmp", self.guests[0].name))
+    }
+
+    /// Sending the migrated guest to the destination proxy at `to`.
+    fn send_to(&self, to: std::net::SocketAddr) -> SendOptions {
+        SendOptions {
+            qmp: self.src_qmp(),
+            to: to.to_string(),
+            node: "dst".into(),
+            tls: self.src.clone(),
+            work_dir: self.dir.join("send"),
+        }
+    }
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
 }
 
 /// The source guest's QEMU command line, made the incoming side of a migration: its own
@@ -115,31 +157,16 @@ fn a_guest_whose_twin_runs_on_the_destination_moves_with_a_fraction_of_the_bytes
     {
         return;
     }
-    let _lab = TestLab::new("migrate-test");
-    let dir: PathBuf =
-        std::env::temp_dir().join(format!("memfabric-migrate-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let guests = lab::up(&UpOptions {
-        guests: 2,
-        profile: Profile::Static,
-        ..UpOptions::default()
-    })
-    .expect("booting two lab guests");
-    let (src, donor) = (&guests[0], guests[1].name.clone());
-    let tls = pki(&dir, &["src", "dst"]);
+    let setup = Setup::new("migrate-test", 2, 1);
+    let (dir, src, donor) = (&setup.dir, &setup.guests[0], setup.guests[1].name.clone());
     let incoming = dir.join("incoming.sock");
     let mut dst = memfabric_harness::Guarded::new(
-        incoming_command(src.pid, &dir, &incoming)
+        incoming_command(src.pid, dir, &incoming)
             .stdout(std::process::Stdio::null())
             .spawn()
             .expect("the incoming QEMU"),
     );
-    let src_qmp = lab::state_dir().join(format!("{}.qmp", src.name));
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime();
     let (ps, pd) = (Arc::new(Progress::default()), Arc::new(Progress::default()));
     let (addr_tx, addr_rx) = std::sync::mpsc::channel();
     let receive = run::receive(
@@ -147,7 +174,7 @@ fn a_guest_whose_twin_runs_on_the_destination_moves_with_a_fraction_of_the_bytes
             listen: "127.0.0.1:0".into(),
             incoming: incoming.clone(),
             uuid: Some(src.uuid.clone()),
-            tls: tls[1].clone(),
+            tls: setup.dst.clone(),
             accept_timeout: Duration::from_secs(120),
         },
         move |addr, h| {
@@ -162,17 +189,7 @@ fn a_guest_whose_twin_runs_on_the_destination_moves_with_a_fraction_of_the_bytes
         let addr = tokio::task::spawn_blocking(move || addr_rx.recv().unwrap())
             .await
             .unwrap();
-        let sent = run::send(
-            SendOptions {
-                qmp: src_qmp.clone(),
-                to: addr.to_string(),
-                node: "dst".into(),
-                tls: tls[0].clone(),
-                work_dir: dir.join("send"),
-            },
-            ps.clone(),
-        )
-        .await;
+        let sent = run::send(setup.send_to(addr), ps.clone()).await;
         (sent, recv.await.unwrap())
     });
     let sent = sent.expect("the migration");
@@ -204,7 +221,6 @@ fn a_guest_whose_twin_runs_on_the_destination_moves_with_a_fraction_of_the_bytes
         "the migrated guest exited"
     );
     drop(dst);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -213,31 +229,13 @@ fn a_destination_that_dies_mid_stream_leaves_the_vm_running_on_the_source() {
     if !privileged("a_destination_that_dies_mid_stream_leaves_the_vm_running_on_the_source") {
         return;
     }
-    let _lab = TestLab::new("migrate-fail-test");
-    let dir: PathBuf =
-        std::env::temp_dir().join(format!("memfabric-migrate-fail-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let guests = lab::up(&UpOptions {
-        guests: 1,
-        first: 5,
-        profile: Profile::Static,
-        ..UpOptions::default()
-    })
-    .expect("booting a lab guest");
-    let src = &guests[0];
-    let tls = pki(&dir, &["src", "dst"]);
-    let src_qmp = lab::state_dir().join(format!("{}.qmp", src.name));
+    let setup = Setup::new("migrate-fail-test", 1, 5);
     // A "destination" that completes the TLS handshake with the right certificate, sends
     // an empty filter, reads a little of the stream and then drops the connection.
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let result = rt.block_on(async {
+    let result = runtime().block_on(async {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let acceptor = memfabric::fabric::tls::load(&tls[1].ca, &tls[1].cert, &tls[1].key)
+        let acceptor = memfabric::fabric::tls::load(&setup.dst.ca, &setup.dst.cert, &setup.dst.key)
             .unwrap()
             .server;
         let dying = tokio::spawn(async move {
@@ -254,23 +252,12 @@ fn a_destination_that_dies_mid_stream_leaves_the_vm_running_on_the_source() {
             let mut buf = vec![0u8; 8 << 20];
             s.read_exact(&mut buf).await.unwrap();
         });
-        let r = run::send(
-            SendOptions {
-                qmp: src_qmp.clone(),
-                to: addr.to_string(),
-                node: "dst".into(),
-                tls: tls[0].clone(),
-                work_dir: dir.join("send"),
-            },
-            Arc::new(Progress::default()),
-        )
-        .await;
+        let r = run::send(setup.send_to(addr), Arc::new(Progress::default())).await;
         dying.await.unwrap();
         r
     });
     assert!(result.is_err(), "a dead destination, yet {result:?}");
-    let status = qmp(&src_qmp, "query-status", serde_json::json!({}));
+    let status = qmp(&setup.src_qmp(), "query-status", serde_json::json!({}));
     assert_eq!(status["status"], "running", "{status}");
-    assert!(lab::qemu::alive(src));
-    let _ = std::fs::remove_dir_all(&dir);
+    assert!(lab::qemu::alive(&setup.guests[0]));
 }

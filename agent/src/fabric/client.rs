@@ -171,7 +171,7 @@ mod tests {
         ));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        tls::test_pki(&dir, &["node-a", "node-b"]);
+        memfabric_harness::Pki::new("test cluster").write(&dir, &["node-a", "node-b"]);
         let load = |n: &str| {
             tls::load(
                 &dir.join("ca.crt"),

@@ -62,35 +62,6 @@ pub fn load(ca: &Path, cert: &Path, key: &Path) -> Result<TlsConfigs, String> {
     })
 }
 
-/// A cluster CA (`ca.crt`) and a leaf certificate per name, written as PEM files in
-/// `dir`: (cert, key) per name.
-#[cfg(test)]
-pub(crate) fn test_pki(
-    dir: &Path,
-    names: &[&str],
-) -> Vec<(std::path::PathBuf, std::path::PathBuf)> {
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
-    std::fs::write(dir.join("ca.crt"), ca_cert.pem()).unwrap();
-    let issuer = rcgen::Issuer::new(ca_params, ca_key);
-    names
-        .iter()
-        .map(|n| {
-            let key = rcgen::KeyPair::generate().unwrap();
-            let cert = rcgen::CertificateParams::new(vec![(*n).to_owned()])
-                .unwrap()
-                .signed_by(&key, &issuer)
-                .unwrap();
-            let (c, k) = (dir.join(format!("{n}.crt")), dir.join(format!("{n}.key")));
-            std::fs::write(&c, cert.pem()).unwrap();
-            std::fs::write(&k, key.serialize_pem()).unwrap();
-            (c, k)
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -137,7 +108,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("memfabric-tls-names-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        test_pki(&dir, &["node-a", "node-b", "rogue"]);
+        memfabric_harness::Pki::new("test cluster").write(&dir, &["node-a", "node-b", "rogue"]);
         assert!(handshake(&dir, "node-b", "node-a", "node-b"));
         // The rogue holds a valid cluster certificate, for its own name only.
         assert!(!handshake(&dir, "rogue", "node-a", "node-b"));

@@ -1,6 +1,7 @@
 //! What every memfabric test and bench shares, in one place: the root check (a test that
 //! needs root skips loudly by hand and fails under CI), waiting for a condition, a
-//! `memfabric run` child with its own port and log, and process figures read from /proc.
+//! `memfabric run` child with its own port and log, process figures read from /proc, and a
+//! test cluster's certificates.
 //! No dependency on memfabric itself: the agent's own tests use it too.
 
 use std::{
@@ -238,5 +239,54 @@ impl Drop for Daemon {
             let _ = self.child.wait();
         }
         let _ = fs::remove_file(&self.log);
+    }
+}
+
+/// A test cluster's certificate authority: the CA and leaf certificates the fabric and
+/// the migration proxies authenticate with, as PEM.
+pub struct Pki {
+    ca: rcgen::Issuer<'static, rcgen::KeyPair>,
+    pub ca_pem: String,
+}
+
+impl Pki {
+    /// A new CA whose certificate is named `name`.
+    pub fn new(name: &str) -> Pki {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        Pki {
+            ca_pem: cert.pem(),
+            ca: rcgen::Issuer::new(params, key),
+        }
+    }
+
+    /// (certificate PEM, key PEM) of a leaf with these subject alternative names.
+    pub fn leaf(&self, names: &[&str]) -> (String, String) {
+        let sans = names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>();
+        let params = rcgen::CertificateParams::new(sans).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.ca).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+
+    /// `ca.crt`, and `NAME.crt` + `NAME.key` for each of `names` (its only name), written
+    /// in `dir`: (certificate, key) paths per name.
+    pub fn write(&self, dir: &Path, names: &[&str]) -> Vec<(PathBuf, PathBuf)> {
+        fs::write(dir.join("ca.crt"), &self.ca_pem).unwrap();
+        names
+            .iter()
+            .map(|n| {
+                let (cert, key) = self.leaf(&[n]);
+                let (c, k) = (dir.join(format!("{n}.crt")), dir.join(format!("{n}.key")));
+                fs::write(&c, cert).unwrap();
+                fs::write(&k, key).unwrap();
+                (c, k)
+            })
+            .collect()
     }
 }
