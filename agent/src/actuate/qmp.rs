@@ -197,17 +197,28 @@ impl Qmp {
     }
 }
 
-/// Turns merging of every memory backend of the QEMU `pid` on or off over its QMP socket;
-/// returns the backends changed.
-pub fn set_guest_merge(pid: u32, on: bool) -> Result<Vec<String>, QmpError> {
-    let args: Vec<String> = std::fs::read(format!("/proc/{pid}/cmdline"))
+/// The command line of the QEMU `pid`.
+fn cmdline(pid: u32) -> Result<Vec<String>, QmpError> {
+    let path = format!("/proc/{pid}/cmdline");
+    Ok(std::fs::read(&path)
         .map_err(|source| QmpError::Io {
-            path: format!("/proc/{pid}/cmdline").into(),
+            path: path.into(),
             source,
         })?
         .split(|b| *b == 0)
         .map(|w| String::from_utf8_lossy(w).into_owned())
-        .collect();
+        .collect())
+}
+
+/// The QMP socket of the QEMU `pid`, from its command line.
+pub fn socket_of(pid: u32) -> Result<PathBuf, QmpError> {
+    socket_from_cmdline(&cmdline(pid)?).ok_or(QmpError::NoSocket(pid))
+}
+
+/// Turns merging of every memory backend of the QEMU `pid` on or off over its QMP socket;
+/// returns the backends changed.
+pub fn set_guest_merge(pid: u32, on: bool) -> Result<Vec<String>, QmpError> {
+    let args = cmdline(pid)?;
     if merge_off(&args) {
         return Err(QmpError::MergeOff(pid));
     }

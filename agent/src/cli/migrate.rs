@@ -104,13 +104,7 @@ fn qmp_of(which: &str) -> Result<PathBuf, String> {
         .ok_or_else(|| {
             format!("no VM named {which:?} on this host (memfabric status lists them)")
         })?;
-    let args: Vec<String> = std::fs::read(format!("/proc/{}/cmdline", vm.pid))
-        .map_err(|e| format!("VM {which}: {e}"))?
-        .split(|b| *b == 0)
-        .map(|a| String::from_utf8_lossy(a).into_owned())
-        .collect();
-    memfabric::actuate::qmp::socket_from_cmdline(&args)
-        .ok_or_else(|| format!("VM {which} has no QMP socket on its command line; give --qmp"))
+    memfabric::actuate::qmp::socket_of(vm.pid).map_err(|e| format!("VM {which}: {e}; give --qmp"))
 }
 
 /// A progress line on stderr every second while `fut` runs.

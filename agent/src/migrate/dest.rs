@@ -14,8 +14,7 @@ use tokio::{
 use super::{
     Failure, Progress,
     holdings::Holdings,
-    link::{self, Down, Up},
-    source::Confirmed,
+    link::{self, Down, Sum, Tally, Up},
     stream::PAGE,
 };
 
@@ -30,27 +29,24 @@ pub async fn run<L, Q>(
     qemu: Q,
     holdings: Arc<Holdings>,
     progress: Arc<Progress>,
-) -> Result<Confirmed, Failure>
+) -> Result<Sum, Failure>
 where
     L: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     Q: AsyncRead + AsyncWrite + Send + 'static,
 {
     link::hello(&mut link).await?;
-    let mut first = Vec::new();
     let filter = holdings.filter().encode();
     progress
         .filter_bytes
         .store(filter.len() as u64, Ordering::Relaxed);
-    Up::Filter(filter).encode(&mut first);
-    link.write_all(&first).await?;
+    link.write_all(&Up::Filter(filter).to_vec()).await?;
     link.flush().await?;
     let (mut link_rx, link_tx) = tokio::io::split(link);
     let (qemu_rx, mut qemu_tx) = tokio::io::split(qemu);
     let (tx, rx) = mpsc::channel::<Vec<u8>>(16);
     let writer = tokio::spawn(super::write_frames(link_tx, rx, progress.clone()));
     let back = tokio::spawn(back(qemu_rx, tx.clone()));
-    let mut sha = ring::digest::Context::new(&ring::digest::SHA256);
-    let mut total = 0u64;
+    let mut tally = Tally::default();
     let mut next_ref = 0u64;
     let mut held: VecDeque<Down> = VecDeque::new();
     let mut held_bytes = 0usize;
@@ -73,9 +69,9 @@ where
                         progress.referenced.fetch_add(1, Ordering::Relaxed);
                     } else {
                         progress.resent.fetch_add(1, Ordering::Relaxed);
-                        let mut f = Vec::new();
-                        Up::Need(index).encode(&mut f);
-                        tx.send(f).await.map_err(|_| Failure::closed())?;
+                        tx.send(Up::Need(index).to_vec())
+                            .await
+                            .map_err(|_| Failure::closed())?;
                         // Read on (the source keeps streaming) until the page comes.
                         loop {
                             match Down::read(&mut link_rx).await? {
@@ -102,37 +98,25 @@ where
                         }
                     }
                     if next_ref.is_multiple_of(ACK_EVERY) {
-                        let mut f = Vec::new();
-                        Up::Ack(next_ref).encode(&mut f);
-                        tx.send(f).await.map_err(|_| Failure::closed())?;
+                        tx.send(Up::Ack(next_ref).to_vec())
+                            .await
+                            .map_err(|_| Failure::closed())?;
                     }
                     &page[..]
                 }
-                Down::End { bytes, sha256 } => {
-                    let ours: link::Sha256 = sha
-                        .clone()
-                        .finish()
-                        .as_ref()
-                        .try_into()
-                        .unwrap_or([0u8; 32]);
+                Down::End(theirs) => {
                     qemu_tx.flush().await.map_err(Failure::Qemu)?;
-                    let mut f = Vec::new();
-                    Up::Done {
-                        bytes: total,
-                        sha256: ours,
-                    }
-                    .encode(&mut f);
-                    tx.send(f).await.map_err(|_| Failure::closed())?;
-                    if (*bytes, *sha256) != (total, ours) {
+                    let ours = tally.sum();
+                    tx.send(Up::Done(ours.clone()).to_vec())
+                        .await
+                        .map_err(|_| Failure::closed())?;
+                    if *theirs != ours {
                         return Err(Failure::Mismatch {
-                            sent: *bytes,
-                            delivered: total,
+                            sent: theirs.bytes,
+                            delivered: ours.bytes,
                         });
                     }
-                    return Ok(Confirmed {
-                        bytes: total,
-                        sha256: ours,
-                    });
+                    return Ok(ours);
                 }
                 Down::Abort(why) => return Err(Failure::Peer(why.clone())),
                 Down::Again { index, .. } => {
@@ -140,8 +124,7 @@ where
                 }
             };
             qemu_tx.write_all(bytes).await.map_err(Failure::Qemu)?;
-            sha.update(bytes);
-            total += bytes.len() as u64;
+            tally.update(bytes);
             progress.qemu_bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
         }
     }
@@ -168,9 +151,7 @@ async fn back<Q: AsyncRead>(qemu: Q, tx: mpsc::Sender<Vec<u8>>) {
         if n == 0 {
             break;
         }
-        let mut f = Vec::new();
-        Up::Back(buf[..n].to_vec()).encode(&mut f);
-        if tx.send(f).await.is_err() {
+        if tx.send(Up::Back(buf[..n].to_vec()).to_vec()).await.is_err() {
             break;
         }
     }

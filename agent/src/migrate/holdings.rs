@@ -217,8 +217,38 @@ impl Holdings {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+    use crate::host::inventory::{Mergeability, RamMapping, VmKind};
+
+    /// `pages` in this process's heap (page-aligned), standing in for a donor VM's RAM:
+    /// the buffer (keep it alive) and the VM.
+    pub(crate) fn donor(pages: &[[u8; PAGE]]) -> (Vec<u8>, Vm) {
+        let mut ram = vec![0u8; (pages.len() + 1) * PAGE];
+        let off = ram.as_ptr().align_offset(PAGE);
+        for (i, p) in pages.iter().enumerate() {
+            ram[off + i * PAGE..off + (i + 1) * PAGE].copy_from_slice(p);
+        }
+        let base = ram.as_ptr() as u64 + off as u64;
+        let len = (pages.len() * PAGE) as u64;
+        let vm = Vm {
+            pid: std::process::id(),
+            kind: VmKind::Qemu,
+            name: "donor".into(),
+            uuid: None,
+            guest_memory_bytes: len,
+            ram: vec![RamMapping {
+                start: base,
+                end: base + len,
+                bytes: len,
+                backing: "anon".into(),
+                mergeable: false,
+            }],
+            mergeability: Mergeability::Unknown,
+            merge_off: false,
+        };
+        (ram, vm)
+    }
 
     #[test]
     fn a_filter_holds_its_keys_and_few_others() {
@@ -257,29 +287,7 @@ mod tests {
 
     #[test]
     fn a_page_is_resolved_only_while_it_is_what_was_named() {
-        // This process's own heap stands in for a donor VM's RAM.
-        let mut ram = vec![0u8; 4 * PAGE + PAGE];
-        let off = ram.as_ptr().align_offset(PAGE);
-        let base = ram.as_ptr() as u64 + off as u64;
-        for (i, b) in ram[off..off + 4 * PAGE].iter_mut().enumerate() {
-            *b = [1, 2, 3, 4][i / PAGE];
-        }
-        let vm = Vm {
-            pid: std::process::id(),
-            kind: crate::host::inventory::VmKind::Qemu,
-            name: "donor".into(),
-            uuid: None,
-            guest_memory_bytes: 4 * PAGE as u64,
-            ram: vec![crate::host::inventory::RamMapping {
-                start: base,
-                end: base + 4 * PAGE as u64,
-                bytes: 4 * PAGE as u64,
-                backing: "anon".into(),
-                mergeable: false,
-            }],
-            mergeability: crate::host::inventory::Mergeability::Unknown,
-            merge_off: false,
-        };
+        let (mut ram, vm) = donor(&[[1u8; PAGE], [2u8; PAGE], [3u8; PAGE], [4u8; PAGE]]);
         let h = Holdings::scan(std::slice::from_ref(&vm), None);
         assert_eq!(h.pages(), 4);
         let named = digest(&[3u8; PAGE]);
@@ -288,6 +296,7 @@ mod tests {
         assert!(h.resolve(&named, &mut out));
         assert_eq!(out, [3u8; PAGE]);
         // The page changes: a miss, not a wrong page.
+        let off = ram.as_ptr().align_offset(PAGE);
         ram[off + 2 * PAGE] = 9;
         assert!(!h.resolve(&named, &mut out));
         assert!(!h.resolve(&digest(&[7u8; PAGE]), &mut out));

@@ -23,6 +23,61 @@ const MAX_TEXT: usize = 4096;
 
 pub type Sha256 = [u8; 32];
 
+/// A stream's length and SHA-256: what each end counted, compared at the end.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sum {
+    pub bytes: u64,
+    pub sha256: Sha256,
+}
+
+impl Sum {
+    fn put(&self, out: &mut Vec<u8>, tag: u8) {
+        out.push(tag);
+        out.extend_from_slice(&self.bytes.to_be_bytes());
+        out.extend_from_slice(&self.sha256);
+    }
+
+    async fn read<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> R<Sum> {
+        let bytes = s.read_u64().await?;
+        let mut sha256 = [0u8; 32];
+        s.read_exact(&mut sha256).await?;
+        Ok(Sum { bytes, sha256 })
+    }
+}
+
+/// A [`Sum`] kept as the stream passes.
+#[derive(Clone)]
+pub struct Tally {
+    bytes: u64,
+    sha: ring::digest::Context,
+}
+
+impl Default for Tally {
+    fn default() -> Self {
+        Tally {
+            bytes: 0,
+            sha: ring::digest::Context::new(&ring::digest::SHA256),
+        }
+    }
+}
+
+impl Tally {
+    pub fn update(&mut self, b: &[u8]) {
+        self.sha.update(b);
+        self.bytes += b.len() as u64;
+    }
+
+    /// The sum so far.
+    pub fn sum(&self) -> Sum {
+        let mut sha256 = [0u8; 32];
+        sha256.copy_from_slice(self.sha.clone().finish().as_ref());
+        Sum {
+            bytes: self.bytes,
+            sha256,
+        }
+    }
+}
+
 /// Source to destination.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Down {
@@ -34,11 +89,8 @@ pub enum Down {
         index: u64,
         page: Box<[u8; PAGE]>,
     },
-    /// QEMU's stream ended after `bytes` bytes with this SHA-256.
-    End {
-        bytes: u64,
-        sha256: Sha256,
-    },
+    /// QEMU's stream ended: its length and SHA-256.
+    End(Sum),
     /// The source gave up; the reason.
     Abort(String),
 }
@@ -53,11 +105,8 @@ pub enum Up {
     Need(u64),
     /// References below this index are resolved.
     Ack(u64),
-    /// The incoming QEMU was handed `bytes` bytes with this SHA-256.
-    Done {
-        bytes: u64,
-        sha256: Sha256,
-    },
+    /// What the incoming QEMU was handed: its length and SHA-256.
+    Done(Sum),
     Abort(String),
 }
 
@@ -113,6 +162,13 @@ fn short(text: &str) -> &[u8] {
 }
 
 impl Down {
+    /// Its encoding alone.
+    pub fn to_vec(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        self.encode(&mut out);
+        out
+    }
+
     /// Appends its encoding to `out`.
     pub fn encode(&self, out: &mut Vec<u8>) {
         match self {
@@ -126,11 +182,7 @@ impl Down {
                 out.extend_from_slice(&index.to_be_bytes());
                 out.extend_from_slice(&page[..]);
             }
-            Down::End { bytes, sha256 } => {
-                out.push(4);
-                out.extend_from_slice(&bytes.to_be_bytes());
-                out.extend_from_slice(sha256);
-            }
+            Down::End(sum) => sum.put(out, 4),
             Down::Abort(why) => put_len(out, 5, short(why)),
         }
     }
@@ -149,12 +201,7 @@ impl Down {
                 s.read_exact(&mut page[..]).await?;
                 Down::Again { index, page }
             }
-            4 => {
-                let bytes = s.read_u64().await?;
-                let mut sha256 = [0u8; 32];
-                s.read_exact(&mut sha256).await?;
-                Down::End { bytes, sha256 }
-            }
+            4 => Down::End(Sum::read(s).await?),
             5 => Down::Abort(read_text(s).await?),
             t => return bad(format!("frame type {t}")),
         })
@@ -162,6 +209,13 @@ impl Down {
 }
 
 impl Up {
+    /// Its encoding alone.
+    pub fn to_vec(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        self.encode(&mut out);
+        out
+    }
+
     pub fn encode(&self, out: &mut Vec<u8>) {
         match self {
             Up::Filter(b) => put_len(out, 1, b),
@@ -174,11 +228,7 @@ impl Up {
                 out.push(4);
                 out.extend_from_slice(&i.to_be_bytes());
             }
-            Up::Done { bytes, sha256 } => {
-                out.push(5);
-                out.extend_from_slice(&bytes.to_be_bytes());
-                out.extend_from_slice(sha256);
-            }
+            Up::Done(sum) => sum.put(out, 5),
             Up::Abort(why) => put_len(out, 6, short(why)),
         }
     }
@@ -189,12 +239,7 @@ impl Up {
             2 => Up::Back(read_len(s, MAX_RAW).await?),
             3 => Up::Need(s.read_u64().await?),
             4 => Up::Ack(s.read_u64().await?),
-            5 => {
-                let bytes = s.read_u64().await?;
-                let mut sha256 = [0u8; 32];
-                s.read_exact(&mut sha256).await?;
-                Up::Done { bytes, sha256 }
-            }
+            5 => Up::Done(Sum::read(s).await?),
             6 => Up::Abort(read_text(s).await?),
             t => return bad(format!("frame type {t}")),
         })
@@ -214,10 +259,10 @@ mod tests {
                 index: 9,
                 page: Box::new([5u8; PAGE]),
             },
-            Down::End {
+            Down::End(Sum {
                 bytes: 77,
                 sha256: [1u8; 32],
-            },
+            }),
             Down::Abort("why".into()),
         ];
         let mut b = Vec::new();
@@ -231,10 +276,10 @@ mod tests {
             Up::Back(vec![4; 10]),
             Up::Need(3),
             Up::Ack(4),
-            Up::Done {
+            Up::Done(Sum {
                 bytes: 1,
                 sha256: [2u8; 32],
-            },
+            }),
             Up::Abort("no".into()),
         ];
         let mut b = Vec::new();

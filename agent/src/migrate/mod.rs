@@ -105,39 +105,10 @@ mod tests {
     use std::sync::Arc;
 
     use super::{
-        holdings::{Holdings, digest},
+        holdings::{Holdings, digest, tests::donor},
         stream::PAGE,
         *,
     };
-    use crate::host::inventory::{Mergeability, RamMapping, Vm, VmKind};
-
-    /// One process's heap pages as a donor VM's RAM.
-    fn donor(pages: &[[u8; PAGE]]) -> (Vec<u8>, Vm) {
-        let mut ram = vec![0u8; (pages.len() + 1) * PAGE];
-        let off = ram.as_ptr().align_offset(PAGE);
-        for (i, p) in pages.iter().enumerate() {
-            ram[off + i * PAGE..off + (i + 1) * PAGE].copy_from_slice(p);
-        }
-        let base = ram.as_ptr() as u64 + off as u64;
-        let len = (pages.len() * PAGE) as u64;
-        let vm = Vm {
-            pid: std::process::id(),
-            kind: VmKind::Qemu,
-            name: "donor".into(),
-            uuid: None,
-            guest_memory_bytes: len,
-            ram: vec![RamMapping {
-                start: base,
-                end: base + len,
-                bytes: len,
-                backing: "anon".into(),
-                mergeable: false,
-            }],
-            mergeability: Mergeability::Unknown,
-            merge_off: false,
-        };
-        (ram, vm)
-    }
 
     /// The sample stream through both proxies over an in-memory link; what the "incoming
     /// QEMU" reads and the counters at both ends.

@@ -100,14 +100,26 @@ fn qmp<T>(
     f(&mut q).map_err(|e| Failure::Setup(e.to_string()))
 }
 
-/// QEMU's `query-migrate` status and downtime.
-fn query(path: &Path) -> Result<(String, Option<u64>), Failure> {
-    qmp(path, |q| q.execute("query-migrate", serde_json::json!({}))).map(|v| {
-        (
-            v["status"].as_str().unwrap_or("none").to_owned(),
-            v["downtime"].as_u64(),
-        )
-    })
+/// A migration status QEMU leaves only for a new migration.
+fn settled(status: &str) -> bool {
+    matches!(status, "completed" | "failed" | "cancelled" | "none")
+}
+
+/// Polls QEMU's `query-migrate` on one session until its status settles or `within`
+/// passes: the status and QEMU's downtime.
+fn await_status(
+    q: &mut Qmp,
+    within: Duration,
+) -> Result<(String, Option<u64>), crate::actuate::qmp::QmpError> {
+    let deadline = Instant::now() + within;
+    loop {
+        let v = q.execute("query-migrate", serde_json::json!({}))?;
+        let status = v["status"].as_str().unwrap_or("none").to_owned();
+        if settled(&status) || Instant::now() > deadline {
+            return Ok((status, v["downtime"].as_u64()));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// Refuses a QEMU whose migration capabilities would change the stream's records.
@@ -187,19 +199,8 @@ pub async fn send(opts: SendOptions, progress: Arc<Progress>) -> Result<Summary,
     // QEMU's own view: it must end `completed` (then the guest is paused on the source
     // and runs on the destination once started there).
     let qmp_path = opts.qmp.clone();
-    let (status, downtime) = blocking(move || {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let (s, d) = query(&qmp_path)?;
-            if matches!(s.as_str(), "completed" | "failed" | "cancelled" | "none")
-                || Instant::now() > deadline
-            {
-                return Ok((s, d));
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    })
-    .await?;
+    let (status, downtime) =
+        blocking(move || qmp(&qmp_path, |q| await_status(q, Duration::from_secs(30)))).await?;
     match result {
         Ok(_) if status == "completed" => Ok(Summary::of(&progress, started, downtime)),
         Ok(_) => {
@@ -220,25 +221,17 @@ pub async fn send(opts: SendOptions, progress: Arc<Progress>) -> Result<Summary,
 async fn keep_on_source(path: &Path) {
     let path = path.to_owned();
     let _ = blocking(move || {
-        let _ = qmp(&path, |q| {
-            q.execute("migrate_cancel", serde_json::json!({}))
-        });
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            match query(&path) {
-                Ok((s, _)) if s == "completed" => {
-                    let _ = qmp(&path, |q| q.execute("cont", serde_json::json!({})));
-                    break;
-                }
-                Ok((s, _)) if matches!(s.as_str(), "failed" | "cancelled" | "none") => break,
-                _ => std::thread::sleep(Duration::from_millis(100)),
+        qmp(&path, |q| {
+            let _ = q.execute("migrate_cancel", serde_json::json!({}));
+            // Failed or cancelled: QEMU resumes the guest itself; completed: it stays
+            // paused unless resumed here.
+            let _ = await_status(q, Duration::from_secs(10));
+            let running = q.execute("query-status", serde_json::json!({}))?;
+            if running["running"] != true {
+                q.execute("cont", serde_json::json!({}))?;
             }
-        }
-        let running = qmp(&path, |q| q.execute("query-status", serde_json::json!({})))?;
-        if running["running"] != true {
-            let _ = qmp(&path, |q| q.execute("cont", serde_json::json!({})));
-        }
-        Ok(())
+            Ok(())
+        })
     })
     .await;
 }

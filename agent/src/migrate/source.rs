@@ -18,7 +18,7 @@ use tokio::{
 use super::{
     Failure, Progress,
     holdings::{Filter, digest, key},
-    link::{self, Down, MAX_RAW, Up},
+    link::{self, Down, MAX_RAW, Sum, Tally, Up},
     stream::{PAGE, Splitter, Token},
 };
 
@@ -34,16 +34,9 @@ struct Kept {
     freed: Notify,
 }
 
-/// What the destination confirmed at the end.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Confirmed {
-    pub bytes: u64,
-    pub sha256: link::Sha256,
-}
-
 /// Runs the proxy until the destination confirmed what it handed to its QEMU, which must
 /// be exactly what this QEMU wrote.
-pub async fn run<Q, L>(qemu: Q, mut link: L, progress: Arc<Progress>) -> Result<Confirmed, Failure>
+pub async fn run<Q, L>(qemu: Q, mut link: L, progress: Arc<Progress>) -> Result<Sum, Failure>
 where
     Q: AsyncRead + AsyncWrite + Send + 'static,
     L: AsyncRead + AsyncWrite + Send + Unpin + 'static,
@@ -78,9 +71,7 @@ where
             if let Err(e) = &r {
                 // Tell the destination, which then closes the link: the loop below, which
                 // waits for its frames, ends too.
-                let mut f = Vec::new();
-                Down::Abort(e.to_string()).encode(&mut f);
-                let _ = tx.send(f).await;
+                let _ = tx.send(Down::Abort(e.to_string()).to_vec()).await;
             }
             r
         })
@@ -97,13 +88,11 @@ where
                                 "asked for reference {index}, not kept"
                             )));
                         };
-                        let mut f = Vec::with_capacity(PAGE + 9);
                         Down::Again {
                             index,
                             page: page.clone(),
                         }
-                        .encode(&mut f);
-                        f
+                        .to_vec()
                     };
                     progress.resent.fetch_add(1, Ordering::Relaxed);
                     tx.send(frame).await.map_err(|_| Failure::closed())?;
@@ -115,7 +104,7 @@ where
                     }
                     kept.freed.notify_one();
                 }
-                Up::Done { bytes, sha256 } => return Ok(Confirmed { bytes, sha256 }),
+                Up::Done(sum) => return Ok(sum),
                 Up::Abort(why) => return Err(Failure::Peer(why)),
                 Up::Filter(_) => return Err(Failure::Peer("a second filter".into())),
             }
@@ -155,12 +144,11 @@ async fn forward<Q: AsyncRead>(
     filter: Filter,
     kept: Arc<Kept>,
     progress: Arc<Progress>,
-) -> Result<Confirmed, Failure> {
+) -> Result<Sum, Failure> {
     tokio::pin!(qemu);
     let mut split = Splitter::new();
-    let mut sha = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut tally = Tally::default();
     let mut buf: Vec<u8> = Vec::with_capacity(2 * MAX_RAW);
-    let mut total = 0u64;
     let mut next_ref = 0u64;
     let mut raw: Vec<u8> = Vec::new();
     let mut frames: Vec<u8> = Vec::new();
@@ -169,8 +157,7 @@ async fn forward<Q: AsyncRead>(
         let n = qemu.read(&mut chunk).await.map_err(Failure::Qemu)?;
         let eof = n == 0;
         buf.extend_from_slice(&chunk[..n]);
-        sha.update(&chunk[..n]);
-        total += n as u64;
+        tally.update(&chunk[..n]);
         progress.qemu_bytes.fetch_add(n as u64, Ordering::Relaxed);
         let mut at = 0;
         loop {
@@ -226,25 +213,13 @@ async fn forward<Q: AsyncRead>(
             Down::Raw(std::mem::take(&mut raw)).encode(&mut frames);
         }
         if eof {
-            let sha256: link::Sha256 = sha
-                .clone()
-                .finish()
-                .as_ref()
-                .try_into()
-                .unwrap_or([0u8; 32]);
-            Down::End {
-                bytes: total,
-                sha256,
-            }
-            .encode(&mut frames);
+            let sum = tally.sum();
+            Down::End(sum.clone()).encode(&mut frames);
             tx.send(frames).await.map_err(|_| Failure::closed())?;
             if let Some(stop) = split.stopped() {
                 tracing::info!(?stop, "migration stream: parsing stopped");
             }
-            return Ok(Confirmed {
-                bytes: total,
-                sha256,
-            });
+            return Ok(sum);
         }
         if !frames.is_empty() {
             tx.send(std::mem::take(&mut frames))
