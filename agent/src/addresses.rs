@@ -32,6 +32,30 @@ pub fn hidden(_address: &u64) -> bool {
     !EXPOSE.get()
 }
 
+/// A span of a VMM's guest-RAM addresses as documents serve it: the addresses only inside
+/// [`exposing`]`(true, ..)` (0 when read back otherwise), the size always. Flattened into
+/// the documents that carry one, so the fields stay `start`, `end` and `bytes`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct GuestSpan {
+    #[serde(default, skip_serializing_if = "hidden")]
+    pub start: u64,
+    #[serde(default, skip_serializing_if = "hidden")]
+    pub end: u64,
+    /// `end - start`, always served.
+    #[serde(default)]
+    pub bytes: u64,
+}
+
+impl GuestSpan {
+    pub fn new(start: u64, end: u64) -> GuestSpan {
+        GuestSpan {
+            start,
+            end,
+            bytes: end.saturating_sub(start),
+        }
+    }
+}
+
 /// `text` with every hexadecimal number of five digits or more (`0x7f3a...`) replaced by
 /// `0x…`: user-space addresses, never PIDs, sizes in MiB or errno values, which memfabric
 /// prints in decimal.

@@ -71,9 +71,7 @@ fn actuate_code(a: &memfabric::actuate::ActuateError) -> u8 {
     use memfabric::actuate::ActuateError;
     match a {
         ActuateError::Locked { .. } => 4,
-        ActuateError::CorruptJournal { .. }
-        | ActuateError::UnknownKnob { .. }
-        | ActuateError::BadValue { .. } => 2,
+        ActuateError::CorruptJournal { .. } | ActuateError::BadValue { .. } => 2,
         a if a.is_host_problem() => 3,
         _ => 1,
     }

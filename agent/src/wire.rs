@@ -122,14 +122,9 @@ pub struct HintView {
     pub vm: String,
     pub pid: u32,
     /// Guest-RAM addresses: hidden from every document unless the daemon runs with
-    /// `--expose-addresses` (`bytes` is always served), so 0 when read back otherwise.
-    #[serde(default, skip_serializing_if = "crate::addresses::hidden")]
-    pub start: u64,
-    #[serde(default, skip_serializing_if = "crate::addresses::hidden")]
-    pub end: u64,
-    /// `end - start`, always served.
-    #[serde(default)]
-    pub bytes: u64,
+    /// `--expose-addresses` (`bytes` is always served).
+    #[serde(flatten)]
+    pub span: crate::addresses::GuestSpan,
     pub target: crate::policy::hints::Target,
     pub reason: crate::policy::hints::HintReason,
     /// What became of it (served as `applied`, `already` (nothing to do), `recommended`

@@ -3,6 +3,7 @@
 //!
 //! These tests use the real kernel: real eBPF programs, real KSM, real processes.
 
+use memfabric::actuate::knobs::Knob;
 use std::{
     fs,
     io::{BufRead, BufReader, Write},
@@ -221,9 +222,9 @@ pub fn ksm_stat(pid: u32, field: &str) -> i64 {
 pub fn ksm_fast() -> KsmSession {
     let mut ksm = KsmSession::begin().expect("KSM session");
     for (knob, value) in [
-        ("pages_to_scan", "1000"),
-        ("sleep_millisecs", "20"),
-        ("run", "1"),
+        (Knob::PagesToScan, "1000"),
+        (Knob::SleepMillisecs, "20"),
+        (Knob::Run, "1"),
     ] {
         ksm.set(knob, value).expect("setting KSM");
     }
@@ -235,9 +236,9 @@ pub fn ksm_fast() -> KsmSession {
 pub fn ksm_bench() -> anyhow::Result<KsmSession> {
     let mut ksm = KsmSession::begin()?;
     for (knob, value) in [
-        ("pages_to_scan", "20000"),
-        ("sleep_millisecs", "10"),
-        ("run", "1"),
+        (Knob::PagesToScan, "20000"),
+        (Knob::SleepMillisecs, "10"),
+        (Knob::Run, "1"),
     ] {
         ksm.set(knob, value)?;
     }

@@ -2,6 +2,7 @@
 //! numbers against the kernel's own. The daemon runs in-process (the same `serve` that
 //! `memfabric run` runs) and is scraped over loopback HTTP.
 
+use memfabric::actuate::knobs::Knob;
 use std::{collections::BTreeMap, net::TcpListener, thread::JoinHandle, time::Duration};
 
 use memfabric::{config::Config, daemon};
@@ -535,7 +536,7 @@ fn cow_breaks_of_sleeping_and_premerged_processes_are_counted() {
     let mut sleeper = Workload::spawn(WORKLOAD);
     let sleeper_region = sleeper.cmd(&format!("alloc {N} same"));
     // Let ksmd go past it until the daemon is up: pause KSM (the session restores it).
-    ksm.set("run", "0").expect("pausing KSM");
+    ksm.set(Knob::Run, "0").expect("pausing KSM");
     sleeper.cmd(&format!("mergeable {sleeper_region}"));
     let d = TestDaemon::start(vec![early.pid, sleeper.pid]);
     assert!(
@@ -547,7 +548,7 @@ fn cow_breaks_of_sleeping_and_premerged_processes_are_counted() {
         "daemon did not track both workloads"
     );
     let merged_before = ksm_stat(sleeper.pid, "ksm_merging_pages");
-    ksm.set("run", "1").expect("resuming KSM");
+    ksm.set(Knob::Run, "1").expect("resuming KSM");
     sleeper.await_merged(N, "the sleeping workload");
     let m = d.metrics();
     let seeded = m["memfabric_probe_merged_pages_seeded_total"];

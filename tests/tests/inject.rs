@@ -8,6 +8,7 @@
 //! killed while the target holds the injected registers. There a second tracer compares
 //! the target's full register set, and its memory is hashed, before and after.
 
+use memfabric::actuate::knobs::Knob;
 use std::{
     io::{BufRead as _, BufReader},
     process::{Child, Command, Stdio},
@@ -486,9 +487,9 @@ fn a_large_merged_unmerge_is_bounded_and_a_deadline_interrupts_it_cleanly() {
     const PAGES: usize = 2 << 18; // 2 GiB
     let mut ksm = KsmSession::begin().expect("KSM session"); // dropped after the workload
     for (knob, value) in [
-        ("pages_to_scan", "20000"),
-        ("sleep_millisecs", "10"),
-        ("run", "1"),
+        (Knob::PagesToScan, "20000"),
+        (Knob::SleepMillisecs, "10"),
+        (Knob::Run, "1"),
     ] {
         ksm.set(knob, value).unwrap();
     }

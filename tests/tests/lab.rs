@@ -38,7 +38,7 @@ fn a_static_guest_gets_merged_and_lab_down_leaves_nothing_running() {
         !ram.is_empty() && ram.iter().all(|m| m.mergeable),
         "{ram:?}"
     );
-    let (start, end) = (ram[0].start, ram[0].end);
+    let (start, end) = (ram[0].span.start, ram[0].span.end);
     let mg = || {
         memfabric::host::inventory::describe(g.pid, memfabric::host::inventory::VmKind::Qemu)
             .map(|v| v.ram.iter().all(|m| m.mergeable))

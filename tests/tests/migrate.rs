@@ -139,13 +139,13 @@ fn guest_ram(pid: u32) -> Vec<(u64, String)> {
         .map(|m| {
             let mut h = blake3::Hasher::new();
             let mut buf = vec![0u8; 1 << 20];
-            let mut at = m.start;
-            while at < m.end {
+            let mut at = m.span.start;
+            while at < m.span.end {
                 let n = mem.read_at(&mut buf, at).unwrap();
                 h.update(&buf[..n]);
                 at += n as u64;
             }
-            (m.end - m.start, h.finalize().to_hex().to_string())
+            (m.span.end - m.span.start, h.finalize().to_hex().to_string())
         })
         .collect()
 }
@@ -243,11 +243,9 @@ fn a_destination_that_dies_mid_stream_leaves_the_vm_running_on_the_source() {
             let (tcp, _) = listener.accept().await.unwrap();
             let mut s = acceptor.accept(tcp).await.unwrap();
             memfabric::migrate::link::hello(&mut s).await.unwrap();
-            let mut f = Vec::new();
-            memfabric::migrate::link::Up::Filter(
-                memfabric::migrate::holdings::Filter::build(Vec::new()).encode(),
-            )
-            .encode(&mut f);
+            use memfabric::migrate::link::Frame as _;
+            let empty = memfabric::migrate::holdings::Filter::build(Vec::new()).encode();
+            let f = memfabric::migrate::link::Up::Filter(empty).to_vec();
             s.write_all(&f).await.unwrap();
             let mut buf = vec![0u8; 8 << 20];
             s.read_exact(&mut buf).await.unwrap();

@@ -2,6 +2,7 @@
 //! Z zero, R rewritten continuously, their intra/inter split and 2 MiB range classes; and
 //! scanning never grows a process's RSS.
 
+use memfabric::actuate::knobs::Knob;
 use std::time::Duration;
 
 use memfabric::{
@@ -166,7 +167,7 @@ fn scanning_never_unmerges_ksm_pages() {
         ksm_frames(w.pid, span)
     );
     // ksmd stops: nothing would merge again what a scan unmerged.
-    ksm.set("run", "0").unwrap();
+    ksm.set(Knob::Run, "0").unwrap();
     let mut s = Scanner::new(2);
     for pass in 0..3 {
         s.pass(&[w.pid]).unwrap();
@@ -206,7 +207,7 @@ fn known_frames_are_not_read_again_and_account_the_same() {
         "KSM merged only {} of {N} pages",
         ksm_frames(w.pid, span)
     );
-    ksm.set("run", "0").unwrap();
+    ksm.set(Knob::Run, "0").unwrap();
     let (mut all, mut skip) = (Scanner::new(2), Scanner::new(2));
     all.set_skip_known(false);
     let mut read = [0u64; 2];

@@ -1,6 +1,7 @@
 //! The scanner on real lab guests: its prediction against what KSM then achieves, the
 //! intra/inter split, merged pages against ksm_stat, and a guest's RSS while it is read.
 
+use memfabric::actuate::knobs::Knob;
 use std::time::Duration;
 
 use memfabric::scan::Scanner;
@@ -18,7 +19,7 @@ fn predicted_savings_match_what_ksm_achieves() {
     // KSM stays off while the scanner predicts; the session is declared before the lab so
     // that the guests are gone before it restores the settings.
     let mut ksm = ksm::KsmSession::begin().unwrap();
-    ksm.set("run", "0").unwrap();
+    ksm.set(Knob::Run, "0").unwrap();
     let _lab = TestLab::new("scan-lab");
     let guests = lab::up(&UpOptions {
         guests: 2,
@@ -53,9 +54,9 @@ fn predicted_savings_match_what_ksm_achieves() {
 
     // Then let KSM do it, until it converges.
     for (knob, value) in [
-        ("pages_to_scan", "1000"),
-        ("sleep_millisecs", "20"),
-        ("run", "1"),
+        (Knob::PagesToScan, "1000"),
+        (Knob::SleepMillisecs, "20"),
+        (Knob::Run, "1"),
     ] {
         ksm.set(knob, value).unwrap();
     }

@@ -3,6 +3,7 @@
 //! on the guests and show what is merged as it grows; then stop the guests and restore
 //! KSM.
 
+use memfabric::actuate::knobs::Knob;
 use std::{
     process::Command,
     sync::{
@@ -49,9 +50,9 @@ pub(crate) fn run(args: DemoArgs) -> anyhow::Result<()> {
         // Before KSM runs: what the page scanner says merging can save, and where.
         eprintln!("demo: page scan of the guests' RAM before KSM runs");
         scan(&agent, &guests)?;
-        ksm.set("pages_to_scan", &args.pages_to_scan.to_string())?;
-        ksm.set("sleep_millisecs", "20")?;
-        ksm.set("run", "1")?;
+        ksm.set(Knob::PagesToScan, &args.pages_to_scan.to_string())?;
+        ksm.set(Knob::SleepMillisecs, "20")?;
+        ksm.set(Knob::Run, "1")?;
         eprintln!(
             "demo: KSM on (pages_to_scan={}, sleep 20 ms); watching {} guests{}",
             args.pages_to_scan,

@@ -8,6 +8,7 @@
 use std::{path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
+pub use memfabric::actuate::knobs::Knob;
 use memfabric::actuate::{KsmControl, knobs};
 
 use crate::cmd;
@@ -79,7 +80,7 @@ impl KsmSession {
     }
 
     /// Sets `knob`, first saving (to the journal on disk) what it was.
-    pub fn set(&mut self, knob: &str, value: &str) -> anyhow::Result<()> {
+    pub fn set(&mut self, knob: Knob, value: &str) -> anyhow::Result<()> {
         Ok(self.control.set(knob, value)?)
     }
 

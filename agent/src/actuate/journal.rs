@@ -171,7 +171,7 @@ fn holder(lock: &Path) -> String {
 /// One KSM knob memfabric changed.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KnobEntry {
-    pub knob: String,
+    pub knob: super::knobs::Knob,
     /// What it was before memfabric first changed it.
     pub original: String,
     /// What memfabric last set it to (or read back after a write that moved it, like
@@ -327,14 +327,11 @@ impl Journal {
             )));
         }
         for e in &j.ksm {
-            if !super::knobs::KNOBS.contains(&e.knob.as_str()) {
-                return Err(corrupt(format!("unknown knob {:?}", e.knob)));
-            }
             for v in std::iter::once(&e.original)
                 .chain(&e.ours)
                 .chain(&e.pending)
             {
-                super::knobs::validate(&e.knob, v).map_err(|why| {
+                super::knobs::validate(e.knob, v).map_err(|why| {
                     corrupt(format!(
                         "{}={v:?} is not a value memfabric writes: {why}",
                         e.knob
@@ -342,11 +339,11 @@ impl Journal {
                 })?;
             }
         }
-        if j.ksm.len() > super::knobs::KNOBS.len() {
+        if j.ksm.len() > super::knobs::Knob::ALL.len() {
             return Err(corrupt(format!(
                 "{} entries for {} knobs",
                 j.ksm.len(),
-                super::knobs::KNOBS.len()
+                super::knobs::Knob::ALL.len()
             )));
         }
         Ok(Some(j))
@@ -405,7 +402,7 @@ mod tests {
         assert_eq!(Journal::load(&lock).unwrap(), None);
         let mut j = Journal::new();
         j.ksm.push(KnobEntry {
-            knob: "pages_to_scan".into(),
+            knob: super::super::knobs::Knob::PagesToScan,
             original: "100".into(),
             ours: Some("2000".into()),
             pending: None,

@@ -6,30 +6,84 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use serde::{Deserialize, Serialize};
+
 use super::ActuateError;
 
 pub const KSM_DIR: &str = "/sys/kernel/mm/ksm";
 
-/// The knobs memfabric may change. Counters (`pages_sharing`, ...) are read-only, and
+/// A knob memfabric may change. Counters (`pages_sharing`, ...) are read-only, and
 /// `max_page_sharing`/`merge_across_nodes` fail with EBUSY while KSM pages exist, so they
-/// are not steered. `run` is never set to 2 (unmerge everything) by memfabric.
-pub const KNOBS: &[&str] = &[
-    "run",
-    "pages_to_scan",
-    "sleep_millisecs",
-    "advisor_mode",
-    "advisor_max_cpu",
-    "advisor_min_pages_to_scan",
-    "advisor_max_pages_to_scan",
-    "advisor_target_scan_time",
-    "smart_scan",
-    "use_zero_pages",
-];
+/// are not steered. `run` is never set to 2 (unmerge everything) by memfabric. A type, not
+/// a string, so that no caller (and no journal, which deserialises it) can name a file the
+/// daemon was not meant to write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Knob {
+    Run,
+    PagesToScan,
+    SleepMillisecs,
+    AdvisorMode,
+    AdvisorMaxCpu,
+    AdvisorMinPagesToScan,
+    AdvisorMaxPagesToScan,
+    AdvisorTargetScanTime,
+    SmartScan,
+    UseZeroPages,
+}
+
+impl Knob {
+    /// Every knob, so a journal can hold at most this many entries.
+    pub const ALL: [Knob; 10] = [
+        Knob::Run,
+        Knob::PagesToScan,
+        Knob::SleepMillisecs,
+        Knob::AdvisorMode,
+        Knob::AdvisorMaxCpu,
+        Knob::AdvisorMinPagesToScan,
+        Knob::AdvisorMaxPagesToScan,
+        Knob::AdvisorTargetScanTime,
+        Knob::SmartScan,
+        Knob::UseZeroPages,
+    ];
+
+    /// Its file's name under [`KSM_DIR`] (and its name in the journal).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Knob::Run => "run",
+            Knob::PagesToScan => "pages_to_scan",
+            Knob::SleepMillisecs => "sleep_millisecs",
+            Knob::AdvisorMode => "advisor_mode",
+            Knob::AdvisorMaxCpu => "advisor_max_cpu",
+            Knob::AdvisorMinPagesToScan => "advisor_min_pages_to_scan",
+            Knob::AdvisorMaxPagesToScan => "advisor_max_pages_to_scan",
+            Knob::AdvisorTargetScanTime => "advisor_target_scan_time",
+            Knob::SmartScan => "smart_scan",
+            Knob::UseZeroPages => "use_zero_pages",
+        }
+    }
+
+    /// Its current value, as written (the selection of a choice knob).
+    pub fn read(self) -> Result<String, ActuateError> {
+        read(self.as_str())
+    }
+
+    /// Whether this kernel has it (the advisor arrived in 6.7).
+    pub fn exists(self) -> bool {
+        path(self.as_str()).exists()
+    }
+}
+
+impl std::fmt::Display for Knob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
 
 /// Whether `value` is one memfabric may write to `knob` (and so one its journal may hold):
 /// within the kernel's range (mm/ksm.c), and never `run=2`, which unmerges every page of
 /// the host.
-pub fn validate(knob: &str, value: &str) -> Result<(), String> {
+pub fn validate(knob: Knob, value: &str) -> Result<(), String> {
     let num = |max: u64| -> Result<(), String> {
         match value.parse::<u64>() {
             Ok(n) if n <= max => Ok(()),
@@ -45,36 +99,29 @@ pub fn validate(knob: &str, value: &str) -> Result<(), String> {
         }
     };
     match knob {
-        "run" => one_of(&["0", "1"]),
-        "smart_scan" | "use_zero_pages" => one_of(&["0", "1"]),
-        "advisor_mode" => one_of(&["none", "scan-time"]),
-        "pages_to_scan" => num(u64::from(u32::MAX)),
-        "sleep_millisecs" => num(60_000),
-        "advisor_max_cpu" => num(100),
-        "advisor_target_scan_time" => num(u64::MAX).and_then(|()| {
+        Knob::Run | Knob::SmartScan | Knob::UseZeroPages => one_of(&["0", "1"]),
+        Knob::AdvisorMode => one_of(&["none", "scan-time"]),
+        Knob::PagesToScan => num(u64::from(u32::MAX)),
+        Knob::SleepMillisecs => num(60_000),
+        Knob::AdvisorMaxCpu => num(100),
+        Knob::AdvisorTargetScanTime => num(u64::MAX).and_then(|()| {
             if value == "0" {
                 Err("must be at least 1".into())
             } else {
                 Ok(())
             }
         }),
-        "advisor_min_pages_to_scan" | "advisor_max_pages_to_scan" => num(u64::MAX),
-        _ => Err("not a knob memfabric changes".into()),
+        Knob::AdvisorMinPagesToScan | Knob::AdvisorMaxPagesToScan => num(u64::MAX),
     }
 }
 
-pub fn path(knob: &str) -> PathBuf {
-    Path::new(KSM_DIR).join(knob)
+pub fn path(name: &str) -> PathBuf {
+    Path::new(KSM_DIR).join(name)
 }
 
 /// Whether this kernel has KSM at all.
 pub fn available() -> bool {
     Path::new(KSM_DIR).is_dir()
-}
-
-/// Whether this kernel has `knob` (the advisor arrived in 6.7).
-pub fn exists(knob: &str) -> bool {
-    path(knob).exists()
 }
 
 /// The value to write back for a value read from sysfs: choice knobs such as
@@ -86,19 +133,20 @@ pub fn selected(value: &str) -> &str {
     }
 }
 
-/// A knob's current value, as written (the selection of a choice knob).
-pub fn read(knob: &str) -> Result<String, ActuateError> {
-    let p = path(knob);
+/// The current value of a file under [`KSM_DIR`] (a knob or a counter), as written (the
+/// selection of a choice knob).
+pub fn read(name: &str) -> Result<String, ActuateError> {
+    let p = path(name);
     fs::read_to_string(&p)
         .map(|s| selected(&s).to_owned())
         .map_err(|source| ActuateError::Read { path: p, source })
 }
 
 /// A numeric knob or counter.
-pub fn read_u64(knob: &str) -> Result<u64, ActuateError> {
-    let v = read(knob)?;
+pub fn read_u64(name: &str) -> Result<u64, ActuateError> {
+    let v = read(name)?;
     v.parse().map_err(|_| ActuateError::Read {
-        path: path(knob),
+        path: path(name),
         source: std::io::Error::new(
             std::io::ErrorKind::InvalidData,
             format!("not a number: {v:?}"),
@@ -106,14 +154,11 @@ pub fn read_u64(knob: &str) -> Result<u64, ActuateError> {
     })
 }
 
-pub(super) fn write(knob: &str, value: &str) -> Result<(), ActuateError> {
-    if !KNOBS.contains(&knob) {
-        return Err(ActuateError::UnknownKnob { knob: knob.into() });
-    }
-    let p = path(knob);
+pub(super) fn write(knob: Knob, value: &str) -> Result<(), ActuateError> {
+    let p = path(knob.as_str());
     fs::write(&p, value).map_err(|source| {
         let hint = match source.raw_os_error() {
-            Some(libc::EINVAL) if knob == "pages_to_scan" => {
+            Some(libc::EINVAL) if knob == Knob::PagesToScan => {
                 " (the kernel refuses pages_to_scan while advisor_mode is scan-time)"
             }
             Some(libc::EBUSY) => " (the kernel refuses this change while KSM pages exist)",
@@ -144,35 +189,37 @@ mod tests {
     #[test]
     fn only_values_in_the_kernels_range_are_accepted() {
         for (knob, ok) in [
-            ("run", "0"),
-            ("run", "1"),
-            ("pages_to_scan", "4294967295"),
-            ("sleep_millisecs", "60000"),
-            ("advisor_mode", "scan-time"),
-            ("advisor_target_scan_time", "200"),
+            (Knob::Run, "0"),
+            (Knob::Run, "1"),
+            (Knob::PagesToScan, "4294967295"),
+            (Knob::SleepMillisecs, "60000"),
+            (Knob::AdvisorMode, "scan-time"),
+            (Knob::AdvisorTargetScanTime, "200"),
         ] {
             assert_eq!(validate(knob, ok), Ok(()), "{knob}={ok}");
         }
         for (knob, bad) in [
-            ("run", "2"),
-            ("run", ""),
-            ("pages_to_scan", "4294967296"),
-            ("pages_to_scan", "-1"),
-            ("sleep_millisecs", "60001"),
-            ("advisor_mode", "../x"),
-            ("advisor_target_scan_time", "0"),
-            ("use_zero_pages", "1\n1"),
-            ("pages_sharing", "1"),
+            (Knob::Run, "2"),
+            (Knob::Run, ""),
+            (Knob::PagesToScan, "4294967296"),
+            (Knob::PagesToScan, "-1"),
+            (Knob::SleepMillisecs, "60001"),
+            (Knob::AdvisorMode, "../x"),
+            (Knob::AdvisorTargetScanTime, "0"),
+            (Knob::UseZeroPages, "1\n1"),
         ] {
             assert!(validate(knob, bad).is_err(), "{knob}={bad:?}");
         }
     }
 
     #[test]
-    fn only_known_knobs_are_written() {
-        let e = write("pages_sharing", "1").unwrap_err();
-        assert!(matches!(e, ActuateError::UnknownKnob { .. }), "{e}");
-        let e = write("../../../../etc/passwd", "x").unwrap_err();
-        assert!(matches!(e, ActuateError::UnknownKnob { .. }), "{e}");
+    fn knob_names_are_their_files_and_their_journal_names() {
+        for k in Knob::ALL {
+            let json = serde_json::to_string(&k).unwrap();
+            assert_eq!(json, format!("\"{}\"", k.as_str()));
+            assert_eq!(serde_json::from_str::<Knob>(&json).unwrap(), k);
+        }
+        assert!(serde_json::from_str::<Knob>("\"pages_sharing\"").is_err());
+        assert!(serde_json::from_str::<Knob>("\"../../../../etc/passwd\"").is_err());
     }
 }

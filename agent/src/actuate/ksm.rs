@@ -17,18 +17,18 @@ use std::{
 use super::{
     ActuateError,
     journal::{Journal, KnobEntry, StateLock, boot_id},
-    knobs,
+    knobs::{self, Knob},
 };
 
 /// What a restore did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Restored {
     /// (knob, value written back).
-    pub restored: Vec<(String, String)>,
+    pub restored: Vec<(Knob, String)>,
     /// (knob, value found): changed by someone else after memfabric set it; left alone.
-    pub kept: Vec<(String, String)>,
+    pub kept: Vec<(Knob, String)>,
     /// Knobs that could not be written back; they stay in the journal for the next start.
-    pub failed: Vec<(String, String)>,
+    pub failed: Vec<(Knob, String)>,
     /// The journal was from another boot: the kernel had started afresh, nothing to undo.
     pub other_boot: bool,
 }
@@ -41,7 +41,7 @@ impl Restored {
 
 impl std::fmt::Display for Restored {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let list = |v: &[(String, String)]| {
+        let list = |v: &[(Knob, String)]| {
             v.iter()
                 .map(|(k, v)| format!("{k}={v}"))
                 .collect::<Vec<_>>()
@@ -147,13 +147,13 @@ impl KsmControl {
         self.settle = Some(limit);
     }
 
-    fn journal_original(&mut self, knob: &str) -> Result<bool, ActuateError> {
+    fn journal_original(&mut self, knob: Knob) -> Result<bool, ActuateError> {
         if self.journal.ksm.iter().any(|e| e.knob == knob) {
             return Ok(false);
         }
-        let original = knobs::read(knob)?;
+        let original = knob.read()?;
         self.journal.ksm.push(KnobEntry {
-            knob: knob.into(),
+            knob,
             original,
             ours: None,
             pending: None,
@@ -161,7 +161,7 @@ impl KsmControl {
         Ok(true)
     }
 
-    fn set_ours(&mut self, knob: &str, value: String) {
+    fn set_ours(&mut self, knob: Knob, value: String) {
         if let Some(e) = self.journal.ksm.iter_mut().find(|e| e.knob == knob) {
             e.ours = Some(value);
             e.pending = None;
@@ -171,21 +171,18 @@ impl KsmControl {
     /// Sets `knob` to `value`, journaling its original first (on disk, before the write).
     /// A knob already at `value` is not written again (a write to `sleep_millisecs` wakes
     /// ksmd; one to `advisor_mode` resets the advisor).
-    pub fn set(&mut self, knob: &str, value: &str) -> Result<(), ActuateError> {
-        if !knobs::KNOBS.contains(&knob) {
-            return Err(ActuateError::UnknownKnob { knob: knob.into() });
-        }
+    pub fn set(&mut self, knob: Knob, value: &str) -> Result<(), ActuateError> {
         let value = knobs::selected(value);
         knobs::validate(knob, value).map_err(|why| ActuateError::BadValue {
-            knob: knob.into(),
+            knob,
             value: value.into(),
             why,
         })?;
         let mut fresh = self.journal_original(knob)?;
-        if knob == "advisor_mode" {
-            fresh |= self.journal_original("pages_to_scan")?;
+        if knob == Knob::AdvisorMode {
+            fresh |= self.journal_original(Knob::PagesToScan)?;
         }
-        let current = knobs::read(knob)?;
+        let current = knob.read()?;
         let ours_known = self
             .journal
             .ksm
@@ -209,10 +206,10 @@ impl KsmControl {
             self.journal.save(&self.lock)?;
         }
         self.set_ours(knob, value.to_owned());
-        if knob == "advisor_mode" {
+        if knob == Knob::AdvisorMode {
             // The kernel reset it; what it reads now is what a restore must find.
-            let p = knobs::read("pages_to_scan")?;
-            self.set_ours("pages_to_scan", p);
+            let p = Knob::PagesToScan.read()?;
+            self.set_ours(Knob::PagesToScan, p);
         }
         self.journal.save(&self.lock)
     }
@@ -220,12 +217,12 @@ impl KsmControl {
     /// Applies the controller's settings. The advisor is turned off first (the kernel
     /// refuses `pages_to_scan` while it steers); ksmd is started last, once its pace is set.
     pub fn apply(&mut self, k: &crate::policy::Knobs) -> Result<(), ActuateError> {
-        if knobs::exists("advisor_mode") && knobs::read("advisor_mode")? != "none" {
-            self.set("advisor_mode", "none")?;
+        if Knob::AdvisorMode.exists() && Knob::AdvisorMode.read()? != "none" {
+            self.set(Knob::AdvisorMode, "none")?;
         }
-        self.set("pages_to_scan", &k.pages_to_scan.to_string())?;
-        self.set("sleep_millisecs", &k.sleep_millisecs.to_string())?;
-        self.set("run", if k.run { "1" } else { "0" })
+        self.set(Knob::PagesToScan, &k.pages_to_scan.to_string())?;
+        self.set(Knob::SleepMillisecs, &k.sleep_millisecs.to_string())?;
+        self.set(Knob::Run, if k.run { "1" } else { "0" })
     }
 
     /// Puts every changed knob back (see the module doc for the order). Idempotent.
@@ -263,12 +260,12 @@ fn restore_entries(
 ) -> (Restored, Vec<KnobEntry>) {
     let mut out = Restored::default();
     let mut left = Vec::new();
-    let find = |k: &str| entries.iter().find(|e| e.knob == k);
+    let find = |k: Knob| entries.iter().find(|e| e.knob == k);
     let mut put_back = |e: &KnobEntry, out: &mut Restored, force: bool| -> bool {
-        let current = match knobs::read(&e.knob) {
+        let current = match e.knob.read() {
             Ok(c) => c,
             Err(err) => {
-                out.failed.push((e.knob.clone(), err.to_string()));
+                out.failed.push((e.knob, err.to_string()));
                 left.push(e.clone());
                 return false;
             }
@@ -279,34 +276,30 @@ fn restore_entries(
         if !force && !e.is_ours(&current) {
             // Never written by us, or changed by someone else after we wrote it.
             if e.ours.is_some() || e.pending.is_some() {
-                out.kept.push((e.knob.clone(), current));
+                out.kept.push((e.knob, current));
             }
             return false;
         }
-        match knobs::write(&e.knob, &e.original) {
+        match knobs::write(e.knob, &e.original) {
             Ok(()) => {
-                out.restored.push((e.knob.clone(), e.original.clone()));
+                out.restored.push((e.knob, e.original.clone()));
                 true
             }
             Err(err) => {
-                out.failed.push((e.knob.clone(), err.to_string()));
+                out.failed.push((e.knob, err.to_string()));
                 left.push(e.clone());
                 false
             }
         }
     };
-    const PAIRED: [&str; 3] = ["run", "advisor_mode", "pages_to_scan"];
-    for e in entries
-        .iter()
-        .rev()
-        .filter(|e| !PAIRED.contains(&e.knob.as_str()))
-    {
+    const PAIRED: [Knob; 3] = [Knob::Run, Knob::AdvisorMode, Knob::PagesToScan];
+    for e in entries.iter().rev().filter(|e| !PAIRED.contains(&e.knob)) {
         put_back(e, &mut out, false);
     }
-    match (find("advisor_mode"), find("pages_to_scan")) {
+    match (find(Knob::AdvisorMode), find(Knob::PagesToScan)) {
         (Some(mode), pages) => {
             let moved = put_back(mode, &mut out, false);
-            let mode_now = knobs::read("advisor_mode").unwrap_or_default();
+            let mode_now = Knob::AdvisorMode.read().unwrap_or_default();
             if let Some(p) = pages
                 && mode_now != "scan-time"
             {
@@ -319,10 +312,10 @@ fn restore_entries(
         }
         (None, None) => {}
     }
-    if let Some(run) = find("run") {
+    if let Some(run) = find(Knob::Run) {
         if let Some(limit) = settle
             && run.original == "0"
-            && knobs::read("run").is_ok_and(|v| v == "1")
+            && Knob::Run.read().is_ok_and(|v| v == "1")
         {
             let scans = knobs::read_u64("full_scans").unwrap_or(0);
             let deadline = Instant::now() + limit;

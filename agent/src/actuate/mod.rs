@@ -59,11 +59,9 @@ pub enum ActuateError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{knob} is not a KSM knob memfabric changes")]
-    UnknownKnob { knob: String },
     #[error("{knob}={value:?} is not a value memfabric writes: {why}")]
     BadValue {
-        knob: String,
+        knob: knobs::Knob,
         value: String,
         why: String,
     },

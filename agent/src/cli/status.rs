@@ -141,7 +141,7 @@ pub(super) fn hints_line(state: &HostState) -> Option<String> {
             } else {
                 "make"
             },
-            d.bytes >> 20,
+            d.span.bytes >> 20,
             memfabric::host::inventory::clean_name(&d.vm),
             d.target,
             d.reason,

@@ -220,9 +220,7 @@ impl Hinting {
             let mut view = HintView {
                 vm: name,
                 pid: d.pid,
-                start: d.start,
-                end: d.end,
-                bytes: d.end - d.start,
+                span: crate::addresses::GuestSpan::new(d.start, d.end),
                 target: d.target,
                 reason: d.reason,
                 outcome: HintOutcome::Recommended,
@@ -431,7 +429,7 @@ mod tests {
                     status
                         .recent
                         .iter()
-                        .any(|d| d.target == Target::Unmergeable && d.start == start),
+                        .any(|d| d.target == Target::Unmergeable && d.span.start == start),
                     "{:?}",
                     status.recent
                 );
@@ -472,7 +470,7 @@ mod tests {
         let d = status
             .recent
             .iter()
-            .find(|d| d.target == Target::Unmergeable && d.start == start)
+            .find(|d| d.target == Target::Unmergeable && d.span.start == start)
             .expect("a decision for the volatile range");
         assert!(
             d.outcome

@@ -146,14 +146,9 @@ pub enum Mergeability {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RamMapping {
     /// Virtual addresses in the VMM: hidden from every document unless the daemon runs
-    /// with `--expose-addresses` (then 0 here when read back).
-    #[serde(default, skip_serializing_if = "crate::addresses::hidden")]
-    pub start: u64,
-    #[serde(default, skip_serializing_if = "crate::addresses::hidden")]
-    pub end: u64,
-    /// `end - start`, always served.
-    #[serde(default)]
-    pub bytes: u64,
+    /// with `--expose-addresses` (`bytes` is always served).
+    #[serde(flatten)]
+    pub span: crate::addresses::GuestSpan,
     pub backing: String,
     pub mergeable: bool,
 }
@@ -342,9 +337,7 @@ fn ram_mappings(proc_: &Process) -> Vec<RamMapping> {
                 _ => return None,
             };
             Some(RamMapping {
-                start: m.address.0,
-                end: m.address.1,
-                bytes: m.address.1 - m.address.0,
+                span: crate::addresses::GuestSpan::new(m.address.0, m.address.1),
                 backing,
                 mergeable: flags.contains(VmFlags::MG),
             })
@@ -375,7 +368,7 @@ pub fn describe(pid: u32, kind: VmKind) -> Option<Vm> {
     let cmdline = proc_.cmdline().unwrap_or_default();
     let id = identity_from_cmdline(cmdline.join("\0").as_bytes());
     let ram = ram_mappings(&proc_);
-    let mapped: u64 = ram.iter().map(|m| m.end - m.start).sum();
+    let mapped: u64 = ram.iter().map(|m| m.span.end - m.span.start).sum();
     let guest_memory_bytes = match kind {
         VmKind::Qemu => qemu_memory(&cmdline).unwrap_or(mapped),
         _ => mapped,
@@ -690,9 +683,7 @@ mod tests {
     #[test]
     fn shared_guest_ram_is_reported_unmergeable() {
         let m = |backing: &str, mergeable| RamMapping {
-            start: 0,
-            end: 1 << 30,
-            bytes: 1 << 30,
+            span: crate::addresses::GuestSpan::new(0, 1 << 30),
             backing: backing.into(),
             mergeable,
         };

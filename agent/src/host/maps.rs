@@ -14,7 +14,7 @@ pub fn targets(pid: u32) -> Option<Vec<(u64, u64)>> {
         && let Some(vm) = inventory::describe(pid, kind)
         && !vm.ram.is_empty()
     {
-        return Some(vm.ram.iter().map(|m| (m.start, m.end)).collect());
+        return Some(vm.ram.iter().map(|m| (m.span.start, m.span.end)).collect());
     }
     use procfs::process::{MMPermissions, MMapPath};
     let maps = proc_.maps().ok()?;

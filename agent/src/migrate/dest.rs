@@ -14,7 +14,7 @@ use tokio::{
 use super::{
     Failure, Progress,
     holdings::Holdings,
-    link::{self, Down, Sum, Tally, Up},
+    link::{self, Down, Frame as _, Sum, Tally, Up},
     stream::PAGE,
 };
 

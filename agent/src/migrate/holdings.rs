@@ -168,9 +168,10 @@ impl Holdings {
                 continue;
             };
             for m in &vm.ram {
-                let mut at = m.start;
-                while at < m.end {
-                    let want = usize::try_from((m.end - at).min(CHUNK as u64)).unwrap_or(CHUNK);
+                let mut at = m.span.start;
+                while at < m.span.end {
+                    let want =
+                        usize::try_from((m.span.end - at).min(CHUNK as u64)).unwrap_or(CHUNK);
                     let Ok(n) = mem.read_at(&mut buf[..want], at) else {
                         break;
                     };
@@ -238,9 +239,7 @@ pub(crate) mod tests {
             uuid: None,
             guest_memory_bytes: len,
             ram: vec![RamMapping {
-                start: base,
-                end: base + len,
-                bytes: len,
+                span: crate::addresses::GuestSpan::new(base, base + len),
                 backing: "anon".into(),
                 mergeable: false,
             }],

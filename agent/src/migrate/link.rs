@@ -161,16 +161,21 @@ fn short(text: &str) -> &[u8] {
     &b[..b.len().min(MAX_TEXT)]
 }
 
-impl Down {
+/// A frame of either direction.
+pub trait Frame {
+    /// Appends its encoding to `out`.
+    fn encode(&self, out: &mut Vec<u8>);
+
     /// Its encoding alone.
-    pub fn to_vec(&self) -> Vec<u8> {
+    fn to_vec(&self) -> Vec<u8> {
         let mut out = Vec::new();
         self.encode(&mut out);
         out
     }
+}
 
-    /// Appends its encoding to `out`.
-    pub fn encode(&self, out: &mut Vec<u8>) {
+impl Frame for Down {
+    fn encode(&self, out: &mut Vec<u8>) {
         match self {
             Down::Raw(b) => put_len(out, 1, b),
             Down::Ref(d) => {
@@ -186,7 +191,9 @@ impl Down {
             Down::Abort(why) => put_len(out, 5, short(why)),
         }
     }
+}
 
+impl Down {
     pub async fn read<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> R<Down> {
         Ok(match s.read_u8().await? {
             1 => Down::Raw(read_len(s, MAX_RAW).await?),
@@ -208,15 +215,8 @@ impl Down {
     }
 }
 
-impl Up {
-    /// Its encoding alone.
-    pub fn to_vec(&self) -> Vec<u8> {
-        let mut out = Vec::new();
-        self.encode(&mut out);
-        out
-    }
-
-    pub fn encode(&self, out: &mut Vec<u8>) {
+impl Frame for Up {
+    fn encode(&self, out: &mut Vec<u8>) {
         match self {
             Up::Filter(b) => put_len(out, 1, b),
             Up::Back(b) => put_len(out, 2, b),
@@ -232,7 +232,9 @@ impl Up {
             Up::Abort(why) => put_len(out, 6, short(why)),
         }
     }
+}
 
+impl Up {
     pub async fn read<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> R<Up> {
         Ok(match s.read_u8().await? {
             1 => Up::Filter(read_len(s, MAX_FILTER_BYTES).await?),

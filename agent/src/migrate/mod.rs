@@ -106,6 +106,7 @@ mod tests {
 
     use super::{
         holdings::{Holdings, digest, tests::donor},
+        link::Frame as _,
         stream::PAGE,
         *,
     };

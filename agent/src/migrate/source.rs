@@ -18,7 +18,7 @@ use tokio::{
 use super::{
     Failure, Progress,
     holdings::{Filter, digest, key},
-    link::{self, Down, MAX_RAW, Sum, Tally, Up},
+    link::{self, Down, Frame as _, MAX_RAW, Sum, Tally, Up},
     stream::{PAGE, Splitter, Token},
 };
 

@@ -367,10 +367,10 @@ fn ranges_document(
         let mut before = 0u64;
         for m in &vm.vm.ram {
             // A range is 2 MiB aligned: its start may lie just below its mapping's.
-            if start < m.end && start + crate::scan::RANGE_BYTES > m.start {
-                return Some(before + start.saturating_sub(m.start));
+            if start < m.span.end && start + crate::scan::RANGE_BYTES > m.span.start {
+                return Some(before + start.saturating_sub(m.span.start));
             }
-            before += m.end - m.start;
+            before += m.span.end - m.span.start;
         }
         None
     };
@@ -491,9 +491,7 @@ mod tests {
             recent: vec![crate::wire::HintView {
                 vm: "vm-a".into(),
                 pid: 7,
-                start: 0x7f00_0000_0000,
-                end: 0x7f00_0020_0000,
-                bytes: 2 << 20,
+                span: crate::addresses::GuestSpan::new(0x7f00_0000_0000, 0x7f00_0020_0000),
                 target: crate::policy::hints::Target::Unmergeable,
                 reason: crate::policy::hints::HintReason::Volatile,
                 outcome: crate::wire::HintOutcome::Failed(
@@ -536,8 +534,8 @@ mod tests {
         );
         // Read back by the CLI, hidden addresses are 0 and sizes stay.
         let back: HostState = serde_json::from_value(status_document(&s, false)).unwrap();
-        assert_eq!(back.vms[0].vm.ram[0].start, 0);
-        assert_eq!(back.vms[0].vm.ram[0].bytes, 1 << 30);
+        assert_eq!(back.vms[0].vm.ram[0].span.start, 0);
+        assert_eq!(back.vms[0].vm.ram[0].span.bytes, 1 << 30);
     }
 
     #[test]

@@ -38,29 +38,30 @@ impl Collector for HttpCollector {
             "HTTP connections open now",
             s.open.load(Relaxed) as i64,
         )?;
-        counter(
-            e,
-            "memfabric_http_connections_accepted",
-            "HTTP connections accepted",
-            s.accepted.load(Relaxed),
-        )?;
-        counter(
-            e,
-            "memfabric_http_connections_evicted",
-            "HTTP connections closed to make room under the connection cap (oldest first)",
-            s.evicted.load(Relaxed),
-        )?;
-        counter(
-            e,
-            "memfabric_http_accept_errors",
-            "Failed accepts (for example out of file descriptors)",
-            s.accept_errors.load(Relaxed),
-        )?;
-        counter(
-            e,
-            "memfabric_http_busy_rejections",
-            "JSON requests answered 503 because too many were being served at once",
-            s.busy.load(Relaxed),
-        )
+        for (name, help, value) in [
+            (
+                "memfabric_http_connections_accepted",
+                "HTTP connections accepted",
+                &s.accepted,
+            ),
+            (
+                "memfabric_http_connections_evicted",
+                "HTTP connections closed to make room under the connection cap (oldest first)",
+                &s.evicted,
+            ),
+            (
+                "memfabric_http_accept_errors",
+                "Failed accepts (for example out of file descriptors)",
+                &s.accept_errors,
+            ),
+            (
+                "memfabric_http_busy_rejections",
+                "JSON requests answered 503 because too many were being served at once",
+                &s.busy,
+            ),
+        ] {
+            counter(e, name, help, value.load(Relaxed))?;
+        }
+        Ok(())
     }
 }

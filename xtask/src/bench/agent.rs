@@ -3,6 +3,7 @@
 //! a Prometheus would, and samples the daemon's CPU and RSS every second. Goal: at most
 //! 1 % of a core and 64 MiB RSS (medians).
 
+use memfabric::actuate::knobs::Knob;
 use std::{
     fmt::Write as _,
     fs,
@@ -104,8 +105,8 @@ pub(super) fn run(agent: &Path, guests: u32, seconds: u64, out: &Path) -> anyhow
             guests,
             ..UpOptions::default()
         })?;
-        ksm.set("pages_to_scan", "1000")?;
-        ksm.set("run", "1")?;
+        ksm.set(Knob::PagesToScan, "1000")?;
+        ksm.set(Knob::Run, "1")?;
         CONFIGS
             .iter()
             .map(|(_, scan)| measure(agent, &started, seconds, scan))

@@ -5,6 +5,7 @@
 //! (`memfabric run --act ksmd`); its bill is ksmd's CPU plus the daemon's own (every
 //! thread), so every policy gets an agent CPU and a total CPU column.
 
+use memfabric::actuate::knobs::Knob;
 use std::{
     fmt::Write as _,
     fs,
@@ -50,10 +51,10 @@ impl Policy {
     fn apply(self, ksm: &mut KsmSession, agent: Option<&Path>) -> anyhow::Result<Option<Daemon>> {
         match self {
             Policy::Stock => {
-                ksm.set("pages_to_scan", "100")?;
-                ksm.set("sleep_millisecs", "20")?;
+                ksm.set(Knob::PagesToScan, "100")?;
+                ksm.set(Knob::SleepMillisecs, "20")?;
                 if ksm::read("advisor_mode").is_some() {
-                    ksm.set("advisor_mode", "none")?;
+                    ksm.set(Knob::AdvisorMode, "none")?;
                 }
             }
             Policy::Advisor => {
@@ -62,8 +63,8 @@ impl Policy {
                         "this kernel has no KSM advisor (/sys/kernel/mm/ksm/advisor_mode, Linux >= 6.7)"
                     );
                 }
-                ksm.set("sleep_millisecs", "20")?;
-                ksm.set("advisor_mode", "scan-time")?;
+                ksm.set(Knob::SleepMillisecs, "20")?;
+                ksm.set(Knob::AdvisorMode, "scan-time")?;
             }
             Policy::Memfabric | Policy::MemfabricHints => {
                 // The daemon takes it from here (it turns ksmd on itself).
@@ -71,7 +72,7 @@ impl Policy {
                 return Daemon::start(agent, self == Policy::MemfabricHints).map(Some);
             }
         }
-        ksm.set("run", "1")?;
+        ksm.set(Knob::Run, "1")?;
         Ok(None)
     }
 }
@@ -324,7 +325,7 @@ type Run = (Vec<Sample>, Option<f64>);
 
 fn run_policy(policy: Policy, load: &Load, agent: Option<&Path>) -> anyhow::Result<Run> {
     let mut ksm = KsmSession::begin()?;
-    ksm.set("run", "0")?;
+    ksm.set(Knob::Run, "0")?;
     let mut daemon = None;
     let result = match load {
         Load::Profile {

@@ -10,6 +10,7 @@
 //! first passes until its unchanged memory is settled (sampled one pass in eight). Their
 //! reports must agree: a skipped page must account as if it had been read.
 
+use memfabric::actuate::knobs::Knob;
 use std::{fmt::Write as _, fs, path::Path, time::Duration};
 
 use anyhow::Context as _;
@@ -72,8 +73,8 @@ pub(crate) fn run(out: &Path, sizes: &[usize], rounds: usize) -> anyhow::Result<
             t.elapsed().as_secs_f64()
         );
         // Steady state: KSM at its default pace, as a host runs it.
-        ksm.set("pages_to_scan", "100")?;
-        ksm.set("sleep_millisecs", "20")?;
+        ksm.set(Knob::PagesToScan, "100")?;
+        ksm.set(Knob::SleepMillisecs, "20")?;
         let pids: Vec<u32> = holders.iter().map(|w| w.pid).collect();
         let mut scanners = Vec::new();
         let mut state_bytes = [0; 2];

@@ -3,6 +3,7 @@
 //! (goal >= 0.5); full scan passes (pagemap + kpageflags + /proc/PID/mem + hash) in MB/s;
 //! state bytes per page; and hash grouping checked against an exact byte-for-byte recount.
 
+use memfabric::actuate::knobs::Knob;
 use std::{
     collections::HashMap,
     fmt::Write as _,
@@ -31,10 +32,10 @@ pub(crate) fn snapshot(pids: &[u32]) -> anyhow::Result<Vec<u8>> {
         let mem = fs::File::open(format!("/proc/{pid}/mem"))?;
         let mut entries = Vec::new();
         for r in &vm.ram {
-            let pages = ((r.end - r.start) as usize) / PAGE;
+            let pages = ((r.span.end - r.span.start) as usize) / PAGE;
             for first in (0..pages).step_by(256) {
                 let n = 256.min(pages - first);
-                let addr = r.start + (first * PAGE) as u64;
+                let addr = r.span.start + (first * PAGE) as u64;
                 map.read(addr, n, &mut entries)?;
                 for (i, e) in entries.iter().enumerate() {
                     if e.present() && !e.swapped() {
@@ -59,7 +60,7 @@ pub(crate) fn run(out: &Path, guests: u32, rounds: usize) -> anyhow::Result<()> 
     // SAFETY: single-threaded here; nothing else reads the environment.
     unsafe { std::env::set_var("MEMFABRIC_LAB_STATE", &state) };
     let mut ksm = KsmSession::begin()?;
-    ksm.set("run", "0")?; // nothing merges while we measure
+    ksm.set(Knob::Run, "0")?; // nothing merges while we measure
     let result = (|| {
         let started = lab::up(&UpOptions {
             guests,
