@@ -1,5 +1,5 @@
 //! `memfabric run`: finds the VMs, tracks them with the probes, and keeps the shared
-//! [`HostState`] fresh for the HTTP endpoints, until SIGINT/SIGTERM. Each refresh runs
+//! [`StatusV1`] fresh for the HTTP endpoints, until SIGINT/SIGTERM. Each refresh runs
 //! observe -> decide -> act on its own thread (a slow /proc or sysfs never stalls
 //! `/metrics`): the ksmd controller decides every tick, and with `--act ksmd` its settings
 //! are applied. On the way out ksmd's settings are put back and the probes detach; after a
@@ -24,7 +24,7 @@ use crate::{
     probes::{LoadOptions, ProbeError, ProbeEvent, Probes},
     scan::RANGE_BYTES,
     telemetry,
-    wire::{HostState, ProbeSummary},
+    wire::{ProbeSummary, StatusV1},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -150,7 +150,7 @@ impl Daemon {
                 crate::scan::worker::ScanWorker::start(cfg.scan_cpu, cfg.fabric.is_some())
             }),
             ranking: Ranking::default(),
-            state: Arc::new(RwLock::new(HostState::default())),
+            state: Arc::new(RwLock::new(StatusV1::default())),
             controllers: crate::control::Controllers {
                 hints: {
                     let mut h = crate::control::hints::Hinting::new(hints, cfg.domains.clone());
@@ -315,7 +315,7 @@ impl Daemon {
     }
 
     /// The state the endpoints serve, from one tick's parts and the daemon's counters.
-    fn host_state(&self, seen: Observed, vms: Vec<VmState>, decided: Decided) -> HostState {
+    fn host_state(&self, seen: Observed, vms: Vec<VmState>, decided: Decided) -> StatusV1 {
         let Observed {
             ksm,
             scan,
@@ -323,7 +323,7 @@ impl Daemon {
             ..
         } = seen;
         let Decided { hints, ksmd } = decided;
-        HostState {
+        StatusV1 {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             taken_at_unix_ms: crate::util::clock::unix_ms(),
             ksm,

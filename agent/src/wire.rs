@@ -1,4 +1,4 @@
-//! The documents the daemon publishes: [`HostState`] is what `/v1/status` serves, what
+//! The documents the daemon publishes: [`StatusV1`] is what `/v1/status` serves, what
 //! `/metrics` is encoded from and what the CLI (`status`, `top`, `watch`) reads back. Its
 //! parts come from the model (each VM's [`VmState`]), from the controllers (the ksmd
 //! decision, the merge hints) and from the probes; the fields are a contract (the
@@ -51,9 +51,11 @@ pub struct ProbeSummary {
     pub probe_errors: u64,
 }
 
-/// Everything the daemon knows, as of `taken_at_unix_ms`.
+/// Everything the daemon knows, as of `taken_at_unix_ms`: the document of `/v1/status`
+/// (version 1 of it: fields may be added with defaults, never renamed or removed; a change
+/// that breaks readers is a `StatusV2` at `/v2/status`), also read back by the CLI.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct HostState {
+pub struct StatusV1 {
     pub version: String,
     pub taken_at_unix_ms: u64,
     pub ksm: KsmHost,

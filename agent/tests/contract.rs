@@ -13,11 +13,11 @@ use memfabric::{
     model::rank::RangeClass,
     model::{VmProbeCounters, VmState},
     telemetry,
-    wire::HostState,
+    wire::StatusV1,
 };
 
 fn exposition() -> String {
-    let state = HostState {
+    let state = StatusV1 {
         version: "test".into(),
         taken_at_unix_ms: 1,
         vms: vec![VmState {

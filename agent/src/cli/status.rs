@@ -9,7 +9,7 @@ use memfabric::{
     host::inventory::{self, Selector},
     host::ksm::{KsmHost, KsmStat},
     model::VmState,
-    wire::HostState,
+    wire::StatusV1,
 };
 
 #[derive(Args)]
@@ -22,7 +22,7 @@ pub(super) struct StatusArgs {
     endpoint: String,
 }
 
-fn from_daemon(endpoint: &str) -> Option<HostState> {
+fn from_daemon(endpoint: &str) -> Option<StatusV1> {
     let url = format!("{}/v1/status", endpoint.trim_end_matches('/'));
     let mut resp = ureq::get(&url).call().ok()?;
     let body = resp.body_mut().read_to_string().ok()?;
@@ -30,7 +30,7 @@ fn from_daemon(endpoint: &str) -> Option<HostState> {
 }
 
 /// What /proc and /sys tell without the daemon.
-fn one_shot() -> HostState {
+fn one_shot() -> StatusV1 {
     let vms = inventory::discover(&Selector::default())
         .into_values()
         .map(|vm| VmState {
@@ -44,7 +44,7 @@ fn one_shot() -> HostState {
             cow_breaks_per_sec: 0.0,
         })
         .collect();
-    HostState {
+    StatusV1 {
         version: env!("CARGO_PKG_VERSION").to_owned(),
         taken_at_unix_ms: memfabric::util::clock::unix_ms(),
         ksm: KsmHost::read(),
@@ -102,7 +102,7 @@ pub(super) fn ksm_line(k: &memfabric::host::ksm::KsmHost) -> String {
 }
 
 /// The ksmd controller's line: what it applies (or recommends) and why.
-pub(super) fn ksmd_line(state: &HostState) -> Option<String> {
+pub(super) fn ksmd_line(state: &StatusV1) -> Option<String> {
     let k = state.ksmd.as_ref()?;
     let d = &k.decision;
     Some(format!(
@@ -131,7 +131,7 @@ pub(super) fn ksmd_line(state: &HostState) -> Option<String> {
 }
 
 /// The merge hints' line: acting or not (and why), what was done, the latest decision.
-pub(super) fn hints_line(state: &HostState) -> Option<String> {
+pub(super) fn hints_line(state: &StatusV1) -> Option<String> {
     let h = state.hints.as_ref()?;
     let last = h.recent.last().map(|d| {
         format!(
@@ -189,7 +189,7 @@ pub(super) const COLUMNS: [&str; 9] = [
 ];
 
 /// The state from the daemon at `endpoint`, or one-shot; with a line saying which.
-pub(super) fn load(endpoint: &str) -> (HostState, String) {
+pub(super) fn load(endpoint: &str) -> (StatusV1, String) {
     match from_daemon(endpoint) {
         Some(s) => (s, format!("daemon at {endpoint}")),
         None => (

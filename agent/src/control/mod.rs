@@ -2,7 +2,7 @@
 //! the scanner say: `daemon::Daemon::observe`), **model** (the pure joins of this module:
 //! guest activity from the probes' counters, the ksmd controller's observation), **decide
 //! and act** (the hints' and ksmd's controllers, each deciding from the model and applying
-//! through `actuate`), **publish** (the [`crate::wire::HostState`] the endpoints serve).
+//! through `actuate`), **publish** (the [`crate::wire::StatusV1`] the endpoints serve).
 //! What is here needs no probes, no /proc and no root: it is unit-tested with recorded
 //! counters.
 

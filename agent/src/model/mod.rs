@@ -1,7 +1,7 @@
 //! The pure joins of the loop: each VM's state this tick (its KSM figures, scan counts,
 //! range classes and probe rates: [`VmState`]) and the ranking of a new scan pass with the
 //! probes' heat since the last one ([`Ranking`], [`rank`]). The published document built
-//! from them is `wire::HostState` (a layer above: model does not use it).
+//! from them is `wire::StatusV1` (a layer above: model does not use it).
 
 use std::{collections::BTreeMap, sync::Arc, time::Instant};
 

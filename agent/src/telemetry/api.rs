@@ -8,7 +8,7 @@ use axum::{Json, Router, extract::State, http::StatusCode, response::IntoRespons
 use prometheus_client::registry::Registry;
 
 use super::{Shared, registry};
-use crate::wire::HostState;
+use crate::wire::StatusV1;
 
 /// How the routes behave.
 #[derive(Clone, Debug)]
@@ -196,7 +196,7 @@ async fn metrics(State(app): State<App>, headers: axum::http::HeaderMap) -> impl
 }
 
 /// The daemon's health: the state must be fresh, and no worker may have died.
-fn health(s: &HostState, now_ms: u64, stale_after: Duration) -> (StatusCode, String) {
+fn health(s: &StatusV1, now_ms: u64, stale_after: Duration) -> (StatusCode, String) {
     let age = now_ms.saturating_sub(s.taken_at_unix_ms);
     if s.taken_at_unix_ms == 0 || age > crate::util::convert::millis(stale_after) {
         return (
@@ -234,7 +234,7 @@ async fn status(State(app): State<App>) -> axum::response::Response {
 /// The `/v1/status` document. Guest addresses are left out by their fields' own serde
 /// attributes ([`crate::addresses::hidden`]) unless `expose`; error texts are hidden of
 /// any address they quote.
-fn status_document(s: &HostState, expose: bool) -> serde_json::Value {
+fn status_document(s: &StatusV1, expose: bool) -> serde_json::Value {
     let mut v = crate::addresses::exposing(expose, || serde_json::to_value(s).unwrap_or_default());
     if !expose {
         hide_in_outcomes(&mut v);
@@ -477,7 +477,7 @@ mod tests {
 
     /// A host state whose VM has a RAM mapping and whose hints hold a failed decision
     /// quoting its addresses.
-    fn with_addresses() -> HostState {
+    fn with_addresses() -> StatusV1 {
         let json = serde_json::json!({
             "name": "vm-a", "pid": 7, "kind": "qemu", "uuid": null, "guest_memory_bytes": 1u64 << 30,
             "ram": [{ "start": 0x7f00_0000_0000u64, "end": 0x7f00_4000_0000u64,
@@ -485,7 +485,7 @@ mod tests {
             "mergeability": "mergeable",
         });
         let vm: crate::host::inventory::Vm = serde_json::from_value(json).unwrap();
-        let mut s = HostState::default();
+        let mut s = StatusV1::default();
         s.vms.push(crate::model::VmState::new(vm));
         s.hints = Some(crate::wire::HintsStatus {
             recent: vec![crate::wire::HintView {
@@ -533,7 +533,7 @@ mod tests {
             Some(&0x7f00_0020_0000u64.into())
         );
         // Read back by the CLI, hidden addresses are 0 and sizes stay.
-        let back: HostState = serde_json::from_value(status_document(&s, false)).unwrap();
+        let back: StatusV1 = serde_json::from_value(status_document(&s, false)).unwrap();
         assert_eq!(back.vms[0].vm.ram[0].span.start, 0);
         assert_eq!(back.vms[0].vm.ram[0].span.bytes, 1 << 30);
     }
@@ -567,7 +567,7 @@ mod tests {
 
     #[test]
     fn an_unreadable_ksm_value_is_absent_not_zero() {
-        let mut s = HostState::default();
+        let mut s = StatusV1::default();
         s.ksm.unreadable = vec!["pages_sharing".into(), "cow_ksm".into()];
         let reg = registry(Arc::new(RwLock::new(s)), None, None);
         let mut text = String::new();
@@ -580,9 +580,9 @@ mod tests {
     #[test]
     fn health_fails_on_stale_state_and_on_a_dead_scanner() {
         let stale = Duration::from_secs(5);
-        let mut s = HostState {
+        let mut s = StatusV1 {
             taken_at_unix_ms: 1_000_000,
-            ..HostState::default()
+            ..StatusV1::default()
         };
         assert_eq!(health(&s, 1_001_000, stale).0, StatusCode::OK);
         assert_eq!(
@@ -590,7 +590,7 @@ mod tests {
             StatusCode::SERVICE_UNAVAILABLE
         );
         assert_eq!(
-            health(&HostState::default(), 5, stale).0,
+            health(&StatusV1::default(), 5, stale).0,
             StatusCode::SERVICE_UNAVAILABLE
         );
         s.scan_failed = Some("index out of bounds".into());

@@ -1,5 +1,5 @@
 //! The host's and its VMs' metrics, encoded from the current
-//! [`crate::wire::HostState`] at scrape time.
+//! [`crate::wire::StatusV1`] at scrape time.
 
 use std::fmt;
 

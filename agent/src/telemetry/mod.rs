@@ -1,5 +1,5 @@
 //! Prometheus metrics (OpenMetrics text via prometheus-client, read from the current
-//! [`HostState`] at scrape time) and the HTTP endpoints: /metrics, /healthz, /v1/status,
+//! [`StatusV1`] at scrape time) and the HTTP endpoints: /metrics, /healthz, /v1/status,
 //! /v1/ranges, /v1/recommendations and the fabric's.
 //! Metric names are a contract: units in names, counters end in `_total` (prometheus-client
 //! appends it to counters), a superset of node_exporter's ksmd collector.
@@ -19,12 +19,12 @@ use std::sync::{Arc, RwLock};
 
 use prometheus_client::registry::Registry;
 
-use crate::wire::HostState;
+use crate::wire::StatusV1;
 
 pub use api::{Options, router};
 
 /// The state shared between the refresh loop and the HTTP handlers.
-pub type Shared = Arc<RwLock<HostState>>;
+pub type Shared = Arc<RwLock<StatusV1>>;
 
 /// The registry serving `state` (and the HTTP server's counters and the fabric's, when
 /// given).
