@@ -4,7 +4,6 @@
 
 use std::{
     path::{Path, PathBuf},
-    process::Command,
     sync::Arc,
     time::Duration,
 };
@@ -59,7 +58,7 @@ impl Setup {
 
     /// The migrated guest's QMP socket.
     fn src_qmp(&self) -> PathBuf {
-        lab::state_dir().join(format!("{}.qmp", self.guests[0].name))
+        lab::qemu::qmp_socket(&self.guests[0])
     }
 
     /// Sending the migrated guest to the destination proxy at `to`.
@@ -85,41 +84,6 @@ fn runtime() -> tokio::runtime::Runtime {
         .enable_all()
         .build()
         .unwrap()
-}
-
-/// The source guest's QEMU command line, made the incoming side of a migration: its own
-/// console, QMP socket and no pidfile, listening on `incoming`, paused (`-S`).
-fn incoming_command(pid: u32, dir: &Path, incoming: &Path) -> Command {
-    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
-    let args: Vec<String> = raw
-        .split(|b| *b == 0)
-        .filter(|a| !a.is_empty())
-        .map(|a| String::from_utf8_lossy(a).into_owned())
-        .collect();
-    let mut cmd = Command::new(&args[0]);
-    let mut it = args[1..].iter();
-    while let Some(a) = it.next() {
-        match a.as_str() {
-            "-daemonize" => {}
-            "-pidfile" | "-serial" | "-qmp" => {
-                it.next();
-            }
-            _ => {
-                cmd.arg(a);
-            }
-        }
-    }
-    cmd.arg("-serial")
-        .arg(format!("file:{}", dir.join("incoming.console").display()))
-        .arg("-qmp")
-        .arg(format!(
-            "unix:{},server=on,wait=off",
-            dir.join("incoming.qmp").display()
-        ))
-        .arg("-incoming")
-        .arg(format!("unix:{}", incoming.display()))
-        .arg("-S");
-    cmd
 }
 
 fn qmp(path: &Path, command: &str, args: serde_json::Value) -> serde_json::Value {
@@ -161,7 +125,8 @@ fn a_guest_whose_twin_runs_on_the_destination_moves_with_a_fraction_of_the_bytes
     let (dir, src, donor) = (&setup.dir, &setup.guests[0], setup.guests[1].name.clone());
     let incoming = dir.join("incoming.sock");
     let mut dst = memfabric_harness::Guarded::new(
-        incoming_command(src.pid, dir, &incoming)
+        lab::qemu::incoming_command(src.pid, dir, &incoming)
+            .expect("the incoming command")
             .stdout(std::process::Stdio::null())
             .spawn()
             .expect("the incoming QEMU"),

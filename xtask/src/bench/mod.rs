@@ -3,6 +3,7 @@
 
 mod agent;
 mod ksm;
+mod migrate;
 
 use std::process::Command;
 
@@ -53,6 +54,26 @@ pub(crate) enum Bench {
         #[arg(long, default_value_t = 3)]
         guests: u32,
     },
+    /// A lab guest migrated between two lab hosts (network namespaces joined by a
+    /// rate-limited veth), plainly and through memfabric, side by side: bytes on the link,
+    /// time, downtime, proxy CPU.
+    Migrate {
+        /// Comma-separated guest profiles.
+        #[arg(
+            long,
+            value_enum,
+            value_delimiter = ',',
+            default_value = "static,churn"
+        )]
+        profile: Vec<xtask::lab::Profile>,
+        /// Comma-separated link speeds in Mbit/s (0: unlimited).
+        #[arg(long, value_delimiter = ',', default_value = "100,1000,0")]
+        rate: Vec<u32>,
+        /// Seconds after which a migration that has not completed is cancelled (and
+        /// reported so).
+        #[arg(long, default_value_t = 90)]
+        limit: u64,
+    },
 }
 
 pub(crate) fn run(which: Bench) -> anyhow::Result<()> {
@@ -89,6 +110,20 @@ pub(crate) fn run(which: Bench) -> anyhow::Result<()> {
             agent.as_deref(),
             &cmd::root().join("reports"),
         );
+    }
+    if let Bench::Migrate {
+        profile,
+        rate,
+        limit,
+    } = &which
+    {
+        return migrate::run(&migrate::Options {
+            agent: crate::build::agent()?,
+            profiles: profile.clone(),
+            rates: rate.clone(),
+            limit: std::time::Duration::from_secs(*limit),
+            out: cmd::root().join("reports"),
+        });
     }
     if let Bench::Agent { guests, seconds } = &which {
         let agent = crate::build::agent()?;

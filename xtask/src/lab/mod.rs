@@ -3,6 +3,7 @@
 //! `status` lists them; `down` stops exactly those guests (by PID, verified), and is safe
 //! to run twice.
 
+pub mod hosts;
 pub mod initramfs;
 pub mod kernel;
 pub mod profile;

@@ -186,3 +186,48 @@ pub fn stop(g: &Guest) {
         }
     }
 }
+
+/// The QMP socket of a lab guest.
+pub fn qmp_socket(g: &Guest) -> PathBuf {
+    super::state_dir().join(format!("{}.qmp", g.name))
+}
+
+/// A running QEMU's command line made the incoming side of a migration of it: its own
+/// console and QMP socket in `dir` (`incoming.console`, `incoming.qmp`), no pidfile, not
+/// daemonized, listening on the unix socket `incoming`, paused (`-S`) until `cont`.
+pub fn incoming_command(pid: u32, dir: &Path, incoming: &Path) -> anyhow::Result<Command> {
+    let raw = fs::read(format!("/proc/{pid}/cmdline"))
+        .with_context(|| format!("reading the command line of QEMU {pid}"))?;
+    let args: Vec<String> = raw
+        .split(|b| *b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    let Some((program, rest)) = args.split_first() else {
+        bail!("QEMU {pid} has no command line (exited?)");
+    };
+    let mut cmd = Command::new(program);
+    let mut it = rest.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "-daemonize" => {}
+            "-pidfile" | "-serial" | "-qmp" => {
+                it.next();
+            }
+            _ => {
+                cmd.arg(a);
+            }
+        }
+    }
+    cmd.arg("-serial")
+        .arg(format!("file:{}", dir.join("incoming.console").display()))
+        .arg("-qmp")
+        .arg(format!(
+            "unix:{},server=on,wait=off",
+            dir.join("incoming.qmp").display()
+        ))
+        .arg("-incoming")
+        .arg(format!("unix:{}", incoming.display()))
+        .arg("-S");
+    Ok(cmd)
+}

@@ -1,0 +1,604 @@
+//! `cargo xtask bench migrate`: a lab guest migrated between the two lab hosts (network
+//! namespaces joined by a rate-limited veth, see `xtask::lab::hosts`), plainly and through
+//! memfabric's proxies, side by side, at each link speed, with and without a twin guest
+//! (same image, another seed) on the destination. Reported per migration: bytes the link
+//! carried (both directions, IP headers included, read from the interfaces), QEMU's
+//! stream, time from `migrate` to completion, QEMU's downtime, the proxies' CPU and the
+//! pages referenced and sent again.
+//!
+//! The plain migration goes through a byte relay on each host (QEMU's unix socket to TCP
+//! across the link and back), the way memfabric's proxies sit, so that the two differ only
+//! in what the proxies do. QEMU's own bandwidth cap (`max-bandwidth`) is raised to 8 GiB/s
+//! for both, so that the link, not QEMU's default of 128 MiB/s, is what limits.
+//! Everything else is QEMU's default (downtime limit 300 ms, no capabilities).
+
+use std::{
+    fmt::Write as _,
+    fs,
+    io::{BufRead as _, BufReader, Read as _},
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    os::unix::net::{UnixListener, UnixStream},
+    path::{Path, PathBuf},
+    process::{Child, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+        mpsc,
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use memfabric::actuate::qmp::Qmp;
+use serde_json::json;
+use xtask::lab::{
+    self, Profile, UpOptions,
+    hosts::{DST_ADDR, Side, TwoHosts},
+};
+
+/// How a guest is moved.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Way {
+    Plain,
+    Memfabric,
+}
+
+impl Way {
+    fn name(self) -> &'static str {
+        match self {
+            Way::Plain => "plain",
+            Way::Memfabric => "memfabric",
+        }
+    }
+}
+
+/// One migration's figures.
+#[derive(Clone, Debug)]
+struct Row {
+    profile: &'static str,
+    donors: &'static str,
+    rate: String,
+    way: Way,
+    /// `completed`, or why not.
+    outcome: String,
+    stream_bytes: u64,
+    link_bytes: u64,
+    seconds: f64,
+    downtime_ms: Option<u64>,
+    proxy_cpu_s: f64,
+    referenced: u64,
+    resent: u64,
+}
+
+/// What the bench runs.
+pub(crate) struct Options {
+    pub agent: PathBuf,
+    pub profiles: Vec<Profile>,
+    /// Link speeds in Mbit/s; 0: unlimited.
+    pub rates: Vec<u32>,
+    /// A migration not completed by then is cancelled and reported so.
+    pub limit: Duration,
+    pub out: PathBuf,
+}
+
+/// What every migration of a run shares.
+struct Ctx<'a> {
+    opts: &'a Options,
+    hosts: TwoHosts,
+    dir: PathBuf,
+    tls: [(PathBuf, PathBuf); 2],
+    runs: u32,
+}
+
+/// Lab guests this bench booted, stopped when it ends (also on error).
+struct Booted(Vec<lab::Guest>);
+
+impl Drop for Booted {
+    fn drop(&mut self) {
+        for g in &self.0 {
+            let _ = lab::stop(g);
+        }
+    }
+}
+
+/// A child process killed (and reaped) when dropped, unless already waited for.
+struct Kill(Option<Child>);
+
+impl Drop for Kill {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub(crate) fn run(opts: &Options) -> anyhow::Result<()> {
+    let report = xtask::report::dir(&opts.out, "migrate")?;
+    let work = std::env::temp_dir().join(format!("memfabric-bench-migrate-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&work);
+    fs::create_dir_all(&work)?;
+    let pki = memfabric_harness::Pki::new("memfabric lab");
+    let mut leaves = pki.write(&work, &["src", "dst"]).into_iter();
+    let (Some(src), Some(dst)) = (leaves.next(), leaves.next()) else {
+        bail!("writing the lab's certificates");
+    };
+    let mut ctx = Ctx {
+        opts,
+        hosts: TwoHosts::up()?,
+        dir: work.clone(),
+        tls: [src, dst],
+        runs: 0,
+    };
+    let mut rows = Vec::new();
+    let result = (|| -> anyhow::Result<()> {
+        for &profile in &opts.profiles {
+            // Guests numbered apart from a developer's lab (lab-1 ...).
+            let up = |first: u32| {
+                lab::up(&UpOptions {
+                    guests: 1,
+                    first,
+                    profile,
+                    ..UpOptions::default()
+                })
+            };
+            let mut booted = Booted(up(101)?);
+            for donors in ["none", "twin"] {
+                if donors == "twin" {
+                    booted.0.extend(up(102)?);
+                }
+                for &rate in &opts.rates {
+                    let limit = (rate > 0).then_some(rate);
+                    ctx.hosts.set_rate(limit)?;
+                    for way in [Way::Plain, Way::Memfabric] {
+                        let row = ctx.migrate(&booted.0[0], profile, donors, limit, way)?;
+                        eprintln!("{}", line(&row));
+                        rows.push(row);
+                    }
+                }
+            }
+        }
+        Ok(())
+    })();
+    let _ = fs::remove_dir_all(&work);
+    write_report(&report, &rows)?;
+    result?;
+    println!("{}", fs::read_to_string(report.join("summary.md"))?);
+    println!("report: {}", report.display());
+    Ok(())
+}
+
+fn mb(b: u64) -> f64 {
+    b as f64 / 1e6
+}
+
+fn line(r: &Row) -> String {
+    format!(
+        "{} / donors {} / {} / {}: {}, stream {:.1} MB, link {:.1} MB, {:.1} s, downtime {} ms, proxy CPU {:.2} s, {} referenced, {} resent",
+        r.profile,
+        r.donors,
+        r.rate,
+        r.way.name(),
+        r.outcome,
+        mb(r.stream_bytes),
+        mb(r.link_bytes),
+        r.seconds,
+        r.downtime_ms.map_or("-".into(), |d| d.to_string()),
+        r.proxy_cpu_s,
+        r.referenced,
+        r.resent
+    )
+}
+
+impl Ctx<'_> {
+    fn migrate(
+        &mut self,
+        src: &lab::Guest,
+        profile: Profile,
+        donors: &'static str,
+        rate: Option<u32>,
+        way: Way,
+    ) -> anyhow::Result<Row> {
+        self.runs += 1;
+        let dir = self.dir.join(format!("run-{}", self.runs));
+        fs::create_dir_all(&dir)?;
+        let incoming = dir.join("incoming.sock");
+        let _dst_qemu = Kill(Some(
+            lab::qemu::incoming_command(src.pid, &dir, &incoming)?
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .context("starting the incoming QEMU")?,
+        ));
+        wait_for_path(&incoming, Duration::from_secs(30))?;
+        let src_qmp = lab::qemu::qmp_socket(src);
+        // QEMU's QMP socket serves one client at a time: each step connects anew.
+        Qmp::connect(&src_qmp)?.execute(
+            "migrate-set-parameters",
+            json!({ "max-bandwidth": 8u64 << 30 }),
+        )?;
+        let link0 = self.hosts.link_bytes()?;
+        let started = Instant::now();
+        let mut row = Row {
+            profile: profile.name(),
+            donors,
+            rate: rate.map_or("unlimited".into(), |r| format!("{r} Mbit/s")),
+            way,
+            outcome: String::new(),
+            stream_bytes: 0,
+            link_bytes: 0,
+            seconds: 0.0,
+            downtime_ms: None,
+            proxy_cpu_s: 0.0,
+            referenced: 0,
+            resent: 0,
+        };
+        match way {
+            Way::Plain => self.plain(&dir, &incoming, &mut Qmp::connect(&src_qmp)?, &mut row)?,
+            Way::Memfabric => self.memfabric(src, &incoming, &src_qmp, &mut row)?,
+        }
+        row.seconds = started.elapsed().as_secs_f64();
+        let mut qmp = Qmp::connect(&src_qmp)?;
+        let info = qmp.execute("query-migrate", json!({}))?;
+        let status = info["status"].as_str().unwrap_or("?").to_owned();
+        if row.outcome.is_empty() {
+            row.outcome = status.clone();
+        }
+        if row.outcome == "completed" {
+            row.downtime_ms = info["downtime"].as_u64();
+        }
+        row.link_bytes = self.hosts.link_bytes()? - link0;
+        // The source guest runs on for the next migration (the incoming one is dropped).
+        let state = qmp.execute("query-status", json!({}))?;
+        if state["running"].as_bool() != Some(true) {
+            qmp.execute("cont", json!({}))?;
+        }
+        Ok(row)
+    }
+
+    /// Polls QEMU until the migration ends or the limit passes (then cancels it).
+    fn await_end(&self, qmp: &mut Qmp, row: &mut Row, started: Instant) -> anyhow::Result<()> {
+        loop {
+            let info = qmp.execute("query-migrate", json!({}))?;
+            match info["status"].as_str() {
+                Some("completed" | "failed" | "cancelled") => return Ok(()),
+                _ if started.elapsed() > self.opts.limit => {
+                    qmp.execute("migrate_cancel", json!({}))?;
+                    row.outcome =
+                        format!("not done in {} s (cancelled)", self.opts.limit.as_secs());
+                    return Ok(());
+                }
+                _ => thread::sleep(Duration::from_millis(100)),
+            }
+        }
+    }
+
+    /// QEMU -> unix socket -> relay on the source host -> link -> relay on the destination
+    /// host -> the incoming QEMU's socket.
+    fn plain(
+        &self,
+        dir: &Path,
+        incoming: &Path,
+        qmp: &mut Qmp,
+        row: &mut Row,
+    ) -> anyhow::Result<()> {
+        let started = Instant::now();
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let forwarded = Arc::new(AtomicU64::new(0));
+        let out = dir.join("out.sock");
+        let dst_ns = self.hosts.entry(Side::Dst);
+        let incoming = incoming.to_owned();
+        let dst_relay = thread::spawn(move || -> anyhow::Result<()> {
+            dst_ns.enter()?;
+            let l = TcpListener::bind((DST_ADDR, 0))?;
+            ready_tx.send(l.local_addr()?).ok();
+            let (tcp, _) = l.accept()?;
+            let unix = UnixStream::connect(&incoming)?;
+            relay(tcp, unix, None)
+        });
+        let addr: SocketAddr = ready_rx
+            .recv_timeout(Duration::from_secs(10))
+            .context("the destination relay did not start")?;
+        let listener = UnixListener::bind(&out)?;
+        let src_ns = self.hosts.entry(Side::Src);
+        let counted = forwarded.clone();
+        let src_relay = thread::spawn(move || -> anyhow::Result<()> {
+            src_ns.enter()?;
+            let (unix, _) = listener.accept()?;
+            let tcp = TcpStream::connect(addr)?;
+            relay(unix, tcp, Some(counted))
+        });
+        qmp.execute(
+            "migrate",
+            json!({ "uri": format!("unix:{}", out.display()) }),
+        )?;
+        self.await_end(qmp, row, started)?;
+        // A cancelled migration closes QEMU's socket: both relays end.
+        for t in [src_relay, dst_relay] {
+            if let Ok(Err(e)) = t.join()
+                && row.outcome.is_empty()
+            {
+                row.outcome = format!("relay: {e}");
+            }
+        }
+        row.stream_bytes = forwarded.load(Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Through `memfabric migrate receive` on the destination host and `memfabric migrate
+    /// send` on the source host, as an operator runs them.
+    fn memfabric(
+        &self,
+        src: &lab::Guest,
+        incoming: &Path,
+        src_qmp: &Path,
+        row: &mut Row,
+    ) -> anyhow::Result<()> {
+        let ca = self.dir.join("ca.crt");
+        let tls = |i: usize| -> Vec<String> {
+            let (cert, key) = &self.tls[i];
+            vec![
+                "--ca".into(),
+                ca.display().to_string(),
+                "--cert".into(),
+                cert.display().to_string(),
+                "--key".into(),
+                key.display().to_string(),
+            ]
+        };
+        let to = format!("{DST_ADDR}:{}", 7400 + self.runs);
+        let mut receive = Kill(Some(
+            self.hosts
+                .command(Side::Dst, &self.opts.agent)
+                .args(["migrate", "receive", "--listen", &to, "--incoming"])
+                .arg(incoming)
+                .args(["--uuid", &src.uuid, "--json", "--timeout", "120"])
+                .args(tls(1))
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .context("starting memfabric migrate receive")?,
+        ));
+        let stderr = receive
+            .0
+            .as_mut()
+            .and_then(|c| c.stderr.take())
+            .context("receive's stderr")?;
+        let (tx, rx) = mpsc::channel();
+        thread::spawn(move || {
+            for l in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(l).is_err() {
+                    break;
+                }
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(l) if l.starts_with("receiving on") => {
+                    eprintln!("  destination: {l}");
+                    break;
+                }
+                Ok(_) => {}
+                Err(_) => bail!("memfabric migrate receive did not get ready"),
+            }
+        }
+        let started = Instant::now();
+        let send = self
+            .hosts
+            .command(Side::Src, &self.opts.agent)
+            .args(["migrate", "send", "--qmp"])
+            .arg(src_qmp)
+            .args(["--to", &to, "--node", "dst", "--json"])
+            .args(tls(0))
+            .stdout(Stdio::piped())
+            .stderr(fs::File::create(self.dir.join("send.log"))?)
+            .spawn()
+            .context("starting memfabric migrate send")?;
+        let send_pid = send.id();
+        let mut send = Kill(Some(send));
+        let mut stdout = send
+            .0
+            .as_mut()
+            .and_then(|c| c.stdout.take())
+            .context("send's stdout")?;
+        // The limit: cancelled through QMP like an operator would (send then fails and
+        // puts the guest back).
+        let limit = self.opts.limit;
+        let qmp_path = src_qmp.to_owned();
+        let watchdog = thread::spawn(move || {
+            while started.elapsed() < limit {
+                if !Path::new(&format!("/proc/{send_pid}")).exists() {
+                    return false;
+                }
+                thread::sleep(Duration::from_millis(200));
+            }
+            let _ =
+                Qmp::connect(&qmp_path).and_then(|mut q| q.execute("migrate_cancel", json!({})));
+            true
+        });
+        let mut summary = String::new();
+        stdout.read_to_string(&mut summary)?;
+        let (code, cpu_send) = reap(&mut send)?;
+        if code != 0
+            && let Some(r) = &mut receive.0
+        {
+            // The source gave up: the destination would wait out its own timeout.
+            let _ = r.kill();
+        }
+        let (_, cpu_receive) = reap(&mut receive)?;
+        row.proxy_cpu_s = cpu_send + cpu_receive;
+        if watchdog.join().unwrap_or(false) {
+            row.outcome = format!("not done in {} s (cancelled)", limit.as_secs());
+        } else if code != 0 {
+            let log = fs::read_to_string(self.dir.join("send.log")).unwrap_or_default();
+            let why = log
+                .lines()
+                .rev()
+                .find(|l| l.starts_with("memfabric migrate:"));
+            row.outcome = why.map_or_else(|| format!("send exited {code}"), str::to_owned);
+        }
+        if let Ok(s) = serde_json::from_str::<serde_json::Value>(summary.trim()) {
+            row.stream_bytes = s["stream_bytes"].as_u64().unwrap_or(0);
+            row.referenced = s["referenced"].as_u64().unwrap_or(0);
+            row.resent = s["resent"].as_u64().unwrap_or(0);
+        }
+        Ok(())
+    }
+}
+
+/// Waits for a child and returns its exit code and CPU seconds (user + system), from
+/// `wait4`'s resource usage.
+fn reap(k: &mut Kill) -> anyhow::Result<(i32, f64)> {
+    let Some(child) = k.0.take() else {
+        bail!("already reaped");
+    };
+    let pid = i32::try_from(child.id())?;
+    let mut status = 0;
+    // SAFETY: zeroed rusage is a valid value for wait4 to fill.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: waits for our own child; status and usage are valid out-pointers.
+    if unsafe { libc::wait4(pid, &mut status, 0, &mut usage) } < 0 {
+        return Err(std::io::Error::last_os_error()).context("wait4");
+    }
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    let code = if libc::WIFEXITED(status) {
+        libc::WEXITSTATUS(status)
+    } else {
+        128 + libc::WTERMSIG(status)
+    };
+    Ok((code, secs(usage.ru_utime) + secs(usage.ru_stime)))
+}
+
+/// Copies `a` to `b` (counting into `counted`) and `b` to `a` until both directions end.
+fn relay<A, B>(a: A, b: B, counted: Option<Arc<AtomicU64>>) -> anyhow::Result<()>
+where
+    A: std::io::Read + std::io::Write + Send + Clone2 + 'static,
+    B: std::io::Read + std::io::Write + Send + Clone2 + 'static,
+{
+    let (mut a2, mut b2) = (a.try_clone2()?, b.try_clone2()?);
+    let back = thread::spawn(move || {
+        let _ = std::io::copy(&mut b2, &mut a2);
+        a2.shutdown_write();
+    });
+    let (mut a, mut b) = (a, b);
+    let mut buf = vec![0u8; 256 << 10];
+    loop {
+        let n = a.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        b.write_all(&buf[..n])?;
+        if let Some(c) = &counted {
+            c.fetch_add(n as u64, Ordering::Relaxed);
+        }
+    }
+    b.shutdown_write();
+    let _ = back.join();
+    Ok(())
+}
+
+/// The two socket kinds a relay joins.
+trait Clone2: Sized {
+    fn try_clone2(&self) -> std::io::Result<Self>;
+    fn shutdown_write(&self);
+}
+
+impl Clone2 for TcpStream {
+    fn try_clone2(&self) -> std::io::Result<Self> {
+        self.try_clone()
+    }
+    fn shutdown_write(&self) {
+        let _ = self.shutdown(Shutdown::Write);
+    }
+}
+
+impl Clone2 for UnixStream {
+    fn try_clone2(&self) -> std::io::Result<Self> {
+        self.try_clone()
+    }
+    fn shutdown_write(&self) {
+        let _ = self.shutdown(Shutdown::Write);
+    }
+}
+
+fn wait_for_path(p: &Path, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    while !p.exists() {
+        if Instant::now() > deadline {
+            bail!("{} did not appear in {} s", p.display(), timeout.as_secs());
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+/// CSV of every migration and a Markdown table with memfabric's figures as ratios of the
+/// plain migration's in the same setting.
+fn write_report(dir: &Path, rows: &[Row]) -> anyhow::Result<()> {
+    let mut csv = String::from(
+        "profile,donors,link,way,outcome,stream_bytes,link_bytes,seconds,downtime_ms,proxy_cpu_s,referenced,resent\n",
+    );
+    for r in rows {
+        writeln!(
+            csv,
+            "{},{},{},{},{},{},{},{:.3},{},{:.3},{},{}",
+            r.profile,
+            r.donors,
+            r.rate,
+            r.way.name(),
+            r.outcome.replace(',', ";"),
+            r.stream_bytes,
+            r.link_bytes,
+            r.seconds,
+            r.downtime_ms.map_or(String::new(), |d| d.to_string()),
+            r.proxy_cpu_s,
+            r.referenced,
+            r.resent
+        )?;
+    }
+    fs::write(dir.join("migrations.csv"), csv)?;
+    let mut md = String::from(
+        "| profile | destination holds | link | plain: MB on the link, s, downtime ms | memfabric: MB on the link, s, downtime ms, proxy CPU s | link bytes | time |\n|---|---|---|---|---|---|---|\n",
+    );
+    let cell = |r: &Row, cpu: bool| {
+        if r.outcome != "completed" {
+            return r.outcome.clone();
+        }
+        let mut s = format!(
+            "{:.1} MB, {:.1} s, {} ms",
+            mb(r.link_bytes),
+            r.seconds,
+            r.downtime_ms.map_or("-".into(), |d| d.to_string())
+        );
+        if cpu {
+            let _ = write!(s, ", {:.2} s CPU", r.proxy_cpu_s);
+        }
+        s
+    };
+    for pair in rows.chunks(2) {
+        let [p, m] = pair else { continue };
+        let ratio = |a: f64, b: f64| {
+            if p.outcome == "completed" && m.outcome == "completed" && b > 0.0 {
+                format!("{:.0} %", 100.0 * a / b)
+            } else {
+                "-".into()
+            }
+        };
+        writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {} | {} |",
+            p.profile,
+            p.donors,
+            p.rate,
+            cell(p, false),
+            cell(m, true),
+            ratio(m.link_bytes as f64, p.link_bytes as f64),
+            ratio(m.seconds, p.seconds),
+        )?;
+    }
+    fs::write(dir.join("summary.md"), md)?;
+    Ok(())
+}
