@@ -79,6 +79,8 @@ pub(crate) struct Options {
     pub rates: Vec<u32>,
     /// A migration not completed by then is cancelled and reported so.
     pub limit: Duration,
+    /// Migrations of each kind per setting (their medians are reported).
+    pub repeat: u32,
     pub out: PathBuf,
 }
 
@@ -151,10 +153,18 @@ pub(crate) fn run(opts: &Options) -> anyhow::Result<()> {
                 for &rate in &opts.rates {
                     let limit = (rate > 0).then_some(rate);
                     ctx.hosts.set_rate(limit)?;
-                    for way in [Way::Plain, Way::Memfabric] {
-                        let row = ctx.migrate(&booted.0[0], profile, donors, limit, way)?;
-                        eprintln!("{}", line(&row));
-                        rows.push(row);
+                    for rep in 0..opts.repeat {
+                        // Interleaved, each first in turn: drift on the noisy machine
+                        // falls on both.
+                        let mut ways = [Way::Plain, Way::Memfabric];
+                        if rep % 2 == 1 {
+                            ways.reverse();
+                        }
+                        for way in ways {
+                            let row = ctx.migrate(&booted.0[0], profile, donors, limit, way)?;
+                            eprintln!("{}", line(&row));
+                            rows.push(row);
+                        }
                     }
                 }
             }
@@ -561,42 +571,50 @@ fn write_report(dir: &Path, rows: &[Row]) -> anyhow::Result<()> {
     }
     fs::write(dir.join("migrations.csv"), csv)?;
     let mut md = String::from(
-        "| profile | destination holds | link | plain: MB on the link, s, downtime ms | memfabric: MB on the link, s, downtime ms, proxy CPU s | link bytes | time |\n|---|---|---|---|---|---|---|\n",
+        "| profile | destination holds | link | way | completed | MB on the link | time s | downtime ms | proxy CPU s | pages referenced | resent |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
-    let cell = |r: &Row, cpu: bool| {
-        if r.outcome != "completed" {
-            return r.outcome.clone();
+    let mut seen: Vec<(&str, &str, &str, Way)> = Vec::new();
+    for r in rows {
+        let key = (r.profile, r.donors, r.rate.as_str(), r.way);
+        if seen.contains(&key) {
+            continue;
         }
-        let mut s = format!(
-            "{:.1} MB, {:.1} s, {} ms",
-            mb(r.link_bytes),
-            r.seconds,
-            r.downtime_ms.map_or("-".into(), |d| d.to_string())
-        );
-        if cpu {
-            let _ = write!(s, ", {:.2} s CPU", r.proxy_cpu_s);
-        }
-        s
-    };
-    for pair in rows.chunks(2) {
-        let [p, m] = pair else { continue };
-        let ratio = |a: f64, b: f64| {
-            if p.outcome == "completed" && m.outcome == "completed" && b > 0.0 {
-                format!("{:.0} %", 100.0 * a / b)
+        seen.push(key);
+        let all: Vec<&Row> = rows
+            .iter()
+            .filter(|o| (o.profile, o.donors, o.rate.as_str(), o.way) == key)
+            .collect();
+        let done: Vec<&Row> = all
+            .iter()
+            .copied()
+            .filter(|o| o.outcome == "completed")
+            .collect();
+        let med = |f: &dyn Fn(&Row) -> f64| {
+            if done.is_empty() {
+                "-".to_owned()
             } else {
-                "-".into()
+                let mut v: Vec<f64> = done.iter().map(|o| f(o)).collect();
+                format!("{:.1}", xtask::report::median(&mut v))
             }
         };
+        let mut completed = format!("{}/{}", done.len(), all.len());
+        if let Some(failed) = all.iter().find(|o| o.outcome != "completed") {
+            let _ = write!(completed, " ({})", failed.outcome);
+        }
         writeln!(
             md,
-            "| {} | {} | {} | {} | {} | {} | {} |",
-            p.profile,
-            p.donors,
-            p.rate,
-            cell(p, false),
-            cell(m, true),
-            ratio(m.link_bytes as f64, p.link_bytes as f64),
-            ratio(m.seconds, p.seconds),
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            r.profile,
+            r.donors,
+            r.rate,
+            r.way.name(),
+            completed,
+            med(&|o| mb(o.link_bytes)),
+            med(&|o| o.seconds),
+            med(&|o| o.downtime_ms.unwrap_or(0) as f64),
+            med(&|o| o.proxy_cpu_s),
+            med(&|o| o.referenced as f64),
+            med(&|o| o.resent as f64),
         )?;
     }
     fs::write(dir.join("summary.md"), md)?;

@@ -73,6 +73,9 @@ pub(crate) enum Bench {
         /// reported so).
         #[arg(long, default_value_t = 90)]
         limit: u64,
+        /// Migrations of each kind per setting, interleaved; medians are reported.
+        #[arg(long, default_value_t = 3)]
+        repeat: u32,
     },
 }
 
@@ -115,6 +118,7 @@ pub(crate) fn run(which: Bench) -> anyhow::Result<()> {
         profile,
         rate,
         limit,
+        repeat,
     } = &which
     {
         return migrate::run(&migrate::Options {
@@ -122,6 +126,7 @@ pub(crate) fn run(which: Bench) -> anyhow::Result<()> {
             profiles: profile.clone(),
             rates: rate.clone(),
             limit: std::time::Duration::from_secs(*limit),
+            repeat: (*repeat).max(1),
             out: cmd::root().join("reports"),
         });
     }
