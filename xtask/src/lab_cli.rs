@@ -1,4 +1,4 @@
-//! `cargo xtask lab up|status|down`.
+//! `cargo xtask lab up|status|down|migrate`.
 
 use std::time::Duration;
 
@@ -16,6 +16,16 @@ pub(crate) enum LabCmd {
     Status,
     /// Stop exactly the lab's guests (by PID); safe to run twice.
     Down,
+    /// Two lab hosts (network namespaces joined by a rate-limited link), a guest on the
+    /// source and its twin on the destination: the guest migrated plainly and through
+    /// memfabric, the bytes on the link side by side, and started on the destination.
+    Migrate {
+        /// The link's speed in Mbit/s (0: unlimited).
+        #[arg(long, default_value_t = 100)]
+        rate: u32,
+        #[arg(long, value_enum, default_value = "static")]
+        profile: Profile,
+    },
 }
 
 #[derive(Args, Clone)]
@@ -90,6 +100,22 @@ pub(crate) fn run(c: LabCmd) -> anyhow::Result<()> {
         LabCmd::Status => {
             print_status();
             Ok(())
+        }
+        LabCmd::Migrate { rate, profile } => {
+            if !xtask::cmd::is_root() {
+                bail!("the lab hosts are network namespaces: run as root");
+            }
+            setup::run()?;
+            crate::bench::migrate::run(&crate::bench::migrate::Options {
+                agent: crate::build::agent()?,
+                profiles: vec![profile],
+                rates: vec![rate],
+                limit: Duration::from_secs(300),
+                out: xtask::cmd::root().join("reports"),
+                repeat: 1,
+                donors: vec!["twin"],
+                verify: true,
+            })
         }
         LabCmd::Down => {
             let n = lab::down()?;

@@ -179,6 +179,38 @@ mod tests {
         assert_eq!(Progress::get(&pd.referenced), 1);
     }
 
+    /// A donor VM that exits after the destination indexed it: every reference to its
+    /// pages is asked for again, and the stream still arrives byte for byte.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_donor_vm_that_exits_mid_migration_costs_resends_not_bytes() {
+        let pages = [[1u8; PAGE], [2u8; PAGE], [3u8; PAGE]];
+        let stream = stream::tests::sample(&pages);
+        let (_ram, mut vm) = donor(&[pages[0], pages[2]]);
+        // The donor is a child process holding a copy of those pages at the same addresses.
+        // SAFETY: the child only sleeps in pause() (async-signal-safe) until killed.
+        let child = unsafe { libc::fork() };
+        assert!(child >= 0, "fork: {}", std::io::Error::last_os_error());
+        if child == 0 {
+            loop {
+                // SAFETY: pause has no preconditions.
+                unsafe { libc::pause() };
+            }
+        }
+        vm.pid = u32::try_from(child).unwrap();
+        let h = Holdings::scan(&[vm], None);
+        assert_eq!(h.pages(), 2, "the child's pages are indexed");
+        // SAFETY: our own child, killed and reaped.
+        unsafe {
+            libc::kill(child, libc::SIGKILL);
+            libc::waitpid(child, std::ptr::null_mut(), 0);
+        }
+        let (got, ps, pd) = through(stream.clone(), h).await;
+        assert_eq!(got, stream);
+        assert_eq!(Progress::get(&pd.resent), 2);
+        assert_eq!(Progress::get(&ps.resent), 2);
+        assert_eq!(Progress::get(&pd.referenced), 0);
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_destination_that_gives_up_ends_the_source_without_hanging() {
         let (src_qemu, mut qemu_out) = tokio::io::duplex(1 << 16);

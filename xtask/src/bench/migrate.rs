@@ -8,7 +8,7 @@
 //!
 //! The plain migration goes through a byte relay on each host (QEMU's unix socket to TCP
 //! across the link and back), the way memfabric's proxies sit, so that the two differ only
-//! in what the proxies do. QEMU's own bandwidth cap (`max-bandwidth`) is raised to 8 GiB/s
+//! in what the proxies do (the relays' CPU is reported as the plain way's proxy CPU). QEMU's own bandwidth cap (`max-bandwidth`) is raised to 8 GiB/s
 //! for both, so that the link, not QEMU's default of 128 MiB/s, is what limits.
 //! Everything else is QEMU's default (downtime limit 300 ms, no capabilities).
 
@@ -30,7 +30,7 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use memfabric::actuate::qmp::Qmp;
+use memfabric::{actuate::qmp::Qmp, util::thread_cpu};
 use serde_json::json;
 use xtask::lab::{
     self, Profile, UpOptions,
@@ -81,6 +81,12 @@ pub(crate) struct Options {
     pub limit: Duration,
     /// Migrations of each kind per setting (their medians are reported).
     pub repeat: u32,
+    /// What the destination holds: `none` (nothing of the guest's), `twin` (a guest of
+    /// the same image with another seed), each in turn.
+    pub donors: Vec<&'static str>,
+    /// After each completed migration, start the guest on the destination and check that
+    /// it runs there (then stop it).
+    pub verify: bool,
     pub out: PathBuf,
 }
 
@@ -146,7 +152,7 @@ pub(crate) fn run(opts: &Options) -> anyhow::Result<()> {
                 })
             };
             let mut booted = Booted(up(101)?);
-            for donors in ["none", "twin"] {
+            for &donors in &opts.donors {
                 if donors == "twin" {
                     booted.0.extend(up(102)?);
                 }
@@ -258,6 +264,9 @@ impl Ctx<'_> {
         if row.outcome == "completed" {
             row.downtime_ms = info["downtime"].as_u64();
         }
+        if row.outcome == "completed" && self.opts.verify {
+            row.outcome = runs_on_destination(&dir.join("incoming.qmp"))?;
+        }
         row.link_bytes = self.hosts.link_bytes()? - link0;
         // The source guest runs on for the next migration (the incoming one is dropped).
         let state = qmp.execute("query-status", json!({}))?;
@@ -299,7 +308,7 @@ impl Ctx<'_> {
         let out = dir.join("out.sock");
         let dst_ns = self.hosts.entry(Side::Dst);
         let incoming = incoming.to_owned();
-        let dst_relay = thread::spawn(move || -> anyhow::Result<()> {
+        let dst_relay = thread::spawn(move || -> anyhow::Result<f64> {
             dst_ns.enter()?;
             let l = TcpListener::bind((DST_ADDR, 0))?;
             ready_tx.send(l.local_addr()?).ok();
@@ -313,7 +322,7 @@ impl Ctx<'_> {
         let listener = UnixListener::bind(&out)?;
         let src_ns = self.hosts.entry(Side::Src);
         let counted = forwarded.clone();
-        let src_relay = thread::spawn(move || -> anyhow::Result<()> {
+        let src_relay = thread::spawn(move || -> anyhow::Result<f64> {
             src_ns.enter()?;
             let (unix, _) = listener.accept()?;
             let tcp = TcpStream::connect(addr)?;
@@ -326,10 +335,10 @@ impl Ctx<'_> {
         self.await_end(qmp, row, started)?;
         // A cancelled migration closes QEMU's socket: both relays end.
         for t in [src_relay, dst_relay] {
-            if let Ok(Err(e)) = t.join()
-                && row.outcome.is_empty()
-            {
-                row.outcome = format!("relay: {e}");
+            match t.join() {
+                Ok(Ok(cpu)) => row.proxy_cpu_s += cpu,
+                Ok(Err(e)) if row.outcome.is_empty() => row.outcome = format!("relay: {e}"),
+                _ => {}
             }
         }
         row.stream_bytes = forwarded.load(Ordering::Relaxed);
@@ -459,6 +468,21 @@ impl Ctx<'_> {
     }
 }
 
+/// Starts the migrated guest on the destination (`cont`) and checks that it runs 3 s
+/// later: `completed` if so, what went wrong otherwise.
+fn runs_on_destination(qmp: &Path) -> anyhow::Result<String> {
+    let mut q = Qmp::connect(qmp)?;
+    q.execute("cont", json!({}))?;
+    thread::sleep(Duration::from_secs(3));
+    let st = q.execute("query-status", json!({}))?;
+    Ok(if st["status"] == "running" {
+        eprintln!("  the guest runs on the destination");
+        "completed".into()
+    } else {
+        format!("the guest does not run on the destination: {st}")
+    })
+}
+
 /// Waits for a child and returns its exit code and CPU seconds (user + system), from
 /// `wait4`'s resource usage.
 fn reap(k: &mut Kill) -> anyhow::Result<(i32, f64)> {
@@ -482,16 +506,18 @@ fn reap(k: &mut Kill) -> anyhow::Result<(i32, f64)> {
     Ok((code, secs(usage.ru_utime) + secs(usage.ru_stime)))
 }
 
-/// Copies `a` to `b` (counting into `counted`) and `b` to `a` until both directions end.
-fn relay<A, B>(a: A, b: B, counted: Option<Arc<AtomicU64>>) -> anyhow::Result<()>
+/// Copies `a` to `b` (counting into `counted`) and `b` to `a` until both directions end;
+/// returns the CPU seconds its two threads used.
+fn relay<A, B>(a: A, b: B, counted: Option<Arc<AtomicU64>>) -> anyhow::Result<f64>
 where
-    A: std::io::Read + std::io::Write + Send + Clone2 + 'static,
-    B: std::io::Read + std::io::Write + Send + Clone2 + 'static,
+    A: std::io::Read + std::io::Write + Send + Socket + 'static,
+    B: std::io::Read + std::io::Write + Send + Socket + 'static,
 {
-    let (mut a2, mut b2) = (a.try_clone2()?, b.try_clone2()?);
+    let (mut a2, mut b2) = (a.duplicate()?, b.duplicate()?);
     let back = thread::spawn(move || {
         let _ = std::io::copy(&mut b2, &mut a2);
         a2.shutdown_write();
+        thread_cpu()
     });
     let (mut a, mut b) = (a, b);
     let mut buf = vec![0u8; 256 << 10];
@@ -506,18 +532,18 @@ where
         }
     }
     b.shutdown_write();
-    let _ = back.join();
-    Ok(())
+    Ok(thread_cpu() + back.join().unwrap_or(0.0))
 }
 
-/// The two socket kinds a relay joins.
-trait Clone2: Sized {
-    fn try_clone2(&self) -> std::io::Result<Self>;
+/// The two socket kinds a relay joins: a second handle for the other direction, and a
+/// half-close.
+trait Socket: Sized {
+    fn duplicate(&self) -> std::io::Result<Self>;
     fn shutdown_write(&self);
 }
 
-impl Clone2 for TcpStream {
-    fn try_clone2(&self) -> std::io::Result<Self> {
+impl Socket for TcpStream {
+    fn duplicate(&self) -> std::io::Result<Self> {
         self.try_clone()
     }
     fn shutdown_write(&self) {
@@ -525,8 +551,8 @@ impl Clone2 for TcpStream {
     }
 }
 
-impl Clone2 for UnixStream {
-    fn try_clone2(&self) -> std::io::Result<Self> {
+impl Socket for UnixStream {
+    fn duplicate(&self) -> std::io::Result<Self> {
         self.try_clone()
     }
     fn shutdown_write(&self) {

@@ -3,7 +3,7 @@
 
 mod agent;
 mod ksm;
-mod migrate;
+pub(crate) mod migrate;
 
 use std::process::Command;
 
@@ -127,6 +127,8 @@ pub(crate) fn run(which: Bench) -> anyhow::Result<()> {
             rates: rate.clone(),
             limit: std::time::Duration::from_secs(*limit),
             repeat: (*repeat).max(1),
+            donors: vec!["none", "twin"],
+            verify: false,
             out: cmd::root().join("reports"),
         });
     }
