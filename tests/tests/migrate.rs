@@ -19,6 +19,7 @@ use xtask::lab::{self, Profile, UpOptions};
 /// and the two proxies' certificates (source, destination `dst`).
 struct Setup {
     _lab: TestLab,
+    pki: memfabric_harness::Pki,
     dir: PathBuf,
     guests: Vec<lab::Guest>,
     src: Tls,
@@ -38,7 +39,8 @@ impl Setup {
             ..UpOptions::default()
         })
         .expect("booting lab guests");
-        let mut tls = memfabric_harness::Pki::new("migration test cluster")
+        let pki = memfabric_harness::Pki::new("migration test cluster");
+        let mut tls = pki
             .write(&dir, &["src", "dst"])
             .into_iter()
             .map(|(cert, key)| Tls {
@@ -49,6 +51,7 @@ impl Setup {
         let (src, dst) = (tls.next().unwrap(), tls.next().unwrap());
         Setup {
             _lab: lab,
+            pki,
             dir,
             guests,
             src,
@@ -69,6 +72,7 @@ impl Setup {
             node: "dst".into(),
             tls: self.src.clone(),
             work_dir: self.dir.join("send"),
+            bandwidth: None,
         }
     }
 }
@@ -223,4 +227,94 @@ fn a_destination_that_dies_mid_stream_leaves_the_vm_running_on_the_source() {
     let status = qmp(&setup.src_qmp(), "query-status", serde_json::json!({}));
     assert_eq!(status["status"], "running", "{status}");
     assert!(lab::qemu::alive(&setup.guests[0]));
+}
+
+/// A TLS server at a fresh loopback port presenting `cert` (trusting `ca`), that accepts
+/// one connection and drops it: the destination proxy of an impostor.
+async fn impostor(ca: &Path, cert: &Path, key: &Path) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let acceptor = memfabric::fabric::tls::load(ca, cert, key).unwrap().server;
+    tokio::spawn(async move {
+        if let Ok((tcp, _)) = listener.accept().await {
+            let _ = acceptor.accept(tcp).await;
+        }
+    });
+    addr
+}
+
+#[test]
+#[serial_test::serial]
+fn peers_without_a_valid_certificate_are_refused_and_the_vm_does_not_move() {
+    if !privileged("peers_without_a_valid_certificate_are_refused_and_the_vm_does_not_move") {
+        return;
+    }
+    let setup = Setup::new("migrate-cert-test", 1, 7);
+    let rogue_dir = setup.dir.join("rogue");
+    std::fs::create_dir_all(&rogue_dir).unwrap();
+    let rogue = memfabric_harness::Pki::new("rogue cluster").write(&rogue_dir, &["dst", "src"]);
+    let rogue_ca = rogue_dir.join("ca.crt");
+    // A valid certificate of this cluster, but of another node than the one named.
+    let (other_cert, other_key) = setup.pki.leaf(&["other"]);
+    let (oc, ok) = (setup.dir.join("other.crt"), setup.dir.join("other.key"));
+    std::fs::write(&oc, other_cert).unwrap();
+    std::fs::write(&ok, other_key).unwrap();
+    let rt = runtime();
+    for (what, ca, cert, key) in [
+        (
+            "a destination of another CA",
+            &rogue_ca,
+            &rogue[0].0,
+            &rogue[0].1,
+        ),
+        ("another node of the cluster", &setup.dst.ca, &oc, &ok),
+    ] {
+        let r = rt.block_on(async {
+            let addr = impostor(ca, cert, key).await;
+            run::send(setup.send_to(addr), Arc::new(Progress::default())).await
+        });
+        let e = r.expect_err(what).to_string();
+        assert!(e.contains("TLS"), "{what}: {e}");
+        let m = qmp(&setup.src_qmp(), "query-migrate", serde_json::json!({}));
+        assert!(
+            m.get("status").is_none(),
+            "{what}: QEMU began migrating: {m}"
+        );
+        let status = qmp(&setup.src_qmp(), "query-status", serde_json::json!({}));
+        assert_eq!(status["status"], "running", "{what}: {status}");
+    }
+
+    // The destination refuses a source whose certificate another CA signed, before it
+    // touches its incoming QEMU.
+    let incoming = setup.dir.join("never.sock");
+    let r = rt.block_on(async {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let opts = ReceiveOptions {
+            listen: "127.0.0.1:0".into(),
+            incoming: incoming.clone(),
+            uuid: None,
+            tls: setup.dst.clone(),
+            accept_timeout: Duration::from_secs(20),
+        };
+        let receiving = tokio::spawn(run::receive(
+            opts,
+            move |addr, _| {
+                let _ = tx.send(addr);
+            },
+            Arc::new(Progress::default()),
+        ));
+        let addr = rx.await.unwrap();
+        let client = memfabric::fabric::tls::load(&rogue_ca, &rogue[1].0, &rogue[1].1)
+            .unwrap()
+            .client;
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from("dst").unwrap();
+        // The handshake may seem to finish on the client's side (TLS 1.3 sends the
+        // client's certificate last); the server's verdict is what counts.
+        let _ = client.connect(name, tcp).await;
+        receiving.await.unwrap()
+    });
+    let e = r.expect_err("a source of another CA").to_string();
+    assert!(e.contains("TLS"), "{e}");
+    assert!(!incoming.exists());
 }

@@ -65,6 +65,10 @@ enum Side {
         node: String,
         #[command(flatten)]
         tls: TlsArgs,
+        /// The most the migration may put on the link, in bits per second with an SI
+        /// suffix (`100M`, `2.5G`); default: as fast as the link takes it.
+        #[arg(long, value_parser = bits_per_second)]
+        bandwidth: Option<u64>,
         /// Print the summary as JSON.
         #[arg(long)]
         json: bool,
@@ -89,6 +93,24 @@ enum Side {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// `100M`, `2.5G`, `800k` or a plain number: bits per second, as bytes per second.
+fn bits_per_second(s: &str) -> Result<u64, String> {
+    let (num, scale) = match s.char_indices().last() {
+        Some((i, 'k' | 'K')) => (&s[..i], 1e3),
+        Some((i, 'M')) => (&s[..i], 1e6),
+        Some((i, 'G')) => (&s[..i], 1e9),
+        _ => (s, 1.0),
+    };
+    match num.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 && v * scale >= 8_000.0 && v * scale <= 1e12 => {
+            Ok((v * scale / 8.0) as u64)
+        }
+        _ => Err(format!(
+            "{s:?}: a link speed in bits per second from 8k to 1000G, such as 100M or 1G"
+        )),
+    }
 }
 
 fn mib(b: u64) -> f64 {
@@ -181,7 +203,10 @@ fn print(s: &Summary, json: bool) {
 }
 
 pub(super) fn run(args: MigrateArgs) -> anyhow::Result<ExitCode> {
-    let rt = tokio::runtime::Builder::new_current_thread()
+    // Two workers: each proxy's parsing and hashing run beside its TLS and socket work
+    // (on one thread the proxy, not the link, limited a fast link).
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
         .enable_all()
         .build()?;
     let progress = Arc::new(Progress::default());
@@ -192,6 +217,7 @@ pub(super) fn run(args: MigrateArgs) -> anyhow::Result<ExitCode> {
             to,
             node,
             tls,
+            bandwidth,
             json,
         } => {
             let qmp = match (qmp, vm) {
@@ -212,6 +238,7 @@ pub(super) fn run(args: MigrateArgs) -> anyhow::Result<ExitCode> {
                 tls: tls.tls(),
                 work_dir: std::env::temp_dir()
                     .join(format!("memfabric-migrate-{}", std::process::id())),
+                bandwidth,
             };
             let r = rt.block_on(with_progress(
                 progress.clone(),
@@ -258,6 +285,22 @@ pub(super) fn run(args: MigrateArgs) -> anyhow::Result<ExitCode> {
         Err(e) => {
             eprintln!("memfabric migrate: {e}; the VM keeps running on the source");
             Ok(ExitCode::from(1))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bits_per_second;
+
+    #[test]
+    fn link_speeds_are_bits_per_second() {
+        assert_eq!(bits_per_second("100M"), Ok(12_500_000));
+        assert_eq!(bits_per_second("2.5G"), Ok(312_500_000));
+        assert_eq!(bits_per_second("800k"), Ok(100_000));
+        assert_eq!(bits_per_second("8000"), Ok(1_000));
+        for bad in ["", "M", "-1M", "0", "1", "NaNM", "infG", "5000G", "100 M"] {
+            assert!(bits_per_second(bad).is_err(), "{bad:?}");
         }
     }
 }

@@ -81,14 +81,36 @@ impl Failure {
     }
 }
 
-/// The one writer of a link: frames from every task of a proxy, in the order sent.
+/// How long to wait before writing more, so that `sent` bytes in `elapsed` stay within
+/// `limit` bytes per second (none: never wait).
+fn pace(sent: u64, elapsed: std::time::Duration, limit: Option<u64>) -> std::time::Duration {
+    match limit {
+        Some(l) if l > 0 => {
+            let due = std::time::Duration::from_secs_f64(sent as f64 / l as f64);
+            due.saturating_sub(elapsed)
+        }
+        _ => std::time::Duration::ZERO,
+    }
+}
+
+/// The one writer of a link: frames from every task of a proxy, in the order sent, at
+/// most `limit` bytes per second (the operator's `--bandwidth`).
 async fn write_frames<W: AsyncWrite + Unpin>(
     mut w: W,
     mut rx: mpsc::Receiver<Vec<u8>>,
     progress: std::sync::Arc<Progress>,
+    limit: Option<u64>,
 ) -> std::io::Result<()> {
+    let started = std::time::Instant::now();
+    let mut sent = 0u64;
     while let Some(frames) = rx.recv().await {
+        let wait = pace(sent, started.elapsed(), limit);
+        if !wait.is_zero() {
+            w.flush().await?;
+            tokio::time::sleep(wait).await;
+        }
         w.write_all(&frames).await?;
+        sent += frames.len() as u64;
         progress
             .wire_bytes
             .fetch_add(frames.len() as u64, Ordering::Relaxed);
@@ -122,7 +144,7 @@ mod tests {
         let (a, b) = tokio::io::duplex(1 << 16);
         let (ps, pd) = (Arc::new(Progress::default()), Arc::new(Progress::default()));
         let holdings = Arc::new(holdings);
-        let s = tokio::spawn(source::run(src_qemu, a, ps.clone()));
+        let s = tokio::spawn(source::run(src_qemu, a, ps.clone(), None));
         let d = tokio::spawn(dest::run(b, dst_qemu, holdings, pd.clone()));
         let feed = tokio::spawn(async move {
             qemu_out.write_all(&stream).await.unwrap();
@@ -179,6 +201,17 @@ mod tests {
         assert_eq!(Progress::get(&pd.referenced), 1);
     }
 
+    #[test]
+    fn the_writer_waits_only_when_ahead_of_the_bandwidth() {
+        use std::time::Duration;
+        let s = Duration::from_secs;
+        assert_eq!(pace(1 << 30, s(0), None), s(0));
+        // 10 MB at 1 MB/s: due at 10 s.
+        assert_eq!(pace(10_000_000, s(4), Some(1_000_000)), s(6));
+        assert_eq!(pace(10_000_000, s(12), Some(1_000_000)), s(0));
+        assert_eq!(pace(5, s(0), Some(0)), s(0));
+    }
+
     /// A donor VM that exits after the destination indexed it: every reference to its
     /// pages is asked for again, and the stream still arrives byte for byte.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -215,7 +248,12 @@ mod tests {
     async fn a_destination_that_gives_up_ends_the_source_without_hanging() {
         let (src_qemu, mut qemu_out) = tokio::io::duplex(1 << 16);
         let (a, mut b) = tokio::io::duplex(1 << 16);
-        let s = tokio::spawn(source::run(src_qemu, a, Arc::new(Progress::default())));
+        let s = tokio::spawn(source::run(
+            src_qemu,
+            a,
+            Arc::new(Progress::default()),
+            None,
+        ));
         // QEMU writes on and never closes.
         tokio::spawn(async move { while qemu_out.write_all(&[0u8; PAGE]).await.is_ok() {} });
         link::hello(&mut b).await.unwrap();

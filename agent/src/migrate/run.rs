@@ -90,6 +90,9 @@ pub struct SendOptions {
     pub tls: Tls,
     /// A private directory for the proxy's socket (created 0700, removed after).
     pub work_dir: PathBuf,
+    /// Bytes per second the migration may put on the link (none: unlimited). QEMU's own
+    /// `max-bandwidth` caps its stream before deduplication; this caps the wire.
+    pub bandwidth: Option<u64>,
 }
 
 fn qmp<T>(
@@ -192,7 +195,7 @@ pub async fn send(opts: SendOptions, progress: Arc<Progress>) -> Result<Summary,
     let accepted = tokio::time::timeout(CONNECT_TIMEOUT, listener.accept()).await;
     let _ = std::fs::remove_dir_all(&opts.work_dir);
     let result = match accepted {
-        Ok(Ok((qemu, _))) => source::run(qemu, link, progress.clone()).await,
+        Ok(Ok((qemu, _))) => source::run(qemu, link, progress.clone(), opts.bandwidth).await,
         Ok(Err(e)) => Err(Failure::Setup(format!("QEMU's connection: {e}"))),
         Err(_) => Err(Failure::Setup("QEMU did not connect to the proxy".into())),
     };

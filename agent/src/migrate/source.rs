@@ -36,7 +36,13 @@ struct Kept {
 
 /// Runs the proxy until the destination confirmed what it handed to its QEMU, which must
 /// be exactly what this QEMU wrote.
-pub async fn run<Q, L>(qemu: Q, mut link: L, progress: Arc<Progress>) -> Result<Sum, Failure>
+/// At most `bandwidth` bytes per second go on the link (none: as fast as it takes them).
+pub async fn run<Q, L>(
+    qemu: Q,
+    mut link: L,
+    progress: Arc<Progress>,
+    bandwidth: Option<u64>,
+) -> Result<Sum, Failure>
 where
     Q: AsyncRead + AsyncWrite + Send + 'static,
     L: AsyncRead + AsyncWrite + Send + Unpin + 'static,
@@ -63,7 +69,12 @@ where
     let (qemu_rx, mut qemu_tx) = tokio::io::split(qemu);
     let kept = Arc::new(Kept::default());
     let (tx, rx) = mpsc::channel::<Vec<u8>>(16);
-    let writer = tokio::spawn(super::write_frames(link_tx, rx, progress.clone()));
+    let writer = tokio::spawn(super::write_frames(
+        link_tx,
+        rx,
+        progress.clone(),
+        bandwidth,
+    ));
     let forward = {
         let (tx, kept, progress) = (tx.clone(), kept.clone(), progress.clone());
         tokio::spawn(async move {
