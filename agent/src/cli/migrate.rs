@@ -203,10 +203,7 @@ fn print(s: &Summary, json: bool) {
 }
 
 pub(super) fn run(args: MigrateArgs) -> anyhow::Result<ExitCode> {
-    // Two workers: each proxy's parsing and hashing run beside its TLS and socket work
-    // (on one thread the proxy, not the link, limited a fast link).
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     let progress = Arc::new(Progress::default());

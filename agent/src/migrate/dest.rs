@@ -46,25 +46,6 @@ where
     let (tx, rx) = mpsc::channel::<Vec<u8>>(16);
     let writer = tokio::spawn(super::write_frames(link_tx, rx, progress.clone(), None));
     let back = tokio::spawn(back(qemu_rx, tx.clone()));
-    // Frames are read (and TLS decrypted) by a task of their own, beside the resolving and
-    // the writing to QEMU below.
-    let (frames_tx, mut frames) = mpsc::channel::<Result<Down, Failure>>(64);
-    let reader = tokio::spawn(async move {
-        loop {
-            let f = Down::read(&mut link_rx).await.map_err(Failure::from);
-            // Not even the end frame is the last: pages asked for again follow it.
-            let last = f.is_err();
-            if frames_tx.send(f).await.is_err() || last {
-                break;
-            }
-        }
-    });
-    let mut next = async || {
-        frames
-            .recv()
-            .await
-            .unwrap_or_else(|| Err(Failure::closed()))
-    };
     let mut tally = Tally::default();
     let mut next_ref = 0u64;
     let mut held: VecDeque<Down> = VecDeque::new();
@@ -77,7 +58,7 @@ where
                     held_bytes -= frame_len(&f);
                     f
                 }
-                None => next().await?,
+                None => Down::read(&mut link_rx).await?,
             };
             let bytes: &[u8] = match &frame {
                 Down::Raw(b) => b,
@@ -93,7 +74,7 @@ where
                             .map_err(|_| Failure::closed())?;
                         // Read on (the source keeps streaming) until the page comes.
                         loop {
-                            match next().await? {
+                            match Down::read(&mut link_rx).await? {
                                 Down::Again { index: i, page: p } if i == index => {
                                     page = p;
                                     break;
@@ -150,7 +131,6 @@ where
     .await;
     // The stream is over (or failed): the return path has nothing more to carry.
     back.abort();
-    reader.abort();
     drop(tx);
     let _ = writer.await;
     result
