@@ -125,7 +125,24 @@ fn a_guest_whose_twin_runs_on_the_destination_moves_with_a_fraction_of_the_bytes
     {
         return;
     }
-    let setup = Setup::new("migrate-test", 2, 1);
+    migrate_beside_a_twin("migrate-test", 1, false);
+}
+
+/// QEMU's return path (the destination QEMU's messages to the source: its shut and pong
+/// replies) through both proxies.
+#[test]
+#[serial_test::serial]
+fn a_migration_with_qemus_return_path_on_completes_through_the_proxies() {
+    if !privileged("a_migration_with_qemus_return_path_on_completes_through_the_proxies") {
+        return;
+    }
+    migrate_beside_a_twin("migrate-rp-test", 11, true);
+}
+
+/// Guests `first` (migrated) and `first + 1` (its twin, the destination's donor) in a lab
+/// of their own; the migration through both proxies, then the checks.
+fn migrate_beside_a_twin(test: &str, first: u32, return_path: bool) {
+    let setup = Setup::new(test, 2, first);
     let (dir, src, donor) = (&setup.dir, &setup.guests[0], setup.guests[1].name.clone());
     let incoming = dir.join("incoming.sock");
     let mut dst = memfabric_harness::Guarded::new(
@@ -135,6 +152,18 @@ fn a_guest_whose_twin_runs_on_the_destination_moves_with_a_fraction_of_the_bytes
             .spawn()
             .expect("the incoming QEMU"),
     );
+    if return_path {
+        let dst_qmp = dir.join("incoming.qmp");
+        assert!(
+            memfabric_harness::wait_for(Duration::from_secs(30), || dst_qmp.exists()),
+            "the incoming QEMU's QMP socket"
+        );
+        let on = serde_json::json!({
+            "capabilities": [{ "capability": "return-path", "state": true }]
+        });
+        qmp(&dst_qmp, "migrate-set-capabilities", on.clone());
+        qmp(&setup.src_qmp(), "migrate-set-capabilities", on);
+    }
     let rt = runtime();
     let (ps, pd) = (Arc::new(Progress::default()), Arc::new(Progress::default()));
     let (addr_tx, addr_rx) = std::sync::mpsc::channel();

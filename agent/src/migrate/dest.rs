@@ -20,6 +20,8 @@ use super::{
 
 /// Frames held while a resent page is awaited: 256 MiB of stream at most.
 const MAX_HELD_BYTES: usize = 256 << 20;
+/// The link's read buffer and QEMU's write buffer.
+const IO_BUFFER: usize = 256 << 10;
 /// An acknowledgement every this many resolved references.
 const ACK_EVERY: u64 = 512;
 
@@ -41,8 +43,13 @@ where
         .store(filter.len() as u64, Ordering::Relaxed);
     link.write_all(&Up::Filter(filter).to_vec()).await?;
     link.flush().await?;
-    let (mut link_rx, link_tx) = tokio::io::split(link);
-    let (qemu_rx, mut qemu_tx) = tokio::io::split(qemu);
+    let (link_rx, link_tx) = tokio::io::split(link);
+    let (qemu_rx, qemu_tx) = tokio::io::split(qemu);
+    // Frames are read from a buffer and QEMU's bytes written through one (a page at a time
+    // cost a read and a write call each); what is written is flushed before any wait for
+    // the link, so QEMU never waits for bytes held here.
+    let mut link_rx = tokio::io::BufReader::with_capacity(IO_BUFFER, link_rx);
+    let mut qemu_tx = tokio::io::BufWriter::with_capacity(IO_BUFFER, qemu_tx);
     let (tx, rx) = mpsc::channel::<Vec<u8>>(16);
     let writer = tokio::spawn(super::write_frames(link_tx, rx, progress.clone(), None));
     let back = tokio::spawn(back(qemu_rx, tx.clone()));
@@ -58,7 +65,10 @@ where
                     held_bytes -= frame_len(&f);
                     f
                 }
-                None => Down::read(&mut link_rx).await?,
+                None => {
+                    flush_before_waiting(&link_rx, &mut qemu_tx).await?;
+                    Down::read(&mut link_rx).await?
+                }
             };
             let bytes: &[u8] = match &frame {
                 Down::Raw(b) => b,
@@ -74,6 +84,7 @@ where
                             .map_err(|_| Failure::closed())?;
                         // Read on (the source keeps streaming) until the page comes.
                         loop {
+                            flush_before_waiting(&link_rx, &mut qemu_tx).await?;
                             match Down::read(&mut link_rx).await? {
                                 Down::Again { index: i, page: p } if i == index => {
                                     page = p;
@@ -134,6 +145,22 @@ where
     drop(tx);
     let _ = writer.await;
     result
+}
+
+/// Flushes what QEMU has not been handed yet when no frame is buffered (reading one may
+/// wait for the source).
+async fn flush_before_waiting<R, W>(
+    link: &tokio::io::BufReader<R>,
+    qemu: &mut tokio::io::BufWriter<W>,
+) -> Result<(), Failure>
+where
+    R: AsyncRead,
+    W: AsyncWrite + Unpin,
+{
+    if link.buffer().is_empty() {
+        qemu.flush().await.map_err(Failure::Qemu)?;
+    }
+    Ok(())
 }
 
 fn frame_len(f: &Down) -> usize {
