@@ -69,6 +69,9 @@ struct Row {
     proxy_cpu_s: f64,
     referenced: u64,
     resent: u64,
+    /// The fabric's prediction of the bytes a migration to the destination would not
+    /// send (with a twin there), made before migrating.
+    predicted_saving: Option<u64>,
 }
 
 /// What the bench runs.
@@ -97,6 +100,8 @@ struct Ctx<'a> {
     dir: PathBuf,
     tls: [(PathBuf, PathBuf); 2],
     runs: u32,
+    /// The prediction for the guest and the destination's VMs now (none without any).
+    predicted: Option<u64>,
 }
 
 /// Lab guests this bench booted, stopped when it ends (also on error).
@@ -138,6 +143,7 @@ pub(crate) fn run(opts: &Options) -> anyhow::Result<()> {
         dir: work.clone(),
         tls: [src, dst],
         runs: 0,
+        predicted: None,
     };
     let mut rows = Vec::new();
     let result = (|| -> anyhow::Result<()> {
@@ -153,8 +159,15 @@ pub(crate) fn run(opts: &Options) -> anyhow::Result<()> {
             };
             let mut booted = Booted(up(101)?);
             for &donors in &opts.donors {
+                ctx.predicted = None;
                 if donors == "twin" {
                     booted.0.extend(up(102)?);
+                    let p = predict(booted.0[0].pid, booted.0[1].pid)?;
+                    eprintln!(
+                        "  the fabric predicts {:.1} MB not sent (of the guest's stable pages)",
+                        mb(p)
+                    );
+                    ctx.predicted = Some(p);
                 }
                 for &rate in &opts.rates {
                     let limit = (rate > 0).then_some(rate);
@@ -249,6 +262,7 @@ impl Ctx<'_> {
             proxy_cpu_s: 0.0,
             referenced: 0,
             resent: 0,
+            predicted_saving: self.predicted,
         };
         match way {
             Way::Plain => self.plain(&dir, &incoming, &mut Qmp::connect(&src_qmp)?, &mut row)?,
@@ -468,6 +482,36 @@ impl Ctx<'_> {
     }
 }
 
+/// What the fabric would predict a migration of `src` to a host holding `donor` saves:
+/// both scanned as the daemon scans (three passes, stable after two unchanged), their
+/// sketches taken as the daemon keeps and publishes them (the destination's truncated to
+/// the fabric's k), and the candidate figure the fabric exports.
+fn predict(src: u32, donor: u32) -> anyhow::Result<u64> {
+    use memfabric::{fabric::candidates, scan::Scanner, sketch::DEFAULT_K};
+    let mut scanner = Scanner::new(2);
+    scanner.set_sketches(true);
+    for _ in 0..3 {
+        scanner.pass(&[src, donor])?;
+    }
+    let report = scanner.report();
+    let sketches = report.sketches.context("the scanner built no sketches")?;
+    let (Some(vm), Some(host)) = (sketches.per_pid.get(&src), sketches.per_pid.get(&donor)) else {
+        bail!("no sketch of the guest or of its twin");
+    };
+    let host = host.truncated(DEFAULT_K);
+    let c = candidates::compute(
+        &[candidates::LocalVm {
+            id: "guest",
+            sketch: vm,
+        }],
+        &[candidates::PeerHost {
+            id: "destination",
+            sketch: &host,
+        }],
+    );
+    Ok(c.pairs.first().map_or(0, |p| p.shared_bytes))
+}
+
 /// Starts the migrated guest on the destination (`cont`) and checks that it runs 3 s
 /// later: `completed` if so, what went wrong otherwise.
 fn runs_on_destination(qmp: &Path) -> anyhow::Result<String> {
@@ -575,12 +619,12 @@ fn wait_for_path(p: &Path, timeout: Duration) -> anyhow::Result<()> {
 /// plain migration's in the same setting.
 fn write_report(dir: &Path, rows: &[Row]) -> anyhow::Result<()> {
     let mut csv = String::from(
-        "profile,donors,link,way,outcome,stream_bytes,link_bytes,seconds,downtime_ms,proxy_cpu_s,referenced,resent\n",
+        "profile,donors,link,way,outcome,stream_bytes,link_bytes,seconds,downtime_ms,proxy_cpu_s,referenced,resent,predicted_saving_bytes\n",
     );
     for r in rows {
         writeln!(
             csv,
-            "{},{},{},{},{},{},{},{:.3},{},{:.3},{},{}",
+            "{},{},{},{},{},{},{},{:.3},{},{:.3},{},{},{}",
             r.profile,
             r.donors,
             r.rate,
@@ -592,12 +636,13 @@ fn write_report(dir: &Path, rows: &[Row]) -> anyhow::Result<()> {
             r.downtime_ms.map_or(String::new(), |d| d.to_string()),
             r.proxy_cpu_s,
             r.referenced,
-            r.resent
+            r.resent,
+            r.predicted_saving.map_or(String::new(), |p| p.to_string())
         )?;
     }
     fs::write(dir.join("migrations.csv"), csv)?;
     let mut md = String::from(
-        "| profile | destination holds | link | way | completed | MB on the link | time s | downtime ms | proxy CPU s | pages referenced | resent |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| profile | destination holds | link | way | completed | MB on the link | time s | downtime ms | proxy CPU s | pages referenced | resent | saved MB: predicted / measured |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     let mut seen: Vec<(&str, &str, &str, Way)> = Vec::new();
     for r in rows {
@@ -627,9 +672,35 @@ fn write_report(dir: &Path, rows: &[Row]) -> anyhow::Result<()> {
         if let Some(failed) = all.iter().find(|o| o.outcome != "completed") {
             let _ = write!(completed, " ({})", failed.outcome);
         }
+        // Saved: the plain migrations' median bytes on the link less memfabric's.
+        let link_median = |way: Way| {
+            let mut v: Vec<f64> = rows
+                .iter()
+                .filter(|o| {
+                    (o.profile, o.donors, o.rate.as_str(), o.way) == (key.0, key.1, key.2, way)
+                })
+                .filter(|o| o.outcome == "completed")
+                .map(|o| mb(o.link_bytes))
+                .collect();
+            (!v.is_empty()).then(|| xtask::report::median(&mut v))
+        };
+        let saving = match (r.way, r.predicted_saving) {
+            (Way::Memfabric, Some(p)) => {
+                match (link_median(Way::Plain), link_median(Way::Memfabric)) {
+                    (Some(plain), Some(ours)) => format!(
+                        "{:.1} / {:.1} ({:+.1} %)",
+                        mb(p),
+                        plain - ours,
+                        100.0 * (mb(p) - (plain - ours)) / (plain - ours)
+                    ),
+                    _ => format!("{:.1} / -", mb(p)),
+                }
+            }
+            _ => String::new(),
+        };
         writeln!(
             md,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             r.profile,
             r.donors,
             r.rate,
@@ -641,6 +712,7 @@ fn write_report(dir: &Path, rows: &[Row]) -> anyhow::Result<()> {
             med(&|o| o.proxy_cpu_s),
             med(&|o| o.referenced as f64),
             med(&|o| o.resent as f64),
+            saving,
         )?;
     }
     fs::write(dir.join("summary.md"), md)?;
