@@ -441,19 +441,37 @@ impl Ctx<'_> {
         // puts the guest back).
         let limit = self.opts.limit;
         let qmp_path = src_qmp.to_owned();
+        // Set (under its lock) before `send` is reaped: its PID is ours to signal until then.
+        let exited = Arc::new(std::sync::Mutex::new(false));
+        let (gone, exited_now) = (exited.clone(), exited.clone());
+        let has_exited = move || *gone.lock().unwrap_or_else(|e| e.into_inner());
         let watchdog = thread::spawn(move || {
             while started.elapsed() < limit {
-                if !Path::new(&format!("/proc/{send_pid}")).exists() {
+                if has_exited() {
                     return false;
                 }
                 thread::sleep(Duration::from_millis(200));
             }
             let _ =
                 Qmp::connect(&qmp_path).and_then(|mut q| q.execute("migrate_cancel", json!({})));
+            // A proxy that does not give up once QEMU stopped is stopped (the bench must end).
+            let grace = Instant::now();
+            while grace.elapsed() < Duration::from_secs(30) {
+                if has_exited() {
+                    return true;
+                }
+                thread::sleep(Duration::from_millis(200));
+            }
+            let reaped = exited.lock().unwrap_or_else(|e| e.into_inner());
+            if !*reaped && let Ok(pid) = i32::try_from(send_pid) {
+                // SAFETY: a signal to our own child, not reaped (the lock keeps it so).
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
             true
         });
         let mut summary = String::new();
         stdout.read_to_string(&mut summary)?;
+        *exited_now.lock().unwrap_or_else(|e| e.into_inner()) = true;
         let (code, cpu_send) = reap(&mut send)?;
         if code != 0
             && let Some(r) = &mut receive.0
