@@ -293,7 +293,10 @@ impl Fabric {
         PeerState::ALL.map(|s| (s, inner.peers.values().filter(|p| p.state() == s).count()))
     }
 
+    /// Recomputed first if a peer changed since (a peer /v1/peers already shows stale must
+    /// not be served as a candidate until the fetch loop's next round).
     pub fn candidates(&self) -> Arc<Candidates> {
+        self.recompute();
         self.lock().candidates.clone()
     }
 
@@ -364,8 +367,11 @@ impl Fabric {
         drop(hosts);
         drop(inner);
         let mut inner = self.lock();
-        inner.candidates = c;
-        inner.computed = generation;
+        // Two readers may compute at once: the later state wins.
+        if generation > inner.computed {
+            inner.candidates = c;
+            inner.computed = generation;
+        }
     }
 
     /// Brings the peer table up to date with gossip.
