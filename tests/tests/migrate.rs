@@ -231,15 +231,12 @@ fn a_destination_that_dies_mid_stream_leaves_the_vm_running_on_the_source() {
     // A "destination" that completes the TLS handshake with the right certificate, sends
     // an empty filter, reads a little of the stream and then drops the connection.
     let result = runtime().block_on(async {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let acceptor = memfabric::fabric::tls::load(&setup.dst.ca, &setup.dst.cert, &setup.dst.key)
-            .unwrap()
-            .server;
+        let (listener, addr, tls) =
+            tls_server(&setup.dst.ca, &setup.dst.cert, &setup.dst.key).await;
         let dying = tokio::spawn(async move {
             use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
             let (tcp, _) = listener.accept().await.unwrap();
-            let mut s = acceptor.accept(tcp).await.unwrap();
+            let mut s = tls.server.accept(tcp).await.unwrap();
             memfabric::migrate::link::hello(&mut s).await.unwrap();
             use memfabric::migrate::link::Frame as _;
             let empty = memfabric::migrate::holdings::Filter::build(Vec::new()).encode();
@@ -258,15 +255,33 @@ fn a_destination_that_dies_mid_stream_leaves_the_vm_running_on_the_source() {
     assert!(lab::qemu::alive(&setup.guests[0]));
 }
 
-/// A TLS server at a fresh loopback port presenting `cert` (trusting `ca`), that accepts
-/// one connection and drops it: the destination proxy of an impostor.
-async fn impostor(ca: &Path, cert: &Path, key: &Path) -> std::net::SocketAddr {
+/// A listener at a fresh loopback port, its address, and the fabric's TLS configurations
+/// presenting `cert` (trusting `ca`): `.server` accepts.
+async fn tls_server(
+    ca: &Path,
+    cert: &Path,
+    key: &Path,
+) -> (
+    tokio::net::TcpListener,
+    std::net::SocketAddr,
+    memfabric::fabric::tls::TlsConfigs,
+) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let acceptor = memfabric::fabric::tls::load(ca, cert, key).unwrap().server;
+    (
+        listener,
+        addr,
+        memfabric::fabric::tls::load(ca, cert, key).unwrap(),
+    )
+}
+
+/// A TLS server presenting `cert` (trusting `ca`) that accepts one connection and drops
+/// it: the destination proxy of an impostor.
+async fn impostor(ca: &Path, cert: &Path, key: &Path) -> std::net::SocketAddr {
+    let (listener, addr, tls) = tls_server(ca, cert, key).await;
     tokio::spawn(async move {
         if let Ok((tcp, _)) = listener.accept().await {
-            let _ = acceptor.accept(tcp).await;
+            let _ = tls.server.accept(tcp).await;
         }
     });
     addr

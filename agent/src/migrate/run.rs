@@ -104,13 +104,13 @@ fn qmp<T>(
 }
 
 /// A migration status QEMU leaves only for a new migration.
-fn settled(status: &str) -> bool {
+pub fn settled(status: &str) -> bool {
     matches!(status, "completed" | "failed" | "cancelled" | "none")
 }
 
 /// Polls QEMU's `query-migrate` on one session until its status settles or `within`
 /// passes: the status and QEMU's downtime.
-fn await_status(
+pub fn await_status(
     q: &mut Qmp,
     within: Duration,
 ) -> Result<(String, Option<u64>), crate::actuate::qmp::QmpError> {

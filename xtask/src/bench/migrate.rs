@@ -19,7 +19,7 @@ use std::{
     net::{Shutdown, SocketAddr, TcpListener, TcpStream},
     os::unix::net::{UnixListener, UnixStream},
     path::{Path, PathBuf},
-    process::{Child, Stdio},
+    process::Stdio,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -31,6 +31,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use memfabric::{actuate::qmp::Qmp, util::thread_cpu};
+use memfabric_harness::{Children, wait_for};
 use serde_json::json;
 use xtask::lab::{
     self, Profile, UpOptions,
@@ -111,18 +112,6 @@ impl Drop for Booted {
     fn drop(&mut self) {
         for g in &self.0 {
             let _ = lab::stop(g);
-        }
-    }
-}
-
-/// A child process killed (and reaped) when dropped, unless already waited for.
-struct Kill(Option<Child>);
-
-impl Drop for Kill {
-    fn drop(&mut self) {
-        if let Some(c) = &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
         }
     }
 }
@@ -233,14 +222,16 @@ impl Ctx<'_> {
         let dir = self.dir.join(format!("run-{}", self.runs));
         fs::create_dir_all(&dir)?;
         let incoming = dir.join("incoming.sock");
-        let _dst_qemu = Kill(Some(
+        let _dst_qemu = Children(vec![
             lab::qemu::incoming_command(src.pid, &dir, &incoming)?
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()
                 .context("starting the incoming QEMU")?,
-        ));
-        wait_for_path(&incoming, Duration::from_secs(30))?;
+        ]);
+        if !wait_for(Duration::from_secs(30), || incoming.exists()) {
+            bail!("{} did not appear in 30 s", incoming.display());
+        }
         let src_qmp = lab::qemu::qmp_socket(src);
         // QEMU's QMP socket serves one client at a time: each step connects anew.
         Qmp::connect(&src_qmp)?.execute(
@@ -292,19 +283,13 @@ impl Ctx<'_> {
 
     /// Polls QEMU until the migration ends or the limit passes (then cancels it).
     fn await_end(&self, qmp: &mut Qmp, row: &mut Row, started: Instant) -> anyhow::Result<()> {
-        loop {
-            let info = qmp.execute("query-migrate", json!({}))?;
-            match info["status"].as_str() {
-                Some("completed" | "failed" | "cancelled") => return Ok(()),
-                _ if started.elapsed() > self.opts.limit => {
-                    qmp.execute("migrate_cancel", json!({}))?;
-                    row.outcome =
-                        format!("not done in {} s (cancelled)", self.opts.limit.as_secs());
-                    return Ok(());
-                }
-                _ => thread::sleep(Duration::from_millis(100)),
-            }
+        let left = self.opts.limit.saturating_sub(started.elapsed());
+        let (status, _) = memfabric::migrate::run::await_status(qmp, left)?;
+        if !memfabric::migrate::run::settled(&status) {
+            qmp.execute("migrate_cancel", json!({}))?;
+            row.outcome = format!("not done in {} s (cancelled)", self.opts.limit.as_secs());
         }
+        Ok(())
     }
 
     /// QEMU -> unix socket -> relay on the source host -> link -> relay on the destination
@@ -381,7 +366,7 @@ impl Ctx<'_> {
             ]
         };
         let to = format!("{DST_ADDR}:{}", 7400 + self.runs);
-        let mut receive = Kill(Some(
+        let mut receive = Children(vec![
             self.hosts
                 .command(Side::Dst, &self.opts.agent)
                 .args(["migrate", "receive", "--listen", &to, "--incoming"])
@@ -392,12 +377,8 @@ impl Ctx<'_> {
                 .stderr(Stdio::piped())
                 .spawn()
                 .context("starting memfabric migrate receive")?,
-        ));
-        let stderr = receive
-            .0
-            .as_mut()
-            .and_then(|c| c.stderr.take())
-            .context("receive's stderr")?;
+        ]);
+        let stderr = receive.0[0].stderr.take().context("receive's stderr")?;
         let (tx, rx) = mpsc::channel();
         thread::spawn(move || {
             for l in BufReader::new(stderr).lines().map_while(Result::ok) {
@@ -431,12 +412,8 @@ impl Ctx<'_> {
             .spawn()
             .context("starting memfabric migrate send")?;
         let send_pid = send.id();
-        let mut send = Kill(Some(send));
-        let mut stdout = send
-            .0
-            .as_mut()
-            .and_then(|c| c.stdout.take())
-            .context("send's stdout")?;
+        let mut send = Children(vec![send]);
+        let mut stdout = send.0[0].stdout.take().context("send's stdout")?;
         // The limit: cancelled through QMP like an operator would (send then fails and
         // puts the guest back).
         let limit = self.opts.limit;
@@ -474,7 +451,7 @@ impl Ctx<'_> {
         *exited_now.lock().unwrap_or_else(|e| e.into_inner()) = true;
         let (code, cpu_send) = reap(&mut send)?;
         if code != 0
-            && let Some(r) = &mut receive.0
+            && let Some(r) = receive.0.first_mut()
         {
             // The source gave up: the destination would wait out its own timeout.
             let _ = r.kill();
@@ -545,10 +522,10 @@ fn runs_on_destination(qmp: &Path) -> anyhow::Result<String> {
     })
 }
 
-/// Waits for a child and returns its exit code and CPU seconds (user + system), from
-/// `wait4`'s resource usage.
-fn reap(k: &mut Kill) -> anyhow::Result<(i32, f64)> {
-    let Some(child) = k.0.take() else {
+/// Waits for the (one) child of `k` and returns its exit code and CPU seconds (user +
+/// system), from `wait4`'s resource usage; it is no longer `k`'s to stop.
+fn reap(k: &mut Children) -> anyhow::Result<(i32, f64)> {
+    let Some(child) = k.0.pop() else {
         bail!("already reaped");
     };
     let pid = i32::try_from(child.id())?;
@@ -620,17 +597,6 @@ impl Socket for UnixStream {
     fn shutdown_write(&self) {
         let _ = self.shutdown(Shutdown::Write);
     }
-}
-
-fn wait_for_path(p: &Path, timeout: Duration) -> anyhow::Result<()> {
-    let deadline = Instant::now() + timeout;
-    while !p.exists() {
-        if Instant::now() > deadline {
-            bail!("{} did not appear in {} s", p.display(), timeout.as_secs());
-        }
-        thread::sleep(Duration::from_millis(50));
-    }
-    Ok(())
 }
 
 /// CSV of every migration and a Markdown table with memfabric's figures as ratios of the

@@ -26,8 +26,6 @@ pub struct TwoHosts {
     dst_ns: String,
     src_if: String,
     dst_if: String,
-    /// The link's speed now (None: unlimited).
-    rate_mbit: Option<u32>,
 }
 
 /// The source's address on the link.
@@ -53,7 +51,6 @@ impl TwoHosts {
             dst_ns: format!("memfabric-dst-{id}"),
             src_if: format!("mfs{id}"),
             dst_if: format!("mfd{id}"),
-            rate_mbit: None,
         };
         // From here on, Drop removes whatever was made.
         ip(&["netns", "add", &hosts.src_ns])?;
@@ -100,27 +97,27 @@ impl TwoHosts {
     /// Limits both directions of the link to `rate_mbit` (None: unlimited). A token
     /// bucket whose burst is 10 ms at that rate (at least 64 KiB), as an operator's link
     /// shaper would be.
-    pub fn set_rate(&mut self, rate_mbit: Option<u32>) -> anyhow::Result<()> {
+    pub fn set_rate(&self, rate_mbit: Option<u32>) -> anyhow::Result<()> {
         for side in [Side::Src, Side::Dst] {
-            let (ns, dev) = (self.ns(side).to_owned(), self.dev(side).to_owned());
+            let (ns, dev) = (self.ns(side), self.dev(side));
             // Nothing to delete on the first call: its error is expected.
             let _ = Command::new("ip")
                 .args([
-                    "netns", "exec", &ns, "tc", "qdisc", "del", "dev", &dev, "root",
+                    "netns", "exec", ns, "tc", "qdisc", "del", "dev", dev, "root",
                 ])
                 .stderr(std::process::Stdio::null())
                 .status();
             if let Some(r) = rate_mbit {
                 let burst = (u64::from(r) * 1_000_000 / 8 / 100).max(64 << 10);
-                cmd::run(Command::new("ip").args([
+                ip(&[
                     "netns",
                     "exec",
-                    &ns,
+                    ns,
                     "tc",
                     "qdisc",
                     "add",
                     "dev",
-                    &dev,
+                    dev,
                     "root",
                     "tbf",
                     "rate",
@@ -129,11 +126,10 @@ impl TwoHosts {
                     &burst.to_string(),
                     "latency",
                     "100ms",
-                ]))
+                ])
                 .with_context(|| format!("limiting {dev} to {r} Mbit/s"))?;
             }
         }
-        self.rate_mbit = rate_mbit;
         Ok(())
     }
 
