@@ -80,6 +80,11 @@ pub enum ConfigError {
     Refresh(u64),
     #[error("scan CPU budget must be between 0 and 100 % of a core, got {0}")]
     ScanCpu(f64),
+    #[error(
+        "the scan's quiet CPU budget must be above 0 and at most the scan's budget ({scan} %), \
+         got {quiet}"
+    )]
+    ScanQuietCpu { quiet: f64, scan: f64 },
     #[error("ksmd CPU budget must be above 0 and at most 100 % of a core, got {0}")]
     KsmdCpu(f64),
     #[error(
@@ -332,6 +337,9 @@ pub struct FileConfig {
     pub refresh_ms: Option<u64>,
     /// Percent of one core the page scanner may use (0 turns it off).
     pub scan_cpu_percent: Option<f64>,
+    /// Percent of one core the page scanner uses while nothing changes (default: a tenth
+    /// of `scan_cpu_percent`; equal to it: the scan never rests).
+    pub scan_quiet_cpu_percent: Option<f64>,
     /// What the daemon may change (`["ksmd"]`); nothing by default.
     #[serde(default)]
     pub act: Vec<Act>,
@@ -389,6 +397,8 @@ pub struct Config {
     pub refresh: Duration,
     /// Fraction of one core for the page scanner (0: off).
     pub scan_cpu: f64,
+    /// Fraction of one core for the page scanner while every VM is quiet.
+    pub scan_quiet_cpu: f64,
     /// What the daemon changes on the host (empty: it only observes and recommends).
     pub act: Vec<Act>,
     /// Fraction of one core ksmd may use.
@@ -418,6 +428,7 @@ pub struct Overrides {
     pub matches: Vec<String>,
     pub refresh_ms: Option<u64>,
     pub scan_cpu_percent: Option<f64>,
+    pub scan_quiet_cpu_percent: Option<f64>,
     pub act: Vec<Act>,
     pub ksmd_cpu_percent: Option<f64>,
     pub state_dir: Option<PathBuf>,
@@ -440,6 +451,7 @@ impl Config {
             matches,
             refresh_ms,
             scan_cpu_percent,
+            scan_quiet_cpu_percent,
             act,
             ksmd_cpu_percent,
             state_dir,
@@ -450,6 +462,12 @@ impl Config {
         let scan = scan_cpu_percent.or(file.scan_cpu_percent).unwrap_or(5.0);
         if !(0.0..=100.0).contains(&scan) {
             return Err(ConfigError::ScanCpu(scan));
+        }
+        let quiet = scan_quiet_cpu_percent
+            .or(file.scan_quiet_cpu_percent)
+            .unwrap_or(scan / 10.0);
+        if !(quiet.is_finite() && (quiet > 0.0 || scan == 0.0) && quiet <= scan) {
+            return Err(ConfigError::ScanQuietCpu { quiet, scan });
         }
         let ksmd = ksmd_cpu_percent
             .or(file.ksmd_cpu_percent)
@@ -521,6 +539,7 @@ impl Config {
             matches,
             refresh: Duration::from_millis(refresh_ms),
             scan_cpu: scan / 100.0,
+            scan_quiet_cpu: quiet / 100.0,
             act,
             ksmd_cpu: ksmd / 100.0,
             state_dir: state_dir

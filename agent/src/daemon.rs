@@ -82,6 +82,8 @@ pub struct Daemon {
     refreshes: u32,
     /// Guest activity from the probes' counters, tick to tick.
     activity: crate::control::activity::Activity,
+    /// Which VMs the scanner should read at its full budget again.
+    scan_wakes: crate::control::scan_wakes::ScanWakes,
     exited: BTreeMap<u32, VmProbeCounters>,
     scan: Option<crate::scan::worker::ScanWorker>,
     ranking: Ranking,
@@ -145,9 +147,14 @@ impl Daemon {
             described: HashMap::new(),
             refreshes: 0,
             activity: Default::default(),
+            scan_wakes: Default::default(),
             exited: BTreeMap::new(),
             scan: (cfg.scan_cpu > 0.0).then(|| {
-                crate::scan::worker::ScanWorker::start(cfg.scan_cpu, cfg.fabric.is_some())
+                crate::scan::worker::ScanWorker::start(
+                    cfg.scan_cpu,
+                    cfg.scan_quiet_cpu,
+                    cfg.fabric.is_some(),
+                )
             }),
             ranking: Ranking::default(),
             state: Arc::new(RwLock::new(StatusV1::default())),
@@ -254,6 +261,10 @@ impl Daemon {
         let decided =
             self.controllers
                 .tick(&self.vms, &self.ranking.ranked, &vms, &seen.ksm, context);
+        // The scan's own pace: VMs that may have changed are read at the full budget.
+        if let Some(w) = &self.scan {
+            w.wake(&self.scan_wakes.tick(&self.ranking.ranked, &vms));
+        }
         // Publish: to the endpoints, and a new pass's summaries to the fabric.
         if let Some(r) = &seen.report {
             self.publish_to_fabric(r);
@@ -363,6 +374,8 @@ impl Daemon {
             scan_pass_seconds: scan.as_ref().map_or(0.0, |s| s.pass_seconds),
             scan_bytes_total: scan.as_ref().map_or(0, |s| s.bytes_read),
             scan_rechecked_ranges: scan.as_ref().map_or(0, |s| s.rechecked_ranges),
+            scan_busy_vms: scan.as_ref().map_or(0, |s| s.busy_vms as u64),
+            scan_quiet_vms: scan.as_ref().map_or(0, |s| s.quiet_vms as u64),
             ranges: self.ranking.ranked.clone(),
             hints: Some(hints),
         }

@@ -68,6 +68,12 @@ pub struct StatusV1 {
     /// of churn, or new).
     #[serde(default)]
     pub scan_rechecked_ranges: u64,
+    /// VMs the scanner reads every round now (new, woken by new memory or a moved
+    /// ranking) and VMs it rests on (read on their share of the quiet budget).
+    #[serde(default)]
+    pub scan_busy_vms: u64,
+    #[serde(default)]
+    pub scan_quiet_vms: u64,
     /// The ksmd controller: its decision and whether memfabric applies it (absent when
     /// the host has no KSM).
     #[serde(default, skip_serializing_if = "Option::is_none")]

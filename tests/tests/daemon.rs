@@ -37,6 +37,7 @@ impl TestDaemon {
             matches: Vec::new(),
             refresh: Duration::from_millis(300),
             scan_cpu: 0.05,
+            scan_quiet_cpu: 0.005,
             // Observe only: these tests never change KSM through the daemon.
             act: Vec::new(),
             ksmd_cpu: 0.1,

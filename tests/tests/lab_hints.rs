@@ -61,6 +61,7 @@ fn a_guest_whose_operator_turned_merging_off_is_left_alone() {
         matches: Vec::new(),
         refresh: Duration::from_millis(300),
         scan_cpu: 0.5,
+        scan_quiet_cpu: 0.05,
         act: vec![Act::Hints],
         ksmd_cpu: 0.1,
         state_dir: state_dir.clone(),

@@ -374,3 +374,61 @@ fn rechecks_between_passes_see_repeated_rewrites() {
         }
     }
 }
+
+/// A sampled pass (a new large VM's first ones) reads one page in 16 and ranks each range
+/// as full passes do: duplicated, unique and churning regions get the same classes.
+#[test]
+fn sampled_passes_read_a_sixteenth_and_rank_like_full_ones() {
+    if !privileged("sampled_passes_read_a_sixteenth_and_rank_like_full_ones") {
+        return;
+    }
+    use memfabric::scan::schedule::{SAMPLE_ONE_IN, SAMPLED_PASSES};
+    let mut w = Workload::spawn(WORKLOAD);
+    let dup = w.cmd("alloc 4096 same");
+    let uni = w.cmd("alloc 4096 unique");
+    let churn = w.cmd("alloc 4096 unique");
+    w.cmd(&format!("churn {churn}"));
+    let spans = [
+        (w.span(&dup), RangeClass::StableDuplicate),
+        (w.span(&uni), RangeClass::StableUnique),
+        (w.span(&churn), RangeClass::Volatile),
+    ];
+    let (mut full, mut sampled) = (Scanner::new(2), Scanner::new(2));
+    for i in 0..SAMPLED_PASSES {
+        if i > 0 {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        full.pass(&[w.pid]).unwrap();
+        sampled.pass_sampled(&[w.pid], SAMPLE_ONE_IN).unwrap();
+    }
+    let rank = |s: &Scanner| {
+        RankedRanges::rank(
+            &s.report(),
+            &RangeHeatMap::new(),
+            0.0,
+            RankPolicy::default(),
+        )
+    };
+    let (a, b) = (rank(&full), rank(&sampled));
+    for (span, want) in spans {
+        for (ra, rb) in inside(span, &a.by_pid[&w.pid])
+            .into_iter()
+            .zip(inside(span, &b.by_pid[&w.pid]))
+        {
+            assert_eq!(
+                (ra.class, rb.class),
+                (want, want),
+                "{:?} / {:?}",
+                ra.counts,
+                rb.counts
+            );
+            // 32 of the range's 512 pages.
+            assert_eq!(rb.counts.pages_present, ra.counts.pages_present / 16);
+        }
+    }
+    let (fa, fb) = (full.bytes_read(), sampled.bytes_read());
+    assert!(
+        fb * 12 <= fa,
+        "sampled passes read {fb} bytes, full ones {fa}"
+    );
+}

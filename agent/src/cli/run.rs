@@ -38,6 +38,11 @@ pub(super) struct RunArgs {
     /// Percent of one core the page scanner may use; 0 turns it off [default: 5].
     #[arg(long, env = "MEMFABRIC_SCAN_CPU")]
     scan_cpu: Option<f64>,
+    /// Percent of one core the page scanner uses while nothing changes (it rests between
+    /// passes; new VMs, new memory and moved rankings wake it) [default: a tenth of
+    /// --scan-cpu].
+    #[arg(long, env = "MEMFABRIC_SCAN_QUIET_CPU")]
+    scan_quiet_cpu: Option<f64>,
     /// Change the host: `ksmd` steers ksmd's scan rate; `hints` makes VM ranges mergeable
     /// or unmergeable (only VMs of a `[[domain]]` in the config). Without it the daemon
     /// only recommends (/v1/recommendations, /v1/status, `status`, `top`).
@@ -74,6 +79,7 @@ pub(super) fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             matches: args.matches,
             refresh_ms: args.refresh_ms,
             scan_cpu_percent: args.scan_cpu,
+            scan_quiet_cpu_percent: args.scan_quiet_cpu,
             act: args.act,
             ksmd_cpu_percent: args.ksmd_cpu,
             state_dir: args.state_dir,

@@ -32,10 +32,9 @@ impl Activity {
         let rates = match self.previous.get(&pid) {
             Some((then, prev)) => {
                 let dt = (t - then).max(1e-3);
-                let first =
-                    |c: &VmProbeCounters| c.write_faults.saturating_sub(c.write_protect_faults);
-                self.guest_writes += first(&now).saturating_sub(first(prev))
-                    + now.kvm_write_faults.saturating_sub(prev.kvm_write_faults);
+                self.guest_writes += now
+                    .new_memory_writes()
+                    .saturating_sub(prev.new_memory_writes());
                 Rates {
                     write_faults_per_sec: now.write_faults.saturating_sub(prev.write_faults) as f64
                         / dt,

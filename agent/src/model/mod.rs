@@ -29,6 +29,15 @@ pub struct VmProbeCounters {
     pub ksm_merges: u64,
 }
 
+impl VmProbeCounters {
+    /// Writes that populated new memory: first-touch write faults (a write fault that was
+    /// no write-protect fault) and KVM's guest write faults. Writes to present pages (COW
+    /// breaks of churning memory) are no new memory.
+    pub fn new_memory_writes(&self) -> u64 {
+        self.write_faults.saturating_sub(self.write_protect_faults) + self.kvm_write_faults
+    }
+}
+
 #[cfg(feature = "ebpf")]
 impl From<memfabric_common::TgidStats> for VmProbeCounters {
     fn from(s: memfabric_common::TgidStats) -> Self {

@@ -7,8 +7,9 @@
 //! was most of the scan's cost.
 //!
 //! The frame is the key. A KSM frame that is freed and reused for another KSM page would
-//! keep a stale entry: entries not seen for [`FORGET_AFTER_PASSES`] VM passes are dropped
-//! (a freed KSM page is not seen again), and a rotating sample of one hit in
+//! keep a stale entry: entries not seen for [`FORGET_AFTER_ROUNDS`] rounds (a round ends
+//! when every tracked VM had a pass since it began) are dropped (a freed KSM page is not
+//! seen again), and a rotating sample of one hit in
 //! [`VERIFY_ONE_IN`] is read anyway and compared; a mismatch replaces the entry and is
 //! counted.
 
@@ -16,8 +17,11 @@ use rustc_hash::FxHashMap;
 
 /// One hit in this many is read anyway and checked (a different sample each pass).
 pub const VERIFY_ONE_IN: u64 = 16;
-/// VM passes after which a KSM frame not seen again is forgotten, per tracked VM.
-pub const FORGET_AFTER_PASSES: u32 = 2;
+/// Rounds over every tracked VM after which a KSM frame not seen again is forgotten.
+/// Rounds, not passes: the daemon scans a busy VM many times while a quiet one rests, and
+/// counting passes forgot the quiet VM's frames between two of its own passes (its next
+/// pass read them all again).
+pub const FORGET_AFTER_ROUNDS: u32 = 2;
 
 /// What the cache did, for the scan's figures.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -35,8 +39,10 @@ pub struct KnownStats {
 /// Content hashes of KSM frames, by frame number.
 #[derive(Default)]
 pub struct KnownFrames {
-    /// Frame -> (full hash, pass last seen).
+    /// Frame -> (full hash, round last seen).
     ksm: FxHashMap<u64, (u64, u32)>,
+    /// The current round.
+    round: u32,
     pub stats: KnownStats,
 }
 
@@ -71,7 +77,7 @@ impl KnownFrames {
         let Some(entry) = self.ksm.get_mut(&pfn) else {
             return Lookup::Read { expect: None };
         };
-        entry.1 = pass;
+        entry.1 = self.round;
         // A sample that moves with the pass: every frame is checked now and then.
         let mix = pfn
             .wrapping_add(u64::from(pass))
@@ -87,7 +93,7 @@ impl KnownFrames {
 
     /// A page read with full hash `hash`: remembered when its frame is a KSM page; a
     /// check (`expect`) that failed is counted.
-    pub fn read(&mut self, pfn: u64, ksm: bool, hash: u64, expect: Option<u64>, pass: u32) {
+    pub fn read(&mut self, pfn: u64, ksm: bool, hash: u64, expect: Option<u64>) {
         if let Some(e) = expect {
             self.stats.verified += 1;
             if e != hash {
@@ -95,16 +101,17 @@ impl KnownFrames {
             }
         }
         if ksm && pfn != 0 {
-            self.ksm.insert(pfn, (hash, pass));
+            self.ksm.insert(pfn, (hash, self.round));
         }
     }
 
-    /// Drops frames not seen in the last `FORGET_AFTER_PASSES * vms` passes.
-    pub fn forget_unseen(&mut self, pass: u32, vms: usize) {
-        let keep =
-            FORGET_AFTER_PASSES.saturating_mul(u32::try_from(vms.max(1)).unwrap_or(u32::MAX));
+    /// Ends a round (every tracked VM had a pass since the last one ended): drops frames
+    /// not seen in the last [`FORGET_AFTER_ROUNDS`] rounds.
+    pub fn round_done(&mut self) {
+        self.round = self.round.wrapping_add(1);
+        let round = self.round;
         self.ksm
-            .retain(|_, (_, seen)| pass.saturating_sub(*seen) <= keep);
+            .retain(|_, (_, seen)| round.wrapping_sub(*seen) <= FORGET_AFTER_ROUNDS);
     }
 
     /// KSM frames remembered.
@@ -135,9 +142,9 @@ mod tests {
             k.lookup(10, true, false, 42, 1),
             Lookup::Read { expect: None }
         );
-        k.read(10, true, 0xabc, None, 1);
+        k.read(10, true, 0xabc, None);
         // Frame number 0 (no CAP_SYS_ADMIN) is never a key.
-        k.read(0, true, 0xdef, None, 1);
+        k.read(0, true, 0xdef, None);
         assert_eq!(k.len(), 1);
         // Seen again over many passes: known, except a sample of about 1 in 16.
         let (mut known, mut checked) = (0, 0);
@@ -149,7 +156,7 @@ mod tests {
                 }
                 Lookup::Read { expect } => {
                     assert_eq!(expect, Some(0xabc));
-                    k.read(10, true, 0xabc, expect, pass);
+                    k.read(10, true, 0xabc, expect);
                     checked += 1;
                 }
                 Lookup::Kept => unreachable!("the cache never keeps: the scanner does"),
@@ -159,10 +166,14 @@ mod tests {
         assert_eq!(known + checked, 2000);
         assert_eq!(k.stats.mismatched, 0);
         // A check that finds other content replaces the entry and is counted.
-        k.read(10, true, 0x123, Some(0xabc), 3000);
+        k.read(10, true, 0x123, Some(0xabc));
         assert_eq!(k.stats.mismatched, 1);
-        // Not seen for long: forgotten.
-        k.forget_unseen(3000 + 2 * 4 + 1, 4);
+        // Not seen for FORGET_AFTER_ROUNDS rounds: kept; one more: forgotten.
+        for _ in 0..FORGET_AFTER_ROUNDS {
+            k.round_done();
+        }
+        assert_eq!(k.len(), 1);
+        k.round_done();
         assert!(k.is_empty());
     }
 }

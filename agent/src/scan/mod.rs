@@ -10,6 +10,7 @@ pub mod content;
 pub mod known;
 pub mod page_state;
 pub mod recheck;
+pub mod schedule;
 pub mod worker;
 
 use std::collections::BTreeMap;
@@ -68,6 +69,11 @@ pub struct Scanner {
     skip_known: bool,
     /// Per page of the run being read: its hash when known, else what a read checks.
     lookups: Vec<known::Lookup>,
+    /// VMs passed over since the known frames' round began (see [`known::KnownFrames`]).
+    round_seen: std::collections::BTreeSet<u32>,
+    /// The pass under way reads one page in this many (1: every page; see
+    /// [`Scanner::pass_sampled`]).
+    sample_one_in: usize,
 }
 
 /// Reads `buf.len()` bytes at `addr` of the process whose `/proc/PID/mem` is `mem`;
@@ -111,6 +117,8 @@ impl Scanner {
             known: known::KnownFrames::default(),
             skip_known: true,
             lookups: Vec::with_capacity(CHUNK),
+            round_seen: std::collections::BTreeSet::new(),
+            sample_one_in: 1,
         }
     }
 
@@ -170,6 +178,28 @@ impl Scanner {
         self.pass_with_progress(pids, &mut |_, _| {})
     }
 
+    /// A pass that reads one page in `one_in` of `pids` (the same pages each time: their
+    /// history builds up as a full pass's would), the others left as they were (absent,
+    /// for a VM not scanned before). A new large VM is ranked from such a sample in
+    /// seconds, whatever its size: a range's shares of stable, changed and duplicated
+    /// pages are estimated from its sampled pages (32 of 512 at one in 16), whose contents
+    /// are looked up among every page of the VMs scanned in full. Its counts cover the
+    /// sample only until a full pass.
+    pub fn pass_sampled(&mut self, pids: &[u32], one_in: usize) -> Result<(), ScanError> {
+        self.sample_one_in = one_in.max(1);
+        let done = self.pass(pids);
+        self.sample_one_in = 1;
+        done
+    }
+
+    /// Spaces the rechecks' rounds `factor` times further apart (1: about one a second).
+    /// On a quiet host the ranges they track are known churn: reading them every second
+    /// tells nothing new and was the scan's largest cost there.
+    pub fn set_recheck_spacing(&mut self, factor: f64) {
+        let now = self.now();
+        self.rechecks.set_spacing(factor, now);
+    }
+
     /// [`Scanner::pass`], calling `progress(walked, total)` with the pages of guest RAM
     /// (present or not) walked so far and to walk in this pass, after each chunk.
     pub fn pass_with_progress(
@@ -216,9 +246,13 @@ impl Scanner {
             self.rechecks.refresh(pid, &mappings, self.now());
             self.procs.insert(pid, mappings);
             *self.vm_passes.entry(pid).or_default() += 1;
+            self.round_seen.insert(pid);
         }
         self.passes += 1;
-        self.known.forget_unseen(self.passes, self.procs.len());
+        if self.procs.keys().all(|p| self.round_seen.contains(p)) {
+            self.known.round_done();
+            self.round_seen.clear();
+        }
         Ok(())
     }
 
@@ -232,6 +266,7 @@ impl Scanner {
     ) -> Result<(), ScanError> {
         let pages = m.pages.len();
         let vm_pass = self.vm_passes.get(&pid).copied().unwrap_or(0) as usize;
+        let one_in = self.sample_one_in;
         let readable = |e: &pagemap::Entry| e.present() && !e.swapped();
         let mut first = 0;
         while first < pages {
@@ -243,13 +278,18 @@ impl Scanner {
             // Read runs of present pages only.
             let mut i = 0;
             while i < n {
+                if !(first + i).is_multiple_of(one_in) {
+                    // Outside the sample: left as it was.
+                    i += 1;
+                    continue;
+                }
                 if !readable(&self.entries[i]) {
                     m.pages[first + i] = PageState::ABSENT;
                     i += 1;
                     continue;
                 }
-                let mut j = i;
-                while j < n && readable(&self.entries[j]) {
+                let mut j = i + 1;
+                while j < n && readable(&self.entries[j]) && one_in == 1 {
                     j += 1;
                 }
                 // Frame flags first, so they describe the frames the data came from.
@@ -321,8 +361,7 @@ impl Scanner {
                         if self.skip_known
                             && let known::Lookup::Read { expect } = self.lookups[k - i]
                         {
-                            self.known
-                                .read(self.entries[k].pfn(), f.ksm, h, expect, self.passes);
+                            self.known.read(self.entries[k].pfn(), f.ksm, h, expect);
                         }
                         let zero =
                             !f.zero_page && h == self.zero_hash && page.iter().all(|b| *b == 0);

@@ -80,6 +80,9 @@ pub struct Rechecks {
     ranges: BTreeMap<(u32, u64), Vec<Sample>>,
     next_round: f64,
     rounds: u64,
+    /// Rounds are this many times further apart than the default (see
+    /// [`Rechecks::set_spacing`]).
+    spacing: f64,
 }
 
 /// Why a range is worth rechecking, weakest first.
@@ -242,7 +245,21 @@ impl Rechecks {
         self.rounds += 1;
         // Fractional parts of multiples of the golden ratio: spread over [0, 1).
         let spread = (self.rounds as f64 * 0.618_033_988_749_895).fract();
-        self.next_round = now + ROUND_MIN_SECONDS + spread;
+        self.next_round = now + (ROUND_MIN_SECONDS + spread) * self.spacing.max(1.0);
+    }
+
+    /// Rounds `factor` (>= 1) times further apart from the next one on; a round already
+    /// scheduled later than the new spacing allows (the host just got busy) is brought
+    /// forward.
+    pub fn set_spacing(&mut self, factor: f64, now: f64) {
+        let factor = if factor.is_finite() {
+            factor.max(1.0)
+        } else {
+            1.0
+        };
+        let latest = now + (ROUND_MIN_SECONDS + 1.0) * factor;
+        self.next_round = self.next_round.min(latest);
+        self.spacing = factor;
     }
 
     /// Drops a PID that could not be read (it exited).
@@ -420,5 +437,19 @@ mod tests {
         assert!(gaps.iter().all(|g| (0.5..1.5).contains(g)));
         let mean = gaps.iter().sum::<f64>() / gaps.len() as f64;
         assert!((0.95..1.05).contains(&mean), "{mean}");
+    }
+
+    #[test]
+    fn a_quiet_host_spaces_rounds_out_and_a_busy_one_brings_the_next_forward() {
+        let mut r = Rechecks::default();
+        r.set_spacing(10.0, 0.0);
+        r.round_done(0.0);
+        let quiet = r.next_round();
+        assert!((5.0..15.0).contains(&quiet), "{quiet}");
+        // Busy again at t = 1: the next round within 1.5 s, not at the quiet time.
+        r.set_spacing(1.0, 1.0);
+        assert!(r.next_round() <= 2.5, "{}", r.next_round());
+        r.round_done(3.0);
+        assert!((3.5..4.5).contains(&r.next_round()));
     }
 }

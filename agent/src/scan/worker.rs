@@ -11,7 +11,11 @@ use std::{
 };
 
 use crate::{
-    scan::{Report, Scanner, sleep_unless},
+    scan::{
+        PAGE, Report, Scanner,
+        schedule::{PassKind, SAMPLE_ONE_IN, Schedule},
+        sleep_unless,
+    },
     util::thread_cpu,
 };
 
@@ -29,10 +33,13 @@ pub struct ScanStatus {
     pub rechecked_ranges: u64,
     /// Set when the scan thread died (a panic): the daemon reports it on /healthz.
     pub failed: Option<String>,
+    /// VMs scanned every round now (new, woken, or their memory moved), and VMs resting.
+    pub busy_vms: usize,
+    pub quiet_vms: usize,
 }
 
 pub struct ScanWorker {
-    pids: Arc<Mutex<Vec<u32>>>,
+    inbox: Arc<Mutex<Inbox>>,
     status: Arc<Mutex<ScanStatus>>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
@@ -95,43 +102,81 @@ impl Jitter {
     }
 }
 
-/// Pass after pass over the targets until `stop`. The report is built before the status
-/// lock is taken (it walks every page: holding the lock meanwhile froze `/metrics`), and
-/// every sleep ends early at shutdown.
+/// The rechecks' rounds are this many times further apart while every VM is quiet.
+const QUIET_RECHECK_SPACING: f64 = 10.0;
+
+/// What the daemon hands the scan thread.
+#[derive(Default)]
+struct Inbox {
+    targets: Vec<u32>,
+    /// VMs in which something may have changed since the last look.
+    wakes: Vec<u32>,
+}
+
+/// Round after round over the VMs the schedule says are due, until `stop` (see
+/// [`schedule`](crate::scan::schedule)): busy VMs every round at the budget's pace, quiet
+/// ones on their share of the quiet budget, a new large VM sampled first. The report is
+/// built before the status lock is taken (it walks every page: holding the lock meanwhile
+/// froze `/metrics`), and every sleep ends early at shutdown.
 fn scan_loop(
-    targets: &Mutex<Vec<u32>>,
+    inbox: &Mutex<Inbox>,
     status: &Mutex<ScanStatus>,
     stop: &Arc<AtomicBool>,
-    budget: f64,
+    budgets: (f64, f64),
     sketches: bool,
 ) {
+    let (budget, quiet_budget) = budgets;
     let mut scanner = Scanner::new(2);
     scanner.set_sketches(sketches);
     scanner.set_cancel(stop.clone());
+    let mut schedule = Schedule::new(quiet_budget);
     let mut jitter = Jitter::seeded();
-    // The thread's CPU time when the last pass ended: the rechecks' rounds in the wait
-    // after it are charged to the next pass, so the pacing pays them back too.
-    let mut cpu_mark = thread_cpu();
+    let epoch = Instant::now();
+    let now = || epoch.elapsed().as_secs_f64();
     while !stop.load(Ordering::Relaxed) {
-        let mut targets = targets.lock().map(|v| v.clone()).unwrap_or_default();
+        let (targets, wakes) = inbox
+            .lock()
+            .map(|mut i| (i.targets.clone(), std::mem::take(&mut i.wakes)))
+            .unwrap_or_default();
         if targets.is_empty() {
             sleep_unless(Some(stop), Duration::from_millis(500));
-            cpu_mark = thread_cpu();
             continue;
         }
         scanner.retain(&targets);
-        jitter.shuffle(&mut targets);
+        schedule.retain(&targets, guest_pages);
+        for pid in wakes {
+            schedule.wake(pid);
+        }
+        let mut due = schedule.due(now());
+        if due.is_empty() {
+            // Quiet: rest until a VM falls due, looking for wakes every second. The
+            // rechecks' rounds go on, spaced out; their CPU is bounded (a few thousand
+            // page reads a round) and not charged to any VM.
+            scanner.set_recheck_spacing(QUIET_RECHECK_SPACING);
+            let wait = schedule
+                .next_due()
+                .map_or(1.0, |d| (d - now()).clamp(0.01, 1.0));
+            scanner.idle(Duration::from_secs_f64(wait));
+            continue;
+        }
+        let busy = schedule.busy();
+        scanner.set_recheck_spacing(if busy { 1.0 } else { QUIET_RECHECK_SPACING });
+        // A new order each round, never-scanned VMs first.
+        jitter.shuffle(&mut due);
+        due.sort_by_key(|(pid, _)| !schedule.is_new(*pid));
         let pace = jitter.pace(budget);
         scanner.set_budget(pace);
         let t = Instant::now();
-        let cpu0 = cpu_mark;
-        let mut per_vm = std::collections::BTreeMap::new();
-        for pid in &targets {
-            let started = Instant::now();
-            match scanner.pass(&[*pid]) {
-                Ok(()) => {
-                    per_vm.insert(*pid, started.elapsed().as_secs_f64());
-                }
+        let cpu0 = thread_cpu();
+        let mut scanned = Vec::with_capacity(due.len());
+        for (pid, kind) in due {
+            let (started, cpu) = (Instant::now(), thread_cpu());
+            let done = match kind {
+                PassKind::Full => scanner.pass(&[pid]),
+                PassKind::Sampled => scanner.pass_sampled(&[pid], SAMPLE_ONE_IN),
+            };
+            match done {
+                Ok(()) => scanned.push((pid, kind, thread_cpu() - cpu, started.elapsed())),
                 // It exited mid-scan: the next refresh drops it.
                 Err(e) => tracing::debug!("scan of {pid} skipped: {e}"),
             }
@@ -139,39 +184,62 @@ fn scan_loop(
         if stop.load(Ordering::Relaxed) {
             break;
         }
+        let report_cpu = thread_cpu();
         let report = Arc::new(scanner.report());
+        // The report walks every VM's pages: its CPU is charged to the VMs of the round.
+        let report_share = (thread_cpu() - report_cpu) / scanned.len().max(1) as f64;
+        for (pid, kind, cpu, _) in &scanned {
+            let present = report.per_pid.get(pid).map_or(0, |c| c.pages_present);
+            let draw = 1.0 - PACE_SPREAD + 2.0 * PACE_SPREAD * jitter.unit();
+            schedule.scanned(*pid, *kind, now(), cpu + report_share, present, draw);
+        }
         if let Ok(mut s) = status.lock() {
             s.report = Some(report);
             s.pass_seconds = t.elapsed().as_secs_f64();
-            s.vm_pass_seconds = per_vm;
+            s.vm_pass_seconds.retain(|p, _| targets.contains(p));
+            for (pid, _, _, wall) in &scanned {
+                s.vm_pass_seconds.insert(*pid, wall.as_secs_f64());
+            }
             s.bytes_read = scanner.bytes_read();
             s.rechecked_ranges = scanner.rechecked_ranges() as u64;
+            (s.busy_vms, s.quiet_vms) = schedule.counts();
         }
-        // The chunks are paced as they go; what the pass spent outside them (mapping
-        // lookups, the report) is paid back here, so the average holds the budget. At
-        // least a second between passes, even for tiny VMs.
-        // The rechecks' rounds go on meanwhile (charged to the next pass: `cpu_mark`).
-        let owed = Duration::from_secs_f64((thread_cpu() - cpu0) / pace);
-        cpu_mark = thread_cpu();
-        scanner.idle(owed.max(Duration::from_secs(1)).saturating_sub(t.elapsed()));
+        if busy {
+            // The chunks are paced as they go; what the round spent outside them (mapping
+            // lookups, the report) is paid back here, so the average holds the budget. At
+            // least a second between busy rounds, even for tiny VMs. The rechecks' rounds
+            // go on meanwhile.
+            let owed = Duration::from_secs_f64((thread_cpu() - cpu0) / pace);
+            scanner.idle(owed.max(Duration::from_secs(1)).saturating_sub(t.elapsed()));
+        }
     }
 }
 
+/// Pages of a VM's guest RAM (mapped, present or not); 0 when its maps cannot be read.
+fn guest_pages(pid: u32) -> u64 {
+    crate::host::maps::targets(pid).map_or(0, |ranges| {
+        ranges.iter().map(|(s, e)| (e - s) / PAGE as u64).sum()
+    })
+}
+
 impl ScanWorker {
-    /// Starts the thread; `budget` is the fraction of one core it may use; `sketches`: the
+    /// Starts the thread; `budget` is the fraction of one core it may use while a VM is
+    /// busy, `quiet_budget` while all are quiet (at most `budget`); `sketches`: the
     /// reports carry content sketches (for the fabric). A panic in it is caught and
     /// published (`ScanStatus::failed`), never silent.
-    pub fn start(budget: f64, sketches: bool) -> ScanWorker {
+    pub fn start(budget: f64, quiet_budget: f64, sketches: bool) -> ScanWorker {
         let budget = budget.clamp(0.001, 1.0);
-        let pids: Arc<Mutex<Vec<u32>>> = Arc::default();
+        let quiet_budget = quiet_budget.clamp(0.0001, budget);
+        let inbox: Arc<Mutex<Inbox>> = Arc::default();
         let status: Arc<Mutex<ScanStatus>> = Arc::default();
         let stop = Arc::new(AtomicBool::new(false));
-        let (p, st, sp) = (pids.clone(), status.clone(), stop.clone());
+        let (p, st, sp) = (inbox.clone(), status.clone(), stop.clone());
         let thread = std::thread::Builder::new()
             .name("memfabric-scan".into())
             .spawn(move || {
-                let body =
-                    std::panic::AssertUnwindSafe(|| scan_loop(&p, &st, &sp, budget, sketches));
+                let body = std::panic::AssertUnwindSafe(|| {
+                    scan_loop(&p, &st, &sp, (budget, quiet_budget), sketches);
+                });
                 if let Err(panic) = std::panic::catch_unwind(body) {
                     let msg = panic_text(panic.as_ref());
                     tracing::error!("the scan thread died: {msg}");
@@ -180,7 +248,7 @@ impl ScanWorker {
             })
             .expect("spawning the scan thread");
         ScanWorker {
-            pids,
+            inbox,
             status,
             stop,
             thread: Some(thread),
@@ -189,8 +257,16 @@ impl ScanWorker {
 
     /// The VMs to scan from now on.
     pub fn set_targets(&self, pids: Vec<u32>) {
-        if let Ok(mut p) = self.pids.lock() {
-            *p = pids;
+        if let Ok(mut i) = self.inbox.lock() {
+            i.targets = pids;
+        }
+    }
+
+    /// Something may have changed in these VMs (new memory, a ranking that moved): they
+    /// are scanned at the full budget again (see [`Schedule::wake`]).
+    pub fn wake(&self, pids: &[u32]) {
+        if let Ok(mut i) = self.inbox.lock() {
+            i.wakes.extend_from_slice(pids);
         }
     }
 

@@ -306,6 +306,18 @@ impl Collector for HostCollector {
              (suspected of churn, or new)",
             s.scan_rechecked_ranges as f64,
         )?;
+        gauge(
+            e,
+            "memfabric_scan_busy_vms",
+            "VMs the page scanner reads every round (new, new memory, a moved ranking)",
+            s.scan_busy_vms as f64,
+        )?;
+        gauge(
+            e,
+            "memfabric_scan_quiet_vms",
+            "VMs the page scanner rests on (read on their share of the quiet budget)",
+            s.scan_quiet_vms as f64,
+        )?;
         counter(
             e,
             "memfabric_probe_events_dropped",

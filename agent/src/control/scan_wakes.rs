@@ -1,0 +1,163 @@
+//! The scan's wake-ups: which VMs may have changed since the last tick, so that the page
+//! scanner reads them at its full budget again instead of resting (see
+//! [`crate::scan::schedule`]). Two signals, both cheap: the probes saw the guest populate
+//! new memory (first-touch write faults, KVM guest write faults), and the VM's ranking
+//! moved (a range became or stopped being a merge candidate, or appeared).
+//!
+//! Not a signal: COW breaks (the probes count them exactly and the ranking uses them
+//! without a scan), and a range moving between volatile and unknown (neither is merged:
+//! a churning guest sampled in step flips between them, and waking it for that would keep
+//! the scan at its full budget for known churn).
+
+use std::collections::HashMap;
+
+use crate::model::{
+    VmState,
+    rank::{RangeClass, RankedRanges},
+};
+
+/// First-touch writes since the last tick that wake a VM: 2 MiB of new memory.
+pub const NEW_MEMORY_PAGES: u64 = 512;
+
+/// What the previous ticks saw of each VM.
+#[derive(Debug, Default)]
+pub struct ScanWakes {
+    /// Per VM: its passes and its ranges' classes at its last ranking.
+    ranked: HashMap<u32, (u32, HashMap<u64, RangeClass>)>,
+    /// Per VM: its first-touch writes at the last tick.
+    writes: HashMap<u32, u64>,
+}
+
+/// Whether a move between two classes may matter to what is merged.
+fn matters(before: RangeClass, after: RangeClass) -> bool {
+    let calm = |c| matches!(c, RangeClass::Volatile | RangeClass::ColdUnknown);
+    before != after && !(calm(before) && calm(after))
+}
+
+impl ScanWakes {
+    /// The VMs to wake after this tick's `ranked` ranges and `states`.
+    pub fn tick(&mut self, ranked: &RankedRanges, states: &[VmState]) -> Vec<u32> {
+        let mut wake = Vec::new();
+        for s in states {
+            let pid = s.vm.pid;
+            let writes = s.probes.map(|c| c.new_memory_writes());
+            let then = match writes {
+                Some(w) => self.writes.insert(pid, w),
+                None => None,
+            };
+            let grew = matches!((then, writes), (Some(a), Some(b)) if b.saturating_sub(a) >= NEW_MEMORY_PAGES);
+            if grew || self.moved(pid, ranked) {
+                wake.push(pid);
+            }
+        }
+        let live: std::collections::HashSet<u32> = states.iter().map(|s| s.vm.pid).collect();
+        self.ranked.retain(|p, _| live.contains(p));
+        self.writes.retain(|p, _| live.contains(p));
+        wake
+    }
+
+    /// Whether a new ranking of `pid` moved a range in a way that matters.
+    fn moved(&mut self, pid: u32, ranked: &RankedRanges) -> bool {
+        let (Some(ranges), Some(&passes)) = (ranked.by_pid.get(&pid), ranked.vm_passes.get(&pid))
+        else {
+            return false;
+        };
+        if self.ranked.get(&pid).is_some_and(|(p, _)| *p == passes) {
+            return false;
+        }
+        let now: HashMap<u64, RangeClass> =
+            ranges.iter().map(|r| (r.counts.start, r.class)).collect();
+        let moved = self.ranked.get(&pid).is_some_and(|(_, before)| {
+            now.iter()
+                .any(|(start, c)| before.get(start).is_none_or(|b| matters(*b, *c)))
+        });
+        self.ranked.insert(pid, (passes, now));
+        moved
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        host::inventory::{Mergeability, Vm, VmKind},
+        model::{VmProbeCounters, rank::RankedRange},
+        scan::RangeCounts,
+    };
+
+    fn state(pid: u32, first_touch: u64) -> VmState {
+        let mut s = VmState::new(Vm {
+            pid,
+            kind: VmKind::Qemu,
+            name: "guest".into(),
+            uuid: None,
+            guest_memory_bytes: 1 << 30,
+            ram: vec![],
+            mergeability: Mergeability::Mergeable,
+            merge_off: false,
+        });
+        s.probes = Some(VmProbeCounters {
+            write_faults: first_touch + 100,
+            write_protect_faults: 100,
+            ..VmProbeCounters::default()
+        });
+        s
+    }
+
+    fn ranked(pid: u32, passes: u32, classes: &[RangeClass]) -> RankedRanges {
+        let ranges = classes
+            .iter()
+            .enumerate()
+            .map(|(i, c)| RankedRange {
+                class: *c,
+                counts: RangeCounts {
+                    start: (i as u64) << 21,
+                    ..RangeCounts::default()
+                },
+                savings: Default::default(),
+                heat: Default::default(),
+            })
+            .collect();
+        RankedRanges {
+            passes,
+            vm_passes: [(pid, passes)].into(),
+            by_pid: [(pid, ranges)].into(),
+            ..RankedRanges::default()
+        }
+    }
+
+    /// Recorded ticks: new memory and a moved candidate wake the VM; known churn flipping
+    /// between volatile and unknown, COW breaks and an unchanged ranking do not.
+    #[test]
+    fn new_memory_and_moved_candidates_wake_and_known_churn_does_not() {
+        use RangeClass::*;
+        let mut w = ScanWakes::default();
+        let r1 = ranked(7, 3, &[StableDuplicate, Volatile, StableUnique]);
+        assert!(
+            w.tick(&r1, &[state(7, 1000)]).is_empty(),
+            "first look: baselines"
+        );
+        // The same ranking again, a few writes: nothing.
+        assert!(w.tick(&r1, &[state(7, 1100)]).is_empty());
+        // 2 MiB of first touches since the last tick: woken.
+        assert_eq!(w.tick(&r1, &[state(7, 1100 + 512)]), [7]);
+        // COW breaks and write-protect faults are no new memory.
+        let mut churn = state(7, 1612);
+        let p = churn.probes.as_mut().unwrap();
+        (p.cow_breaks, p.write_protect_faults, p.write_faults) = (5000, 5100, 1612 + 5100);
+        assert!(w.tick(&r1, &[churn]).is_empty());
+        // Known churn flipping volatile -> unknown in a new pass: nothing.
+        let r2 = ranked(7, 4, &[StableDuplicate, ColdUnknown, StableUnique]);
+        assert!(w.tick(&r2, &[state(7, 1612)]).is_empty());
+        // A candidate turned volatile: woken, once.
+        let r3 = ranked(7, 5, &[Volatile, ColdUnknown, StableUnique]);
+        assert_eq!(w.tick(&r3, &[state(7, 1612)]), [7]);
+        assert!(w.tick(&r3, &[state(7, 1612)]).is_empty());
+        // A new range appeared: woken.
+        let r4 = ranked(7, 6, &[Volatile, ColdUnknown, StableUnique, StableUnique]);
+        assert_eq!(w.tick(&r4, &[state(7, 1612)]), [7]);
+        // Gone: forgotten (a new process with its PID starts from a baseline).
+        assert!(w.tick(&r4, &[]).is_empty());
+        assert!(w.tick(&r4, &[state(7, 99_999)]).is_empty());
+    }
+}

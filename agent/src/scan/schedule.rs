@@ -1,0 +1,272 @@
+//! When each VM is scanned next: the scan works while something may have changed and
+//! rests when nothing does, so its cost follows what happens on the host, not how much
+//! RAM its guests hold.
+//!
+//! A VM is **busy** when it is new, when the daemon woke it (the probes saw it populate
+//! new memory, or its ranking moved: [`Schedule::wake`]) or when its last pass found its
+//! present memory grown or shrunk; it stays busy for [`BUSY_PASSES`] passes, scanned every
+//! round at the scan's budget. Then it is **quiet**: scanned again only when its share of
+//! the quiet budget has paid for its last pass (its pass's CPU times the VMs on the host
+//! over the quiet budget), so a quiet host costs the quiet budget whatever its size, and a
+//! quiet VM never delays a busy one for long. A guest rewriting memory in place (no fault
+//! tells) is seen at the next quiet pass; its COW breaks are seen at once by the probes.
+//!
+//! A **new** VM larger than [`SAMPLE_ABOVE_PAGES`] is ranked from a sample first: its
+//! first [`SAMPLED_PASSES`] passes read one page in [`SAMPLE_ONE_IN`] (its first verdict
+//! in seconds, whatever its size), and rounds with a VM still being sampled scan no other
+//! VM, so nothing else on the host delays it.
+
+use std::collections::BTreeMap;
+
+/// Passes a VM stays busy after something changed.
+pub const BUSY_PASSES: u32 = 3;
+/// A VM whose pages present moved by more than this share since its last pass is busy.
+pub const PRESENT_CHANGE: f64 = 0.02;
+/// Sampled passes of a new large VM: enough for a verdict (the ranking needs history from
+/// two passes before the third can call a page stable).
+pub const SAMPLED_PASSES: u32 = 3;
+/// A new VM is sampled first only above this size (4 KiB pages; 1 GiB): smaller ones are
+/// read in full in about a second.
+pub const SAMPLE_ABOVE_PAGES: u64 = 1 << 18;
+/// One page in this many is read in a sampled pass (32 of a 2 MiB range's 512).
+pub const SAMPLE_ONE_IN: usize = 16;
+
+/// What the next pass over a VM reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PassKind {
+    Full,
+    /// One page in [`SAMPLE_ONE_IN`].
+    Sampled,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Slot {
+    /// Busy passes left (0: quiet).
+    busy_left: u32,
+    /// When a quiet VM is due (seconds on the scan's clock).
+    due: f64,
+    /// Passes so far.
+    passes: u32,
+    /// Sampled passes left.
+    sampled_left: u32,
+    /// Pages present after its last pass.
+    present: Option<u64>,
+}
+
+/// Each tracked VM's state and when it is due.
+#[derive(Debug)]
+pub struct Schedule {
+    vms: BTreeMap<u32, Slot>,
+    /// Fraction of a core the host's quiet VMs may use together.
+    quiet_budget: f64,
+}
+
+impl Schedule {
+    pub fn new(quiet_budget: f64) -> Schedule {
+        Schedule {
+            vms: BTreeMap::new(),
+            quiet_budget: quiet_budget.clamp(1e-4, 1.0),
+        }
+    }
+
+    /// The VMs to scan from now on: new ones are busy (and due at once); gone ones are
+    /// forgotten. `size_pages`: a new VM's guest RAM, for the choice of a sampled start.
+    pub fn retain(&mut self, pids: &[u32], size_pages: impl Fn(u32) -> u64) {
+        self.vms.retain(|p, _| pids.contains(p));
+        for &pid in pids {
+            self.vms.entry(pid).or_insert_with(|| Slot {
+                busy_left: BUSY_PASSES,
+                due: 0.0,
+                passes: 0,
+                sampled_left: if size_pages(pid) > SAMPLE_ABOVE_PAGES {
+                    SAMPLED_PASSES
+                } else {
+                    0
+                },
+                present: None,
+            });
+        }
+    }
+
+    /// Something may have changed in `pid`: busy again (scanned in the next round).
+    pub fn wake(&mut self, pid: u32) {
+        if let Some(s) = self.vms.get_mut(&pid) {
+            s.busy_left = s.busy_left.max(BUSY_PASSES);
+        }
+    }
+
+    /// The VMs due at `now`, each with what its pass reads: VMs being sampled alone when
+    /// there are any (a new VM's first verdict waits for nothing else), else the busy VMs
+    /// and the quiet ones whose time has come. Never-scanned VMs first.
+    pub fn due(&self, now: f64) -> Vec<(u32, PassKind)> {
+        let sampling: Vec<_> = self
+            .vms
+            .iter()
+            .filter(|(_, s)| s.sampled_left > 0)
+            .map(|(p, _)| (*p, PassKind::Sampled))
+            .collect();
+        if !sampling.is_empty() {
+            return sampling;
+        }
+        let mut due: Vec<_> = self
+            .vms
+            .iter()
+            .filter(|(_, s)| s.busy_left > 0 || s.due <= now)
+            .map(|(p, s)| (*p, s.passes))
+            .collect();
+        due.sort_by_key(|(_, passes)| *passes > 0);
+        due.into_iter().map(|(p, _)| (p, PassKind::Full)).collect()
+    }
+
+    /// Whether `pid` was never scanned.
+    pub fn is_new(&self, pid: u32) -> bool {
+        self.vms.get(&pid).is_some_and(|s| s.passes == 0)
+    }
+
+    /// Whether any VM is busy (the scan runs at its full budget).
+    pub fn busy(&self) -> bool {
+        self.vms
+            .values()
+            .any(|s| s.busy_left > 0 || s.sampled_left > 0)
+    }
+
+    /// VMs busy and quiet now.
+    pub fn counts(&self) -> (usize, usize) {
+        let busy = self
+            .vms
+            .values()
+            .filter(|s| s.busy_left > 0 || s.sampled_left > 0)
+            .count();
+        (busy, self.vms.len() - busy)
+    }
+
+    /// When the next quiet VM falls due (None: none is quiet).
+    pub fn next_due(&self) -> Option<f64> {
+        self.vms
+            .values()
+            .filter(|s| s.busy_left == 0 && s.sampled_left == 0)
+            .map(|s| s.due)
+            .min_by(f64::total_cmp)
+    }
+
+    /// `pid` was scanned (`kind`), ending at `now`, for `cpu` seconds of CPU, and has
+    /// `present` pages present. `draw` (0.75 to 1.25) spreads quiet intervals so that no
+    /// periodic rewrite stays in step with them.
+    pub fn scanned(
+        &mut self,
+        pid: u32,
+        kind: PassKind,
+        now: f64,
+        cpu: f64,
+        present: u64,
+        draw: f64,
+    ) {
+        let vms = self.vms.len().max(1) as f64;
+        let quiet_budget = self.quiet_budget;
+        let Some(s) = self.vms.get_mut(&pid) else {
+            return;
+        };
+        s.passes = s.passes.saturating_add(1);
+        if kind == PassKind::Sampled {
+            s.sampled_left = s.sampled_left.saturating_sub(1);
+            // Its first full passes follow (busy); its sampled counts do not compare.
+            s.busy_left = BUSY_PASSES;
+            s.present = None;
+            return;
+        }
+        let moved = s.present.is_some_and(|then| {
+            then.abs_diff(present) as f64 > PRESENT_CHANGE * then.max(present) as f64
+        });
+        s.present = Some(present);
+        s.busy_left = if moved {
+            BUSY_PASSES
+        } else {
+            s.busy_left.saturating_sub(1)
+        };
+        // Its share of the quiet budget pays for this pass before the next one.
+        s.due = now + cpu.max(0.0) * vms / quiet_budget * draw;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SMALL: u64 = 1000;
+
+    fn pids(d: &[(u32, PassKind)]) -> Vec<u32> {
+        d.iter().map(|(p, _)| *p).collect()
+    }
+
+    #[test]
+    fn a_vm_is_busy_for_its_first_passes_then_rests_on_its_share_of_the_quiet_budget() {
+        let mut s = Schedule::new(0.005);
+        s.retain(&[1, 2], |_| SMALL);
+        assert_eq!(pids(&s.due(0.0)), [1, 2]);
+        for i in 0..BUSY_PASSES {
+            assert!(s.busy());
+            let t = f64::from(i);
+            s.scanned(1, PassKind::Full, t, 0.01, 100, 1.0);
+            s.scanned(2, PassKind::Full, t, 0.01, 100, 1.0);
+        }
+        assert!(!s.busy());
+        assert_eq!(s.counts(), (0, 2));
+        // 0.01 s of CPU, two VMs sharing 0.5 % of a core: due 4 s after its last pass.
+        let last = f64::from(BUSY_PASSES - 1);
+        assert!(s.due(last + 3.9).is_empty());
+        assert_eq!(pids(&s.due(last + 4.1)), [1, 2]);
+        assert!((s.next_due().unwrap() - (last + 4.0)).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_wake_or_moved_memory_makes_a_quiet_vm_busy_and_new_vms_go_first() {
+        let mut s = Schedule::new(0.005);
+        s.retain(&[1], |_| SMALL);
+        for i in 0..BUSY_PASSES {
+            s.scanned(1, PassKind::Full, f64::from(i), 1.0, 100, 1.0);
+        }
+        assert!(s.due(10.0).is_empty(), "quiet for 200 s");
+        s.wake(1);
+        assert_eq!(pids(&s.due(10.0)), [1]);
+        for i in 0..BUSY_PASSES {
+            s.scanned(1, PassKind::Full, 10.0 + f64::from(i), 1.0, 100, 1.0);
+        }
+        assert!(!s.busy());
+        // Present memory grew by 5 %: busy again without a wake.
+        s.wake(1);
+        s.scanned(1, PassKind::Full, 20.0, 1.0, 105, 1.0);
+        s.scanned(1, PassKind::Full, 21.0, 1.0, 105, 1.0);
+        s.scanned(1, PassKind::Full, 22.0, 1.0, 105, 1.0);
+        assert!(s.busy(), "the move restarts the busy passes");
+        // A new VM comes first in the round; a gone one is forgotten.
+        s.retain(&[1, 7], |_| SMALL);
+        assert_eq!(pids(&s.due(23.0)), [7, 1]);
+        s.retain(&[7], |_| SMALL);
+        assert_eq!(pids(&s.due(23.0)), [7]);
+        s.wake(1);
+        assert_eq!(pids(&s.due(23.0)), [7], "waking a gone VM does nothing");
+    }
+
+    #[test]
+    fn a_new_large_vm_is_sampled_alone_then_read_in_full() {
+        let mut s = Schedule::new(0.005);
+        s.retain(&[1], |_| SMALL);
+        for i in 0..BUSY_PASSES {
+            s.scanned(1, PassKind::Full, f64::from(i), 0.1, 100, 1.0);
+        }
+        s.wake(1);
+        s.retain(&[1, 2], |p| if p == 2 { 1 << 20 } else { SMALL });
+        for i in 0..SAMPLED_PASSES {
+            // The busy small VM waits while the large one is sampled.
+            assert_eq!(s.due(10.0), [(2, PassKind::Sampled)]);
+            s.scanned(2, PassKind::Sampled, 10.0 + f64::from(i), 0.1, 1 << 16, 1.0);
+        }
+        let due = s.due(20.0);
+        assert_eq!(due, [(1, PassKind::Full), (2, PassKind::Full)]);
+        // The sampled counts are no baseline: the first full pass's 16x is no move.
+        s.scanned(2, PassKind::Full, 20.0, 0.1, 1 << 20, 1.0);
+        s.scanned(2, PassKind::Full, 21.0, 0.1, 1 << 20, 1.0);
+        s.scanned(2, PassKind::Full, 22.0, 0.1, 1 << 20, 1.0);
+        assert_eq!(s.counts(), (1, 1), "VM 1 still busy (woken), VM 2 quiet");
+    }
+}
