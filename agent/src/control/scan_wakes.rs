@@ -1,12 +1,13 @@
 //! The scan's wake-ups: which VMs may have changed since the last tick, so that the page
 //! scanner reads them at its full budget again instead of resting (see
-//! [`crate::scan::schedule`]). Two signals, both cheap: the probes saw the guest populate
-//! new memory (first-touch write faults, KVM guest write faults), and the VM's ranking
-//! moved (a range became or stopped being a merge candidate, or appeared).
+//! [`crate::scan::schedule`]). Three signals, all cheap: the probes saw the guest populate
+//! new memory (first-touch write faults, KVM guest write faults) or break merges (COW
+//! breaks: the ranking turns such ranges volatile from the probes' heat, but ranks only a
+//! new pass, so the VM needs one soon), and the VM's ranking moved (a range became or
+//! stopped being a merge candidate, or appeared).
 //!
-//! Not a signal: COW breaks (the probes count them exactly and the ranking uses them
-//! without a scan), and a range moving between volatile and unknown (neither is merged:
-//! a churning guest sampled in step flips between them, and waking it for that would keep
+//! Not a signal: a range moving between volatile and unknown (neither is merged: a
+//! churning guest sampled in step flips between them, and waking it for that would keep
 //! the scan at its full budget for known churn).
 
 use std::collections::HashMap;
@@ -18,14 +19,17 @@ use crate::model::{
 
 /// First-touch writes since the last tick that wake a VM: 2 MiB of new memory.
 pub const NEW_MEMORY_PAGES: u64 = 512;
+/// COW breaks since the last tick that wake a VM (the ranking's least for a volatile
+/// range).
+pub const COW_BREAKS: u64 = 8;
 
 /// What the previous ticks saw of each VM.
 #[derive(Debug, Default)]
 pub struct ScanWakes {
     /// Per VM: its passes and its ranges' classes at its last ranking.
     ranked: HashMap<u32, (u32, HashMap<u64, RangeClass>)>,
-    /// Per VM: its first-touch writes at the last tick.
-    writes: HashMap<u32, u64>,
+    /// Per VM: its first-touch writes and COW breaks at the last tick.
+    writes: HashMap<u32, (u64, u64)>,
 }
 
 /// Whether a move between two classes may matter to what is merged.
@@ -40,13 +44,18 @@ impl ScanWakes {
         let mut wake = Vec::new();
         for s in states {
             let pid = s.vm.pid;
-            let writes = s.probes.map(|c| c.new_memory_writes());
-            let then = match writes {
-                Some(w) => self.writes.insert(pid, w),
-                None => None,
+            let now = s.probes.map(|c| (c.new_memory_writes(), c.cow_breaks));
+            let then = now.and_then(|n| self.writes.insert(pid, n));
+            let active = match (then, now) {
+                (Some(a), Some(b)) => {
+                    b.0.saturating_sub(a.0) >= NEW_MEMORY_PAGES
+                        || b.1.saturating_sub(a.1) >= COW_BREAKS
+                }
+                _ => false,
             };
-            let grew = matches!((then, writes), (Some(a), Some(b)) if b.saturating_sub(a) >= NEW_MEMORY_PAGES);
-            if grew || self.moved(pid, ranked) {
+            // The ranking is compared every tick, so its baseline stays current.
+            let moved = self.moved(pid, ranked);
+            if active || moved {
                 wake.push(pid);
             }
         }
@@ -126,8 +135,9 @@ mod tests {
         }
     }
 
-    /// Recorded ticks: new memory and a moved candidate wake the VM; known churn flipping
-    /// between volatile and unknown, COW breaks and an unchanged ranking do not.
+    /// Recorded ticks: new memory, broken merges and a moved candidate wake the VM; known
+    /// churn flipping between volatile and unknown, write-protect faults without a break
+    /// and an unchanged ranking do not.
     #[test]
     fn new_memory_and_moved_candidates_wake_and_known_churn_does_not() {
         use RangeClass::*;
@@ -141,11 +151,14 @@ mod tests {
         assert!(w.tick(&r1, &[state(7, 1100)]).is_empty());
         // 2 MiB of first touches since the last tick: woken.
         assert_eq!(w.tick(&r1, &[state(7, 1100 + 512)]), [7]);
-        // COW breaks and write-protect faults are no new memory.
+        // Write-protect faults are no new memory.
         let mut churn = state(7, 1612);
         let p = churn.probes.as_mut().unwrap();
-        (p.cow_breaks, p.write_protect_faults, p.write_faults) = (5000, 5100, 1612 + 5100);
-        assert!(w.tick(&r1, &[churn]).is_empty());
+        (p.write_protect_faults, p.write_faults) = (5100, 1612 + 5100);
+        assert!(w.tick(&r1, &[churn.clone()]).is_empty());
+        // Broken merges: woken (the ranking needs a pass to see their heat).
+        churn.probes.as_mut().unwrap().cow_breaks = 8;
+        assert_eq!(w.tick(&r1, &[churn]), [7]);
         // Known churn flipping volatile -> unknown in a new pass: nothing.
         let r2 = ranked(7, 4, &[StableDuplicate, ColdUnknown, StableUnique]);
         assert!(w.tick(&r2, &[state(7, 1612)]).is_empty());
