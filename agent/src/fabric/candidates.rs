@@ -1,6 +1,7 @@
 //! Cross-host sharing candidates: for each local VM and each peer host, how many of the
-//! VM's distinct stable pages the host already holds (its containment, with a 95 % bound),
-//! what a migration there would not need to send, and the best host per VM.
+//! VM's distinct stable pages the host already holds (its containment, with a 95 % bound:
+//! what placement there would share), what a migration there would not need to send
+//! (every copy the VM holds of those contents), and the best host per VM.
 
 use serde::Serialize;
 
@@ -31,7 +32,9 @@ pub struct Candidate {
     pub shared_pages: u64,
     /// Half-width of the 95 % interval, in pages.
     pub bound_pages: u64,
-    /// Bytes a migration of the VM to the host would not need to send.
+    /// Bytes a migration of the VM to the host would not need to send: every copy the VM
+    /// holds of the stable contents the host holds (a content the VM holds five times is
+    /// sent as five references), so at least `shared_pages` pages.
     pub shared_bytes: u64,
     /// shared / VM pages.
     pub fraction: f64,
@@ -55,13 +58,14 @@ pub fn compute(vms: &[LocalVm], hosts: &[PeerHost]) -> Candidates {
                 let c = vm.sketch.containment(h.sketch);
                 let vm_pages = u64_of_f64(vm.sketch.distinct().round());
                 let shared = u64_of_f64(c.pages.round()).min(vm_pages);
+                let copies = u64_of_f64(c.instances.round()).max(shared);
                 Candidate {
                     vm: vm.id.to_owned(),
                     host: h.id.to_owned(),
                     vm_pages,
                     shared_pages: shared,
                     bound_pages: u64_of_f64(c.bound.round()),
-                    shared_bytes: shared * PAGE as u64,
+                    shared_bytes: copies * PAGE as u64,
                     fraction: if vm_pages == 0 {
                         0.0
                     } else {

@@ -318,10 +318,13 @@ pub fn account(
                     continue;
                 };
                 // The first copy in this VM is one distinct content of it.
-                if let Some(vs) = vm_sketch.as_mut()
-                    && a.role != Role::Intra
-                {
-                    vs.insert(s.hash());
+                // Further copies are counted for the migration estimate.
+                if let Some(vs) = vm_sketch.as_mut() {
+                    if a.role == Role::Intra {
+                        vs.repeat(s.hash());
+                    } else {
+                        vs.insert(s.hash());
+                    }
                 }
                 if a.copies < 2 {
                     continue;
