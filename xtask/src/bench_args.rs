@@ -47,12 +47,17 @@ pub enum InProcess {
         rounds: usize,
     },
     /// What one scan pass costs as guest RAM grows (holders of 1, 4, 16 GiB, half of it
-    /// merged by KSM): reading every page vs skipping pages whose content the frame tells.
+    /// merged by KSM): reading every page vs skipping pages whose content the frame tells;
+    /// then the daemon on them: CPU per hour and RSS resting and never resting, time to
+    /// rank a new 4 GiB VM, churn to verdict, prediction.
     Scale {
         /// Sizes of guest RAM in GiB, comma-separated.
         #[arg(long, value_delimiter = ',', default_value = "1,4,16")]
         gib: Vec<usize>,
         #[arg(long, default_value_t = 5)]
         rounds: usize,
+        /// Seconds of each steady window of the daemon (0: the daemon's part is skipped).
+        #[arg(long, default_value_t = 120)]
+        window: u64,
     },
 }

@@ -136,6 +136,13 @@ pub(crate) fn run(which: Bench) -> anyhow::Result<()> {
         let agent = crate::build::agent()?;
         return agent::run(&agent, *guests, *seconds, &cmd::root().join("reports"));
     }
+    if matches!(
+        which,
+        Bench::InProcess(xtask::bench_args::InProcess::Scale { window, .. }) if window > 0
+    ) {
+        // Its daemon part runs `memfabric run`, found beside the bench binary.
+        crate::build::agent()?;
+    }
     cmd::run(cmd::cargo().args([
         "build",
         "--locked",

@@ -21,6 +21,7 @@ use xtask::{
 
 mod fabric;
 mod scale;
+mod scale_daemon;
 mod scan;
 mod unmerge;
 
@@ -243,6 +244,10 @@ fn main() -> anyhow::Result<()> {
             gossip_interval_s.max(0.1),
         ),
         InProcess::Unmerge { mib, rounds } => unmerge::run(&cli.out, mib.max(16), rounds.max(1)),
-        InProcess::Scale { gib, rounds } => scale::run(&cli.out, &gib, rounds.max(1)),
+        InProcess::Scale {
+            gib,
+            rounds,
+            window,
+        } => scale::run(&cli.out, &gib, rounds.max(1), Duration::from_secs(window)),
     }
 }

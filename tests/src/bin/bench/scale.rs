@@ -44,14 +44,26 @@ struct Size {
     mismatched: u64,
 }
 
-pub(crate) fn run(out: &Path, sizes: &[usize], rounds: usize) -> anyhow::Result<()> {
+pub(crate) fn run(
+    out: &Path,
+    sizes: &[usize],
+    rounds: usize,
+    window: Duration,
+) -> anyhow::Result<()> {
     let exe = std::env::current_exe()?.with_file_name("memfabric-workload");
     let exe = exe.to_str().context("workload path")?.to_owned();
+    let agent = std::env::current_exe()?.with_file_name("memfabric");
+    let agent = agent.to_str().context("agent path")?.to_owned();
+    anyhow::ensure!(
+        window.is_zero() || Path::new(&agent).exists(),
+        "{agent} is missing: `cargo xtask bench scale` builds it"
+    );
     let mut passes = Vec::new();
     let mut figures = Vec::new();
+    let mut daemon = Vec::new();
     for &gib in sizes {
         let mut ksm = memfabric_tests::ksm_bench()?;
-        let holders = hold(&exe, gib)?;
+        let (mut holders, churn_regions) = hold(&exe, gib)?;
         let shared_pages = (gib << 18) / 2 / 4;
         // Three of each four copies of the shared half become sharers of a KSM page.
         let want = (shared_pages * 4 * 9 / 10) as i64;
@@ -119,17 +131,23 @@ pub(crate) fn run(out: &Path, sizes: &[usize], rounds: usize) -> anyhow::Result<
             mismatched: stats.mismatched,
         });
         drop(scanners);
+        if !window.is_zero() {
+            let f = crate::scale_daemon::run(&agent, &exe, &mut holders, &churn_regions, window)?;
+            daemon.push((gib, f));
+        }
         drop(holders);
         drop(ksm);
     }
-    report(out, rounds, &passes, &figures)
+    report(out, rounds, &passes, &figures, &daemon)
 }
 
 /// Four holders of `gib` GiB in all: half shared content, 40 % unique, 10 % unique and
-/// rewritten every second; all mergeable.
-fn hold(exe: &str, gib: usize) -> anyhow::Result<Vec<Workload>> {
+/// rewritten every second; all mergeable. Each also holds 16 MiB more of the shared
+/// content, merged too, for the daemon's churn test (its region names are returned).
+fn hold(exe: &str, gib: usize) -> anyhow::Result<(Vec<Workload>, Vec<String>)> {
     let pages = (gib << 18) / 4;
     let mut out = Vec::new();
+    let mut churn = Vec::new();
     for _ in 0..4 {
         let mut w = Workload::spawn(exe);
         for (share, fill) in [(50, "ids 1"), (40, "unique"), (10, "unique")] {
@@ -139,9 +157,12 @@ fn hold(exe: &str, gib: usize) -> anyhow::Result<Vec<Workload>> {
                 w.cmd(&format!("flip {region} 1000"));
             }
         }
+        let region = w.cmd("alloc 4096 ids 1");
+        w.cmd(&format!("mergeable {region}"));
+        churn.push(region);
         out.push(w);
     }
-    Ok(out)
+    Ok((out, churn))
 }
 
 /// One unpaced pass over `pids`, its CPU and reads.
@@ -166,7 +187,13 @@ fn measure(
     })
 }
 
-fn report(out: &Path, rounds: usize, passes: &[Pass], sizes: &[Size]) -> anyhow::Result<()> {
+fn report(
+    out: &Path,
+    rounds: usize,
+    passes: &[Pass],
+    sizes: &[Size],
+    daemon: &[(usize, crate::scale_daemon::DaemonFigures)],
+) -> anyhow::Result<()> {
     let dir = xtask::report::dir(out, "scale")?;
     let mut csv = String::from("gib,skip_known,cold,cpu_s,bytes_read,pages_known,pages_kept\n");
     for p in passes {
@@ -235,7 +262,62 @@ fn report(out: &Path, rounds: usize, passes: &[Pass], sizes: &[Size]) -> anyhow:
             s.mismatched
         )?;
     }
+    daemon_table(&mut md, daemon)?;
     fs::write(dir.join("summary.md"), &md)?;
     println!("{md}\nreport: {}", dir.display());
+    Ok(())
+}
+
+/// The daemon's figures per size, and their growth from the smallest size.
+fn daemon_table(
+    md: &mut String,
+    daemon: &[(usize, crate::scale_daemon::DaemonFigures)],
+) -> anyhow::Result<()> {
+    if daemon.is_empty() {
+        return Ok(());
+    }
+    let secs = |v: Option<f64>| v.map_or("not in time".to_owned(), |s| format!("{s:.0} s"));
+    writeln!(
+        md,
+        "\n## The daemon (`memfabric run --scan-cpu 5`, observing)\n\n\
+         Steady windows of equal length, one daemon after the other on the same holders: \
+         never resting (`--scan-quiet-cpu 5`, the budget always spent) and resting (the \
+         default, 0.5). Then, with the resting daemon: a merged 16 MiB range of one holder \
+         starts being rewritten every second (time to its volatile verdict), and a new \
+         4 GiB VM arrives (half content the others hold; time to its first verdict and to \
+         90 % of its ranges classed after a full pass). Prediction: the daemon's KSM pages \
+         against KSM's (sharing + zero pages), all VMs scanned.\n\n\
+         | guest RAM | agent CPU s/h resting | never resting | ratio | MiB read/h resting / \
+         never | agent RSS MiB (% of guest RAM) | new 4 GiB VM: first / final verdict | \
+         churn to verdict | prediction vs KSM |\n|---|---|---|---|---|---|---|---|---|"
+    )?;
+    for (gib, f) in daemon {
+        let guest_mib = (*gib as f64) * 1024.0;
+        writeln!(
+            md,
+            "| {gib} GiB | {:.0} | {:.0} | {:.2} | {:.0} / {:.0} | {:.1} ({:.2} %) | {} / {} | \
+             {} | {} vs {} pages ({:+.1} %) |",
+            f.cpu_per_hour[0],
+            f.cpu_per_hour[1],
+            f.cpu_per_hour[0] / f.cpu_per_hour[1].max(1e-9),
+            f.read_per_hour[0] / 1048576.0,
+            f.read_per_hour[1] / 1048576.0,
+            f.rss_mib[0],
+            100.0 * f.rss_mib[0] / guest_mib,
+            secs(f.first_rank_s),
+            secs(f.final_rank_s),
+            secs(f.churn_verdict_s),
+            f.predicted_pages,
+            f.ksm_pages,
+            100.0 * (f.predicted_pages as f64 - f.ksm_pages as f64) / (f.ksm_pages.max(1) as f64),
+        )?;
+    }
+    if let (Some((g0, a)), Some((g1, b))) = (daemon.first(), daemon.last()) {
+        writeln!(
+            md,
+            "\nResting agent CPU per hour from {g0} GiB to {g1} GiB: x{:.2} (goal: at most x2).",
+            b.cpu_per_hour[0] / a.cpu_per_hour[0].max(1e-9)
+        )?;
+    }
     Ok(())
 }

@@ -1,0 +1,198 @@
+//! `bench scale`, the daemon's part: what `memfabric run` costs and how fast it knows,
+//! on the holders of one size. Measured in one run, side by side:
+//!
+//! - agent CPU per hour and RSS at steady state, resting (the default: a quiet VM is read
+//!   on its share of `--scan-quiet-cpu`) and never resting (`--scan-quiet-cpu` equal to
+//!   `--scan-cpu`: the scan spends its whole budget, as before), in windows of equal
+//!   length, each after the daemon settled;
+//! - with the resting daemon: the time to rank a new 4 GiB VM (first verdict: a range
+//!   classed; final: 90 % of its ranges classed after a full pass), the time from a merged
+//!   range's first rewrite to its volatile verdict, and the daemon's prediction of what
+//!   KSM saves against what KSM saves.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use memfabric::wire::StatusV1;
+use memfabric_harness::Daemon;
+use memfabric_tests::Workload;
+
+/// What the daemon did on one size.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct DaemonFigures {
+    /// Agent CPU seconds per hour: resting, never resting.
+    pub cpu_per_hour: [f64; 2],
+    /// Bytes the scanner read per hour, likewise.
+    pub read_per_hour: [f64; 2],
+    /// Agent RSS (MiB) at the end of each window.
+    pub rss_mib: [f64; 2],
+    pub first_rank_s: Option<f64>,
+    pub final_rank_s: Option<f64>,
+    pub churn_verdict_s: Option<f64>,
+    /// The daemon's predicted KSM pages and KSM's (sharing + zero pages), when settled.
+    pub predicted_pages: u64,
+    pub ksm_pages: u64,
+}
+
+fn status(d: &Daemon) -> Option<StatusV1> {
+    serde_json::from_str(&d.get("/v1/status")?).ok()
+}
+
+fn cpu_rss(pid: u32) -> anyhow::Result<(f64, f64)> {
+    let cpu = memfabric::host::ksm::cpu_seconds(pid).context("the daemon's CPU")?;
+    let rss: f64 = memfabric_tests::status_field(pid, "VmRSS")
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .context("the daemon's RSS")?;
+    Ok((cpu, rss / 1024.0))
+}
+
+/// Waits up to `limit` for `cond` on the daemon's status, polling every 250 ms; the
+/// seconds it took.
+fn until(d: &Daemon, limit: Duration, mut cond: impl FnMut(&StatusV1) -> bool) -> Option<f64> {
+    let t = Instant::now();
+    while t.elapsed() < limit {
+        if status(d).is_some_and(|s| cond(&s)) {
+            return Some(t.elapsed().as_secs_f64());
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    None
+}
+
+/// One steady window of `window`: CPU per hour, bytes read per hour, RSS (MiB).
+fn steady(d: &Daemon, window: Duration) -> anyhow::Result<(f64, f64, f64)> {
+    let read = |d: &Daemon| status(d).map_or(0, |s| s.scan_bytes_total);
+    let (cpu0, _) = cpu_rss(d.pid())?;
+    let (read0, t) = (read(d), Instant::now());
+    std::thread::sleep(window);
+    let (cpu1, rss) = cpu_rss(d.pid())?;
+    let hours = t.elapsed().as_secs_f64() / 3600.0;
+    Ok((
+        (cpu1 - cpu0) / hours,
+        read(d).saturating_sub(read0) as f64 / hours,
+        rss,
+    ))
+}
+
+/// The daemon on the holders (found by name, so a new one is tracked too).
+fn start(agent: &str, quiet: &str) -> Daemon {
+    Daemon::start_with(
+        agent,
+        &["--match", "memfabric-workload", "--scan-quiet-cpu", quiet],
+        "5",
+    )
+}
+
+/// Whether every one of `vms` VMs has been scanned and rests.
+fn settled(s: &StatusV1, vms: usize) -> bool {
+    s.scan_quiet_vms as usize >= vms && s.scan_busy_vms == 0
+}
+
+pub(crate) fn run(
+    agent: &str,
+    workload: &str,
+    holders: &mut [Workload],
+    churn_regions: &[String],
+    window: Duration,
+) -> anyhow::Result<DaemonFigures> {
+    let mut f = DaemonFigures::default();
+    let n = holders.len();
+    // Never resting: its budget spent whatever happens (a minute to scan everything).
+    {
+        let d = start(agent, "5");
+        std::thread::sleep(Duration::from_secs(60));
+        let (cpu, read, rss) = steady(&d, window)?;
+        (f.cpu_per_hour[1], f.read_per_hour[1], f.rss_mib[1]) = (cpu, read, rss);
+        eprintln!(
+            "never resting: {cpu:.0} CPU s/h, {:.0} MiB read/h",
+            read / 1048576.0
+        );
+    }
+    let d = start(agent, "0.5");
+    let took = until(&d, Duration::from_secs(900), |s| settled(s, n))
+        .context("the resting daemon did not settle (every VM quiet) in 15 minutes")?;
+    eprintln!("resting daemon settled in {took:.0} s");
+    let (cpu, read, rss) = steady(&d, window)?;
+    (f.cpu_per_hour[0], f.read_per_hour[0], f.rss_mib[0]) = (cpu, read, rss);
+    eprintln!(
+        "resting: {cpu:.0} CPU s/h, {:.0} MiB read/h",
+        read / 1048576.0
+    );
+    // The prediction, with every VM scanned and resting: the daemon's figure against KSM's.
+    if let Some(s) = status(&d) {
+        let zero_pages = s.ksm.ksm_zero_pages > 0;
+        f.predicted_pages = s
+            .vms
+            .iter()
+            .filter_map(|v| v.scan.map(|c| c.predicted_ksm_pages(zero_pages)))
+            .sum();
+        f.ksm_pages = u64::try_from(s.ksm.pages_sharing + s.ksm.ksm_zero_pages).unwrap_or(0);
+    }
+    // A merged range starts churning: its COW breaks wake the VM.
+    let before = status(&d)
+        .and_then(|s| volatile_ranges(&s, holders[0].pid))
+        .context("the first holder's ranges")?;
+    holders[0].cmd(&format!("flip {} 1000", churn_regions[0]));
+    let pid = holders[0].pid;
+    f.churn_verdict_s = until(&d, Duration::from_secs(600), |s| {
+        volatile_ranges(s, pid).is_some_and(|v| v >= before + 6)
+    });
+    // A new VM of 4 GiB: half the content the others hold, half its own.
+    let mut new = Workload::spawn(workload);
+    let pages = 1 << 20;
+    for fill in ["ids 1", "unique"] {
+        let r = new.cmd(&format!("alloc {} {fill}", pages / 2));
+        new.cmd(&format!("mergeable {r}"));
+    }
+    let pid = new.pid;
+    let t = Instant::now();
+    f.first_rank_s = until(&d, Duration::from_secs(300), |s| {
+        classes(s, pid).is_some_and(|(classed, _)| classed > 0)
+    });
+    f.final_rank_s = until(&d, Duration::from_secs(900), |s| {
+        let full = s
+            .vms
+            .iter()
+            .find(|v| v.vm.pid == pid)
+            .and_then(|v| v.scan)
+            .is_some_and(|c| c.pages_present >= pages * 9 / 10);
+        full && classes(s, pid).is_some_and(|(classed, all)| classed * 10 >= all * 9)
+    })
+    .map(|_| t.elapsed().as_secs_f64());
+    eprintln!(
+        "new 4 GiB VM: first verdict {:?} s, final {:?} s; churn verdict {:?} s",
+        f.first_rank_s, f.final_rank_s, f.churn_verdict_s
+    );
+    new.exit();
+    Ok(f)
+}
+
+/// A VM's ranges classed (not cold-unknown), and all its ranges.
+fn classes(s: &StatusV1, pid: u32) -> Option<(u32, u32)> {
+    let c = s
+        .vms
+        .iter()
+        .find(|v| v.vm.pid == pid)?
+        .range_classes
+        .as_ref()?;
+    let all: u32 = c.values().sum();
+    let unknown = c
+        .get(&memfabric::model::rank::RangeClass::ColdUnknown)
+        .copied()
+        .unwrap_or(0);
+    Some((all - unknown, all))
+}
+
+fn volatile_ranges(s: &StatusV1, pid: u32) -> Option<u32> {
+    let c = s
+        .vms
+        .iter()
+        .find(|v| v.vm.pid == pid)?
+        .range_classes
+        .as_ref()?;
+    Some(
+        c.get(&memfabric::model::rank::RangeClass::Volatile)
+            .copied()
+            .unwrap_or(0),
+    )
+}
