@@ -61,7 +61,8 @@ pub struct StatusV1 {
     pub ksm: KsmHost,
     pub vms: Vec<VmState>,
     pub probes: ProbeSummary,
-    /// Seconds the last full scan pass over all VMs took (0: none yet or scanning off).
+    /// Seconds the last scan round took (the VMs due then: every busy VM and the quiet ones
+    /// whose turn had come; 0: none yet or scanning off).
     pub scan_pass_seconds: f64,
     pub scan_bytes_total: u64,
     /// 2 MiB ranges whose sample pages the scanner reads again between passes (suspected

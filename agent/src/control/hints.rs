@@ -60,6 +60,10 @@ pub struct Hinting {
     first_seen: BTreeMap<u32, f64>,
     /// Per VM: its mapping count when first seen, and now.
     mappings: BTreeMap<u32, (u64, u64)>,
+    /// Per VM: its scan passes at the last ranking planned on. A VM the scan let rest is
+    /// not planned on again until its next pass: the same counts ranked again are no new
+    /// evidence, and the planner's streaks count rankings.
+    planned_passes: BTreeMap<u32, u32>,
     /// [`pieces_cap`], read once.
     max_added_mappings: u64,
     /// Whether logs and outcomes may carry guest-RAM addresses (`--expose-addresses`).
@@ -92,6 +96,7 @@ impl Hinting {
             last_passes: None,
             first_seen: BTreeMap::new(),
             mappings: BTreeMap::new(),
+            planned_passes: BTreeMap::new(),
             max_added_mappings: pieces_cap(),
             expose_addresses: false,
             status: HintsStatus {
@@ -173,6 +178,7 @@ impl Hinting {
         let pids: Vec<u32> = vms.keys().copied().collect();
         self.planner.retain(&pids);
         self.mappings.retain(|pid, _| vms.contains_key(pid));
+        self.planned_passes.retain(|pid, _| vms.contains_key(pid));
         let mut inputs = Vec::new();
         self.status.left_alone.clear();
         for (pid, vm) in vms {
@@ -195,9 +201,12 @@ impl Hinting {
                     .find(|(a, b)| s < *b && s + RANGE_BYTES > *a)
                     .map(|(a, b)| (s.max(*a), (s + RANGE_BYTES).min(*b)))
             };
+            let passes = ranked.vm_passes.get(pid).copied().unwrap_or(ranked.passes);
+            let fresh = self.planned_passes.insert(*pid, passes) != Some(passes);
             let ranges = ranked
                 .by_pid
                 .get(pid)
+                .filter(|_| fresh)
                 .map(|list| {
                     list.iter()
                         .filter_map(|r| clamp(r.counts.start).map(|(s, e)| (s, e, r.class)))
@@ -435,6 +444,46 @@ mod tests {
                 );
             }
         }
+        drop(ram);
+    }
+
+    /// A VM the scan let rest is ranked again with its old counts whenever a neighbour's
+    /// pass makes a new ranking: those rankings are no new evidence and count nothing; its
+    /// own next pass does.
+    #[test]
+    fn rankings_without_a_new_pass_of_the_vm_count_nothing() {
+        let ram = vec![1u8; 8 << 20];
+        let start = (ram.as_ptr() as u64).next_multiple_of(RANGE_BYTES);
+        let pid = std::process::id();
+        let vm = Vm {
+            pid,
+            kind: VmKind::Qemu,
+            name: "guest".into(),
+            uuid: None,
+            guest_memory_bytes: 8 << 20,
+            ram: vec![],
+            mergeability: Mergeability::Mergeable,
+            merge_off: false,
+        };
+        let vms = [(pid, vm)].into();
+        let ranked = |passes: u32, vm_passes: u32| RankedRanges {
+            vm_passes: [(pid, vm_passes)].into(),
+            ..one_volatile(pid, start, passes)
+        };
+        let mut h = Hinting::new(None, vec![]);
+        let unmerge = |s: &HintsStatus| {
+            s.recent
+                .iter()
+                .any(|d| d.target == Target::Unmergeable && d.span.start == start)
+        };
+        // Volatile in its pass 5, then ranked four more times (others' passes) unchanged.
+        for (i, passes) in (10..15).enumerate() {
+            let status = h.tick(i as f64, &vms, &ranked(passes, 5));
+            assert!(!unmerge(&status), "one volatile pass is no verdict");
+        }
+        // Its own next pass: the second volatile ranking.
+        let status = h.tick(10.0, &vms, &ranked(15, 6));
+        assert!(unmerge(&status), "{:?}", status.recent);
         drop(ram);
     }
 

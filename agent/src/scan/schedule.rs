@@ -10,6 +10,7 @@
 //! over the quiet budget), so a quiet host costs the quiet budget whatever its size, and a
 //! quiet VM never delays a busy one for long. A guest rewriting memory in place (no fault
 //! tells) is seen at the next quiet pass; its COW breaks are seen at once by the probes.
+//! A new VM is busy for [`NEW_PASSES`], long enough for the hints to judge it.
 //!
 //! A **new** VM larger than [`SAMPLE_ABOVE_PAGES`] is ranked from a sample first: its
 //! first [`SAMPLED_PASSES`] passes read one page in [`SAMPLE_ONE_IN`] (its first verdict
@@ -20,6 +21,10 @@ use std::collections::BTreeMap;
 
 /// Passes a VM stays busy after something changed.
 pub const BUSY_PASSES: u32 = 3;
+/// Full passes a new VM is busy for: the ranking needs two passes of history and the
+/// hints two volatile rankings and some spare before they judge it (ksmd's fast scan waits
+/// for that when the hints act), so a new VM is not left to rest before.
+pub const NEW_PASSES: u32 = 8;
 /// A VM whose pages present moved by more than this share since its last pass is busy.
 pub const PRESENT_CHANGE: f64 = 0.02;
 /// Sampled passes of a new large VM: enough for a verdict (the ranking needs history from
@@ -75,7 +80,7 @@ impl Schedule {
         self.vms.retain(|p, _| pids.contains(p));
         for &pid in pids {
             self.vms.entry(pid).or_insert_with(|| Slot {
-                busy_left: BUSY_PASSES,
+                busy_left: NEW_PASSES,
                 due: 0.0,
                 passes: 0,
                 sampled_left: if size_pages(pid) > SAMPLE_ABOVE_PAGES {
@@ -170,7 +175,7 @@ impl Schedule {
         if kind == PassKind::Sampled {
             s.sampled_left = s.sampled_left.saturating_sub(1);
             // Its first full passes follow (busy); its sampled counts do not compare.
-            s.busy_left = BUSY_PASSES;
+            s.busy_left = NEW_PASSES;
             s.present = None;
             return;
         }
@@ -203,7 +208,7 @@ mod tests {
         let mut s = Schedule::new(0.005);
         s.retain(&[1, 2], |_| SMALL);
         assert_eq!(pids(&s.due(0.0)), [1, 2]);
-        for i in 0..BUSY_PASSES {
+        for i in 0..NEW_PASSES {
             assert!(s.busy());
             let t = f64::from(i);
             s.scanned(1, PassKind::Full, t, 0.01, 100, 1.0);
@@ -212,7 +217,7 @@ mod tests {
         assert!(!s.busy());
         assert_eq!(s.counts(), (0, 2));
         // 0.01 s of CPU, two VMs sharing 0.5 % of a core: due 4 s after its last pass.
-        let last = f64::from(BUSY_PASSES - 1);
+        let last = f64::from(NEW_PASSES - 1);
         assert!(s.due(last + 3.9).is_empty());
         assert_eq!(pids(&s.due(last + 4.1)), [1, 2]);
         assert!((s.next_due().unwrap() - (last + 4.0)).abs() < 1e-9);
@@ -222,7 +227,7 @@ mod tests {
     fn a_wake_or_moved_memory_makes_a_quiet_vm_busy_and_new_vms_go_first() {
         let mut s = Schedule::new(0.005);
         s.retain(&[1], |_| SMALL);
-        for i in 0..BUSY_PASSES {
+        for i in 0..NEW_PASSES {
             s.scanned(1, PassKind::Full, f64::from(i), 1.0, 100, 1.0);
         }
         assert!(s.due(10.0).is_empty(), "quiet for 200 s");
@@ -251,7 +256,7 @@ mod tests {
     fn a_new_large_vm_is_sampled_alone_then_read_in_full() {
         let mut s = Schedule::new(0.005);
         s.retain(&[1], |_| SMALL);
-        for i in 0..BUSY_PASSES {
+        for i in 0..NEW_PASSES {
             s.scanned(1, PassKind::Full, f64::from(i), 0.1, 100, 1.0);
         }
         s.wake(1);
@@ -264,9 +269,9 @@ mod tests {
         let due = s.due(20.0);
         assert_eq!(due, [(1, PassKind::Full), (2, PassKind::Full)]);
         // The sampled counts are no baseline: the first full pass's 16x is no move.
-        s.scanned(2, PassKind::Full, 20.0, 0.1, 1 << 20, 1.0);
-        s.scanned(2, PassKind::Full, 21.0, 0.1, 1 << 20, 1.0);
-        s.scanned(2, PassKind::Full, 22.0, 0.1, 1 << 20, 1.0);
+        for i in 0..NEW_PASSES {
+            s.scanned(2, PassKind::Full, 20.0 + f64::from(i), 0.1, 1 << 20, 1.0);
+        }
         assert_eq!(s.counts(), (1, 1), "VM 1 still busy (woken), VM 2 quiet");
     }
 }

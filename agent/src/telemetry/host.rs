@@ -290,7 +290,7 @@ impl Collector for HostCollector {
         gauge(
             e,
             "memfabric_scan_pass_seconds",
-            "Wall time of the last full scan pass over every tracked VM",
+            "Wall time of the last scan round (the busy VMs and the quiet ones due)",
             s.scan_pass_seconds,
         )?;
         counter(
