@@ -514,6 +514,7 @@ pub(super) fn run(
     md.push_str(&phases(&bounds, &runs)?);
     md.push_str(&goals(&bounds, &runs));
     md.push_str(&hint_goals(&runs));
+    md.push_str(&cpu_goals(&runs));
     if let Some(c) = controller_cpu {
         let secs = runs
             .iter()
@@ -717,6 +718,61 @@ fn hint_goals(runs: &[(Policy, Vec<Sample>)]) -> String {
         mib(h_last.pages_sharing),
         mib(stock_last.pages_sharing),
     )
+}
+
+/// Total CPU (ksmd + agent) per policy over the run and over its second half (on
+/// `--scenario timeline --duration 1200`, a quiet host), against stock's: memfabric with
+/// hints at most stock's over the run and half of it in the quiet half; memfabric
+/// steering ksmd alone at most half of stock's in the quiet half.
+fn cpu_goals(runs: &[(Policy, Vec<Sample>)]) -> String {
+    let total = |s: &Sample| s.ksmd_cpu_s + s.agent_cpu_s;
+    let figures = |samples: &Vec<Sample>| -> Option<(f64, f64, f64)> {
+        let last = samples.last()?;
+        let half = last.t / 2.0;
+        let mid = samples
+            .iter()
+            .rfind(|s| s.t <= half)
+            .copied()
+            .unwrap_or_default();
+        Some((total(last), total(last) - total(&mid), last.t - mid.t))
+    };
+    let Some((st_run, st_quiet, _)) = runs
+        .iter()
+        .find(|(p, _)| *p == Policy::Stock)
+        .and_then(|(_, s)| figures(s))
+    else {
+        return String::new();
+    };
+    let ok = |b: bool| if b { "met" } else { "NOT met" };
+    let mut md = String::from(
+        "\n## CPU against stock (ksmd + agent)\n\n| policy | run: CPU s (% of stock's) | \
+         second half: CPU s, % of a core (% of stock's) | goal |\n|---|---|---|---|\n",
+    );
+    for (policy, samples) in runs {
+        let Some((run, quiet, secs)) = figures(samples) else {
+            continue;
+        };
+        let (r, q) = (
+            100.0 * run / st_run.max(1e-9),
+            100.0 * quiet / st_quiet.max(1e-9),
+        );
+        let goal = match policy {
+            Policy::MemfabricHints => format!(
+                "run <= 100 % ({}), second half <= 50 % ({})",
+                ok(r <= 100.0),
+                ok(q <= 50.0)
+            ),
+            Policy::Memfabric => format!("second half <= 50 % ({})", ok(q <= 50.0)),
+            _ => "-".into(),
+        };
+        let _ = writeln!(
+            md,
+            "| {} | {run:.1} ({r:.0} %) | {quiet:.1}, {:.2} % ({q:.0} %) | {goal} |",
+            policy.name(),
+            100.0 * quiet / secs.max(1.0),
+        );
+    }
+    md
 }
 
 /// The issue's goals for `memfabric`, per phase and over the run, met or not.

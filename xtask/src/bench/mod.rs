@@ -40,6 +40,11 @@ pub(crate) enum Bench {
         /// --seconds.
         #[arg(long)]
         scenario: Option<String>,
+        /// Run the scenario this many seconds instead of its own duration: the host stays
+        /// quiet after its last event (`--scenario timeline --duration 1200`: the timeline,
+        /// then a quiet host; the last phase of the report is the quiet one).
+        #[arg(long, requires = "scenario")]
+        duration: Option<u64>,
         /// Comma-separated policies.
         #[arg(
             long,
@@ -87,13 +92,25 @@ pub(crate) fn run(which: Bench) -> anyhow::Result<()> {
     if let Bench::Ksm {
         profile,
         scenario,
+        duration,
         policy,
         seconds,
         guests,
     } = &which
     {
         let load = match scenario {
-            Some(spec) => ksm::Load::Scenario(xtask::lab::scenario::Scenario::load(spec)?),
+            Some(spec) => {
+                let mut s = xtask::lab::scenario::Scenario::load(spec)?;
+                if let Some(d) = *duration {
+                    anyhow::ensure!(
+                        d >= s.duration_s,
+                        "--duration {d} is shorter than the scenario's own {} s",
+                        s.duration_s
+                    );
+                    s.duration_s = d;
+                }
+                ksm::Load::Scenario(s)
+            }
             None => ksm::Load::Profile {
                 profile: *profile,
                 guests: *guests,
