@@ -39,8 +39,8 @@ pub(super) struct RunArgs {
     #[arg(long, env = "MEMFABRIC_SCAN_CPU")]
     scan_cpu: Option<f64>,
     /// Percent of one core the page scanner uses while nothing changes (it rests between
-    /// passes; new VMs, new memory and moved rankings wake it) [default: a tenth of
-    /// --scan-cpu].
+    /// passes; new VMs, new memory, broken merges and moved rankings wake it) [default: a
+    /// twenty-fifth of --scan-cpu, 0.2].
     #[arg(long, env = "MEMFABRIC_SCAN_QUIET_CPU")]
     scan_quiet_cpu: Option<f64>,
     /// Change the host: `ksmd` steers ksmd's scan rate; `hints` makes VM ranges mergeable

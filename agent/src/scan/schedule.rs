@@ -30,6 +30,8 @@ pub const PRESENT_CHANGE: f64 = 0.02;
 /// Sampled passes of a new large VM: enough for a verdict (the ranking needs history from
 /// two passes before the third can call a page stable).
 pub const SAMPLED_PASSES: u32 = 3;
+/// Sampled passes at most, however long a new VM keeps growing.
+pub const MAX_SAMPLED_PASSES: u32 = 12;
 /// A new VM is sampled first only above this size (4 KiB pages; 1 GiB): smaller ones are
 /// read in full in about a second.
 pub const SAMPLE_ABOVE_PAGES: u64 = 1 << 18;
@@ -56,6 +58,8 @@ struct Slot {
     sampled_left: u32,
     /// Pages present after its last pass.
     present: Option<u64>,
+    /// Pages present (sampled) after its last sampled pass.
+    sampled_present: Option<u64>,
 }
 
 /// Each tracked VM's state and when it is due.
@@ -89,6 +93,7 @@ impl Schedule {
                     0
                 },
                 present: None,
+                sampled_present: None,
             });
         }
     }
@@ -154,6 +159,21 @@ impl Schedule {
             .min_by(f64::total_cmp)
     }
 
+    /// `cpu` seconds were spent while the host was quiet outside any VM's pass (the
+    /// rechecks' rounds): every quiet VM's next pass is put off by the time the quiet
+    /// budget takes to pay for them.
+    pub fn defer(&mut self, cpu: f64) {
+        if cpu <= 0.0 {
+            return;
+        }
+        let by = cpu / self.quiet_budget;
+        for s in self.vms.values_mut() {
+            if s.busy_left == 0 && s.sampled_left == 0 {
+                s.due += by;
+            }
+        }
+    }
+
     /// `pid` was scanned (`kind`), ending at `now`, for `cpu` seconds of CPU, and has
     /// `present` pages present. `draw` (0.75 to 1.25) spreads quiet intervals so that no
     /// periodic rewrite stays in step with them.
@@ -173,7 +193,18 @@ impl Schedule {
         };
         s.passes = s.passes.saturating_add(1);
         if kind == PassKind::Sampled {
-            s.sampled_left = s.sampled_left.saturating_sub(1);
+            // A VM still filling its memory (a guest booting, a process allocating) is
+            // sampled again from the start: a verdict on half its memory is no verdict.
+            let grew = s.sampled_present.is_some_and(|then| {
+                then.abs_diff(present) as f64 > PRESENT_CHANGE * then.max(present) as f64
+            });
+            s.sampled_present = Some(present);
+            // The pass that saw the growth is the first of a new series.
+            s.sampled_left = if grew && s.passes < MAX_SAMPLED_PASSES {
+                SAMPLED_PASSES - 1
+            } else {
+                s.sampled_left.saturating_sub(1)
+            };
             // Its first full passes follow (busy); its sampled counts do not compare.
             s.busy_left = NEW_PASSES;
             s.present = None;
@@ -273,5 +304,29 @@ mod tests {
             s.scanned(2, PassKind::Full, 20.0 + f64::from(i), 0.1, 1 << 20, 1.0);
         }
         assert_eq!(s.counts(), (1, 1), "VM 1 still busy (woken), VM 2 quiet");
+    }
+
+    #[test]
+    fn rest_time_cpu_puts_quiet_passes_off_and_a_growing_new_vm_is_sampled_again() {
+        let mut s = Schedule::new(0.01);
+        s.retain(&[1], |_| SMALL);
+        for i in 0..NEW_PASSES {
+            s.scanned(1, PassKind::Full, f64::from(i), 0.01, 100, 1.0);
+        }
+        let due = s.next_due().unwrap();
+        // 0.02 s of rechecks at 1 % of a core: 2 s later.
+        s.defer(0.02);
+        assert!((s.next_due().unwrap() - due - 2.0).abs() < 1e-9);
+        // A large new VM still allocating: sampled again while its sample grows.
+        s.retain(&[1, 2], |p| if p == 2 { 1 << 20 } else { SMALL });
+        let mut sampled = 0;
+        for present in [1000, 2000, 3000, 3000, 3000, 3000] {
+            if s.due(50.0).first() == Some(&(2, PassKind::Sampled)) {
+                s.scanned(2, PassKind::Sampled, 50.0, 0.1, present, 1.0);
+                sampled += 1;
+            }
+        }
+        assert_eq!(sampled, 5, "two growing passes, then three steady ones");
+        assert!(s.due(50.0).contains(&(2, PassKind::Full)));
     }
 }

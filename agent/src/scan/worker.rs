@@ -150,13 +150,16 @@ fn scan_loop(
         let mut due = schedule.due(now());
         if due.is_empty() {
             // Quiet: rest until a VM falls due, looking for wakes every second. The
-            // rechecks' rounds go on, spaced out; their CPU is bounded (a few thousand
-            // page reads a round) and not charged to any VM.
+            // rechecks' rounds go on, spaced out, and their CPU puts every quiet VM's
+            // next pass off, so the thread holds the quiet budget.
             scanner.set_recheck_spacing(QUIET_RECHECK_SPACING);
             let wait = schedule
                 .next_due()
                 .map_or(1.0, |d| (d - now()).clamp(0.01, 1.0));
+            let cpu = thread_cpu();
             scanner.idle(Duration::from_secs_f64(wait));
+            // The rechecks' rounds meanwhile are paid from the quiet budget too.
+            schedule.defer(thread_cpu() - cpu);
             continue;
         }
         let busy = schedule.busy();

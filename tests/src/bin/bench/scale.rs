@@ -282,7 +282,7 @@ fn daemon_table(
         "\n## The daemon (`memfabric run --scan-cpu 5`, observing)\n\n\
          Steady windows of equal length, one daemon after the other on the same holders: \
          never resting (`--scan-quiet-cpu 5`, the budget always spent) and resting (the \
-         default, 0.5). Then, with the resting daemon: a merged 16 MiB range of one holder \
+         default, 0.2). Then, with the resting daemon: a merged 16 MiB range of one holder \
          starts being rewritten every second (time to its volatile verdict), and a new \
          4 GiB VM arrives (half content the others hold; time to its first verdict and to \
          90 % of its ranges classed after a full pass). Prediction: the daemon's KSM pages \

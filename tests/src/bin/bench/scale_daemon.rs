@@ -2,7 +2,7 @@
 //! on the holders of one size. Measured in one run, side by side:
 //!
 //! - agent CPU per hour and RSS at steady state, resting (the default: a quiet VM is read
-//!   on its share of `--scan-quiet-cpu`) and never resting (`--scan-quiet-cpu` equal to
+//!   on its share of `--scan-quiet-cpu`, 0.2) and never resting (`--scan-quiet-cpu` equal to
 //!   `--scan-cpu`: the scan spends its whole budget, as before), in windows of equal
 //!   length, each after the daemon settled;
 //! - with the resting daemon: the time to rank a new 4 GiB VM (first verdict: a range
@@ -74,13 +74,14 @@ fn steady(d: &Daemon, window: Duration) -> anyhow::Result<(f64, f64, f64)> {
     ))
 }
 
-/// The daemon on the holders (found by name, so a new one is tracked too).
-fn start(agent: &str, quiet: &str) -> Daemon {
-    Daemon::start_with(
-        agent,
-        &["--match", "memfabric-workload", "--scan-quiet-cpu", quiet],
-        "5",
-    )
+/// The daemon on the holders (found by name, so a new one is tracked too); `quiet`: its
+/// `--scan-quiet-cpu` (None: the default).
+fn start(agent: &str, quiet: Option<&str>) -> Daemon {
+    let mut args = vec!["--match", "memfabric-workload"];
+    if let Some(q) = quiet {
+        args.extend(["--scan-quiet-cpu", q]);
+    }
+    Daemon::start_with(agent, &args, "5")
 }
 
 /// Whether every one of `vms` VMs has been scanned and rests.
@@ -99,7 +100,7 @@ pub(crate) fn run(
     let n = holders.len();
     // Never resting: its budget spent whatever happens (a minute to scan everything).
     {
-        let d = start(agent, "5");
+        let d = start(agent, Some("5"));
         std::thread::sleep(Duration::from_secs(60));
         let (cpu, read, rss) = steady(&d, window)?;
         (f.cpu_per_hour[1], f.read_per_hour[1], f.rss_mib[1]) = (cpu, read, rss);
@@ -108,7 +109,7 @@ pub(crate) fn run(
             read / 1048576.0
         );
     }
-    let d = start(agent, "0.5");
+    let d = start(agent, None);
     let took = until(&d, Duration::from_secs(900), |s| settled(s, n))
         .context("the resting daemon did not settle (every VM quiet) in 15 minutes")?;
     eprintln!("resting daemon settled in {took:.0} s");
