@@ -159,6 +159,14 @@ impl Schedule {
             .min_by(f64::total_cmp)
     }
 
+    /// `pid` could not be scanned (it exited, or its memory could not be read): due again
+    /// at `at`, quiet, so a VM that fails is not retried in a loop.
+    pub fn retry_later(&mut self, pid: u32, at: f64) {
+        if let Some(s) = self.vms.get_mut(&pid) {
+            (s.busy_left, s.sampled_left, s.due) = (0, 0, at);
+        }
+    }
+
     /// `cpu` seconds were spent while the host was quiet outside any VM's pass (the
     /// rechecks' rounds): every quiet VM's next pass is put off by the time the quiet
     /// budget takes to pay for them.
@@ -328,5 +336,14 @@ mod tests {
         }
         assert_eq!(sampled, 5, "two growing passes, then three steady ones");
         assert!(s.due(50.0).contains(&(2, PassKind::Full)));
+    }
+
+    #[test]
+    fn a_vm_that_cannot_be_scanned_is_retried_later_not_in_a_loop() {
+        let mut s = Schedule::new(0.01);
+        s.retain(&[1], |_| 1 << 20);
+        s.retry_later(1, 5.0);
+        assert!(s.due(4.9).is_empty());
+        assert_eq!(s.due(5.0), [(1, PassKind::Full)]);
     }
 }

@@ -180,12 +180,19 @@ fn scan_loop(
             };
             match done {
                 Ok(()) => scanned.push((pid, kind, thread_cpu() - cpu, started.elapsed())),
-                // It exited mid-scan: the next refresh drops it.
-                Err(e) => tracing::debug!("scan of {pid} skipped: {e}"),
+                // It exited mid-scan (the next refresh drops it), or could not be read:
+                // tried again in a second, not in a loop.
+                Err(e) => {
+                    tracing::debug!("scan of {pid} skipped: {e}");
+                    schedule.retry_later(pid, now() + 1.0);
+                }
             }
         }
         if stop.load(Ordering::Relaxed) {
             break;
+        }
+        if scanned.is_empty() {
+            continue;
         }
         let report_cpu = thread_cpu();
         let report = Arc::new(scanner.report());
