@@ -105,6 +105,40 @@ impl Jitter {
 /// The rechecks' rounds are this many times further apart while every VM is quiet.
 const QUIET_RECHECK_SPACING: f64 = 10.0;
 
+/// CPU seconds of unused budget the scan may bank while resting.
+const CREDIT_MAX: f64 = 5.0;
+
+/// The budget the scan left unused (a token bucket): a new VM's sampled passes spend it at
+/// once instead of at the pace, so a host that was quiet ranks a new VM in seconds, while
+/// the average stays within the budget. At most [`CREDIT_MAX`] is banked; a burst that
+/// overdraws it is paid back before the next one.
+struct Credit {
+    seconds: f64,
+    at: Instant,
+    cpu: f64,
+}
+
+impl Credit {
+    fn new(cpu: f64) -> Credit {
+        Credit {
+            seconds: 0.0,
+            at: Instant::now(),
+            cpu,
+        }
+    }
+
+    /// Banks `budget` of the wall time since the last update, less the CPU spent.
+    fn update(&mut self, budget: f64, cpu: f64) {
+        let wall = self.at.elapsed().as_secs_f64();
+        self.seconds = (self.seconds + wall * budget - (cpu - self.cpu)).min(CREDIT_MAX);
+        (self.at, self.cpu) = (Instant::now(), cpu);
+    }
+
+    fn available(&self) -> bool {
+        self.seconds > 0.0
+    }
+}
+
 /// What the daemon hands the scan thread.
 #[derive(Default)]
 struct Inbox {
@@ -133,7 +167,9 @@ fn scan_loop(
     let mut jitter = Jitter::seeded();
     let epoch = Instant::now();
     let now = || epoch.elapsed().as_secs_f64();
+    let mut credit = Credit::new(thread_cpu());
     while !stop.load(Ordering::Relaxed) {
+        credit.update(budget, thread_cpu());
         let (targets, wakes) = inbox
             .lock()
             .map(|mut i| (i.targets.clone(), std::mem::take(&mut i.wakes)))
@@ -168,7 +204,9 @@ fn scan_loop(
         jitter.shuffle(&mut due);
         due.sort_by_key(|(pid, _)| !schedule.is_new(*pid));
         let pace = jitter.pace(budget);
-        scanner.set_budget(pace);
+        // A new VM's sampled passes, on banked budget: unpaced.
+        let burst = credit.available() && due.iter().all(|(_, k)| *k == PassKind::Sampled);
+        scanner.set_budget(if burst { 1.0 } else { pace });
         let t = Instant::now();
         let cpu0 = thread_cpu();
         let mut scanned = Vec::with_capacity(due.len());
@@ -214,7 +252,7 @@ fn scan_loop(
             s.rechecked_ranges = scanner.rechecked_ranges() as u64;
             (s.busy_vms, s.quiet_vms) = schedule.counts();
         }
-        if busy {
+        if busy && !burst {
             // The chunks are paced as they go; what the round spent outside them (mapping
             // lookups, the report) is paid back here, so the average holds the budget. At
             // least a second between busy rounds, even for tiny VMs. The rechecks' rounds
@@ -313,6 +351,21 @@ mod tests {
         // Spread over the whole interval, not bunched.
         let low = paces.iter().filter(|p| **p < 0.05).count();
         assert!((4_500..5_500).contains(&low), "{low}");
+    }
+
+    #[test]
+    fn credit_banks_unused_budget_up_to_a_cap_and_bursts_overdraw_it() {
+        let mut c = Credit::new(0.0);
+        c.at -= Duration::from_secs(200);
+        // 200 s at 5 %: 10 s, capped at 5; no CPU spent.
+        c.update(0.05, 0.0);
+        assert!((c.seconds - CREDIT_MAX).abs() < 1e-3 && c.available());
+        // A burst of 6 s of CPU overdraws it: nothing available until paid back.
+        c.update(0.05, 6.0);
+        assert!(c.seconds < 0.0 && !c.available());
+        c.at -= Duration::from_secs(40);
+        c.update(0.05, 6.0);
+        assert!(c.available(), "{}", c.seconds);
     }
 
     #[test]

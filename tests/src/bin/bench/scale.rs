@@ -282,30 +282,35 @@ fn daemon_table(
         "\n## The daemon (`memfabric run --scan-cpu 5`, observing)\n\n\
          Steady windows of equal length, one daemon after the other on the same holders: \
          never resting (`--scan-quiet-cpu 5`, the budget always spent) and resting (the \
-         default, 0.2). Then, with the resting daemon: a merged 16 MiB range of one holder \
+         default, 0.2). A quiet VM is read about every `its pass's CPU x VMs / 0.2 %`: when \
+         that is longer than the window, the resting figure is the daemon's refresh alone \
+         and the scan's share comes on top, at most 0.2 % of a core (7.2 s/h). Then, with \
+         the resting daemon: a merged 16 MiB range of one holder \
          starts being rewritten every second (time to its volatile verdict), and a new \
-         4 GiB VM arrives (half content the others hold; time to its first verdict and to \
-         90 % of its ranges classed after a full pass). Prediction: the daemon's KSM pages \
+         4 GiB VM arrives (half content the others hold; from its start, time to its first \
+         verdict and to 90 % of its ranges classed after a full pass). Prediction: the daemon's KSM pages \
          against KSM's (sharing + zero pages), all VMs scanned.\n\n\
-         | guest RAM | agent CPU s/h resting | never resting | ratio | MiB read/h resting / \
-         never | agent RSS MiB (% of guest RAM) | new 4 GiB VM: first / final verdict | \
-         churn to verdict | prediction vs KSM |\n|---|---|---|---|---|---|---|---|---|"
+         | guest RAM | agent CPU s/h resting | never resting | ratio | a quiet VM read every \
+         | MiB read/h resting / never | agent RSS MiB (% of guest RAM) | new 4 GiB VM: first / final verdict | \
+         churn to verdict | prediction vs KSM |\n|---|---|---|---|---|---|---|---|---|---|"
     )?;
     for (gib, f) in daemon {
         let guest_mib = (*gib as f64) * 1024.0;
         writeln!(
             md,
-            "| {gib} GiB | {:.0} | {:.0} | {:.2} | {:.0} / {:.0} | {:.1} ({:.2} %) | {} / {} | \
-             {} | {} vs {} pages ({:+.1} %) |",
+            "| {gib} GiB | {:.0} | {:.0} | {:.2} | {:.0} s | {:.0} / {:.0} | {:.1} ({:.2} %) | {} / {} \
+             (filled in {:.0} s) | {} | {} vs {} pages ({:+.1} %) |",
             f.cpu_per_hour[0],
             f.cpu_per_hour[1],
             f.cpu_per_hour[0] / f.cpu_per_hour[1].max(1e-9),
+            f.quiet_interval_s,
             f.read_per_hour[0] / 1048576.0,
             f.read_per_hour[1] / 1048576.0,
             f.rss_mib[0],
             100.0 * f.rss_mib[0] / guest_mib,
             secs(f.first_rank_s),
             secs(f.final_rank_s),
+            f.filled_s,
             secs(f.churn_verdict_s),
             f.predicted_pages,
             f.ksm_pages,
