@@ -172,14 +172,25 @@ impl Daemon {
             "memfabric-test-daemon-{}-{port}.log",
             std::process::id()
         ));
-        let child = Command::new(exe)
-            .args(["run", "--scan-cpu", scan_cpu, "--listen"])
+        let mut cmd = Command::new(exe);
+        cmd.args(["run", "--scan-cpu", scan_cpu, "--listen"])
             .arg(format!("127.0.0.1:{port}"))
             .args(args)
             .stdout(Stdio::null())
-            .stderr(fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
+            .stderr(fs::File::create(&log).unwrap());
+        // A test or bench killed by a signal runs no destructor: the daemon goes with it
+        // (SIGTERM, so it still puts back what it changed) instead of running on.
+        // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+        unsafe {
+            use std::os::unix::process::CommandExt as _;
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().unwrap();
         Daemon { child, port, log }
     }
 

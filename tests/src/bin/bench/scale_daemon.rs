@@ -81,7 +81,8 @@ fn steady(d: &Daemon, window: Duration) -> anyhow::Result<(f64, f64, f64)> {
 /// The daemon on the holders (found by name, so a new one is tracked too); `quiet`: its
 /// `--scan-quiet-cpu` (None: the default).
 fn start(agent: &str, quiet: Option<&str>) -> Daemon {
-    let mut args = vec!["--match", "memfabric-workload"];
+    // The bracket keeps the pattern from matching the daemon's own command line.
+    let mut args = vec!["--match", "memfabric-workloa[d]"];
     if let Some(q) = quiet {
         args.extend(["--scan-quiet-cpu", q]);
     }
