@@ -438,10 +438,10 @@ pub struct Overrides {
     pub peers: Vec<String>,
 }
 
-/// The scan's quiet budget unless configured: this fraction of its budget. A quiet host
-/// then costs about what the daemon's own refresh does (0.2 % and 0.16 % of a core
-/// measured on three lab guests): together a fraction of stock ksmd's constant scan, which
-/// memfabric is to cost less than.
+/// The scan's quiet budget unless configured: its budget over this. A quiet host's scan
+/// then costs about what the daemon's own refresh does (0.2 % of a core; the refresh
+/// thread measured 0.16 % on three lab guests): together about half of stock ksmd's
+/// constant scan there (0.76 %), which memfabric is to cost less than.
 pub const QUIET_SHARE: f64 = 25.0;
 
 /// ksmd's CPU budget unless configured: 10 % of a core while it has work that pays.
