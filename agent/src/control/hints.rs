@@ -495,11 +495,13 @@ mod tests {
         let start = (ram.as_ptr() as u64).next_multiple_of(RANGE_BYTES);
         let pid = std::process::id();
         let (mut h, dir) = acting_on_guest("pieces");
-        // As if the hints had added all but one of the mappings they may (this process
-        // has fewer than the real cap).
+        // As if the hints had added more mappings than they may (this process has fewer
+        // than the real cap). Counted from zero, not from `now - 10`: the other tests of this process map and
+        // unmap memory meanwhile, and a count that fell by one made this test flaky.
         let now = mapping_count(pid).unwrap();
+        assert!(now > 20, "{now} mappings");
         h.max_added_mappings = 11;
-        h.mappings.insert(pid, (now - 10, now));
+        h.mappings.insert(pid, (0, now));
         let vm = Vm {
             pid,
             kind: VmKind::Qemu,
