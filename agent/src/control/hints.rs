@@ -377,7 +377,7 @@ pub(crate) fn acting_on_guest(test: &str) -> (Hinting, std::path::PathBuf) {
 mod tests {
     use super::*;
     use crate::{
-        host::inventory::{Mergeability, VmKind},
+        host::inventory::Mergeability,
         model::rank::{RangeClass, RankedRange},
         scan::account::RangeCounts,
     };
@@ -413,14 +413,10 @@ mod tests {
         let ranked = |passes: u32| one_volatile(std::process::id(), start, passes);
         for merge_off in [true, false] {
             let vm = Vm {
-                pid: std::process::id(),
-                kind: VmKind::Qemu,
-                name: "guest".into(),
-                uuid: None,
                 guest_memory_bytes: 8 << 20,
-                ram: vec![],
                 mergeability: Mergeability::NotMarked,
                 merge_off,
+                ..Vm::guest(std::process::id())
             };
             let vms = [(vm.pid, vm)].into();
             let mut h = Hinting::new(None, vec![]);
@@ -456,14 +452,8 @@ mod tests {
         let start = (ram.as_ptr() as u64).next_multiple_of(RANGE_BYTES);
         let pid = std::process::id();
         let vm = Vm {
-            pid,
-            kind: VmKind::Qemu,
-            name: "guest".into(),
-            uuid: None,
             guest_memory_bytes: 8 << 20,
-            ram: vec![],
-            mergeability: Mergeability::Mergeable,
-            merge_off: false,
+            ..Vm::guest(pid)
         };
         let vms = [(pid, vm)].into();
         let ranked = |passes: u32, vm_passes: u32| RankedRanges {
@@ -496,21 +486,16 @@ mod tests {
         let pid = std::process::id();
         let (mut h, dir) = acting_on_guest("pieces");
         // As if the hints had added more mappings than they may (this process has fewer
-        // than the real cap). Counted from zero, not from `now - 10`: the other tests of this process map and
-        // unmap memory meanwhile, and a count that fell by one made this test flaky.
+        // than the real cap). Counted from zero, not from `now - 10`: the other tests of
+        // this process map and unmap memory meanwhile, and a count that fell by one made
+        // this test flaky.
         let now = mapping_count(pid).unwrap();
         assert!(now > 20, "{now} mappings");
         h.max_added_mappings = 11;
         h.mappings.insert(pid, (0, now));
         let vm = Vm {
-            pid,
-            kind: VmKind::Qemu,
-            name: "guest".into(),
-            uuid: None,
             guest_memory_bytes: 8 << 20,
-            ram: vec![],
-            mergeability: Mergeability::Mergeable,
-            merge_off: false,
+            ..Vm::guest(pid)
         };
         let vms = [(pid, vm)].into();
         let ranked = |passes: u32| one_volatile(pid, start, passes);
@@ -561,14 +546,9 @@ mod tests {
             ],
         );
         let vm = |pid, name: &str, merge_off| Vm {
-            pid,
-            kind: VmKind::Qemu,
             name: name.into(),
-            uuid: None,
-            guest_memory_bytes: 1 << 30,
-            ram: vec![],
-            mergeability: Mergeability::Mergeable,
             merge_off,
+            ..Vm::guest(pid)
         };
         let ranked = |passes: &[(u32, u32)]| RankedRanges {
             vm_passes: passes.iter().copied().collect(),

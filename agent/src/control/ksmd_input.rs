@@ -58,19 +58,15 @@ pub fn observation(ksm: &KsmHost, vms: &[VmState], c: Context) -> Observation {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::host::inventory::{Mergeability, Vm, VmKind};
+    use crate::host::inventory::{Mergeability, Vm};
 
     fn vm(pid: u32, bytes: u64, mergeability: Mergeability) -> VmState {
         VmState {
             vm: Vm {
-                pid,
-                kind: VmKind::Qemu,
                 name: format!("vm{pid}"),
-                uuid: None,
                 guest_memory_bytes: bytes,
-                ram: vec![],
                 mergeability,
-                merge_off: false,
+                ..Vm::guest(pid)
             },
             ksm: Default::default(),
             scan: None,

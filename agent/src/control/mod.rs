@@ -72,23 +72,7 @@ mod decide {
     #[cfg(test)]
     mod tests {
         use super::*;
-        use crate::{
-            host::inventory::{Mergeability, VmKind},
-            policy::{KsmdPolicy, Reason},
-        };
-
-        fn vm(pid: u32) -> Vm {
-            Vm {
-                pid,
-                kind: VmKind::Qemu,
-                name: "guest".into(),
-                uuid: None,
-                guest_memory_bytes: 1 << 30,
-                ram: vec![],
-                mergeability: Mergeability::Mergeable,
-                merge_off: false,
-            }
-        }
+        use crate::policy::{KsmdPolicy, Reason};
 
         fn state(v: &Vm) -> VmState {
             VmState::new(v.clone())
@@ -110,7 +94,7 @@ mod decide {
         #[test]
         fn ksmd_waits_for_acting_hints_and_runs_fast_otherwise() {
             let pid = std::process::id();
-            let vms: BTreeMap<u32, Vm> = [(pid, vm(pid))].into();
+            let vms: BTreeMap<u32, Vm> = [(pid, Vm::guest(pid))].into();
             let states = [state(&vms[&pid])];
             let context = |t: f64| ksmd_input::Context {
                 t,

@@ -93,22 +93,13 @@ impl ScanWakes {
 mod tests {
     use super::*;
     use crate::{
-        host::inventory::{Mergeability, Vm, VmKind},
+        host::inventory::Vm,
         model::{VmProbeCounters, rank::RankedRange},
         scan::RangeCounts,
     };
 
     fn state(pid: u32, first_touch: u64) -> VmState {
-        let mut s = VmState::new(Vm {
-            pid,
-            kind: VmKind::Qemu,
-            name: "guest".into(),
-            uuid: None,
-            guest_memory_bytes: 1 << 30,
-            ram: vec![],
-            mergeability: Mergeability::Mergeable,
-            merge_off: false,
-        });
+        let mut s = VmState::new(Vm::guest(pid));
         s.probes = Some(VmProbeCounters {
             write_faults: first_touch + 100,
             write_protect_faults: 100,

@@ -170,6 +170,24 @@ pub struct Vm {
     pub merge_off: bool,
 }
 
+#[cfg(test)]
+impl Vm {
+    /// The tests' VM: a mergeable 1 GiB QEMU guest named `guest`, no RAM described; a
+    /// test sets the fields it is about with `Vm { .., ..Vm::guest(pid) }`.
+    pub(crate) fn guest(pid: u32) -> Vm {
+        Vm {
+            pid,
+            kind: VmKind::Qemu,
+            name: "guest".into(),
+            uuid: None,
+            guest_memory_bytes: 1 << 30,
+            ram: vec![],
+            mergeability: Mergeability::Mergeable,
+            merge_off: false,
+        }
+    }
+}
+
 /// What to look for besides the known VMMs.
 #[derive(Clone, Debug, Default)]
 pub struct Selector {

@@ -220,7 +220,7 @@ impl Holdings {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::host::inventory::{Mergeability, RamMapping, VmKind};
+    use crate::host::inventory::{Mergeability, RamMapping};
 
     /// `pages` in this process's heap (page-aligned), standing in for a donor VM's RAM:
     /// the buffer (keep it alive) and the VM.
@@ -233,10 +233,7 @@ pub(crate) mod tests {
         let base = ram.as_ptr() as u64 + off as u64;
         let len = (pages.len() * PAGE) as u64;
         let vm = Vm {
-            pid: std::process::id(),
-            kind: VmKind::Qemu,
             name: "donor".into(),
-            uuid: None,
             guest_memory_bytes: len,
             ram: vec![RamMapping {
                 span: crate::addresses::GuestSpan::new(base, base + len),
@@ -244,7 +241,7 @@ pub(crate) mod tests {
                 mergeable: false,
             }],
             mergeability: Mergeability::Unknown,
-            merge_off: false,
+            ..Vm::guest(std::process::id())
         };
         (ram, vm)
     }

@@ -62,6 +62,18 @@ struct Slot {
     sampled_present: Option<u64>,
 }
 
+impl Slot {
+    /// Read every round: busy passes or sampled passes left.
+    fn busy(&self) -> bool {
+        self.busy_left > 0 || self.sampled_left > 0
+    }
+}
+
+/// Whether the pages present moved by more than [`PRESENT_CHANGE`] since `then`.
+fn moved(then: Option<u64>, now: u64) -> bool {
+    then.is_some_and(|then| then.abs_diff(now) as f64 > PRESENT_CHANGE * then.max(now) as f64)
+}
+
 /// Each tracked VM's state and when it is due.
 #[derive(Debug)]
 pub struct Schedule {
@@ -135,18 +147,12 @@ impl Schedule {
 
     /// Whether any VM is busy (the scan runs at its full budget).
     pub fn busy(&self) -> bool {
-        self.vms
-            .values()
-            .any(|s| s.busy_left > 0 || s.sampled_left > 0)
+        self.vms.values().any(Slot::busy)
     }
 
     /// VMs busy and quiet now.
     pub fn counts(&self) -> (usize, usize) {
-        let busy = self
-            .vms
-            .values()
-            .filter(|s| s.busy_left > 0 || s.sampled_left > 0)
-            .count();
+        let busy = self.vms.values().filter(|s| s.busy()).count();
         (busy, self.vms.len() - busy)
     }
 
@@ -154,7 +160,7 @@ impl Schedule {
     pub fn next_due(&self) -> Option<f64> {
         self.vms
             .values()
-            .filter(|s| s.busy_left == 0 && s.sampled_left == 0)
+            .filter(|s| !s.busy())
             .map(|s| s.due)
             .min_by(f64::total_cmp)
     }
@@ -176,7 +182,7 @@ impl Schedule {
         }
         let by = cpu / self.quiet_budget;
         for s in self.vms.values_mut() {
-            if s.busy_left == 0 && s.sampled_left == 0 {
+            if !s.busy() {
                 s.due += by;
             }
         }
@@ -203,9 +209,7 @@ impl Schedule {
         if kind == PassKind::Sampled {
             // A VM still filling its memory (a guest booting, a process allocating) is
             // sampled again from the start: a verdict on half its memory is no verdict.
-            let grew = s.sampled_present.is_some_and(|then| {
-                then.abs_diff(present) as f64 > PRESENT_CHANGE * then.max(present) as f64
-            });
+            let grew = moved(s.sampled_present, present);
             s.sampled_present = Some(present);
             // The pass that saw the growth is the first of a new series.
             s.sampled_left = if grew && s.passes < MAX_SAMPLED_PASSES {
@@ -218,11 +222,9 @@ impl Schedule {
             s.present = None;
             return;
         }
-        let moved = s.present.is_some_and(|then| {
-            then.abs_diff(present) as f64 > PRESENT_CHANGE * then.max(present) as f64
-        });
+        let changed = moved(s.present, present);
         s.present = Some(present);
-        s.busy_left = if moved {
+        s.busy_left = if changed {
             BUSY_PASSES
         } else {
             s.busy_left.saturating_sub(1)
@@ -240,6 +242,14 @@ mod tests {
 
     fn pids(d: &[(u32, PassKind)]) -> Vec<u32> {
         d.iter().map(|(p, _)| *p).collect()
+    }
+
+    /// `n` full passes over `pid`, one a second from `from`, each of `cpu` seconds and
+    /// `present` pages.
+    fn full_passes(s: &mut Schedule, pid: u32, from: f64, n: u32, cpu: f64, present: u64) {
+        for i in 0..n {
+            s.scanned(pid, PassKind::Full, from + f64::from(i), cpu, present, 1.0);
+        }
     }
 
     #[test]
@@ -266,21 +276,15 @@ mod tests {
     fn a_wake_or_moved_memory_makes_a_quiet_vm_busy_and_new_vms_go_first() {
         let mut s = Schedule::new(0.005);
         s.retain(&[1], |_| SMALL);
-        for i in 0..NEW_PASSES {
-            s.scanned(1, PassKind::Full, f64::from(i), 1.0, 100, 1.0);
-        }
+        full_passes(&mut s, 1, 0.0, NEW_PASSES, 1.0, 100);
         assert!(s.due(10.0).is_empty(), "quiet for 200 s");
         s.wake(1);
         assert_eq!(pids(&s.due(10.0)), [1]);
-        for i in 0..BUSY_PASSES {
-            s.scanned(1, PassKind::Full, 10.0 + f64::from(i), 1.0, 100, 1.0);
-        }
+        full_passes(&mut s, 1, 10.0, BUSY_PASSES, 1.0, 100);
         assert!(!s.busy());
         // Present memory grew by 5 %: busy again without a wake.
         s.wake(1);
-        s.scanned(1, PassKind::Full, 20.0, 1.0, 105, 1.0);
-        s.scanned(1, PassKind::Full, 21.0, 1.0, 105, 1.0);
-        s.scanned(1, PassKind::Full, 22.0, 1.0, 105, 1.0);
+        full_passes(&mut s, 1, 20.0, 3, 1.0, 105);
         assert!(s.busy(), "the move restarts the busy passes");
         // A new VM comes first in the round; a gone one is forgotten.
         s.retain(&[1, 7], |_| SMALL);
@@ -295,9 +299,7 @@ mod tests {
     fn a_new_large_vm_is_sampled_alone_then_read_in_full() {
         let mut s = Schedule::new(0.005);
         s.retain(&[1], |_| SMALL);
-        for i in 0..NEW_PASSES {
-            s.scanned(1, PassKind::Full, f64::from(i), 0.1, 100, 1.0);
-        }
+        full_passes(&mut s, 1, 0.0, NEW_PASSES, 0.1, 100);
         s.wake(1);
         s.retain(&[1, 2], |p| if p == 2 { 1 << 20 } else { SMALL });
         for i in 0..SAMPLED_PASSES {
@@ -308,9 +310,7 @@ mod tests {
         let due = s.due(20.0);
         assert_eq!(due, [(1, PassKind::Full), (2, PassKind::Full)]);
         // The sampled counts are no baseline: the first full pass's 16x is no move.
-        for i in 0..NEW_PASSES {
-            s.scanned(2, PassKind::Full, 20.0 + f64::from(i), 0.1, 1 << 20, 1.0);
-        }
+        full_passes(&mut s, 2, 20.0, NEW_PASSES, 0.1, 1 << 20);
         assert_eq!(s.counts(), (1, 1), "VM 1 still busy (woken), VM 2 quiet");
     }
 
@@ -318,9 +318,7 @@ mod tests {
     fn rest_time_cpu_puts_quiet_passes_off_and_a_growing_new_vm_is_sampled_again() {
         let mut s = Schedule::new(0.01);
         s.retain(&[1], |_| SMALL);
-        for i in 0..NEW_PASSES {
-            s.scanned(1, PassKind::Full, f64::from(i), 0.01, 100, 1.0);
-        }
+        full_passes(&mut s, 1, 0.0, NEW_PASSES, 0.01, 100);
         let due = s.next_due().unwrap();
         // 0.02 s of rechecks at 1 % of a core: 2 s later.
         s.defer(0.02);
