@@ -13,9 +13,10 @@
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use memfabric::wire::StatusV1;
+use memfabric::{model::rank::RangeClass, wire::StatusV1};
 use memfabric_harness::Daemon;
 use memfabric_tests::Workload;
+use std::collections::BTreeMap;
 
 /// What the daemon did on one size.
 #[derive(Clone, Debug, Default)]
@@ -81,7 +82,8 @@ fn steady(d: &Daemon, window: Duration) -> anyhow::Result<(f64, f64, f64)> {
 /// The daemon on the holders (found by name, so a new one is tracked too); `quiet`: its
 /// `--scan-quiet-cpu` (None: the default).
 fn start(agent: &str, quiet: Option<&str>) -> Daemon {
-    // The bracket keeps the pattern from matching the daemon's own command line.
+    // The bracket keeps the pattern from matching a daemon's command line (another one
+    // left running would be tracked as a VM; a daemon never takes itself for one).
     let mut args = vec!["--match", "memfabric-workloa[d]"];
     if let Some(q) = quiet {
         args.extend(["--scan-quiet-cpu", q]);
@@ -187,31 +189,27 @@ pub(crate) fn run(
     Ok(f)
 }
 
-/// A VM's ranges classed (not cold-unknown), and all its ranges.
-fn classes(s: &StatusV1, pid: u32) -> Option<(u32, u32)> {
-    let c = s
-        .vms
+/// A VM's ranges per class (absent until it is ranked).
+fn range_classes(s: &StatusV1, pid: u32) -> Option<&BTreeMap<RangeClass, u32>> {
+    s.vms
         .iter()
         .find(|v| v.vm.pid == pid)?
         .range_classes
-        .as_ref()?;
+        .as_ref()
+}
+
+/// A VM's ranges classed (not cold-unknown), and all its ranges.
+fn classes(s: &StatusV1, pid: u32) -> Option<(u32, u32)> {
+    let c = range_classes(s, pid)?;
     let all: u32 = c.values().sum();
-    let unknown = c
-        .get(&memfabric::model::rank::RangeClass::ColdUnknown)
-        .copied()
-        .unwrap_or(0);
+    let unknown = c.get(&RangeClass::ColdUnknown).copied().unwrap_or(0);
     Some((all - unknown, all))
 }
 
 fn volatile_ranges(s: &StatusV1, pid: u32) -> Option<u32> {
-    let c = s
-        .vms
-        .iter()
-        .find(|v| v.vm.pid == pid)?
-        .range_classes
-        .as_ref()?;
     Some(
-        c.get(&memfabric::model::rank::RangeClass::Volatile)
+        range_classes(s, pid)?
+            .get(&RangeClass::Volatile)
             .copied()
             .unwrap_or(0),
     )
