@@ -246,11 +246,13 @@ impl Mapping {
 }
 
 /// Figures over `procs` (PID order) with duplicates counted across all of them; with
-/// `sketches`, each process's sketch too.
+/// `sketches`, each process's sketch too. The content table is reserved for `distinct`
+/// contents (the last count).
 pub fn account(
     procs: &BTreeMap<u32, Vec<Mapping>>,
     stable_after: u8,
     sketches: bool,
+    distinct: usize,
 ) -> (Report, ContentTable) {
     let stable = |s: PageState| {
         s.has(F_PRESENT)
@@ -258,7 +260,7 @@ pub fn account(
             && !s.has(F_ZERO_FRAME)
             && s.unchanged() >= u16::from(stable_after)
     };
-    let mut table = ContentTable::new();
+    let mut table = ContentTable::with_capacity(distinct);
     for maps in procs.values() {
         for m in maps {
             for s in m.pages.iter().filter(|s| stable(**s)) {
@@ -326,7 +328,7 @@ pub fn account(
                         vs.insert(s.hash());
                     }
                 }
-                if a.copies < 2 {
+                if !a.duplicate {
                     continue;
                 }
                 r.duplicate_pages += 1;
@@ -423,7 +425,7 @@ mod tests {
                 rescan(&[5, 5, 5, 5, 6]),
             ],
         )]);
-        let (r, _) = account(&procs, 2, false);
+        let (r, _) = account(&procs, 2, false, 0);
         let range = r.ranges[&10][0];
         assert_eq!(
             (
@@ -462,7 +464,7 @@ mod tests {
                 ],
             ),
         ]);
-        let (r, table) = account(&procs, 2, true);
+        let (r, table) = account(&procs, 2, true, 0);
         // Stable contents only: 1, 2 and 4 (3 is volatile).
         assert_eq!(table.len(), 3);
         // Sketches from the same walk: PID 10 holds contents 1 and 2, PID 20 holds 1, 2

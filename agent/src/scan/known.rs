@@ -15,6 +15,13 @@
 
 use rustc_hash::FxHashMap;
 
+use super::page_state::HASH_MASK;
+
+/// The round an entry was last seen, in an entry's low 16 bits (below the 48 kept hash
+/// bits: 16 bytes per frame instead of 24). Entries older than [`FORGET_AFTER_ROUNDS`]
+/// are dropped at every round's end, so the 16-bit round never wraps onto a live entry.
+const ROUND_BITS: u64 = !HASH_MASK;
+
 /// One hit in this many is read anyway and checked (a different sample each pass).
 pub const VERIFY_ONE_IN: u64 = 16;
 /// Rounds over every tracked VM after which a KSM frame not seen again is forgotten.
@@ -39,8 +46,10 @@ pub struct KnownStats {
 /// Content hashes of KSM frames, by frame number.
 #[derive(Default)]
 pub struct KnownFrames {
-    /// Frame -> (full hash, round last seen).
-    ksm: FxHashMap<u64, (u64, u32)>,
+    /// Frame -> the 48 kept bits of its content's hash | the round it was last seen
+    /// (16 bits). On a merged host this holds one entry per KSM page: the agent's second
+    /// largest table after the page histories.
+    ksm: FxHashMap<u64, u64>,
     /// The current round.
     round: u32,
     pub stats: KnownStats,
@@ -77,23 +86,23 @@ impl KnownFrames {
         let Some(entry) = self.ksm.get_mut(&pfn) else {
             return Lookup::Read { expect: None };
         };
-        entry.1 = self.round;
+        *entry = (*entry & HASH_MASK) | (u64::from(self.round) & ROUND_BITS);
+        let hash = *entry & HASH_MASK;
         // A sample that moves with the pass: every frame is checked now and then.
         let mix = pfn
             .wrapping_add(u64::from(pass))
             .wrapping_mul(0x9E37_79B9_7F4A_7C15);
         if (mix >> 32).is_multiple_of(VERIFY_ONE_IN) {
-            return Lookup::Read {
-                expect: Some(entry.0),
-            };
+            return Lookup::Read { expect: Some(hash) };
         }
         self.stats.skipped += 1;
-        Lookup::Known(entry.0)
+        Lookup::Known(hash)
     }
 
-    /// A page read with full hash `hash`: remembered when its frame is a KSM page; a
-    /// check (`expect`) that failed is counted.
+    /// A page read with hash `hash` (its 48 kept bits count): remembered when its frame
+    /// is a KSM page; a check (`expect`) that failed is counted.
     pub fn read(&mut self, pfn: u64, ksm: bool, hash: u64, expect: Option<u64>) {
+        let hash = hash & HASH_MASK;
         if let Some(e) = expect {
             self.stats.verified += 1;
             if e != hash {
@@ -101,7 +110,8 @@ impl KnownFrames {
             }
         }
         if ksm && pfn != 0 {
-            self.ksm.insert(pfn, (hash, self.round));
+            self.ksm
+                .insert(pfn, hash | (u64::from(self.round) & ROUND_BITS));
         }
     }
 
@@ -109,9 +119,10 @@ impl KnownFrames {
     /// not seen in the last [`FORGET_AFTER_ROUNDS`] rounds.
     pub fn round_done(&mut self) {
         self.round = self.round.wrapping_add(1);
-        let round = self.round;
-        self.ksm
-            .retain(|_, (_, seen)| round.wrapping_sub(*seen) <= FORGET_AFTER_ROUNDS);
+        let round = u64::from(self.round);
+        self.ksm.retain(|_, e| {
+            round.wrapping_sub(*e & ROUND_BITS) & ROUND_BITS <= u64::from(FORGET_AFTER_ROUNDS)
+        });
     }
 
     /// KSM frames remembered.
@@ -142,21 +153,21 @@ mod tests {
             k.lookup(10, true, false, 42, 1),
             Lookup::Read { expect: None }
         );
-        k.read(10, true, 0xabc, None);
+        k.read(10, true, 0xabc_0000, None);
         // Frame number 0 (no CAP_SYS_ADMIN) is never a key.
-        k.read(0, true, 0xdef, None);
+        k.read(0, true, 0xdef_0000, None);
         assert_eq!(k.len(), 1);
         // Seen again over many passes: known, except a sample of about 1 in 16.
         let (mut known, mut checked) = (0, 0);
         for pass in 2..2002 {
             match k.lookup(10, true, false, 42, pass) {
                 Lookup::Known(h) => {
-                    assert_eq!(h, 0xabc);
+                    assert_eq!(h, 0xabc_0000);
                     known += 1;
                 }
                 Lookup::Read { expect } => {
-                    assert_eq!(expect, Some(0xabc));
-                    k.read(10, true, 0xabc, expect);
+                    assert_eq!(expect, Some(0xabc_0000));
+                    k.read(10, true, 0xabc_0000, expect);
                     checked += 1;
                 }
                 Lookup::Kept => unreachable!("the cache never keeps: the scanner does"),
@@ -166,13 +177,33 @@ mod tests {
         assert_eq!(known + checked, 2000);
         assert_eq!(k.stats.mismatched, 0);
         // A check that finds other content replaces the entry and is counted.
-        k.read(10, true, 0x123, Some(0xabc));
+        k.read(10, true, 0x123_0000, Some(0xabc_0000));
         assert_eq!(k.stats.mismatched, 1);
         // Not seen for FORGET_AFTER_ROUNDS rounds: kept; one more: forgotten.
         for _ in 0..FORGET_AFTER_ROUNDS {
             k.round_done();
         }
         assert_eq!(k.len(), 1);
+        k.round_done();
+        assert!(k.is_empty());
+    }
+
+    #[test]
+    fn a_frame_seen_every_round_survives_the_round_counter_wrapping() {
+        let mut k = KnownFrames::default();
+        k.read(10, true, 0xabc_0000, None);
+        for pass in 0..70_000 {
+            k.read(11, true, 0xdef_0000, None);
+            assert_ne!(
+                k.lookup(10, true, false, 42, pass),
+                Lookup::Read { expect: None },
+                "forgotten in round {pass}"
+            );
+            k.round_done();
+        }
+        // Last seen one round ago; then two.
+        k.round_done();
+        assert_eq!(k.len(), 2);
         k.round_done();
         assert!(k.is_empty());
     }
