@@ -291,14 +291,14 @@ fn daemon_table(
          verdict and to 90 % of its ranges classed after a full pass). Prediction: the daemon's KSM pages \
          against KSM's (sharing + zero pages), all VMs scanned.\n\n\
          | guest RAM | agent CPU s/h resting | never resting | ratio | a quiet VM read every \
-         | MiB read/h resting / never | agent RSS MiB (% of guest RAM) | new 4 GiB VM: first / final verdict | \
+         | MiB read/h resting / never | agent RSS MiB resting, peak (peak % of guest RAM) | new 4 GiB VM: first / final verdict | \
          churn to verdict | prediction vs KSM |\n|---|---|---|---|---|---|---|---|---|---|"
     )?;
     for (gib, f) in daemon {
         let guest_mib = (*gib as f64) * 1024.0;
         writeln!(
             md,
-            "| {gib} GiB | {:.0} | {:.0} | {:.2} | {:.0} s | {:.0} / {:.0} | {:.1} ({:.2} %) | {} / {} \
+            "| {gib} GiB | {:.0} | {:.0} | {:.2} | {:.0} s | {:.0} / {:.0} | {:.1}, {:.1} ({:.2} %) | {} / {} \
              (filled in {:.0} s) | {} | {} vs {} pages ({:+.1} %) |",
             f.cpu_per_hour[0],
             f.cpu_per_hour[1],
@@ -307,7 +307,8 @@ fn daemon_table(
             f.read_per_hour[0] / 1048576.0,
             f.read_per_hour[1] / 1048576.0,
             f.rss_mib[0],
-            100.0 * f.rss_mib[0] / guest_mib,
+            f.rss_peak_mib[0],
+            100.0 * f.rss_peak_mib[0] / guest_mib,
             secs(f.first_rank_s),
             secs(f.final_rank_s),
             f.filled_s,

@@ -27,6 +27,9 @@ pub(crate) struct DaemonFigures {
     pub read_per_hour: [f64; 2],
     /// Agent RSS (MiB) at the end of each window.
     pub rss_mib: [f64; 2],
+    /// Agent peak RSS (MiB, VmHWM) from its start to the end of each window: the content
+    /// table of a report is built and dropped, and an operator sizes for the peak.
+    pub rss_peak_mib: [f64; 2],
     /// How often a quiet VM is read (s), from its pass's cost and the quiet budget.
     pub quiet_interval_s: f64,
     /// Seconds the new VM took to fill its memory (its verdicts count from its start).
@@ -43,12 +46,15 @@ fn status(d: &Daemon) -> Option<StatusV1> {
     serde_json::from_str(&d.get("/v1/status")?).ok()
 }
 
-fn cpu_rss(pid: u32) -> anyhow::Result<(f64, f64)> {
+/// The daemon's CPU seconds, RSS and peak RSS (MiB).
+fn cpu_rss(pid: u32) -> anyhow::Result<(f64, [f64; 2])> {
     let cpu = memfabric::host::ksm::cpu_seconds(pid).context("the daemon's CPU")?;
-    let rss: f64 = memfabric_tests::status_field(pid, "VmRSS")
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .context("the daemon's RSS")?;
-    Ok((cpu, rss / 1024.0))
+    let kib = |field: &str| -> anyhow::Result<f64> {
+        memfabric_tests::status_field(pid, field)
+            .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+            .with_context(|| format!("the daemon's {field}"))
+    };
+    Ok((cpu, [kib("VmRSS")? / 1024.0, kib("VmHWM")? / 1024.0]))
 }
 
 /// Waits up to `limit` for `cond` on the daemon's status, polling every 250 ms; the
@@ -64,8 +70,8 @@ fn until(d: &Daemon, limit: Duration, mut cond: impl FnMut(&StatusV1) -> bool) -
     None
 }
 
-/// One steady window of `window`: CPU per hour, bytes read per hour, RSS (MiB).
-fn steady(d: &Daemon, window: Duration) -> anyhow::Result<(f64, f64, f64)> {
+/// One steady window of `window`: CPU per hour, bytes read per hour, RSS and peak (MiB).
+fn steady(d: &Daemon, window: Duration) -> anyhow::Result<(f64, f64, [f64; 2])> {
     let read = |d: &Daemon| status(d).map_or(0, |s| s.scan_bytes_total);
     let (cpu0, _) = cpu_rss(d.pid())?;
     let (read0, t) = (read(d), Instant::now());
@@ -109,8 +115,9 @@ pub(crate) fn run(
     {
         let d = start(agent, Some("5"));
         std::thread::sleep(Duration::from_secs(60));
-        let (cpu, read, rss) = steady(&d, window)?;
-        (f.cpu_per_hour[1], f.read_per_hour[1], f.rss_mib[1]) = (cpu, read, rss);
+        let (cpu, read, [rss, peak]) = steady(&d, window)?;
+        (f.cpu_per_hour[1], f.read_per_hour[1]) = (cpu, read);
+        (f.rss_mib[1], f.rss_peak_mib[1]) = (rss, peak);
         eprintln!(
             "never resting: {cpu:.0} CPU s/h, {:.0} MiB read/h",
             read / 1048576.0
@@ -120,8 +127,9 @@ pub(crate) fn run(
     let took = until(&d, Duration::from_secs(900), |s| settled(s, n))
         .context("the resting daemon did not settle (every VM quiet) in 15 minutes")?;
     eprintln!("resting daemon settled in {took:.0} s");
-    let (cpu, read, rss) = steady(&d, window)?;
-    (f.cpu_per_hour[0], f.read_per_hour[0], f.rss_mib[0]) = (cpu, read, rss);
+    let (cpu, read, [rss, peak]) = steady(&d, window)?;
+    (f.cpu_per_hour[0], f.read_per_hour[0]) = (cpu, read);
+    (f.rss_mib[0], f.rss_peak_mib[0]) = (rss, peak);
     eprintln!(
         "resting: {cpu:.0} CPU s/h, {:.0} MiB read/h",
         read / 1048576.0
