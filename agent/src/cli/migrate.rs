@@ -144,8 +144,11 @@ async fn with_progress<T>(
         loop {
             tick.tick().await;
             let p = &progress;
+            let eta = p
+                .eta(started.elapsed())
+                .map_or_else(String::new, |d| format!(", ETA {:.0} s", d.as_secs_f64()));
             let line = format!(
-                "{what}: {:.0} s, stream {:.1} MiB, on the wire {:.1} MiB, {} pages referenced, {} resent",
+                "{what}: {:.0} s, stream {:.1} MiB, on the wire {:.1} MiB, {} pages referenced, {} resent{eta}",
                 started.elapsed().as_secs_f64(),
                 mib(Progress::get(&p.qemu_bytes)),
                 mib(Progress::get(&p.wire_bytes)),

@@ -30,7 +30,7 @@ use tokio::{
 };
 
 /// A migration's counters, read while it runs (progress) and after (the summary).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Progress {
     /// QEMU's stream: written by the source QEMU, or handed to the incoming one.
     pub qemu_bytes: AtomicU64,
@@ -44,11 +44,43 @@ pub struct Progress {
     pub referenced: AtomicU64,
     /// References the destination could not resolve: pages sent again.
     pub resent: AtomicU64,
+    /// RAM QEMU still has to send (`query-migrate`'s `ram.remaining`, polled by the
+    /// source once a second); [`Progress::UNKNOWN`] before the first answer.
+    pub ram_remaining: AtomicU64,
+}
+
+impl Default for Progress {
+    fn default() -> Self {
+        Progress {
+            qemu_bytes: AtomicU64::new(0),
+            wire_bytes: AtomicU64::new(0),
+            filter_bytes: AtomicU64::new(0),
+            pages: AtomicU64::new(0),
+            referenced: AtomicU64::new(0),
+            resent: AtomicU64::new(0),
+            ram_remaining: AtomicU64::new(Progress::UNKNOWN),
+        }
+    }
 }
 
 impl Progress {
+    /// A counter not known yet.
+    pub const UNKNOWN: u64 = u64::MAX;
+
     pub fn get(c: &AtomicU64) -> u64 {
         c.load(Ordering::Relaxed)
+    }
+
+    /// Seconds left, from the RAM QEMU still has to send and the rate its stream reached
+    /// in `elapsed`: the stream, not the wire, because references make the wire's bytes
+    /// a varying fraction of QEMU's. `None` before QEMU answered or wrote anything; a
+    /// guest dirtying memory faster than the link keeps `remaining` up, and the estimate
+    /// with it, which is what the operator should see.
+    pub fn eta(&self, elapsed: std::time::Duration) -> Option<std::time::Duration> {
+        let remaining = Progress::get(&self.ram_remaining);
+        let rate = Progress::get(&self.qemu_bytes) as f64 / elapsed.as_secs_f64();
+        (remaining != Progress::UNKNOWN && rate.is_finite() && rate > 0.0)
+            .then(|| std::time::Duration::from_secs_f64((remaining as f64 / rate).min(1e7)))
     }
 }
 
@@ -132,6 +164,20 @@ mod tests {
         stream::PAGE,
         *,
     };
+
+    #[test]
+    fn eta_is_the_remaining_ram_at_the_streams_rate_once_known() {
+        let p = Progress::default();
+        let sec = std::time::Duration::from_secs(1);
+        // Nothing from QEMU yet.
+        assert_eq!(p.eta(sec), None);
+        p.ram_remaining.store(300 << 20, Ordering::Relaxed);
+        assert_eq!(p.eta(sec), None, "no stream yet: no rate");
+        p.qemu_bytes.store(100 << 20, Ordering::Relaxed);
+        // 100 MiB in 2 s: 50 MiB/s, 300 MiB left: 6 s.
+        assert_eq!(p.eta(2 * sec), Some(6 * sec));
+        assert_eq!(p.eta(std::time::Duration::ZERO), None);
+    }
 
     /// The sample stream through both proxies over an in-memory link; what the "incoming
     /// QEMU" reads and the counters at both ends.

@@ -7,7 +7,10 @@
 use std::{
     os::unix::fs::DirBuilderExt as _,
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -195,7 +198,18 @@ pub async fn send(opts: SendOptions, progress: Arc<Progress>) -> Result<Summary,
     let accepted = tokio::time::timeout(CONNECT_TIMEOUT, listener.accept()).await;
     let _ = std::fs::remove_dir_all(&opts.work_dir);
     let result = match accepted {
-        Ok(Ok((qemu, _))) => source::run(qemu, link, progress.clone(), opts.bandwidth).await,
+        Ok(Ok((qemu, _))) => {
+            let stop = Arc::new(AtomicBool::new(false));
+            let poller = {
+                let (path, stop, progress) = (opts.qmp.clone(), stop.clone(), progress.clone());
+                tokio::task::spawn_blocking(move || poll_remaining(&path, &stop, &progress))
+            };
+            let r = source::run(qemu, link, progress.clone(), opts.bandwidth).await;
+            // Stopped before the checks below open their own QMP sessions.
+            stop.store(true, Ordering::Relaxed);
+            let _ = poller.await;
+            r
+        }
         Ok(Err(e)) => Err(Failure::Setup(format!("QEMU's connection: {e}"))),
         Err(_) => Err(Failure::Setup("QEMU did not connect to the proxy".into())),
     };
@@ -216,6 +230,21 @@ pub async fn send(opts: SendOptions, progress: Arc<Progress>) -> Result<Summary,
             keep_on_source(&opts.qmp).await;
             Err(e)
         }
+    }
+}
+
+/// Records QEMU's remaining RAM in `progress` once a second until `stop` (the ETA on the
+/// progress line). One short QMP session per poll: QEMU serves one QMP client at a time,
+/// and the migration's own commands must not wait behind a held session. A poll that
+/// fails is skipped: progress is not worth failing a migration over.
+fn poll_remaining(path: &Path, stop: &AtomicBool, progress: &Progress) {
+    while !stop.load(Ordering::Relaxed) {
+        if let Ok(v) = qmp(path, |q| q.execute("query-migrate", serde_json::json!({})))
+            && let Some(r) = v["ram"]["remaining"].as_u64()
+        {
+            progress.ram_remaining.store(r, Ordering::Relaxed);
+        }
+        crate::scan::sleep_unless(Some(stop), Duration::from_secs(1));
     }
 }
 
