@@ -192,10 +192,9 @@ fn scan_loop(
             let wait = schedule
                 .next_due()
                 .map_or(1.0, |d| (d - now()).clamp(0.01, 1.0));
-            let cpu = thread_cpu();
-            scanner.idle(Duration::from_secs_f64(wait));
+            let rechecks = scanner.idle_unpaced(Duration::from_secs_f64(wait));
             // The rechecks' rounds meanwhile are paid from the quiet budget too.
-            schedule.defer(thread_cpu() - cpu);
+            schedule.defer(rechecks);
             continue;
         }
         let busy = schedule.busy();
@@ -252,11 +251,15 @@ fn scan_loop(
             s.rechecked_ranges = scanner.rechecked_ranges() as u64;
             (s.busy_vms, s.quiet_vms) = schedule.counts();
         }
+        // This round's content table and the report it replaced are freed by now.
+        crate::util::release_freed_memory();
         if busy && !burst {
             // The chunks are paced as they go; what the round spent outside them (mapping
             // lookups, the report) is paid back here, so the average holds the budget. At
             // least a second between busy rounds, even for tiny VMs. The rechecks' rounds
             // go on meanwhile.
+            // The rechecks' rounds inside the pacing waits are in the thread's CPU and
+            // their lengthened waits in the elapsed time: owed in full, less that time.
             let owed = Duration::from_secs_f64((thread_cpu() - cpu0) / pace);
             scanner.idle(owed.max(Duration::from_secs(1)).saturating_sub(t.elapsed()));
         }

@@ -4,6 +4,18 @@ pub mod clock;
 pub mod convert;
 pub mod pem;
 
+/// Hands memory freed since the last call back to the kernel. glibc keeps what a thread
+/// frees in that thread's arena until the arena's top is free: the scan builds and drops
+/// a content table and a report every round, and the daemon's RSS carried their garbage
+/// (a third of its 108 MiB at 16 GiB of guests). A no-op where the C library is not glibc.
+pub fn release_freed_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: no arguments to get wrong; it only walks the allocator's free lists.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// CPU time this thread has used, in seconds (what the scan's pacing and the
 /// controllers' own cost are measured in).
 pub fn thread_cpu() -> f64 {

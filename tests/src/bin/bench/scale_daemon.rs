@@ -72,7 +72,20 @@ fn until(d: &Daemon, limit: Duration, mut cond: impl FnMut(&StatusV1) -> bool) -
 
 /// One steady window of `window`: CPU per hour, bytes read per hour, RSS and peak (MiB).
 fn steady(d: &Daemon, window: Duration) -> anyhow::Result<(f64, f64, [f64; 2])> {
-    let read = |d: &Daemon| status(d).map_or(0, |s| s.scan_bytes_total);
+    // The kernel's count of bytes the daemon read (`rchar`: guest pages through
+    // /proc/PID/mem, and pagemap and kpageflags, 16 bytes a page): the status's scan
+    // counter moves only when a round ends, and a round of 16 GiB at 5 % is longer than
+    // a window (it read 0 bytes in one).
+    let read = |d: &Daemon| {
+        std::fs::read_to_string(format!("/proc/{}/io", d.pid()))
+            .ok()
+            .and_then(|io| {
+                io.lines()
+                    .find_map(|l| l.strip_prefix("rchar:"))
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+            })
+            .unwrap_or(0)
+    };
     let (cpu0, _) = cpu_rss(d.pid())?;
     let (read0, t) = (read(d), Instant::now());
     std::thread::sleep(window);
