@@ -481,8 +481,8 @@ impl Scanner {
         self.report_and_table().0
     }
 
-    /// The report and the content table it was built from (for sizing measurements).
-    pub fn report_and_table(&mut self) -> (Report, content::ContentTable) {
+    /// The report and what its content tables held (for sizing measurements).
+    pub fn report_and_table(&mut self) -> (Report, account::TableStats) {
         let (mut report, table) = account::account(
             &self.procs,
             self.stable_after,
@@ -490,7 +490,7 @@ impl Scanner {
             self.distinct_hint,
         );
         // A little room for growth, so a VM filling its memory does not regrow it each time.
-        self.distinct_hint = table.len() + table.len() / 16;
+        self.distinct_hint = table.distinct + table.distinct / 16;
         let now = self.now();
         for (pid, ranges) in report.ranges.iter_mut() {
             for r in ranges.iter_mut() {

@@ -132,7 +132,8 @@ pub(crate) fn run(
         });
         drop(scanners);
         if !window.is_zero() {
-            let f = crate::scale_daemon::run(&agent, &exe, &mut holders, &churn_regions, window)?;
+            let f =
+                crate::scale_daemon::run(&agent, &exe, &mut holders, &churn_regions, window, gib)?;
             daemon.push((gib, f));
         }
         drop(holders);

@@ -121,6 +121,7 @@ pub(crate) fn run(
     holders: &mut [Workload],
     churn_regions: &[String],
     window: Duration,
+    gib: usize,
 ) -> anyhow::Result<DaemonFigures> {
     let mut f = DaemonFigures::default();
     let n = holders.len();
@@ -137,8 +138,15 @@ pub(crate) fn run(
         );
     }
     let d = start(agent, None);
-    let took = until(&d, Duration::from_secs(900), |s| settled(s, n))
-        .context("the resting daemon did not settle (every VM quiet) in 15 minutes")?;
+    // A new VM is read in full 8 times at the 5 % pace before it may rest: about 45 s per
+    // GiB of guest RAM here (16 GiB took over 12 minutes); twice that, and 5 minutes.
+    let limit = Duration::from_secs(300 + 90 * gib as u64);
+    let took = until(&d, limit, |s| settled(s, n)).with_context(|| {
+        format!(
+            "the resting daemon did not settle (every VM quiet) in {:.0} minutes",
+            limit.as_secs_f64() / 60.0
+        )
+    })?;
     eprintln!("resting daemon settled in {took:.0} s");
     let (cpu, read, [rss, peak]) = steady(&d, window)?;
     (f.cpu_per_hour[0], f.read_per_hour[0]) = (cpu, read);

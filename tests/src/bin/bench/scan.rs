@@ -130,8 +130,10 @@ pub(crate) fn run(out: &Path, guests: u32, rounds: usize) -> anyhow::Result<()> 
             s.pass(&pids)?;
         }
         let (_, table) = s.report_and_table();
-        let distinct = table.len() as f64;
-        let table_bytes_per_distinct = table.allocated_bytes() as f64 / distinct.max(1.0);
+        let distinct = table.distinct as f64;
+        // Over all shards (one at this size): the largest shard's table times the shards.
+        let table_bytes_per_distinct =
+            table.allocated_bytes as f64 * f64::from(table.shards) / distinct.max(1.0);
         anyhow::Ok((
             mb,
             hash_mbs,
