@@ -140,6 +140,11 @@ impl Schedule {
         due.into_iter().map(|(p, _)| (p, PassKind::Full)).collect()
     }
 
+    /// Whether `pid` is scheduled (it was a target at the last [`Schedule::retain`]).
+    pub fn tracks(&self, pid: u32) -> bool {
+        self.vms.contains_key(&pid)
+    }
+
     /// Whether `pid` was never scanned.
     pub fn is_new(&self, pid: u32) -> bool {
         self.vms.get(&pid).is_some_and(|s| s.passes == 0)
