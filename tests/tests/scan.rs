@@ -401,7 +401,7 @@ fn sampled_passes_read_a_sixteenth_and_rank_like_full_ones() {
         full.pass(&[w.pid]).unwrap();
         sampled.pass_sampled(&[w.pid], SAMPLE_ONE_IN).unwrap();
     }
-    let rank = |s: &mut Scanner| {
+    let rank = |s: &Scanner| {
         RankedRanges::rank(
             &s.report(),
             &RangeHeatMap::new(),
@@ -409,7 +409,7 @@ fn sampled_passes_read_a_sixteenth_and_rank_like_full_ones() {
             RankPolicy::default(),
         )
     };
-    let (a, b) = (rank(&mut full), rank(&mut sampled));
+    let (a, b) = (rank(&full), rank(&sampled));
     for (span, want) in spans {
         for (ra, rb) in inside(span, &a.by_pid[&w.pid])
             .into_iter()

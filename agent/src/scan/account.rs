@@ -245,15 +245,16 @@ impl Mapping {
     }
 }
 
-/// Bytes a content table may hold at once: above it, contents are counted and
-/// attributed in shards (by their hash's top bits), one table per shard, each walk over
-/// every page's history reading only the shard's pages. A table is built for every report
-/// and dropped; whole, it was the daemon's peak (36 MiB of buckets at 16 GiB of guests,
-/// VmHWM 163 MiB against an RSS of 108), while a walk over the histories costs
-/// milliseconds.
+/// Bytes a content table is sized for (hashbrown's power-of-two buckets may take up to
+/// twice as much). Above it, contents are counted and attributed in shards (by their
+/// hash's top bits), one table at a time, each walk over the page histories taking only
+/// its shard's pages. A table is built for every report and dropped: whole, it held
+/// 36 MiB of buckets at 16 GiB of guests, and the daemon peaked (VmHWM) at 163 MiB
+/// against 108 MiB at rest; a walk over the histories costs milliseconds.
 pub const TABLE_BYTES_MAX: usize = 8 << 20;
 
-/// Shards for `distinct` contents (a power of two, so a shard is a hash prefix).
+/// Shards for `distinct` contents (a power of two, so a shard is a hash prefix): 9 bytes
+/// a bucket at most 7/8 full, [`TABLE_BYTES_MAX`] each.
 fn shards_for(distinct: usize) -> u32 {
     let bytes = distinct.saturating_mul(9 * 8 / 7 + 1);
     u32::try_from(bytes.div_ceil(TABLE_BYTES_MAX).next_power_of_two())
@@ -292,13 +293,21 @@ pub struct TableStats {
 }
 
 /// Figures over `procs` (PID order) with duplicates counted across all of them; with
-/// `sketches`, each process's sketch too. `distinct`: the last count of distinct
-/// contents, which sizes the content tables.
+/// `sketches`, each process's sketch too.
 pub fn account(
     procs: &BTreeMap<u32, Vec<Mapping>>,
     stable_after: u8,
     sketches: bool,
-    distinct: usize,
+) -> (Report, TableStats) {
+    account_with(procs, stable_after, sketches, None)
+}
+
+/// [`account`], in `shards` shards when given (a power of two).
+fn account_with(
+    procs: &BTreeMap<u32, Vec<Mapping>>,
+    stable_after: u8,
+    sketches: bool,
+    shards: Option<u32>,
 ) -> (Report, TableStats) {
     let stable = |s: PageState| {
         s.has(F_PRESENT)
@@ -308,6 +317,7 @@ pub fn account(
     };
     // Every figure that needs no content table, range by range.
     let mut per_vm: Vec<(Vec<RangeCounts>, u64)> = Vec::with_capacity(procs.len());
+    let mut stable_pages = 0usize;
     for maps in procs.values() {
         let mut ranges: Vec<RangeCounts> = Vec::new();
         let mut zero_thp = 0u64;
@@ -341,6 +351,7 @@ pub fn account(
             }
             if stable(s) {
                 r.stable_pages += 1;
+                stable_pages += 1;
             } else if s.changed() {
                 r.volatile_pages += 1;
             }
@@ -348,8 +359,11 @@ pub fn account(
         per_vm.push((ranges, zero_thp));
     }
     // Duplicates, shard by shard: a content's copies all fall in one shard, and each
-    // shard's VMs are walked in PID order, so roles are what one whole table gives.
-    let shards = shards_for(distinct);
+    // shard's VMs are walked in PID order, so roles are what one whole table gives. The
+    // shards are sized for as many contents as stable pages (the most there can be), so
+    // no table outgrows its reservation, however many contents are new since the last
+    // report.
+    let shards = shards.unwrap_or_else(|| shards_for(stable_pages));
     let shift = 64 - shards.trailing_zeros();
     let shard_of = |h: u64| {
         if shards == 1 {
@@ -367,7 +381,7 @@ pub fn account(
         .map(|_| sketches.then(|| Sketch::new(MAX_K)))
         .collect();
     for shard in 0..shards {
-        let mut table = ContentTable::with_capacity(distinct / shards as usize);
+        let mut table = ContentTable::with_capacity(stable_pages / shards as usize);
         for maps in procs.values() {
             walk_pages(maps, |_, _, s| {
                 if stable(s) && shard_of(s.hash()) == shard {
@@ -472,6 +486,30 @@ mod tests {
     }
     use crate::scan::page_state::{F_SEEN, PageState};
 
+    fn account_in(procs: &BTreeMap<u32, Vec<Mapping>>, shards: u32) -> (Report, TableStats) {
+        account_with(procs, 2, true, Some(shards))
+    }
+
+    #[test]
+    fn shards_keep_each_table_within_its_bytes() {
+        assert_eq!(shards_for(0), 1);
+        assert_eq!(shards_for(100_000), 1);
+        // 16 GiB of stable pages: 4 Mi contents at most, 11 bytes each: 44 MiB, 8 shards.
+        assert_eq!(shards_for(4 << 20), 8);
+        for n in [1usize << 20, 3 << 20, 50 << 20] {
+            let per = n.div_ceil(shards_for(n) as usize);
+            let mut t = ContentTable::with_capacity(per);
+            for i in 0..per as u64 {
+                t.add(i.wrapping_mul(0x9e37_79b9_7f4a_7c15), false);
+            }
+            assert!(
+                t.allocated_bytes() <= 2 * TABLE_BYTES_MAX,
+                "{n}: {}",
+                t.allocated_bytes()
+            );
+        }
+    }
+
     fn page(hash: u64, flags: u8, unchanged: u16) -> PageState {
         PageState::new(hash << 16, flags | F_PRESENT | F_SEEN, unchanged)
     }
@@ -502,7 +540,7 @@ mod tests {
                 rescan(&[5, 5, 5, 5, 6]),
             ],
         )]);
-        let (r, _) = account(&procs, 2, false, 0);
+        let (r, _) = account(&procs, 2, false);
         let range = r.ranges[&10][0];
         assert_eq!(
             (
@@ -541,12 +579,11 @@ mod tests {
                 ],
             ),
         ]);
-        let (r, table) = account(&procs, 2, true, 0);
+        let (r, table) = account_in(&procs, 1);
         // Stable contents only: 1, 2 and 4 (3 is volatile).
         assert_eq!((table.distinct, table.shards), (3, 1));
-        // Counted in shards, every figure is the same (a table of 9 bytes per content:
-        // ten million contents take 16 shards).
-        let (sharded, stats) = account(&procs, 2, true, 10_000_000);
+        // Counted in shards, every figure is the same.
+        let (sharded, stats) = account_in(&procs, 16);
         assert_eq!(stats.shards, 16);
         assert_eq!(stats.distinct, 3);
         assert_eq!(sharded.per_pid, r.per_pid);

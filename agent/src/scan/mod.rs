@@ -74,9 +74,6 @@ pub struct Scanner {
     /// The pass under way reads one page in this many (1: every page; see
     /// [`Scanner::pass_sampled`]).
     sample_one_in: usize,
-    /// Distinct contents the last report counted: the next report's content table is
-    /// reserved for them, so it is not grown (and held twice) while it fills.
-    distinct_hint: usize,
 }
 
 /// Reads `buf.len()` bytes at `addr` of the process whose `/proc/PID/mem` is `mem`;
@@ -122,7 +119,6 @@ impl Scanner {
             lookups: Vec::with_capacity(CHUNK),
             round_seen: std::collections::BTreeSet::new(),
             sample_one_in: 1,
-            distinct_hint: 0,
         }
     }
 
@@ -477,20 +473,13 @@ impl Scanner {
     }
 
     /// What the last pass found, with duplicates counted across every scanned process.
-    pub fn report(&mut self) -> Report {
+    pub fn report(&self) -> Report {
         self.report_and_table().0
     }
 
     /// The report and what its content tables held (for sizing measurements).
-    pub fn report_and_table(&mut self) -> (Report, account::TableStats) {
-        let (mut report, table) = account::account(
-            &self.procs,
-            self.stable_after,
-            self.sketches,
-            self.distinct_hint,
-        );
-        // A little room for growth, so a VM filling its memory does not regrow it each time.
-        self.distinct_hint = table.distinct + table.distinct / 16;
+    pub fn report_and_table(&self) -> (Report, account::TableStats) {
+        let (mut report, table) = account::account(&self.procs, self.stable_after, self.sketches);
         let now = self.now();
         for (pid, ranges) in report.ranges.iter_mut() {
             for r in ranges.iter_mut() {

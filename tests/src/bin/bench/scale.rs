@@ -118,7 +118,7 @@ pub(crate) fn run(
                 passes.push(p);
             }
         }
-        let reports: Vec<_> = scanners.iter_mut().map(Scanner::report).collect();
+        let reports: Vec<_> = scanners.iter().map(Scanner::report).collect();
         let (stats, frames) = scanners[1].known_stats();
         figures.push(Size {
             gib,
