@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use super::{
     super::sketch::{MAX_K, Sketch},
     PAGE,
-    content::{ContentTable, Role},
+    content::{BUCKET_BYTES, ContentTable, Role},
     page_state::{F_MERGED, F_PRESENT, F_THP, F_ZERO, F_ZERO_FRAME, PageState},
 };
 use crate::util::convert::{u32_saturating, usize_of};
@@ -253,10 +253,10 @@ impl Mapping {
 /// against 108 MiB at rest; a walk over the histories costs milliseconds.
 pub const TABLE_BYTES_MAX: usize = 8 << 20;
 
-/// Shards for `distinct` contents (a power of two, so a shard is a hash prefix): 9 bytes
-/// a bucket at most 7/8 full, [`TABLE_BYTES_MAX`] each.
+/// Shards for `distinct` contents (a power of two, so a shard is a hash prefix): buckets
+/// at most 7/8 full, [`TABLE_BYTES_MAX`] each.
 fn shards_for(distinct: usize) -> u32 {
-    let bytes = distinct.saturating_mul(9 * 8 / 7 + 1);
+    let bytes = distinct.saturating_mul(BUCKET_BYTES * 8 / 7 + 1);
     u32::try_from(bytes.div_ceil(TABLE_BYTES_MAX).next_power_of_two())
         .unwrap_or(1 << 16)
         .clamp(1, 1 << 16)

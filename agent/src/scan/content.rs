@@ -11,6 +11,9 @@ use hashbrown::HashTable;
 
 use super::page_state::HASH_MASK;
 
+/// Bytes of one bucket: the entry and hashbrown's control byte.
+pub const BUCKET_BYTES: usize = std::mem::size_of::<u64>() + 1;
+
 /// Some copy of the content is a KSM page.
 const ANY_MERGED: u64 = 1 << 15;
 /// The content has at least two copies on the host.
@@ -101,7 +104,7 @@ impl ContentTable {
     /// Bytes the table holds in buckets (entries, control bytes and spare capacity).
     pub fn allocated_bytes(&self) -> usize {
         let buckets = (self.groups.capacity() * 8 / 7).next_power_of_two();
-        buckets * (std::mem::size_of::<u64>() + 1)
+        buckets * BUCKET_BYTES
     }
 
     /// Attributes one copy of `hash` in the VM with index `vm`. VMs must be walked in the

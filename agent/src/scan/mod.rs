@@ -389,17 +389,17 @@ impl Scanner {
     }
 
     /// Waits `d`, running the rechecks' rounds as they fall due, and returns early once
-    /// the pass is cancelled; returns the CPU seconds the rounds took. When paced (a
-    /// budget below one core), the wait is `d` plus each round's CPU at the budget's pace:
-    /// the rounds pay for themselves. Without that they ran for free inside the pacing
+    /// the pass is cancelled. When paced (a budget below one core), the wait is `d` plus
+    /// each round's CPU at the budget's pace: the rounds pay for themselves. Without that they ran for free inside the pacing
     /// waits, and 512 suspect ranges of four new 4 GiB VMs put the scan thread at 7.7 %
     /// of a core on a 5 % budget.
-    pub fn idle(&mut self, d: std::time::Duration) -> f64 {
-        self.wait(d, self.budget < 1.0)
+    pub fn idle(&mut self, d: std::time::Duration) {
+        self.wait(d, self.budget < 1.0);
     }
 
-    /// [`Scanner::idle`] without the rounds paying for themselves: for a caller that
-    /// charges the returned CPU to a budget of its own (the quiet rest).
+    /// [`Scanner::idle`] without the rounds paying for themselves; returns the CPU
+    /// seconds they took, for a caller that charges them to a budget of its own (the
+    /// quiet rest).
     pub fn idle_unpaced(&mut self, d: std::time::Duration) -> f64 {
         self.wait(d, false)
     }
