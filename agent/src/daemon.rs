@@ -19,6 +19,7 @@ use crate::{
     control::{Decided, ksmd::Steering},
     host::inventory::{self, Scanner, Selector, Vm},
     host::ksm::{self, KsmHost, KsmStat},
+    host::redescribe::Described,
     model::{Ranking, VmProbeCounters, VmState},
     policy::KsmdPolicy,
     probes::{LoadOptions, ProbeError, ProbeEvent, Probes},
@@ -66,19 +67,16 @@ struct Observed {
     mem_available_bytes: u64,
 }
 
-/// Refreshes between two descriptions of a known VM (about 30 s at the default 2 s).
-const REDESCRIBE: u32 = 15;
-
 /// The refresh side of the daemon.
 pub struct Daemon {
     probes: Probes,
     scanner: Scanner,
     ksmd: Option<u32>,
     vms: BTreeMap<u32, Vm>,
-    /// Each VM's process start time and when it was last described: a PID reused by a new
-    /// process is a new VM, and a VM is described again now and then (its RAM appears
-    /// after it starts; merging is turned on and off).
-    described: HashMap<u32, (Option<u64>, u32)>,
+    /// Each VM's process start time and last description: a PID reused by a new process
+    /// is a new VM, and a VM is described again when its RAM appears after it starts or
+    /// its mappings move (merging turned on and off).
+    described: HashMap<u32, Described>,
     refreshes: u32,
     /// Guest activity from the probes' counters, tick to tick.
     activity: crate::control::activity::Activity,
@@ -417,7 +415,7 @@ impl Daemon {
                     return false;
                 }
                 let reused = || {
-                    let then = self.described.get(p).and_then(|d| d.0);
+                    let then = self.described.get(p).and_then(|d| d.start_time);
                     then.is_some()
                         && inventory::start_time(**p).is_some_and(|now| Some(now) != then)
                 };
@@ -438,13 +436,23 @@ impl Daemon {
         }
         for (&pid, &kind) in &found.vms {
             // Described again: while its RAM is not mapped yet (a VMM seen at its start),
-            // and every REDESCRIBE refreshes (merging turned on or off since).
+            // and when its mappings moved (merging turned on or off).
             if let Some(old) = self.vms.get(&pid)
-                && let Some(d) = self.described.get(&pid)
-                && (old.mergeability == inventory::Mergeability::Unknown
-                    || self.refreshes.wrapping_sub(d.1) >= REDESCRIBE)
+                && let Some(d) = self.described.get_mut(&pid)
+                && d.due(
+                    self.refreshes,
+                    old.mergeability == inventory::Mergeability::Unknown,
+                    || inventory::layout_fingerprint(pid, &old.ram_spans()),
+                )
             {
+                // Taken before describing, so that a move meanwhile shows at the next check.
+                let old_ram = old.ram_spans();
+                let mut layout = inventory::layout_fingerprint(pid, &old_ram);
                 if let Some(vm) = inventory::describe(pid, kind) {
+                    let ram = vm.ram_spans();
+                    if ram != old_ram {
+                        layout = inventory::layout_fingerprint(pid, &ram);
+                    }
                     if vm.mergeability != old.mergeability {
                         tracing::info!(
                             "VM {} (pid {pid}): {:?} -> {:?}",
@@ -458,7 +466,7 @@ impl Daemon {
                     }
                     self.vms.insert(pid, vm);
                 }
-                self.described.insert(pid, (d.0, self.refreshes));
+                d.renewed(self.refreshes, layout);
             }
             if !self.vms.contains_key(&pid) {
                 // Described once: reading smaps is the costly part of discovery.
@@ -495,8 +503,11 @@ impl Daemon {
                 if vm.mergeability == inventory::Mergeability::Mergeable {
                     self.vms_arrived += 1;
                 }
-                self.described
-                    .insert(pid, (inventory::start_time(pid), self.refreshes));
+                let layout = inventory::layout_fingerprint(pid, &vm.ram_spans());
+                self.described.insert(
+                    pid,
+                    Described::new(inventory::start_time(pid), self.refreshes, layout),
+                );
                 self.vms.insert(pid, vm);
             }
         }

@@ -132,7 +132,8 @@ impl VmKind {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Mergeability {
-    /// Private anonymous memory marked MADV_MERGEABLE (or the process merges all).
+    /// Private anonymous memory marked MADV_MERGEABLE, all or part of it (or the process
+    /// merges all).
     Mergeable,
     /// Private anonymous memory KSM could merge, but it is not marked mergeable.
     NotMarked,
@@ -168,6 +169,16 @@ pub struct Vm {
     /// `merge=off`): the operator's choice, which memfabric never overrides.
     #[serde(default)]
     pub merge_off: bool,
+}
+
+impl Vm {
+    /// The guest RAM's address ranges.
+    pub fn ram_spans(&self) -> Vec<(u64, u64)> {
+        self.ram
+            .iter()
+            .map(|m| (m.span.start, m.span.end))
+            .collect()
+    }
 }
 
 #[cfg(test)]
@@ -324,14 +335,19 @@ pub fn qemu_memory(cmdline: &[String]) -> Option<u64> {
     num.parse::<u64>().ok()?.checked_mul(mult)
 }
 
-/// The guest-RAM mappings of a process: large read-write anonymous, memfd or hugetlbfs
-/// mappings.
+/// The guest-RAM mappings of a process: read-write anonymous, memfd or hugetlbfs
+/// mappings in address-contiguous runs of at least [`MIN_RAM_MAPPING`]. The size counts
+/// per run, not per mapping: `madvise` splits guest RAM at the edges of the ranges it
+/// marks or unmarks, and the merge hints leave pieces of 2 MiB. Filtered one by one,
+/// those pieces (the ranges the hints took out, and a lab guest's 18 MiB before one)
+/// dropped out of the VM: the scan stopped reading them, so a range taken out could never
+/// be seen calm again.
 fn ram_mappings(proc_: &Process) -> Vec<RamMapping> {
     let Ok(maps) = proc_.smaps() else {
         return Vec::new();
     };
-    maps.into_iter()
-        .filter(|m| m.address.1 - m.address.0 >= MIN_RAM_MAPPING)
+    let candidates = maps
+        .into_iter()
         // Guest RAM is read-write and not executable: this skips address-space
         // reservations (---p) and TCG's translation buffer (rwxp).
         .filter(|m| {
@@ -359,8 +375,35 @@ fn ram_mappings(proc_: &Process) -> Vec<RamMapping> {
                 backing,
                 mergeable: flags.contains(VmFlags::MG),
             })
-        })
-        .collect()
+        });
+    large_runs(candidates)
+}
+
+/// The mappings (in address order) that belong to address-contiguous runs of one backing
+/// spanning at least [`MIN_RAM_MAPPING`].
+fn large_runs(mappings: impl IntoIterator<Item = RamMapping>) -> Vec<RamMapping> {
+    let mut out = Vec::new();
+    let mut run: Vec<RamMapping> = Vec::new();
+    let flush = |run: &mut Vec<RamMapping>, out: &mut Vec<RamMapping>| {
+        let (Some(first), Some(last)) = (run.first(), run.last()) else {
+            return;
+        };
+        if last.span.end - first.span.start >= MIN_RAM_MAPPING {
+            out.append(run);
+        }
+        run.clear();
+    };
+    for m in mappings {
+        let joins = run
+            .last()
+            .is_some_and(|l| l.span.end == m.span.start && l.backing == m.backing);
+        if !joins {
+            flush(&mut run, &mut out);
+        }
+        run.push(m);
+    }
+    flush(&mut run, &mut out);
+    out
 }
 
 fn mergeability(ram: &[RamMapping]) -> Mergeability {
@@ -373,7 +416,8 @@ fn mergeability(ram: &[RamMapping]) -> Mergeability {
             m.backing
         ));
     }
-    if ram.iter().all(|m| m.mergeable) {
+    // Partly marked (the hints took ranges out) is still merged by KSM.
+    if ram.iter().any(|m| m.mergeable) {
         Mergeability::Mergeable
     } else {
         Mergeability::NotMarked
@@ -401,6 +445,70 @@ pub fn describe(pid: u32, kind: VmKind) -> Option<Vm> {
         merge_off: kind == VmKind::Qemu && merge_off(&cmdline),
         ram,
     })
+}
+
+/// Bytes of `/proc/PID/maps` hashed at most (a VMM split into a million mappings reads
+/// as changed, and is described again, rather than read without end).
+const LAYOUT_MAX_BYTES: u64 = 16 << 20;
+
+/// A cheap fingerprint of what [`describe`] depends on besides the command line: the
+/// mappings that are or may become guest RAM (in `/proc/PID/maps`, the list of VMAs: each
+/// of at least [`MIN_RAM_MAPPING`], and any other overlapping or touching `ram`, the RAM
+/// last described, where `madvise` splits it) and whether KSM merges the whole address
+/// space (`ksm_stat`'s `ksm_merge_any`, `ksm_mergeable`). `describe` reads smaps, which
+/// walks every page table of the guest's RAM (`smaps_account`); `maps` lists mappings
+/// without touching pages. Small mappings elsewhere (thread stacks of a VMM's I/O pool,
+/// which come and go) are left out, so they do not read as a move. Merging switched over
+/// a whole mapping without a split leaves this unchanged: callers describe again now and
+/// then anyway. `None` when the process is gone.
+pub fn layout_fingerprint(pid: u32, ram: &[(u64, u64)]) -> Option<u64> {
+    use std::io::Read as _;
+    let maps = fs::File::open(format!("/proc/{pid}/maps")).ok()?;
+    let mut h = layout_hash(std::io::BufReader::new(maps.take(LAYOUT_MAX_BYTES)), ram)?;
+    // Absent before Linux 6.1 (and then only the maps count).
+    if let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/ksm_stat")) {
+        for line in stat.lines().take(32) {
+            if line.starts_with("ksm_merge_any") || line.starts_with("ksm_mergeable") {
+                h.update(line.as_bytes());
+            }
+        }
+    }
+    Some(h.digest())
+}
+
+/// The hash of the lines of a maps listing that [`layout_fingerprint`] looks at.
+fn layout_hash(
+    mut maps: impl std::io::BufRead,
+    ram: &[(u64, u64)],
+) -> Option<xxhash_rust::xxh3::Xxh3> {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    let mut line = Vec::with_capacity(256);
+    loop {
+        line.clear();
+        match maps.read_until(b'\n', &mut line) {
+            Ok(0) => return Some(h),
+            Ok(_) => {}
+            Err(_) => return None,
+        }
+        let Some((start, end)) = maps_line_span(&line) else {
+            continue;
+        };
+        let near_ram = ram.iter().any(|(s, e)| start <= *e && end >= *s);
+        if end.saturating_sub(start) >= MIN_RAM_MAPPING || near_ram {
+            h.update(&line);
+        }
+    }
+}
+
+/// The address range at the start of a `/proc/PID/maps` line (`start-end perms ...`).
+fn maps_line_span(line: &[u8]) -> Option<(u64, u64)> {
+    let range = line.split(|b| *b == b' ').next()?;
+    let range = std::str::from_utf8(range).ok()?;
+    let (start, end) = range.split_once('-')?;
+    Some((
+        u64::from_str_radix(start, 16).ok()?,
+        u64::from_str_radix(end, 16).ok()?,
+    ))
 }
 
 /// The VMM an executable's `comm` (at most 15 bytes, so `qemu-system-x86_64` reads as
@@ -718,6 +826,77 @@ mod tests {
             Mergeability::Impossible(r) if r.contains("memfd")
         ));
         assert_eq!(mergeability(&[]), Mergeability::Unknown);
+        // The hints took a range out: KSM still merges the rest.
+        let piece = |start: u64, end: u64, mergeable| RamMapping {
+            span: crate::addresses::GuestSpan::new(start, end),
+            backing: "private-anonymous".into(),
+            mergeable,
+        };
+        assert_eq!(
+            mergeability(&[piece(0, 2 << 20, false), piece(2 << 20, 1 << 30, true)]),
+            Mergeability::Mergeable
+        );
+    }
+
+    #[test]
+    fn a_layout_moves_with_guest_ram_not_with_small_mappings_elsewhere() {
+        assert_eq!(
+            maps_line_span(b"7f9857e00000-7f9867e00000 rw-p 00000000 00:00 0 \n"),
+            Some((0x7f98_57e0_0000, 0x7f98_67e0_0000))
+        );
+        assert_eq!(maps_line_span(b"garbage\n"), None);
+        let ram = [(0x7f98_57e0_0000, 0x7f98_67e0_0000)];
+        let hash = |text: &str| layout_hash(text.as_bytes(), &ram).map(|h| h.digest());
+        const RAM: &str = "7f9857e00000-7f9867e00000 rw-p 00000000 00:00 0 \n";
+        let base = hash(RAM);
+        // A thread stack (8 MiB) and its guard elsewhere come and go: no move.
+        let stack = "7f98b433b000-7f98b4b3b000 rw-p 00000000 00:00 0 \n\
+                     7f98b4b3b000-7f98b4b3c000 ---p 00000000 00:00 0 \n";
+        assert_eq!(hash(&format!("{RAM}{stack}")), base);
+        // The RAM split by the hints (18 + 2 + 236 MiB) moved.
+        let split = "7f9857e00000-7f9859000000 rw-p 00000000 00:00 0 \n\
+                     7f9859000000-7f9859200000 rw-p 00000000 00:00 0 \n\
+                     7f9859200000-7f9867e00000 rw-p 00000000 00:00 0 \n";
+        assert_ne!(hash(split), base);
+        // A mapping growing the RAM's run, and a large new one (hot-plugged RAM), too.
+        assert_ne!(
+            hash(&format!("{RAM}7f9867e00000-7f9868000000 rw-p 0 00:00 0 \n")),
+            base
+        );
+        assert_ne!(
+            hash(&format!("{RAM}7fa000000000-7fa040000000 rw-p 0 00:00 0 \n")),
+            base
+        );
+        // A live process has one; a PID that is not there has none.
+        assert!(layout_fingerprint(std::process::id(), &[]).is_some());
+        assert_eq!(layout_fingerprint(u32::MAX, &[]), None);
+    }
+
+    #[test]
+    fn guest_ram_split_into_small_pieces_stays_guest_ram() {
+        let m = |start: u64, end: u64, backing: &str| RamMapping {
+            span: crate::addresses::GuestSpan::new(start, end),
+            backing: backing.into(),
+            mergeable: true,
+        };
+        const MIB: u64 = 1 << 20;
+        let found = large_runs([
+            // A thread stack: small and alone.
+            m(0, 8 * MIB, "private-anonymous"),
+            // 256 MiB of guest RAM split by the hints into 18 + 2 + 236 MiB.
+            m(10 * MIB, 28 * MIB, "private-anonymous"),
+            m(28 * MIB, 30 * MIB, "private-anonymous"),
+            m(30 * MIB, 266 * MIB, "private-anonymous"),
+            // Adjacent, but another backing: a run of its own, too small.
+            m(266 * MIB, 270 * MIB, "memfd:/memfd:x"),
+            // A gap, then another 8 MiB alone.
+            m(300 * MIB, 308 * MIB, "private-anonymous"),
+        ]);
+        let spans: Vec<(u64, u64)> = found
+            .iter()
+            .map(|m| (m.span.start / MIB, m.span.end / MIB))
+            .collect();
+        assert_eq!(spans, [(10, 28), (28, 30), (30, 266)]);
     }
 
     #[test]

@@ -22,13 +22,16 @@ pub use account::{Counts, RANGE_BYTES, RangeCounts, Report};
 use page_state::{F_MERGED, F_THP, F_ZERO, F_ZERO_FRAME, PageState, SAMPLE_ONE_IN};
 
 use crate::{
-    host::{maps, pagemap},
+    host::{inventory, maps, pagemap},
     util::convert,
 };
 
 pub const PAGE: usize = crate::util::PAGE;
 /// Pages per chunk: one pagemap read, reads of its present runs into one reused buffer.
 const CHUNK: usize = 256;
+/// The longest sleep between two looks at the stop flag. 50 ms woke a resting scan thread
+/// twenty times a second: a sixth of its CPU on a quiet host went to waking up.
+const SLEEP_SLICE: std::time::Duration = std::time::Duration::from_millis(250);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ScanError {
@@ -74,6 +77,9 @@ pub struct Scanner {
     /// The pass under way reads one page in this many (1: every page; see
     /// [`Scanner::pass_sampled`]).
     sample_one_in: usize,
+    /// Each process's ranges to scan, with the fingerprint of the mappings they were
+    /// found in (see [`Scanner::targets_of`]).
+    layouts: BTreeMap<u32, (u64, Vec<(u64, u64)>)>,
 }
 
 /// Reads `buf.len()` bytes at `addr` of the process whose `/proc/PID/mem` is `mem`;
@@ -119,6 +125,7 @@ impl Scanner {
             lookups: Vec::with_capacity(CHUNK),
             round_seen: std::collections::BTreeSet::new(),
             sample_one_in: 1,
+            layouts: BTreeMap::new(),
         }
     }
 
@@ -160,6 +167,7 @@ impl Scanner {
     pub fn retain(&mut self, pids: &[u32]) {
         self.procs.retain(|p, _| pids.contains(p));
         self.vm_passes.retain(|p, _| pids.contains(p));
+        self.layouts.retain(|p, _| pids.contains(p));
         self.rechecks.retain(pids);
     }
 
@@ -207,10 +215,10 @@ impl Scanner {
         pids: &[u32],
         progress: &mut dyn FnMut(u64, u64),
     ) -> Result<(), ScanError> {
-        let plan = pids
-            .iter()
-            .map(|&pid| Ok((pid, maps::targets(pid).ok_or(ScanError::UnknownPid(pid))?)))
-            .collect::<Result<Vec<_>, ScanError>>()?;
+        let mut plan = Vec::with_capacity(pids.len());
+        for &pid in pids {
+            plan.push((pid, self.targets_of(pid).ok_or(ScanError::UnknownPid(pid))?));
+        }
         let total: u64 = plan
             .iter()
             .flat_map(|(_, ranges)| ranges)
@@ -254,6 +262,27 @@ impl Scanner {
             self.round_seen.clear();
         }
         Ok(())
+    }
+
+    /// The ranges of `pid` to scan. [`maps::targets`] describes a VM from smaps, which
+    /// walks the page tables of all its guest RAM: it is asked again only when the
+    /// process's mappings moved ([`inventory::layout_fingerprint`], a read of
+    /// `/proc/PID/maps`). The fingerprint is taken first: mappings that move meanwhile
+    /// read as moved next time.
+    fn targets_of(&mut self, pid: u32) -> Option<Vec<(u64, u64)>> {
+        let known = self
+            .layouts
+            .get(&pid)
+            .map_or(&[][..], |(_, r)| r.as_slice());
+        let layout = inventory::layout_fingerprint(pid, known)?;
+        if let Some((seen, ranges)) = self.layouts.get(&pid)
+            && *seen == layout
+        {
+            return Some(ranges.clone());
+        }
+        let ranges = maps::targets(pid)?;
+        self.layouts.insert(pid, (layout, ranges.clone()));
+        Some(ranges)
     }
 
     fn scan_mapping(
@@ -432,7 +461,7 @@ impl Scanner {
                     (self.rechecks.next_round() - self.now()).max(0.001),
                 )
             };
-            std::thread::sleep(left.min(std::time::Duration::from_millis(50)).min(to_round));
+            std::thread::sleep(left.min(SLEEP_SLICE).min(to_round));
         }
     }
 
@@ -501,7 +530,7 @@ fn page_flags(zero: bool, f: pagemap::FrameFlags) -> u8 {
     bit(zero, F_ZERO) | bit(f.zero_page, F_ZERO_FRAME) | bit(f.thp, F_THP) | bit(f.ksm, F_MERGED)
 }
 
-/// Sleeps for `d`, in slices of at most 50 ms, and returns early once `stop` is set: at
+/// Sleeps for `d`, in slices of at most [`SLEEP_SLICE`], and returns early once `stop` is set: at
 /// a small budget a pacing sleep lasts seconds, and shutdown must not wait for it.
 pub fn sleep_unless(stop: Option<&std::sync::atomic::AtomicBool>, d: std::time::Duration) {
     let end = std::time::Instant::now() + d;
@@ -513,6 +542,6 @@ pub fn sleep_unless(stop: Option<&std::sync::atomic::AtomicBool>, d: std::time::
         if left.is_zero() {
             return;
         }
-        std::thread::sleep(left.min(std::time::Duration::from_millis(50)));
+        std::thread::sleep(left.min(SLEEP_SLICE));
     }
 }
