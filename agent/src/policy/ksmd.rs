@@ -16,7 +16,12 @@
 //!   content rewritten in place (which no fault reveals) without paying stock's constant
 //!   scan. 300 s was tried first: on the `timeline` scenario a guest that loaded 32 MiB of
 //!   another guest's data into memory it had already touched went unmerged for the whole
-//!   120 s phase (no fault reveals such a write).
+//!   120 s phase (no fault reveals such a write). Each quiet full scan that merged
+//!   nothing doubles the period, up to `idle_max_scan_seconds` (600 s): a host that stays
+//!   quiet stops paying for looks that find nothing (at 120 s ksmd alone cost 75 % of
+//!   stock's CPU on three quiet lab guests), and any trigger starts again from 120 s. The
+//!   quiet scan covers what ksmd scans (measured between full scans): with the hints,
+//!   only the ranges they left mergeable, not all guest RAM.
 //!
 //! Both are capped by the ksmd CPU budget: the cost of a page visit is measured (ksmd's
 //! CPU time over `pages_scanned`), so `pace x cost <= budget`. The pace is quantized to
@@ -34,6 +39,8 @@ pub struct KsmdPolicy {
     pub hot_scan_seconds: f64,
     /// Full-scan period when nothing changed.
     pub idle_scan_seconds: f64,
+    /// The quiet period doubles after each full scan that merged nothing, up to this.
+    pub idle_max_scan_seconds: f64,
     /// Never slower than this while hot (stock KSM's 100 pages / 20 ms), budget permitting.
     pub floor_pages_per_sec: f64,
     /// Never slower than this at all.
@@ -58,6 +65,7 @@ impl Default for KsmdPolicy {
             ksmd_cpu: 0.10,
             hot_scan_seconds: 8.0,
             idle_scan_seconds: 120.0,
+            idle_max_scan_seconds: 600.0,
             floor_pages_per_sec: 5000.0,
             idle_min_pages_per_sec: 50.0,
             hot_scans: 3,
@@ -202,6 +210,8 @@ pub struct Decision {
 /// for ~2.1 M page visits in the lab benchmark (2 us).
 const PRIOR_COST_S: f64 = 2e-6;
 const MAX_PAGES_TO_SCAN: f64 = 100_000.0;
+/// A quiet ksmd's scan is taken as measured when under this share of all guest RAM.
+const QUIET_SCAN_SHARE: f64 = 0.75;
 
 /// The controller's memory between ticks.
 #[derive(Clone, Debug)]
@@ -219,6 +229,12 @@ pub struct KsmdController {
     last: Option<Decision>,
     /// Hot but held for the hints (renewed when released).
     held: bool,
+    /// Full scans while quiet since the last trigger: the quiet period's doublings.
+    quiet_scans: u64,
+    /// The last full scan ended while quiet: the next one is made wholly while quiet.
+    quiet_boundary: bool,
+    /// Pages of the last full scan made wholly while quiet, since the last trigger.
+    quiet_scan_pages: Option<f64>,
 }
 
 impl KsmdController {
@@ -235,6 +251,9 @@ impl KsmdController {
             savings_seen: 0,
             last: None,
             held: false,
+            quiet_scans: 0,
+            quiet_boundary: false,
+            quiet_scan_pages: None,
         }
     }
 
@@ -255,6 +274,18 @@ impl KsmdController {
         }
         self.hot_until_scans = self.hot_until_scans.max(until);
         self.hot_deadline = self.hot_deadline.max(obs.t + self.policy.hot_max_seconds);
+        self.quiet_scans = 0;
+        self.quiet_boundary = false;
+        self.quiet_scan_pages = None;
+    }
+
+    /// The quiet full-scan period: `idle_scan_seconds`, doubled per quiet full scan
+    /// since the last trigger, at most `idle_max_scan_seconds`.
+    fn quiet_period(&self) -> f64 {
+        let p = &self.policy;
+        let doublings = i32::try_from(self.quiet_scans.min(16)).unwrap_or(16);
+        (p.idle_scan_seconds * 2f64.powi(doublings))
+            .min(p.idle_max_scan_seconds.max(p.idle_scan_seconds))
     }
 
     fn is_hot(&self, obs: &Observation) -> bool {
@@ -292,11 +323,16 @@ impl KsmdController {
             self.heat(obs, self.hot_reason, p.hot_scans);
             hot = self.is_hot(obs);
         }
-        let scan = self
-            .scan_pages
-            .unwrap_or(0.0)
-            .max(obs.mergeable_pages as f64)
-            .max(1.0);
+        // Hot: the last scan's size, or all mergeable guest RAM if larger (a new VM is
+        // not in the last scan). Quiet: what ksmd scanned in a quiet full scan since the
+        // last trigger, when well under all guest RAM (the hints took ranges out); a
+        // measure near it is taken as all of it, so that its noise moves no knob.
+        let all = obs.mergeable_pages as f64;
+        let scan = match self.quiet_scan_pages {
+            Some(measured) if !hot && measured < QUIET_SCAN_SHARE * all => measured,
+            _ => self.scan_pages.unwrap_or(0.0).max(all),
+        }
+        .max(1.0);
         let (wanted, reason) = if hot {
             (
                 (scan / p.hot_scan_seconds).max(p.floor_pages_per_sec),
@@ -304,7 +340,7 @@ impl KsmdController {
             )
         } else {
             (
-                (scan / p.idle_scan_seconds).max(p.idle_min_pages_per_sec),
+                (scan / self.quiet_period()).max(p.idle_min_pages_per_sec),
                 if self.held {
                     Reason::HintsSettling
                 } else {
@@ -359,10 +395,26 @@ impl KsmdController {
         }
         if obs.ksm.full_scans > prev.ksm.full_scans {
             let (fs, ps) = (obs.ksm.full_scans, obs.ksm.pages_scanned);
+            // Full scans made wholly while quiet (begun at a quiet boundary) double the
+            // period; reset below when one merged (or anything else triggers).
+            let mut whole = 0;
+            if self.is_hot(prev) {
+                self.quiet_boundary = false;
+            } else {
+                whole = fs - prev.ksm.full_scans - u64::from(!self.quiet_boundary);
+                self.quiet_scans += whole;
+                self.quiet_boundary = true;
+            }
             if let Some((bfs, bsharing, bps)) = self.boundary
                 && fs > bfs
             {
-                self.scan_pages = Some(ps.saturating_sub(bps) as f64 / (fs - bfs) as f64);
+                let size = ps.saturating_sub(bps) as f64 / (fs - bfs) as f64;
+                self.scan_pages = Some(size);
+                // Measured at the quiet pace, the boundaries' ticks hold few pages: a
+                // precise size (a hot scan's, seen at 2 s ticks, was off by a third).
+                if whole > 0 {
+                    self.quiet_scan_pages = Some(size);
+                }
                 if obs.ksm.pages_sharing >= bsharing + p.merge_gain_pages {
                     self.heat(obs, Reason::Merging, 1);
                 }
