@@ -191,8 +191,13 @@ impl Hinting {
             };
             // The RAM as last described (again whenever its mappings move): reading it
             // afresh here, from smaps, walked every page table of every VM at each
-            // ranking, two thirds of a quiet daemon's refresh CPU.
-            let maps = vm.ram_spans();
+            // ranking, two thirds of a quiet daemon's refresh CPU. A process that is no
+            // VMM (`--pid`) has no described RAM: its anonymous mappings, from maps.
+            let maps = if vm.ram.is_empty() {
+                crate::host::maps::targets(*pid).unwrap_or_default()
+            } else {
+                vm.ram_spans()
+            };
             if maps.is_empty() {
                 continue;
             }
