@@ -437,17 +437,20 @@ impl Daemon {
         for (&pid, &kind) in &found.vms {
             // Described again: while its RAM is not mapped yet (a VMM seen at its start),
             // and when its mappings moved (merging turned on or off).
+            // The fingerprint is taken before describing, so that a move meanwhile shows
+            // at the next check; the one the check read serves when it found the move.
+            let mut checked = None;
             if let Some(old) = self.vms.get(&pid)
                 && let Some(d) = self.described.get_mut(&pid)
                 && d.due(
                     self.refreshes,
                     old.mergeability == inventory::Mergeability::Unknown,
-                    || inventory::layout_fingerprint(pid, &old.ram_spans()),
+                    || *checked.insert(inventory::layout_fingerprint(pid, &old.ram_spans())),
                 )
             {
-                // Taken before describing, so that a move meanwhile shows at the next check.
                 let old_ram = old.ram_spans();
-                let mut layout = inventory::layout_fingerprint(pid, &old_ram);
+                let mut layout =
+                    checked.unwrap_or_else(|| inventory::layout_fingerprint(pid, &old_ram));
                 if let Some(vm) = inventory::describe(pid, kind) {
                     let ram = vm.ram_spans();
                     if ram != old_ram {

@@ -44,6 +44,23 @@ fn simulate(c: &mut KsmdController, mut o: Observation, t_end: f64, merged: u64)
     out
 }
 
+/// Runs the controller from `o` (ksmd at `d`'s knobs) until `t_end`, on a simulated ksmd
+/// whose full scans are `scan` pages and merge nothing; returns the last observation and
+/// decision.
+fn run_until(
+    c: &mut KsmdController,
+    mut o: Observation,
+    mut d: Decision,
+    t_end: f64,
+    scan: u64,
+) -> (Observation, Decision) {
+    while o.t < t_end {
+        o = advance(&o, d.knobs, 2.0, 2e-6, scan, 0);
+        d = c.decide(&o);
+    }
+    (o, d)
+}
+
 #[test]
 fn starts_hot_then_goes_quiet_when_scans_merge_nothing() {
     let mut c = KsmdController::new(KsmdPolicy::default());
@@ -67,22 +84,15 @@ fn starts_hot_then_goes_quiet_when_scans_merge_nothing() {
 #[test]
 fn a_quiet_host_backs_off_to_the_longest_period_and_a_trigger_starts_again() {
     let mut c = KsmdController::new(KsmdPolicy::default());
-    let mut o = base();
-    let mut d = c.decide(&o);
-    while o.t < 3_000.0 {
-        o = advance(&o, d.knobs, 2.0, 2e-6, 200_000, 0);
-        d = c.decide(&o);
-    }
+    let d = c.decide(&base());
+    let (mut o, d) = run_until(&mut c, base(), d, 3_000.0, 200_000);
     // A full scan every 600 s: 333 pages/s, quantized up by at most a quarter octave and
     // kept within a third of one (the knobs' 10 ms sleep steps).
     assert_eq!(d.reason, Reason::Quiet);
     assert!((333.0..=520.0).contains(&d.knobs.pace()), "{d:?}");
     // A VM arrives: hot, then quiet again at the 120 s period.
     o.vms_arrived += 1;
-    while o.t < 3_100.0 {
-        o = advance(&o, d.knobs, 2.0, 2e-6, 200_000, 0);
-        d = c.decide(&o);
-    }
+    let (_, d) = run_until(&mut c, o, d, 3_100.0, 200_000);
     assert_eq!(d.reason, Reason::Quiet);
     assert!((1_300.0..=2_100.0).contains(&d.knobs.pace()), "{d:?}");
 }
@@ -90,14 +100,10 @@ fn a_quiet_host_backs_off_to_the_longest_period_and_a_trigger_starts_again() {
 #[test]
 fn the_quiet_scan_covers_what_ksmd_scans_not_all_guest_ram() {
     let mut c = KsmdController::new(KsmdPolicy::default());
-    let mut o = base();
-    let mut d = c.decide(&o);
+    let d = c.decide(&base());
     // The hints left a quarter of the 200 Ki pages mergeable: ksmd's full scans are
     // 50 Ki pages.
-    while o.t < 200.0 {
-        o = advance(&o, d.knobs, 2.0, 2e-6, 50_000, 0);
-        d = c.decide(&o);
-    }
+    let (_, d) = run_until(&mut c, base(), d, 200.0, 50_000);
     assert_eq!(d.reason, Reason::Quiet);
     assert!(d.knobs.pace() <= 50_000.0 / 120.0 * 1.2, "{d:?}");
 }
@@ -117,12 +123,8 @@ fn a_full_scan_that_merged_earns_another() {
 
 fn settled() -> (KsmdController, Observation) {
     let mut c = KsmdController::new(KsmdPolicy::default());
-    let mut o = base();
-    let mut k = c.decide(&o).knobs;
-    while o.t < 200.0 {
-        o = advance(&o, k, 2.0, 2e-6, 200_000, 0);
-        k = c.decide(&o).knobs;
-    }
+    let d = c.decide(&base());
+    let (o, _) = run_until(&mut c, base(), d, 200.0, 200_000);
     assert_eq!(c.last().unwrap().reason, Reason::Quiet);
     (c, o)
 }
