@@ -341,7 +341,10 @@ pub fn qemu_memory(cmdline: &[String]) -> Option<u64> {
 /// marks or unmarks, and the merge hints leave pieces of 2 MiB. Filtered one by one,
 /// those pieces (the ranges the hints took out, and a lab guest's 18 MiB before one)
 /// dropped out of the VM: the scan stopped reading them, so a range taken out could never
-/// be seen calm again.
+/// be seen calm again. A run holds only pieces whose VMA flags agree but for `mg` (the
+/// one flag a merge hint changes): mmap places a VMM's thread stacks and malloc arenas
+/// right beside its guest RAM, and they differ from it (QEMU's RAM is `dc hg`, a stack
+/// is neither), so they stay out.
 fn ram_mappings(proc_: &Process) -> Vec<RamMapping> {
     let Ok(maps) = proc_.smaps() else {
         return Vec::new();
@@ -370,20 +373,22 @@ fn ram_mappings(proc_: &Process) -> Vec<RamMapping> {
                 // File-backed mappings (the VMM binary, disk images) are not guest RAM.
                 _ => return None,
             };
-            Some(RamMapping {
+            let mapping = RamMapping {
                 span: crate::addresses::GuestSpan::new(m.address.0, m.address.1),
                 backing,
                 mergeable: flags.contains(VmFlags::MG),
-            })
+            };
+            Some((mapping, (flags - VmFlags::MG).bits()))
         });
     large_runs(candidates)
 }
 
 /// The mappings (in address order) that belong to address-contiguous runs of one backing
-/// spanning at least [`MIN_RAM_MAPPING`].
-fn large_runs(mappings: impl IntoIterator<Item = RamMapping>) -> Vec<RamMapping> {
+/// and one set of VMA flags but `mg` (`kind`), spanning at least [`MIN_RAM_MAPPING`].
+fn large_runs(mappings: impl IntoIterator<Item = (RamMapping, u32)>) -> Vec<RamMapping> {
     let mut out = Vec::new();
     let mut run: Vec<RamMapping> = Vec::new();
+    let mut run_kind = 0;
     let flush = |run: &mut Vec<RamMapping>, out: &mut Vec<RamMapping>| {
         let (Some(first), Some(last)) = (run.first(), run.last()) else {
             return;
@@ -393,12 +398,13 @@ fn large_runs(mappings: impl IntoIterator<Item = RamMapping>) -> Vec<RamMapping>
         }
         run.clear();
     };
-    for m in mappings {
-        let joins = run
-            .last()
-            .is_some_and(|l| l.span.end == m.span.start && l.backing == m.backing);
+    for (m, kind) in mappings {
+        let joins = run.last().is_some_and(|l| {
+            l.span.end == m.span.start && l.backing == m.backing && run_kind == kind
+        });
         if !joins {
             flush(&mut run, &mut out);
+            run_kind = kind;
         }
         run.push(m);
     }
@@ -872,31 +878,90 @@ mod tests {
         assert_eq!(layout_fingerprint(u32::MAX, &[]), None);
     }
 
+    /// The real smaps path on this very process: 64 MiB of "guest RAM" (`dc`, as QEMU
+    /// marks its RAM with `MADV_DONTFORK`) with a mapping of other flags right below it
+    /// (the thread stack mmap places there), then split by a merge hint.
+    #[test]
+    fn a_mapping_touching_guest_ram_stays_out_of_it() {
+        const MIB: usize = 1 << 20;
+        let len = 72 * MIB;
+        // SAFETY: a fresh private anonymous mapping, advised and unmapped only here.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(base, libc::MAP_FAILED);
+        let at = |off: usize| (base as usize + off) as *mut libc::c_void;
+        // SAFETY: all three ranges lie inside the mapping above.
+        unsafe {
+            assert_eq!(libc::madvise(at(0), 8 * MIB, libc::MADV_DONTDUMP), 0);
+            assert_eq!(libc::madvise(at(8 * MIB), 64 * MIB, libc::MADV_DONTFORK), 0);
+            assert_eq!(
+                libc::madvise(at(20 * MIB), 2 * MIB, libc::MADV_MERGEABLE),
+                0
+            );
+        }
+        let found = ram_mappings(&Process::myself().unwrap());
+        // SAFETY: the mapping made above, no longer referenced.
+        unsafe { libc::munmap(base, len) };
+        let (lo, hi) = (base as u64, (base as usize + len) as u64);
+        let ours: Vec<(u64, u64, bool)> = found
+            .iter()
+            .filter(|m| m.span.start < hi && m.span.end > lo)
+            .map(|m| {
+                (
+                    (m.span.start - lo) >> 20,
+                    (m.span.end - lo) >> 20,
+                    m.mergeable,
+                )
+            })
+            .collect();
+        assert_eq!(ours, [(8, 20, false), (20, 22, true), (22, 72, false)]);
+    }
+
     #[test]
     fn guest_ram_split_into_small_pieces_stays_guest_ram() {
-        let m = |start: u64, end: u64, backing: &str| RamMapping {
-            span: crate::addresses::GuestSpan::new(start, end),
-            backing: backing.into(),
-            mergeable: true,
+        // QEMU's guest RAM (`dc hg`, merged or not) and a thread stack (neither).
+        let ram = (VmFlags::DC | VmFlags::HG).bits();
+        let stack = 0;
+        let m = |start: u64, end: u64, backing: &str, kind: u32| {
+            let mapping = RamMapping {
+                span: crate::addresses::GuestSpan::new(start, end),
+                backing: backing.into(),
+                mergeable: true,
+            };
+            (mapping, kind)
         };
         const MIB: u64 = 1 << 20;
+        let anon = "private-anonymous";
         let found = large_runs([
             // A thread stack: small and alone.
-            m(0, 8 * MIB, "private-anonymous"),
+            m(0, 8 * MIB, anon, stack),
             // 256 MiB of guest RAM split by the hints into 18 + 2 + 236 MiB.
-            m(10 * MIB, 28 * MIB, "private-anonymous"),
-            m(28 * MIB, 30 * MIB, "private-anonymous"),
-            m(30 * MIB, 266 * MIB, "private-anonymous"),
+            m(10 * MIB, 28 * MIB, anon, ram),
+            m(28 * MIB, 30 * MIB, anon, ram),
+            m(30 * MIB, 266 * MIB, anon, ram),
             // Adjacent, but another backing: a run of its own, too small.
-            m(266 * MIB, 270 * MIB, "memfd:/memfd:x"),
+            m(266 * MIB, 270 * MIB, "memfd:/memfd:x", ram),
             // A gap, then another 8 MiB alone.
-            m(300 * MIB, 308 * MIB, "private-anonymous"),
+            m(300 * MIB, 308 * MIB, anon, stack),
+            // A thread stack and an arena mmap placed right below guest RAM: touching
+            // it, but not of it.
+            m(400 * MIB, 408 * MIB, anon, stack),
+            m(408 * MIB, 422 * MIB, anon, (VmFlags::NH).bits()),
+            m(422 * MIB, 678 * MIB, anon, ram),
         ]);
         let spans: Vec<(u64, u64)> = found
             .iter()
             .map(|m| (m.span.start / MIB, m.span.end / MIB))
             .collect();
-        assert_eq!(spans, [(10, 28), (28, 30), (30, 266)]);
+        assert_eq!(spans, [(10, 28), (28, 30), (30, 266), (422, 678)]);
     }
 
     #[test]
