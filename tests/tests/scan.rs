@@ -297,6 +297,56 @@ fn settled_pages_are_sampled_and_a_change_is_seen_within_eight_passes() {
     );
 }
 
+/// Calm memory (unchanged for two passes) is read from a rotating sample of one page in
+/// eight, and accounts as if it had been read. A block rewritten at once is seen whole in
+/// the very pass whose sample first sees it (the chunks it touched are read in full then),
+/// and a page written after a merge (its KSM frame gone) is read at once.
+#[test]
+#[serial(ksm)]
+fn calm_chunks_are_sampled_and_a_rewrite_is_read_whole_in_the_pass_that_sees_it() {
+    if !privileged("calm_chunks_are_sampled_and_a_rewrite_is_read_whole_in_the_pass_that_sees_it") {
+        return;
+    }
+    use memfabric::scan::page_state::{CALM_AFTER, SAMPLE_ONE_IN};
+    const N: usize = 4096;
+    const BLOCK: usize = 512;
+    let mut w = Workload::spawn(WORKLOAD);
+    let region = w.cmd(&format!("alloc {N} unique"));
+    let (mut all, mut skip) = (Scanner::new(2), Scanner::new(2));
+    all.set_skip_known(false);
+    for _ in 0..=CALM_AFTER {
+        all.pass(&[w.pid]).unwrap();
+        skip.pass(&[w.pid]).unwrap();
+    }
+    let mut read = [0u64; 2];
+    for _ in 0..SAMPLE_ONE_IN {
+        for (i, s) in [&mut all, &mut skip].into_iter().enumerate() {
+            let before = s.bytes_read();
+            s.pass(&[w.pid]).unwrap();
+            read[i] += s.bytes_read() - before;
+        }
+        assert_eq!(all.report().per_pid[&w.pid], skip.report().per_pid[&w.pid]);
+    }
+    assert!(
+        read[1] * 4 <= read[0],
+        "calm pages were read: {} bytes with sampling, {} without",
+        read[1],
+        read[0]
+    );
+    // A block rewritten: the next pass of each sees all of it.
+    w.cmd(&format!("touch {region} {BLOCK}"));
+    all.pass(&[w.pid]).unwrap();
+    skip.pass(&[w.pid]).unwrap();
+    let (a, b) = (all.report(), skip.report());
+    assert_eq!(a.per_pid[&w.pid].volatile_pages, BLOCK as u64);
+    assert_eq!(a.per_pid[&w.pid], b.per_pid[&w.pid]);
+    let stats = skip.known_stats().0;
+    assert!(
+        stats.escalated >= (BLOCK - BLOCK / SAMPLE_ONE_IN) as u64,
+        "{stats:?}"
+    );
+}
+
 #[test]
 fn scanning_never_faults_pages_in() {
     if !privileged("scanning_never_faults_pages_in") {

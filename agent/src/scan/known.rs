@@ -38,6 +38,9 @@ pub struct KnownStats {
     /// Settled pages not read in this pass (read in one pass of
     /// [`super::page_state::SAMPLE_ONE_IN`]).
     pub kept: u64,
+    /// Pages a calm chunk's sample left out and read anyway, because the sample saw a
+    /// change.
+    pub escalated: u64,
     /// Hits read anyway to check them, and of those, the ones that differed.
     pub verified: u64,
     pub mismatched: u64,

@@ -72,6 +72,9 @@ pub struct Scanner {
     skip_known: bool,
     /// Per page of the run being read: its hash when known, else what a read checks.
     lookups: Vec<known::Lookup>,
+    /// Pages of the chunk being read that its calm sample left out (see
+    /// [`Scanner::settle_deferred`]), with their frames' flags.
+    deferred: Vec<(usize, u8)>,
     /// VMs passed over since the known frames' round began (see [`known::KnownFrames`]).
     round_seen: std::collections::BTreeSet<u32>,
     /// The pass under way reads one page in this many (1: every page; see
@@ -123,6 +126,7 @@ impl Scanner {
             known: known::KnownFrames::default(),
             skip_known: true,
             lookups: Vec::with_capacity(CHUNK),
+            deferred: Vec::with_capacity(CHUNK),
             round_seen: std::collections::BTreeSet::new(),
             sample_one_in: 1,
             layouts: BTreeMap::new(),
@@ -296,7 +300,6 @@ impl Scanner {
         let pages = m.pages.len();
         let vm_pass = self.vm_passes.get(&pid).copied().unwrap_or(0) as usize;
         let one_in = self.sample_one_in;
-        let readable = |e: &pagemap::Entry| e.present() && !e.swapped();
         let mut first = 0;
         while first < pages {
             let chunk_start = std::time::Instant::now();
@@ -304,6 +307,12 @@ impl Scanner {
             let addr = m.start + (first * PAGE) as u64;
             map.read(addr, n, &mut self.entries)
                 .map_err(|source| ScanError::Pagemap { pid, source })?;
+            // A calm chunk is sampled; a change in the sample has the rest read now.
+            let calm = self.skip_known
+                && one_in == 1
+                && chunk_is_calm(&m.pages[first..first + n], &self.entries[..n]);
+            self.deferred.clear();
+            let sampled = |p: usize| (p + vm_pass).is_multiple_of(SAMPLE_ONE_IN);
             // Read runs of present pages only.
             let mut i = 0;
             while i < n {
@@ -337,34 +346,47 @@ impl Scanner {
                     } else {
                         known::Lookup::Read { expect: None }
                     };
-                    // A settled page on a frame of its own: read in one pass of
-                    // SAMPLE_ONE_IN, by its place in the mapping.
+                    // A settled page on a frame of its own, or any page of a calm chunk:
+                    // read in one pass of SAMPLE_ONE_IN, by its place in the mapping. Not
+                    // a page that left a KSM frame or the zero page: it was written.
+                    let p = first + k;
+                    let was = m.pages[p];
+                    let written = (was.has(F_MERGED) && !f.ksm) || was.has(F_ZERO_FRAME);
                     let lookup = match lookup {
                         known::Lookup::Read { expect: None }
                             if self.skip_known
-                                && m.pages[first + k].settled()
-                                && !(first + k + vm_pass).is_multiple_of(SAMPLE_ONE_IN) =>
+                                && (calm || was.settled())
+                                && !written
+                                && !sampled(p) =>
                         {
-                            self.known.stats.kept += 1;
                             known::Lookup::Kept
                         }
                         l => l,
                     };
                     self.lookups.push(lookup);
                 }
-                // Runs of pages that must be read, one read each; known pages between them.
-                let read = |l: &known::Lookup| matches!(l, known::Lookup::Read { .. });
-                let mut a = i;
-                while a < j {
-                    let f = self.frames[a - i];
+                for a in i..j {
                     let p = first + a;
                     match self.lookups[a - i] {
                         known::Lookup::Known(h) => {
+                            let f = self.frames[a - i];
                             m.pages[p] = m.pages[p].rescanned(h, page_flags(false, f));
                         }
-                        known::Lookup::Kept => m.pages[p] = m.pages[p].kept(page_flags(false, f)),
+                        known::Lookup::Kept if calm => {
+                            self.deferred
+                                .push((a, page_flags(false, self.frames[a - i])));
+                        }
+                        known::Lookup::Kept => {
+                            self.known.stats.kept += 1;
+                            m.pages[p] = m.pages[p].kept(page_flags(false, self.frames[a - i]));
+                        }
                         known::Lookup::Read { .. } => {}
                     }
+                }
+                // Runs of pages that must be read, one read each.
+                let read = |l: &known::Lookup| matches!(l, known::Lookup::Read { .. });
+                let mut a = i;
+                while a < j {
                     if !read(&self.lookups[a - i]) {
                         a += 1;
                         continue;
@@ -373,32 +395,13 @@ impl Scanner {
                     while b < j && read(&self.lookups[b - i]) {
                         b += 1;
                     }
-                    let bytes = (b - a) * PAGE;
-                    let got = read_remote(mem, addr + (a * PAGE) as u64, &mut self.buf[..bytes]);
-                    self.bytes_read += got as u64;
-                    for k in a..b {
-                        let p = first + k;
-                        let off = (k - a) * PAGE;
-                        if off + PAGE > got {
-                            // Unmapped meanwhile: treat as not present.
-                            m.pages[p] = PageState::ABSENT;
-                            continue;
-                        }
-                        let page = &self.buf[off..off + PAGE];
-                        let h = xxh3_64(page);
-                        let f = self.frames[k - i];
-                        if self.skip_known
-                            && let known::Lookup::Read { expect } = self.lookups[k - i]
-                        {
-                            self.known.read(self.entries[k].pfn(), f.ksm, h, expect);
-                        }
-                        let zero =
-                            !f.zero_page && h == self.zero_hash && page.iter().all(|b| *b == 0);
-                        m.pages[p] = m.pages[p].rescanned(h, page_flags(zero, f));
-                    }
+                    self.read_run(mem, m, first, addr, a..b, i);
                     a = b;
                 }
                 i = j;
+            }
+            if calm {
+                self.settle_deferred(map, mem, m, first, addr, n);
             }
             first += n;
             progress(n as u64);
@@ -411,6 +414,96 @@ impl Scanner {
             }
         }
         Ok(())
+    }
+
+    /// The pages of a calm chunk left out of its sample (`self.deferred`): taken as
+    /// unchanged when the sample read the chunk calm still, else read now (the sample saw
+    /// a change: a guest rewriting a block rewrites pages outside the sample too, and the
+    /// ranking judges this pass by what it reads).
+    fn settle_deferred(
+        &mut self,
+        map: &pagemap::Pagemap,
+        mem: &std::fs::File,
+        m: &mut Mapping,
+        first: usize,
+        addr: u64,
+        n: usize,
+    ) {
+        let deferred = std::mem::take(&mut self.deferred);
+        let still_calm = {
+            let mut d = deferred.iter().map(|(k, _)| *k).peekable();
+            (0..n).all(|k| {
+                if d.peek() == Some(&k) {
+                    d.next();
+                    return true;
+                }
+                let s = m.pages[first + k];
+                if readable(&self.entries[k]) {
+                    s.calm()
+                } else {
+                    !s.has(page_state::F_PRESENT)
+                }
+            })
+        };
+        if still_calm {
+            self.known.stats.kept += deferred.len() as u64;
+            for &(k, flags) in &deferred {
+                m.pages[first + k] = m.pages[first + k].kept(flags);
+            }
+        } else {
+            self.known.stats.escalated += deferred.len() as u64;
+            let mut r = 0;
+            while r < deferred.len() {
+                let mut e = r + 1;
+                while e < deferred.len() && deferred[e].0 == deferred[e - 1].0 + 1 {
+                    e += 1;
+                }
+                let (a, b) = (deferred[r].0, deferred[e - 1].0 + 1);
+                map.frame_flags_of(&self.entries[a..b], &mut self.frames);
+                self.lookups.clear();
+                self.lookups
+                    .resize(b - a, known::Lookup::Read { expect: None });
+                self.read_run(mem, m, first, addr, a..b, a);
+                r = e;
+            }
+        }
+        self.deferred = deferred;
+    }
+
+    /// Reads the chunk's pages `run` (present, in one piece) and takes in what they hold;
+    /// `self.frames` and `self.lookups` describe the chunk's pages from `base` on.
+    fn read_run(
+        &mut self,
+        mem: &std::fs::File,
+        m: &mut Mapping,
+        first: usize,
+        addr: u64,
+        run: std::ops::Range<usize>,
+        base: usize,
+    ) {
+        let (a, b) = (run.start, run.end);
+        let bytes = (b - a) * PAGE;
+        let got = read_remote(mem, addr + (a * PAGE) as u64, &mut self.buf[..bytes]);
+        self.bytes_read += got as u64;
+        for k in a..b {
+            let p = first + k;
+            let off = (k - a) * PAGE;
+            if off + PAGE > got {
+                // Unmapped meanwhile: treat as not present.
+                m.pages[p] = PageState::ABSENT;
+                continue;
+            }
+            let page = &self.buf[off..off + PAGE];
+            let h = xxh3_64(page);
+            let f = self.frames[k - base];
+            if self.skip_known
+                && let known::Lookup::Read { expect } = self.lookups[k - base]
+            {
+                self.known.read(self.entries[k].pfn(), f.ksm, h, expect);
+            }
+            let zero = !f.zero_page && h == self.zero_hash && page.iter().all(|b| *b == 0);
+            m.pages[p] = m.pages[p].rescanned(h, page_flags(zero, f));
+        }
     }
 
     fn now(&self) -> f64 {
@@ -525,6 +618,23 @@ impl Scanner {
 }
 
 /// A page's flags from what its content and frame showed.
+/// A page the scan can read: present in RAM, not swapped out.
+fn readable(e: &pagemap::Entry) -> bool {
+    e.present() && !e.swapped()
+}
+
+/// Whether every page of a chunk is calm (see [`PageState::calm`]) and still present, or
+/// was and is absent: such a chunk is read from a sample.
+fn chunk_is_calm(states: &[PageState], entries: &[pagemap::Entry]) -> bool {
+    states.iter().zip(entries).all(|(s, e)| {
+        if readable(e) {
+            s.calm()
+        } else {
+            !s.has(page_state::F_PRESENT)
+        }
+    })
+}
+
 fn page_flags(zero: bool, f: pagemap::FrameFlags) -> u8 {
     let bit = |on: bool, flag: u8| if on { flag } else { 0 };
     bit(zero, F_ZERO) | bit(f.zero_page, F_ZERO_FRAME) | bit(f.thp, F_THP) | bit(f.ksm, F_MERGED)

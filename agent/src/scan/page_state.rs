@@ -26,6 +26,11 @@ pub const CHANGE_MEMORY: u16 = 8;
 pub const SETTLED_AFTER: u16 = 32;
 /// A settled page is read once in this many passes.
 pub const SAMPLE_ONE_IN: usize = 8;
+/// Unchanged passes after which a page is calm: a chunk of calm pages is read from a
+/// rotating sample of one page in [`SAMPLE_ONE_IN`], and in full when the sample saw a
+/// change. Reading every page of a new or woken VM in every busy pass was most of the
+/// hints' CPU (the timeline bench read each guest's RAM nine times in its first 150 s).
+pub const CALM_AFTER: u16 = 2;
 
 /// The page was present (and read) in the last pass.
 pub const F_PRESENT: u8 = 1;
@@ -111,6 +116,11 @@ impl PageState {
     /// Present, unchanged for [`SETTLED_AFTER`] passes and no recent change.
     pub fn settled(self) -> bool {
         self.has(F_PRESENT) && self.unchanged() >= SETTLED_AFTER && self.changes() == 0
+    }
+
+    /// Present, unchanged for [`CALM_AFTER`] passes and no recent change.
+    pub fn calm(self) -> bool {
+        self.has(F_PRESENT) && self.unchanged() >= CALM_AFTER && self.changes() == 0
     }
 
     /// The state after a pass that did not read this settled page: one more unchanged
