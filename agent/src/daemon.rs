@@ -371,6 +371,7 @@ impl Daemon {
             },
             scan_pass_seconds: scan.as_ref().map_or(0.0, |s| s.pass_seconds),
             scan_bytes_total: scan.as_ref().map_or(0, |s| s.bytes_read),
+            scan_pages: scan.as_ref().map_or_else(Default::default, |s| s.pages),
             scan_rechecked_ranges: scan.as_ref().map_or(0, |s| s.rechecked_ranges),
             scan_busy_vms: scan.as_ref().map_or(0, |s| s.busy_vms as u64),
             scan_quiet_vms: scan.as_ref().map_or(0, |s| s.quiet_vms as u64),

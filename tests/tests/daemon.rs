@@ -492,6 +492,11 @@ fn ranges_are_ranked_from_scan_history_and_cow_heat() {
     // Each VM's last full pass is reported as a duration.
     let pass = vm_metric(&m, "memfabric_vm_scan_pass_seconds", w.pid);
     assert!(pass.is_some_and(|t| t > 0.0), "no pass duration: {m:?}");
+    // How the scan took pages in without reading them is exported.
+    for how in ["known", "sampled-out", "escalated"] {
+        let series = format!("memfabric_scan_pages_total{{how=\"{how}\"}}");
+        assert!(m.contains_key(&series), "no {series}: {m:?}");
+    }
 }
 
 /// Writes `m` pages of the workload's merged `region` and returns (kernel `cow_ksm`

@@ -35,11 +35,10 @@ pub const FORGET_AFTER_ROUNDS: u32 = 2;
 pub struct KnownStats {
     /// Pages not read: on the zero page, or on a KSM frame of known content.
     pub skipped: u64,
-    /// Settled pages not read in this pass (read in one pass of
-    /// [`super::page_state::SAMPLE_ONE_IN`]).
+    /// Calm pages not read (read in one pass of [`super::page_state::SAMPLE_ONE_IN`]).
     pub kept: u64,
-    /// Pages a calm chunk's sample left out and read anyway, because the sample saw a
-    /// change.
+    /// Calm pages left out of the sample and read anyway: a calm page of their chunk
+    /// changed.
     pub escalated: u64,
     /// Hits read anyway to check them, and of those, the ones that differed.
     pub verified: u64,
@@ -63,7 +62,8 @@ pub struct KnownFrames {
 pub enum Lookup {
     /// Its content's hash is known: no read.
     Known(u64),
-    /// A settled page outside this pass's sample: taken as unchanged, not read.
+    /// A calm page outside this pass's sample: taken as unchanged unless a calm page of
+    /// its chunk changed.
     Kept,
     /// Read it; if `expect` is set, the read checks a known hash.
     Read { expect: Option<u64> },

@@ -75,6 +75,8 @@ pub struct Scanner {
     /// Pages of the chunk being read that its calm sample left out (see
     /// [`Scanner::settle_deferred`]), with their frames' flags.
     deferred: Vec<(usize, u8)>,
+    /// Per page of the chunk being read: calm before this pass.
+    was_calm: Vec<bool>,
     /// VMs passed over since the known frames' round began (see [`known::KnownFrames`]).
     round_seen: std::collections::BTreeSet<u32>,
     /// The pass under way reads one page in this many (1: every page; see
@@ -127,6 +129,7 @@ impl Scanner {
             skip_known: true,
             lookups: Vec::with_capacity(CHUNK),
             deferred: Vec::with_capacity(CHUNK),
+            was_calm: Vec::with_capacity(CHUNK),
             round_seen: std::collections::BTreeSet::new(),
             sample_one_in: 1,
             layouts: BTreeMap::new(),
@@ -307,11 +310,12 @@ impl Scanner {
             let addr = m.start + (first * PAGE) as u64;
             map.read(addr, n, &mut self.entries)
                 .map_err(|source| ScanError::Pagemap { pid, source })?;
-            // A calm chunk is sampled; a change in the sample has the rest read now.
-            let calm = self.skip_known
-                && one_in == 1
-                && chunk_is_calm(&m.pages[first..first + n], &self.entries[..n]);
+            // Calm pages are sampled; a change among them has the rest read now.
+            let sampling = self.skip_known && one_in == 1;
             self.deferred.clear();
+            self.was_calm.clear();
+            self.was_calm
+                .extend(m.pages[first..first + n].iter().map(|s| s.calm()));
             let sampled = |p: usize| (p + vm_pass).is_multiple_of(SAMPLE_ONE_IN);
             // Read runs of present pages only.
             let mut i = 0;
@@ -346,18 +350,15 @@ impl Scanner {
                     } else {
                         known::Lookup::Read { expect: None }
                     };
-                    // A settled page on a frame of its own, or any page of a calm chunk:
-                    // read in one pass of SAMPLE_ONE_IN, by its place in the mapping. Not
-                    // a page that left a KSM frame or the zero page: it was written.
+                    // A calm page on a frame of its own: read in one pass of
+                    // SAMPLE_ONE_IN, by its place in the mapping. Not a page that left a
+                    // KSM frame or the zero page: it was written.
                     let p = first + k;
                     let was = m.pages[p];
                     let written = (was.has(F_MERGED) && !f.ksm) || was.has(F_ZERO_FRAME);
                     let lookup = match lookup {
                         known::Lookup::Read { expect: None }
-                            if self.skip_known
-                                && (calm || was.settled())
-                                && !written
-                                && !sampled(p) =>
+                            if sampling && self.was_calm[k] && !written && !sampled(p) =>
                         {
                             known::Lookup::Kept
                         }
@@ -372,13 +373,9 @@ impl Scanner {
                             let f = self.frames[a - i];
                             m.pages[p] = m.pages[p].rescanned(h, page_flags(false, f));
                         }
-                        known::Lookup::Kept if calm => {
+                        known::Lookup::Kept => {
                             self.deferred
                                 .push((a, page_flags(false, self.frames[a - i])));
-                        }
-                        known::Lookup::Kept => {
-                            self.known.stats.kept += 1;
-                            m.pages[p] = m.pages[p].kept(page_flags(false, self.frames[a - i]));
                         }
                         known::Lookup::Read { .. } => {}
                     }
@@ -400,7 +397,7 @@ impl Scanner {
                 }
                 i = j;
             }
-            if calm {
+            if !self.deferred.is_empty() {
                 self.settle_deferred(map, mem, m, first, addr, n);
             }
             first += n;
@@ -416,10 +413,12 @@ impl Scanner {
         Ok(())
     }
 
-    /// The pages of a calm chunk left out of its sample (`self.deferred`): taken as
-    /// unchanged when the sample read the chunk calm still, else read now (the sample saw
-    /// a change: a guest rewriting a block rewrites pages outside the sample too, and the
-    /// ranking judges this pass by what it reads).
+    /// The calm pages of a chunk left out of its sample (`self.deferred`): taken as
+    /// unchanged when every calm page the pass did read is calm still, else read now (a
+    /// calm page changed or went: a guest rewriting a block rewrites pages outside the
+    /// sample too, and the ranking judges this pass by what it reads). Pages that changed
+    /// lately are read in every pass and do not count: a few churning pages do not have
+    /// the calm ones around them read again and again.
     fn settle_deferred(
         &mut self,
         map: &pagemap::Pagemap,
@@ -437,12 +436,7 @@ impl Scanner {
                     d.next();
                     return true;
                 }
-                let s = m.pages[first + k];
-                if readable(&self.entries[k]) {
-                    s.calm()
-                } else {
-                    !s.has(page_state::F_PRESENT)
-                }
+                !self.was_calm[k] || m.pages[first + k].calm()
             })
         };
         if still_calm {
@@ -621,18 +615,6 @@ impl Scanner {
 /// A page the scan can read: present in RAM, not swapped out.
 fn readable(e: &pagemap::Entry) -> bool {
     e.present() && !e.swapped()
-}
-
-/// Whether every page of a chunk is calm (see [`PageState::calm`]) and still present, or
-/// was and is absent: such a chunk is read from a sample.
-fn chunk_is_calm(states: &[PageState], entries: &[pagemap::Entry]) -> bool {
-    states.iter().zip(entries).all(|(s, e)| {
-        if readable(e) {
-            s.calm()
-        } else {
-            !s.has(page_state::F_PRESENT)
-        }
-    })
 }
 
 fn page_flags(zero: bool, f: pagemap::FrameFlags) -> u8 {

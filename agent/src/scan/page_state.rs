@@ -19,18 +19,14 @@ const CHANGES_MAX: u8 = 3;
 /// ksmd merged them in between (8,000 COW breaks per guest).
 pub const CHANGE_MEMORY: u16 = 8;
 
-/// Unchanged passes after which a page on a frame of its own is settled: it is read in one
-/// pass of [`SAMPLE_ONE_IN`] only (a rotating sample) and taken as unchanged in the
-/// others. Memory that has not changed for this long rarely starts again; when it does,
-/// the change is seen within `SAMPLE_ONE_IN` passes instead of one.
-pub const SETTLED_AFTER: u16 = 32;
-/// A settled page is read once in this many passes.
+/// A calm page is read once in this many passes.
 pub const SAMPLE_ONE_IN: usize = 8;
-/// Unchanged passes after which a page is calm: a chunk of calm pages is read from a
-/// rotating sample of one page in [`SAMPLE_ONE_IN`], and in full when the sample saw a
-/// change. Reading every page of a new or woken VM in every busy pass was most of the
-/// hints' CPU (the timeline bench read each guest's RAM nine times in its first 150 s).
-pub const CALM_AFTER: u16 = 2;
+/// Unchanged passes after which a page with no recent change is calm: calm pages are read
+/// from a rotating sample of one page in [`SAMPLE_ONE_IN`], and those of a 1 MiB chunk in
+/// full when a calm page of it changed. Reading every page of a new or woken VM in every
+/// busy pass was most of the hints' CPU (the timeline bench read each guest's RAM nine
+/// times in its first 150 s).
+pub const CALM_AFTER: u16 = 1;
 
 /// The page was present (and read) in the last pass.
 pub const F_PRESENT: u8 = 1;
@@ -113,17 +109,12 @@ impl PageState {
         self.changed() || self.changes() >= 2
     }
 
-    /// Present, unchanged for [`SETTLED_AFTER`] passes and no recent change.
-    pub fn settled(self) -> bool {
-        self.has(F_PRESENT) && self.unchanged() >= SETTLED_AFTER && self.changes() == 0
-    }
-
     /// Present, unchanged for [`CALM_AFTER`] passes and no recent change.
     pub fn calm(self) -> bool {
         self.has(F_PRESENT) && self.unchanged() >= CALM_AFTER && self.changes() == 0
     }
 
-    /// The state after a pass that did not read this settled page: one more unchanged
+    /// The state after a pass that did not read this calm page: one more unchanged
     /// pass, the frame's current `flags` (its zero content kept, which only a read tells).
     pub fn kept(self, flags: u8) -> PageState {
         PageState::with_changes(
@@ -185,19 +176,25 @@ mod tests {
     }
 
     #[test]
-    fn settled_pages_are_kept_with_their_content_flags() {
+    fn calm_pages_are_kept_with_their_content_flags() {
         let mut s = PageState::ABSENT.rescanned(5 << 16, F_ZERO);
-        for _ in 0..SETTLED_AFTER {
-            assert!(!s.settled());
+        for _ in 0..CALM_AFTER {
+            assert!(!s.calm());
             s = s.rescanned(5 << 16, F_ZERO);
         }
-        assert!(s.settled());
+        assert!(s.calm());
         let k = s.kept(F_THP);
         assert_eq!(k.hash(), s.hash());
         assert_eq!(k.flags(), F_ZERO | F_THP | F_PRESENT | F_SEEN);
         assert_eq!(k.unchanged(), s.unchanged() + 1);
-        // A change read in a sampled pass unsettles it.
-        assert!(!k.rescanned(6 << 16, 0).settled());
+        // A change read in a sampled pass ends its calm, for CHANGE_MEMORY passes.
+        let mut c = k.rescanned(6 << 16, 0);
+        assert!(!c.calm());
+        for _ in 0..CHANGE_MEMORY {
+            assert!(!c.calm());
+            c = c.rescanned(6 << 16, 0);
+        }
+        assert!(c.calm());
     }
 
     #[test]

@@ -29,6 +29,8 @@ pub struct ScanStatus {
     /// Wall time of the last pass over each VM, by PID.
     pub vm_pass_seconds: std::collections::BTreeMap<u32, f64>,
     pub bytes_read: u64,
+    /// Pages taken in without a read, and escalated reads.
+    pub pages: crate::wire::ScanPages,
     /// Ranges the rechecks between passes track now.
     pub rechecked_ranges: u64,
     /// Set when the scan thread died (a panic): the daemon reports it on /healthz.
@@ -259,6 +261,12 @@ fn scan_loop(
                 s.vm_pass_seconds.insert(*pid, wall.as_secs_f64());
             }
             s.bytes_read = scanner.bytes_read();
+            let (known, _) = scanner.known_stats();
+            s.pages = crate::wire::ScanPages {
+                known: known.skipped,
+                sampled_out: known.kept,
+                escalated: known.escalated,
+            };
             s.rechecked_ranges = scanner.rechecked_ranges() as u64;
             (s.busy_vms, s.quiet_vms) = schedule.counts();
         }

@@ -299,6 +299,22 @@ impl Collector for HostCollector {
             "Bytes the page scanner has read",
             s.scan_bytes_total,
         )?;
+        let pages = &s.scan_pages;
+        family(
+            e,
+            "memfabric_scan_pages",
+            "Pages the scanner took in without reading them: `known` (the zero page, or a \
+             KSM frame read before), `sampled-out` (calm memory outside the \
+             pass's rotating sample); and `escalated`: pages of a calm chunk read because \
+             its sample saw a change",
+            MetricType::Counter,
+            &[
+                (labels::How { how: "known" }, pages.known),
+                (labels::How { how: "sampled-out" }, pages.sampled_out),
+                (labels::How { how: "escalated" }, pages.escalated),
+            ],
+            enc_counter,
+        )?;
         gauge(
             e,
             "memfabric_scan_rechecked_ranges",

@@ -84,6 +84,12 @@ pub(super) struct VmHost {
     pub(super) host: String,
 }
 
+/// How the scanner took in a page.
+#[derive(Clone, Debug, EncodeLabelSet)]
+pub(super) struct How {
+    pub(super) how: &'static str,
+}
+
 /// Bytes in or out.
 #[derive(Clone, Debug, EncodeLabelSet)]
 pub(super) struct Direction {

@@ -7,7 +7,7 @@
 //! first (fast), then runs at its default pace while the passes are measured. Both
 //! scanners pass over all four holders in turn, rounds interleaved; their first pass (cold:
 //! nothing known) is reported apart from the steady ones (medians), and the skipping one
-//! first passes until its unchanged memory is settled (sampled one pass in eight). Their
+//! first passes until its unchanged memory is calm (sampled one page in eight). Their
 //! reports must agree: a skipped page must account as if it had been read.
 
 use memfabric::actuate::knobs::Knob;
@@ -27,7 +27,7 @@ struct Pass {
     cpu_s: f64,
     bytes_read: u64,
     skipped: u64,
-    /// Settled pages not read (sampled).
+    /// Calm pages not read (sampled out).
     kept: u64,
 }
 
@@ -99,8 +99,8 @@ pub(crate) fn run(
                 (LIVE_BYTES.load(std::sync::atomic::Ordering::Relaxed) - before) as u64;
             scanners.push(s);
         }
-        // Until unchanged memory is settled (the skipping scanner samples it).
-        for _ in 0..=memfabric::scan::page_state::SETTLED_AFTER {
+        // Until unchanged memory is calm (the skipping scanner samples it).
+        for _ in 0..=memfabric::scan::page_state::CALM_AFTER {
             scanners[1].pass(&pids)?;
         }
         for round in 0..rounds {
@@ -108,7 +108,7 @@ pub(crate) fn run(
                 let p = measure(&mut scanners[i], &pids, gib, i == 1, false)?;
                 eprintln!(
                     "{gib} GiB round {round} {}: {:.3} s CPU, {} MiB read, {} pages known, {} \
-                     settled pages sampled out",
+                     calm pages sampled out",
                     if i == 1 { "skipping" } else { "reading all" },
                     p.cpu_s,
                     p.bytes_read >> 20,
@@ -217,8 +217,8 @@ fn report(
         "# bench scale\n\nFour holders per size: 50 % content all four hold (merged by KSM), \
          40 % unique, 10 % unique and rewritten every second. One pass = all four holders, \
          unpaced. The skipping scanner skips the zero page and known KSM frames, and reads \
-         settled memory (unchanged for 32 passes) one pass in eight. Steady passes: medians of {rounds} interleaved rounds after a cold first \
-         pass each. CPU is the scan thread's.\n\n\
+         calm memory (unchanged since the last pass) one page in eight. Steady passes: \
+         medians of {rounds} interleaved rounds after a cold first pass each. CPU is the scan thread's.\n\n\
          | guest RAM | reads all: CPU s/pass | skips known: CPU s/pass | ratio | reads all: \
          MiB read/pass | skips known: MiB read/pass | CPU ms per GiB per pass (all / skip) \
          |\n|---|---|---|---|---|---|---|\n"
