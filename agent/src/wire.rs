@@ -54,17 +54,6 @@ pub struct ProbeSummary {
 /// Everything the daemon knows, as of `taken_at_unix_ms`: the document of `/v1/status`
 /// (version 1 of it: fields may be added with defaults, never renamed or removed; a change
 /// that breaks readers is a `StatusV2` at `/v2/status`), also read back by the CLI.
-/// How the scanner took in pages without reading them (see `scan::known`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ScanPages {
-    /// On the zero page or on a KSM frame whose content was read before.
-    pub known: u64,
-    /// Calm, outside the pass's rotating sample: taken as unchanged.
-    pub sampled_out: u64,
-    /// Left out of a calm chunk's sample, then read: the sample saw a change.
-    pub escalated: u64,
-}
-
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct StatusV1 {
     pub version: String,
@@ -79,7 +68,7 @@ pub struct StatusV1 {
     /// Pages the scanner took in without reading them, and pages of calm chunks read
     /// because their sample saw a change (totals since the daemon started).
     #[serde(default)]
-    pub scan_pages: ScanPages,
+    pub scan_pages: crate::scan::worker::ScanPages,
     /// 2 MiB ranges whose sample pages the scanner reads again between passes (suspected
     /// of churn, or new).
     #[serde(default)]

@@ -19,6 +19,17 @@ use crate::{
     util::thread_cpu,
 };
 
+/// How the scanner took in pages without reading them (see [`super::known`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ScanPages {
+    /// On the zero page or on a KSM frame whose content was read before.
+    pub known: u64,
+    /// Calm, outside the pass's rotating sample: taken as unchanged.
+    pub sampled_out: u64,
+    /// Left out of a calm chunk's sample, then read: the sample saw a change.
+    pub escalated: u64,
+}
+
 /// What the scan thread publishes.
 #[derive(Clone, Debug, Default)]
 pub struct ScanStatus {
@@ -30,7 +41,7 @@ pub struct ScanStatus {
     pub vm_pass_seconds: std::collections::BTreeMap<u32, f64>,
     pub bytes_read: u64,
     /// Pages taken in without a read, and escalated reads.
-    pub pages: crate::wire::ScanPages,
+    pub pages: ScanPages,
     /// Ranges the rechecks between passes track now.
     pub rechecked_ranges: u64,
     /// Set when the scan thread died (a panic): the daemon reports it on /healthz.
@@ -262,7 +273,7 @@ fn scan_loop(
             }
             s.bytes_read = scanner.bytes_read();
             let (known, _) = scanner.known_stats();
-            s.pages = crate::wire::ScanPages {
+            s.pages = ScanPages {
                 known: known.skipped,
                 sampled_out: known.kept,
                 escalated: known.escalated,
