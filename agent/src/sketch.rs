@@ -305,7 +305,7 @@ impl Sketch {
         // Heavy contents are looked up one by one (the host's sample or its own heavy
         // list); the sample estimates the rest.
         let heavy = self.heavy_contents();
-        let is_heavy = |h: &u64| heavy.iter().any(|(x, _)| x == h);
+        let heavy_set: std::collections::HashSet<u64> = heavy.iter().map(|(h, _)| *h).collect();
         let holds = |h: &u64| host.mins.contains(h) || host.heavy.contains_key(h);
         let (mut heavy_pages, mut heavy_copies) = (0.0, 0.0);
         for (h, n) in &heavy {
@@ -320,7 +320,7 @@ impl Sketch {
             .iter()
             .copied()
             .take_while(|h| *h <= tau)
-            .filter(|h| !is_heavy(h))
+            .filter(|h| !heavy_set.contains(h))
             .collect();
         let n = sampled.len();
         let size = (self.distinct() - heavy.len() as f64).max(0.0);
@@ -435,34 +435,13 @@ impl Sketch {
             return Err(DecodeError::Checksum);
         }
         let distinct = u64::from_le_bytes(bytes[14..22].try_into().expect("8 bytes"));
-        let mut mins = BTreeSet::new();
-        let mut prev: Option<u64> = None;
-        let read = |c: &[u8]| {
-            let mut b = [0u8; 8];
-            b[..HASH_BYTES].copy_from_slice(c);
-            u64::from_le_bytes(b)
-        };
-        for (i, c) in body[HEADER..hashes_end]
-            .chunks_exact(HASH_BYTES)
-            .enumerate()
-        {
-            let h = read(c);
-            if prev.is_some_and(|p| h <= p) {
-                return Err(DecodeError::Order(i));
-            }
-            prev = Some(h);
-            mins.insert(h);
-        }
-        let mut heavy = HashMap::new();
-        let mut prev: Option<u64> = None;
-        for (i, c) in body[heavy_start..].chunks_exact(HASH_BYTES).enumerate() {
-            let h = read(c);
-            if prev.is_some_and(|p| h <= p) {
-                return Err(DecodeError::Order(count as usize + i));
-            }
-            prev = Some(h);
-            heavy.insert(h, HEAVY_MIN_REPEATS);
-        }
+        let mins = increasing_hashes(&body[HEADER..hashes_end], 0)?
+            .into_iter()
+            .collect();
+        let heavy = increasing_hashes(&body[heavy_start..], count as usize)?
+            .into_iter()
+            .map(|h| (h, HEAVY_MIN_REPEATS))
+            .collect();
         Ok(Sketch {
             k: k as usize,
             mins,
@@ -471,6 +450,22 @@ impl Sketch {
             heavy,
         })
     }
+}
+
+/// The hashes of a wire list (6 bytes each), refused unless strictly increasing; `at`: the
+/// list's first index among the sketch's hashes, for the error.
+fn increasing_hashes(list: &[u8], at: usize) -> Result<Vec<u64>, DecodeError> {
+    let mut out: Vec<u64> = Vec::with_capacity(list.len() / HASH_BYTES);
+    for (i, c) in list.chunks_exact(HASH_BYTES).enumerate() {
+        let mut b = [0u8; 8];
+        b[..HASH_BYTES].copy_from_slice(c);
+        let h = u64::from_le_bytes(b);
+        if out.last().is_some_and(|p| h <= *p) {
+            return Err(DecodeError::Order(at + i));
+        }
+        out.push(h);
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

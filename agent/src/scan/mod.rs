@@ -72,7 +72,7 @@ pub struct Scanner {
     skip_known: bool,
     /// Per page of the run being read: its hash when known, else what a read checks.
     lookups: Vec<known::Lookup>,
-    /// Pages of the chunk being read that its calm sample left out (see
+    /// Calm pages of the chunk being read that its sample left out (see
     /// [`Scanner::settle_deferred`]), with their frames' flags.
     deferred: Vec<(usize, u8)>,
     /// Per page of the chunk being read: calm before this pass.
@@ -429,16 +429,8 @@ impl Scanner {
         n: usize,
     ) {
         let deferred = std::mem::take(&mut self.deferred);
-        let still_calm = {
-            let mut d = deferred.iter().map(|(k, _)| *k).peekable();
-            (0..n).all(|k| {
-                if d.peek() == Some(&k) {
-                    d.next();
-                    return true;
-                }
-                !self.was_calm[k] || m.pages[first + k].calm()
-            })
-        };
+        // The deferred pages' states are untouched (calm) yet: only those read count.
+        let still_calm = (0..n).all(|k| !self.was_calm[k] || m.pages[first + k].calm());
         if still_calm {
             self.known.stats.kept += deferred.len() as u64;
             for &(k, flags) in &deferred {

@@ -26,7 +26,7 @@ pub struct ScanPages {
     pub known: u64,
     /// Calm, outside the pass's rotating sample: taken as unchanged.
     pub sampled_out: u64,
-    /// Left out of a calm chunk's sample, then read: the sample saw a change.
+    /// Calm, left out of the sample, then read: a calm page of their chunk changed.
     pub escalated: u64,
 }
 

@@ -305,8 +305,8 @@ impl Collector for HostCollector {
             "memfabric_scan_pages",
             "Pages the scanner took in without reading them: `known` (the zero page, or a \
              KSM frame read before), `sampled-out` (calm memory outside the \
-             pass's rotating sample); and `escalated`: pages of a calm chunk read because \
-             its sample saw a change",
+             pass's rotating sample); and `escalated`: calm pages read anyway because a \
+             calm page of their 1 MiB chunk changed",
             MetricType::Counter,
             &[
                 (labels::How { how: "known" }, pages.known),
