@@ -8,7 +8,10 @@
 //!
 //! Not a signal: a range moving among volatile, unknown and stable-unique (none is merged:
 //! a churning guest sampled in step flips among them, and waking it for that would keep
-//! the scan at its full budget for known churn).
+//! the scan at its full budget for known churn), nor a range that woke its VM within its
+//! last [`REWAKE_PASSES`] passes (it flips in and out of the candidates: the timeline
+//! bench's 32 MiB churner, read in step now and then, was woken every two seconds for
+//! minutes of its quiet phase, each busy pass flipping a range again).
 
 use std::collections::HashMap;
 
@@ -23,11 +26,16 @@ pub const NEW_MEMORY_PAGES: u64 = 512;
 /// range).
 pub const COW_BREAKS: u64 = 8;
 
+/// Passes of its VM after which a range whose move woke it may wake it again.
+pub const REWAKE_PASSES: u32 = 16;
+
 /// What the previous ticks saw of each VM.
 #[derive(Debug, Default)]
 pub struct ScanWakes {
     /// Per VM: its passes and its ranges' classes at its last ranking.
     ranked: HashMap<u32, (u32, HashMap<u64, RangeClass>)>,
+    /// Per VM: the ranges whose move woke it, with its passes then.
+    woke: HashMap<u32, HashMap<u64, u32>>,
     /// Per VM: its first-touch writes and COW breaks at the last tick.
     writes: HashMap<u32, (u64, u64)>,
 }
@@ -60,12 +68,22 @@ impl ScanWakes {
             // The ranking is compared every tick, so its baseline stays current.
             let moved = self.moved(pid, ranked);
             if active || moved {
+                tracing::debug!(
+                    "waking the scan of {} (pid {pid}): {}",
+                    s.vm.name,
+                    if active {
+                        "new memory or broken merges"
+                    } else {
+                        "a merge candidate appeared or went"
+                    }
+                );
                 wake.push(pid);
             }
         }
         let live: std::collections::HashSet<u32> = states.iter().map(|s| s.vm.pid).collect();
         self.ranked.retain(|p, _| live.contains(p));
         self.writes.retain(|p, _| live.contains(p));
+        self.woke.retain(|p, _| live.contains(p));
         wake
     }
 
@@ -80,10 +98,17 @@ impl ScanWakes {
         }
         let now: HashMap<u64, RangeClass> =
             ranges.iter().map(|r| (r.counts.start, r.class)).collect();
-        let moved = self.ranked.get(&pid).is_some_and(|(_, before)| {
-            now.iter()
-                .any(|(start, c)| before.get(start).is_none_or(|b| matters(*b, *c)))
-        });
+        let woke = self.woke.entry(pid).or_default();
+        woke.retain(|_, then| passes.saturating_sub(*then) < REWAKE_PASSES);
+        let mut moved = false;
+        if let Some((_, before)) = self.ranked.get(&pid) {
+            for (start, c) in &now {
+                if before.get(start).is_none_or(|b| matters(*b, *c)) && !woke.contains_key(start) {
+                    woke.insert(*start, passes);
+                    moved = true;
+                }
+            }
+        }
         self.ranked.insert(pid, (passes, now));
         moved
     }
@@ -168,8 +193,25 @@ mod tests {
         // A new range appeared: woken.
         let r4 = ranked(7, 8, &[Volatile, ColdUnknown, StableUnique, StableUnique]);
         assert_eq!(w.tick(&r4, &[state(7, 1612)]), [7]);
+        // The first range flips into the candidates and out again, pass after pass: it
+        // woke the VM at pass 7, so it wakes it again only REWAKE_PASSES passes later.
+        let flips = |p: u32| {
+            let first = if p.is_multiple_of(2) {
+                StableDuplicate
+            } else {
+                Volatile
+            };
+            ranked(7, p, &[first, ColdUnknown, StableUnique, StableUnique])
+        };
+        for p in 9..7 + REWAKE_PASSES {
+            assert!(w.tick(&flips(p), &[state(7, 1612)]).is_empty(), "pass {p}");
+        }
+        let p = 7 + REWAKE_PASSES;
+        assert_eq!(w.tick(&flips(p), &[state(7, 1612)]), [7], "pass {p}");
+        assert!(w.tick(&flips(p + 1), &[state(7, 1612)]).is_empty());
         // Gone: forgotten (a new process with its PID starts from a baseline).
         assert!(w.tick(&r4, &[]).is_empty());
+        assert!(w.woke.is_empty());
         assert!(w.tick(&r4, &[state(7, 99_999)]).is_empty());
     }
 }
