@@ -250,8 +250,9 @@ impl Mapping {
 /// hash's top bits), one table at a time, each walk over the page histories taking only
 /// its shard's pages. A table is built for every report and dropped: whole, it held
 /// 36 MiB of buckets at 16 GiB of guests, and the daemon peaked (VmHWM) at 163 MiB
-/// against 108 MiB at rest; a walk over the histories costs milliseconds.
-pub const TABLE_BYTES_MAX: usize = 8 << 20;
+/// against 108 MiB at rest; a walk over the histories costs milliseconds. 4 MiB, not 8:
+/// at 16 GiB the shard's table was still a tenth of the daemon's peak.
+pub const TABLE_BYTES_MAX: usize = 4 << 20;
 
 /// Shards for `distinct` contents (a power of two, so a shard is a hash prefix): buckets
 /// at most 7/8 full, [`TABLE_BYTES_MAX`] each.
@@ -494,8 +495,8 @@ mod tests {
     fn shards_keep_each_table_within_its_bytes() {
         assert_eq!(shards_for(0), 1);
         assert_eq!(shards_for(100_000), 1);
-        // 16 GiB of stable pages: 4 Mi contents at most, 11 bytes each: 44 MiB, 8 shards.
-        assert_eq!(shards_for(4 << 20), 8);
+        // 16 GiB of stable pages: 4 Mi contents at most, 11 bytes each: 44 MiB, 16 shards.
+        assert_eq!(shards_for(4 << 20), 16);
         for n in [1usize << 20, 3 << 20, 50 << 20] {
             let per = n.div_ceil(shards_for(n) as usize);
             let mut t = ContentTable::with_capacity(per);
