@@ -121,10 +121,13 @@ impl KnownFrames {
         }
         if ksm && pfn != 0 {
             let entry = hash | (u64::from(self.round) & ROUND_BITS);
-            if let Some(e) = self.ksm.get_mut(&pfn) {
-                *e = entry;
-            } else if self.ksm.len() < MAX_FRAMES {
-                self.ksm.insert(pfn, entry);
+            let room = self.ksm.len() < MAX_FRAMES;
+            match self.ksm.entry(pfn) {
+                std::collections::hash_map::Entry::Occupied(mut e) => *e.get_mut() = entry,
+                std::collections::hash_map::Entry::Vacant(e) if room => {
+                    e.insert(entry);
+                }
+                std::collections::hash_map::Entry::Vacant(_) => {}
             }
         }
     }
