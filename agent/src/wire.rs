@@ -65,8 +65,8 @@ pub struct StatusV1 {
     /// whose turn had come; 0: none yet or scanning off).
     pub scan_pass_seconds: f64,
     pub scan_bytes_total: u64,
-    /// Pages the scanner took in without reading them, and pages of calm chunks read
-    /// because their sample saw a change (totals since the daemon started).
+    /// Pages the scanner took in without reading them, and calm pages read anyway because
+    /// a calm page of their 1 MiB chunk changed (totals since the daemon started).
     #[serde(default)]
     pub scan_pages: crate::scan::worker::ScanPages,
     /// 2 MiB ranges whose sample pages the scanner reads again between passes (suspected

@@ -251,7 +251,7 @@ fn known_frames_are_not_read_again_and_account_the_same() {
     assert_eq!(b.per_pid[&w.pid].merged_pages, (N - 16) as u64);
 }
 
-/// Calm memory (unchanged for a pass, no recent change) is read from a rotating sample of
+/// Calm memory (unchanged for a pass, at most one change lately) is read from a rotating sample of
 /// one page in eight, and accounts as if it had been read. A block rewritten at once is seen whole in
 /// the very pass whose sample first sees it (the chunks it touched are read in full then),
 /// and a page written after a merge (its KSM frame gone) is read at once.
