@@ -301,6 +301,42 @@ fn calm_chunks_are_sampled_and_a_rewrite_is_read_whole_in_the_pass_that_sees_it(
     );
 }
 
+/// A report is built in full only after a pass that changed a figure: a pass that found
+/// every page as it was reuses the last report (pass counts brought up to date), and it
+/// equals what a full build gives; a rewrite has the next one built in full again.
+#[test]
+#[serial(ksm)]
+fn a_report_is_rebuilt_only_when_a_figure_changed() {
+    if !privileged("a_report_is_rebuilt_only_when_a_figure_changed") {
+        return;
+    }
+    let mut w = Workload::spawn(WORKLOAD);
+    w.cmd("alloc 2048 same");
+    let region = w.cmd("alloc 2048 unique");
+    let mut s = Scanner::new(2);
+    // New: built. Unchanged once: every figure as it was (reused). Stable after two
+    // unchanged passes: built. Then nothing changes: reused.
+    for (pass, built) in [
+        (1, (1, 0)),
+        (2, (1, 1)),
+        (3, (2, 1)),
+        (4, (2, 2)),
+        (5, (2, 3)),
+    ] {
+        s.pass(&[w.pid]).unwrap();
+        let r = s.next_report();
+        assert_eq!(s.reports_built(), built, "pass {pass}");
+        assert_eq!(*r, s.report(), "pass {pass}: what a full build says");
+        assert_eq!(r.vm_passes[&w.pid], pass);
+    }
+    w.cmd(&format!("touch {region} 16"));
+    s.pass(&[w.pid]).unwrap();
+    let rebuilt = s.next_report();
+    assert_eq!(s.reports_built(), (3, 3), "a rewrite: built in full");
+    assert_eq!(rebuilt.per_pid[&w.pid].volatile_pages, 16);
+    assert_eq!(*rebuilt, s.report());
+}
+
 #[test]
 fn scanning_never_faults_pages_in() {
     if !privileged("scanning_never_faults_pages_in") {

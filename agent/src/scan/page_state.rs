@@ -118,6 +118,27 @@ impl PageState {
         self.has(F_PRESENT) && self.unchanged() >= CALM_AFTER && self.changes() <= 1
     }
 
+    /// What a report sees of the page when pages count as stable after `stable_after`
+    /// unchanged passes: two states with the same key count the same in every figure of
+    /// [`super::account`] (present, zero, merged, churning, changed, stable, and a stable
+    /// page's content), so a pass that changed no key leaves the report as it was.
+    pub fn accounted(self, stable_after: u8) -> u64 {
+        if !self.has(F_PRESENT) {
+            return 0;
+        }
+        let flags = self.flags() & (F_PRESENT | F_ZERO | F_MERGED | F_ZERO_FRAME | F_THP);
+        let stable = !self.has(F_ZERO)
+            && !self.has(F_ZERO_FRAME)
+            && self.unchanged() >= u16::from(stable_after);
+        let key =
+            u64::from(flags) | (u64::from(self.churning()) << 8) | (u64::from(self.changed()) << 9);
+        if stable {
+            key | (1 << 10) | self.hash()
+        } else {
+            key
+        }
+    }
+
     /// The state after a pass that did not read this calm page: as if read unchanged
     /// (one more unchanged pass; a change forgotten after [`CHANGE_MEMORY`] of them),
     /// with the frame's current `flags` (its zero content kept, which only a read tells).

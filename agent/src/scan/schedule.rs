@@ -150,6 +150,11 @@ impl Schedule {
         self.vms.get(&pid).is_some_and(|s| s.passes == 0)
     }
 
+    /// Whether a new VM's sampled series is under way.
+    pub fn sampling(&self) -> bool {
+        self.vms.values().any(|s| s.sampled_left > 0)
+    }
+
     /// Whether any VM is busy (the scan runs at its full budget).
     pub fn busy(&self) -> bool {
         self.vms.values().any(Slot::busy)

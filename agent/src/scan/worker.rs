@@ -4,7 +4,7 @@
 use std::{
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     thread::JoinHandle,
     time::{Duration, Instant},
@@ -54,6 +54,8 @@ pub struct ScanStatus {
 pub struct ScanWorker {
     inbox: Arc<Mutex<Inbox>>,
     status: Arc<Mutex<ScanStatus>>,
+    /// The daemon's reads of the status (see [`Reports`]).
+    reads: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
@@ -122,9 +124,12 @@ const QUIET_RECHECK_SPACING: f64 = 10.0;
 const CREDIT_MAX: f64 = 5.0;
 
 /// The budget the scan left unused (a token bucket): a new VM's sampled passes spend it at
-/// once instead of at the pace, so a host that was quiet ranks a new VM in seconds, while
-/// the average stays within the budget. At most [`CREDIT_MAX`] is banked; a burst that
-/// overdraws it is paid back before the next one.
+/// once instead of at the pace, so a new VM is ranked in seconds, while the average stays
+/// within the budget. At most [`CREDIT_MAX`] is banked, and a new VM may borrow as much
+/// again ahead (a sampled pass is a sixteenth of a full one: a 4 GiB VM's three cost about
+/// a second), so a busy host that just spent its credit still ranks a newcomer at once;
+/// past that debt sampled passes are paced too, so VMs arriving by the dozen wait their
+/// turn instead of taking a core.
 struct Credit {
     seconds: f64,
     at: Instant,
@@ -147,8 +152,41 @@ impl Credit {
         (self.at, self.cpu) = (Instant::now(), cpu);
     }
 
-    fn available(&self) -> bool {
-        self.seconds > 0.0
+    /// Whether a burst may start: the bank is not more than [`CREDIT_MAX`] in debt.
+    fn may_burst(&self) -> bool {
+        self.seconds > -CREDIT_MAX
+    }
+}
+
+/// When the report is built. It walks every page of every VM (0.N s of CPU at 16 GiB of
+/// guests, more than a new VM's sampled pass, and 17 % of the busy scan thread's CPU in
+/// the lab when it was built after every round), and the daemon reads it once per refresh:
+/// a report is built after a round only when the daemon read the last one, or when the
+/// host goes quiet (the last busy round's figures stay published); a new VM's sampled
+/// passes build none until its series ends (its first verdict comes from the last).
+#[derive(Default)]
+struct Reports {
+    /// Rounds ran since the report was last built.
+    pending: bool,
+    /// The daemon's reads of the status when the last report was published (None: none
+    /// was yet, the first is built at once).
+    reads_then: Option<u64>,
+}
+
+impl Reports {
+    /// Whether a report is due now; `reads`: the daemon's reads so far, `busy`: a VM is
+    /// still busy, `sampling`: a new VM's sampled series is under way.
+    fn due(&self, reads: &AtomicU64, busy: bool, sampling: bool) -> bool {
+        let read = self
+            .reads_then
+            .is_none_or(|then| reads.load(Ordering::Relaxed) > then);
+        self.pending && !sampling && (!busy || read)
+    }
+
+    fn published(&mut self, status: &mut ScanStatus, report: Arc<Report>, reads: &AtomicU64) {
+        status.report = Some(report);
+        self.pending = false;
+        self.reads_then = Some(reads.load(Ordering::Relaxed));
     }
 }
 
@@ -168,6 +206,7 @@ struct Inbox {
 fn scan_loop(
     inbox: &Mutex<Inbox>,
     status: &Mutex<ScanStatus>,
+    reads: &AtomicU64,
     stop: &Arc<AtomicBool>,
     budgets: (f64, f64),
     sketches: bool,
@@ -181,6 +220,7 @@ fn scan_loop(
     let epoch = Instant::now();
     let now = || epoch.elapsed().as_secs_f64();
     let mut credit = Credit::new(thread_cpu());
+    let mut reports = Reports::default();
     while !stop.load(Ordering::Relaxed) {
         credit.update(budget, thread_cpu());
         let (targets, wakes) = inbox
@@ -195,6 +235,18 @@ fn scan_loop(
         schedule.retain(&targets, guest_pages);
         for pid in wakes {
             schedule.wake(pid);
+        }
+        // A round's report left for the daemon's next read (or for the host going quiet).
+        if reports.due(reads, schedule.busy(), schedule.sampling()) {
+            let (report, cpu) = report_charged(&mut scanner, &mut schedule);
+            if let Ok(mut s) = status.lock() {
+                reports.published(&mut s, report, reads);
+            }
+            crate::util::release_freed_memory();
+            if schedule.busy() {
+                // Paid at the busy pace, as a round's report is.
+                scanner.idle(Duration::from_secs_f64(cpu / budget));
+            }
         }
         let mut due = schedule.due(now());
         if due.is_empty() {
@@ -216,8 +268,8 @@ fn scan_loop(
         jitter.shuffle(&mut due);
         due.sort_by_key(|(pid, _)| !schedule.is_new(*pid));
         let pace = jitter.pace(budget);
-        // A new VM's sampled passes, on banked budget: unpaced.
-        let burst = credit.available() && due.iter().all(|(_, k)| *k == PassKind::Sampled);
+        // A new VM's sampled passes, on banked (or borrowed) budget: unpaced.
+        let burst = credit.may_burst() && due.iter().all(|(_, k)| *k == PassKind::Sampled);
         scanner.set_budget(if burst { 1.0 } else { pace });
         let t = Instant::now();
         let cpu0 = thread_cpu();
@@ -255,17 +307,19 @@ fn scan_loop(
         if scanned.is_empty() {
             continue;
         }
-        let report_cpu = thread_cpu();
-        let report = Arc::new(scanner.report());
-        // The report walks every VM's pages: its CPU is charged to the VMs of the round.
-        let report_share = (thread_cpu() - report_cpu) / scanned.len().max(1) as f64;
         for (pid, kind, cpu, _) in &scanned {
-            let present = report.per_pid.get(pid).map_or(0, |c| c.pages_present);
+            let present = scanner.present_pages(*pid);
             let draw = 1.0 - PACE_SPREAD + 2.0 * PACE_SPREAD * jitter.unit();
-            schedule.scanned(*pid, *kind, now(), cpu + report_share, present, draw);
+            schedule.scanned(*pid, *kind, now(), *cpu, present, draw);
         }
+        reports.pending = true;
+        let report = reports
+            .due(reads, schedule.busy(), schedule.sampling())
+            .then(|| report_charged(&mut scanner, &mut schedule).0);
         if let Ok(mut s) = status.lock() {
-            s.report = Some(report);
+            if let Some(report) = report {
+                reports.published(&mut s, report, reads);
+            }
             s.pass_seconds = t.elapsed().as_secs_f64();
             s.vm_pass_seconds.retain(|p, _| targets.contains(p));
             for (pid, _, _, wall) in &scanned {
@@ -296,6 +350,18 @@ fn scan_loop(
     }
 }
 
+/// A new report, and its CPU seconds. While all VMs are quiet its CPU puts their next
+/// passes off, as the rechecks' does; while one is busy the caller paces it.
+fn report_charged(scanner: &mut Scanner, schedule: &mut Schedule) -> (Arc<Report>, f64) {
+    let cpu = thread_cpu();
+    let report = scanner.next_report();
+    let cpu = thread_cpu() - cpu;
+    if !schedule.busy() {
+        schedule.defer(cpu);
+    }
+    (report, cpu)
+}
+
 /// Pages of a VM's guest RAM (mapped, present or not); 0 when its maps cannot be read.
 fn guest_pages(pid: u32) -> u64 {
     crate::host::maps::targets(pid).map_or(0, |ranges| {
@@ -314,12 +380,13 @@ impl ScanWorker {
         let inbox: Arc<Mutex<Inbox>> = Arc::default();
         let status: Arc<Mutex<ScanStatus>> = Arc::default();
         let stop = Arc::new(AtomicBool::new(false));
-        let (p, st, sp) = (inbox.clone(), status.clone(), stop.clone());
+        let reads: Arc<AtomicU64> = Arc::default();
+        let (p, st, sp, rd) = (inbox.clone(), status.clone(), stop.clone(), reads.clone());
         let thread = std::thread::Builder::new()
             .name("memfabric-scan".into())
             .spawn(move || {
                 let body = std::panic::AssertUnwindSafe(|| {
-                    scan_loop(&p, &st, &sp, (budget, quiet_budget), sketches);
+                    scan_loop(&p, &st, &rd, &sp, (budget, quiet_budget), sketches);
                 });
                 if let Err(panic) = std::panic::catch_unwind(body) {
                     let msg = panic_text(panic.as_ref());
@@ -331,6 +398,7 @@ impl ScanWorker {
         ScanWorker {
             inbox,
             status,
+            reads,
             stop,
             thread: Some(thread),
         }
@@ -351,7 +419,10 @@ impl ScanWorker {
         }
     }
 
+    /// The latest status; the scan builds its next report for the next call (see
+    /// [`Reports`]).
     pub fn status(&self) -> ScanStatus {
+        self.reads.fetch_add(1, Ordering::Relaxed);
         // A poisoned lock still holds the last status (and the failure).
         self.status
             .lock()
@@ -387,18 +458,49 @@ mod tests {
     }
 
     #[test]
-    fn credit_banks_unused_budget_up_to_a_cap_and_bursts_overdraw_it() {
+    fn credit_banks_unused_budget_up_to_a_cap_and_bursts_borrow_at_most_as_much() {
         let mut c = Credit::new(0.0);
         c.at -= Duration::from_secs(200);
         // 200 s at 5 %: 10 s, capped at 5; no CPU spent.
         c.update(0.05, 0.0);
-        assert!((c.seconds - CREDIT_MAX).abs() < 1e-3 && c.available());
-        // A burst of 6 s of CPU overdraws it: nothing available until paid back.
+        assert!((c.seconds - CREDIT_MAX).abs() < 1e-3 && c.may_burst());
+        // A burst of 6 s of CPU borrows 1 s: a newcomer may still burst.
         c.update(0.05, 6.0);
-        assert!(c.seconds < 0.0 && !c.available());
+        assert!(c.seconds < 0.0 && c.may_burst());
+        // 5 s more: in debt by the cap, paced until part of it is paid back.
+        c.update(0.05, 11.0);
+        assert!(!c.may_burst(), "{}", c.seconds);
         c.at -= Duration::from_secs(40);
-        c.update(0.05, 6.0);
-        assert!(c.available(), "{}", c.seconds);
+        c.update(0.05, 11.0);
+        assert!(c.may_burst(), "{}", c.seconds);
+    }
+
+    #[test]
+    fn a_report_is_built_once_read_or_when_the_host_goes_quiet_never_mid_sampling() {
+        let reads = AtomicU64::new(0);
+        let mut r = Reports::default();
+        assert!(
+            !r.due(&reads, true, false),
+            "no round since: nothing to build"
+        );
+        r.pending = true;
+        assert!(r.due(&reads, true, false), "the first report at once");
+        assert!(!r.due(&reads, true, true), "not while a new VM is sampled");
+        let mut status = ScanStatus::default();
+        r.published(&mut status, Arc::default(), &reads);
+        assert!(status.report.is_some());
+        r.pending = true;
+        assert!(
+            !r.due(&reads, true, false),
+            "busy, the last one not read yet"
+        );
+        assert!(
+            r.due(&reads, false, false),
+            "the host goes quiet: published"
+        );
+        reads.fetch_add(1, Ordering::Relaxed);
+        assert!(r.due(&reads, true, false), "read: the next one is built");
+        assert!(!r.due(&reads, false, true));
     }
 
     #[test]

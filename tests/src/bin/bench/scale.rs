@@ -42,6 +42,10 @@ struct Size {
     merged_counted: [u64; 2],
     known_frames: usize,
     mismatched: u64,
+    /// CPU of one report over every holder (the skipping scanner's, median of three).
+    report_cpu_s: f64,
+    /// CPU of a new VM's first sampled pass: one holder (a quarter of the RAM), cold.
+    sampled_cpu_s: f64,
 }
 
 pub(crate) fn run(
@@ -120,6 +124,23 @@ pub(crate) fn run(
         }
         let reports: Vec<_> = scanners.iter().map(Scanner::report).collect();
         let (stats, frames) = scanners[1].known_stats();
+        let mut report_cpu: Vec<f64> = (0..3)
+            .map(|_| {
+                let cpu0 = thread_cpu();
+                drop(scanners[1].report());
+                thread_cpu() - cpu0
+            })
+            .collect();
+        let sampled_cpu_s = {
+            let mut s = Scanner::new(2);
+            let cpu0 = thread_cpu();
+            s.pass_sampled(&pids[..1], memfabric::scan::schedule::SAMPLE_ONE_IN)?;
+            thread_cpu() - cpu0
+        };
+        eprintln!(
+            "{gib} GiB: report {:.3} s CPU, a cold sampled pass over one holder {sampled_cpu_s:.3} s",
+            xtask::report::median(&mut report_cpu)
+        );
         figures.push(Size {
             gib,
             merged_pages: merged() as u64,
@@ -129,6 +150,8 @@ pub(crate) fn run(
             merged_counted: [0, 1].map(|i| reports[i].total.merged_pages),
             known_frames: frames,
             mismatched: stats.mismatched,
+            report_cpu_s: xtask::report::median(&mut report_cpu),
+            sampled_cpu_s,
         });
         drop(scanners);
         if !window.is_zero() {
@@ -243,13 +266,15 @@ fn report(
         md,
         "\n| guest RAM | pages merged (KSM) | merged pages counted (all / skip) | potential \
          savings MiB (all / skip) | scanner state MiB (all / skip) | state bytes per GiB of \
-         guest RAM (skip) | KSM frames remembered | checks that differed |\n\
-         |---|---|---|---|---|---|---|---|"
+         guest RAM (skip) | KSM frames remembered | checks that differed | report CPU s \
+         (skip) | a new VM's sampled pass, CPU s |\n\
+         |---|---|---|---|---|---|---|---|---|---|"
     )?;
     for s in sizes {
         writeln!(
             md,
-            "| {} GiB | {} | {} / {} | {:.1} / {:.1} | {:.1} / {:.1} | {:.0} | {} | {} |",
+            "| {} GiB | {} | {} / {} | {:.1} / {:.1} | {:.1} / {:.1} | {:.0} | {} | {} | {:.3} | \
+             {:.3} |",
             s.gib,
             s.merged_pages,
             s.merged_counted[0],
@@ -260,7 +285,9 @@ fn report(
             s.state_bytes[1] as f64 / 1048576.0,
             s.state_bytes[1] as f64 / s.gib as f64,
             s.known_frames,
-            s.mismatched
+            s.mismatched,
+            s.report_cpu_s,
+            s.sampled_cpu_s
         )?;
     }
     daemon_table(&mut md, daemon)?;
