@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use super::{
     super::sketch::{MAX_K, Sketch},
     PAGE,
-    content::{BUCKET_BYTES, ContentTable, Role},
+    content::{COPY_BYTES, Copies, Copy, Role},
     page_state::{F_MERGED, F_PRESENT, F_THP, F_ZERO, F_ZERO_FRAME, PageState},
 };
 use crate::util::convert::{u32_saturating, usize_of};
@@ -245,22 +245,45 @@ impl Mapping {
     }
 }
 
-/// Bytes a content table is sized for (hashbrown's power-of-two buckets may take up to
-/// twice as much). Above it, contents are counted and attributed in shards (by their
-/// hash's top bits), one table at a time, each walk over the page histories taking only
-/// its shard's pages. A table is built for every report and dropped: whole, it held
-/// 36 MiB of buckets at 16 GiB of guests, and the daemon peaked (VmHWM) at 163 MiB
-/// against 108 MiB at rest; a walk over the histories costs milliseconds. 4 MiB, not 8:
-/// at 16 GiB the shard's table was still a tenth of the daemon's peak.
+/// Bytes a shard's copies take at most (see [`super::content`]). Above it, contents are
+/// attributed in shards (by their hash's top bits), one at a time, each walk over the page
+/// histories collecting only its shard's pages: the copies of every stable page at once
+/// took 64 MiB at 16 GiB of guests; a whole content table before them 36 MiB, and the
+/// daemon peaked (VmHWM) at 163 MiB against 108 MiB at rest.
 pub const TABLE_BYTES_MAX: usize = 4 << 20;
 
-/// Shards for `distinct` contents (a power of two, so a shard is a hash prefix): buckets
-/// at most 7/8 full, [`TABLE_BYTES_MAX`] each.
-fn shards_for(distinct: usize) -> u32 {
-    let bytes = distinct.saturating_mul(BUCKET_BYTES * 8 / 7 + 1);
+/// Shards for `stable` pages (a power of two, so a shard is a hash prefix), each about
+/// [`TABLE_BYTES_MAX`] of copies.
+fn shards_for(stable: usize) -> u32 {
+    let bytes = stable.saturating_mul(COPY_BYTES);
     u32::try_from(bytes.div_ceil(TABLE_BYTES_MAX).next_power_of_two())
         .unwrap_or(1 << 16)
         .clamp(1, 1 << 16)
+}
+
+/// The index of each mapping's first 2 MiB range among the ranges [`walk_pages`] meets
+/// (ranges follow each other without gaps inside a mapping; two mappings meeting inside
+/// one 2 MiB range share it).
+fn first_ranges(maps: &[Mapping]) -> Vec<u32> {
+    let mut out = Vec::with_capacity(maps.len());
+    let (mut next, mut last_base) = (0u32, None);
+    for m in maps {
+        let Some(last_page) = m.pages.len().checked_sub(1) else {
+            out.push(next);
+            continue;
+        };
+        let first_base = m.start & !(RANGE_BYTES - 1);
+        let first = match last_base {
+            Some(b) if b == first_base => next - 1,
+            _ => next,
+        };
+        let last_base_here = (m.start + (last_page * PAGE) as u64) & !(RANGE_BYTES - 1);
+        let ranges = u32_saturating(usize_of((last_base_here - first_base) / RANGE_BYTES)) + 1;
+        out.push(first);
+        next = first + ranges;
+        last_base = Some(last_base_here);
+    }
+    out
 }
 
 /// Each page of one VM's mappings in address order, with the index of its 2 MiB range
@@ -359,11 +382,9 @@ fn account_with(
         });
         per_vm.push((ranges, zero_thp));
     }
-    // Duplicates, shard by shard: a content's copies all fall in one shard, and each
-    // shard's VMs are walked in PID order, so roles are what one whole table gives. The
-    // shards are sized for as many contents as stable pages (the most there can be), so
-    // no table outgrows its reservation, however many contents are new since the last
-    // report.
+    // Duplicates, shard by shard: a content's copies all fall in one shard, collected in
+    // VM (PID) order and sorted, so roles are what one pass over every page gives. A shard
+    // is sized for its share of the stable pages (contents spread evenly over hashes).
     let shards = shards.unwrap_or_else(|| shards_for(stable_pages));
     let shift = 64 - shards.trailing_zeros();
     let shard_of = |h: u64| {
@@ -381,57 +402,61 @@ fn account_with(
         .values()
         .map(|_| sketches.then(|| Sketch::new(MAX_K)))
         .collect();
+    let firsts: Vec<Vec<u32>> = procs.values().map(|maps| first_ranges(maps)).collect();
+    let per_shard = stable_pages / shards as usize;
+    let mut copies = Copies::with_capacity(per_shard + per_shard / 16 + 64);
     for shard in 0..shards {
-        let mut table = ContentTable::with_capacity(stable_pages / shards as usize);
-        for maps in procs.values() {
-            walk_pages(maps, |_, _, s| {
-                if stable(s) && shard_of(s.hash()) == shard {
-                    table.add(s.hash(), s.has(F_MERGED));
-                }
-            });
-        }
-        stats.distinct += table.len();
-        stats.allocated_bytes = stats.allocated_bytes.max(table.allocated_bytes());
+        copies.clear();
         for (vm, maps) in procs.values().enumerate() {
-            let ranges = &mut per_vm[vm].0;
-            let vs = &mut vm_sketches[vm];
-            walk_pages(maps, |index, _, s| {
-                if !stable(s) || shard_of(s.hash()) != shard {
-                    return;
-                }
-                let Some(a) = table.attribute(s.hash(), u32_saturating(vm)) else {
-                    return;
-                };
-                // The first copy in this VM is one distinct content of it.
-                // Further copies are counted for the migration estimate.
-                if let Some(vs) = vs.as_mut() {
-                    if a.role == Role::Intra {
-                        vs.repeat(s.hash());
-                    } else {
-                        vs.insert(s.hash());
+            let vm_index = u32_saturating(vm);
+            for (m, &first) in maps.iter().zip(&firsts[vm]) {
+                let first_base = m.start & !(RANGE_BYTES - 1);
+                for (i, &s) in m.pages.iter().enumerate() {
+                    if !stable(s) || shard_of(s.hash()) != shard {
+                        continue;
                     }
+                    let base = (m.start + (i * PAGE) as u64) & !(RANGE_BYTES - 1);
+                    copies.push(Copy {
+                        hash: s.hash(),
+                        vm: vm_index,
+                        range: first + u32_saturating(usize_of((base - first_base) / RANGE_BYTES)),
+                        merged: s.has(F_MERGED),
+                    });
                 }
-                if !a.duplicate {
-                    return;
-                }
-                let r = &mut ranges[index];
-                r.duplicate_pages += 1;
-                match a.role {
-                    Role::Kept => {}
-                    Role::Inter => r.mergeable_inter_pages += 1,
-                    Role::Intra => r.mergeable_intra_pages += 1,
-                }
-                // Not merged yet and not the copy that stays: merging would still save
-                // it. When a copy elsewhere is already a KSM page, even the kept copy can
-                // merge into it (counted as inter: the KSM page may be in another VM).
-                if !s.has(F_MERGED) && (a.role != Role::Kept || a.any_merged) {
-                    match a.role {
-                        Role::Intra => r.potential_intra_pages += 1,
-                        _ => r.potential_inter_pages += 1,
-                    }
-                }
-            });
+            }
         }
+        stats.allocated_bytes = stats.allocated_bytes.max(copies.allocated_bytes());
+        stats.distinct += copies.attribute(|c, a| {
+            let vm = usize_of(u64::from(c.vm));
+            // The first copy in a VM is one distinct content of it; further copies are
+            // counted for the migration estimate.
+            if let Some(vs) = vm_sketches[vm].as_mut() {
+                if a.role == Role::Intra {
+                    vs.repeat(c.hash);
+                } else {
+                    vs.insert(c.hash);
+                }
+            }
+            if !a.duplicate {
+                return;
+            }
+            let r = &mut per_vm[vm].0[usize_of(u64::from(c.range))];
+            r.duplicate_pages += 1;
+            match a.role {
+                Role::Kept => {}
+                Role::Inter => r.mergeable_inter_pages += 1,
+                Role::Intra => r.mergeable_intra_pages += 1,
+            }
+            // Not merged yet and not the copy that stays: merging would still save it.
+            // When a copy elsewhere is already a KSM page, even the kept copy can merge
+            // into it (counted as inter: the KSM page may be in another VM).
+            if !c.merged && (a.role != Role::Kept || a.any_merged) {
+                match a.role {
+                    Role::Intra => r.potential_intra_pages += 1,
+                    _ => r.potential_inter_pages += 1,
+                }
+            }
+        });
     }
     let mut report = Report {
         stable_after,
@@ -495,20 +520,45 @@ mod tests {
     fn shards_keep_each_table_within_its_bytes() {
         assert_eq!(shards_for(0), 1);
         assert_eq!(shards_for(100_000), 1);
-        // 16 GiB of stable pages: 4 Mi contents at most, 11 bytes each: 44 MiB, 16 shards.
+        // 16 GiB of stable pages: 4 Mi copies, 16 bytes each: 64 MiB, 16 shards.
         assert_eq!(shards_for(4 << 20), 16);
         for n in [1usize << 20, 3 << 20, 50 << 20] {
             let per = n.div_ceil(shards_for(n) as usize);
-            let mut t = ContentTable::with_capacity(per);
-            for i in 0..per as u64 {
-                t.add(i.wrapping_mul(0x9e37_79b9_7f4a_7c15), false);
-            }
             assert!(
-                t.allocated_bytes() <= 2 * TABLE_BYTES_MAX,
-                "{n}: {}",
-                t.allocated_bytes()
+                per * COPY_BYTES <= TABLE_BYTES_MAX,
+                "{n}: {per} copies a shard"
             );
         }
+    }
+
+    #[test]
+    fn mappings_first_ranges_are_the_walks_indices() {
+        let p = PAGE as u64;
+        let r = RANGE_BYTES;
+        let m = |start: u64, pages: usize| Mapping {
+            start,
+            pages: vec![PageState::ABSENT; pages],
+        };
+        // Two mappings sharing a 2 MiB range, an empty one, a gap of ranges, one that
+        // spans three ranges.
+        let maps = [
+            m(10 * r, 4),
+            m(10 * r + 8 * p, 600),
+            m(12 * r, 0),
+            m(20 * r + r - p, 1 + 512 + 1),
+        ];
+        // The walk's index at each mapping's first page.
+        let mut indices = Vec::new();
+        walk_pages(&maps, |index, _, _| indices.push(index));
+        let firsts = first_ranges(&maps);
+        let mut page = 0;
+        for (i, mapping) in maps.iter().enumerate() {
+            if !mapping.pages.is_empty() {
+                assert_eq!(firsts[i] as usize, indices[page], "mapping {i}");
+            }
+            page += mapping.pages.len();
+        }
+        assert_eq!(firsts, [0, 0, 2, 2]);
     }
 
     fn page(hash: u64, flags: u8, unchanged: u16) -> PageState {

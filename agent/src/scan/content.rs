@@ -1,34 +1,18 @@
-//! The host's content table: one entry per distinct stable page content (by its 48-bit
-//! hash) saying whether the content has more than one copy, whether KSM already merged
-//! one of them, and which VM last visited the group while pages are attributed. Each entry
-//! is one `u64` (the hash's 48 bits and 16 bits of state) plus hashbrown's control byte:
-//! 9 bytes per bucket. The table is built for every report and holds one entry per distinct
-//! page, so it is the largest thing the agent allocates after the page histories: the
-//! earlier layout (hash, copy count and VM index in 16 bytes, 17 per bucket) put the
-//! daemon at 114 MiB tracking 16 GiB of guests.
-
-use hashbrown::HashTable;
+//! Which stable pages hold the same content: the copies of one shard of contents (by
+//! their 48-bit hash), sorted so that each content's copies lie together, in VM and range
+//! order, and attributed group by group: whether the content has more than one copy,
+//! whether KSM already merged one of them, and each copy's role when KSM merges the group.
+//!
+//! Sorted, not looked up: a hash table built for every report (one insert and one lookup
+//! per stable page, each a cache miss in a table of megabytes) took 57 % of a report's
+//! CPU at 16 GiB of guests, and the walks over the page histories, twice per shard, the
+//! rest (1.2 s per report in all). The copies are 16 bytes each, a shard's worth at a time,
+//! collected in one walk and sorted in place.
 
 use super::page_state::HASH_MASK;
 
-/// Bytes of one bucket: the entry and hashbrown's control byte.
-pub const BUCKET_BYTES: usize = std::mem::size_of::<u64>() + 1;
-
-/// Some copy of the content is a KSM page.
-const ANY_MERGED: u64 = 1 << 15;
-/// The content has at least two copies on the host.
-const DUPLICATE: u64 = 1 << 14;
-/// 1 + index of the last VM whose copy was attributed (0: none yet); [`VM_OVERFLOW`]:
-/// the index did not fit and is kept in the table's overflow map.
-const LAST_VM: u64 = DUPLICATE - 1;
-const VM_OVERFLOW: u64 = LAST_VM;
-
-/// The bucket hash of an entry: its 48 hash bits spread over all 64 (hashbrown takes the
-/// bucket from the low bits and the control byte from the top 7, and the low 16 bits of a
-/// kept hash are zero).
-fn bucket_hash(entry: u64) -> u64 {
-    (entry >> 16).wrapping_mul(0x9e37_79b9_7f4a_7c15)
-}
+/// Bytes one copy takes.
+pub const COPY_BYTES: usize = std::mem::size_of::<u128>();
 
 /// How a duplicate page counts when KSM merges its group.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -38,179 +22,194 @@ pub enum Role {
     /// The first copy in its VM, but another VM holds the content too: saved only by
     /// merging across VMs.
     Inter,
-    /// A further copy inside the same VM: saved by merging within the VM alone.
+    /// A further copy inside a VM that already holds the content: saved by merging within
+    /// the VM alone.
     Intra,
 }
 
-/// Attribution of one page of a group.
+/// What a copy is in its group.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Attribution {
     pub role: Role,
-    /// The host holds at least two copies of this content.
+    /// The content has at least two copies.
     pub duplicate: bool,
-    /// Some copy is already a KSM page (so even the kept copy can still merge into it).
+    /// Some copy of the content is on a KSM frame.
     pub any_merged: bool,
 }
 
-/// hash -> group, built from every VM's stable pages, then walked VM by VM in the same order
-/// to attribute each copy.
-#[derive(Default)]
-pub struct ContentTable {
-    groups: HashTable<u64>,
-    /// Last VM (index + 1) of groups visited by a VM whose index + 1 does not fit in
-    /// [`LAST_VM`] (more than 16,382 VMs on one host).
-    overflow: std::collections::HashMap<u64, u32>,
+/// One stable page: its content, VM (index in PID order), range (index among its VM's
+/// ranges) and whether it is on a KSM frame, packed so that sorting orders by content,
+/// then VM, then merged copies first, then range. Merged first: of a VM's copies the one
+/// already on a KSM frame is its first (kept or inter), the ones merging would still save
+/// are intra, whatever their order in memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Copy {
+    pub hash: u64,
+    pub vm: u32,
+    pub range: u32,
+    pub merged: bool,
 }
 
-impl ContentTable {
-    pub fn new() -> ContentTable {
-        ContentTable::default()
+/// Range indices have 31 bits (a 2 MiB range each: 4 PiB of guest RAM per VM).
+const RANGE_MASK: u32 = u32::MAX >> 1;
+const UNMERGED: u128 = 1 << 31;
+
+impl Copy {
+    fn packed(self) -> u128 {
+        let unmerged = if self.merged { 0 } else { UNMERGED };
+        (u128::from(self.hash & HASH_MASK) << 64)
+            | (u128::from(self.vm) << 32)
+            | unmerged
+            | u128::from(self.range & RANGE_MASK)
     }
 
-    /// A table with room for `distinct` contents without growing (a growing table holds
-    /// its old and new buckets at once: half again the memory at the moment it peaks).
-    pub fn with_capacity(distinct: usize) -> ContentTable {
-        ContentTable {
-            groups: HashTable::with_capacity(distinct),
-            overflow: Default::default(),
+    #[expect(clippy::cast_possible_truncation, reason = "each field is masked out")]
+    fn unpacked(p: u128) -> Copy {
+        Copy {
+            hash: (p >> 64) as u64,
+            vm: (p >> 32) as u32,
+            range: (p as u32) & RANGE_MASK,
+            merged: p & UNMERGED == 0,
         }
     }
+}
 
-    /// Counts one stable page with content `hash` (its low 16 bits are ignored).
-    pub fn add(&mut self, hash: u64, merged: bool) {
-        let key = hash & HASH_MASK;
-        let merged = if merged { ANY_MERGED } else { 0 };
-        match self.groups.entry(
-            bucket_hash(key),
-            |e| e & HASH_MASK == key,
-            |e| bucket_hash(*e),
-        ) {
-            hashbrown::hash_table::Entry::Occupied(mut e) => *e.get_mut() |= DUPLICATE | merged,
-            hashbrown::hash_table::Entry::Vacant(e) => {
-                e.insert(key | merged);
-            }
-        }
+/// The copies of one shard.
+#[derive(Default)]
+pub struct Copies(Vec<u128>);
+
+impl Copies {
+    pub fn with_capacity(copies: usize) -> Copies {
+        Copies(Vec::with_capacity(copies))
     }
 
-    /// Distinct contents.
+    /// Empties it for the next shard, keeping its allocation.
+    pub fn clear(&mut self) {
+        self.0.clear();
+    }
+
+    pub fn push(&mut self, copy: Copy) {
+        self.0.push(copy.packed());
+    }
+
     pub fn len(&self) -> usize {
-        self.groups.len()
+        self.0.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.groups.is_empty()
+        self.0.is_empty()
     }
 
-    /// Bytes the table holds in buckets (entries, control bytes and spare capacity).
+    /// Bytes allocated.
     pub fn allocated_bytes(&self) -> usize {
-        let buckets = (self.groups.capacity() * 8 / 7).next_power_of_two();
-        buckets * BUCKET_BYTES
+        self.0.capacity() * COPY_BYTES
     }
 
-    /// Attributes one copy of `hash` in the VM with index `vm`. VMs must be walked in the
-    /// order of increasing index, each VM's pages together, so "first copy in its VM" and
-    /// "first copy on the host" (the lowest-index VM holding the content) are known
-    /// without a per-VM table. `None` for contents never added.
-    pub fn attribute(&mut self, hash: u64, vm: u32) -> Option<Attribution> {
-        let key = hash & HASH_MASK;
-        let e = self
-            .groups
-            .find_mut(bucket_hash(key), |e| e & HASH_MASK == key)?;
-        let this = u64::from(vm) + 1;
-        let last = match *e & LAST_VM {
-            VM_OVERFLOW => u64::from(self.overflow.get(&key).copied().unwrap_or(0)),
-            l => l,
-        };
-        let role = if last == this {
-            Role::Intra
-        } else if last == 0 {
-            Role::Kept
-        } else {
-            Role::Inter
-        };
-        let stored = if this < VM_OVERFLOW {
-            this
-        } else {
-            self.overflow.insert(key, vm.saturating_add(1));
-            VM_OVERFLOW
-        };
-        *e = (*e & !LAST_VM) | stored;
-        Some(Attribution {
-            role,
-            duplicate: *e & DUPLICATE != 0,
-            any_merged: *e & ANY_MERGED != 0,
-        })
+    /// Sorts the copies and calls `f` for each, content by content, each content's copies
+    /// in VM order (the first VM's first copy is the one kept, a VM's first copy of a
+    /// content an earlier VM holds is inter, its further copies intra); returns the number
+    /// of distinct contents.
+    pub fn attribute(&mut self, mut f: impl FnMut(Copy, Attribution)) -> usize {
+        self.0.sort_unstable();
+        let content = |p: u128| p >> 64;
+        let mut distinct = 0;
+        for group in self.0.chunk_by(|a, b| content(*a) == content(*b)) {
+            distinct += 1;
+            let duplicate = group.len() > 1;
+            let any_merged = group.iter().any(|p| p & UNMERGED == 0);
+            let mut last_vm = None;
+            for &p in group {
+                let c = Copy::unpacked(p);
+                let role = match last_vm {
+                    None => Role::Kept,
+                    Some(vm) if vm == c.vm => Role::Intra,
+                    Some(_) => Role::Inter,
+                };
+                last_vm = Some(c.vm);
+                f(
+                    c,
+                    Attribution {
+                        role,
+                        duplicate,
+                        any_merged,
+                    },
+                );
+            }
+        }
+        distinct
     }
 }
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// A kept 48-bit hash.
     fn h(n: u64) -> u64 {
         n << 16
     }
 
+    fn copy(hash: u64, vm: u32, range: u32, merged: bool) -> Copy {
+        Copy {
+            hash,
+            vm,
+            range,
+            merged,
+        }
+    }
+
     #[test]
     fn attributes_kept_inter_and_intra_copies() {
-        let mut t = ContentTable::new();
-        // VM 0 holds the content twice, VM 1 three times, VM 2 once.
-        for _ in 0..6 {
-            t.add(h(7), false);
+        let mut c = Copies::default();
+        // VM 0 holds content 7 twice, VM 1 three times, VM 2 once; pushed out of order.
+        for (vm, range) in [(1, 4), (0, 2), (2, 0), (1, 3), (0, 1), (1, 5)] {
+            c.push(copy(h(7), vm, range, false));
         }
-        t.add(h(9), true);
-        assert_eq!(t.len(), 2);
-        let roles: Vec<Role> = [0, 0, 1, 1, 1, 2]
-            .iter()
-            .map(|&vm| t.attribute(h(7), vm).unwrap().role)
-            .collect();
+        c.push(copy(h(9), 0, 9, true));
+        let mut seen = Vec::new();
+        let distinct = c.attribute(|copy, a| seen.push((copy.hash, copy.vm, copy.range, a)));
+        assert_eq!(distinct, 2);
         use Role::*;
-        assert_eq!(roles, [Kept, Intra, Inter, Intra, Intra, Inter]);
-        assert!(t.attribute(h(7), 3).unwrap().duplicate);
-        let a = t.attribute(h(9), 0).unwrap();
-        assert_eq!((a.duplicate, a.any_merged, a.role), (false, true, Kept));
-        assert_eq!(t.attribute(h(8), 0), None);
-        // The low 16 bits are not part of the content's identity.
-        assert_eq!(t.attribute(h(9) | 0xbeef, 0).unwrap().role, Intra);
+        let roles: Vec<_> = seen
+            .iter()
+            .filter(|s| s.0 == h(7))
+            .map(|s| (s.1, s.2, s.3.role))
+            .collect();
+        assert_eq!(
+            roles,
+            [
+                (0, 1, Kept),
+                (0, 2, Intra),
+                (1, 3, Inter),
+                (1, 4, Intra),
+                (1, 5, Intra),
+                (2, 0, Inter)
+            ]
+        );
+        assert!(seen.iter().filter(|s| s.0 == h(7)).all(|s| s.3.duplicate));
+        let nine = seen.iter().find(|s| s.0 == h(9)).unwrap().3;
+        assert_eq!(
+            (nine.duplicate, nine.any_merged, nine.role),
+            (false, true, Kept)
+        );
     }
 
     #[test]
-    fn vm_indices_beyond_the_entry_bits_still_attribute() {
-        let mut t = ContentTable::new();
-        for _ in 0..4 {
-            t.add(h(5), false);
-        }
-        let big = u32::try_from(VM_OVERFLOW).unwrap() + 10;
-        let roles: Vec<Role> = [3, big, big, big + 1]
-            .iter()
-            .map(|&vm| t.attribute(h(5), vm).unwrap().role)
-            .collect();
-        use Role::*;
-        assert_eq!(roles, [Kept, Inter, Intra, Inter]);
-    }
-
-    #[test]
-    fn allocated_bytes_follow_the_load_factor() {
-        // hashbrown keeps at most 7/8 of its buckets full and doubles: per distinct content
-        // the table holds between one bucket (entry + control byte) * 8/7 and twice that.
-        let bucket = 9.0;
-        let mut t = ContentTable::new();
-        for n in [1_000u64, 10_000, 100_000] {
-            while (t.len() as u64) < n {
-                t.add((t.len() as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15), false);
-            }
-            let per = t.allocated_bytes() as f64 / n as f64;
-            assert!(
-                (bucket * 8.0 / 7.0 - 0.01..=bucket * 16.0 / 7.0 + 0.01).contains(&per),
-                "{per} bytes per content at {n} (bucket {bucket})"
-            );
-        }
-        // Reserved up front, it does not grow past the reservation.
-        let mut t = ContentTable::with_capacity(100_000);
-        let before = t.allocated_bytes();
-        for n in 0..100_000u64 {
-            t.add(n.wrapping_mul(0x9e37_79b9_7f4a_7c15), false);
-        }
-        assert_eq!(t.allocated_bytes(), before);
+    fn the_low_bits_are_not_the_content_and_fields_round_trip() {
+        let mut c = Copies::default();
+        c.push(copy(h(5) | 0xbeef, u32::MAX, RANGE_MASK, true));
+        c.push(copy(h(5), 3, 7, false));
+        c.push(copy(h(5), 3, 8, true));
+        let mut seen = Vec::new();
+        assert_eq!(c.attribute(|copy, a| seen.push((copy, a))), 1);
+        // VM 3's merged copy comes first, whatever its range.
+        assert_eq!(seen[0].0, copy(h(5), 3, 8, true));
+        assert_eq!(seen[1].0, copy(h(5), 3, 7, false));
+        assert_eq!(seen[2].0, copy(h(5), u32::MAX, RANGE_MASK, true));
+        assert!(seen.iter().all(|(_, a)| a.duplicate && a.any_merged));
+        let roles: Vec<Role> = seen.iter().map(|(_, a)| a.role).collect();
+        assert_eq!(roles, [Role::Kept, Role::Intra, Role::Inter]);
+        c.clear();
+        assert!(c.is_empty());
+        assert!(c.allocated_bytes() >= 2 * COPY_BYTES);
     }
 }

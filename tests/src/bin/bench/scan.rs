@@ -124,14 +124,14 @@ pub(crate) fn run(out: &Path, guests: u32, rounds: usize) -> anyhow::Result<()> 
             collisions += classes.len() as u64 - 1;
             exact_mergeable += members.len() as u64 - classes.len() as u64;
         }
-        // The scanner's own content table over these guests (stable pages after 3 passes).
+        // The scanner's own content copies over these guests (stable pages after 3 passes).
         let mut s = Scanner::new(2);
         for _ in 0..3 {
             s.pass(&pids)?;
         }
         let (_, table) = s.report_and_table();
         let distinct = table.distinct as f64;
-        // Over all shards (one at this size): the largest shard's table times the shards.
+        // Over all shards (one at this size): the largest shard's copies times the shards.
         let table_bytes_per_distinct =
             table.allocated_bytes as f64 * f64::from(table.shards) / distinct.max(1.0);
         anyhow::Ok((
@@ -186,8 +186,8 @@ pub(crate) fn run(out: &Path, guests: u32, rounds: usize) -> anyhow::Result<()> 
          | **ratio xxh3 / memcpy** | **{ratio:.2}** (goal >= 0.5) |\n\
          | full scan pass (pagemap + kpageflags + /proc/PID/mem + xxh3, median) | {p:.0} MiB/s ({pass_ratio:.2} of memcpy) |\n\
          | per-page state | {state_b} bytes |\n\
-         | content table per distinct stable page (lab guests, from its layout) | {table_b:.1} bytes ({distinct:.0} distinct of {pages} pages) |\n\
-         | content table at scale: {scale_n} distinct pages ({scale_gib} GiB of distinct content) | {scale_b:.1} bytes per distinct page, {scale_mib:.0} MiB, {scale_ns:.1} ns per insert |\n\
+         | content copies per distinct stable page (lab guests, allocated) | {table_b:.1} bytes ({distinct:.0} distinct of {pages} pages) |\n\
+         | content copies at scale, unsharded: {scale_n} distinct pages ({scale_gib} GiB of distinct content; a report takes them in shards of 4 MiB) | {scale_b:.1} bytes per distinct page, {scale_mib:.0} MiB, {scale_ns:.1} ns per copy (collected, sorted, grouped) |\n\
          | mergeable pages by hash vs exact recount | {hashed} vs {exact} ({collisions} hash collisions) |\n",
         ratio = h / c,
         pass_ratio = p / c,
@@ -214,26 +214,32 @@ struct TableScale {
     ns_per_insert: f64,
 }
 
-/// Builds the scanner's content table from `n` distinct hashes (xxh3 of a counter, so
-/// they are spread like page hashes) and measures its memory and insert cost.
+/// Attributes `n` distinct contents the way a report does (one copy each, xxh3 of a
+/// counter, so they are spread like page hashes: collected, sorted, grouped) and measures
+/// their memory and cost per copy.
 fn content_table_at_scale(n: u64) -> TableScale {
     let live = || crate::LIVE_BYTES.load(std::sync::atomic::Ordering::Relaxed);
     let before = live();
-    let mut table = memfabric::scan::content::ContentTable::new();
+    let mut copies = memfabric::scan::content::Copies::default();
     let t = Instant::now();
     for i in 0..n {
-        let h = xxh3_64(&i.to_le_bytes()) & memfabric::scan::page_state::HASH_MASK;
-        table.add(h, false);
+        copies.push(memfabric::scan::content::Copy {
+            hash: xxh3_64(&i.to_le_bytes()) & memfabric::scan::page_state::HASH_MASK,
+            vm: 0,
+            range: u32::try_from(i >> 9).unwrap_or(0),
+            merged: false,
+        });
     }
-    let ns = t.elapsed().as_nanos() as f64 / n as f64;
     let bytes = live() - before;
+    let distinct = copies.attribute(|_, _| {});
+    let ns = t.elapsed().as_nanos() as f64 / n as f64;
     eprintln!(
-        "content table: {bytes} bytes allocated (the table's own estimate {})",
-        table.allocated_bytes()
+        "content copies: {bytes} bytes allocated (their own estimate {})",
+        copies.allocated_bytes()
     );
     TableScale {
         bytes,
-        bytes_per_entry: bytes as f64 / table.len() as f64,
+        bytes_per_entry: bytes as f64 / distinct as f64,
         ns_per_insert: ns,
     }
 }
