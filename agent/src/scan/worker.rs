@@ -337,14 +337,21 @@ fn scan_loop(
         }
         // This round's content table and the report it replaced are freed by now.
         crate::util::release_freed_memory();
-        if busy && !burst {
+        if busy {
             // The chunks are paced as they go; what the round spent outside them (mapping
             // lookups, the report) is paid back here, so the average holds the budget. At
-            // least a second between busy rounds, even for tiny VMs. The rechecks' rounds
-            // go on meanwhile.
+            // least a second between busy rounds, even for tiny VMs, bursts too: a new VM
+            // still filling its memory is sampled again while it grows, at most
+            // MAX_SAMPLED_PASSES times, and unpaced passes a few milliseconds apart spent
+            // them all in the two seconds a 4 GiB process took to fill (its first verdict
+            // then waited 98 s for full passes). The rechecks' rounds go on meanwhile.
             // The rechecks' rounds inside the pacing waits are in the thread's CPU and
             // their lengthened waits in the elapsed time: owed in full, less that time.
-            let owed = Duration::from_secs_f64((thread_cpu() - cpu0) / pace);
+            let owed = if burst {
+                Duration::ZERO
+            } else {
+                Duration::from_secs_f64((thread_cpu() - cpu0) / pace)
+            };
             scanner.idle(owed.max(Duration::from_secs(1)).saturating_sub(t.elapsed()));
         }
     }
