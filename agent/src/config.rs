@@ -334,6 +334,8 @@ pub struct FileConfig {
     pub pids: Vec<u32>,
     #[serde(default, rename = "match")]
     pub matches: Vec<String>,
+    /// Milliseconds between the daemon's ticks while anything happens (default 2000); a
+    /// host where nothing happened for three ticks is looked at three times less often.
     pub refresh_ms: Option<u64>,
     /// Percent of one core the page scanner may use (0 turns it off).
     pub scan_cpu_percent: Option<f64>,

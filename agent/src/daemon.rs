@@ -103,6 +103,13 @@ pub struct Daemon {
     /// The scan pass last published to the fabric.
     fabric_passes: Option<u32>,
     domains: Vec<crate::config::Domain>,
+    /// VMs that arrived or left since the start (see [`crate::control::pace`]).
+    vm_changes: u64,
+    /// Hints applied at the last tick.
+    hints_applied: u64,
+    /// The wait before the next tick.
+    pace: crate::control::pace::TickPace,
+    refresh: std::time::Duration,
 }
 
 impl Daemon {
@@ -180,6 +187,10 @@ impl Daemon {
             fabric: None,
             fabric_passes: None,
             domains: cfg.domains.clone(),
+            vm_changes: 0,
+            hints_applied: 0,
+            pace: crate::control::pace::TickPace::default(),
+            refresh: cfg.refresh,
         })
     }
 
@@ -248,8 +259,9 @@ impl Daemon {
     }
 
     /// One tick of the loop (see [`crate::control`]): observe, model, decide and act,
-    /// publish.
-    pub fn tick(&mut self) -> Result<(), DaemonError> {
+    /// publish. Returns the wait before the next one ([`crate::control::pace`]).
+    pub fn tick(&mut self) -> Result<std::time::Duration, DaemonError> {
+        let (vm_changes, passes) = (self.vm_changes, self.ranking.ranked.passes);
         // Observe: the VMs, the scanner, the probes, KSM.
         let seen = self.observe()?;
         // Model: a new scan pass ranked, each VM with its rates.
@@ -263,6 +275,18 @@ impl Daemon {
         if let Some(w) = &self.scan {
             w.wake(&self.scan_wakes.tick(&self.ranking.ranked, &vms));
         }
+        let pace = crate::control::pace::Seen {
+            vms_changed: self.vm_changes != vm_changes,
+            scan_busy: self.ranking.ranked.passes != passes
+                || seen.scan.as_ref().is_some_and(|s| s.busy_vms > 0),
+            cow_breaks: vms.iter().any(|v| v.cow_breaks_per_sec > 0.0),
+            ksmd_active: decided
+                .ksmd
+                .as_ref()
+                .is_some_and(|k| k.decision.reason != crate::policy::Reason::Quiet),
+            hints_acted: decided.hints.applied_total != self.hints_applied,
+        };
+        self.hints_applied = decided.hints.applied_total;
         // Publish: to the endpoints, and a new pass's summaries to the fabric.
         if let Some(r) = &seen.report {
             self.publish_to_fabric(r);
@@ -271,7 +295,7 @@ impl Daemon {
         if let Ok(mut s) = self.state.write() {
             *s = state;
         }
-        Ok(())
+        Ok(self.pace.next(pace, self.refresh))
     }
 
     /// Observe: follows the VM processes of the host (probes, scanner), and reads the
@@ -425,6 +449,7 @@ impl Daemon {
             .copied()
             .collect();
         for pid in gone {
+            self.vm_changes += 1;
             let vm = self.vms.remove(&pid);
             self.controllers.hints.gone(pid);
             self.described.remove(&pid);
@@ -507,6 +532,7 @@ impl Daemon {
                 if vm.mergeability == inventory::Mergeability::Mergeable {
                     self.vms_arrived += 1;
                 }
+                self.vm_changes += 1;
                 let layout = inventory::layout_fingerprint(pid, &vm.ram_spans());
                 self.described.insert(
                     pid,
@@ -716,13 +742,13 @@ pub async fn serve(
                 }
             };
             let _ = ready_tx.send(Ok(daemon.shared()));
+            let mut wait = refresh;
             let result = loop {
-                match stop_rx.recv_timeout(refresh) {
-                    Err(mpsc::RecvTimeoutError::Timeout) => {
-                        if let Err(e) = daemon.tick() {
-                            break Err(e);
-                        }
-                    }
+                match stop_rx.recv_timeout(wait) {
+                    Err(mpsc::RecvTimeoutError::Timeout) => match daemon.tick() {
+                        Ok(next) => wait = next,
+                        Err(e) => break Err(e),
+                    },
                     _ => break Ok(()),
                 }
             };

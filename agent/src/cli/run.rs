@@ -32,7 +32,8 @@ pub(super) struct RunArgs {
     /// Also track processes whose command line matches this regex (repeatable).
     #[arg(long = "match", env = "MEMFABRIC_MATCH")]
     matches: Vec<String>,
-    /// How often to rescan VMs and refresh the state [default: 2000].
+    /// How often to rescan VMs and refresh the state while anything happens; three times
+    /// less often after three ticks that saw nothing happen [default: 2000].
     #[arg(long, env = "MEMFABRIC_REFRESH_MS")]
     refresh_ms: Option<u64>,
     /// Percent of one core the page scanner may use; 0 turns it off [default: 5].

@@ -11,6 +11,7 @@ pub mod activity;
 pub mod hints;
 pub mod ksmd;
 pub mod ksmd_input;
+pub mod pace;
 pub mod scan_wakes;
 
 #[cfg(feature = "ebpf")]

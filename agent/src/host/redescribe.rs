@@ -10,10 +10,13 @@
 
 /// Refreshes between two looks at a known VM's fingerprint (about 30 s at the default 2 s).
 pub const CHECK: u32 = 15;
-/// Refreshes between two descriptions of a VM whose fingerprint held (about 2 minutes):
-/// merging switched off over a whole mapping (QEMU's `merge` property set at run time)
-/// shows no sooner.
-pub const FULL: u32 = 60;
+/// Refreshes between two descriptions of a VM whose fingerprint held (10 minutes at the
+/// default 2 s, up to 30 on a quiet host): merging switched off over a whole mapping
+/// (QEMU's `merge` property set at run time) shows no sooner. Every 60 refreshes, smaps
+/// (a walk of every page table of every VM) was 55 % of a resting daemon's refresh CPU at
+/// 16 GiB of guests, and what grew its cost with guest RAM (perf, bench scale); a hint
+/// reads the pieces' flags again when it acts.
+pub const FULL: u32 = 300;
 
 /// What the daemon remembers of a VM's last description.
 #[derive(Clone, Copy, Debug)]

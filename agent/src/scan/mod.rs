@@ -94,6 +94,8 @@ pub struct Scanner {
     last_report: Option<std::sync::Arc<Report>>,
     /// Reports [`Scanner::next_report`] built in full, and reused.
     reports_built: (u64, u64),
+    /// CPU seconds of the rechecks' last round.
+    recheck_round_cpu: f64,
 }
 
 /// Reads `buf.len()` bytes at `addr` of the process whose `/proc/PID/mem` is `mem`;
@@ -146,6 +148,7 @@ impl Scanner {
             keys_before: Vec::with_capacity(CHUNK),
             last_report: None,
             reports_built: (0, 0),
+            recheck_round_cpu: 0.0,
         }
     }
 
@@ -208,6 +211,11 @@ impl Scanner {
                 .filter(|s| s.has(page_state::F_PRESENT))
                 .count() as u64
         })
+    }
+
+    /// CPU seconds the rechecks' last round took.
+    pub fn recheck_round_cpu(&self) -> f64 {
+        self.recheck_round_cpu
     }
 
     /// Ranges the rechecks between passes track now.
@@ -285,7 +293,11 @@ impl Scanner {
                         Mapping::carried(&known, start, pages)
                     }
                 };
-                self.scan_mapping(pid, &map, &mem, &mut m, &mut advance)?;
+                if let Err(e) = self.scan_mapping(pid, &map, &mem, &mut m, &mut advance) {
+                    // The process's history is dropped with the failed pass.
+                    self.figures_changed = true;
+                    return Err(e);
+                }
                 mappings.push(m);
             }
             // A mapping gone (or a process new) changes the ranges reported.
@@ -571,6 +583,7 @@ impl Scanner {
                 let cpu = crate::util::thread_cpu();
                 self.recheck_round();
                 let cpu = crate::util::thread_cpu() - cpu;
+                self.recheck_round_cpu = cpu;
                 spent += cpu;
                 if pay {
                     end += std::time::Duration::from_secs_f64(cpu / self.budget);

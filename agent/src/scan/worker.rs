@@ -117,8 +117,26 @@ impl Jitter {
     }
 }
 
-/// The rechecks' rounds are this many times further apart while every VM is quiet.
+/// The rechecks' rounds are at least this many times further apart while every VM is
+/// quiet.
 const QUIET_RECHECK_SPACING: f64 = 10.0;
+/// At most this many times (rounds 12.5 to 37.5 s apart): a rewrite is remembered for
+/// [`crate::scan::recheck::FORGET_SECONDS`], and churn is two rewrites seen in a row.
+const QUIET_RECHECK_SPACING_MAX: f64 = 25.0;
+
+/// The rechecks' spacing while quiet: their rounds cost at most half the quiet budget (a
+/// round reads up to 4,096 pages of suspect ranges, and a large host with many churning
+/// ranges had them cost more than the quiet budget that bounds the quiet passes), within
+/// [`QUIET_RECHECK_SPACING`] and [`QUIET_RECHECK_SPACING_MAX`]. A round is about
+/// `spacing` seconds after the last (0.5 to 1.5 times it).
+fn quiet_recheck_spacing(round_cpu: f64, quiet_budget: f64) -> f64 {
+    let spacing = round_cpu / (quiet_budget / 2.0);
+    if spacing.is_finite() {
+        spacing.clamp(QUIET_RECHECK_SPACING, QUIET_RECHECK_SPACING_MAX)
+    } else {
+        QUIET_RECHECK_SPACING_MAX
+    }
+}
 
 /// CPU seconds of unused budget the scan may bank while resting.
 const CREDIT_MAX: f64 = 5.0;
@@ -158,9 +176,10 @@ impl Credit {
     }
 }
 
-/// When the report is built. It walks every page of every VM (0.N s of CPU at 16 GiB of
-/// guests, more than a new VM's sampled pass, and 17 % of the busy scan thread's CPU in
-/// the lab when it was built after every round), and the daemon reads it once per refresh:
+/// When the report is built. It walks every page of every VM (1.2 s of CPU at 16 GiB of
+/// guests with a hash table, a third of that sorted: either way more than a new 4 GiB VM's
+/// sampled pass, 0.2 s; and 17 % of the busy scan thread's CPU in the lab when it was built
+/// after every round), and the daemon reads it once per refresh:
 /// a report is built after a round only when the daemon read the last one, or when the
 /// host goes quiet (the last busy round's figures stay published); a new VM's sampled
 /// passes build none until its series ends (its first verdict comes from the last).
@@ -253,7 +272,10 @@ fn scan_loop(
             // Quiet: rest until a VM falls due, looking for wakes every second. The
             // rechecks' rounds go on, spaced out, and their CPU puts every quiet VM's
             // next pass off, so the thread holds the quiet budget.
-            scanner.set_recheck_spacing(QUIET_RECHECK_SPACING);
+            scanner.set_recheck_spacing(quiet_recheck_spacing(
+                scanner.recheck_round_cpu(),
+                quiet_budget,
+            ));
             let wait = schedule
                 .next_due()
                 .map_or(1.0, |d| (d - now()).clamp(0.01, 1.0));
@@ -263,7 +285,11 @@ fn scan_loop(
             continue;
         }
         let busy = schedule.busy();
-        scanner.set_recheck_spacing(if busy { 1.0 } else { QUIET_RECHECK_SPACING });
+        scanner.set_recheck_spacing(if busy {
+            1.0
+        } else {
+            quiet_recheck_spacing(scanner.recheck_round_cpu(), quiet_budget)
+        });
         // A new order each round, never-scanned VMs first.
         jitter.shuffle(&mut due);
         due.sort_by_key(|(pid, _)| !schedule.is_new(*pid));
@@ -508,6 +534,20 @@ mod tests {
         reads.fetch_add(1, Ordering::Relaxed);
         assert!(r.due(&reads, true, false), "read: the next one is built");
         assert!(!r.due(&reads, false, true));
+    }
+
+    #[test]
+    fn quiet_rechecks_take_at_most_half_the_quiet_budget_within_bounds() {
+        // 1 ms a round at 0.05 % of a core: ten times apart is 0.01 %, within half of it.
+        assert_eq!(quiet_recheck_spacing(0.001, 0.0005), QUIET_RECHECK_SPACING);
+        // 4 ms: 16 times apart holds 0.025 %.
+        assert!((quiet_recheck_spacing(0.004, 0.0005) - 16.0).abs() < 1e-9);
+        // 12 ms (4,096 pages): at most 25 times apart, whatever the budget.
+        assert_eq!(
+            quiet_recheck_spacing(0.012, 0.0005),
+            QUIET_RECHECK_SPACING_MAX
+        );
+        assert_eq!(quiet_recheck_spacing(0.0, 0.0), QUIET_RECHECK_SPACING_MAX);
     }
 
     #[test]
