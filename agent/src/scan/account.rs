@@ -261,31 +261,6 @@ fn shards_for(stable: usize) -> u32 {
         .clamp(1, 1 << 16)
 }
 
-/// The index of each mapping's first 2 MiB range among the ranges [`walk_pages`] meets
-/// (ranges follow each other without gaps inside a mapping; two mappings meeting inside
-/// one 2 MiB range share it).
-fn first_ranges(maps: &[Mapping]) -> Vec<u32> {
-    let mut out = Vec::with_capacity(maps.len());
-    let (mut next, mut last_base) = (0u32, None);
-    for m in maps {
-        let Some(last_page) = m.pages.len().checked_sub(1) else {
-            out.push(next);
-            continue;
-        };
-        let first_base = m.start & !(RANGE_BYTES - 1);
-        let first = match last_base {
-            Some(b) if b == first_base => next - 1,
-            _ => next,
-        };
-        let last_base_here = (m.start + (last_page * PAGE) as u64) & !(RANGE_BYTES - 1);
-        let ranges = u32_saturating(usize_of((last_base_here - first_base) / RANGE_BYTES)) + 1;
-        out.push(first);
-        next = first + ranges;
-        last_base = Some(last_base_here);
-    }
-    out
-}
-
 /// Each page of one VM's mappings in address order, with the index of its 2 MiB range
 /// among the ranges the walk met (the same order in every walk).
 fn walk_pages(maps: &[Mapping], mut f: impl FnMut(usize, u64, PageState)) {
@@ -402,28 +377,22 @@ fn account_with(
         .values()
         .map(|_| sketches.then(|| Sketch::new(MAX_K)))
         .collect();
-    let firsts: Vec<Vec<u32>> = procs.values().map(|maps| first_ranges(maps)).collect();
     let per_shard = stable_pages / shards as usize;
     let mut copies = Copies::with_capacity(per_shard + per_shard / 16 + 64);
     for shard in 0..shards {
         copies.clear();
         for (vm, maps) in procs.values().enumerate() {
-            let vm_index = u32_saturating(vm);
-            for (m, &first) in maps.iter().zip(&firsts[vm]) {
-                let first_base = m.start & !(RANGE_BYTES - 1);
-                for (i, &s) in m.pages.iter().enumerate() {
-                    if !stable(s) || shard_of(s.hash()) != shard {
-                        continue;
-                    }
-                    let base = (m.start + (i * PAGE) as u64) & !(RANGE_BYTES - 1);
+            let vm = u32_saturating(vm);
+            walk_pages(maps, |index, _, s| {
+                if stable(s) && shard_of(s.hash()) == shard {
                     copies.push(Copy {
                         hash: s.hash(),
-                        vm: vm_index,
-                        range: first + u32_saturating(usize_of((base - first_base) / RANGE_BYTES)),
+                        vm,
+                        range: u32_saturating(index),
                         merged: s.has(F_MERGED),
                     });
                 }
-            }
+            });
         }
         stats.allocated_bytes = stats.allocated_bytes.max(copies.allocated_bytes());
         stats.distinct += copies.attribute(|c, a| {
@@ -529,36 +498,6 @@ mod tests {
                 "{n}: {per} copies a shard"
             );
         }
-    }
-
-    #[test]
-    fn mappings_first_ranges_are_the_walks_indices() {
-        let p = PAGE as u64;
-        let r = RANGE_BYTES;
-        let m = |start: u64, pages: usize| Mapping {
-            start,
-            pages: vec![PageState::ABSENT; pages],
-        };
-        // Two mappings sharing a 2 MiB range, an empty one, a gap of ranges, one that
-        // spans three ranges.
-        let maps = [
-            m(10 * r, 4),
-            m(10 * r + 8 * p, 600),
-            m(12 * r, 0),
-            m(20 * r + r - p, 1 + 512 + 1),
-        ];
-        // The walk's index at each mapping's first page.
-        let mut indices = Vec::new();
-        walk_pages(&maps, |index, _, _| indices.push(index));
-        let firsts = first_ranges(&maps);
-        let mut page = 0;
-        for (i, mapping) in maps.iter().enumerate() {
-            if !mapping.pages.is_empty() {
-                assert_eq!(firsts[i] as usize, indices[page], "mapping {i}");
-            }
-            page += mapping.pages.len();
-        }
-        assert_eq!(firsts, [0, 0, 2, 2]);
     }
 
     fn page(hash: u64, flags: u8, unchanged: u16) -> PageState {
