@@ -24,6 +24,13 @@ pub struct PageHeat {
     pub write_protect_faults: u32,
     /// Of those, writes that broke a merge ksmd made.
     pub cow_breaks: u32,
+    /// Summed over a range: its pages written while write-protected twice or more since
+    /// the probes began tracking them (a page: 1 when it was). Over an interval with
+    /// faults, the later reading's count, not a difference: it tells whether the
+    /// interval's faults hit pages written so before (churn) or only once (a guest
+    /// filling memory that was merged: see [`crate::model::rank::RankPolicy::classify`]).
+    #[serde(default)]
+    pub rewritten_pages: u32,
 }
 
 impl PageHeat {
@@ -34,6 +41,11 @@ impl PageHeat {
                 .write_protect_faults
                 .saturating_sub(earlier.write_protect_faults),
             cow_breaks: self.cow_breaks.saturating_sub(earlier.cow_breaks),
+            rewritten_pages: if self.write_protect_faults > earlier.write_protect_faults {
+                self.rewritten_pages
+            } else {
+                0
+            },
         }
     }
 }

@@ -106,6 +106,7 @@ fn heat_from_raw(v: u64) -> PageHeat {
     PageHeat {
         write_protect_faults,
         cow_breaks,
+        rewritten_pages: u32::from(write_protect_faults >= 2),
     }
 }
 
@@ -553,6 +554,7 @@ impl Probes {
                 .write_protect_faults
                 .saturating_add(h.write_protect_faults);
             r.cow_breaks = r.cow_breaks.saturating_add(h.cow_breaks);
+            r.rewritten_pages = r.rewritten_pages.saturating_add(h.rewritten_pages);
         }
         out
     }
