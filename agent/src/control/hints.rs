@@ -277,6 +277,7 @@ impl Hinting {
                     Ok(Applied::Already) => {
                         view.outcome = HintOutcome::Already;
                         self.status.already_total += 1;
+                        self.planner.unchanged(&d);
                     }
                     Err(HintError::Deferred(why)) => {
                         tracing::warn!(

@@ -240,6 +240,18 @@ impl HintPlanner {
         out
     }
 
+    /// A decision found its range already as decided (a new VM made mergeable whole at
+    /// launch, its calm ranges "made" mergeable): no injection stopped the VM, so it does
+    /// not count against the VM's rate. Counted, such no-ops of a new VM's first rankings
+    /// used up its changes for the minute and held back the volatile verdicts behind them
+    /// (the timeline bench's lab-4: dozens of rate-limited decisions).
+    pub fn unchanged(&mut self, d: &HintDecision) {
+        // The latest entry: one of this ranking's, all at the same time.
+        if let Some(recent) = self.changes.get_mut(&d.pid) {
+            recent.pop_back();
+        }
+    }
+
     /// A decision could not be carried out: it is decided again next time.
     pub fn failed(&mut self, d: &HintDecision) {
         if d.reason == HintReason::DomainDoesNotShare {

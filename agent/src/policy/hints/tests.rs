@@ -57,6 +57,50 @@ fn a_volatile_range_leaves_after_two_rankings_and_returns_after_three_calm_ones(
 }
 
 #[test]
+fn decisions_that_changed_nothing_do_not_use_up_the_rate() {
+    use RangeClass::*;
+    let mut p = HintPlanner::new(HintPolicy::default());
+    let max = p.policy().max_changes_per_minute;
+    // Every other range calm, the rest unknown: each calm one a decision of its own.
+    let calm: Vec<RangeClass> = (0..2 * max)
+        .map(|i| {
+            if i % 2 == 0 {
+                StableDuplicate
+            } else {
+                ColdUnknown
+            }
+        })
+        .collect();
+    let mut decided = Vec::new();
+    for t in [0.0, 1.0, 2.0] {
+        decided = p.plan(t, &[vm(1, &calm, Sharing::Ranges)]);
+    }
+    assert_eq!(decided.len(), max);
+    assert!(decided.iter().all(|d| d.within_rate));
+    // All of them found the ranges mergeable already: no change was made.
+    for d in &decided {
+        p.unchanged(d);
+    }
+    let mut volatile = calm.clone();
+    volatile[1] = Volatile;
+    p.plan(3.0, &[vm(1, &volatile, Sharing::Ranges)]);
+    let d = p.plan(4.0, &[vm(1, &volatile, Sharing::Ranges)]);
+    assert!(
+        d.iter()
+            .any(|d| d.target == Target::Unmergeable && d.within_rate),
+        "{d:?}"
+    );
+    // Counted as changes, they would have held it back.
+    let mut q = HintPlanner::new(HintPolicy::default());
+    for t in [0.0, 1.0, 2.0] {
+        q.plan(t, &[vm(1, &calm, Sharing::Ranges)]);
+    }
+    q.plan(3.0, &[vm(1, &volatile, Sharing::Ranges)]);
+    let d = q.plan(4.0, &[vm(1, &volatile, Sharing::Ranges)]);
+    assert!(d.iter().all(|d| !d.within_rate), "{d:?}");
+}
+
+#[test]
 fn an_unknown_ranking_between_two_volatile_ones_does_not_reset_the_count() {
     use RangeClass::*;
     let mut p = HintPlanner::new(HintPolicy::default());
