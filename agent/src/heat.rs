@@ -28,7 +28,7 @@ pub struct PageHeat {
     /// the probes began tracking them (a page: 1 when it was). Over an interval with
     /// faults, the later reading's count, not a difference: it tells whether the
     /// interval's faults hit pages written so before (churn) or only once (a guest
-    /// filling memory that was merged: see [`crate::model::rank::RankPolicy::classify`]).
+    /// filling memory that was merged: see the ranking's `RankPolicy::classify`).
     #[serde(default)]
     pub rewritten_pages: u32,
 }
