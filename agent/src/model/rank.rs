@@ -88,14 +88,14 @@ impl RankPolicy {
             return RangeClass::ColdUnknown;
         }
         // A range the scan knows calm (history, three quarters of it stable) whose pages
-        // were each written while write-protected once: the guest filled memory that was
-        // merged (a load onto recycled pages), one write, until some page is written so
-        // again. Its faults counted here made it volatile now and the next pass, which
+        // were written while write-protected once each: the guest filled memory that was
+        // merged (a load onto recycled pages), one write, until 8 of its pages are written
+        // so again. Its faults counted here made it volatile now and the next pass, which
         // reads the new content as changed, made it volatile again: two volatile rankings
-        // for one write, and the hints took the range out of KSM for ten minutes (the
-        // timeline bench's 32 MiB load, 96.4 % of stock's savings in one run). The pass
-        // judges it alone; churn shows as pages written twice, or as changed pass after
-        // pass.
+        // for one write, and the hints took the range out of KSM for ten minutes (seen in
+        // the timeline bench on a range of the guest that loads 32 MiB; likely the cause
+        // of one run's 96.4 % of stock's savings). The pass judges it alone; churn shows as
+        // pages written twice, or as changed pass after pass.
         let calm = passes > u32::from(stable_after)
             && f64::from(r.stable_pages) >= (1.0 - self.volatile_share) * present;
         let heat = if calm && heat.rewritten_pages < self.cow_breaks_volatile {
