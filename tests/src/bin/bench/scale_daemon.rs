@@ -57,12 +57,17 @@ fn cpu_rss(pid: u32) -> anyhow::Result<(f64, [f64; 2])> {
     Ok((cpu, [kib("VmRSS")? / 1024.0, kib("VmHWM")? / 1024.0]))
 }
 
-/// Waits up to `limit` for `cond` on the daemon's status, polling every 250 ms; the
-/// seconds it took.
+/// Waits up to `limit` for `cond` on the daemon's status; the seconds it took.
 fn until(d: &Daemon, limit: Duration, mut cond: impl FnMut(&StatusV1) -> bool) -> Option<f64> {
+    until_that(limit, || status(d).is_some_and(|s| cond(&s)))
+}
+
+/// Waits up to `limit` for `cond`, polling every 250 ms (each poll is a request the daemon
+/// serves: not faster, its CPU is measured); the seconds it took.
+fn until_that(limit: Duration, mut cond: impl FnMut() -> bool) -> Option<f64> {
     let t = Instant::now();
     while t.elapsed() < limit {
-        if status(d).is_some_and(|s| cond(&s)) {
+        if cond() {
             return Some(t.elapsed().as_secs_f64());
         }
         std::thread::sleep(Duration::from_millis(250));
@@ -179,7 +184,7 @@ pub(crate) fn run(
     // its own ranges: the VM's count of volatile ranges moves by more than eight as its
     // other churning ranges (10 % of it, rewritten with two contents in turn) are seen
     // rewritten in one pass and not in the next.
-    let region = churn_span(&mut holders[0], &churn_regions[0])?;
+    let region = holders[0].span(&churn_regions[0]);
     let pid = holders[0].pid;
     let (inside, already) = volatile_in(&d, pid, region).context("the first holder's ranges")?;
     anyhow::ensure!(inside > 0, "no range of the churn region was ranked");
@@ -189,15 +194,10 @@ pub(crate) fn run(
         );
     }
     holders[0].cmd(&format!("flip {} 1000", churn_regions[0]));
-    let t = Instant::now();
-    while t.elapsed() < Duration::from_secs(600) {
-        // Three quarters of its ranges (a range's verdict may flicker like the others').
-        if volatile_in(&d, pid, region).is_some_and(|(_, v)| v * 4 >= inside * 3) {
-            f.churn_verdict_s = Some(t.elapsed().as_secs_f64());
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(250));
-    }
+    // Three quarters of its ranges (a range's verdict may flicker like the others').
+    f.churn_verdict_s = until_that(Duration::from_secs(600), || {
+        volatile_in(&d, pid, region).is_some_and(|(_, v)| v * 4 >= inside * 3)
+    });
     // A new VM of 4 GiB: half the content the others hold, half its own. Its times count
     // from its start, as a VM's would from its boot: filling its memory takes seconds, and
     // the daemon finds it meanwhile.
@@ -248,20 +248,6 @@ fn classes(s: &StatusV1, pid: u32) -> Option<(u32, u32)> {
     let all: u32 = c.values().sum();
     let unknown = c.get(&RangeClass::ColdUnknown).copied().unwrap_or(0);
     Some((all - unknown, all))
-}
-
-/// A workload region's address span.
-fn churn_span(w: &mut Workload, region: &str) -> anyhow::Result<(u64, u64)> {
-    let reply = w.cmd(&format!("where {region}"));
-    let mut words = reply.split_whitespace();
-    let addr = words
-        .next()
-        .and_then(|a| u64::from_str_radix(a.trim_start_matches("0x"), 16).ok());
-    let pages = words.next().and_then(|p| p.parse::<u64>().ok());
-    match (addr, pages) {
-        (Some(a), Some(p)) => Ok((a, a + p * 4096)),
-        _ => anyhow::bail!("region {region}: unexpected reply {reply:?}"),
-    }
 }
 
 /// The ranges of VM `pid` that lie inside `span`, and how many of them are ranked
