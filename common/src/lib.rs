@@ -39,6 +39,9 @@ pub mod sizes {
     /// 256 Ki entries cover 1 GiB of merged guest memory; past that the oldest merges are
     /// forgotten and their breaks are counted only by the write-protect signature.
     pub const KSM_PAGES: u32 = 262_144;
+    /// Of those, the most a process merged before the agent tracked it is seeded with
+    /// (so one large VM cannot evict every other's merges).
+    pub const KSM_PAGES_SEEDED: u32 = KSM_PAGES / 4;
     /// Ring buffer bytes (must be a power of two multiple of the page size).
     pub const EVENTS: u32 = 256 * 1024;
 }

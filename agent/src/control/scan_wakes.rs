@@ -27,13 +27,13 @@ pub const NEW_MEMORY_PAGES: u64 = 512;
 pub const COW_BREAKS: u64 = 8;
 
 /// Merged pages of one VM beyond which the probes may not know each of them: a VM merged
-/// before the daemon tracked it is seeded with at most a quarter of `KSM_PAGES`
-/// ([`crate::probes::Probes::SEED_LIMIT`]), and that map is shared by every VM. A write to
+/// before the daemon tracked it is seeded with at most `KSM_PAGES_SEEDED` of them, and
+/// `KSM_PAGES` is shared by every VM. A write to
 /// a merged page the probes do not know is a write-protect fault without a COW break:
 /// such a VM is woken by write-protect faults instead. On the scale bench's 16 GiB host
 /// (half a million merged pages per VM, 65,536 remembered) a merged range that started
 /// churning woke nothing, and its VM, resting, was not read again for minutes.
-pub const REMEMBERED_MERGES: i64 = memfabric_common::sizes::KSM_PAGES as i64 / 4;
+pub const REMEMBERED_MERGES: i64 = memfabric_common::sizes::KSM_PAGES_SEEDED as i64;
 
 /// Passes of its VM after which a range whose move woke it may wake it again.
 pub const REWAKE_PASSES: u32 = 16;

@@ -470,7 +470,7 @@ impl Probes {
     }
 
     /// The most pages [`Probes::seed_merged`] remembers for one process.
-    pub const SEED_LIMIT: usize = sizes::KSM_PAGES as usize / 4;
+    pub const SEED_LIMIT: usize = sizes::KSM_PAGES_SEEDED as usize;
 
     /// Drops the side state of a process that is no longer tracked.
     fn forget(&mut self, tgid: u32, stats: Option<TgidStats>) {
