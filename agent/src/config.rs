@@ -227,6 +227,11 @@ pub struct FabricConfig {
     /// Hashes in the host sketch (default 4096: 24 KiB).
     pub k: Option<usize>,
     pub gossip_interval_ms: Option<u64>,
+    /// The QEMU this host runs for a migration a peer sends here (`memfabric migrate --to`):
+    /// an absolute path to a root-owned executable. Unset (the default): this host refuses
+    /// incoming migrations, since accepting them lets any holder of a cluster certificate
+    /// start a QEMU here.
+    pub incoming_qemu: Option<PathBuf>,
 }
 
 /// The effective fabric settings.
@@ -244,6 +249,7 @@ pub struct Fabric {
     pub capacity_bytes: Option<u64>,
     pub k: usize,
     pub gossip_interval: Duration,
+    pub incoming_qemu: Option<PathBuf>,
 }
 
 impl FabricConfig {
@@ -317,8 +323,35 @@ impl FabricConfig {
             capacity_bytes: self.capacity_bytes,
             k,
             gossip_interval: Duration::from_millis(gossip_ms),
+            incoming_qemu: match self.incoming_qemu {
+                Some(q) => Some(trusted_executable(q)?),
+                None => None,
+            },
         }))
     }
+}
+
+/// `incoming_qemu` as given, if it is an absolute path to a regular file root owns and
+/// only root can write (the daemon runs it as root on a peer's request).
+fn trusted_executable(path: PathBuf) -> Result<PathBuf, ConfigError> {
+    use std::os::unix::fs::MetadataExt as _;
+    let bad =
+        |why: String| ConfigError::Fabric(format!("incoming_qemu = {:?}: {why}", path.display()));
+    if !path.is_absolute() {
+        return Err(bad("not an absolute path".into()));
+    }
+    let meta = std::fs::metadata(&path).map_err(|e| bad(e.to_string()))?;
+    if !meta.is_file() || meta.mode() & 0o111 == 0 {
+        return Err(bad("not an executable file".into()));
+    }
+    if meta.uid() != 0 || meta.mode() & 0o022 != 0 {
+        return Err(bad(format!(
+            "owned by uid {} with mode {:04o}: it must be root's and writable by root only",
+            meta.uid(),
+            meta.mode() & 0o7777
+        )));
+    }
+    Ok(path)
 }
 
 /// The TOML file. Every key is optional.

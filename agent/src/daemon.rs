@@ -693,6 +693,22 @@ fn take_state(cfg: &Config) -> Result<Controls, DaemonError> {
     Ok(controls)
 }
 
+/// Migrations peers send here (`[fabric] incoming_qemu`; refused without it), served on
+/// the fabric's mutual-TLS listener, their files under the state directory.
+fn incoming_migrations(
+    f: &crate::config::Fabric,
+    state_dir: &std::path::Path,
+) -> Result<Arc<crate::migrate::incoming::Incoming>, DaemonError> {
+    let tls = crate::fabric::tls::load(&f.ca_file, &f.cert_file, &f.key_file)
+        .map_err(|e| DaemonError::Fabric(crate::fabric::node::FabricError::Tls(e)))?;
+    Ok(crate::migrate::incoming::Incoming::new(
+        f.incoming_qemu.clone(),
+        state_dir.join("incoming"),
+        f.listen.ip(),
+        tls.server,
+    ))
+}
+
 /// Runs until `stop` completes (tests stop it themselves). The listener is bound and the
 /// state directory locked first, so a second daemon fails before it loads any probe.
 pub async fn serve(
@@ -716,9 +732,14 @@ pub async fn serve(
     };
     let listener = bind(&cfg).await?;
     let (fabric_stop_tx, fabric_stop_rx) = tokio::sync::watch::channel(false);
-    let fabric = match &cfg.fabric {
-        Some(f) => Some(crate::fabric::node::Fabric::start(f, fabric_stop_rx).await?),
-        None => None,
+    let (fabric, incoming) = match &cfg.fabric {
+        Some(f) => {
+            let incoming = incoming_migrations(f, &cfg.state_dir)?;
+            let fabric =
+                crate::fabric::node::Fabric::start(f, fabric_stop_rx, incoming.router()).await?;
+            (Some(fabric), Some(incoming))
+        }
+        None => (None, None),
     };
     let control = take_state(&cfg)?;
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
@@ -833,6 +854,10 @@ pub async fn serve(
     let result = result.unwrap_or_else(|_| Err(DaemonError::Refresh("panicked".into())));
     let _ = http_stop_tx.send(());
     let _ = fabric_stop_tx.send(true);
+    if let Some(i) = incoming {
+        // Guests not started here yet run on their sources.
+        let _ = tokio::task::spawn_blocking(move || i.shutdown()).await;
+    }
     if let Err(e) = server.await {
         tracing::warn!("HTTP server task: {e}");
     }

@@ -362,3 +362,221 @@ fn peers_without_a_valid_certificate_are_refused_and_the_vm_does_not_move() {
     assert!(e.contains("TLS"), "{e}");
     assert!(!incoming.exists());
 }
+
+/// The `memfabric` binary beside this test's (`cargo test --workspace` builds it for the
+/// agent's own integration tests; `cargo xtask test` runs that).
+fn agent_binary() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|d| d.join("memfabric"))
+        .unwrap();
+    assert!(
+        bin.exists(),
+        "{} is not built: run the suite with `cargo xtask test` (or `cargo build -p memfabric` first)",
+        bin.display()
+    );
+    bin
+}
+
+/// A `memfabric run` daemon on one of the two lab hosts, its fabric on the link; its
+/// HTTP API on that host's loopback, port 9977.
+fn fabric_daemon(
+    hosts: &xtask::lab::hosts::TwoHosts,
+    side: xtask::lab::hosts::Side,
+    config: &Path,
+    dir: &Path,
+    track: u32,
+) -> memfabric_harness::Guarded {
+    use xtask::lab::hosts::{DST_ADDR, SRC_ADDR, Side};
+    let (me, peer, name) = match side {
+        Side::Src => (SRC_ADDR, DST_ADDR, "src"),
+        Side::Dst => (DST_ADDR, SRC_ADDR, "dst"),
+    };
+    let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
+    memfabric_harness::Guarded::new(
+        hosts
+            .command(side, &agent_binary())
+            .args(["run", "--config"])
+            .arg(config)
+            .args(["--listen", "127.0.0.1:9977", "--pid", &track.to_string()])
+            .arg("--state-dir")
+            .arg(dir.join(format!("state-{name}")))
+            .args(["--fabric-listen", &format!("{me}:7946")])
+            .args(["--peer", &format!("{peer}:7946")])
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("memfabric run"),
+    )
+}
+
+/// `memfabric ARGS` run on the source host: exit code, stdout, stderr.
+fn on_source(hosts: &xtask::lab::hosts::TwoHosts, args: &[&str]) -> (i32, String, String) {
+    let out = hosts
+        .command(xtask::lab::hosts::Side::Src, &agent_binary())
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The QEMU a destination's agent started for a migration of `uuid` (none yet).
+fn migrated_qemu(uuid: &str, not: u32) -> Option<u32> {
+    memfabric::host::inventory::discover(&Default::default())
+        .into_values()
+        .find(|v| v.uuid.as_deref() == Some(uuid) && v.pid != not)
+        .map(|v| v.pid)
+}
+
+/// Stops the migrated guest when the test ends, whatever happened.
+struct Migrated(String, u32);
+
+impl Drop for Migrated {
+    fn drop(&mut self) {
+        if let Some(pid) = migrated_qemu(&self.0, self.1) {
+            // SAFETY: plain kill(2) of the QEMU this test had migrated.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+    }
+}
+
+/// `memfabric migrate --vm --to` as an operator runs it: two agents on two lab hosts
+/// (network namespaces joined by a veth), the destination's agent starting the incoming
+/// QEMU itself. First the destination refuses (its config names no QEMU): the VM keeps
+/// running on the source. Then it accepts: the guest moves with a fraction of the bytes
+/// (its twin runs on the destination), runs there, and the source QEMU is gone.
+#[test]
+#[serial_test::serial]
+fn a_guest_moves_to_the_peer_named_and_the_destinations_agent_runs_it() {
+    use xtask::lab::hosts::{DST_ADDR, SRC_ADDR, Side, TwoHosts};
+    if !privileged("a_guest_moves_to_the_peer_named_and_the_destinations_agent_runs_it") {
+        return;
+    }
+    let setup = Setup::new("migrate-peer-test", 2, 15);
+    let (dir, src, twin) = (&setup.dir, &setup.guests[0], &setup.guests[1]);
+    let _migrated = Migrated(src.uuid.clone(), src.pid);
+    let hosts = TwoHosts::up().expect("the two lab hosts");
+    let key = dir.join("gossip.key");
+    std::fs::write(&key, [7u8; 32]).unwrap();
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let config = |name: &str, ip: std::net::Ipv4Addr, incoming: bool| {
+        let (cert, k) = setup.pki.leaf(&[name, &ip.to_string()]);
+        std::fs::write(dir.join(format!("{name}-fabric.crt")), cert).unwrap();
+        std::fs::write(dir.join(format!("{name}-fabric.key")), k).unwrap();
+        let path = dir.join(format!("{name}.toml"));
+        std::fs::write(
+            &path,
+            format!(
+                "[fabric]\nnode = \"{name}\"\nca_file = \"{d}/ca.crt\"\n\
+                 cert_file = \"{d}/{name}-fabric.crt\"\nkey_file = \"{d}/{name}-fabric.key\"\n\
+                 gossip_key_file = \"{k}\"\ngossip_interval_ms = 300\n{q}",
+                d = dir.display(),
+                k = key.display(),
+                q = if incoming {
+                    "incoming_qemu = \"/usr/bin/qemu-system-x86_64\"\n"
+                } else {
+                    ""
+                }
+            ),
+        )
+        .unwrap();
+        path
+    };
+    let src_cfg = config("src", SRC_ADDR, false);
+    let _src_agent = fabric_daemon(&hosts, Side::Src, &src_cfg, dir, src.pid);
+    let peer_live = || {
+        memfabric_harness::wait_for(Duration::from_secs(60), || {
+            let (_, out, _) = on_source(
+                &hosts,
+                &["peers", "--json", "--endpoint", "http://127.0.0.1:9977"],
+            );
+            // Joining will do: gossip gave its address (its summary needs a scan pass,
+            // which a migration to a named peer does not).
+            out.contains("\"dst\"") && !out.contains("\"stale\"")
+        })
+    };
+    let migrate = [
+        "migrate",
+        "--vm",
+        &src.name,
+        "--to",
+        "dst",
+        "--config",
+        src_cfg.to_str().unwrap(),
+        "--endpoint",
+        "http://127.0.0.1:9977",
+        "--json",
+    ];
+
+    // A destination that does not accept incoming migrations.
+    let refusing_cfg = config("dst", DST_ADDR, false);
+    let refusing = fabric_daemon(&hosts, Side::Dst, &refusing_cfg, dir, twin.pid);
+    let logs = || {
+        ["src", "dst"]
+            .map(|n| std::fs::read_to_string(dir.join(format!("{n}.log"))).unwrap_or_default())
+            .join("\n---\n")
+    };
+    assert!(
+        peer_live(),
+        "the destination's agent never became a live peer: {}\n{}",
+        on_source(
+            &hosts,
+            &["peers", "--json", "--endpoint", "http://127.0.0.1:9977"]
+        )
+        .1,
+        logs()
+    );
+    let (code, _, err) = on_source(&hosts, &migrate);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("does not accept incoming migrations"), "{err}");
+    let status = qmp(&setup.src_qmp(), "query-status", serde_json::json!({}));
+    assert_eq!(status["status"], "running", "{status}");
+    assert!(migrated_qemu(&src.uuid, src.pid).is_none());
+    drop(refusing);
+
+    // One that does.
+    let accepting_cfg = config("dst", DST_ADDR, true);
+    let _dst_agent = fabric_daemon(&hosts, Side::Dst, &accepting_cfg, dir, twin.pid);
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        peer_live(),
+        "the destination's agent never became a live peer again: {}",
+        logs()
+    );
+    let (code, out, err) = on_source(&hosts, &migrate);
+    eprintln!("{err}");
+    assert_eq!(code, 0, "{err}\n{}", logs());
+    let summary: serde_json::Value = serde_json::from_str(out.trim()).expect(&out);
+    let (wire, stream) = (
+        summary["wire_bytes"].as_u64().unwrap(),
+        summary["stream_bytes"].as_u64().unwrap(),
+    );
+    assert!(
+        wire * 10 < stream * 6,
+        "{wire} of {stream} bytes sent though the twin runs on the destination"
+    );
+    assert!(summary["referenced"].as_u64().unwrap() > 1000, "{summary}");
+    // The guest runs on the destination; the source QEMU quit.
+    assert!(
+        memfabric_harness::wait_for(Duration::from_secs(10), || !lab::qemu::alive(src)),
+        "the source QEMU still runs"
+    );
+    let pid = migrated_qemu(&src.uuid, src.pid).expect("the migrated guest's QEMU");
+    let qmp_sock = std::fs::read_dir(dir.join("state-dst/incoming"))
+        .unwrap()
+        .filter_map(Result::ok)
+        .map(|e| e.path().join("qmp.sock"))
+        .find(|p| p.exists())
+        .expect("the migrated guest's QMP socket");
+    std::thread::sleep(Duration::from_secs(2));
+    let status = qmp(&qmp_sock, "query-status", serde_json::json!({}));
+    assert_eq!(status["status"], "running", "{status}");
+    assert!(std::path::Path::new(&format!("/proc/{pid}")).exists());
+}

@@ -197,8 +197,8 @@ impl Qmp {
     }
 }
 
-/// The command line of the QEMU `pid`.
-fn cmdline(pid: u32) -> Result<Vec<String>, QmpError> {
+/// The command line of the QEMU `pid` (a last empty word after the final NUL).
+pub fn cmdline(pid: u32) -> Result<Vec<String>, QmpError> {
     let path = format!("/proc/{pid}/cmdline");
     Ok(std::fs::read(&path)
         .map_err(|source| QmpError::Io {

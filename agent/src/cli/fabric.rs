@@ -19,7 +19,13 @@ pub(super) struct FabricArgs {
 
 /// One document from the daemon, or a clear error (exit 1: no daemon; 2: fabric off).
 fn fetch(args: &FabricArgs, path: &str) -> Result<Value, (ExitCode, String)> {
-    let url = format!("{}{path}", args.endpoint.trim_end_matches('/'));
+    daemon_json(&args.endpoint, path)
+}
+
+/// One document from the daemon at `endpoint`, or a clear error (exit 1: no daemon; 2:
+/// fabric off).
+pub(super) fn daemon_json(endpoint: &str, path: &str) -> Result<Value, (ExitCode, String)> {
+    let url = format!("{}{path}", endpoint.trim_end_matches('/'));
     let agent = ureq::Agent::config_builder()
         .timeout_global(Some(std::time::Duration::from_secs(30)))
         .http_status_as_error(false)
@@ -28,7 +34,7 @@ fn fetch(args: &FabricArgs, path: &str) -> Result<Value, (ExitCode, String)> {
     let mut resp = agent.get(&url).call().map_err(|e| {
         (
             ExitCode::from(1),
-            format!("no memfabric daemon at {}: {e}", args.endpoint),
+            format!("no memfabric daemon at {endpoint}: {e}"),
         )
     })?;
     let status = resp.status();

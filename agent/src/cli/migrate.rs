@@ -1,8 +1,11 @@
-//! `memfabric migrate send|receive`: one deduplicating live migration of a QEMU guest,
-//! each side run on its host (see `memfabric::migrate`). The receiving side first, with
-//! the incoming QEMU listening (`-incoming unix:PATH -S`); then the sending side.
-//! Exit 0: QEMU's migration completed and the destination verified every byte; 1: the
-//! migration failed and the VM runs on the source; 2: bad arguments.
+//! `memfabric migrate --vm VM --to HOST|best`: one deduplicating live migration of a QEMU
+//! guest to a peer whose agent accepts it (it starts the incoming QEMU; see
+//! `memfabric::migrate`). `memfabric migrate send|receive`: the same with each side run by
+//! hand, the incoming QEMU started by the operator (`-incoming unix:PATH -S`).
+//! Exit 0: the guest runs on the destination (send: QEMU's migration completed and the
+//! destination verified every byte); 1: the migration failed and the VM runs on the
+//! source; 2: bad arguments; 3: the outcome is unknown and the VM is paused on the
+//! source (the message says what to check).
 
 use std::{
     io::IsTerminal as _,
@@ -15,13 +18,34 @@ use std::{
 use clap::{Args, Subcommand};
 use memfabric::migrate::{
     Progress,
+    remote::{self, RemoteOptions},
     run::{self, ReceiveOptions, SendOptions, Summary, Tls},
 };
 
 #[derive(Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 pub(super) struct MigrateArgs {
     #[command(subcommand)]
-    side: Side,
+    side: Option<Side>,
+    /// The VM: name, UUID or PID.
+    #[arg(long, required = true)]
+    vm: Option<String>,
+    /// The destination: a peer's node name (`memfabric peers`), or `best`, the peer that
+    /// holds most of the VM's pages (`memfabric candidates`).
+    #[arg(long, required = true)]
+    to: Option<String>,
+    /// The daemon's config file: its `[fabric]` certificates are this side's.
+    #[arg(long, required = true)]
+    config: Option<PathBuf>,
+    /// The local daemon, asked for the peers' addresses and the candidates.
+    #[arg(long, env = "MEMFABRIC_ENDPOINT", default_value_t = format!("http://{}", memfabric::config::DEFAULT_LISTEN))]
+    endpoint: String,
+    /// The most the migration may put on the link, in bits per second (`100M`, `2.5G`).
+    #[arg(long, value_parser = bits_per_second)]
+    bandwidth: Option<u64>,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args, Clone)]
@@ -205,12 +229,138 @@ fn print(s: &Summary, json: bool) {
     }
 }
 
+/// The local VM `which` (name, UUID or PID).
+fn local_vm(which: &str) -> Result<memfabric::host::inventory::Vm, String> {
+    memfabric::host::inventory::discover(&Default::default())
+        .into_values()
+        .find(|v| v.name == which || v.uuid.as_deref() == Some(which) || v.pid.to_string() == which)
+        .ok_or_else(|| format!("no VM named {which:?} on this host (memfabric status lists them)"))
+}
+
+/// The destination's node name and fabric address, from the local daemon: the peer `to`,
+/// or for `best` the peer its candidates say holds most of the VM.
+fn destination(
+    endpoint: &str,
+    to: &str,
+    vm: &memfabric::host::inventory::Vm,
+) -> Result<(String, std::net::SocketAddr), (ExitCode, String)> {
+    let node = if to == "best" {
+        let c = super::fabric::daemon_json(endpoint, "/v1/candidates")?;
+        let id = vm.uuid.as_deref().unwrap_or(&vm.name);
+        c["candidates"]["best"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|b| b["vm"] == id || b["vm"] == vm.name.as_str())
+            .and_then(|b| b["host"].as_str().map(str::to_owned))
+            .ok_or_else(|| {
+                (
+                    ExitCode::from(1),
+                    format!(
+                        "no peer is known to hold any of {}'s pages yet (memfabric                          candidates): name the destination with --to NODE",
+                        vm.name
+                    ),
+                )
+            })?
+    } else {
+        to.to_owned()
+    };
+    let peers = super::fabric::daemon_json(endpoint, "/v1/peers")?;
+    let peer = peers["peers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|p| p["node"] == node.as_str())
+        .ok_or_else(|| {
+            (
+                ExitCode::from(2),
+                format!("{node:?} is not a peer of this host's agent (memfabric peers)"),
+            )
+        })?;
+    let addr = peer["addr"]
+        .as_str()
+        .and_then(|a| a.parse().ok())
+        .ok_or_else(|| (ExitCode::from(1), format!("{node}: no address known")))?;
+    Ok((node, addr))
+}
+
+/// `memfabric migrate --vm --to`.
+fn to_peer(args: MigrateArgs, rt: &tokio::runtime::Runtime) -> anyhow::Result<ExitCode> {
+    let (Some(which), Some(to), Some(config)) = (args.vm, args.to, args.config) else {
+        unreachable!("clap requires them");
+    };
+    let fail = |code: u8, msg: String| {
+        eprintln!("memfabric migrate: {msg}");
+        Ok(ExitCode::from(code))
+    };
+    let tls = match memfabric::config::FileConfig::load(&config) {
+        Ok(f) => match (f.fabric.ca_file, f.fabric.cert_file, f.fabric.key_file) {
+            (Some(ca), Some(cert), Some(key)) => Tls { ca, cert, key },
+            _ => {
+                return fail(
+                    2,
+                    format!(
+                        "{}: no [fabric] ca_file, cert_file and key_file",
+                        config.display()
+                    ),
+                );
+            }
+        },
+        Err(e) => return fail(2, e.to_string()),
+    };
+    let vm = match local_vm(&which) {
+        Ok(v) => v,
+        Err(e) => return fail(2, e),
+    };
+    let qmp = match memfabric::actuate::qmp::socket_of(vm.pid) {
+        Ok(q) => q,
+        Err(e) => return fail(2, format!("VM {which}: {e}")),
+    };
+    let (node, addr) = match destination(&args.endpoint, &to, &vm) {
+        Ok(d) => d,
+        Err((code, msg)) => {
+            eprintln!("memfabric migrate: {msg}");
+            return Ok(code);
+        }
+    };
+    eprintln!("migrating {} (pid {}) to {node} at {addr}", vm.name, vm.pid);
+    let progress = Arc::new(Progress::default());
+    let opts = RemoteOptions {
+        pid: vm.pid,
+        qmp,
+        name: vm.name.clone(),
+        uuid: vm.uuid.clone(),
+        node: node.clone(),
+        addr,
+        tls,
+        work_dir: std::env::temp_dir().join(format!("memfabric-migrate-{}", std::process::id())),
+        bandwidth: args.bandwidth,
+    };
+    let r = rt.block_on(with_progress(
+        progress.clone(),
+        "migrating",
+        remote::migrate(opts, progress.clone()),
+    ));
+    match r {
+        Ok(s) => {
+            print(&s, args.json);
+            eprintln!("{} runs on {node}", vm.name);
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e @ memfabric::migrate::Failure::Undecided(_)) => fail(3, e.to_string()),
+        Err(e) => fail(1, format!("{e}; the VM keeps running on the source")),
+    }
+}
+
 pub(super) fn run(args: MigrateArgs) -> anyhow::Result<ExitCode> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
+    let Some(side) = args.side else {
+        return to_peer(args, &rt);
+    };
     let progress = Arc::new(Progress::default());
-    let (result, json) = match args.side {
+    let (result, json) = match side {
         Side::Send {
             vm,
             qmp,

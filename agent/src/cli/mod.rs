@@ -70,8 +70,9 @@ enum Commands {
     /// decreasing (from the daemon).
     Plan(fabric::FabricArgs),
     /// Live-migrate a QEMU guest to another host, sending as references the pages that
-    /// host already holds (`receive` on the destination first, then `send`).
-    Migrate(migrate::MigrateArgs),
+    /// host already holds: `--vm VM --to HOST|best` through the destination's agent, or
+    /// `receive` and `send` by hand.
+    Migrate(Box<migrate::MigrateArgs>),
 }
 
 impl Cli {
@@ -88,7 +89,7 @@ impl Cli {
             Commands::Peers(args) => fabric::peers(args),
             Commands::Candidates(args) => fabric::candidates(args),
             Commands::Plan(args) => fabric::plan(args),
-            Commands::Migrate(args) => migrate::run(args),
+            Commands::Migrate(args) => migrate::run(*args),
         }
     }
 }

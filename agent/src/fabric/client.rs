@@ -1,7 +1,8 @@
-//! Fetching a peer's summary: `GET /v1/fabric/summary` over mutual TLS with hyper's
-//! HTTP/1.1 client, bounded everywhere (the response head by hyper's buffer, the body by
-//! [`MAX_SUMMARY`] before a byte of it is used). The server's certificate must name the
-//! node: a member with a valid certificate of its own cannot answer for another host.
+//! Requests to a peer over mutual TLS with hyper's HTTP/1.1 client: its summary (`GET
+//! /v1/fabric/summary`) and a migration's requests. Bounded everywhere: the response head
+//! by hyper's buffer, the body by the caller's limit ([`MAX_SUMMARY`] for a summary)
+//! before a byte of it is used. The server's certificate must name the node: a member
+//! with a valid certificate of its own cannot answer for another host.
 
 use std::{
     net::SocketAddr,
@@ -10,7 +11,7 @@ use std::{
     task::{Context, Poll},
 };
 
-use http_body_util::{BodyExt as _, Empty, Limited};
+use http_body_util::{BodyExt as _, Full, Limited};
 use hyper::body::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
@@ -32,6 +33,47 @@ pub async fn summary(
     node: &str,
     addr: SocketAddr,
 ) -> Result<Summary, FetchError> {
+    let (status, body) = call(
+        connector,
+        stats,
+        node,
+        addr,
+        hyper::Method::GET,
+        "/v1/fabric/summary",
+        Vec::new(),
+        MAX_SUMMARY,
+    )
+    .await?;
+    if status != hyper::StatusCode::OK {
+        return Err((Some(Reject::BadSummary), format!("answered {status}")));
+    }
+    let s = Summary::decode(&body).map_err(|e| (Some(Reject::BadSummary), e.to_string()))?;
+    if s.host != node {
+        return Err((
+            Some(Reject::BadSummary),
+            format!("the summary is {:?}'s, not {node:?}'s", s.host),
+        ));
+    }
+    Ok(s)
+}
+
+/// One request to the peer `node` at `addr` over mutual TLS: the answer's status and
+/// body, at most `limit` bytes (a longer one announced is refused before it is read; one
+/// without a length is refused). The caller bounds the time.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one request's parts: the channel, the peer, and the HTTP request"
+)]
+pub async fn call(
+    connector: &tokio_rustls::TlsConnector,
+    stats: &Arc<FabricStats>,
+    node: &str,
+    addr: SocketAddr,
+    method: hyper::Method,
+    path: &str,
+    body: Vec<u8>,
+    limit: usize,
+) -> Result<(hyper::StatusCode, Bytes), FetchError> {
     let tcp = tokio::net::TcpStream::connect(addr)
         .await
         .map_err(|e| (None, format!("connecting: {e}")))?;
@@ -51,28 +93,29 @@ pub async fn summary(
     });
     let (mut sender, conn) = hyper::client::conn::http1::Builder::new()
         .max_buf_size(MAX_HEAD)
-        .handshake::<_, Empty<Bytes>>(io)
+        .handshake::<_, Full<Bytes>>(io)
         .await
         .map_err(|e| (Some(Reject::BadSummary), format!("HTTP: {e}")))?;
     // The connection's driver; it ends with the response (Connection: close) or when
     // the caller's timeout drops this future and the task's handle with it.
     let driver = tokio::spawn(conn);
     let _abort = AbortOnDrop(driver);
-    let req = hyper::Request::get("/v1/fabric/summary")
+    let mut req = hyper::Request::builder()
+        .method(method)
+        .uri(path)
         .header(hyper::header::HOST, addr.to_string())
-        .header(hyper::header::CONNECTION, "close")
-        .body(Empty::new())
+        .header(hyper::header::CONNECTION, "close");
+    if !body.is_empty() {
+        req = req.header(hyper::header::CONTENT_TYPE, "application/json");
+    }
+    let req = req
+        .body(Full::new(Bytes::from(body)))
         .map_err(|e| (None, format!("request: {e}")))?;
     let resp = sender
         .send_request(req)
         .await
         .map_err(|e| (Some(Reject::BadSummary), format!("HTTP: {e}")))?;
-    if resp.status() != hyper::StatusCode::OK {
-        return Err((
-            Some(Reject::BadSummary),
-            format!("answered {}", resp.status()),
-        ));
-    }
+    let status = resp.status();
     // An announced body over the limit is refused before any of it is read.
     let announced = resp
         .headers()
@@ -82,29 +125,22 @@ pub async fn summary(
         None => {
             return Err((Some(Reject::BadSummary), "no Content-Length".into()));
         }
-        Some(n) if n > MAX_SUMMARY => {
+        Some(n) if n > limit => {
             return Err((
                 Some(Reject::Oversize),
-                format!("a summary of {n} bytes (at most {MAX_SUMMARY})"),
+                format!("an answer of {n} bytes (at most {limit})"),
             ));
         }
         Some(_) => {}
     }
     // hyper ends the body at Content-Length and fails a shorter one; Limited bounds it
     // again, whatever the head said.
-    let body = Limited::new(resp.into_body(), MAX_SUMMARY)
+    let body = Limited::new(resp.into_body(), limit)
         .collect()
         .await
         .map_err(|e| (Some(Reject::BadSummary), format!("reading: {e}")))?
         .to_bytes();
-    let s = Summary::decode(&body).map_err(|e| (Some(Reject::BadSummary), e.to_string()))?;
-    if s.host != node {
-        return Err((
-            Some(Reject::BadSummary),
-            format!("the summary is {:?}'s, not {node:?}'s", s.host),
-        ));
-    }
-    Ok(s)
+    Ok((status, body))
 }
 
 /// Aborts the connection task when the fetch ends (done, failed or timed out).

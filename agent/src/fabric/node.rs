@@ -119,11 +119,13 @@ fn read_key(path: &std::path::Path) -> Result<GossipKey, FabricError> {
 }
 
 impl Fabric {
-    /// Starts gossip, the HTTPS listener and the fetch loop (on the current runtime).
+    /// Starts gossip, the HTTPS listener (the fabric's routes and `routes`, what layers above
+    /// serve peers on the same channel) and the fetch loop (on the current runtime).
     /// Every file is checked here: a misconfigured fabric stops the daemon at start.
     pub async fn start(
         cfg: &FabricConfig,
         shutdown: tokio::sync::watch::Receiver<bool>,
+        routes: axum::Router,
     ) -> Result<Arc<Fabric>, FabricError> {
         let key = read_key(&cfg.gossip_key_file)?;
         let TlsConfigs { server, client } =
@@ -182,7 +184,7 @@ impl Fabric {
             cfg.advertise,
             cfg.peers
         );
-        let app = super::service::router(fabric.clone());
+        let app = super::service::router(fabric.clone()).merge(routes);
         let mut stop_http = shutdown.clone();
         tokio::spawn(crate::http::serve(
             listener,

@@ -15,9 +15,12 @@
 //! against what the source QEMU wrote; a failure anywhere cancels the migration and the
 //! VM keeps running on the source.
 
+pub mod command;
 pub mod dest;
 pub mod holdings;
+pub mod incoming;
 pub mod link;
+pub mod remote;
 pub mod run;
 pub mod source;
 pub mod stream;
@@ -99,6 +102,13 @@ pub enum Failure {
     Mismatch { sent: u64, delivered: u64 },
     #[error("{0}")]
     Setup(String),
+    /// The destination's agent said no (refused the request or could not start the
+    /// guest): the VM runs on the source.
+    #[error("{0}")]
+    Refused(String),
+    /// The outcome is not known here: the VM is paused on the source (see the text).
+    #[error("{0}")]
+    Undecided(String),
 }
 
 impl From<std::io::Error> for Failure {

@@ -47,13 +47,13 @@ pub struct Tls {
 }
 
 impl Tls {
-    fn load(&self) -> Result<tls::TlsConfigs, Failure> {
+    pub fn load(&self) -> Result<tls::TlsConfigs, Failure> {
         tls::load(&self.ca, &self.cert, &self.key).map_err(Failure::Setup)
     }
 }
 
 /// What a migration did, at either end.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Summary {
     /// QEMU's stream (what a plain migration would have sent).
     pub stream_bytes: u64,
@@ -98,7 +98,7 @@ pub struct SendOptions {
     pub bandwidth: Option<u64>,
 }
 
-fn qmp<T>(
+pub(super) fn qmp<T>(
     path: &Path,
     f: impl FnOnce(&mut Qmp) -> Result<T, crate::actuate::qmp::QmpError>,
 ) -> Result<T, Failure> {
@@ -129,7 +129,7 @@ pub fn await_status(
 }
 
 /// Refuses a QEMU whose migration capabilities would change the stream's records.
-fn check_capabilities(path: &Path) -> Result<(), Failure> {
+pub(super) fn check_capabilities(path: &Path) -> Result<(), Failure> {
     let caps = qmp(path, |q| {
         q.execute("query-migrate-capabilities", serde_json::json!({}))
     })?;
@@ -152,7 +152,7 @@ fn check_capabilities(path: &Path) -> Result<(), Failure> {
     }
 }
 
-async fn blocking<T: Send + 'static>(
+pub(super) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, Failure> + Send + 'static,
 ) -> Result<T, Failure> {
     tokio::task::spawn_blocking(f)
@@ -250,7 +250,7 @@ fn poll_remaining(path: &Path, stop: &AtomicBool, progress: &Progress) {
 
 /// After a failure: cancel QEMU's migration, and resume the guest if QEMU had finished
 /// (the destination did not get a verified stream, so it must not run there).
-async fn keep_on_source(path: &Path) {
+pub(super) async fn keep_on_source(path: &Path) {
     let path = path.to_owned();
     let _ = blocking(move || {
         qmp(&path, |q| {
@@ -290,8 +290,25 @@ pub async fn receive(
     let listener = TcpListener::bind(&opts.listen)
         .await
         .map_err(|e| Failure::Setup(format!("listening on {}: {e}", opts.listen)))?;
-    let uuid = opts.uuid.clone();
-    let holdings = Arc::new(
+    let holdings = index(opts.uuid.clone()).await?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| Failure::Setup(e.to_string()))?;
+    ready(addr, &holdings);
+    receive_on(
+        listener,
+        &configs.server,
+        holdings,
+        &opts.incoming,
+        opts.accept_timeout,
+        progress,
+    )
+    .await
+}
+
+/// This host's VMs' pages, the VM `uuid` left out (its own QEMUs are not donors).
+pub async fn index(uuid: Option<String>) -> Result<Arc<Holdings>, Failure> {
+    Ok(Arc::new(
         blocking(move || {
             let vms: Vec<_> = inventory::discover(&Selector::default())
                 .into_values()
@@ -299,22 +316,30 @@ pub async fn receive(
             Ok(Holdings::scan(&vms, uuid.as_deref()))
         })
         .await?,
-    );
-    let addr = listener
-        .local_addr()
-        .map_err(|e| Failure::Setup(e.to_string()))?;
-    ready(addr, &holdings);
-    let (tcp, peer) = tokio::time::timeout(opts.accept_timeout, listener.accept())
+    ))
+}
+
+/// Receives one migration on `listener` (mutual TLS as `server`) into the incoming QEMU
+/// listening on `incoming`: the first source to connect within `accept_timeout`.
+pub async fn receive_on(
+    listener: TcpListener,
+    server: &tokio_rustls::TlsAcceptor,
+    holdings: Arc<Holdings>,
+    incoming: &Path,
+    accept_timeout: Duration,
+    progress: Arc<Progress>,
+) -> Result<Summary, Failure> {
+    let (tcp, peer) = tokio::time::timeout(accept_timeout, listener.accept())
         .await
         .map_err(|_| Failure::Setup("no source connected in time".into()))?
         .map_err(|e| Failure::Setup(format!("accepting: {e}")))?;
     let _ = tcp.set_nodelay(true);
     let started = Instant::now();
-    let link = tokio::time::timeout(CONNECT_TIMEOUT, configs.server.accept(tcp))
+    let link = tokio::time::timeout(CONNECT_TIMEOUT, server.accept(tcp))
         .await
         .map_err(|_| Failure::Peer(format!("TLS from {peer}: timed out")))?
         .map_err(|e| Failure::Peer(format!("TLS from {peer}: {e}")))?;
-    let qemu = connect_incoming(&opts.incoming).await?;
+    let qemu = connect_incoming(incoming).await?;
     dest::run(link, qemu, holdings, progress.clone()).await?;
     Ok(Summary::of(&progress, started, None))
 }

@@ -1,0 +1,613 @@
+//! The destination's side of `memfabric migrate --to`: a peer asks, over the fabric's
+//! mutual TLS, for an incoming migration; this agent starts the incoming QEMU from the
+//! source's command line ([`super::command`]) behind a proxy on a port of its own, and
+//! starts the guest only when the source says so, after every byte was verified.
+//!
+//! ```text
+//! POST /v1/fabric/migrations            {name, uuid, args} -> {id, port}
+//!      (QEMU started paused, listening; this host's pages indexed; the proxy on `port`)
+//! ... the source's proxy streams to `port` (run::receive_on) ...
+//! POST /v1/fabric/migrations/{id}/start  -> the guest runs here, or an error
+//! GET  /v1/fabric/migrations/{id}        -> where it stands
+//! ```
+//!
+//! A migration that fails, or that the source does not start within [`START_WITHIN`],
+//! has its QEMU stopped and its files removed: the guest runs on the source. One
+//! migration at a time (another request is answered 503). Off unless the config names the
+//! QEMU to run (`[fabric] incoming_qemu`).
+
+use std::{
+    collections::VecDeque,
+    net::{IpAddr, SocketAddr},
+    os::unix::fs::DirBuilderExt as _,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use axum::{
+    Json, Router,
+    extract::{Path as UrlPath, State as Extract},
+    http::StatusCode,
+    response::{IntoResponse as _, Response},
+    routing::{get, post},
+};
+use serde::{Deserialize, Serialize};
+
+use super::{
+    Progress,
+    command::{self, MAX_ARG_BYTES},
+    run::{self, Summary},
+};
+use crate::{actuate::qmp::Qmp, host::inventory};
+
+/// The largest request body: the source's arguments and a little more.
+const MAX_REQUEST: usize = MAX_ARG_BYTES + (16 << 10);
+/// How long a started QEMU may take to daemonize (listening on its socket).
+const QEMU_START: Duration = Duration::from_secs(30);
+/// How long the source has to connect once answered.
+const ACCEPT_WITHIN: Duration = Duration::from_secs(60);
+/// A verified migration the source does not start within this is dropped.
+pub const START_WITHIN: Duration = Duration::from_secs(120);
+/// How long a start request waits for the stream's last bytes to be verified.
+const VERIFY_WAIT: Duration = Duration::from_secs(30);
+/// Migrations whose state is kept for `GET`.
+const REMEMBERED: usize = 16;
+
+/// What the source asks for.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Request {
+    /// The VM's name (`-name`), for logs and status.
+    pub name: String,
+    /// Its UUID: its own QEMUs here are not donors, and a VM with it running here
+    /// refuses the migration.
+    pub uuid: Option<String>,
+    /// The source QEMU's arguments, without the program.
+    pub args: Vec<String>,
+    /// The source QEMU's PID and its host's boot id: on one machine (a lab of network
+    /// namespaces) the source's QEMU is visible here too and is not a conflicting VM.
+    #[serde(default)]
+    pub source: Option<(String, u32)>,
+}
+
+/// This machine's boot id (one per kernel boot: two agents that read the same one run
+/// on one machine).
+pub fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// The answer to a request: where the source's proxy connects.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Accepted {
+    pub id: String,
+    pub port: u16,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// The stream is arriving.
+    Receiving,
+    /// Every byte arrived and was verified; the guest waits paused for the source.
+    Verified,
+    /// Being started.
+    Starting,
+    /// The guest runs here.
+    Running,
+    /// Stopped and removed here; the guest runs on the source.
+    Failed,
+}
+
+/// One migration as `GET` shows it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Status {
+    pub id: String,
+    pub vm: String,
+    pub phase: Phase,
+    pub error: Option<String>,
+    pub summary: Option<Summary>,
+}
+
+struct Entry {
+    status: Status,
+    dir: PathBuf,
+    pid: u32,
+}
+
+/// The incoming side, shared by the routes and each migration's task.
+pub struct Incoming {
+    qemu: Option<PathBuf>,
+    dir: PathBuf,
+    bind: IpAddr,
+    server: tokio_rustls::TlsAcceptor,
+    busy: Arc<tokio::sync::Semaphore>,
+    entries: Mutex<VecDeque<Entry>>,
+    changed: tokio::sync::Notify,
+}
+
+/// An error answer: a status and a sentence.
+fn refuse(code: StatusCode, why: impl Into<String>) -> Response {
+    (code, Json(serde_json::json!({ "error": why.into() }))).into_response()
+}
+
+impl Incoming {
+    /// `qemu`: what to run (none: refuse every request); `dir`: where each migration's
+    /// files go; `bind`: the address proxies listen on (the fabric's); `server`: the
+    /// fabric's mutual TLS.
+    pub fn new(
+        qemu: Option<PathBuf>,
+        dir: PathBuf,
+        bind: IpAddr,
+        server: tokio_rustls::TlsAcceptor,
+    ) -> Arc<Incoming> {
+        Arc::new(Incoming {
+            qemu,
+            dir,
+            bind,
+            server,
+            busy: Arc::new(tokio::sync::Semaphore::new(1)),
+            entries: Mutex::default(),
+            changed: tokio::sync::Notify::new(),
+        })
+    }
+
+    /// The routes, for the fabric's HTTPS listener.
+    pub fn router(self: &Arc<Self>) -> Router {
+        Router::new()
+            .route("/v1/fabric/migrations", post(request))
+            .route("/v1/fabric/migrations/{id}", get(status))
+            .route("/v1/fabric/migrations/{id}/start", post(start))
+            .layer(axum::extract::DefaultBodyLimit::max(MAX_REQUEST))
+            .with_state(self.clone())
+    }
+
+    fn entries(&self) -> std::sync::MutexGuard<'_, VecDeque<Entry>> {
+        self.entries.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn status_of(&self, id: &str) -> Option<Status> {
+        self.entries()
+            .iter()
+            .find(|e| e.status.id == id)
+            .map(|e| e.status.clone())
+    }
+
+    /// Moves migration `id` from `from` (any phase when none) to `to`; whether it was in
+    /// `from`. The one place phases change: a start and the expiry cannot both win.
+    fn advance(&self, id: &str, from: Option<Phase>, to: Phase, error: Option<String>) -> bool {
+        let moved = match self.entries().iter_mut().find(|e| e.status.id == id) {
+            Some(e) if from.is_none_or(|f| e.status.phase == f) => {
+                e.status.phase = to;
+                if error.is_some() {
+                    e.status.error = error;
+                }
+                true
+            }
+            _ => false,
+        };
+        self.changed.notify_waiters();
+        moved
+    }
+
+    /// Stops every migration not running yet (the daemon is exiting): their guests run on
+    /// their sources.
+    pub fn shutdown(&self) {
+        let open: Vec<(String, u32, PathBuf)> = self
+            .entries()
+            .iter()
+            .filter(|e| {
+                matches!(
+                    e.status.phase,
+                    Phase::Receiving | Phase::Verified | Phase::Starting
+                )
+            })
+            .map(|e| (e.status.id.clone(), e.pid, e.dir.clone()))
+            .collect();
+        for (id, pid, dir) in open {
+            stop_qemu(pid, &dir);
+            self.advance(&id, None, Phase::Failed, Some("the agent exited".into()));
+        }
+    }
+}
+
+/// `POST /v1/fabric/migrations`.
+async fn request(Extract(inc): Extract<Arc<Incoming>>, body: axum::body::Bytes) -> Response {
+    let Some(qemu) = inc.qemu.clone() else {
+        return refuse(
+            StatusCode::FORBIDDEN,
+            "this host does not accept incoming migrations (its config sets no \
+             [fabric] incoming_qemu)",
+        );
+    };
+    let req: Request = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return refuse(StatusCode::BAD_REQUEST, format!("the request: {e}")),
+    };
+    if let Err(e) = check_identity(&req) {
+        return refuse(StatusCode::BAD_REQUEST, e);
+    }
+    let Ok(permit) = inc.busy.clone().try_acquire_owned() else {
+        return refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "another incoming migration is in progress here",
+        );
+    };
+    let id = new_id();
+    let dir = inc.dir.join(&id);
+    let prepared = {
+        let (req, dir, qemu) = (req.clone(), dir.clone(), qemu.clone());
+        tokio::task::spawn_blocking(move || prepare(&qemu, &req, &dir))
+            .await
+            .unwrap_or_else(|e| Err((StatusCode::INTERNAL_SERVER_ERROR, e.to_string())))
+    };
+    let pid = match prepared {
+        Ok(pid) => pid,
+        Err((code, why)) => {
+            let _ = std::fs::remove_dir_all(&dir);
+            tracing::warn!("incoming migration of {:?} refused: {why}", req.name);
+            return refuse(code, why);
+        }
+    };
+    let listener = match tokio::net::TcpListener::bind(SocketAddr::new(inc.bind, 0)).await {
+        Ok(l) => l,
+        Err(e) => {
+            stop_qemu(pid, &dir);
+            return refuse(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("listening on {}: {e}", inc.bind),
+            );
+        }
+    };
+    let port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
+    let holdings = match run::index(req.uuid.clone()).await {
+        Ok(h) => h,
+        Err(e) => {
+            stop_qemu(pid, &dir);
+            return refuse(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
+        }
+    };
+    {
+        let mut entries = inc.entries();
+        if entries.len() >= REMEMBERED {
+            entries.pop_front();
+        }
+        entries.push_back(Entry {
+            status: Status {
+                id: id.clone(),
+                vm: req.name.clone(),
+                phase: Phase::Receiving,
+                error: None,
+                summary: None,
+            },
+            dir: dir.clone(),
+            pid,
+        });
+    }
+    tracing::info!(
+        "incoming migration {id} of {:?}: QEMU {pid} listening, proxy on port {port}, {} pages indexed here",
+        req.name,
+        holdings.pages()
+    );
+    tokio::spawn(receive(
+        inc.clone(),
+        id.clone(),
+        listener,
+        holdings,
+        pid,
+        dir,
+        permit,
+    ));
+    (StatusCode::OK, Json(Accepted { id, port })).into_response()
+}
+
+/// A name and UUID fit for logs and paths' neighbours: bounded, printable; a UUID of hex
+/// digits and dashes.
+fn check_identity(req: &Request) -> Result<(), String> {
+    if req.name.is_empty() || req.name.len() > 128 || req.name.chars().any(char::is_control) {
+        return Err("the VM's name: 1 to 128 printable characters".into());
+    }
+    if let Some(u) = &req.uuid
+        && (u.len() != 36 || !u.chars().all(|c| c.is_ascii_hexdigit() || c == '-'))
+    {
+        return Err(format!("{u:?} is no UUID"));
+    }
+    Ok(())
+}
+
+/// 128 random bits, hex: a migration's id and directory name.
+fn new_id() -> String {
+    let mut b = [0u8; 16];
+    if ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b).is_err() {
+        // No randomness: the time and pid still make a unique local name.
+        let t = crate::util::clock::since_epoch().as_nanos();
+        b = (t ^ u128::from(std::process::id())).to_le_bytes();
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Checks the request against this host and starts the incoming QEMU (paused,
+/// listening): its PID.
+fn prepare(qemu: &Path, req: &Request, dir: &Path) -> Result<u32, (StatusCode, String)> {
+    let bad = |why: String| (StatusCode::BAD_REQUEST, why);
+    let conflict = |why: String| (StatusCode::CONFLICT, why);
+    let internal = |why: String| (StatusCode::INTERNAL_SERVER_ERROR, why);
+    let args = command::incoming_args(&req.args, dir).map_err(bad)?;
+    let source_here = |pid: u32| {
+        req.source
+            .as_ref()
+            .is_some_and(|(boot, p)| *p == pid && !boot.is_empty() && *boot == boot_id())
+    };
+    if let Some(uuid) = &req.uuid
+        && let Some(vm) = inventory::discover(&inventory::Selector::default())
+            .values()
+            .find(|v| v.uuid.as_deref() == Some(uuid) && !source_here(v.pid))
+    {
+        return Err(conflict(format!(
+            "a VM with UUID {uuid} already runs here ({}, pid {})",
+            vm.name, vm.pid
+        )));
+    }
+    if let Some(ram) = command::guest_ram(&req.args) {
+        let available = crate::host::ksm::meminfo().1;
+        if available > 0 && ram > available {
+            return Err(conflict(format!(
+                "the guest's {} MiB of RAM exceed the {} MiB this host has available",
+                ram >> 20,
+                available >> 20
+            )));
+        }
+    }
+    if let Some(parent) = dir.parent() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(parent)
+            .map_err(|e| internal(format!("{}: {e}", parent.display())))?;
+    }
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| internal(format!("{}: {e}", dir.display())))?;
+    let log = dir.join("qemu.log");
+    let stderr = std::fs::File::create(&log).map_err(|e| internal(e.to_string()))?;
+    let mut child = Command::new(qemu)
+        .args(&args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .map_err(|e| internal(format!("starting {}: {e}", qemu.display())))?;
+    // QEMU daemonizes once it listens on its incoming socket: its first process exits.
+    let deadline = Instant::now() + QEMU_START;
+    let exited = loop {
+        match child.try_wait() {
+            Ok(Some(s)) => break Some(s),
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+            _ => break None,
+        }
+    };
+    let tail = || {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(5)..].join(" / ")
+    };
+    match exited {
+        Some(s) if s.success() => {}
+        Some(s) => {
+            return Err(conflict(format!(
+                "the incoming QEMU did not start ({s}): {}",
+                tail()
+            )));
+        }
+        None => {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(internal(format!(
+                "the incoming QEMU did not get ready in {} s: {}",
+                QEMU_START.as_secs(),
+                tail()
+            )));
+        }
+    }
+    std::fs::read_to_string(dir.join("qemu.pid"))
+        .ok()
+        .and_then(|p| p.trim().parse().ok())
+        .ok_or_else(|| internal("the incoming QEMU wrote no pidfile".into()))
+}
+
+/// One migration after its answer: the stream, QEMU's own verdict, then the wait for the
+/// source's start. Holds `_permit` (one migration at a time) until the guest runs or is
+/// dropped.
+async fn receive(
+    inc: Arc<Incoming>,
+    id: String,
+    listener: tokio::net::TcpListener,
+    holdings: Arc<super::holdings::Holdings>,
+    pid: u32,
+    dir: PathBuf,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+) {
+    let progress = Arc::new(Progress::default());
+    let received = run::receive_on(
+        listener,
+        &inc.server,
+        holdings,
+        &dir.join("incoming.sock"),
+        ACCEPT_WITHIN,
+        progress,
+    )
+    .await;
+    let verdict = match received {
+        Ok(summary) => {
+            let qmp = dir.join("qmp.sock");
+            match tokio::task::spawn_blocking(move || loaded(&qmp)).await {
+                Ok(Ok(())) => Ok(summary),
+                Ok(Err(e)) => Err(e),
+                Err(e) => Err(e.to_string()),
+            }
+        }
+        Err(e) => Err(e.to_string()),
+    };
+    match verdict {
+        Ok(summary) => {
+            if let Some(e) = inc.entries().iter_mut().find(|e| e.status.id == id) {
+                e.status.summary = Some(summary);
+            }
+            inc.advance(&id, Some(Phase::Receiving), Phase::Verified, None);
+            tracing::info!("incoming migration {id}: verified, waiting for the source's start");
+        }
+        Err(why) => {
+            tracing::warn!("incoming migration {id} failed: {why}");
+            stop_qemu(pid, &dir);
+            inc.advance(&id, None, Phase::Failed, Some(why));
+            return;
+        }
+    }
+    // The source's start, or the expiry.
+    let deadline = tokio::time::Instant::now() + START_WITHIN;
+    loop {
+        let changed = inc.changed.notified();
+        match inc.status_of(&id).map(|s| s.phase) {
+            Some(Phase::Verified | Phase::Starting) => {}
+            _ => return,
+        }
+        if tokio::time::timeout_at(deadline, changed).await.is_err() {
+            break;
+        }
+    }
+    if inc.advance(
+        &id,
+        Some(Phase::Verified),
+        Phase::Failed,
+        Some(format!(
+            "the source did not start the guest within {} s",
+            START_WITHIN.as_secs()
+        )),
+    ) {
+        tracing::warn!("incoming migration {id}: no start from the source; stopped");
+        stop_qemu(pid, &dir);
+    }
+}
+
+/// Waits until the incoming QEMU says the migration `completed` (it loaded every
+/// section).
+fn loaded(qmp: &Path) -> Result<(), String> {
+    let mut q = Qmp::connect(qmp).map_err(|e| e.to_string())?;
+    let (status, _) =
+        run::await_status(&mut q, Duration::from_secs(30)).map_err(|e| e.to_string())?;
+    if status == "completed" {
+        Ok(())
+    } else {
+        Err(format!("the incoming QEMU's migration ended {status}"))
+    }
+}
+
+/// `GET /v1/fabric/migrations/{id}`.
+async fn status(Extract(inc): Extract<Arc<Incoming>>, UrlPath(id): UrlPath<String>) -> Response {
+    match inc.status_of(&id) {
+        Some(s) => Json(s).into_response(),
+        None => refuse(StatusCode::NOT_FOUND, format!("no migration {id:?} here")),
+    }
+}
+
+/// `POST /v1/fabric/migrations/{id}/start`: runs the verified guest; 200 with its status
+/// once it runs, 409 when it cannot (then it is stopped here).
+async fn start(Extract(inc): Extract<Arc<Incoming>>, UrlPath(id): UrlPath<String>) -> Response {
+    let deadline = tokio::time::Instant::now() + VERIFY_WAIT;
+    loop {
+        let changed = inc.changed.notified();
+        match inc.status_of(&id).map(|s| s.phase) {
+            None => return refuse(StatusCode::NOT_FOUND, format!("no migration {id:?} here")),
+            Some(Phase::Receiving) => {
+                if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                    return refuse(
+                        StatusCode::CONFLICT,
+                        "the stream has not been verified here yet",
+                    );
+                }
+            }
+            Some(_) => break,
+        }
+    }
+    if !inc.advance(&id, Some(Phase::Verified), Phase::Starting, None) {
+        let s = inc.status_of(&id);
+        return refuse(
+            StatusCode::CONFLICT,
+            format!(
+                "migration {id} is {:?}: {}",
+                s.as_ref().map(|s| s.phase),
+                s.and_then(|s| s.error).unwrap_or_default()
+            ),
+        );
+    }
+    let Some((pid, dir)) = inc
+        .entries()
+        .iter()
+        .find(|e| e.status.id == id)
+        .map(|e| (e.pid, e.dir.clone()))
+    else {
+        return refuse(StatusCode::NOT_FOUND, format!("no migration {id:?} here"));
+    };
+    let qmp = dir.join("qmp.sock");
+    let started = tokio::task::spawn_blocking(move || cont(&qmp))
+        .await
+        .unwrap_or_else(|e| Err(e.to_string()));
+    match started {
+        Ok(()) => {
+            inc.advance(&id, Some(Phase::Starting), Phase::Running, None);
+            tracing::info!("incoming migration {id}: the guest runs here (QEMU {pid})");
+            Json(inc.status_of(&id)).into_response()
+        }
+        Err(why) => {
+            stop_qemu(pid, &dir);
+            inc.advance(&id, None, Phase::Failed, Some(why.clone()));
+            refuse(StatusCode::CONFLICT, format!("starting the guest: {why}"))
+        }
+    }
+}
+
+/// Resumes the incoming guest and checks that it runs.
+fn cont(qmp: &Path) -> Result<(), String> {
+    let mut q = Qmp::connect(qmp).map_err(|e| e.to_string())?;
+    q.execute("cont", serde_json::json!({}))
+        .map_err(|e| e.to_string())?;
+    let s = q
+        .execute("query-status", serde_json::json!({}))
+        .map_err(|e| e.to_string())?;
+    if s["running"] == true {
+        Ok(())
+    } else {
+        Err(format!("the guest is {} after cont", s["status"]))
+    }
+}
+
+/// Stops an incoming QEMU that must not run (QMP `quit`, then SIGKILL if it lingers; only
+/// while `pid` is still the QEMU of `dir`) and removes its files.
+fn stop_qemu(pid: u32, dir: &Path) {
+    let ours = || {
+        std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+            c.windows(dir.as_os_str().len())
+                .any(|w| w == dir.as_os_str().as_encoded_bytes())
+        })
+    };
+    if let Ok(mut q) = Qmp::connect(&dir.join("qmp.sock")) {
+        let _ = q.execute("quit", serde_json::json!({}));
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while ours() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if ours()
+        && let Ok(p) = i32::try_from(pid)
+    {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(p),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -1,0 +1,171 @@
+//! The source's side of `memfabric migrate --to`: asks the destination's agent for an
+//! incoming migration (it starts the incoming QEMU, see [`super::incoming`]), streams the
+//! VM through the proxies, then tells the destination to start the guest and quits the
+//! source QEMU once it runs there.
+//!
+//! Never two running copies: the source resumes its guest only when the destination said
+//! it will not run it (refused, failed, or a stream that did not verify); when the answer
+//! to the start is lost, the source stays paused and the error says where to look.
+
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+
+use super::{
+    Failure, Progress,
+    incoming::{Accepted, Request, Status},
+    run::{self, SendOptions, Summary, Tls},
+};
+use crate::fabric::{client, stats::FabricStats};
+
+/// The request may wait for the destination to index its VMs' pages.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(180);
+/// The start waits for the destination's last checks.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+/// The largest answer read from the destination.
+const MAX_ANSWER: usize = 64 << 10;
+
+/// The VM to move and where.
+#[derive(Clone, Debug)]
+pub struct RemoteOptions {
+    /// The source QEMU's PID (its command line is the destination's) and QMP socket.
+    pub pid: u32,
+    pub qmp: PathBuf,
+    pub name: String,
+    pub uuid: Option<String>,
+    /// The destination: its node name (its certificate carries it) and fabric address.
+    pub node: String,
+    pub addr: SocketAddr,
+    pub tls: Tls,
+    pub work_dir: PathBuf,
+    pub bandwidth: Option<u64>,
+}
+
+/// One JSON request to the destination's agent.
+async fn call<T: serde::de::DeserializeOwned>(
+    connector: &tokio_rustls::TlsConnector,
+    opts: &RemoteOptions,
+    path: &str,
+    body: Vec<u8>,
+    within: Duration,
+) -> Result<T, Failure> {
+    let stats = Arc::new(FabricStats::default());
+    let (status, answer) = tokio::time::timeout(
+        within,
+        client::call(
+            connector,
+            &stats,
+            &opts.node,
+            opts.addr,
+            hyper::Method::POST,
+            path,
+            body,
+            MAX_ANSWER,
+        ),
+    )
+    .await
+    .map_err(|_| {
+        Failure::Peer(format!(
+            "{} did not answer in {} s",
+            opts.node,
+            within.as_secs()
+        ))
+    })?
+    .map_err(|(_, e)| Failure::Peer(format!("{} at {}: {e}", opts.node, opts.addr)))?;
+    if !status.is_success() {
+        let why = serde_json::from_slice::<serde_json::Value>(&answer)
+            .ok()
+            .and_then(|v| v["error"].as_str().map(str::to_owned))
+            .unwrap_or_else(|| String::from_utf8_lossy(&answer).into_owned());
+        return Err(Failure::Refused(format!(
+            "{} answered {status}: {why}",
+            opts.node
+        )));
+    }
+    serde_json::from_slice(&answer)
+        .map_err(|e| Failure::Peer(format!("{}'s answer: {e}", opts.node)))
+}
+
+/// Moves the VM; on success it runs on the destination and its source QEMU has quit.
+pub async fn migrate(opts: RemoteOptions, progress: Arc<Progress>) -> Result<Summary, Failure> {
+    let qmp_path = opts.qmp.clone();
+    run::blocking(move || run::check_capabilities(&qmp_path)).await?;
+    let connector = opts.tls.load()?.client;
+    let args: Vec<String> = crate::actuate::qmp::cmdline(opts.pid)
+        .map_err(|e| Failure::Setup(format!("the VM's command line: {e}")))?
+        .into_iter()
+        .skip(1)
+        .filter(|a| !a.is_empty())
+        .collect();
+    let request = serde_json::to_vec(&Request {
+        name: opts.name.clone(),
+        uuid: opts.uuid.clone(),
+        args,
+        source: Some((super::incoming::boot_id(), opts.pid)),
+    })
+    .map_err(|e| Failure::Setup(e.to_string()))?;
+    let accepted: Accepted = call(
+        &connector,
+        &opts,
+        "/v1/fabric/migrations",
+        request,
+        REQUEST_TIMEOUT,
+    )
+    .await?;
+    // The stream: on failure `send` already put the guest back (and the destination,
+    // whose link closed, stops its QEMU).
+    let summary = run::send(
+        SendOptions {
+            qmp: opts.qmp.clone(),
+            to: SocketAddr::new(opts.addr.ip(), accepted.port).to_string(),
+            node: opts.node.clone(),
+            tls: opts.tls.clone(),
+            work_dir: opts.work_dir.clone(),
+            bandwidth: opts.bandwidth,
+        },
+        progress,
+    )
+    .await?;
+    let start = format!("/v1/fabric/migrations/{}/start", accepted.id);
+    match call::<Status>(&connector, &opts, &start, Vec::new(), START_TIMEOUT).await {
+        Ok(_) => {
+            quit(&opts).await;
+            Ok(summary)
+        }
+        Err(Failure::Refused(why)) => {
+            run::keep_on_source(&opts.qmp).await;
+            Err(Failure::Refused(format!(
+                "{why}; the guest runs on the source again"
+            )))
+        }
+        Err(e) => Err(Failure::Undecided(format!(
+            "the stream arrived and was verified, but {}'s answer to the start was lost \
+             ({e}): the guest may run there (GET /v1/fabric/migrations/{} on it). The \
+             source QEMU is left paused, not resumed, so that the guest never runs twice: \
+             quit it if the guest runs on {}, resume it (QMP cont) if not",
+            opts.node, accepted.id, opts.node
+        ))),
+    }
+}
+
+/// Quits the source QEMU (its guest runs on the destination now). A QEMU that lingers is
+/// left paused: it never runs again without an operator.
+async fn quit(opts: &RemoteOptions) {
+    let (path, pid) = (opts.qmp.clone(), opts.pid);
+    let gone = run::blocking(move || {
+        // QEMU may close the socket before it answers `quit`: its exit is the answer.
+        let _ = run::qmp(&path, |q| q.execute("quit", serde_json::json!({})));
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::path::Path::new(&format!("/proc/{pid}")).exists()
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(!std::path::Path::new(&format!("/proc/{pid}")).exists())
+    })
+    .await;
+    if !matches!(gone, Ok(true)) {
+        tracing::warn!(
+            "the guest runs on {}; the paused source QEMU {pid} did not quit (stop it)",
+            opts.node
+        );
+    }
+}
