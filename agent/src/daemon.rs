@@ -799,6 +799,7 @@ pub async fn serve(
             http: http_stats.clone(),
             fabric: fabric.clone(),
             auth: auth.as_ref().map(crate::http_auth::BasicAuth::stats_handle),
+            incoming: incoming.clone(),
         },
     );
     let app = match auth {

@@ -48,6 +48,7 @@ fn exposition() -> String {
             Some(Arc::new(memfabric::http_auth::AuthStats::default())),
         )),
         None,
+        None,
     );
     let mut text = String::new();
     prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();

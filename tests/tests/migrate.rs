@@ -579,4 +579,30 @@ fn a_guest_moves_to_the_peer_named_and_the_destinations_agent_runs_it() {
     let status = qmp(&qmp_sock, "query-status", serde_json::json!({}));
     assert_eq!(status["status"], "running", "{status}");
     assert!(std::path::Path::new(&format!("/proc/{pid}")).exists());
+    // The destination's agent counts it.
+    let entry = hosts.entry(Side::Dst);
+    let metrics = std::thread::spawn(move || {
+        entry.enter().unwrap();
+        ureq::get("http://127.0.0.1:9977/metrics")
+            .call()
+            .unwrap()
+            .body_mut()
+            .read_to_string()
+            .unwrap()
+    })
+    .join()
+    .unwrap();
+    for line in [
+        "memfabric_migrations_incoming_total{outcome=\"running\"} 1",
+        "memfabric_migrations_incoming_total{outcome=\"failed\"} 0",
+        "memfabric_migrations_incoming_open 0",
+    ] {
+        assert!(metrics.contains(line), "{line} not in\n{metrics}");
+    }
+    let stream = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("memfabric_migrations_incoming_stream_bytes_total "))
+        .and_then(|v| v.parse::<u64>().ok())
+        .expect("the stream's bytes");
+    assert_eq!(stream, summary["stream_bytes"].as_u64().unwrap());
 }

@@ -22,7 +22,10 @@ use std::{
     os::unix::fs::DirBuilderExt as _,
     path::{Path, PathBuf},
     process::{Command, Stdio},
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -52,6 +55,8 @@ const ACCEPT_WITHIN: Duration = Duration::from_secs(60);
 pub const START_WITHIN: Duration = Duration::from_secs(120);
 /// How long a start request waits for the stream's last bytes to be verified.
 const VERIFY_WAIT: Duration = Duration::from_secs(30);
+/// The longest unix socket path (`sun_path` holds 108 bytes with the NUL).
+const MAX_SOCKET_PATH: usize = 107;
 /// Migrations whose state is kept for `GET`.
 const REMEMBERED: usize = 16;
 
@@ -118,8 +123,25 @@ struct Entry {
     pid: u32,
 }
 
+/// Counters since the agent started, for the metrics.
+#[derive(Debug, Default)]
+pub struct IncomingStats {
+    /// Guests that run here after a migration.
+    pub running: AtomicU64,
+    /// Migrations accepted that failed (their guests run on their sources).
+    pub failed: AtomicU64,
+    /// Requests refused (not accepted here, malformed, busy, conflicting).
+    pub refused: AtomicU64,
+    /// QEMU's stream handed to incoming QEMUs, and the pages in it resolved from this
+    /// host's memory or sent again.
+    pub stream_bytes: AtomicU64,
+    pub referenced_pages: AtomicU64,
+    pub resent_pages: AtomicU64,
+}
+
 /// The incoming side, shared by the routes and each migration's task.
 pub struct Incoming {
+    pub stats: IncomingStats,
     qemu: Option<PathBuf>,
     dir: PathBuf,
     bind: IpAddr,
@@ -134,6 +156,17 @@ fn refuse(code: StatusCode, why: impl Into<String>) -> Response {
     (code, Json(serde_json::json!({ "error": why.into() }))).into_response()
 }
 
+impl std::fmt::Debug for Incoming {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Incoming")
+            .field("qemu", &self.qemu)
+            .field("dir", &self.dir)
+            .field("bind", &self.bind)
+            .field("stats", &self.stats)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Incoming {
     /// `qemu`: what to run (none: refuse every request); `dir`: where each migration's
     /// files go; `bind`: the address proxies listen on (the fabric's); `server`: the
@@ -145,6 +178,7 @@ impl Incoming {
         server: tokio_rustls::TlsAcceptor,
     ) -> Arc<Incoming> {
         Arc::new(Incoming {
+            stats: IncomingStats::default(),
             qemu,
             dir,
             bind,
@@ -165,6 +199,19 @@ impl Incoming {
             .with_state(self.clone())
     }
 
+    /// Migrations under way (received, or verified and not started yet).
+    pub fn open(&self) -> usize {
+        self.entries()
+            .iter()
+            .filter(|e| {
+                matches!(
+                    e.status.phase,
+                    Phase::Receiving | Phase::Verified | Phase::Starting
+                )
+            })
+            .count()
+    }
+
     fn entries(&self) -> std::sync::MutexGuard<'_, VecDeque<Entry>> {
         self.entries.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -181,6 +228,14 @@ impl Incoming {
     fn advance(&self, id: &str, from: Option<Phase>, to: Phase, error: Option<String>) -> bool {
         let moved = match self.entries().iter_mut().find(|e| e.status.id == id) {
             Some(e) if from.is_none_or(|f| e.status.phase == f) => {
+                let counter = match to {
+                    Phase::Running => Some(&self.stats.running),
+                    Phase::Failed if e.status.phase != Phase::Failed => Some(&self.stats.failed),
+                    _ => None,
+                };
+                if let Some(c) = counter {
+                    c.fetch_add(1, Ordering::Relaxed);
+                }
                 e.status.phase = to;
                 if error.is_some() {
                     e.status.error = error;
@@ -216,6 +271,15 @@ impl Incoming {
 
 /// `POST /v1/fabric/migrations`.
 async fn request(Extract(inc): Extract<Arc<Incoming>>, body: axum::body::Bytes) -> Response {
+    let r = accept(&inc, &body).await;
+    if !r.status().is_success() {
+        inc.stats.refused.fetch_add(1, Ordering::Relaxed);
+    }
+    r
+}
+
+/// A request's answer: the proxy's port once everything is ready, or why not.
+async fn accept(inc: &Arc<Incoming>, body: &[u8]) -> Response {
     let Some(qemu) = inc.qemu.clone() else {
         return refuse(
             StatusCode::FORBIDDEN,
@@ -223,7 +287,7 @@ async fn request(Extract(inc): Extract<Arc<Incoming>>, body: axum::body::Bytes) 
              [fabric] incoming_qemu)",
         );
     };
-    let req: Request = match serde_json::from_slice(&body) {
+    let req: Request = match serde_json::from_slice(body) {
         Ok(r) => r,
         Err(e) => return refuse(StatusCode::BAD_REQUEST, format!("the request: {e}")),
     };
@@ -255,7 +319,7 @@ async fn request(Extract(inc): Extract<Arc<Incoming>>, body: axum::body::Bytes) 
     let listener = match tokio::net::TcpListener::bind(SocketAddr::new(inc.bind, 0)).await {
         Ok(l) => l,
         Err(e) => {
-            stop_qemu(pid, &dir);
+            stop(pid, &dir).await;
             return refuse(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 format!("listening on {}: {e}", inc.bind),
@@ -266,7 +330,7 @@ async fn request(Extract(inc): Extract<Arc<Incoming>>, body: axum::body::Bytes) 
     let holdings = match run::index(req.uuid.clone()).await {
         Ok(h) => h,
         Err(e) => {
-            stop_qemu(pid, &dir);
+            stop(pid, &dir).await;
             return refuse(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
         }
     };
@@ -318,13 +382,15 @@ fn check_identity(req: &Request) -> Result<(), String> {
     Ok(())
 }
 
-/// 128 random bits, hex: a migration's id and directory name.
+/// 64 random bits, hex: a migration's id and directory name (short: unix socket paths
+/// hold at most 107 bytes).
 fn new_id() -> String {
-    let mut b = [0u8; 16];
+    let mut b = [0u8; 8];
     if ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b).is_err() {
         // No randomness: the time and pid still make a unique local name.
-        let t = crate::util::clock::since_epoch().as_nanos();
-        b = (t ^ u128::from(std::process::id())).to_le_bytes();
+        let t = crate::util::clock::since_epoch();
+        b = (t.as_secs() << 30 ^ u64::from(t.subsec_nanos()) ^ u64::from(std::process::id()))
+            .to_le_bytes();
     }
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
@@ -335,6 +401,14 @@ fn prepare(qemu: &Path, req: &Request, dir: &Path) -> Result<u32, (StatusCode, S
     let bad = |why: String| (StatusCode::BAD_REQUEST, why);
     let conflict = |why: String| (StatusCode::CONFLICT, why);
     let internal = |why: String| (StatusCode::INTERNAL_SERVER_ERROR, why);
+    let longest = dir.join("incoming.sock").as_os_str().len();
+    if longest > MAX_SOCKET_PATH {
+        return Err(internal(format!(
+            "{}: {longest} bytes, too long for a unix socket path (at most {MAX_SOCKET_PATH}): \
+             give the agent a shorter state directory",
+            dir.join("incoming.sock").display()
+        )));
+    }
     let args = command::incoming_args(&req.args, dir).map_err(bad)?;
     let source_here = |pid: u32| {
         req.source
@@ -454,6 +528,12 @@ async fn receive(
     };
     match verdict {
         Ok(summary) => {
+            let st = &inc.stats;
+            st.stream_bytes
+                .fetch_add(summary.stream_bytes, Ordering::Relaxed);
+            st.referenced_pages
+                .fetch_add(summary.referenced, Ordering::Relaxed);
+            st.resent_pages.fetch_add(summary.resent, Ordering::Relaxed);
             if let Some(e) = inc.entries().iter_mut().find(|e| e.status.id == id) {
                 e.status.summary = Some(summary);
             }
@@ -462,7 +542,7 @@ async fn receive(
         }
         Err(why) => {
             tracing::warn!("incoming migration {id} failed: {why}");
-            stop_qemu(pid, &dir);
+            stop(pid, &dir).await;
             inc.advance(&id, None, Phase::Failed, Some(why));
             return;
         }
@@ -489,7 +569,7 @@ async fn receive(
         )),
     ) {
         tracing::warn!("incoming migration {id}: no start from the source; stopped");
-        stop_qemu(pid, &dir);
+        stop(pid, &dir).await;
     }
 }
 
@@ -563,7 +643,7 @@ async fn start(Extract(inc): Extract<Arc<Incoming>>, UrlPath(id): UrlPath<String
             Json(inc.status_of(&id)).into_response()
         }
         Err(why) => {
-            stop_qemu(pid, &dir);
+            stop(pid, &dir).await;
             inc.advance(&id, None, Phase::Failed, Some(why.clone()));
             refuse(StatusCode::CONFLICT, format!("starting the guest: {why}"))
         }
@@ -583,6 +663,12 @@ fn cont(qmp: &Path) -> Result<(), String> {
     } else {
         Err(format!("the guest is {} after cont", s["status"]))
     }
+}
+
+/// [`stop_qemu`] off the async threads (it waits up to 5 s).
+async fn stop(pid: u32, dir: &Path) {
+    let dir = dir.to_owned();
+    let _ = tokio::task::spawn_blocking(move || stop_qemu(pid, &dir)).await;
 }
 
 /// Stops an incoming QEMU that must not run (QMP `quit`, then SIGKILL if it lingers; only

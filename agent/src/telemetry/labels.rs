@@ -95,3 +95,9 @@ pub(super) struct How {
 pub(super) struct Direction {
     pub(super) direction: &'static str,
 }
+
+/// How a migrated page arrived.
+#[derive(Clone, Debug, EncodeLabelSet)]
+pub(super) struct Way {
+    pub(super) way: &'static str,
+}

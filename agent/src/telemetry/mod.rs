@@ -5,7 +5,7 @@
 //! appends it to counters), a superset of node_exporter's ksmd collector.
 //!
 //! One room per job: `encode` (the encoding helpers), `host` (the host's and VMs' metrics),
-//! `http_metrics` and `fabric_metrics` (those areas' counters), `api` (the routes, their
+//! `http_metrics`, `fabric_metrics` and `migration_metrics` (those areas' counters), `api` (the routes, their
 //! bounds and the redaction of addresses).
 
 mod api;
@@ -14,6 +14,7 @@ mod fabric_metrics;
 mod host;
 mod http_metrics;
 mod labels;
+mod migration_metrics;
 
 use std::sync::{Arc, RwLock};
 
@@ -26,8 +27,8 @@ pub use api::{Options, router};
 /// The state shared between the refresh loop and the HTTP handlers.
 pub type Shared = Arc<RwLock<StatusV1>>;
 
-/// The registry serving `state` (and the HTTP server's counters and the fabric's, when
-/// given).
+/// The registry serving `state` (and the HTTP server's counters, the fabric's and the
+/// incoming migrations', when given).
 pub fn registry(
     state: Shared,
     http: Option<(
@@ -35,6 +36,7 @@ pub fn registry(
         Option<Arc<crate::http_auth::AuthStats>>,
     )>,
     fabric: Option<Arc<crate::fabric::node::Fabric>>,
+    incoming: Option<Arc<crate::migrate::incoming::Incoming>>,
 ) -> Registry {
     let mut r = Registry::default();
     r.register_collector(Box::new(host::HostCollector(state)));
@@ -43,6 +45,9 @@ pub fn registry(
     }
     if let Some(f) = fabric {
         r.register_collector(Box::new(fabric_metrics::FabricCollector(f)));
+    }
+    if let Some(i) = incoming {
+        r.register_collector(Box::new(migration_metrics::MigrationCollector(i)));
     }
     r
 }
