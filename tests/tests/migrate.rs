@@ -401,6 +401,8 @@ fn fabric_daemon(
             .args(["run", "--config"])
             .arg(config)
             .args(["--listen", "127.0.0.1:9977", "--pid", &track.to_string()])
+            // Scan passes make the sketches `--to best` chooses by.
+            .args(["--scan-cpu", "30"])
             .arg("--state-dir")
             .arg(dir.join(format!("state-{name}")))
             .args(["--fabric-listen", &format!("{me}:7946")])
@@ -449,14 +451,16 @@ impl Drop for Migrated {
 
 /// `memfabric migrate --vm --to` as an operator runs it: two agents on two lab hosts
 /// (network namespaces joined by a veth), the destination's agent starting the incoming
-/// QEMU itself. First the destination refuses (its config names no QEMU): the VM keeps
-/// running on the source. Then it accepts: the guest moves with a fraction of the bytes
-/// (its twin runs on the destination), runs there, and the source QEMU is gone.
+/// QEMU itself. First the destination, named, refuses (its config names no QEMU): the VM
+/// keeps running on the source. Then it accepts, and `--to best` picks it from the
+/// source's candidates: the guest moves with a fraction of the bytes (its twin runs on the
+/// destination), runs there, the source QEMU is gone, and the destination's metrics count
+/// it.
 #[test]
 #[serial_test::serial]
-fn a_guest_moves_to_the_peer_named_and_the_destinations_agent_runs_it() {
+fn a_guest_moves_to_the_peer_holding_most_of_it_whose_agent_runs_it() {
     use xtask::lab::hosts::{DST_ADDR, SRC_ADDR, Side, TwoHosts};
-    if !privileged("a_guest_moves_to_the_peer_named_and_the_destinations_agent_runs_it") {
+    if !privileged("a_guest_moves_to_the_peer_holding_most_of_it_whose_agent_runs_it") {
         return;
     }
     let setup = Setup::new("migrate-peer-test", 2, 15);
@@ -502,18 +506,23 @@ fn a_guest_moves_to_the_peer_named_and_the_destinations_agent_runs_it() {
             out.contains("\"dst\"") && !out.contains("\"stale\"")
         })
     };
-    let migrate = [
-        "migrate",
-        "--vm",
-        &src.name,
-        "--to",
-        "dst",
-        "--config",
-        src_cfg.to_str().unwrap(),
-        "--endpoint",
-        "http://127.0.0.1:9977",
-        "--json",
-    ];
+    let migrate = |to: &'static str| {
+        on_source(
+            &hosts,
+            &[
+                "migrate",
+                "--vm",
+                &src.name,
+                "--to",
+                to,
+                "--config",
+                src_cfg.to_str().unwrap(),
+                "--endpoint",
+                "http://127.0.0.1:9977",
+                "--json",
+            ],
+        )
+    };
 
     // A destination that does not accept incoming migrations.
     let refusing_cfg = config("dst", DST_ADDR, false);
@@ -533,7 +542,7 @@ fn a_guest_moves_to_the_peer_named_and_the_destinations_agent_runs_it() {
         .1,
         logs()
     );
-    let (code, _, err) = on_source(&hosts, &migrate);
+    let (code, _, err) = migrate("dst");
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("does not accept incoming migrations"), "{err}");
     let status = qmp(&setup.src_qmp(), "query-status", serde_json::json!({}));
@@ -550,8 +559,29 @@ fn a_guest_moves_to_the_peer_named_and_the_destinations_agent_runs_it() {
         "the destination's agent never became a live peer again: {}",
         logs()
     );
-    let (code, out, err) = on_source(&hosts, &migrate);
+    // `best`: the peer the source's candidates say holds most of the guest.
+    let best = memfabric_harness::wait_for(Duration::from_secs(120), || {
+        let (_, out, _) = on_source(
+            &hosts,
+            &[
+                "candidates",
+                "--json",
+                "--endpoint",
+                "http://127.0.0.1:9977",
+            ],
+        );
+        serde_json::from_str::<serde_json::Value>(&out).is_ok_and(|c| {
+            c["candidates"]["best"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|b| b["vm"] == src.uuid.as_str() && b["host"] == "dst")
+        })
+    });
+    assert!(best, "no candidate for {} on dst: {}", src.name, logs());
+    let (code, out, err) = migrate("best");
     eprintln!("{err}");
+    assert!(err.contains("to dst at"), "{err}");
     assert_eq!(code, 0, "{err}\n{}", logs());
     let summary: serde_json::Value = serde_json::from_str(out.trim()).expect(&out);
     let (wire, stream) = (
