@@ -125,7 +125,78 @@ pub(super) fn candidates(args: FabricArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
-pub(super) fn plan(args: FabricArgs) -> anyhow::Result<ExitCode> {
+/// `memfabric plan`: the plan; with `--apply`, this host's moves carried out.
+#[derive(Args)]
+pub(super) struct PlanArgs {
+    #[command(flatten)]
+    fabric: FabricArgs,
+    /// Carry out the moves of the plan that start on this host, one migration at a time
+    /// (as `memfabric migrate --vm VM --to HOST`), stopping at the first that fails.
+    /// Without it the plan is only shown (a dry run).
+    #[arg(long, requires = "config")]
+    apply: bool,
+    /// The daemon's config file (its `[fabric]` certificates), for --apply.
+    #[arg(long)]
+    config: Option<std::path::PathBuf>,
+    /// The most each migration may put on the link, in bits per second (`100M`, `2.5G`).
+    #[arg(long, value_parser = super::migrate::bits_per_second)]
+    bandwidth: Option<u64>,
+}
+
+pub(super) fn plan(args: PlanArgs) -> anyhow::Result<ExitCode> {
+    let PlanArgs {
+        fabric,
+        apply,
+        config,
+        bandwidth,
+    } = args;
+    let Some(config) = config.filter(|_| apply) else {
+        return show_plan(fabric);
+    };
+    let (plan, me) = match (fetch(&fabric, "/v1/plan"), fetch(&fabric, "/v1/peers")) {
+        (Ok(p), Ok(peers)) => (p, peers["node"].as_str().unwrap_or_default().to_owned()),
+        (Err((code, msg)), _) | (_, Err((code, msg))) => {
+            eprintln!("memfabric: {msg}");
+            return Ok(code);
+        }
+    };
+    let moves: Vec<(String, String)> = plan["moves"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|m| m["from"] == me.as_str())
+        .filter_map(|m| Some((m["vm"].as_str()?.to_owned(), m["to"].as_str()?.to_owned())))
+        .collect();
+    if moves.is_empty() {
+        println!("no move of the plan starts on this host ({me}): nothing to do");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let to_peer = super::migrate::ToPeer {
+        config,
+        endpoint: fabric.endpoint.clone(),
+        bandwidth,
+        json: false,
+    };
+    for (i, (vm, to)) in moves.iter().enumerate() {
+        println!("move {} of {}: {vm} from {me} to {to}", i + 1, moves.len());
+        let code = super::migrate::migrate_one(&to_peer, vm, to, &rt);
+        if code != ExitCode::SUCCESS {
+            eprintln!(
+                "memfabric plan: stopped after {i} of {} moves (the failed one's VM is where \
+                 the message above says)",
+                moves.len()
+            );
+            return Ok(code);
+        }
+    }
+    println!("{} moves done", moves.len());
+    Ok(ExitCode::SUCCESS)
+}
+
+fn show_plan(args: FabricArgs) -> anyhow::Result<ExitCode> {
     show(args, "/v1/plan", |v| {
         println!(
             "{} hosts, {} VMs: sharing-aware packing uses {} (frees {}); first-fit decreasing uses {} (frees {}); sharing saves {}",

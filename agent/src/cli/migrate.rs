@@ -120,7 +120,7 @@ enum Side {
 }
 
 /// `100M`, `2.5G`, `800k` or a plain number: bits per second, as bytes per second.
-fn bits_per_second(s: &str) -> Result<u64, String> {
+pub(super) fn bits_per_second(s: &str) -> Result<u64, String> {
     let (num, scale) = match s.char_indices().last() {
         Some((i, 'k' | 'K')) => (&s[..i], 1e3),
         Some((i, 'M')) => (&s[..i], 1e6),
@@ -289,11 +289,41 @@ fn to_peer(args: MigrateArgs, rt: &tokio::runtime::Runtime) -> anyhow::Result<Ex
     let (Some(which), Some(to), Some(config)) = (args.vm, args.to, args.config) else {
         unreachable!("clap requires them");
     };
+    Ok(migrate_one(
+        &ToPeer {
+            config,
+            endpoint: args.endpoint,
+            bandwidth: args.bandwidth,
+            json: args.json,
+        },
+        &which,
+        &to,
+        rt,
+    ))
+}
+
+/// What every migration to a peer needs besides the VM and the destination.
+pub(super) struct ToPeer {
+    pub(super) config: PathBuf,
+    pub(super) endpoint: String,
+    pub(super) bandwidth: Option<u64>,
+    pub(super) json: bool,
+}
+
+/// Migrates the local VM `which` to the peer `to` (or `best`) through its agent; the exit
+/// code the module's doc lists.
+pub(super) fn migrate_one(
+    p: &ToPeer,
+    which: &str,
+    to: &str,
+    rt: &tokio::runtime::Runtime,
+) -> ExitCode {
+    let config = &p.config;
     let fail = |code: u8, msg: String| {
         eprintln!("memfabric migrate: {msg}");
-        Ok(ExitCode::from(code))
+        ExitCode::from(code)
     };
-    let tls = match memfabric::config::FileConfig::load(&config) {
+    let tls = match memfabric::config::FileConfig::load(config) {
         Ok(f) => match (f.fabric.ca_file, f.fabric.cert_file, f.fabric.key_file) {
             (Some(ca), Some(cert), Some(key)) => Tls { ca, cert, key },
             _ => {
@@ -308,7 +338,7 @@ fn to_peer(args: MigrateArgs, rt: &tokio::runtime::Runtime) -> anyhow::Result<Ex
         },
         Err(e) => return fail(2, e.to_string()),
     };
-    let vm = match local_vm(&which) {
+    let vm = match local_vm(which) {
         Ok(v) => v,
         Err(e) => return fail(2, e),
     };
@@ -316,11 +346,11 @@ fn to_peer(args: MigrateArgs, rt: &tokio::runtime::Runtime) -> anyhow::Result<Ex
         Ok(q) => q,
         Err(e) => return fail(2, format!("VM {which}: {e}")),
     };
-    let (node, addr) = match destination(&args.endpoint, &to, &vm) {
+    let (node, addr) = match destination(&p.endpoint, to, &vm) {
         Ok(d) => d,
         Err((code, msg)) => {
             eprintln!("memfabric migrate: {msg}");
-            return Ok(code);
+            return code;
         }
     };
     eprintln!("migrating {} (pid {}) to {node} at {addr}", vm.name, vm.pid);
@@ -334,7 +364,7 @@ fn to_peer(args: MigrateArgs, rt: &tokio::runtime::Runtime) -> anyhow::Result<Ex
         addr,
         tls,
         work_dir: std::env::temp_dir().join(format!("memfabric-migrate-{}", std::process::id())),
-        bandwidth: args.bandwidth,
+        bandwidth: p.bandwidth,
     };
     let r = rt.block_on(with_progress(
         progress.clone(),
@@ -343,9 +373,9 @@ fn to_peer(args: MigrateArgs, rt: &tokio::runtime::Runtime) -> anyhow::Result<Ex
     ));
     match r {
         Ok(s) => {
-            print(&s, args.json);
+            print(&s, p.json);
             eprintln!("{} runs on {node}", vm.name);
-            Ok(ExitCode::SUCCESS)
+            ExitCode::SUCCESS
         }
         Err(e @ memfabric::migrate::Failure::Undecided(_)) => fail(3, e.to_string()),
         Err(e) => fail(1, format!("{e}; the VM keeps running on the source")),

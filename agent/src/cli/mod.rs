@@ -67,8 +67,8 @@ enum Commands {
     /// For each local VM, how much of it each peer host already holds (from the daemon).
     Candidates(fabric::FabricArgs),
     /// A sharing-aware consolidation plan of this host and its peers, beside first-fit
-    /// decreasing (from the daemon).
-    Plan(fabric::FabricArgs),
+    /// decreasing (from the daemon); `--apply` carries out this host's moves.
+    Plan(fabric::PlanArgs),
     /// Live-migrate a QEMU guest to another host, sending as references the pages that
     /// host already holds: `--vm VM --to HOST|best` through the destination's agent, or
     /// `receive` and `send` by hand.
