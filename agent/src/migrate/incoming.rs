@@ -21,12 +21,11 @@ use std::{
     net::{IpAddr, SocketAddr},
     os::unix::fs::DirBuilderExt as _,
     path::{Path, PathBuf},
-    process::{Command, Stdio},
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
     },
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use axum::{
@@ -41,14 +40,13 @@ use serde::{Deserialize, Serialize};
 use super::{
     Progress,
     command::{self, MAX_ARG_BYTES},
+    incoming_qemu::{boot_id, cont, loaded, stop, stop_qemu},
     run::{self, Summary},
 };
-use crate::{actuate::qmp::Qmp, host::inventory};
+use crate::host::inventory;
 
 /// The largest request body: the source's arguments and a little more.
 const MAX_REQUEST: usize = MAX_ARG_BYTES + (16 << 10);
-/// How long a started QEMU may take to daemonize (listening on its socket).
-const QEMU_START: Duration = Duration::from_secs(30);
 /// How long the source has to connect once answered.
 const ACCEPT_WITHIN: Duration = Duration::from_secs(60);
 /// A verified migration the source does not start within this is dropped.
@@ -75,14 +73,6 @@ pub struct Request {
     /// namespaces) the source's QEMU is visible here too and is not a conflicting VM.
     #[serde(default)]
     pub source: Option<(String, u32)>,
-}
-
-/// This machine's boot id (one per kernel boot: two agents that read the same one run
-/// on one machine).
-pub fn boot_id() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
-        .map(|s| s.trim().to_owned())
-        .unwrap_or_default()
 }
 
 /// The answer to a request: where the source's proxy connects.
@@ -410,6 +400,9 @@ fn prepare(qemu: &Path, req: &Request, dir: &Path) -> Result<u32, (StatusCode, S
         )));
     }
     let args = command::incoming_args(&req.args, dir).map_err(bad)?;
+    if let Some(root) = dir.parent() {
+        super::incoming_qemu::sweep(root);
+    }
     let source_here = |pid: u32| {
         req.source
             .as_ref()
@@ -420,10 +413,15 @@ fn prepare(qemu: &Path, req: &Request, dir: &Path) -> Result<u32, (StatusCode, S
             .values()
             .find(|v| v.uuid.as_deref() == Some(uuid) && !source_here(v.pid))
     {
-        return Err(conflict(format!(
-            "a VM with UUID {uuid} already runs here ({}, pid {})",
-            vm.name, vm.pid
-        )));
+        // The peer learns the conflict, not this host's VM (its name is another
+        // tenant's fact): that goes to the local log.
+        tracing::warn!(
+            "incoming migration of {:?} refused: VM {} (pid {}) here has its UUID {uuid}",
+            req.name,
+            vm.name,
+            vm.pid
+        );
+        return Err(conflict(format!("a VM with UUID {uuid} already runs here")));
     }
     if let Some(ram) = command::guest_ram(&req.args) {
         let available = crate::host::ksm::meminfo().1;
@@ -446,51 +444,7 @@ fn prepare(qemu: &Path, req: &Request, dir: &Path) -> Result<u32, (StatusCode, S
         .mode(0o700)
         .create(dir)
         .map_err(|e| internal(format!("{}: {e}", dir.display())))?;
-    let log = dir.join("qemu.log");
-    let stderr = std::fs::File::create(&log).map_err(|e| internal(e.to_string()))?;
-    let mut child = Command::new(qemu)
-        .args(&args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(stderr)
-        .spawn()
-        .map_err(|e| internal(format!("starting {}: {e}", qemu.display())))?;
-    // QEMU daemonizes once it listens on its incoming socket: its first process exits.
-    let deadline = Instant::now() + QEMU_START;
-    let exited = loop {
-        match child.try_wait() {
-            Ok(Some(s)) => break Some(s),
-            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
-            _ => break None,
-        }
-    };
-    let tail = || {
-        let text = std::fs::read_to_string(&log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(5)..].join(" / ")
-    };
-    match exited {
-        Some(s) if s.success() => {}
-        Some(s) => {
-            return Err(conflict(format!(
-                "the incoming QEMU did not start ({s}): {}",
-                tail()
-            )));
-        }
-        None => {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(internal(format!(
-                "the incoming QEMU did not get ready in {} s: {}",
-                QEMU_START.as_secs(),
-                tail()
-            )));
-        }
-    }
-    std::fs::read_to_string(dir.join("qemu.pid"))
-        .ok()
-        .and_then(|p| p.trim().parse().ok())
-        .ok_or_else(|| internal("the incoming QEMU wrote no pidfile".into()))
+    super::incoming_qemu::start(qemu, &args, dir).map_err(conflict)
 }
 
 /// One migration after its answer: the stream, QEMU's own verdict, then the wait for the
@@ -573,19 +527,6 @@ async fn receive(
     }
 }
 
-/// Waits until the incoming QEMU says the migration `completed` (it loaded every
-/// section).
-fn loaded(qmp: &Path) -> Result<(), String> {
-    let mut q = Qmp::connect(qmp).map_err(|e| e.to_string())?;
-    let (status, _) =
-        run::await_status(&mut q, Duration::from_secs(30)).map_err(|e| e.to_string())?;
-    if status == "completed" {
-        Ok(())
-    } else {
-        Err(format!("the incoming QEMU's migration ended {status}"))
-    }
-}
-
 /// `GET /v1/fabric/migrations/{id}`.
 async fn status(Extract(inc): Extract<Arc<Incoming>>, UrlPath(id): UrlPath<String>) -> Response {
     match inc.status_of(&id) {
@@ -648,52 +589,4 @@ async fn start(Extract(inc): Extract<Arc<Incoming>>, UrlPath(id): UrlPath<String
             refuse(StatusCode::CONFLICT, format!("starting the guest: {why}"))
         }
     }
-}
-
-/// Resumes the incoming guest and checks that it runs.
-fn cont(qmp: &Path) -> Result<(), String> {
-    let mut q = Qmp::connect(qmp).map_err(|e| e.to_string())?;
-    q.execute("cont", serde_json::json!({}))
-        .map_err(|e| e.to_string())?;
-    let s = q
-        .execute("query-status", serde_json::json!({}))
-        .map_err(|e| e.to_string())?;
-    if s["running"] == true {
-        Ok(())
-    } else {
-        Err(format!("the guest is {} after cont", s["status"]))
-    }
-}
-
-/// [`stop_qemu`] off the async threads (it waits up to 5 s).
-async fn stop(pid: u32, dir: &Path) {
-    let dir = dir.to_owned();
-    let _ = tokio::task::spawn_blocking(move || stop_qemu(pid, &dir)).await;
-}
-
-/// Stops an incoming QEMU that must not run (QMP `quit`, then SIGKILL if it lingers; only
-/// while `pid` is still the QEMU of `dir`) and removes its files.
-fn stop_qemu(pid: u32, dir: &Path) {
-    let ours = || {
-        std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
-            c.windows(dir.as_os_str().len())
-                .any(|w| w == dir.as_os_str().as_encoded_bytes())
-        })
-    };
-    if let Ok(mut q) = Qmp::connect(&dir.join("qmp.sock")) {
-        let _ = q.execute("quit", serde_json::json!({}));
-    }
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while ours() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    if ours()
-        && let Ok(p) = i32::try_from(pid)
-    {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(p),
-            nix::sys::signal::Signal::SIGKILL,
-        );
-    }
-    let _ = std::fs::remove_dir_all(dir);
 }

@@ -19,6 +19,7 @@ pub mod command;
 pub mod dest;
 pub mod holdings;
 pub mod incoming;
+pub mod incoming_qemu;
 pub mod link;
 pub mod remote;
 pub mod run;

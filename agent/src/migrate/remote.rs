@@ -99,7 +99,7 @@ pub async fn migrate(opts: RemoteOptions, progress: Arc<Progress>) -> Result<Sum
         name: opts.name.clone(),
         uuid: opts.uuid.clone(),
         args,
-        source: Some((super::incoming::boot_id(), opts.pid)),
+        source: Some((super::incoming_qemu::boot_id(), opts.pid)),
     })
     .map_err(|e| Failure::Setup(e.to_string()))?;
     let accepted: Accepted = call(
