@@ -701,9 +701,11 @@ fn incoming_migrations(
 ) -> Result<Arc<crate::migrate::incoming::Incoming>, DaemonError> {
     let tls = crate::fabric::tls::load(&f.ca_file, &f.cert_file, &f.key_file)
         .map_err(|e| DaemonError::Fabric(crate::fabric::node::FabricError::Tls(e)))?;
+    let dir = state_dir.join("incoming");
+    crate::migrate::incoming_qemu::reap_leftovers(&dir);
     Ok(crate::migrate::incoming::Incoming::new(
         f.incoming_qemu.clone(),
-        state_dir.join("incoming"),
+        dir,
         f.listen.ip(),
         tls.server,
     ))

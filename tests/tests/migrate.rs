@@ -437,6 +437,19 @@ fn migrated_qemu(uuid: &str, not: u32) -> Option<u32> {
         .map(|v| v.pid)
 }
 
+/// Kills a process of the test's when it ends (it may be gone already).
+struct KillOnDrop(u32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if std::fs::read(format!("/proc/{}/cmdline", self.0)).is_ok_and(|c| c.starts_with(b"qemu"))
+        {
+            // SAFETY: plain kill(2) of a QEMU this test started.
+            unsafe { libc::kill(self.0 as i32, libc::SIGKILL) };
+        }
+    }
+}
+
 /// Stops the migrated guest when the test ends, whatever happened.
 struct Migrated(String, u32);
 
@@ -635,4 +648,51 @@ fn a_guest_moves_to_the_peer_holding_most_of_it_whose_agent_runs_it() {
         .and_then(|v| v.parse::<u64>().ok())
         .expect("the stream's bytes");
     assert_eq!(stream, summary["stream_bytes"].as_u64().unwrap());
+
+    // An agent that died between the stream and the source's start left its incoming QEMU
+    // paused: the next agent stops it, and leaves the guest that runs here alone.
+    let leftover = dir.join("state-dst/incoming/leftover");
+    std::fs::create_dir_all(&leftover).unwrap();
+    let started = std::process::Command::new("qemu-system-x86_64")
+        .args([
+            "-accel",
+            "tcg",
+            "-nodefaults",
+            "-display",
+            "none",
+            "-m",
+            "32",
+            "-S",
+        ])
+        .arg("-qmp")
+        .arg(format!(
+            "unix:{},server=on,wait=off",
+            leftover.join("qmp.sock").display()
+        ))
+        .arg("-pidfile")
+        .arg(leftover.join("qemu.pid"))
+        .arg("-daemonize")
+        .status()
+        .unwrap();
+    assert!(started.success());
+    let paused: u32 = std::fs::read_to_string(leftover.join("qemu.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let _paused_guard = KillOnDrop(paused);
+    drop(_dst_agent);
+    let _dst_agent = fabric_daemon(&hosts, Side::Dst, &accepting_cfg, dir, twin.pid);
+    assert!(
+        memfabric_harness::wait_for(Duration::from_secs(30), || !std::path::Path::new(&format!(
+            "/proc/{paused}"
+        ))
+        .exists()),
+        "the paused leftover QEMU {paused} still runs: {}",
+        logs()
+    );
+    assert!(!leftover.exists());
+    std::thread::sleep(Duration::from_secs(1));
+    let status = qmp(&qmp_sock, "query-status", serde_json::json!({}));
+    assert_eq!(status["status"], "running", "{status}");
 }

@@ -128,6 +128,38 @@ pub fn sweep(root: &Path) {
     }
 }
 
+/// At the agent's start: stops the incoming QEMUs under `root` that a previous agent left
+/// paused (it died before the source's start: the guest runs on the source, or waits
+/// there for an operator, who is told so); guests that run are left alone. Returns how
+/// many were stopped.
+pub fn reap_leftovers(root: &Path) -> usize {
+    let Ok(dirs) = std::fs::read_dir(root) else {
+        return 0;
+    };
+    let mut stopped = 0;
+    for d in dirs.filter_map(Result::ok).map(|e| e.path()) {
+        let Some(pid) = std::fs::read_to_string(d.join("qemu.pid"))
+            .ok()
+            .and_then(|p| p.trim().parse().ok())
+            .filter(|p| runs_from(*p, &d))
+        else {
+            continue;
+        };
+        let running = Qmp::connect(&d.join("qmp.sock"))
+            .and_then(|mut q| q.execute("query-status", serde_json::json!({})))
+            .is_ok_and(|s| s["running"] == true);
+        if !running {
+            tracing::warn!(
+                "stopping incoming QEMU {pid} ({}) that a previous agent left paused",
+                d.display()
+            );
+            stop_qemu(pid, &d);
+            stopped += 1;
+        }
+    }
+    stopped
+}
+
 /// Stops an incoming QEMU that must not run (QMP `quit`, then SIGKILL if it lingers; only
 /// while `pid` is still the QEMU of `dir`) and removes its files.
 pub fn stop_qemu(pid: u32, dir: &Path) {
