@@ -257,7 +257,7 @@ fn destination(
                 (
                     ExitCode::from(1),
                     format!(
-                        "no peer is known to hold any of {}'s pages yet (memfabric                          candidates): name the destination with --to NODE",
+                        "no peer is known to hold any of {}'s pages yet (memfabric candidates): name the destination with --to NODE",
                         vm.name
                     ),
                 )

@@ -590,3 +590,125 @@ async fn start(Extract(inc): Extract<Arc<Incoming>>, UrlPath(id): UrlPath<String
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An incoming side running `qemu` (none: refusing), its files under a fresh
+    /// directory.
+    fn incoming(qemu: Option<&str>, tag: &str) -> (Arc<Incoming>, PathBuf) {
+        let dir = std::env::temp_dir().join(format!("mf-inc-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        memfabric_harness::Pki::new("test cluster").write(&dir, &["dst"]);
+        let tls = crate::fabric::tls::load(
+            &dir.join("ca.crt"),
+            &dir.join("dst.crt"),
+            &dir.join("dst.key"),
+        )
+        .unwrap();
+        let inc = Incoming::new(
+            qemu.map(PathBuf::from),
+            dir.join("incoming"),
+            "127.0.0.1".parse().unwrap(),
+            tls.server,
+        );
+        (inc, dir)
+    }
+
+    fn rt() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    fn body(args: &[&str], uuid: Option<&str>) -> Vec<u8> {
+        serde_json::to_vec(&Request {
+            name: "vm-1".into(),
+            uuid: uuid.map(str::to_owned),
+            args: args.iter().map(|a| (*a).to_owned()).collect(),
+            source: None,
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn a_host_without_incoming_qemu_refuses_every_request_and_counts_it() {
+        let (inc, dir) = incoming(None, "off");
+        let r = rt().block_on(request(
+            Extract(inc.clone()),
+            body(&["-m", "64"], None).into(),
+        ));
+        assert_eq!(r.status(), StatusCode::FORBIDDEN);
+        assert_eq!(inc.stats.refused.load(Ordering::Relaxed), 1);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn malformed_hostile_and_concurrent_requests_are_refused_before_any_qemu_starts() {
+        // A QEMU that would fail loudly if it were ever started.
+        let (inc, dir) = incoming(Some("/bin/false"), "bad");
+        let rt = rt();
+        let refused = |b: &[u8]| {
+            rt.block_on(request(Extract(inc.clone()), b.to_vec().into()))
+                .status()
+        };
+        assert_eq!(refused(b"{not json"), StatusCode::BAD_REQUEST);
+        assert_eq!(
+            refused(br#"{"name":"x","args":[],"extra":1}"#),
+            StatusCode::BAD_REQUEST
+        );
+        assert_eq!(
+            refused(&body(&[], Some("../../etc"))),
+            StatusCode::BAD_REQUEST
+        );
+        let mut long_name = body(&[], None);
+        long_name = String::from_utf8(long_name)
+            .unwrap()
+            .replace("vm-1", &"n".repeat(200))
+            .into_bytes();
+        assert_eq!(refused(&long_name), StatusCode::BAD_REQUEST);
+        for hostile in [
+            &["-netdev", "tap,id=n,script=/tmp/x.sh"][..],
+            &["-readconfig", "/etc/shadow"],
+            &["-chardev", "socket,id=c,path=/x"],
+        ] {
+            assert_eq!(
+                refused(&body(hostile, None)),
+                StatusCode::BAD_REQUEST,
+                "{hostile:?}"
+            );
+        }
+        // One migration at a time.
+        let held = inc.busy.clone().try_acquire_owned().unwrap();
+        assert_eq!(
+            refused(&body(&["-m", "64"], None)),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        drop(held);
+        assert_eq!(
+            inc.stats.refused.load(Ordering::Relaxed),
+            8,
+            "every refusal counted"
+        );
+        // Nothing was started, nothing left behind but the (empty) incoming directory.
+        let left = std::fs::read_dir(dir.join("incoming"))
+            .map(|d| d.count())
+            .unwrap_or(0);
+        assert_eq!(left, 0);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn unknown_migrations_are_not_found_and_cannot_be_started() {
+        let (inc, dir) = incoming(Some("/bin/false"), "unknown");
+        let rt = rt();
+        let s = rt.block_on(status(Extract(inc.clone()), UrlPath("nope".into())));
+        assert_eq!(s.status(), StatusCode::NOT_FOUND);
+        let s = rt.block_on(start(Extract(inc.clone()), UrlPath("nope".into())));
+        assert_eq!(s.status(), StatusCode::NOT_FOUND);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
