@@ -112,7 +112,7 @@ pub async fn migrate(opts: RemoteOptions, progress: Arc<Progress>) -> Result<Sum
     .await?;
     // The stream: on failure `send` already put the guest back (and the destination,
     // whose link closed, stops its QEMU).
-    let summary = run::send(
+    let sending = run::send(
         SendOptions {
             qmp: opts.qmp.clone(),
             to: SocketAddr::new(opts.addr.ip(), accepted.port).to_string(),
@@ -122,8 +122,16 @@ pub async fn migrate(opts: RemoteOptions, progress: Arc<Progress>) -> Result<Sum
             bandwidth: opts.bandwidth,
         },
         progress,
-    )
-    .await?;
+    );
+    // An operator's Ctrl-C while the stream flows cancels the migration (the destination,
+    // whose link closes, stops its QEMU); the start below is not interrupted.
+    let summary = tokio::select! {
+        r = sending => r?,
+        _ = tokio::signal::ctrl_c() => {
+            run::keep_on_source(&opts.qmp).await;
+            return Err(Failure::Setup("interrupted (Ctrl-C): migration cancelled".into()));
+        }
+    };
     let start = format!("/v1/fabric/migrations/{}/start", accepted.id);
     match call::<Status>(&connector, &opts, &start, Vec::new(), START_TIMEOUT).await {
         Ok(_) => {
