@@ -633,6 +633,7 @@ fn a_guest_moves_to_the_peer_holding_most_of_it_whose_agent_runs_it() {
     assert!(err.contains("to dst at"), "{err}");
     assert_eq!(code, 0, "{err}\n{}", logs());
     let summary: serde_json::Value = serde_json::from_str(out.trim()).expect(&out);
+    eprintln!("migrated through the agents: {summary}");
     let (wire, stream) = (
         summary["wire_bytes"].as_u64().unwrap(),
         summary["stream_bytes"].as_u64().unwrap(),
