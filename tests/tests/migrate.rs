@@ -73,6 +73,7 @@ impl Setup {
             tls: self.src.clone(),
             work_dir: self.dir.join("send"),
             bandwidth: None,
+            token: None,
         }
     }
 }

@@ -419,6 +419,7 @@ pub(super) fn run(args: MigrateArgs) -> anyhow::Result<ExitCode> {
                 work_dir: std::env::temp_dir()
                     .join(format!("memfabric-migrate-{}", std::process::id())),
                 bandwidth,
+                token: None,
             };
             let r = rt.block_on(with_progress(
                 progress.clone(),

@@ -4,9 +4,9 @@
 //! starts the guest only when the source says so, after every byte was verified.
 //!
 //! ```text
-//! POST /v1/fabric/migrations            {name, uuid, args} -> {id, port}
+//! POST /v1/fabric/migrations            {name, uuid, args} -> {id, port, token}
 //!      (QEMU started paused, listening; this host's pages indexed; the proxy on `port`)
-//! ... the source's proxy streams to `port` (run::receive_on) ...
+//! ... the source's proxy sends `token`, then streams to `port` (run::receive_on) ...
 //! POST /v1/fabric/migrations/{id}/start  -> the guest runs here, or an error
 //! GET  /v1/fabric/migrations/{id}        -> where it stands
 //! ```
@@ -75,11 +75,29 @@ pub struct Request {
     pub source: Option<(String, u32)>,
 }
 
-/// The answer to a request: where the source's proxy connects.
+/// The answer to a request: where the source's proxy connects, and the one-time token it
+/// sends first (hex), so that only the requester's stream reaches the incoming QEMU.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Accepted {
     pub id: String,
     pub port: u16,
+    pub token: String,
+}
+
+/// A token as hex, and back (None unless exactly 16 bytes of hex).
+pub fn token_hex(t: &run::Token) -> String {
+    t.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+pub fn token_of_hex(s: &str) -> Option<run::Token> {
+    let mut t = [0u8; 16];
+    if s.len() != 32 || !s.is_ascii() {
+        return None;
+    }
+    for (i, b) in t.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(t)
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -290,6 +308,12 @@ async fn accept(inc: &Arc<Incoming>, body: &[u8]) -> Response {
             "another incoming migration is in progress here",
         );
     };
+    let Some(token) = new_token() else {
+        return refuse(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "no randomness for the migration's token",
+        );
+    };
     let id = new_id();
     let dir = inc.dir.join(&id);
     let prepared = {
@@ -349,13 +373,17 @@ async fn accept(inc: &Arc<Incoming>, body: &[u8]) -> Response {
     tokio::spawn(receive(
         inc.clone(),
         id.clone(),
-        listener,
-        holdings,
+        Proxy {
+            listener,
+            holdings,
+            token,
+        },
         pid,
         dir,
         permit,
     ));
-    (StatusCode::OK, Json(Accepted { id, port })).into_response()
+    let token = token_hex(&token);
+    (StatusCode::OK, Json(Accepted { id, port, token })).into_response()
 }
 
 /// A name and UUID fit for logs and paths' neighbours: bounded, printable; a UUID of hex
@@ -373,7 +401,7 @@ fn check_identity(req: &Request) -> Result<(), String> {
 }
 
 /// 64 random bits, hex: a migration's id and directory name (short: unix socket paths
-/// hold at most 107 bytes).
+/// hold at most 107 bytes). Not a secret (the token is).
 fn new_id() -> String {
     let mut b = [0u8; 8];
     if ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b).is_err() {
@@ -383,6 +411,15 @@ fn new_id() -> String {
             .to_le_bytes();
     }
     b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// 128 random bits from the system's generator: a migration's token (none without
+/// randomness: then no migration is accepted).
+fn new_token() -> Option<run::Token> {
+    let mut t = [0u8; 16];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut t)
+        .ok()
+        .map(|()| t)
 }
 
 /// Checks the request against this host and starts the incoming QEMU (paused,
@@ -447,25 +484,32 @@ fn prepare(qemu: &Path, req: &Request, dir: &Path) -> Result<u32, (StatusCode, S
     super::incoming_qemu::start(qemu, &args, dir).map_err(conflict)
 }
 
+/// What the proxy of one migration starts from.
+struct Proxy {
+    listener: tokio::net::TcpListener,
+    holdings: Arc<super::holdings::Holdings>,
+    token: run::Token,
+}
+
 /// One migration after its answer: the stream, QEMU's own verdict, then the wait for the
 /// source's start. Holds `_permit` (one migration at a time) until the guest runs or is
 /// dropped.
 async fn receive(
     inc: Arc<Incoming>,
     id: String,
-    listener: tokio::net::TcpListener,
-    holdings: Arc<super::holdings::Holdings>,
+    proxy: Proxy,
     pid: u32,
     dir: PathBuf,
     _permit: tokio::sync::OwnedSemaphorePermit,
 ) {
     let progress = Arc::new(Progress::default());
     let received = run::receive_on(
-        listener,
+        proxy.listener,
         &inc.server,
-        holdings,
+        proxy.holdings,
         &dir.join("incoming.sock"),
         ACCEPT_WITHIN,
+        Some(proxy.token),
         progress,
     )
     .await;

@@ -110,6 +110,8 @@ pub async fn migrate(opts: RemoteOptions, progress: Arc<Progress>) -> Result<Sum
         REQUEST_TIMEOUT,
     )
     .await?;
+    let token = super::incoming::token_of_hex(&accepted.token)
+        .ok_or_else(|| Failure::Peer(format!("{} answered no valid token", opts.node)))?;
     // The stream: on failure `send` already put the guest back (and the destination,
     // whose link closed, stops its QEMU).
     let sending = run::send(
@@ -120,6 +122,7 @@ pub async fn migrate(opts: RemoteOptions, progress: Arc<Progress>) -> Result<Sum
             tls: opts.tls.clone(),
             work_dir: opts.work_dir.clone(),
             bandwidth: opts.bandwidth,
+            token: Some(token),
         },
         progress,
     );

@@ -96,7 +96,14 @@ pub struct SendOptions {
     /// Bytes per second the migration may put on the link (none: unlimited). QEMU's own
     /// `max-bandwidth` caps its stream before deduplication; this caps the wire.
     pub bandwidth: Option<u64>,
+    /// The one-time token the destination's agent answered with (`migrate --to`): sent
+    /// first on the link, so that no other member of the cluster can feed the incoming
+    /// QEMU. None for a destination run by hand (`migrate receive`).
+    pub token: Option<Token>,
 }
+
+/// A migration's one-time token.
+pub type Token = [u8; 16];
 
 pub(super) fn qmp<T>(
     path: &Path,
@@ -174,10 +181,14 @@ pub async fn send(opts: SendOptions, progress: Arc<Progress>) -> Result<Summary,
         .map_err(|_| Failure::Setup(format!("connecting to {}: timed out", opts.to)))?
         .map_err(|e| Failure::Setup(format!("connecting to {}: {e}", opts.to)))?;
     let _ = tcp.set_nodelay(true);
-    let link = tokio::time::timeout(CONNECT_TIMEOUT, configs.client.connect(name, tcp))
+    let mut link = tokio::time::timeout(CONNECT_TIMEOUT, configs.client.connect(name, tcp))
         .await
         .map_err(|_| Failure::Setup("TLS with the destination: timed out".into()))?
         .map_err(|e| Failure::Setup(format!("TLS with the destination {}: {e}", opts.node)))?;
+    if let Some(t) = &opts.token {
+        use tokio::io::AsyncWriteExt as _;
+        link.write_all(t).await?;
+    }
     let _ = std::fs::remove_dir_all(&opts.work_dir);
     // Not recursive: a directory someone else created meanwhile (the default lives under
     // the temporary directory) is an error, never a place for QEMU's socket.
@@ -301,6 +312,7 @@ pub async fn receive(
         holdings,
         &opts.incoming,
         opts.accept_timeout,
+        None,
         progress,
     )
     .await
@@ -320,28 +332,67 @@ pub async fn index(uuid: Option<String>) -> Result<Arc<Holdings>, Failure> {
 }
 
 /// Receives one migration on `listener` (mutual TLS as `server`) into the incoming QEMU
-/// listening on `incoming`: the first source to connect within `accept_timeout`.
+/// listening on `incoming`: from the first source within `accept_timeout` that completes
+/// the handshake and, when `token` is given, sends it first. A connection that fails
+/// either is dropped and the next one awaited, so that a stray or hostile connection
+/// cannot end the migration (the last refusal is named if none succeeds).
 pub async fn receive_on(
     listener: TcpListener,
     server: &tokio_rustls::TlsAcceptor,
     holdings: Arc<Holdings>,
     incoming: &Path,
     accept_timeout: Duration,
+    token: Option<Token>,
     progress: Arc<Progress>,
 ) -> Result<Summary, Failure> {
-    let (tcp, peer) = tokio::time::timeout(accept_timeout, listener.accept())
-        .await
-        .map_err(|_| Failure::Setup("no source connected in time".into()))?
-        .map_err(|e| Failure::Setup(format!("accepting: {e}")))?;
-    let _ = tcp.set_nodelay(true);
-    let started = Instant::now();
-    let link = tokio::time::timeout(CONNECT_TIMEOUT, server.accept(tcp))
-        .await
-        .map_err(|_| Failure::Peer(format!("TLS from {peer}: timed out")))?
-        .map_err(|e| Failure::Peer(format!("TLS from {peer}: {e}")))?;
+    let deadline = tokio::time::Instant::now() + accept_timeout;
+    let mut refused: Option<String> = None;
+    let (link, started) = loop {
+        let accepted = tokio::time::timeout_at(deadline, listener.accept()).await;
+        let (tcp, peer) = match accepted {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => return Err(Failure::Setup(format!("accepting: {e}"))),
+            Err(_) => {
+                return Err(match refused {
+                    Some(why) => Failure::Peer(why),
+                    None => Failure::Setup("no source connected in time".into()),
+                });
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let started = Instant::now();
+        let mut link = match tokio::time::timeout(CONNECT_TIMEOUT, server.accept(tcp)).await {
+            Ok(Ok(l)) => l,
+            Ok(Err(e)) => {
+                refused = Some(format!("TLS from {peer}: {e}"));
+                tracing::warn!("migration proxy: {}", refused.as_deref().unwrap_or(""));
+                continue;
+            }
+            Err(_) => {
+                refused = Some(format!("TLS from {peer}: timed out"));
+                continue;
+            }
+        };
+        if let Some(expected) = &token {
+            use tokio::io::AsyncReadExt as _;
+            let mut got = [0u8; 16];
+            let read = tokio::time::timeout(CONNECT_TIMEOUT, link.read_exact(&mut got)).await;
+            if !matches!(read, Ok(Ok(_))) || !tokens_match(&got, expected) {
+                refused = Some(format!("{peer} did not present the migration's token"));
+                tracing::warn!("migration proxy: {}", refused.as_deref().unwrap_or(""));
+                continue;
+            }
+        }
+        break (link, started);
+    };
     let qemu = connect_incoming(incoming).await?;
     dest::run(link, qemu, holdings, progress.clone()).await?;
     Ok(Summary::of(&progress, started, None))
+}
+
+/// Compares tokens in time independent of where they differ.
+fn tokens_match(a: &Token, b: &Token) -> bool {
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// The incoming QEMU's socket, retried while QEMU starts.
@@ -358,5 +409,85 @@ async fn connect_incoming(path: &Path) -> Result<UnixStream, Failure> {
             }
             Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::AsyncWriteExt as _;
+
+    use super::*;
+
+    #[test]
+    fn tokens_match_only_byte_for_byte() {
+        let a = [7u8; 16];
+        let mut b = a;
+        assert!(tokens_match(&a, &b));
+        b[15] ^= 1;
+        assert!(!tokens_match(&a, &b));
+    }
+
+    /// A member of the cluster that connects first without the migration's token (or
+    /// without a certificate at all) neither ends the migration nor reaches the incoming
+    /// QEMU; the source with the token does (here: on to the incoming QEMU's socket,
+    /// which this test leaves absent).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn only_the_source_with_the_token_gets_through() {
+        let dir = std::env::temp_dir().join(format!("mf-token-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        memfabric_harness::Pki::new("test cluster").write(&dir, &["dst", "src", "other"]);
+        let load = |n: &str| {
+            tls::load(
+                &dir.join("ca.crt"),
+                &dir.join(format!("{n}.crt")),
+                &dir.join(format!("{n}.key")),
+            )
+            .unwrap()
+        };
+        let (server, src, other) = (load("dst").server, load("src").client, load("other").client);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let token = [9u8; 16];
+        let absent = dir.join("absent.sock");
+        let receiving = tokio::spawn(async move {
+            receive_on(
+                listener,
+                &server,
+                Arc::new(Holdings::scan(&[], None)),
+                &absent,
+                Duration::from_secs(30),
+                Some(token),
+                Arc::new(Progress::default()),
+            )
+            .await
+        });
+        let name = || rustls::pki_types::ServerName::try_from("dst").unwrap();
+        // No certificate: a plain TCP connection that sends garbage.
+        let mut plain = TcpStream::connect(addr).await.unwrap();
+        plain.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        drop(plain);
+        // A cluster member with a wrong token.
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let mut rogue = other.connect(name(), tcp).await.unwrap();
+        rogue.write_all(&[1u8; 16]).await.unwrap();
+        rogue.flush().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(
+            !receiving.is_finished(),
+            "a stray connection ended the migration"
+        );
+        // The source.
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let mut link = src.connect(name(), tcp).await.unwrap();
+        link.write_all(&token).await.unwrap();
+        link.flush().await.unwrap();
+        let r = tokio::time::timeout(Duration::from_secs(20), receiving)
+            .await
+            .expect("the proxy went on")
+            .unwrap();
+        let e = r.expect_err("no incoming QEMU").to_string();
+        assert!(e.contains("incoming QEMU's socket"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
