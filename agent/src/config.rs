@@ -789,4 +789,27 @@ mod tests {
         let e = FileConfig::parse("act = [\"everything\"]\n").unwrap_err();
         assert!(e.contains("everything"), "{e}");
     }
+
+    /// The QEMU a peer's request starts must be root's own executable, named absolutely.
+    #[test]
+    fn incoming_qemu_must_be_an_absolute_root_owned_executable() {
+        use std::os::unix::fs::PermissionsExt as _;
+        assert!(trusted_executable("qemu-system-x86_64".into()).is_err());
+        assert!(trusted_executable("/nonexistent/qemu".into()).is_err());
+        // A directory, and (when run as root) a file others can write.
+        assert!(trusted_executable("/usr/bin".into()).is_err());
+        let f = std::env::temp_dir().join(format!("mf-qemu-{}", std::process::id()));
+        std::fs::write(&f, "#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let e = trusted_executable(f.clone()).unwrap_err().to_string();
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o755)).unwrap();
+        // SAFETY: geteuid has no preconditions.
+        let root = unsafe { libc::geteuid() } == 0;
+        let r = trusted_executable(f.clone());
+        let _ = std::fs::remove_file(&f);
+        assert!(e.contains("writable by root only"), "{e}");
+        // Root's own 0755 file is trusted; anyone else's is not.
+        assert_eq!(r.is_ok(), root, "{r:?}");
+        assert!(trusted_executable("/bin/sh".into()).is_ok());
+    }
 }
