@@ -734,3 +734,83 @@ fn a_guest_moves_to_the_peer_holding_most_of_it_whose_agent_runs_it() {
     let status = qmp(&qmp_sock, "query-status", serde_json::json!({}));
     assert_eq!(status["status"], "running", "{status}");
 }
+
+/// A QEMU driven by someone else (libvirt holds its QMP socket): `send --qemu-socket`
+/// only listens, the driver (here the test, as libvirt's `--migrateuri unix://PATH`
+/// would) starts QEMU's migration to that socket, and the guest arrives byte for byte
+/// with a fraction of the bytes on the link.
+#[test]
+#[serial_test::serial]
+fn a_migration_driven_by_libvirt_goes_through_the_socket_proxy() {
+    if !privileged("a_migration_driven_by_libvirt_goes_through_the_socket_proxy") {
+        return;
+    }
+    let setup = Setup::new("migrate-socket-test", 2, 21);
+    let (dir, src) = (&setup.dir, &setup.guests[0]);
+    let incoming = dir.join("incoming.sock");
+    let _dst = memfabric_harness::Guarded::new(
+        lab::qemu::incoming_command(src.pid, dir, &incoming)
+            .expect("the incoming command")
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("the incoming QEMU"),
+    );
+    let rt = runtime();
+    let socket = dir.join("libvirt.sock");
+    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+    let receive = run::receive(
+        ReceiveOptions {
+            listen: "127.0.0.1:0".into(),
+            incoming,
+            uuid: Some(src.uuid.clone()),
+            tls: setup.dst.clone(),
+            accept_timeout: Duration::from_secs(120),
+        },
+        move |addr, _| addr_tx.send(addr).unwrap(),
+        Arc::new(Progress::default()),
+    );
+    let src_qmp = setup.src_qmp();
+    let (sent, received) = rt.block_on(async {
+        let recv = tokio::spawn(receive);
+        let addr = tokio::task::spawn_blocking(move || addr_rx.recv().unwrap())
+            .await
+            .unwrap();
+        let send = tokio::spawn(run::send_via_socket(
+            run::SocketSendOptions {
+                socket: socket.clone(),
+                to: addr.to_string(),
+                node: "dst".into(),
+                tls: setup.src.clone(),
+                bandwidth: None,
+                accept_timeout: Duration::from_secs(60),
+            },
+            Arc::new(Progress::default()),
+        ));
+        // The driver: once the proxy listens, QEMU is told to migrate there.
+        let uri = format!("unix:{}", socket.display());
+        tokio::task::spawn_blocking(move || {
+            assert!(memfabric_harness::wait_for(Duration::from_secs(30), || {
+                socket.exists()
+            }));
+            qmp(&src_qmp, "migrate", serde_json::json!({ "uri": uri }));
+        })
+        .await
+        .unwrap();
+        (send.await.unwrap(), recv.await.unwrap())
+    });
+    let sent = sent.expect("the migration through the socket proxy");
+    let received = received.expect("the receiving side");
+    assert_eq!(sent.stream_bytes, received.stream_bytes);
+    assert!(
+        sent.wire_bytes * 10 < sent.stream_bytes * 6,
+        "{} of {} bytes sent",
+        sent.wire_bytes,
+        sent.stream_bytes
+    );
+    let (status, _) = memfabric::actuate::qmp::Qmp::connect(&setup.src_qmp())
+        .and_then(|mut q| run::await_status(&mut q, Duration::from_secs(30)))
+        .unwrap();
+    assert_eq!(status, "completed");
+    let (a, b) = (guest_ram(src.pid), guest_ram(_dst.id()));
+    assert_eq!(a, b, "guest memory differs after migration");
+}

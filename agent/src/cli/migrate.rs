@@ -76,11 +76,17 @@ enum Side {
     /// Send a local QEMU guest to a destination running `migrate receive`.
     Send {
         /// The VM: name, UUID or PID (its QMP socket from its command line).
-        #[arg(long, required_unless_present = "qmp")]
+        #[arg(long, required_unless_present_any = ["qmp", "qemu_socket"])]
         vm: Option<String>,
         /// The VM's QMP socket, if not found from its command line.
         #[arg(long)]
         qmp: Option<PathBuf>,
+        /// When something else drives QEMU (libvirt holds its QMP socket): listen on this
+        /// unix socket and relay the migration QEMU sends there (`virsh migrate
+        /// --migrateuri unix://PATH`); its capabilities are not checked and a failure is
+        /// left to whoever drives it.
+        #[arg(long, conflicts_with_all = ["vm", "qmp"])]
+        qemu_socket: Option<PathBuf>,
         /// The destination proxy's address (HOST:PORT).
         #[arg(long)]
         to: String,
@@ -392,6 +398,30 @@ pub(super) fn run(args: MigrateArgs) -> anyhow::Result<ExitCode> {
     let progress = Arc::new(Progress::default());
     let (result, json) = match side {
         Side::Send {
+            qemu_socket: Some(socket),
+            to,
+            node,
+            tls,
+            bandwidth,
+            json,
+            ..
+        } => {
+            let opts = run::SocketSendOptions {
+                socket,
+                to,
+                node,
+                tls: tls.tls(),
+                bandwidth,
+                accept_timeout: Duration::from_secs(600),
+            };
+            let r = rt.block_on(with_progress(
+                progress.clone(),
+                "sending",
+                run::send_via_socket(opts, progress.clone()),
+            ));
+            (r, json)
+        }
+        Side::Send {
             vm,
             qmp,
             to,
@@ -399,6 +429,7 @@ pub(super) fn run(args: MigrateArgs) -> anyhow::Result<ExitCode> {
             tls,
             bandwidth,
             json,
+            qemu_socket: None,
         } => {
             let qmp = match (qmp, vm) {
                 (Some(q), _) => q,

@@ -167,28 +167,97 @@ pub(super) async fn blocking<T: Send + 'static>(
         .map_err(|e| Failure::Setup(format!("a blocking task: {e}")))?
 }
 
+/// The link to the destination proxy at `to`, whose certificate must name `node`; the
+/// migration's token (if any) sent first.
+async fn connect_destination(
+    tls: &Tls,
+    to: &str,
+    node: &str,
+    token: Option<&Token>,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, Failure> {
+    let configs = tls.load()?;
+    let name = rustls::pki_types::ServerName::try_from(node.to_owned())
+        .map_err(|e| Failure::Setup(format!("node name {node:?}: {e}")))?;
+    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(to))
+        .await
+        .map_err(|_| Failure::Setup(format!("connecting to {to}: timed out")))?
+        .map_err(|e| Failure::Setup(format!("connecting to {to}: {e}")))?;
+    let _ = tcp.set_nodelay(true);
+    let mut link = tokio::time::timeout(CONNECT_TIMEOUT, configs.client.connect(name, tcp))
+        .await
+        .map_err(|_| Failure::Setup("TLS with the destination: timed out".into()))?
+        .map_err(|e| Failure::Setup(format!("TLS with the destination {node}: {e}")))?;
+    if let Some(t) = token {
+        use tokio::io::AsyncWriteExt as _;
+        link.write_all(t).await?;
+    }
+    Ok(link)
+}
+
+/// Where QEMU connects when something else drives it (libvirt: `virsh migrate
+/// --migrateuri unix://PATH`): the proxy listens on `socket` and relays what comes.
+#[derive(Clone, Debug)]
+pub struct SocketSendOptions {
+    pub socket: PathBuf,
+    pub to: String,
+    pub node: String,
+    pub tls: Tls,
+    pub bandwidth: Option<u64>,
+    /// How long to wait for QEMU to connect.
+    pub accept_timeout: Duration,
+}
+
+/// A migration whose QEMU is driven by someone else (libvirt holds its QMP socket): the
+/// proxy listens on `opts.socket` (mode 0600; an existing socket file there is replaced,
+/// anything else refused), takes one connection and relays it through the proxies. No
+/// QMP here: QEMU's capabilities are not checked (turn compression, XBZRLE, multifd and
+/// postcopy off), and on failure whoever drives QEMU cancels its migration (libvirt
+/// resumes the guest on the source).
+pub async fn send_via_socket(
+    opts: SocketSendOptions,
+    progress: Arc<Progress>,
+) -> Result<Summary, Failure> {
+    use std::os::unix::fs::{FileTypeExt as _, PermissionsExt as _};
+    let started = Instant::now();
+    let link = connect_destination(&opts.tls, &opts.to, &opts.node, None).await?;
+    match std::fs::symlink_metadata(&opts.socket) {
+        Ok(m) if m.file_type().is_socket() => {
+            let _ = std::fs::remove_file(&opts.socket);
+        }
+        Ok(_) => {
+            return Err(Failure::Setup(format!(
+                "{} exists and is not a socket: not replaced",
+                opts.socket.display()
+            )));
+        }
+        Err(_) => {}
+    }
+    let listener = UnixListener::bind(&opts.socket)
+        .map_err(|e| Failure::Setup(format!("{}: {e}", opts.socket.display())))?;
+    let _ = std::fs::set_permissions(&opts.socket, std::fs::Permissions::from_mode(0o600));
+    let accepted = tokio::time::timeout(opts.accept_timeout, listener.accept()).await;
+    let _ = std::fs::remove_file(&opts.socket);
+    let qemu = match accepted {
+        Ok(Ok((qemu, _))) => qemu,
+        Ok(Err(e)) => return Err(Failure::Setup(format!("QEMU's connection: {e}"))),
+        Err(_) => {
+            return Err(Failure::Setup(format!(
+                "QEMU did not connect to {} in time",
+                opts.socket.display()
+            )));
+        }
+    };
+    source::run(qemu, link, progress.clone(), opts.bandwidth).await?;
+    Ok(Summary::of(&progress, started, None))
+}
+
 /// Migrates the VM behind `opts.qmp` through the proxies; `progress` is updated as it
 /// goes. On failure the VM runs on the source.
 pub async fn send(opts: SendOptions, progress: Arc<Progress>) -> Result<Summary, Failure> {
     let started = Instant::now();
     let qmp_path = opts.qmp.clone();
     blocking(move || check_capabilities(&qmp_path)).await?;
-    let configs = opts.tls.load()?;
-    let name = rustls::pki_types::ServerName::try_from(opts.node.clone())
-        .map_err(|e| Failure::Setup(format!("node name {:?}: {e}", opts.node)))?;
-    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&opts.to))
-        .await
-        .map_err(|_| Failure::Setup(format!("connecting to {}: timed out", opts.to)))?
-        .map_err(|e| Failure::Setup(format!("connecting to {}: {e}", opts.to)))?;
-    let _ = tcp.set_nodelay(true);
-    let mut link = tokio::time::timeout(CONNECT_TIMEOUT, configs.client.connect(name, tcp))
-        .await
-        .map_err(|_| Failure::Setup("TLS with the destination: timed out".into()))?
-        .map_err(|e| Failure::Setup(format!("TLS with the destination {}: {e}", opts.node)))?;
-    if let Some(t) = &opts.token {
-        use tokio::io::AsyncWriteExt as _;
-        link.write_all(t).await?;
-    }
+    let link = connect_destination(&opts.tls, &opts.to, &opts.node, opts.token.as_ref()).await?;
     let _ = std::fs::remove_dir_all(&opts.work_dir);
     // Not recursive: a directory someone else created meanwhile (the default lives under
     // the temporary directory) is an error, never a place for QEMU's socket.
