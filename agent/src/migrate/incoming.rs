@@ -278,8 +278,22 @@ impl Incoming {
 }
 
 /// `POST /v1/fabric/migrations`.
+///
+/// The work runs on a task of its own: a client that goes away mid-way (the fabric's
+/// listener closes connections after 2 minutes; indexing a large host's pages takes a
+/// while) must not leave a started QEMU behind unrecorded. Recorded, it is stopped when
+/// no source connects in time.
 async fn request(Extract(inc): Extract<Arc<Incoming>>, body: axum::body::Bytes) -> Response {
-    let r = accept(&inc, &body).await;
+    let task = {
+        let inc = inc.clone();
+        tokio::spawn(async move { accept(&inc, &body).await })
+    };
+    let r = task.await.unwrap_or_else(|e| {
+        refuse(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("the request's task: {e}"),
+        )
+    });
     if !r.status().is_success() {
         inc.stats.refused.fetch_add(1, Ordering::Relaxed);
     }
@@ -582,6 +596,14 @@ async fn status(Extract(inc): Extract<Arc<Incoming>>, UrlPath(id): UrlPath<Strin
 /// `POST /v1/fabric/migrations/{id}/start`: runs the verified guest; 200 with its status
 /// once it runs, 409 when it cannot (then it is stopped here).
 async fn start(Extract(inc): Extract<Arc<Incoming>>, UrlPath(id): UrlPath<String>) -> Response {
+    // On a task of its own, like the request: a start under way finishes (and its state
+    // is recorded) even if the source goes away.
+    tokio::spawn(start_guest(inc, id))
+        .await
+        .unwrap_or_else(|e| refuse(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+}
+
+async fn start_guest(inc: Arc<Incoming>, id: String) -> Response {
     let deadline = tokio::time::Instant::now() + VERIFY_WAIT;
     loop {
         let changed = inc.changed.notified();
