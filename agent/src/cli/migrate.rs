@@ -243,6 +243,22 @@ fn local_vm(which: &str) -> Result<memfabric::host::inventory::Vm, String> {
         .ok_or_else(|| format!("no VM named {which:?} on this host (memfabric status lists them)"))
 }
 
+/// The fabric's estimate of the bytes a migration of `vm` to `node` need not send (its
+/// candidate pair), when the local agent has one.
+fn predicted_saving(
+    endpoint: &str,
+    vm: &memfabric::host::inventory::Vm,
+    node: &str,
+) -> Option<u64> {
+    let c = super::fabric::daemon_json(endpoint, "/v1/candidates").ok()?;
+    let id = vm.uuid.as_deref().unwrap_or(&vm.name);
+    c["candidates"]["pairs"]
+        .as_array()?
+        .iter()
+        .find(|p| (p["vm"] == id || p["vm"] == vm.name.as_str()) && p["host"] == node)
+        .and_then(|p| p["shared_bytes"].as_u64())
+}
+
 /// The destination's node name and fabric address, from the local daemon: the peer `to`,
 /// or for `best` the peer its candidates say holds most of the VM.
 fn destination(
@@ -359,7 +375,16 @@ pub(super) fn migrate_one(
             return code;
         }
     };
-    eprintln!("migrating {} (pid {}) to {node} at {addr}", vm.name, vm.pid);
+    let predicted = predicted_saving(&p.endpoint, &vm, &node);
+    eprintln!(
+        "migrating {} (pid {}) to {node} at {addr}{}",
+        vm.name,
+        vm.pid,
+        predicted.map_or_else(String::new, |b| format!(
+            "; the fabric predicts {:.1} MiB not sent",
+            mib(b)
+        ))
+    );
     let progress = Arc::new(Progress::default());
     let opts = RemoteOptions {
         pid: vm.pid,
@@ -380,6 +405,19 @@ pub(super) fn migrate_one(
     match r {
         Ok(s) => {
             print(&s, p.json);
+            if let Some(predicted) = predicted {
+                let saved = s.stream_bytes.saturating_sub(s.wire_bytes);
+                eprintln!(
+                    "saved {:.1} MiB on the wire; the fabric predicted {:.1} MiB ({:+.0} %)",
+                    mib(saved),
+                    mib(predicted),
+                    if saved == 0 {
+                        0.0
+                    } else {
+                        100.0 * (predicted as f64 - saved as f64) / saved as f64
+                    }
+                );
+            }
             eprintln!("{} runs on {node}", vm.name);
             ExitCode::SUCCESS
         }
