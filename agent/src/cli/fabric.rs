@@ -160,13 +160,7 @@ pub(super) fn plan(args: PlanArgs) -> anyhow::Result<ExitCode> {
             return Ok(code);
         }
     };
-    let moves: Vec<(String, String)> = plan["moves"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|m| m["from"] == me.as_str())
-        .filter_map(|m| Some((m["vm"].as_str()?.to_owned(), m["to"].as_str()?.to_owned())))
-        .collect();
+    let moves = moves_from(&plan, &me);
     if moves.is_empty() {
         println!("no move of the plan starts on this host ({me}): nothing to do");
         return Ok(ExitCode::SUCCESS);
@@ -196,6 +190,17 @@ pub(super) fn plan(args: PlanArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The plan's moves that start on host `me`, in the plan's order: (VM, destination).
+fn moves_from(plan: &Value, me: &str) -> Vec<(String, String)> {
+    plan["moves"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|m| !me.is_empty() && m["from"] == me)
+        .filter_map(|m| Some((m["vm"].as_str()?.to_owned(), m["to"].as_str()?.to_owned())))
+        .collect()
+}
+
 fn show_plan(args: FabricArgs) -> anyhow::Result<ExitCode> {
     show(args, "/v1/plan", |v| {
         println!(
@@ -217,4 +222,25 @@ fn show_plan(args: FabricArgs) -> anyhow::Result<ExitCode> {
             );
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn apply_takes_only_this_hosts_moves_in_the_plans_order() {
+        let plan = serde_json::json!({ "moves": [
+            { "vm": "a", "from": "h1", "to": "h2" },
+            { "vm": "b", "from": "h2", "to": "h1" },
+            { "vm": "c", "from": "h1", "to": "h3" },
+            { "vm": 7, "from": "h1", "to": "h3" },
+        ]});
+        assert_eq!(
+            moves_from(&plan, "h1"),
+            vec![("a".into(), "h2".into()), ("c".into(), "h3".into())]
+        );
+        assert!(moves_from(&plan, "").is_empty(), "no node name: no move");
+        assert!(moves_from(&serde_json::json!({}), "h1").is_empty());
+    }
 }
