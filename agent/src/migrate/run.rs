@@ -279,14 +279,15 @@ pub async fn send(opts: SendOptions, progress: Arc<Progress>) -> Result<Summary,
     let _ = std::fs::remove_dir_all(&opts.work_dir);
     let result = match accepted {
         Ok(Ok((qemu, _))) => {
-            let stop = Arc::new(AtomicBool::new(false));
+            let stop = StopOnDrop(Arc::new(AtomicBool::new(false)));
             let poller = {
-                let (path, stop, progress) = (opts.qmp.clone(), stop.clone(), progress.clone());
+                let (path, stop, progress) = (opts.qmp.clone(), stop.0.clone(), progress.clone());
                 tokio::task::spawn_blocking(move || poll_remaining(&path, &stop, &progress))
             };
             let r = source::run(qemu, link, progress.clone(), opts.bandwidth).await;
-            // Stopped before the checks below open their own QMP sessions.
-            stop.store(true, Ordering::Relaxed);
+            // Stopped before the checks below open their own QMP sessions (and, through
+            // the guard, when this future is dropped: an interrupted migration).
+            drop(stop);
             let _ = poller.await;
             r
         }
@@ -310,6 +311,17 @@ pub async fn send(opts: SendOptions, progress: Arc<Progress>) -> Result<Summary,
             keep_on_source(&opts.qmp).await;
             Err(e)
         }
+    }
+}
+
+/// Sets its flag when dropped: the poller below ends with the migration however that
+/// ends, also when the migration's future is dropped (a runtime waits for its blocking
+/// threads before it exits, so a poller left running would hang the command).
+struct StopOnDrop(Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
     }
 }
 
