@@ -141,11 +141,10 @@ pub async fn migrate(opts: RemoteOptions, progress: Arc<Progress>) -> Result<Sum
             quit(&opts).await;
             Ok(summary)
         }
-        Err(Failure::Refused(why)) => {
+        Err(e @ Failure::Refused(_)) => {
+            // The destination will not run it: the guest resumes here.
             run::keep_on_source(&opts.qmp).await;
-            Err(Failure::Refused(format!(
-                "{why}; the guest runs on the source again"
-            )))
+            Err(e)
         }
         Err(e) => Err(Failure::Undecided(format!(
             "the stream arrived and was verified, but {}'s answer to the start was lost \
