@@ -698,17 +698,11 @@ fn take_state(cfg: &Config) -> Result<Controls, DaemonError> {
 fn incoming_migrations(
     f: &crate::config::Fabric,
     state_dir: &std::path::Path,
-) -> Result<Arc<crate::migrate::incoming::Incoming>, DaemonError> {
-    let tls = crate::fabric::tls::load(&f.ca_file, &f.cert_file, &f.key_file)
-        .map_err(|e| DaemonError::Fabric(crate::fabric::node::FabricError::Tls(e)))?;
+    server: tokio_rustls::TlsAcceptor,
+) -> Arc<crate::migrate::incoming::Incoming> {
     let dir = state_dir.join("incoming");
     crate::migrate::incoming_qemu::reap_leftovers(&dir);
-    Ok(crate::migrate::incoming::Incoming::new(
-        f.incoming_qemu.clone(),
-        dir,
-        f.listen.ip(),
-        tls.server,
-    ))
+    crate::migrate::incoming::Incoming::new(f.incoming_qemu.clone(), dir, f.listen.ip(), server)
 }
 
 /// Runs until `stop` completes (tests stop it themselves). The listener is bound and the
@@ -736,9 +730,14 @@ pub async fn serve(
     let (fabric_stop_tx, fabric_stop_rx) = tokio::sync::watch::channel(false);
     let (fabric, incoming) = match &cfg.fabric {
         Some(f) => {
-            let incoming = incoming_migrations(f, &cfg.state_dir)?;
+            // Loaded once: the fabric's listener and the incoming migrations' proxies
+            // present the same certificate.
+            let tls = crate::fabric::tls::load(&f.ca_file, &f.cert_file, &f.key_file)
+                .map_err(|e| DaemonError::Fabric(crate::fabric::node::FabricError::Tls(e)))?;
+            let incoming = incoming_migrations(f, &cfg.state_dir, tls.server.clone());
             let fabric =
-                crate::fabric::node::Fabric::start(f, fabric_stop_rx, incoming.router()).await?;
+                crate::fabric::node::Fabric::start(f, tls, fabric_stop_rx, incoming.router())
+                    .await?;
             (Some(fabric), Some(incoming))
         }
         None => (None, None),

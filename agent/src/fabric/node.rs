@@ -23,7 +23,7 @@ use super::{
     plan::{self, Plan, PlanHost, PlanVm},
     stats::{FabricStats, Reject},
     summary::{Summary, VM_K, VmSummary, clean_id},
-    tls::{self, TlsConfigs},
+    tls::TlsConfigs,
 };
 use crate::{config::Fabric as FabricConfig, sketch::Sketch};
 
@@ -120,16 +120,17 @@ fn read_key(path: &std::path::Path) -> Result<GossipKey, FabricError> {
 
 impl Fabric {
     /// Starts gossip, the HTTPS listener (the fabric's routes and `routes`, what layers above
-    /// serve peers on the same channel) and the fetch loop (on the current runtime).
+    /// serve peers on the same channel) and the fetch loop (on the current runtime), with
+    /// the mutual TLS the caller loaded from `cfg`'s files ([`super::tls::load`]).
     /// Every file is checked here: a misconfigured fabric stops the daemon at start.
     pub async fn start(
         cfg: &FabricConfig,
+        tls: TlsConfigs,
         shutdown: tokio::sync::watch::Receiver<bool>,
         routes: axum::Router,
     ) -> Result<Arc<Fabric>, FabricError> {
         let key = read_key(&cfg.gossip_key_file)?;
-        let TlsConfigs { server, client } =
-            tls::load(&cfg.ca_file, &cfg.cert_file, &cfg.key_file).map_err(FabricError::Tls)?;
+        let TlsConfigs { server, client } = tls;
         let listener = tokio::net::TcpListener::bind(cfg.listen)
             .await
             .map_err(|e| FabricError::Listen {
