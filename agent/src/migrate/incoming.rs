@@ -115,6 +115,13 @@ pub enum Phase {
     Failed,
 }
 
+impl Phase {
+    /// Under way: its QEMU is here and must not outlive a failure or the agent.
+    fn open(self) -> bool {
+        matches!(self, Phase::Receiving | Phase::Verified | Phase::Starting)
+    }
+}
+
 /// One migration as `GET` shows it.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Status {
@@ -211,12 +218,7 @@ impl Incoming {
     pub fn open(&self) -> usize {
         self.entries()
             .iter()
-            .filter(|e| {
-                matches!(
-                    e.status.phase,
-                    Phase::Receiving | Phase::Verified | Phase::Starting
-                )
-            })
+            .filter(|e| e.status.phase.open())
             .count()
     }
 
@@ -262,12 +264,7 @@ impl Incoming {
         let open: Vec<(String, u32, PathBuf)> = self
             .entries()
             .iter()
-            .filter(|e| {
-                matches!(
-                    e.status.phase,
-                    Phase::Receiving | Phase::Verified | Phase::Starting
-                )
-            })
+            .filter(|e| e.status.phase.open())
             .map(|e| (e.status.id.clone(), e.pid, e.dir.clone()))
             .collect();
         for (id, pid, dir) in open {

@@ -63,10 +63,21 @@ pub fn start(qemu: &Path, args: &[String], dir: &Path) -> Result<u32, String> {
             ));
         }
     }
+    pidfile(dir).ok_or_else(|| "the incoming QEMU wrote no pidfile".into())
+}
+
+/// The PID an incoming QEMU wrote to its directory's pidfile.
+fn pidfile(dir: &Path) -> Option<u32> {
     std::fs::read_to_string(dir.join("qemu.pid"))
+        .ok()?
+        .trim()
+        .parse()
         .ok()
-        .and_then(|p| p.trim().parse().ok())
-        .ok_or_else(|| "the incoming QEMU wrote no pidfile".into())
+}
+
+/// The QEMU that still runs from `dir`, if one does.
+fn live_qemu(dir: &Path) -> Option<u32> {
+    pidfile(dir).filter(|p| runs_from(*p, dir))
 }
 
 /// Waits until the incoming QEMU says the migration `completed` (it loaded every
@@ -119,10 +130,7 @@ pub fn sweep(root: &Path) {
         return;
     };
     for d in dirs.filter_map(Result::ok).map(|e| e.path()) {
-        let pid = std::fs::read_to_string(d.join("qemu.pid"))
-            .ok()
-            .and_then(|p| p.trim().parse().ok());
-        if !pid.is_some_and(|p| runs_from(p, &d)) {
+        if live_qemu(&d).is_none() {
             let _ = std::fs::remove_dir_all(&d);
         }
     }
@@ -138,11 +146,7 @@ pub fn reap_leftovers(root: &Path) -> usize {
     };
     let mut stopped = 0;
     for d in dirs.filter_map(Result::ok).map(|e| e.path()) {
-        let Some(pid) = std::fs::read_to_string(d.join("qemu.pid"))
-            .ok()
-            .and_then(|p| p.trim().parse().ok())
-            .filter(|p| runs_from(*p, &d))
-        else {
+        let Some(pid) = live_qemu(&d) else {
             continue;
         };
         let running = Qmp::connect(&d.join("qmp.sock"))
