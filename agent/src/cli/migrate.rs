@@ -243,37 +243,40 @@ fn local_vm(which: &str) -> Result<memfabric::host::inventory::Vm, String> {
         .ok_or_else(|| format!("no VM named {which:?} on this host (memfabric status lists them)"))
 }
 
+/// Whether a candidates entry is about `vm` (keyed by its UUID, else its name).
+fn is_vm(entry: &serde_json::Value, vm: &memfabric::host::inventory::Vm) -> bool {
+    let id = vm.uuid.as_deref().unwrap_or(&vm.name);
+    entry["vm"] == id || entry["vm"] == vm.name.as_str()
+}
+
 /// The fabric's estimate of the bytes a migration of `vm` to `node` need not send (its
 /// candidate pair), when the local agent has one.
 fn predicted_saving(
-    endpoint: &str,
+    candidates: &serde_json::Value,
     vm: &memfabric::host::inventory::Vm,
     node: &str,
 ) -> Option<u64> {
-    let c = super::fabric::daemon_json(endpoint, "/v1/candidates").ok()?;
-    let id = vm.uuid.as_deref().unwrap_or(&vm.name);
-    c["candidates"]["pairs"]
+    candidates["candidates"]["pairs"]
         .as_array()?
         .iter()
-        .find(|p| (p["vm"] == id || p["vm"] == vm.name.as_str()) && p["host"] == node)
+        .find(|p| is_vm(p, vm) && p["host"] == node)
         .and_then(|p| p["shared_bytes"].as_u64())
 }
 
 /// The destination's node name and fabric address, from the local daemon: the peer `to`,
-/// or for `best` the peer its candidates say holds most of the VM.
+/// or for `best` the peer its `candidates` say holds most of the VM.
 fn destination(
     endpoint: &str,
     to: &str,
     vm: &memfabric::host::inventory::Vm,
+    candidates: &Result<serde_json::Value, (ExitCode, String)>,
 ) -> Result<(String, std::net::SocketAddr), (ExitCode, String)> {
     let node = if to == "best" {
-        let c = super::fabric::daemon_json(endpoint, "/v1/candidates")?;
-        let id = vm.uuid.as_deref().unwrap_or(&vm.name);
-        c["candidates"]["best"]
+        candidates.as_ref().map_err(Clone::clone)?["candidates"]["best"]
             .as_array()
             .into_iter()
             .flatten()
-            .find(|b| b["vm"] == id || b["vm"] == vm.name.as_str())
+            .find(|b| is_vm(b, vm))
             .and_then(|b| b["host"].as_str().map(str::to_owned))
             .ok_or_else(|| {
                 (
@@ -368,14 +371,19 @@ pub(super) fn migrate_one(
         Ok(q) => q,
         Err(e) => return fail(2, format!("VM {which}: {e}")),
     };
-    let (node, addr) = match destination(&p.endpoint, to, &vm) {
+    // Asked once: for `best`, and for the prediction printed beside the result.
+    let candidates = super::fabric::daemon_json(&p.endpoint, "/v1/candidates");
+    let (node, addr) = match destination(&p.endpoint, to, &vm, &candidates) {
         Ok(d) => d,
         Err((code, msg)) => {
             eprintln!("memfabric migrate: {msg}");
             return code;
         }
     };
-    let predicted = predicted_saving(&p.endpoint, &vm, &node);
+    let predicted = candidates
+        .as_ref()
+        .ok()
+        .and_then(|c| predicted_saving(c, &vm, &node));
     eprintln!(
         "migrating {} (pid {}) to {node} at {addr}{}",
         vm.name,
