@@ -208,14 +208,7 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         memfabric_harness::Pki::new("test cluster").write(&dir, &["node-a", "node-b"]);
-        let load = |n: &str| {
-            tls::load(
-                &dir.join("ca.crt"),
-                &dir.join(format!("{n}.crt")),
-                &dir.join(format!("{n}.key")),
-            )
-            .unwrap()
-        };
+        let load = |n: &str| tls::load_written(&dir, n).unwrap();
         let (server, client) = (load("node-b").server, load("node-a").client);
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()

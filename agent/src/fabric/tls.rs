@@ -62,6 +62,17 @@ pub fn load(ca: &Path, cert: &Path, key: &Path) -> Result<TlsConfigs, String> {
     })
 }
 
+/// The configurations of node `name` among the certificates `memfabric_harness::Pki::write`
+/// put in `dir` (`ca.crt`, `NAME.crt`, `NAME.key`), for tests.
+#[cfg(test)]
+pub(crate) fn load_written(dir: &Path, name: &str) -> Result<TlsConfigs, String> {
+    load(
+        &dir.join("ca.crt"),
+        &dir.join(format!("{name}.crt")),
+        &dir.join(format!("{name}.key")),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -69,15 +80,10 @@ mod tests {
     /// Whether a client (`client`'s certificate) that expects node `expect` completes a
     /// handshake with a server holding `server`'s.
     fn handshake(dir: &Path, server: &str, client: &str, expect: &str) -> bool {
-        let ca = dir.join("ca.crt");
-        let cfg = |n: &str| {
-            load(
-                &ca,
-                &dir.join(format!("{n}.crt")),
-                &dir.join(format!("{n}.key")),
-            )
-        };
-        let (s, c) = (cfg(server).unwrap(), cfg(client).unwrap());
+        let (s, c) = (
+            load_written(dir, server).unwrap(),
+            load_written(dir, client).unwrap(),
+        );
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()

@@ -665,12 +665,7 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         memfabric_harness::Pki::new("test cluster").write(&dir, &["dst"]);
-        let tls = crate::fabric::tls::load(
-            &dir.join("ca.crt"),
-            &dir.join("dst.crt"),
-            &dir.join("dst.key"),
-        )
-        .unwrap();
+        let tls = crate::fabric::tls::load_written(&dir, "dst").unwrap();
         let inc = Incoming::new(
             qemu.map(PathBuf::from),
             dir.join("incoming"),

@@ -518,14 +518,7 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         memfabric_harness::Pki::new("test cluster").write(&dir, &["dst", "src", "other"]);
-        let load = |n: &str| {
-            tls::load(
-                &dir.join("ca.crt"),
-                &dir.join(format!("{n}.crt")),
-                &dir.join(format!("{n}.key")),
-            )
-            .unwrap()
-        };
+        let load = |n: &str| tls::load_written(&dir, n).unwrap();
         let (server, src, other) = (load("dst").server, load("src").client, load("other").client);
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
