@@ -11,7 +11,7 @@
 //! socket, the destination QEMU listens with `-incoming unix:PATH`. QEMU's own
 //! compression, XBZRLE, multifd and postcopy stay off through the proxy (refused before
 //! anything starts): their records are not split, and multifd's extra channels are not
-//! carried. What the incoming QEMU is handed is checked end to end (length and SHA-256)
+//! carried. What the incoming QEMU is handed is checked end to end (length and BLAKE3 digest)
 //! against what the source QEMU wrote; a failure anywhere cancels the migration and the
 //! VM keeps running on the source.
 
@@ -98,7 +98,7 @@ pub enum Failure {
     Peer(String),
     #[error(
         "the destination was handed {delivered} bytes unlike the {sent} the source wrote \
-         (length or SHA-256 differ): the destination must not run"
+         (length or digest differ): the destination must not run"
     )]
     Mismatch { sent: u64, delivered: u64 },
     #[error("{0}")]
