@@ -7,10 +7,7 @@
 use std::{
     os::unix::fs::DirBuilderExt as _,
     path::{Path, PathBuf},
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
+    sync::{Arc, atomic::Ordering, mpsc::RecvTimeoutError},
     time::{Duration, Instant},
 };
 
@@ -279,14 +276,15 @@ pub async fn send(opts: SendOptions, progress: Arc<Progress>) -> Result<Summary,
     let _ = std::fs::remove_dir_all(&opts.work_dir);
     let result = match accepted {
         Ok(Ok((qemu, _))) => {
-            let stop = StopOnDrop(Arc::new(AtomicBool::new(false)));
+            // Dropping the sender stops the poller at once (also when this future is
+            // dropped: an interrupted migration).
+            let (stop, stopped) = std::sync::mpsc::channel::<()>();
             let poller = {
-                let (path, stop, progress) = (opts.qmp.clone(), stop.0.clone(), progress.clone());
-                tokio::task::spawn_blocking(move || poll_remaining(&path, &stop, &progress))
+                let (path, progress) = (opts.qmp.clone(), progress.clone());
+                tokio::task::spawn_blocking(move || poll_remaining(&path, &stopped, &progress))
             };
             let r = source::run(qemu, link, progress.clone(), opts.bandwidth).await;
-            // Stopped before the checks below open their own QMP sessions (and, through
-            // the guard, when this future is dropped: an interrupted migration).
+            // Stopped before the checks below open their own QMP sessions.
             drop(stop);
             let _ = poller.await;
             r
@@ -314,29 +312,22 @@ pub async fn send(opts: SendOptions, progress: Arc<Progress>) -> Result<Summary,
     }
 }
 
-/// Sets its flag when dropped: the poller below ends with the migration however that
-/// ends, also when the migration's future is dropped (a runtime waits for its blocking
-/// threads before it exits, so a poller left running would hang the command).
-struct StopOnDrop(Arc<AtomicBool>);
-
-impl Drop for StopOnDrop {
-    fn drop(&mut self) {
-        self.0.store(true, Ordering::Relaxed);
-    }
-}
-
-/// Records QEMU's remaining RAM in `progress` once a second until `stop` (the ETA on the
-/// progress line). One short QMP session per poll: QEMU serves one QMP client at a time,
+/// Records QEMU's remaining RAM in `progress` once a second until `stop`'s sender is
+/// dropped (the ETA on the progress line; a runtime waits for its blocking threads before
+/// it exits, so the poller must end with the migration, and at once: the migration's
+/// last step waits for it). One short QMP session per poll: QEMU serves one QMP client at a time,
 /// and the migration's own commands must not wait behind a held session. A poll that
 /// fails is skipped: progress is not worth failing a migration over.
-fn poll_remaining(path: &Path, stop: &AtomicBool, progress: &Progress) {
-    while !stop.load(Ordering::Relaxed) {
+fn poll_remaining(path: &Path, stop: &std::sync::mpsc::Receiver<()>, progress: &Progress) {
+    loop {
         if let Ok(v) = qmp(path, |q| q.execute("query-migrate", serde_json::json!({})))
             && let Some(r) = v["ram"]["remaining"].as_u64()
         {
             progress.ram_remaining.store(r, Ordering::Relaxed);
         }
-        crate::scan::sleep_unless(Some(stop), Duration::from_secs(1));
+        if stop.recv_timeout(Duration::from_secs(1)) != Err(RecvTimeoutError::Timeout) {
+            return;
+        }
     }
 }
 
