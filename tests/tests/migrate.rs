@@ -194,7 +194,8 @@ fn migrate_beside_a_twin(test: &str, first: u32, return_path: bool) {
     let sent = sent.expect("the migration");
     let received = received.expect("the receiving side");
     eprintln!("source: {sent:?}\ndestination: {received:?}");
-    // What QEMU wrote is what the incoming QEMU was handed (both ends checked SHA-256).
+    // What QEMU wrote is what the incoming QEMU was handed (both ends checked length and
+    // BLAKE3 digest; the socket-proxy test below checks it by SHA-256 from outside).
     assert_eq!(sent.stream_bytes, received.stream_bytes);
     assert_eq!(sent.referenced, received.referenced + received.resent);
     // The twin holds the shared part of the guest: far fewer bytes on the wire.
@@ -735,6 +736,39 @@ fn a_guest_moves_to_the_peer_holding_most_of_it_whose_agent_runs_it() {
     assert_eq!(status["status"], "running", "{status}");
 }
 
+/// A relay between two unix sockets that counts and SHA-256s what passes one way, as an
+/// observer independent of the proxies: it listens on `listen`, takes one connection,
+/// connects to `to` and copies both ways (the other way: QEMU's return path, unhashed).
+/// Returns the length and SHA-256 of what went from `listen`'s client to `to`.
+fn tap(listen: &Path, to: PathBuf) -> std::thread::JoinHandle<(u64, Vec<u8>)> {
+    use std::{
+        io::{Read as _, Write as _},
+        os::unix::net::{UnixListener, UnixStream},
+    };
+    let listener = UnixListener::bind(listen).expect("the tap's socket");
+    std::thread::spawn(move || {
+        let (mut from, _) = listener.accept().expect("the tap's client");
+        let mut onward = UnixStream::connect(&to).expect("the tap's onward socket");
+        let (mut back_from, mut back_to) = (onward.try_clone().unwrap(), from.try_clone().unwrap());
+        std::thread::spawn(move || std::io::copy(&mut back_from, &mut back_to));
+        let mut sha = ring::digest::Context::new(&ring::digest::SHA256);
+        let (mut buf, mut bytes) = (vec![0u8; 256 << 10], 0u64);
+        loop {
+            let n = from.read(&mut buf).expect("reading the tapped stream");
+            if n == 0 {
+                break;
+            }
+            sha.update(&buf[..n]);
+            bytes += n as u64;
+            onward
+                .write_all(&buf[..n])
+                .expect("relaying the tapped stream");
+        }
+        let _ = onward.shutdown(std::net::Shutdown::Write);
+        (bytes, sha.finish().as_ref().to_vec())
+    })
+}
+
 /// A QEMU driven by someone else (libvirt holds its QMP socket): `send --qemu-socket`
 /// only listens, the driver (here the test, as libvirt's `--migrateuri unix://PATH`
 /// would) starts QEMU's migration to that socket, and the guest arrives byte for byte
@@ -748,6 +782,10 @@ fn a_migration_driven_by_libvirt_goes_through_the_socket_proxy() {
     let setup = Setup::new("migrate-socket-test", 2, 21);
     let (dir, src) = (&setup.dir, &setup.guests[0]);
     let incoming = dir.join("incoming.sock");
+    // Observers on both sides, outside the proxies: QEMU -> tap -> source proxy, and
+    // destination proxy -> tap -> the incoming QEMU.
+    let (qemu_out, proxy_in) = (dir.join("libvirt.sock"), dir.join("proxy.sock"));
+    let (proxy_out, qemu_in) = (dir.join("tap-in.sock"), incoming.clone());
     let _dst = memfabric_harness::Guarded::new(
         lab::qemu::incoming_command(src.pid, dir, &incoming)
             .expect("the incoming command")
@@ -756,12 +794,13 @@ fn a_migration_driven_by_libvirt_goes_through_the_socket_proxy() {
             .expect("the incoming QEMU"),
     );
     let rt = runtime();
-    let socket = dir.join("libvirt.sock");
+    let socket = proxy_in.clone();
+    let delivered = tap(&proxy_out, qemu_in);
     let (addr_tx, addr_rx) = std::sync::mpsc::channel();
     let receive = run::receive(
         ReceiveOptions {
             listen: "127.0.0.1:0".into(),
-            incoming,
+            incoming: proxy_out,
             uuid: Some(src.uuid.clone()),
             tls: setup.dst.clone(),
             accept_timeout: Duration::from_secs(120),
@@ -770,7 +809,7 @@ fn a_migration_driven_by_libvirt_goes_through_the_socket_proxy() {
         Arc::new(Progress::default()),
     );
     let src_qmp = setup.src_qmp();
-    let (sent, received) = rt.block_on(async {
+    let ((sent, received), (written, delivered)) = rt.block_on(async {
         let recv = tokio::spawn(receive);
         let addr = tokio::task::spawn_blocking(move || addr_rx.recv().unwrap())
             .await
@@ -786,21 +825,31 @@ fn a_migration_driven_by_libvirt_goes_through_the_socket_proxy() {
             },
             Arc::new(Progress::default()),
         ));
-        // The driver: once the proxy listens, QEMU is told to migrate there.
-        let uri = format!("unix:{}", socket.display());
-        tokio::task::spawn_blocking(move || {
+        // The driver: once the proxy listens, QEMU is told to migrate there (through
+        // the tap).
+        let uri = format!("unix:{}", qemu_out.display());
+        let written = tokio::task::spawn_blocking(move || {
             assert!(memfabric_harness::wait_for(Duration::from_secs(30), || {
                 socket.exists()
             }));
+            let written = tap(&qemu_out, socket);
             qmp(&src_qmp, "migrate", serde_json::json!({ "uri": uri }));
+            written
         })
         .await
         .unwrap();
-        (send.await.unwrap(), recv.await.unwrap())
+        let r = (send.await.unwrap(), recv.await.unwrap());
+        (r, (written.join().unwrap(), delivered.join().unwrap()))
     });
     let sent = sent.expect("the migration through the socket proxy");
     let received = received.expect("the receiving side");
     assert_eq!(sent.stream_bytes, received.stream_bytes);
+    // By SHA-256, outside the proxies: what QEMU wrote is what the incoming QEMU got.
+    assert_eq!(written.0, sent.stream_bytes);
+    assert_eq!(
+        written, delivered,
+        "the stream QEMU wrote (length, SHA-256) differs"
+    );
     assert!(
         sent.wire_bytes * 10 < sent.stream_bytes * 6,
         "{} of {} bytes sent",
