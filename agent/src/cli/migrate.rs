@@ -521,11 +521,7 @@ pub(super) fn run(args: MigrateArgs) -> anyhow::Result<ExitCode> {
                 accept_timeout: Duration::from_secs(timeout),
             };
             let ready = |addr: std::net::SocketAddr, h: &memfabric::migrate::holdings::Holdings| {
-                eprintln!(
-                    "receiving on {addr}: this host holds {} distinct pages ({:.0} MiB of guest RAM read)",
-                    h.pages(),
-                    mib(h.scanned_bytes)
-                );
+                eprintln!("receiving on {addr}: this host holds {}", h.summary());
             };
             let r = rt.block_on(with_progress(
                 progress.clone(),

@@ -144,24 +144,48 @@ pub struct Holdings {
     mems: HashMap<u32, File>,
     /// Guest RAM read while indexing, in bytes.
     pub scanned_bytes: u64,
+    /// Indexing stopped at [`MAX_INDEX_PAGES`]: the guest RAM of the host's VMs beyond
+    /// it, in bytes, is not offered (its pages are sent as they are).
+    pub skipped_bytes: u64,
 }
+
+/// Distinct pages indexed at most: 64 GiB of distinct guest pages, an index of about
+/// 0.7 GiB while a migration is received. Beyond it the filter would outgrow what a
+/// source accepts ([`MAX_FILTER_BYTES`], 18 bits a page) and every migration to a large
+/// host would fail; the rest of the host's RAM is not read (the index and the time to
+/// build it grow with the host's guest RAM, not with the incoming VM's).
+pub const MAX_INDEX_PAGES: usize = 1 << 24;
 
 /// Bytes read from a VM at once while indexing.
 const CHUNK: usize = 1 << 20;
 
 impl Holdings {
     /// Indexes the RAM of `vms`, except those whose UUID is `exclude_uuid` (the migrating
-    /// VM itself, and its incoming QEMU). Zero pages are left out: QEMU sends those as a
-    /// flag already. A VM that exits meanwhile is skipped.
+    /// VM itself, and its incoming QEMU), up to [`MAX_INDEX_PAGES`] distinct pages. Zero
+    /// pages are left out: QEMU sends those as a flag already. A VM that exits meanwhile
+    /// is skipped.
     pub fn scan(vms: &[Vm], exclude_uuid: Option<&str>) -> Holdings {
+        Holdings::scan_at_most(vms, exclude_uuid, MAX_INDEX_PAGES)
+    }
+
+    fn scan_at_most(vms: &[Vm], exclude_uuid: Option<&str>, max_pages: usize) -> Holdings {
         let mut h = Holdings {
             index: HashMap::new(),
             mems: HashMap::new(),
             scanned_bytes: 0,
+            skipped_bytes: 0,
         };
         let mut buf = vec![0u8; CHUNK];
         for vm in vms {
             if exclude_uuid.is_some() && vm.uuid.as_deref() == exclude_uuid {
+                continue;
+            }
+            if h.index.len() >= max_pages {
+                h.skipped_bytes += vm
+                    .ram
+                    .iter()
+                    .map(|m| m.span.end - m.span.start)
+                    .sum::<u64>();
                 continue;
             }
             let Ok(mem) = File::open(format!("/proc/{}/mem", vm.pid)) else {
@@ -170,6 +194,10 @@ impl Holdings {
             for m in &vm.ram {
                 let mut at = m.span.start;
                 while at < m.span.end {
+                    if h.index.len() >= max_pages {
+                        h.skipped_bytes += m.span.end - at;
+                        break;
+                    }
                     let want =
                         usize::try_from((m.span.end - at).min(CHUNK as u64)).unwrap_or(CHUNK);
                     let Ok(n) = mem.read_at(&mut buf[..want], at) else {
@@ -184,9 +212,11 @@ impl Holdings {
                             continue;
                         }
                         let addr = at + (i * PAGE) as u64;
-                        h.index
-                            .entry(key(&digest(page)))
-                            .or_insert(Place { pid: vm.pid, addr });
+                        if h.index.len() < max_pages {
+                            h.index
+                                .entry(key(&digest(page)))
+                                .or_insert(Place { pid: vm.pid, addr });
+                        }
                     }
                     at += (n - n % PAGE) as u64;
                 }
@@ -199,6 +229,24 @@ impl Holdings {
     /// Distinct pages indexed.
     pub fn pages(&self) -> usize {
         self.index.len()
+    }
+
+    /// What the index holds, for the operator: its pages, the guest RAM read, and what
+    /// the bound left out.
+    pub fn summary(&self) -> String {
+        let mib = |b: u64| b as f64 / f64::from(1u32 << 20);
+        let mut s = format!(
+            "{} distinct pages ({:.0} MiB of guest RAM read)",
+            self.pages(),
+            mib(self.scanned_bytes)
+        );
+        if self.skipped_bytes > 0 {
+            s += &format!(
+                "; {:.0} MiB more not offered (the index holds at most {MAX_INDEX_PAGES} pages)",
+                mib(self.skipped_bytes)
+            );
+        }
+        s
     }
 
     pub fn filter(&self) -> Filter {
@@ -302,5 +350,39 @@ pub(crate) mod tests {
             ..vm
         };
         assert_eq!(Holdings::scan(&[mine], Some("u")).pages(), 0);
+    }
+
+    #[test]
+    fn indexing_stops_at_its_bound_and_counts_what_it_left_out() {
+        let pages: Vec<[u8; PAGE]> = (1..=8u8).map(|b| [b; PAGE]).collect();
+        let (_ram, vm) = donor(&pages);
+        let other = Vm {
+            pid: vm.pid,
+            uuid: Some("other".into()),
+            ..vm.clone()
+        };
+        let h = Holdings::scan_at_most(&[vm, other], None, 5);
+        assert_eq!(h.pages(), 5);
+        // The first VM's chunk was read whole (its last 3 pages not indexed), the second
+        // VM not at all.
+        assert_eq!(h.scanned_bytes, 8 * PAGE as u64);
+        assert_eq!(h.skipped_bytes, 8 * PAGE as u64);
+        let f = Filter::decode(&h.filter().encode()).expect("a filter a source accepts");
+        assert!(f.contains(key(&digest(&[1u8; PAGE]))));
+    }
+
+    #[test]
+    fn the_largest_index_makes_a_filter_a_source_accepts() {
+        // 18 bits a page (BinaryFuse16's 1.125 fingerprints a key, plus segment rounding).
+        // The filter mixes its keys itself: consecutive ones are as good as any (and are
+        // sorted already, which keeps this test quick).
+        let keys: Vec<u64> = (0..MAX_INDEX_PAGES as u64).collect();
+        let f = Filter::build(keys);
+        assert!(
+            f.encoded_len() <= MAX_FILTER_BYTES,
+            "{} bytes",
+            f.encoded_len()
+        );
+        assert!(!f.fingerprints.is_empty());
     }
 }

@@ -377,9 +377,9 @@ async fn accept(inc: &Arc<Incoming>, body: &[u8]) -> Response {
         });
     }
     tracing::info!(
-        "incoming migration {id} of {:?}: QEMU {pid} listening, proxy on port {port}, {} pages indexed here",
+        "incoming migration {id} of {:?}: QEMU {pid} listening, proxy on port {port}; this host holds {}",
         req.name,
-        holdings.pages()
+        holdings.summary()
     );
     tokio::spawn(receive(
         inc.clone(),
