@@ -13,7 +13,15 @@ use std::{collections::HashMap, fs::File, os::unix::fs::FileExt as _};
 use xorf::{DmaSerializable as _, Filter as _, FilterRef as _};
 
 use super::stream::PAGE;
-use crate::host::inventory::Vm;
+use crate::host::{
+    inventory::Vm,
+    pagemap::{Entry, Pagemap},
+};
+
+/// A page in RAM now (present, not swapped out): the only kind the index reads.
+fn in_ram(e: Entry) -> bool {
+    e.present() && !e.swapped()
+}
 
 /// A page's content name: its BLAKE3 digest.
 pub type Digest = [u8; 32];
@@ -176,6 +184,7 @@ impl Holdings {
             skipped_bytes: 0,
         };
         let mut buf = vec![0u8; CHUNK];
+        let mut entries = Vec::with_capacity(CHUNK / PAGE);
         for vm in vms {
             if exclude_uuid.is_some() && vm.uuid.as_deref() == exclude_uuid {
                 continue;
@@ -188,7 +197,10 @@ impl Holdings {
                     .sum::<u64>();
                 continue;
             }
-            let Ok(mem) = File::open(format!("/proc/{}/mem", vm.pid)) else {
+            let (Ok(mem), Ok(pagemap)) = (
+                File::open(format!("/proc/{}/mem", vm.pid)),
+                Pagemap::open(vm.pid),
+            ) else {
                 continue;
             };
             for m in &vm.ram {
@@ -198,27 +210,38 @@ impl Holdings {
                         h.skipped_bytes += m.span.end - at;
                         break;
                     }
-                    let want =
-                        usize::try_from((m.span.end - at).min(CHUNK as u64)).unwrap_or(CHUNK);
-                    let Ok(n) = mem.read_at(&mut buf[..want], at) else {
-                        break;
-                    };
-                    if n < PAGE {
+                    let pages = usize::try_from((m.span.end - at).min(CHUNK as u64))
+                        .unwrap_or(CHUNK)
+                        / PAGE;
+                    if pages == 0 || pagemap.read(at, pages, &mut entries).is_err() {
                         break;
                     }
-                    h.scanned_bytes += n as u64;
-                    for (i, page) in buf[..n].chunks_exact(PAGE).enumerate() {
-                        if page.iter().all(|&b| b == 0) {
+                    // Runs of pages in RAM: the others are never read (reading a page
+                    // the guest never touched would fault it in, a swapped one back).
+                    let mut i = 0;
+                    while i < pages {
+                        if !in_ram(entries[i]) {
+                            i += 1;
                             continue;
                         }
-                        let addr = at + (i * PAGE) as u64;
-                        if h.index.len() < max_pages {
+                        let run = entries[i..].iter().take_while(|e| in_ram(**e)).count();
+                        let from = at + (i * PAGE) as u64;
+                        let Ok(n) = mem.read_at(&mut buf[..run * PAGE], from) else {
+                            break;
+                        };
+                        h.scanned_bytes += n as u64;
+                        for (k, page) in buf[..n].chunks_exact(PAGE).enumerate() {
+                            if h.index.len() >= max_pages || page.iter().all(|&b| b == 0) {
+                                continue;
+                            }
+                            let addr = from + (k * PAGE) as u64;
                             h.index
                                 .entry(key(&digest(page)))
                                 .or_insert(Place { pid: vm.pid, addr });
                         }
+                        i += run;
                     }
-                    at += (n - n % PAGE) as u64;
+                    at += (pages * PAGE) as u64;
                 }
             }
             h.mems.insert(vm.pid, mem);
@@ -350,6 +373,54 @@ pub(crate) mod tests {
             ..vm
         };
         assert_eq!(Holdings::scan(&[mine], Some("u")).pages(), 0);
+    }
+
+    #[test]
+    fn only_pages_in_ram_are_read_and_untouched_memory_stays_untouched() {
+        const PAGES: usize = 64;
+        // SAFETY: a fresh private anonymous mapping, unmapped below; nothing else uses it.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                PAGES * PAGE,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(base, libc::MAP_FAILED);
+        // Pages 0..3 and 40 written, the rest never touched.
+        for (fill, p) in [(1u8, 0usize), (2, 1), (3, 2), (4, 40)] {
+            // SAFETY: inside the mapping (p < PAGES), which is writable.
+            unsafe { base.cast::<u8>().add(p * PAGE).write_bytes(fill, PAGE) };
+        }
+        let start = base as u64;
+        let (_, vm) = donor(&[]);
+        let vm = Vm {
+            ram: vec![RamMapping {
+                span: crate::addresses::GuestSpan::new(start, start + (PAGES * PAGE) as u64),
+                backing: "anon".into(),
+                mergeable: false,
+            }],
+            ..vm
+        };
+        let h = Holdings::scan(std::slice::from_ref(&vm), None);
+        assert_eq!(h.pages(), 4);
+        assert_eq!(
+            h.scanned_bytes,
+            4 * PAGE as u64,
+            "only the pages in RAM are read"
+        );
+        let mut entries = Vec::new();
+        Pagemap::open(std::process::id())
+            .unwrap()
+            .read(start, PAGES, &mut entries)
+            .unwrap();
+        let present: Vec<usize> = (0..PAGES).filter(|&i| entries[i].present()).collect();
+        assert_eq!(present, [0, 1, 2, 40], "indexing faulted pages in");
+        // SAFETY: the mapping made above, no longer used.
+        unsafe { libc::munmap(base, PAGES * PAGE) };
     }
 
     #[test]
