@@ -80,8 +80,13 @@ impl Filter {
         }
     }
 
+    /// A filter of no page (the destination holds none): nothing is in it.
+    pub fn is_empty(&self) -> bool {
+        self.fingerprints.is_empty()
+    }
+
     pub fn contains(&self, key: u64) -> bool {
-        if self.fingerprints.is_empty() {
+        if self.is_empty() {
             return false;
         }
         xorf::BinaryFuse16Ref::from_dma(&self.descriptor, bytemuck::cast_slice(&self.fingerprints))
