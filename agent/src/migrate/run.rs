@@ -315,9 +315,9 @@ pub async fn send(opts: SendOptions, progress: Arc<Progress>) -> Result<Summary,
 /// Records QEMU's remaining RAM in `progress` once a second until `stop`'s sender is
 /// dropped (the ETA on the progress line; a runtime waits for its blocking threads before
 /// it exits, so the poller must end with the migration, and at once: the migration's
-/// last step waits for it). One short QMP session per poll: QEMU serves one QMP client at a time,
-/// and the migration's own commands must not wait behind a held session. A poll that
-/// fails is skipped: progress is not worth failing a migration over.
+/// last step waits for it). One short QMP session per poll: QEMU serves one QMP client
+/// at a time, and the migration's own commands must not wait behind a held session. A
+/// poll that fails is skipped: progress is not worth failing a migration over.
 fn poll_remaining(path: &Path, stop: &std::sync::mpsc::Receiver<()>, progress: &Progress) {
     loop {
         if let Ok(v) = qmp(path, |q| q.execute("query-migrate", serde_json::json!({})))
