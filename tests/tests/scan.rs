@@ -301,40 +301,6 @@ fn calm_chunks_are_sampled_and_a_rewrite_is_read_whole_in_the_pass_that_sees_it(
     );
 }
 
-/// A new VM's second pass samples what its first read (a page read once counts as calm):
-/// memory rewritten in between is still seen whole in that second pass, as a full read
-/// sees it (the touched chunks' sampled pages changed, so the chunks are read in full).
-#[test]
-#[serial(ksm)]
-fn a_block_rewritten_after_the_first_read_is_seen_whole_in_the_second_pass() {
-    if !privileged("a_block_rewritten_after_the_first_read_is_seen_whole_in_the_second_pass") {
-        return;
-    }
-    const N: usize = 4096;
-    const BLOCK: usize = 512;
-    let mut w = Workload::spawn(WORKLOAD);
-    let region = w.cmd(&format!("alloc {N} unique"));
-    let (mut all, mut skip) = (Scanner::new(2), Scanner::new(2));
-    all.set_skip_known(false);
-    all.pass(&[w.pid]).unwrap();
-    skip.pass(&[w.pid]).unwrap();
-    w.cmd(&format!("touch {region} {BLOCK}"));
-    let before = (all.bytes_read(), skip.bytes_read());
-    all.pass(&[w.pid]).unwrap();
-    skip.pass(&[w.pid]).unwrap();
-    let read = (all.bytes_read() - before.0, skip.bytes_read() - before.1);
-    let (a, b) = (all.report(), skip.report());
-    assert_eq!(a.per_pid[&w.pid].volatile_pages, BLOCK as u64);
-    assert_eq!(a.per_pid[&w.pid], b.per_pid[&w.pid]);
-    // The rest of the region was sampled, not read again.
-    assert!(
-        read.1 * 2 < read.0,
-        "the second pass read {} bytes sampling, {} in full",
-        read.1,
-        read.0
-    );
-}
-
 /// A report is built in full only after a pass that changed a figure: a pass that found
 /// every page as it was reuses the last report (pass counts brought up to date), and it
 /// equals what a full build gives; a rewrite has the next one built in full again.
@@ -468,9 +434,6 @@ fn sampled_passes_read_a_sixteenth_and_rank_like_full_ones() {
         (w.span(&churn), RangeClass::Volatile),
     ];
     let (mut full, mut sampled) = (Scanner::new(2), Scanner::new(2));
-    // Every page read in every pass (a new VM's full passes sample its calm memory from
-    // the second on).
-    full.set_skip_known(false);
     for i in 0..SAMPLED_PASSES {
         if i > 0 {
             std::thread::sleep(Duration::from_millis(200));
