@@ -838,12 +838,16 @@ fn a_migration_driven_by_libvirt_goes_through_the_socket_proxy() {
         })
         .await
         .unwrap();
-        let r = (send.await.unwrap(), recv.await.unwrap());
-        (r, (written.join().unwrap(), delivered.join().unwrap()))
+        (
+            (send.await.unwrap(), recv.await.unwrap()),
+            (written, delivered),
+        )
     });
     let sent = sent.expect("the migration through the socket proxy");
     let received = received.expect("the receiving side");
     assert_eq!(sent.stream_bytes, received.stream_bytes);
+    // Joined only once both proxies succeeded (a tap never connected to would wait).
+    let (written, delivered) = (written.join().unwrap(), delivered.join().unwrap());
     // By SHA-256, outside the proxies: what QEMU wrote is what the incoming QEMU got.
     assert_eq!(written.0, sent.stream_bytes);
     assert_eq!(

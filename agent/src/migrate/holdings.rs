@@ -157,8 +157,8 @@ pub struct Holdings {
     mems: HashMap<u32, File>,
     /// Guest RAM read while indexing, in bytes.
     pub scanned_bytes: u64,
-    /// Indexing stopped at [`MAX_INDEX_PAGES`]: the guest RAM of the host's VMs beyond
-    /// it, in bytes, is not offered (its pages are sent as they are).
+    /// Indexing stopped at [`MAX_INDEX_PAGES`]: the guest RAM the host's VMs map beyond
+    /// it (present or not: it is not read, so not known), in bytes, is not offered.
     pub skipped_bytes: u64,
 }
 
