@@ -14,6 +14,11 @@ impl Entry {
     pub fn swapped(self) -> bool {
         self.0 & (1 << 62) != 0
     }
+    /// In RAM now (present, not swapped out): the only pages memfabric reads (reading
+    /// another would fault it in, or swap it back).
+    pub fn in_ram(self) -> bool {
+        self.present() && !self.swapped()
+    }
     /// Page frame number (bits 0-54; 0 without CAP_SYS_ADMIN).
     pub fn pfn(self) -> u64 {
         self.0 & ((1 << 55) - 1)

@@ -13,15 +13,7 @@ use std::{collections::HashMap, fs::File, os::unix::fs::FileExt as _};
 use xorf::{DmaSerializable as _, Filter as _, FilterRef as _};
 
 use super::stream::PAGE;
-use crate::host::{
-    inventory::Vm,
-    pagemap::{Entry, Pagemap},
-};
-
-/// A page in RAM now (present, not swapped out): the only kind the index reads.
-fn in_ram(e: Entry) -> bool {
-    e.present() && !e.swapped()
-}
+use crate::host::{inventory::Vm, pagemap::Pagemap};
 
 /// A page's content name: its BLAKE3 digest.
 pub type Digest = [u8; 32];
@@ -225,11 +217,11 @@ impl Holdings {
                     // the guest never touched would fault it in, a swapped one back).
                     let mut i = 0;
                     while i < pages {
-                        if !in_ram(entries[i]) {
+                        if !entries[i].in_ram() {
                             i += 1;
                             continue;
                         }
-                        let run = entries[i..].iter().take_while(|e| in_ram(**e)).count();
+                        let run = entries[i..].iter().take_while(|e| e.in_ram()).count();
                         let from = at + (i * PAGE) as u64;
                         let Ok(n) = mem.read_at(&mut buf[..run * PAGE], from) else {
                             break;

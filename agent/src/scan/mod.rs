@@ -379,13 +379,13 @@ impl Scanner {
                     i += 1;
                     continue;
                 }
-                if !readable(&self.entries[i]) {
+                if !self.entries[i].in_ram() {
                     m.pages[first + i] = PageState::ABSENT;
                     i += 1;
                     continue;
                 }
                 let mut j = i + 1;
-                while j < n && readable(&self.entries[j]) && one_in == 1 {
+                while j < n && self.entries[j].in_ram() && one_in == 1 {
                     j += 1;
                 }
                 // Frame flags first, so they describe the frames the data came from.
@@ -700,11 +700,6 @@ impl Scanner {
 }
 
 /// A page's flags from what its content and frame showed.
-/// A page the scan can read: present in RAM, not swapped out.
-fn readable(e: &pagemap::Entry) -> bool {
-    e.present() && !e.swapped()
-}
-
 fn page_flags(zero: bool, f: pagemap::FrameFlags) -> u8 {
     let bit = |on: bool, flag: u8| if on { flag } else { 0 };
     bit(zero, F_ZERO) | bit(f.zero_page, F_ZERO_FRAME) | bit(f.thp, F_THP) | bit(f.ksm, F_MERGED)
