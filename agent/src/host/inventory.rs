@@ -436,7 +436,7 @@ pub fn describe(pid: u32, kind: VmKind) -> Option<Vm> {
     let cmdline = proc_.cmdline().unwrap_or_default();
     let id = identity_from_cmdline(cmdline.join("\0").as_bytes());
     let ram = ram_mappings(&proc_);
-    let mapped: u64 = ram.iter().map(|m| m.span.end - m.span.start).sum();
+    let mapped: u64 = ram.iter().map(|m| m.span.bytes).sum();
     let guest_memory_bytes = match kind {
         VmKind::Qemu => qemu_memory(&cmdline).unwrap_or(mapped),
         _ => mapped,

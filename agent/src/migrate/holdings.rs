@@ -187,11 +187,7 @@ impl Holdings {
                 continue;
             }
             if h.index.len() >= max_pages {
-                h.skipped_bytes += vm
-                    .ram
-                    .iter()
-                    .map(|m| m.span.end - m.span.start)
-                    .sum::<u64>();
+                h.skipped_bytes += vm.ram.iter().map(|m| m.span.bytes).sum::<u64>();
                 continue;
             }
             let (Ok(mem), Ok(pagemap)) = (

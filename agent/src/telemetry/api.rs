@@ -372,7 +372,7 @@ fn ranges_document(
             if start < m.span.end && start + crate::scan::RANGE_BYTES > m.span.start {
                 return Some(before + start.saturating_sub(m.span.start));
             }
-            before += m.span.end - m.span.start;
+            before += m.span.bytes;
         }
         None
     };
