@@ -233,6 +233,12 @@ fn print(s: &Summary, json: bool) {
     if let Some(d) = s.downtime_ms {
         println!("downtime          {d:>10} ms (QEMU's query-migrate)");
     }
+    if let Some(l) = s.downtime_limit_ms {
+        println!(
+            "downtime limit    {l:>10} ms at the lowest (QEMU's limit scaled by the wire's share \
+             of its stream; the operator's put back)"
+        );
+    }
 }
 
 /// The local VM `which` (name, UUID or PID).

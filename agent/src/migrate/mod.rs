@@ -17,6 +17,7 @@
 
 pub mod command;
 pub mod dest;
+pub mod downtime;
 pub mod holdings;
 pub mod incoming;
 pub mod incoming_qemu;
@@ -51,6 +52,9 @@ pub struct Progress {
     /// RAM QEMU still has to send (`query-migrate`'s `ram.remaining`, polled by the
     /// source once a second); [`Progress::UNKNOWN`] before the first answer.
     pub ram_remaining: AtomicU64,
+    /// The lowest downtime limit QEMU was given for this migration, in ms (source, see
+    /// [`downtime`]); [`Progress::UNKNOWN`] while it was left as the operator set it.
+    pub lowest_downtime_limit: AtomicU64,
 }
 
 impl Default for Progress {
@@ -63,6 +67,7 @@ impl Default for Progress {
             referenced: AtomicU64::new(0),
             resent: AtomicU64::new(0),
             ram_remaining: AtomicU64::new(Progress::UNKNOWN),
+            lowest_downtime_limit: AtomicU64::new(Progress::UNKNOWN),
         }
     }
 }

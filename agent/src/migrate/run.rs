@@ -13,7 +13,12 @@ use std::{
 
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 
-use super::{Failure, Progress, dest, holdings::Holdings, source};
+use super::{
+    Failure, Progress, dest,
+    downtime::{self, Governor},
+    holdings::Holdings,
+    source,
+};
 use crate::{
     actuate::qmp::Qmp,
     fabric::tls,
@@ -63,6 +68,10 @@ pub struct Summary {
     pub seconds: f64,
     /// QEMU's downtime (source only).
     pub downtime_ms: Option<u64>,
+    /// The lowest downtime limit QEMU was given, when the proxies' correction lowered it
+    /// (source only).
+    #[serde(default)]
+    pub downtime_limit_ms: Option<u64>,
 }
 
 impl Summary {
@@ -76,6 +85,8 @@ impl Summary {
             resent: Progress::get(&p.resent),
             seconds: started.elapsed().as_secs_f64(),
             downtime_ms,
+            downtime_limit_ms: Some(Progress::get(&p.lowest_downtime_limit))
+                .filter(|&ms| ms != Progress::UNKNOWN),
         }
     }
 }
@@ -281,7 +292,7 @@ pub async fn send(opts: SendOptions, progress: Arc<Progress>) -> Result<Summary,
             let (stop, stopped) = std::sync::mpsc::channel::<()>();
             let poller = {
                 let (path, progress) = (opts.qmp.clone(), progress.clone());
-                tokio::task::spawn_blocking(move || poll_remaining(&path, &stopped, &progress))
+                tokio::task::spawn_blocking(move || watch_qemu(&path, &stopped, &progress))
             };
             let r = source::run(qemu, link, progress.clone(), opts.bandwidth).await;
             // Stopped before the checks below open their own QMP sessions.
@@ -312,23 +323,71 @@ pub async fn send(opts: SendOptions, progress: Arc<Progress>) -> Result<Summary,
     }
 }
 
-/// Records QEMU's remaining RAM in `progress` once a second until `stop`'s sender is
-/// dropped (the ETA on the progress line; a runtime waits for its blocking threads before
-/// it exits, so the poller must end with the migration, and at once: the migration's
-/// last step waits for it). One short QMP session per poll: QEMU serves one QMP client
-/// at a time, and the migration's own commands must not wait behind a held session. A
-/// poll that fails is skipped: progress is not worth failing a migration over.
-fn poll_remaining(path: &Path, stop: &std::sync::mpsc::Receiver<()>, progress: &Progress) {
+/// How often the poller looks at QEMU: its downtime threshold follows the bandwidth it
+/// measures every 100 ms.
+const POLL: Duration = Duration::from_millis(100);
+
+/// Watches QEMU until `stop`'s sender is dropped: its downtime limit corrected for the
+/// references ([`Governor`]) every [`POLL`], the operator's put back at the end, and its
+/// remaining RAM recorded in `progress` (the ETA). A runtime waits for its blocking
+/// threads before it exits, so the poller must end with the migration, and at once: the
+/// migration's last step waits for it. One short QMP session per poll: QEMU serves one
+/// QMP client at a time, and the migration's own commands must not wait behind a held
+/// session. A poll that fails is skipped (progress is not worth failing a migration
+/// over); without the operator's limit, the limit is never touched.
+fn watch_qemu(path: &Path, stop: &std::sync::mpsc::Receiver<()>, progress: &Progress) {
+    let mut governor: Option<Governor> = None;
     loop {
-        if let Ok(v) = qmp(path, |q| q.execute("query-migrate", serde_json::json!({})))
-            && let Some(r) = v["ram"]["remaining"].as_u64()
-        {
-            progress.ram_remaining.store(r, Ordering::Relaxed);
-        }
-        if stop.recv_timeout(Duration::from_secs(1)) != Err(RecvTimeoutError::Timeout) {
-            return;
+        let _ = qmp(path, |q| {
+            let m = q.execute("query-migrate", serde_json::json!({}))?;
+            if let Some(r) = m["ram"]["remaining"].as_u64() {
+                progress.ram_remaining.store(r, Ordering::Relaxed);
+            }
+            let Some(limit_ms) = downtime_limit(q)? else {
+                return Ok(());
+            };
+            let g = governor.get_or_insert_with(|| Governor::new(limit_ms));
+            let poll = downtime::Poll {
+                stream: Progress::get(&progress.qemu_bytes),
+                wire: Progress::get(&progress.wire_bytes),
+                limit_ms,
+                syncs: m["ram"]["dirty-sync-count"].as_u64().unwrap_or(0),
+            };
+            if let Some(ms) = g.poll(poll) {
+                set_downtime_limit(q, ms)?;
+                progress
+                    .lowest_downtime_limit
+                    .fetch_min(ms, Ordering::Relaxed);
+            }
+            Ok(())
+        });
+        if stop.recv_timeout(POLL) != Err(RecvTimeoutError::Timeout) {
+            break;
         }
     }
+    if let Some(g) = governor.filter(Governor::changed) {
+        let ms = g.operator_ms();
+        if let Err(e) = qmp(path, |q| set_downtime_limit(q, ms)) {
+            tracing::warn!(
+                "QEMU's downtime-limit could not be put back to {ms} ms: {e} \
+                 (migrate-set-parameters downtime-limit={ms})"
+            );
+        }
+    }
+}
+
+/// QEMU's `downtime-limit` in ms (None from a QEMU that does not say).
+fn downtime_limit(q: &mut Qmp) -> Result<Option<u64>, crate::actuate::qmp::QmpError> {
+    let p = q.execute("query-migrate-parameters", serde_json::json!({}))?;
+    Ok(p["downtime-limit"].as_u64())
+}
+
+fn set_downtime_limit(q: &mut Qmp, ms: u64) -> Result<(), crate::actuate::qmp::QmpError> {
+    q.execute(
+        "migrate-set-parameters",
+        serde_json::json!({ "downtime-limit": ms }),
+    )
+    .map(drop)
 }
 
 /// After a failure: cancel QEMU's migration, and resume the guest if QEMU had finished

@@ -24,6 +24,11 @@ use super::{
 
 /// Referenced pages kept for resending: 64 MiB.
 pub const WINDOW: usize = 16_384;
+/// Batches of frames (each at most one read of QEMU's stream, 256 KiB) queued for the
+/// link's writer. Few: QEMU's downtime ends once it has written its last bytes into this
+/// proxy, and everything queued ahead of them crosses the link first (16 batches: up to
+/// 4 MiB, a third of a second at 100 Mbit/s); two keep reading and writing overlapped.
+const QUEUED_BATCHES: usize = 2;
 /// How long the destination may take to send its filter (it indexes its VMs first).
 pub const FILTER_TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -68,7 +73,7 @@ where
     let (mut link_rx, link_tx) = tokio::io::split(link);
     let (qemu_rx, mut qemu_tx) = tokio::io::split(qemu);
     let kept = Arc::new(Kept::default());
-    let (tx, rx) = mpsc::channel::<Vec<u8>>(16);
+    let (tx, rx) = mpsc::channel::<Vec<u8>>(QUEUED_BATCHES);
     let writer = tokio::spawn(super::write_frames(
         link_tx,
         rx,
