@@ -11,7 +11,7 @@
 //! socket, the destination QEMU listens with `-incoming unix:PATH`. QEMU's own
 //! compression, XBZRLE, multifd and postcopy stay off through the proxy (refused before
 //! anything starts): their records are not split, and multifd's extra channels are not
-//! carried. What the incoming QEMU is handed is checked end to end (length and BLAKE3 digest)
+//! carried. What the incoming QEMU is handed is checked end to end (length and XXH3-128 checksum)
 //! against what the source QEMU wrote; a failure anywhere cancels the migration and the
 //! VM keeps running on the source.
 

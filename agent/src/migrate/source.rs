@@ -153,7 +153,7 @@ where
     Ok(confirmed)
 }
 
-/// QEMU's stream to frames; returns its length and BLAKE3 digest once QEMU closed it.
+/// QEMU's stream to frames; returns its length and checksum once QEMU closed it.
 async fn forward<Q: AsyncRead>(
     qemu: Q,
     tx: mpsc::Sender<Vec<u8>>,
