@@ -743,6 +743,12 @@ pub async fn serve(
         None => (None, None),
     };
     let control = take_state(&cfg)?;
+    // QEMU downtime limits a migration command left lowered when it was killed.
+    tokio::task::spawn_blocking(|| {
+        crate::migrate::limit_journal::recover(std::path::Path::new(
+            crate::migrate::limit_journal::DIR,
+        ))
+    });
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     let (stop_tx, stop_rx) = mpsc::channel::<()>();

@@ -97,6 +97,16 @@ fn qmp(path: &Path, command: &str, args: serde_json::Value) -> serde_json::Value
         .unwrap_or_else(|e| panic!("{command} on {}: {e}", path.display()))
 }
 
+/// A QEMU's `downtime-limit`, in ms.
+fn downtime_limit(qmp_socket: &Path) -> u64 {
+    let p = qmp(
+        qmp_socket,
+        "query-migrate-parameters",
+        serde_json::json!({}),
+    );
+    p["downtime-limit"].as_u64().expect("a downtime limit")
+}
+
 /// A QEMU's guest RAM mappings, read through /proc/PID/mem: each one's size and a digest
 /// of each of its pages.
 fn guest_ram(pid: u32) -> Vec<(u64, Vec<[u8; 32]>)> {
@@ -235,14 +245,7 @@ fn migrate_beside_a_twin(test: &str, first: u32, return_path: bool) {
         .downtime_limit_ms
         .expect("the downtime limit was never lowered");
     assert!(lowest < 250 * 6 / 10, "lowest limit {lowest} ms");
-    assert_eq!(
-        qmp(
-            &setup.src_qmp(),
-            "query-migrate-parameters",
-            serde_json::json!({})
-        )["downtime-limit"],
-        250
-    );
+    assert_eq!(downtime_limit(&setup.src_qmp()), 250);
     let received = received.expect("the receiving side");
     eprintln!("source: {sent:?}\ndestination: {received:?}");
     // What QEMU wrote is what the incoming QEMU was handed (both ends checked length and
@@ -304,6 +307,31 @@ fn a_destination_that_dies_mid_stream_leaves_the_vm_running_on_the_source() {
     let status = qmp(&setup.src_qmp(), "query-status", serde_json::json!({}));
     assert_eq!(status["status"], "running", "{status}");
     assert!(lab::qemu::alive(&setup.guests[0]));
+
+    // A migration command killed while QEMU had a corrected downtime limit (3 ms, the
+    // operator's 250 ms written down): the next recovery puts the operator's back.
+    use memfabric::migrate::limit_journal::{Journal, recover};
+    let limits = setup.dir.join("limits");
+    let mut gone = std::process::Command::new("true").spawn().unwrap();
+    let dead = gone.id();
+    gone.wait().unwrap();
+    Journal::record_as(&limits, &setup.src_qmp(), 250, dead).unwrap();
+    let set = |ms: u64| {
+        qmp(
+            &setup.src_qmp(),
+            "migrate-set-parameters",
+            serde_json::json!({ "downtime-limit": ms }),
+        )
+    };
+    set(3);
+    assert_eq!(recover(&limits), vec![(setup.src_qmp(), 250)]);
+    assert_eq!(downtime_limit(&setup.src_qmp()), 250);
+    assert_eq!(
+        std::fs::read_dir(&limits).unwrap().count(),
+        0,
+        "journal left"
+    );
+    set(300);
 }
 
 /// A listener at a fresh loopback port, its address, and the fabric's TLS configurations

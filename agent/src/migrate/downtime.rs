@@ -47,6 +47,8 @@ pub struct Governor {
     operator_ms: u64,
     /// What QEMU was last told (the operator's until the first change).
     set_ms: u64,
+    /// What it was told before that.
+    previous_ms: u64,
     /// (stream bytes, wire bytes) at the last poll.
     last: Option<(u64, u64)>,
     /// The wire's share of the stream in each of the last [`WINDOW`] polls, as (wire,
@@ -75,6 +77,7 @@ impl Governor {
         Governor {
             operator_ms,
             set_ms: operator_ms,
+            previous_ms: operator_ms,
             last: None,
             shares: VecDeque::with_capacity(WINDOW),
             released: false,
@@ -91,12 +94,20 @@ impl Governor {
         self.set_ms != self.operator_ms
     }
 
+    /// The limit [`Governor::poll`] asked for was not set: QEMU still has the last one.
+    pub fn forget(&mut self, asked_ms: u64) {
+        if self.set_ms == asked_ms {
+            self.set_ms = self.previous_ms;
+        }
+    }
+
     /// One poll. Returns the limit to set, when it should change.
     pub fn poll(&mut self, p: Poll) -> Option<u64> {
         if p.limit_ms != self.set_ms {
             // Someone else set it meanwhile: their value is the ceiling now.
             self.operator_ms = p.limit_ms;
             self.set_ms = p.limit_ms;
+            self.previous_ms = p.limit_ms;
         }
         let (s0, w0) = self.last.replace((p.stream, p.wire)).unwrap_or((0, 0));
         let (ds, dw) = (p.stream.saturating_sub(s0), p.wire.saturating_sub(w0));
@@ -135,6 +146,7 @@ impl Governor {
         if moved == 0 || (moved * 20 < self.set_ms && want != self.operator_ms) {
             return None;
         }
+        self.previous_ms = self.set_ms;
         self.set_ms = want;
         Some(want)
     }

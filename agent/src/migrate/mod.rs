@@ -21,6 +21,7 @@ pub mod downtime;
 pub mod holdings;
 pub mod incoming;
 pub mod incoming_qemu;
+pub mod limit_journal;
 pub mod link;
 pub mod remote;
 pub mod run;
@@ -91,6 +92,11 @@ impl Progress {
         (remaining != Progress::UNKNOWN && rate.is_finite() && rate > 0.0)
             .then(|| std::time::Duration::from_secs_f64((remaining as f64 / rate).min(1e7)))
     }
+}
+
+/// A migration status QEMU leaves only for a new migration.
+pub fn settled(status: &str) -> bool {
+    matches!(status, "completed" | "failed" | "cancelled" | "none")
 }
 
 #[derive(Debug, thiserror::Error)]

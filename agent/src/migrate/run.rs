@@ -17,7 +17,8 @@ use super::{
     Failure, Progress, dest,
     downtime::{self, Governor},
     holdings::Holdings,
-    source,
+    limit_journal::{self, Journal},
+    settled, source,
 };
 use crate::{
     actuate::qmp::Qmp,
@@ -119,11 +120,6 @@ pub(super) fn qmp<T>(
 ) -> Result<T, Failure> {
     let mut q = Qmp::connect(path).map_err(|e| Failure::Setup(e.to_string()))?;
     f(&mut q).map_err(|e| Failure::Setup(e.to_string()))
-}
-
-/// A migration status QEMU leaves only for a new migration.
-pub fn settled(status: &str) -> bool {
-    matches!(status, "completed" | "failed" | "cancelled" | "none")
 }
 
 /// Polls QEMU's `query-migrate` on one session until its status settles or `within`
@@ -264,7 +260,13 @@ pub async fn send_via_socket(
 pub async fn send(opts: SendOptions, progress: Arc<Progress>) -> Result<Summary, Failure> {
     let started = Instant::now();
     let qmp_path = opts.qmp.clone();
-    blocking(move || check_capabilities(&qmp_path)).await?;
+    blocking(move || {
+        // What a migration command that did not finish left lowered (this QEMU's
+        // included, before its limit is read as the operator's).
+        limit_journal::recover(Path::new(limit_journal::DIR));
+        check_capabilities(&qmp_path)
+    })
+    .await?;
     let link = connect_destination(&opts.tls, &opts.to, &opts.node, opts.token.as_ref()).await?;
     let _ = std::fs::remove_dir_all(&opts.work_dir);
     // Not recursive: a directory someone else created meanwhile (the default lives under
@@ -337,11 +339,18 @@ const POLL: Duration = Duration::from_millis(100);
 /// over); without the operator's limit, the limit is never touched.
 fn watch_qemu(path: &Path, stop: &std::sync::mpsc::Receiver<()>, progress: &Progress) {
     let mut governor: Option<Governor> = None;
+    // The operator's limit, written down before QEMU is given another (none: not yet).
+    let mut journal: Option<(Journal, u64)> = None;
+    // The journal could not be written: the limit is left alone.
+    let mut uncorrected = false;
     loop {
         let _ = qmp(path, |q| {
             let m = q.execute("query-migrate", serde_json::json!({}))?;
             if let Some(r) = m["ram"]["remaining"].as_u64() {
                 progress.ram_remaining.store(r, Ordering::Relaxed);
+            }
+            if uncorrected {
+                return Ok(());
             }
             let Some(limit_ms) = downtime_limit(q)? else {
                 return Ok(());
@@ -354,6 +363,22 @@ fn watch_qemu(path: &Path, stop: &std::sync::mpsc::Receiver<()>, progress: &Prog
                 syncs: m["ram"]["dirty-sync-count"].as_u64().unwrap_or(0),
             };
             if let Some(ms) = g.poll(poll) {
+                let operator = g.operator_ms();
+                if journal.as_ref().is_none_or(|(_, j)| *j != operator) {
+                    match Journal::record(Path::new(limit_journal::DIR), path, operator) {
+                        Ok(j) => journal = Some((j, operator)),
+                        Err(e) => {
+                            // Never changed without being written down: left as it is.
+                            tracing::warn!(
+                                "QEMU's downtime limit left uncorrected: {}: {e}",
+                                limit_journal::DIR
+                            );
+                            g.forget(ms);
+                            uncorrected = true;
+                            return Ok(());
+                        }
+                    }
+                }
                 set_downtime_limit(q, ms)?;
                 progress
                     .lowest_downtime_limit
@@ -365,14 +390,28 @@ fn watch_qemu(path: &Path, stop: &std::sync::mpsc::Receiver<()>, progress: &Prog
             break;
         }
     }
+    let mut put_back = Ok(());
     if let Some(g) = governor.filter(Governor::changed) {
         let ms = g.operator_ms();
-        if let Err(e) = qmp(path, |q| set_downtime_limit(q, ms)) {
-            tracing::warn!(
-                "QEMU's downtime-limit could not be put back to {ms} ms: {e} \
-                 (migrate-set-parameters downtime-limit={ms})"
-            );
+        // A few tries: QEMU's one QMP client may be busy for a moment.
+        for i in 0..3 {
+            if i > 0 {
+                std::thread::sleep(POLL);
+            }
+            put_back = qmp(path, |q| set_downtime_limit(q, ms)).map_err(|e| (ms, e));
+            if put_back.is_ok() {
+                break;
+            }
         }
+    }
+    match (put_back, journal) {
+        (Ok(()), Some((j, _))) => j.remove(),
+        (Ok(()), None) => {}
+        // The journal stays: the next migration command or the daemon's start puts it back.
+        (Err((ms, e)), _) => tracing::warn!(
+            "QEMU's downtime-limit could not be put back to {ms} ms yet: {e} \
+             (migrate-set-parameters downtime-limit={ms})"
+        ),
     }
 }
 

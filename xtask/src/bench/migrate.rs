@@ -293,7 +293,7 @@ impl Ctx<'_> {
     fn await_end(&self, qmp: &mut Qmp, row: &mut Row, started: Instant) -> anyhow::Result<()> {
         let left = self.opts.limit.saturating_sub(started.elapsed());
         let (status, _) = memfabric::migrate::run::await_status(qmp, left)?;
-        if !memfabric::migrate::run::settled(&status) {
+        if !memfabric::migrate::settled(&status) {
             qmp.execute("migrate_cancel", json!({}))?;
             row.outcome = format!("not done in {} s (cancelled)", self.opts.limit.as_secs());
         }
