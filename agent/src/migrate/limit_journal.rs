@@ -76,8 +76,17 @@ impl Journal {
         Ok(Journal { path })
     }
 
+    /// Removes the journal, and its directories once empty (nothing left on the host).
     pub fn remove(self) {
         let _ = std::fs::remove_file(&self.path);
+        if let Some(dir) = self.path.parent()
+            && std::fs::remove_dir(dir).is_ok()
+            && dir == Path::new(DIR)
+            && let Some(run) = dir.parent()
+        {
+            // /run/memfabric, made for it.
+            let _ = std::fs::remove_dir(run);
+        }
     }
 }
 
@@ -183,6 +192,6 @@ mod tests {
         assert!(!gone.exists());
         assert!(!garbage.exists());
         j.remove();
-        let _ = std::fs::remove_dir_all(&dir);
+        assert!(!dir.exists(), "an empty journal directory left");
     }
 }
