@@ -54,7 +54,7 @@ pub struct Governor {
     /// The wire's share of the stream in each of the last [`WINDOW`] polls, as (wire,
     /// stream) byte counts, oldest first; None for a poll with too little stream.
     shares: VecDeque<Option<(u64, u64)>>,
-    /// The correction was given up (too many passes).
+    /// The correction was given up (the first pass is over).
     released: bool,
 }
 
@@ -236,6 +236,23 @@ mod tests {
         // An operator's 0 is left alone.
         let (mut g, mut l) = (Governor::new(0), 0);
         assert_eq!(feed(&mut g, &mut l, 1 << 30, 1, 1), None);
+    }
+
+    #[test]
+    fn a_limit_qemu_did_not_take_is_forgotten() {
+        let mut g = Governor::new(300);
+        let at = |stream, wire, limit_ms| Poll {
+            stream,
+            wire,
+            limit_ms,
+            syncs: 1,
+        };
+        assert_eq!(g.poll(at(40 * MIB, 10 * MIB, 300)), Some(75));
+        // Setting it failed: QEMU still says 300, which is no one else's limit.
+        g.forget(75);
+        assert!(!g.changed());
+        assert_eq!(g.poll(at(80 * MIB, 20 * MIB, 300)), Some(75));
+        assert_eq!(g.operator_ms(), 300);
     }
 
     #[test]

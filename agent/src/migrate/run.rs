@@ -379,7 +379,11 @@ fn watch_qemu(path: &Path, stop: &std::sync::mpsc::Receiver<()>, progress: &Prog
                         }
                     }
                 }
-                set_downtime_limit(q, ms)?;
+                if let Err(e) = set_downtime_limit(q, ms) {
+                    // QEMU kept its limit: not to be taken for someone else's next poll.
+                    g.forget(ms);
+                    return Err(e);
+                }
                 progress
                     .lowest_downtime_limit
                     .fetch_min(ms, Ordering::Relaxed);
