@@ -214,12 +214,22 @@ pub fn write_atomic<T: Serialize>(
     name: &str,
     value: &T,
 ) -> Result<(), ActuateError> {
-    let path = lock.dir().join(name);
+    write_atomic_in(lock.dir(), name, value)
+}
+
+/// [`write_atomic`] into `dir`, a directory the caller made its own (mode 0700) without
+/// a state lock: one writer per file name.
+pub fn write_atomic_in<T: Serialize>(
+    dir: &Path,
+    name: &str,
+    value: &T,
+) -> Result<(), ActuateError> {
+    let path = dir.join(name);
     let err = |source| ActuateError::JournalWrite {
         path: path.clone(),
         source,
     };
-    let tmp = lock.dir().join(format!(".{name}.tmp"));
+    let tmp = dir.join(format!(".{name}.tmp"));
     let text = serde_json::to_string_pretty(value)
         .map_err(std::io::Error::other)
         .map_err(err)?;
@@ -240,9 +250,7 @@ pub fn write_atomic<T: Serialize>(
     f.write_all(text.as_bytes()).map_err(err)?;
     f.sync_all().map_err(err)?;
     fs::rename(&tmp, &path).map_err(err)?;
-    File::open(lock.dir())
-        .and_then(|d| d.sync_all())
-        .map_err(err)?;
+    File::open(dir).and_then(|d| d.sync_all()).map_err(err)?;
     Ok(())
 }
 
@@ -261,7 +269,20 @@ pub fn read_json<T: serde::de::DeserializeOwned>(
     name: &str,
     max: u64,
 ) -> Result<Option<T>, ActuateError> {
-    let path = lock.dir().join(name);
+    read_json_in(lock.dir(), name, max)
+}
+
+/// [`read_json`] from `dir` (see [`write_atomic_in`]).
+pub fn read_json_in<T: serde::de::DeserializeOwned>(
+    dir: &Path,
+    name: &str,
+    max: u64,
+) -> Result<Option<T>, ActuateError> {
+    let path = dir.join(name);
+    let corrupt = |message: String| ActuateError::CorruptJournal {
+        path: path.clone(),
+        message,
+    };
     let file = match OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
@@ -274,13 +295,13 @@ pub fn read_json<T: serde::de::DeserializeOwned>(
     let mut text = String::new();
     file.take(max + 1)
         .read_to_string(&mut text)
-        .map_err(|e| corrupt(lock, name, e.to_string()))?;
+        .map_err(|e| corrupt(e.to_string()))?;
     if text.len() as u64 > max {
-        return Err(corrupt(lock, name, format!("larger than {max} bytes")));
+        return Err(corrupt(format!("larger than {max} bytes")));
     }
     serde_json::from_str(&text)
         .map(Some)
-        .map_err(|e| corrupt(lock, name, e.to_string()))
+        .map_err(|e| corrupt(e.to_string()))
 }
 
 /// Removes the state file `name` (absent is fine).

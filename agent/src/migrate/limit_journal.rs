@@ -9,12 +9,11 @@
 //! the operator's limit and the writing process; root's own directory, mode 0700.
 
 use std::{
-    io::Write as _,
-    os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _},
+    os::unix::fs::DirBuilderExt as _,
     path::{Path, PathBuf},
 };
 
-use crate::actuate::qmp::Qmp;
+use crate::actuate::{journal, qmp::Qmp};
 
 /// Where journals live.
 pub const DIR: &str = "/run/memfabric/downtime-limits";
@@ -34,9 +33,9 @@ pub struct Journal {
     path: PathBuf,
 }
 
-fn file_for(dir: &Path, qmp: &Path) -> PathBuf {
+fn name_for(qmp: &Path) -> String {
     let h = xxhash_rust::xxh3::xxh3_64(qmp.as_os_str().as_encoded_bytes());
-    dir.join(format!("{h:016x}.json"))
+    format!("{h:016x}.json")
 }
 
 impl Journal {
@@ -57,23 +56,16 @@ impl Journal {
             .recursive(true)
             .mode(0o700)
             .create(dir)?;
-        let path = file_for(dir, qmp);
-        let tmp = path.with_extension("tmp");
+        let name = name_for(qmp);
         let entry = Entry {
             qmp: qmp.to_owned(),
             operator_ms,
             pid,
         };
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        f.write_all(&serde_json::to_vec(&entry).map_err(std::io::Error::other)?)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, &path)?;
-        Ok(Journal { path })
+        journal::write_atomic_in(dir, &name, &entry).map_err(std::io::Error::other)?;
+        Ok(Journal {
+            path: dir.join(name),
+        })
     }
 
     /// Removes the journal, and its directories once empty (nothing left on the host).
@@ -99,16 +91,20 @@ pub fn recover(dir: &Path) -> Vec<(PathBuf, u64)> {
     let Ok(files) = std::fs::read_dir(dir) else {
         return restored;
     };
+    if let Err(e) = journal::trusted(dir) {
+        // Anyone who could write here could have memfabric set any QEMU's limit.
+        tracing::warn!("downtime-limit journals not read: {e}");
+        return restored;
+    }
     for f in files.flatten() {
         let path = f.path();
-        if path.extension().is_none_or(|e| e != "json") {
+        let name = f.file_name();
+        let Some(name) = name.to_str().filter(|n| n.ends_with(".json")) else {
             continue;
-        }
-        let entry = std::fs::metadata(&path)
+        };
+        let entry = journal::read_json_in::<Entry>(dir, name, MAX_BYTES)
             .ok()
-            .filter(|m| m.is_file() && m.len() <= MAX_BYTES)
-            .and_then(|_| std::fs::read(&path).ok())
-            .and_then(|b| serde_json::from_slice::<Entry>(&b).ok());
+            .flatten();
         let Some(entry) = entry else {
             tracing::warn!("{}: not a downtime-limit journal, removed", path.display());
             let _ = std::fs::remove_file(&path);
