@@ -545,9 +545,10 @@ impl Drop for Migrated {
 /// (network namespaces joined by a veth), the destination's agent starting the incoming
 /// QEMU itself. First the destination, named, refuses (its config names no QEMU): the VM
 /// keeps running on the source. Then it accepts, and `--to best` picks it from the
-/// source's candidates: the guest moves with a fraction of the bytes (its twin runs on the
-/// destination), runs there, the source QEMU is gone, and the destination's metrics count
-/// it.
+/// source's candidates (that migration is interrupted by the operator). The consolidation
+/// plan moves the guest to the destination, which runs two guests of the same image, and
+/// `plan --apply` carries it out: the guest moves with a fraction of the bytes, runs
+/// there, the source QEMU is gone, and the destination's metrics count it.
 #[test]
 #[serial_test::serial]
 fn a_guest_moves_to_the_peer_holding_most_of_it_whose_agent_runs_it() {
@@ -555,14 +556,27 @@ fn a_guest_moves_to_the_peer_holding_most_of_it_whose_agent_runs_it() {
     if !privileged("a_guest_moves_to_the_peer_holding_most_of_it_whose_agent_runs_it") {
         return;
     }
-    let setup = Setup::new("migrate-peer-test", 2, 15);
-    let (dir, src, twin) = (&setup.dir, &setup.guests[0], &setup.guests[1]);
+    let setup = Setup::new("migrate-peer-test", 3, 15);
+    let (dir, src, twin, third) = (
+        &setup.dir,
+        &setup.guests[0],
+        &setup.guests[1],
+        &setup.guests[2],
+    );
     let _migrated = Migrated(src.uuid.clone(), src.pid);
     let hosts = TwoHosts::up().expect("the two lab hosts");
     let key = dir.join("gossip.key");
     std::fs::write(&key, [7u8; 32]).unwrap();
     std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    // Both agents see every QEMU of the machine (the lab's hosts are network namespaces,
+    // not PID namespaces): each keeps the other host's guests out of what it publishes
+    // with a domain that does not share, so that the fabric sees each guest on its host.
     let config = |name: &str, ip: std::net::Ipv4Addr, incoming: bool| {
+        let elsewhere = if name == "src" {
+            format!("\"{}\", \"{}\"", twin.uuid, third.uuid)
+        } else {
+            format!("\"{}\"", src.uuid)
+        };
         let (cert, k) = setup.pki.leaf(&[name, &ip.to_string()]);
         std::fs::write(dir.join(format!("{name}-fabric.crt")), cert).unwrap();
         std::fs::write(dir.join(format!("{name}-fabric.key")), k).unwrap();
@@ -570,7 +584,8 @@ fn a_guest_moves_to_the_peer_holding_most_of_it_whose_agent_runs_it() {
         std::fs::write(
             &path,
             format!(
-                "[fabric]\nnode = \"{name}\"\nca_file = \"{d}/ca.crt\"\n\
+                "[[domain]]\nname = \"elsewhere\"\nuuids = [{elsewhere}]\nshare = false\n\n\
+                 [fabric]\nnode = \"{name}\"\nca_file = \"{d}/ca.crt\"\n\
                  cert_file = \"{d}/{name}-fabric.crt\"\nkey_file = \"{d}/{name}-fabric.key\"\n\
                  gossip_key_file = \"{k}\"\ngossip_interval_ms = 300\n{q}",
                 d = dir.display(),
@@ -642,48 +657,13 @@ fn a_guest_moves_to_the_peer_holding_most_of_it_whose_agent_runs_it() {
     assert!(migrated_qemu(&src.uuid, src.pid).is_none());
     drop(refusing);
 
-    // One that does.
+    // One that does, running two guests of the image.
     let accepting_cfg = config("dst", DST_ADDR, true);
     let _dst_agent = fabric_daemon(&hosts, Side::Dst, &accepting_cfg, dir, twin.pid);
     std::thread::sleep(Duration::from_secs(2));
     assert!(
         peer_live(),
         "the destination's agent never became a live peer again: {}",
-        logs()
-    );
-    // An operator's Ctrl-C mid-stream (the link capped so that the stream takes a while):
-    // the guest runs on the source, the destination drops its QEMU.
-    let interrupted = hosts
-        .command(Side::Src, &agent_binary())
-        .args(["migrate", "--vm", &src.name, "--to", "dst", "--config"])
-        .arg(&src_cfg)
-        .args(["--endpoint", "http://127.0.0.1:9977", "--bandwidth", "20M"])
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    assert!(
-        memfabric_harness::wait_for(Duration::from_secs(60), || migrated_qemu(
-            &src.uuid, src.pid
-        )
-        .is_some()),
-        "the destination never started its QEMU: {}",
-        logs()
-    );
-    std::thread::sleep(Duration::from_secs(3));
-    // SAFETY: plain kill(2) of the migrate command this test started.
-    unsafe { libc::kill(interrupted.id() as i32, libc::SIGINT) };
-    let out = interrupted.wait_with_output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(err.contains("interrupted"), "{err}");
-    let status = qmp(&setup.src_qmp(), "query-status", serde_json::json!({}));
-    assert_eq!(status["status"], "running", "{status}");
-    assert!(
-        memfabric_harness::wait_for(Duration::from_secs(30), || migrated_qemu(
-            &src.uuid, src.pid
-        )
-        .is_none()),
-        "the destination kept its QEMU after the source gave up: {}",
         logs()
     );
 
@@ -707,10 +687,102 @@ fn a_guest_moves_to_the_peer_holding_most_of_it_whose_agent_runs_it() {
         })
     });
     assert!(best, "no candidate for {} on dst: {}", src.name, logs());
-    let (code, out, err) = migrate("best");
+
+    // An operator's Ctrl-C mid-stream of a migration to `best` (the link capped so that
+    // the stream takes a while): the guest runs on the source, the destination drops its
+    // QEMU.
+    let interrupted = hosts
+        .command(Side::Src, &agent_binary())
+        .args(["migrate", "--vm", &src.name, "--to", "best", "--config"])
+        .arg(&src_cfg)
+        .args(["--endpoint", "http://127.0.0.1:9977", "--bandwidth", "20M"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    assert!(
+        memfabric_harness::wait_for(Duration::from_secs(60), || migrated_qemu(
+            &src.uuid, src.pid
+        )
+        .is_some()),
+        "the destination never started its QEMU: {}",
+        logs()
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    // SAFETY: plain kill(2) of the migrate command this test started.
+    unsafe { libc::kill(interrupted.id() as i32, libc::SIGINT) };
+    let out = interrupted.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("to dst at"), "`best` is not dst: {err}");
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("interrupted"), "{err}");
+    let status = qmp(&setup.src_qmp(), "query-status", serde_json::json!({}));
+    assert_eq!(status["status"], "running", "{status}");
+    assert!(
+        memfabric_harness::wait_for(Duration::from_secs(30), || migrated_qemu(
+            &src.uuid, src.pid
+        )
+        .is_none()),
+        "the destination kept its QEMU after the source gave up: {}",
+        logs()
+    );
+
+    // The consolidation plan: the three guests share most of their pages, so they fit on
+    // one host, the destination, which runs two of them: the source's guest moves there.
+    // Without --apply nothing moves.
+    let planned = memfabric_harness::wait_for(Duration::from_secs(120), || {
+        let (_, out, _) = on_source(
+            &hosts,
+            &["plan", "--json", "--endpoint", "http://127.0.0.1:9977"],
+        );
+        serde_json::from_str::<serde_json::Value>(&out).is_ok_and(|p| {
+            p["moves"].as_array().is_some_and(|m| {
+                m.len() == 1
+                    && m[0]["vm"] == src.uuid.as_str()
+                    && m[0]["from"] == "src"
+                    && m[0]["to"] == "dst"
+            })
+        })
+    });
+    let (_, plan, _) = on_source(&hosts, &["plan", "--endpoint", "http://127.0.0.1:9977"]);
+    assert!(
+        planned,
+        "no plan moving {} to dst: {plan}\n{}",
+        src.uuid,
+        logs()
+    );
+    assert!(
+        plan.contains(&format!("move {} from src to dst", src.uuid)),
+        "{plan}"
+    );
+    let status = qmp(&setup.src_qmp(), "query-status", serde_json::json!({}));
+    assert_eq!(
+        status["status"], "running",
+        "a dry run moved the guest: {status}"
+    );
+    assert!(migrated_qemu(&src.uuid, src.pid).is_none());
+    // --apply carries the move out through the proxies.
+    let (code, out, err) = on_source(
+        &hosts,
+        &[
+            "plan",
+            "--apply",
+            "--config",
+            src_cfg.to_str().unwrap(),
+            "--endpoint",
+            "http://127.0.0.1:9977",
+            "--json",
+        ],
+    );
     eprintln!("{err}");
-    assert!(err.contains("to dst at"), "{err}");
     assert_eq!(code, 0, "{err}\n{}", logs());
+    assert!(
+        err.contains(&format!("move 1 of 1: {} from src to dst", src.uuid)),
+        "{err}"
+    );
+    assert!(
+        err.contains("to dst at") && err.contains("1 move done"),
+        "{err}"
+    );
     let summary: serde_json::Value = serde_json::from_str(out.trim()).expect(&out);
     eprintln!("migrated through the agents: {summary}");
     let (wire, stream) = (

@@ -168,14 +168,28 @@ pub(super) fn plan(args: PlanArgs) -> anyhow::Result<ExitCode> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
+    // With --json each migration's summary is one line of JSON on stdout, and what is
+    // said about the moves goes to stderr.
+    let json = fabric.json;
+    let say = |line: String| {
+        if json {
+            eprintln!("{line}");
+        } else {
+            println!("{line}");
+        }
+    };
     let to_peer = super::migrate::ToPeer {
         config,
         endpoint: fabric.endpoint.clone(),
         bandwidth,
-        json: false,
+        json,
     };
     for (i, (vm, to)) in moves.iter().enumerate() {
-        println!("move {} of {}: {vm} from {me} to {to}", i + 1, moves.len());
+        say(format!(
+            "move {} of {}: {vm} from {me} to {to}",
+            i + 1,
+            moves.len()
+        ));
         let code = super::migrate::migrate_one(&to_peer, vm, to, &rt);
         if code != ExitCode::SUCCESS {
             eprintln!(
@@ -186,7 +200,10 @@ pub(super) fn plan(args: PlanArgs) -> anyhow::Result<ExitCode> {
             return Ok(code);
         }
     }
-    println!("{} moves done", moves.len());
+    say(match moves.len() {
+        1 => "1 move done".to_owned(),
+        n => format!("{n} moves done"),
+    });
     Ok(ExitCode::SUCCESS)
 }
 
