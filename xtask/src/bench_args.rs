@@ -38,6 +38,15 @@ pub enum InProcess {
         #[arg(long, default_value_t = 60.0)]
         gossip_interval_s: f64,
     },
+    /// Indexing a destination's pages before a migration (the index its filter is built
+    /// from): holders of `gib` GiB in all indexed by one thread and by the default number
+    /// (the host's cores, at most 8), interleaved rounds; wall time and throughput.
+    Index {
+        #[arg(long, default_value_t = 4)]
+        gib: usize,
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+    },
     /// Taking a merged range out of KSM: memfabric's bounded injected calls vs one call
     /// over the whole range; the guest's longest fault stall, interleaved rounds.
     Unmerge {
