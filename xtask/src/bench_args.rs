@@ -47,6 +47,15 @@ pub enum InProcess {
         #[arg(long, default_value_t = 5)]
         rounds: usize,
     },
+    /// The two proxies' throughput without QEMU or a link: a synthetic stream of a `mib`
+    /// MiB guest (half held by the destination) through mutual TLS on loopback, the
+    /// source proxy on one thread and on two, interleaved rounds.
+    Proxy {
+        #[arg(long, default_value_t = 512)]
+        mib: usize,
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+    },
     /// Taking a merged range out of KSM: memfabric's bounded injected calls vs one call
     /// over the whole range; the guest's longest fault stall, interleaved rounds.
     Unmerge {

@@ -25,6 +25,9 @@ pub(crate) enum LabCmd {
         rate: u32,
         #[arg(long, value_enum, default_value = "static")]
         profile: Profile,
+        /// Guest RAM (e.g. 256M, 2G); a larger guest holds proportionally more data.
+        #[arg(long, default_value = "256M", value_parser = lab::parse_mem)]
+        mem: u32,
     },
 }
 
@@ -101,7 +104,7 @@ pub(crate) fn run(c: LabCmd) -> anyhow::Result<()> {
             print_status();
             Ok(())
         }
-        LabCmd::Migrate { rate, profile } => {
+        LabCmd::Migrate { rate, profile, mem } => {
             if !xtask::cmd::is_root() {
                 bail!("the lab hosts are network namespaces: run as root");
             }
@@ -115,6 +118,7 @@ pub(crate) fn run(c: LabCmd) -> anyhow::Result<()> {
                 repeat: 1,
                 donors: vec!["twin"],
                 verify: true,
+                mem_mb: mem,
             })
         }
         LabCmd::Down => {

@@ -165,9 +165,7 @@ pub(super) fn plan(args: PlanArgs) -> anyhow::Result<ExitCode> {
         println!("no move of the plan starts on this host ({me}): nothing to do");
         return Ok(ExitCode::SUCCESS);
     }
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
+    let rt = super::migrate::runtime()?;
     // With --json each migration's summary is one line of JSON on stdout, and what is
     // said about the moves goes to stderr.
     let json = fabric.json;

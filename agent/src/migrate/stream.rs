@@ -287,8 +287,72 @@ impl Splitter {
     }
 }
 
+/// A stream as QEMU writes it for a guest whose RAM is `pages` (one block, `pc.ram`, every
+/// page sent once in one iteration, then the end section and the end marker): what
+/// `bench proxy` pushes through the proxies without a QEMU.
+pub fn ram_stream(pages: &[[u8; PAGE]]) -> Vec<u8> {
+    let mut s = MAGIC.to_vec();
+    s.push(CONFIGURATION);
+    s.extend(13u32.to_be_bytes());
+    s.extend(b"pc-i440fx-7.2");
+    s.push(SECTION_START);
+    s.extend(2u32.to_be_bytes());
+    s.push(3);
+    s.extend(b"ram");
+    s.extend(0u32.to_be_bytes());
+    s.extend(4u32.to_be_bytes());
+    let len = (pages.len().max(1) * PAGE) as u64;
+    s.extend((len | FLAG_MEM_SIZE).to_be_bytes());
+    s.push(6);
+    s.extend(b"pc.ram");
+    s.extend(len.to_be_bytes());
+    s.extend(FLAG_EOS.to_be_bytes());
+    s.extend([SECTION_FOOTER, 0, 0, 0, 2]);
+    s.push(SECTION_PART);
+    s.extend(2u32.to_be_bytes());
+    for (i, page) in pages.iter().enumerate() {
+        let at = (i * PAGE) as u64;
+        if i == 0 {
+            s.extend((at | FLAG_PAGE).to_be_bytes());
+            s.push(6);
+            s.extend(b"pc.ram");
+        } else {
+            s.extend((at | FLAG_PAGE | FLAG_CONTINUE).to_be_bytes());
+        }
+        s.extend(page);
+    }
+    s.extend(FLAG_EOS.to_be_bytes());
+    s.extend([SECTION_FOOTER, 0, 0, 0, 2]);
+    s.push(SECTION_END);
+    s.extend(2u32.to_be_bytes());
+    s.extend(FLAG_EOS.to_be_bytes());
+    s.extend([SECTION_FOOTER, 0, 0, 0, 2]);
+    s.push(0);
+    s
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
+    #[test]
+    fn a_generated_ram_stream_splits_into_its_pages() {
+        let pages: Vec<[u8; PAGE]> = (1..=5u8).map(|b| [b; PAGE]).collect();
+        let s = super::ram_stream(&pages);
+        let mut split = Splitter::new();
+        let (mut at, mut found) = (0, Vec::new());
+        while let Some(t) = split.next(&s[at..]).or_else(|| split.finish(&s[at..])) {
+            if t == Token::Page {
+                found.push(s[at..at + PAGE].to_vec());
+            }
+            at += t.len();
+            if at == s.len() {
+                break;
+            }
+        }
+        assert_eq!(at, s.len());
+        assert_eq!(found, pages.iter().map(|p| p.to_vec()).collect::<Vec<_>>());
+        assert_eq!(split.records(), (5, 0));
+    }
+
     use super::*;
 
     /// A stream as QEMU 7.2 writes it: header, configuration, ram setup with two blocks,

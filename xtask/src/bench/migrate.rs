@@ -93,6 +93,8 @@ pub(crate) struct Options {
     /// What the destination holds: `none` (nothing of the guest's), `twin` (a guest of
     /// the same image with another seed), each in turn.
     pub donors: Vec<&'static str>,
+    /// Guest RAM of the migrated guest and its twin, in MiB (the workload scaled to it).
+    pub mem_mb: u32,
     /// After each completed migration, start the guest on the destination and check that
     /// it runs there (then stop it).
     pub verify: bool,
@@ -148,6 +150,7 @@ pub(crate) fn run(opts: &Options) -> anyhow::Result<()> {
                     guests: 1,
                     first,
                     profile,
+                    mem_mb: opts.mem_mb,
                     ..UpOptions::default()
                 })
             };

@@ -81,6 +81,10 @@ pub(crate) enum Bench {
         /// Migrations of each kind per setting, interleaved; medians are reported.
         #[arg(long, default_value_t = 3)]
         repeat: u32,
+        /// Guest RAM of the migrated guest and its twin (e.g. 256M, 2G); a larger guest
+        /// holds proportionally more data.
+        #[arg(long, default_value = "256M", value_parser = xtask::lab::parse_mem)]
+        mem: u32,
     },
 }
 
@@ -136,6 +140,7 @@ pub(crate) fn run(which: Bench) -> anyhow::Result<()> {
         rate,
         limit,
         repeat,
+        mem,
     } = &which
     {
         return migrate::run(&migrate::Options {
@@ -146,6 +151,7 @@ pub(crate) fn run(which: Bench) -> anyhow::Result<()> {
             repeat: (*repeat).max(1),
             donors: vec!["none", "twin"],
             verify: false,
+            mem_mb: *mem,
             out: cmd::root().join("reports"),
         });
     }

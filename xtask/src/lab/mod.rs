@@ -210,7 +210,7 @@ pub fn up(opts: &UpOptions) -> anyhow::Result<Vec<Guest>> {
         match start(
             &images,
             &format!("lab-{n}"),
-            Workload::new(opts.profile, n),
+            Workload::new(opts.profile, n).scaled_to(opts.mem_mb),
             opts.mem_mb,
             i as usize,
             opts.mem_merge,

@@ -62,6 +62,16 @@ impl Workload {
         }
     }
 
+    /// The workload of a guest of `mem_mb` MiB: the sizes above are for the lab's 256 MiB;
+    /// a guest n times larger holds n times the shared and random data (its churn stays as
+    /// it is), so that a large guest is as full as a small one.
+    pub fn scaled_to(mut self, mem_mb: u32) -> Workload {
+        let n = (mem_mb / 256).max(1);
+        self.shared_mb *= n;
+        self.random_mb *= n;
+        self
+    }
+
     /// The guest's kernel command line.
     pub fn append(&self) -> String {
         // /init treats mixed like static; the difference is in own_mb and the kernels.

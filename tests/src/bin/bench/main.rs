@@ -21,6 +21,7 @@ use xtask::{
 
 mod fabric;
 mod index;
+mod proxy;
 mod scale;
 mod scale_daemon;
 mod scan;
@@ -245,6 +246,7 @@ fn main() -> anyhow::Result<()> {
             gossip_interval_s.max(0.1),
         ),
         InProcess::Index { gib, rounds } => index::run(&cli.out, gib.max(1), rounds.max(1)),
+        InProcess::Proxy { mib, rounds } => proxy::run(&cli.out, mib.max(16), rounds.max(1)),
         InProcess::Unmerge { mib, rounds } => unmerge::run(&cli.out, mib.max(16), rounds.max(1)),
         InProcess::Scale {
             gib,
