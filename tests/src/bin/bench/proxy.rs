@@ -232,7 +232,7 @@ fn report(
     };
     let mut md = format!(
         "# bench proxy: a {mib} MiB guest's stream (half held by the destination), {rounds} \
-         rounds\n\n| source proxy threads | wall s (median) | MB/s | CPU s (both proxies) |\n\
+         rounds\n\n| source proxy threads | wall s (median) | MB/s | CPU s (proxies and stand-in QEMUs) |\n\
          |---|---|---|---|\n"
     );
     for threads in [1, 2] {
