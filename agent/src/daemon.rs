@@ -100,8 +100,8 @@ pub struct Daemon {
     proc_errors: u64,
     /// Peers on other hosts (`[fabric]`), told of the local VMs after each scan pass.
     fabric: Option<Arc<crate::fabric::node::Fabric>>,
-    /// The scan pass last published to the fabric.
-    fabric_passes: Option<u32>,
+    /// The scan pass and the tracked VMs last published to the fabric.
+    fabric_passes: Option<(u32, Vec<u32>)>,
     domains: Vec<crate::config::Domain>,
     /// VMs that arrived or left since the start (see [`crate::control::pace`]).
     vm_changes: u64,
@@ -194,19 +194,23 @@ impl Daemon {
         })
     }
 
-    /// Tells the fabric the local VMs of a new scan pass: keyed by UUID, else name; VMs of
-    /// a domain that must not share are left out (their page hashes leave no host), and so
+    /// Tells the fabric the local VMs after a new scan pass, or when VMs came or went
+    /// (a VM that exited must not stay in the summary until the next pass, which on a quiet
+    /// host may be an hour away): keyed by UUID, else name, one entry per key (an incoming
+    /// migration's QEMU has its source's UUID: the larger one stands for the VM); VMs of a
+    /// domain that must not share are left out (their page hashes leave no host), and so
     /// are guests whose operator turned merging off (they share with nothing, here or
     /// elsewhere).
     fn publish_to_fabric(&mut self, report: &crate::scan::Report) {
         let (Some(fabric), Some(sketches)) = (&self.fabric, &report.sketches) else {
             return;
         };
-        if self.fabric_passes == Some(report.passes) {
+        let published = (report.passes, self.vms.keys().copied().collect::<Vec<_>>());
+        if self.fabric_passes.as_ref() == Some(&published) {
             return;
         }
-        self.fabric_passes = Some(report.passes);
-        let vms = self
+        self.fabric_passes = Some(published);
+        let vms: Vec<_> = self
             .vms
             .iter()
             .filter(|(_, vm)| {
@@ -224,7 +228,7 @@ impl Daemon {
                 })
             })
             .collect();
-        fabric.publish(vms);
+        fabric.publish(one_per_id(vms));
     }
 
     /// Tells the probes which pages of a newly tracked process KSM merged before memfabric
@@ -874,4 +878,39 @@ pub async fn serve(
     }
     tracing::info!("probes detached; bye");
     result
+}
+
+/// One entry per VM id, the one with the most memory present: two processes of one UUID
+/// on a host are one VM (an incoming migration's QEMU beside its source, a leftover).
+fn one_per_id(
+    vms: Vec<crate::fabric::node::LocalVmState>,
+) -> Vec<crate::fabric::node::LocalVmState> {
+    let mut by_id: BTreeMap<String, crate::fabric::node::LocalVmState> = BTreeMap::new();
+    for v in vms {
+        match by_id.get(&v.id) {
+            Some(kept) if kept.bytes >= v.bytes => {}
+            _ => {
+                by_id.insert(v.id.clone(), v);
+            }
+        }
+    }
+    by_id.into_values().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{fabric::node::LocalVmState, sketch::Sketch};
+
+    #[test]
+    fn two_processes_of_one_vm_are_published_once_the_larger() {
+        let v = |id: &str, bytes| LocalVmState {
+            id: id.into(),
+            bytes,
+            sketch: Sketch::new(8),
+        };
+        let out = one_per_id(vec![v("a", 10), v("b", 5), v("a", 30), v("a", 20)]);
+        let got: Vec<_> = out.iter().map(|v| (v.id.as_str(), v.bytes)).collect();
+        assert_eq!(got, [("a", 30), ("b", 5)]);
+    }
 }
