@@ -100,8 +100,9 @@ pub struct Daemon {
     proc_errors: u64,
     /// Peers on other hosts (`[fabric]`), told of the local VMs after each scan pass.
     fabric: Option<Arc<crate::fabric::node::Fabric>>,
-    /// The scan pass and the tracked VMs last published to the fabric.
-    fabric_passes: Option<(u32, Vec<u32>)>,
+    /// The scan pass and the count of VM arrivals and departures ([`Daemon::vm_changes`])
+    /// last published to the fabric.
+    fabric_published: Option<(u32, u64)>,
     domains: Vec<crate::config::Domain>,
     /// VMs that arrived or left since the start (see [`crate::control::pace`]).
     vm_changes: u64,
@@ -185,7 +186,7 @@ impl Daemon {
             merged_pages_seeded: 0,
             proc_errors: 0,
             fabric: None,
-            fabric_passes: None,
+            fabric_published: None,
             domains: cfg.domains.clone(),
             vm_changes: 0,
             hints_applied: 0,
@@ -205,11 +206,11 @@ impl Daemon {
         let (Some(fabric), Some(sketches)) = (&self.fabric, &report.sketches) else {
             return;
         };
-        let published = (report.passes, self.vms.keys().copied().collect::<Vec<_>>());
-        if self.fabric_passes.as_ref() == Some(&published) {
+        let published = (report.passes, self.vm_changes);
+        if self.fabric_published == Some(published) {
             return;
         }
-        self.fabric_passes = Some(published);
+        self.fabric_published = Some(published);
         let vms: Vec<_> = self
             .vms
             .iter()

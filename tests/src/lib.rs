@@ -271,3 +271,22 @@ impl Drop for TestLab {
         let _ = std::fs::remove_dir_all(&self.state);
     }
 }
+
+/// A source's and a destination's (`dst`) proxy credentials under `pki`, written into
+/// `dir`: what the migration tests and `bench proxy` give the two proxies.
+pub fn proxy_tls(
+    pki: &memfabric_harness::Pki,
+    dir: &std::path::Path,
+) -> (memfabric::migrate::run::Tls, memfabric::migrate::run::Tls) {
+    let mut tls = pki
+        .write(dir, &["src", "dst"])
+        .into_iter()
+        .map(|(cert, key)| memfabric::migrate::run::Tls {
+            ca: dir.join("ca.crt"),
+            cert,
+            key,
+        });
+    let src = tls.next().expect("the source's certificate");
+    let dst = tls.next().expect("the destination's certificate");
+    (src, dst)
+}

@@ -40,15 +40,7 @@ impl Setup {
         })
         .expect("booting lab guests");
         let pki = memfabric_harness::Pki::new("migration test cluster");
-        let mut tls = pki
-            .write(&dir, &["src", "dst"])
-            .into_iter()
-            .map(|(cert, key)| Tls {
-                ca: dir.join("ca.crt"),
-                cert,
-                key,
-            });
-        let (src, dst) = (tls.next().unwrap(), tls.next().unwrap());
+        let (src, dst) = memfabric_tests::proxy_tls(&pki, &dir);
         Setup {
             _lab: lab,
             pki,

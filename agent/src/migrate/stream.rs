@@ -291,23 +291,7 @@ impl Splitter {
 /// page sent once in one iteration, then the end section and the end marker): what
 /// `bench proxy` pushes through the proxies without a QEMU.
 pub fn ram_stream(pages: &[[u8; PAGE]]) -> Vec<u8> {
-    let mut s = MAGIC.to_vec();
-    s.push(CONFIGURATION);
-    s.extend(13u32.to_be_bytes());
-    s.extend(b"pc-i440fx-7.2");
-    s.push(SECTION_START);
-    s.extend(2u32.to_be_bytes());
-    s.push(3);
-    s.extend(b"ram");
-    s.extend(0u32.to_be_bytes());
-    s.extend(4u32.to_be_bytes());
-    let len = (pages.len().max(1) * PAGE) as u64;
-    s.extend((len | FLAG_MEM_SIZE).to_be_bytes());
-    s.push(6);
-    s.extend(b"pc.ram");
-    s.extend(len.to_be_bytes());
-    s.extend(FLAG_EOS.to_be_bytes());
-    s.extend([SECTION_FOOTER, 0, 0, 0, 2]);
+    let mut s = ram_setup(&[("pc.ram", (pages.len().max(1) * PAGE) as u64)]);
     s.push(SECTION_PART);
     s.extend(2u32.to_be_bytes());
     for (i, page) in pages.iter().enumerate() {
@@ -331,8 +315,35 @@ pub fn ram_stream(pages: &[[u8; PAGE]]) -> Vec<u8> {
     s
 }
 
+/// How a stream begins: QEMU's header and configuration section, then the `ram`
+/// section's setup of `blocks` (name, bytes) up to its footer.
+fn ram_setup(blocks: &[(&str, u64)]) -> Vec<u8> {
+    let mut s = MAGIC.to_vec();
+    s.push(CONFIGURATION);
+    s.extend(13u32.to_be_bytes());
+    s.extend(b"pc-i440fx-7.2");
+    s.push(SECTION_START);
+    s.extend(2u32.to_be_bytes());
+    s.push(3);
+    s.extend(b"ram");
+    s.extend(0u32.to_be_bytes());
+    s.extend(4u32.to_be_bytes());
+    let total: u64 = blocks.iter().map(|(_, len)| len).sum();
+    s.extend((total | FLAG_MEM_SIZE).to_be_bytes());
+    for (name, len) in blocks {
+        s.push(u8::try_from(name.len()).unwrap_or(u8::MAX));
+        s.extend(name.as_bytes());
+        s.extend(len.to_be_bytes());
+    }
+    s.extend(FLAG_EOS.to_be_bytes());
+    s.extend([SECTION_FOOTER, 0, 0, 0, 2]);
+    s
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
+    use super::*;
+
     #[test]
     fn a_generated_ram_stream_splits_into_its_pages() {
         let pages: Vec<[u8; PAGE]> = (1..=5u8).map(|b| [b; PAGE]).collect();
@@ -353,30 +364,11 @@ pub(crate) mod tests {
         assert_eq!(split.records(), (5, 0));
     }
 
-    use super::*;
-
     /// A stream as QEMU 7.2 writes it: header, configuration, ram setup with two blocks,
     /// one iteration with a page, a zero page and a page continuing the block, the end
     /// section with one more page, then a device section and the end marker.
     pub(crate) fn sample(pages: &[[u8; PAGE]; 3]) -> Vec<u8> {
-        let mut s = MAGIC.to_vec();
-        s.push(CONFIGURATION);
-        s.extend(13u32.to_be_bytes());
-        s.extend(b"pc-i440fx-7.2");
-        s.push(SECTION_START);
-        s.extend(2u32.to_be_bytes());
-        s.push(3);
-        s.extend(b"ram");
-        s.extend(0u32.to_be_bytes());
-        s.extend(4u32.to_be_bytes());
-        s.extend((0x0300_0000u64 | FLAG_MEM_SIZE).to_be_bytes());
-        for (name, len) in [("pc.ram", 0x0200_0000u64), ("pc.bios", 0x0100_0000)] {
-            s.push(u8::try_from(name.len()).unwrap());
-            s.extend(name.as_bytes());
-            s.extend(len.to_be_bytes());
-        }
-        s.extend(FLAG_EOS.to_be_bytes());
-        s.extend([SECTION_FOOTER, 0, 0, 0, 2]);
+        let mut s = ram_setup(&[("pc.ram", 0x0200_0000), ("pc.bios", 0x0100_0000)]);
         s.push(SECTION_PART);
         s.extend(2u32.to_be_bytes());
         s.extend(FLAG_PAGE.to_be_bytes());

@@ -86,11 +86,7 @@ fn report(
     many: usize,
     samples: &[Sample],
 ) -> anyhow::Result<()> {
-    let dir = out.join(format!(
-        "index-{}",
-        memfabric::util::clock::since_epoch().as_secs()
-    ));
-    fs::create_dir_all(&dir)?;
+    let dir = xtask::report::dir(out, "index")?;
     let mut csv = String::from("threads,wall_s,pages,read_bytes\n");
     for s in samples {
         writeln!(

@@ -21,7 +21,7 @@ use memfabric::{
     migrate::{
         Progress,
         holdings::Holdings,
-        run::{self, SocketSendOptions, Tls},
+        run::{self, SocketSendOptions},
         stream::{PAGE, ram_stream},
     },
 };
@@ -83,16 +83,8 @@ pub(crate) fn run(out: &Path, mib: usize, rounds: usize) -> anyhow::Result<()> {
     let _ = fs::remove_dir_all(&dir);
     fs::create_dir_all(&dir)?;
     let pki = memfabric_harness::Pki::new("bench proxy");
-    let tls: Vec<Tls> = pki
-        .write(&dir, &["src", "dst"])
-        .into_iter()
-        .map(|(cert, key)| Tls {
-            ca: dir.join("ca.crt"),
-            cert,
-            key,
-        })
-        .collect();
-    let server = tls[1].load()?.server;
+    let (src_tls, dst_tls) = memfabric_tests::proxy_tls(&pki, &dir);
+    let server = dst_tls.load()?.server;
     let dest_rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -152,7 +144,7 @@ pub(crate) fn run(out: &Path, mib: usize, rounds: usize) -> anyhow::Result<()> {
                     socket: qemu_socket.clone(),
                     to: addr.to_string(),
                     node: "dst".into(),
-                    tls: tls[0].clone(),
+                    tls: src_tls.clone(),
                     bandwidth: None,
                     accept_timeout: Duration::from_secs(30),
                 },
@@ -212,11 +204,7 @@ fn report(
     bytes: usize,
     samples: &[Sample],
 ) -> anyhow::Result<()> {
-    let dir = out.join(format!(
-        "proxy-{}",
-        memfabric::util::clock::since_epoch().as_secs()
-    ));
-    fs::create_dir_all(&dir)?;
+    let dir = xtask::report::dir(out, "proxy")?;
     let mut csv = String::from("source_threads,wall_s,cpu_s\n");
     for s in samples {
         writeln!(csv, "{},{:.4},{:.4}", s.threads, s.wall_s, s.cpu_s)?;
