@@ -121,6 +121,46 @@ fn a_full_scan_that_merged_earns_another() {
     assert!(d.last().unwrap().knobs.pace() >= 20_000.0);
 }
 
+/// One full scan at the controller's pace that merges `merged` pages; returns the last
+/// decision.
+fn one_full_scan(c: &mut KsmdController, o: &mut Observation, merged: u64) -> Decision {
+    let target = o.ksm.full_scans + 1;
+    let mut d = *c.last().unwrap();
+    while o.ksm.full_scans < target {
+        let before = o.ksm.full_scans;
+        *o = advance(o, d.knobs, 2.0, 2e-6, 200_000, 0);
+        if o.ksm.full_scans > before {
+            o.ksm.pages_sharing += merged;
+        }
+        d = c.decide(o);
+    }
+    d
+}
+
+#[test]
+fn converging_merges_stop_the_hot_scans_a_steady_gain_keeps_them() {
+    // The start's three hot scans, then merges that fall off as on the timeline bench:
+    // no fourth hot scan for 119 projected pages.
+    let mut c = KsmdController::new(KsmdPolicy::default());
+    let mut o = base();
+    c.decide(&o);
+    for merged in [8_541, 78_161] {
+        assert_ne!(one_full_scan(&mut c, &mut o, merged).reason, Reason::Quiet);
+    }
+    assert_eq!(one_full_scan(&mut c, &mut o, 3_051).reason, Reason::Quiet);
+    // Gains that stay up (a second VM merging in waves) keep it hot.
+    let mut c = KsmdController::new(KsmdPolicy::default());
+    let mut o = base();
+    c.decide(&o);
+    for merged in [8_541, 78_161, 40_000, 30_000, 20_000] {
+        one_full_scan(&mut c, &mut o, merged);
+    }
+    assert_eq!(c.last().unwrap().reason, Reason::Merging);
+    assert!(merging_pays(2_000, Some(2_000), 256));
+    assert!(!merging_pays(2_366, Some(23_467), 256));
+    assert!(!merging_pays(200, None, 256));
+}
+
 fn settled() -> (KsmdController, Observation) {
     let mut c = KsmdController::new(KsmdPolicy::default());
     let d = c.decide(&base());
