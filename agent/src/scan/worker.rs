@@ -269,6 +269,16 @@ fn scan_loop(
         }
         let mut due = schedule.due(now());
         if due.is_empty() {
+            let wait = schedule
+                .next_due()
+                .map_or(1.0, |d| (d - now()).clamp(0.01, 1.0));
+            if schedule.busy() {
+                // A new VM filling its memory waits for its next pass: the rechecks go
+                // on at the busy spacing and pay for themselves at the busy pace.
+                scanner.set_recheck_spacing(1.0);
+                scanner.idle(Duration::from_secs_f64(wait));
+                continue;
+            }
             // Quiet: rest until a VM falls due, looking for wakes every second. The
             // rechecks' rounds go on, spaced out, and their CPU puts every quiet VM's
             // next pass off, so the thread holds the quiet budget.
@@ -276,9 +286,6 @@ fn scan_loop(
                 scanner.recheck_round_cpu(),
                 quiet_budget,
             ));
-            let wait = schedule
-                .next_due()
-                .map_or(1.0, |d| (d - now()).clamp(0.01, 1.0));
             let rechecks = scanner.idle_unpaced(Duration::from_secs_f64(wait));
             // The rechecks' rounds meanwhile are paid from the quiet budget too.
             schedule.defer(rechecks);
