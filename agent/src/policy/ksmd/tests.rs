@@ -140,7 +140,7 @@ fn one_full_scan(c: &mut KsmdController, o: &mut Observation, merged: u64) -> De
 #[test]
 fn converging_merges_stop_the_hot_scans_a_steady_gain_keeps_them() {
     // The start's three hot scans, then merges that fall off as on the timeline bench:
-    // no fourth hot scan for 119 projected pages.
+    // no fourth hot scan after a scan that merged under a quarter of its predecessor.
     let mut c = KsmdController::new(KsmdPolicy::default());
     let mut o = base();
     c.decide(&o);
@@ -157,6 +157,7 @@ fn converging_merges_stop_the_hot_scans_a_steady_gain_keeps_them() {
     }
     assert_eq!(c.last().unwrap().reason, Reason::Merging);
     assert!(merging_pays(2_000, Some(2_000), 256));
+    assert!(!merging_pays(15_936, Some(72_140), 256));
     assert!(!merging_pays(2_366, Some(23_467), 256));
     assert!(!merging_pays(200, None, 256));
 }
