@@ -285,7 +285,7 @@ fn a_destination_that_dies_mid_stream_leaves_the_vm_running_on_the_source() {
             let mut s = tls.server.accept(tcp).await.unwrap();
             memfabric::migrate::link::hello(&mut s).await.unwrap();
             use memfabric::migrate::link::Frame as _;
-            let empty = memfabric::migrate::holdings::Filter::build(Vec::new()).encode();
+            let empty = memfabric::migrate::holdings::Filter::build(Vec::new(), 0).encode();
             let f = memfabric::migrate::link::Up::Filter(empty).to_vec();
             s.write_all(&f).await.unwrap();
             let mut buf = vec![0u8; 8 << 20];

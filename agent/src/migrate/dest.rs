@@ -72,10 +72,10 @@ where
             };
             let bytes: &[u8] = match &frame {
                 Down::Raw(b) => b,
-                Down::Ref(d) => {
+                Down::Ref { key, digest } => {
                     let index = next_ref;
                     next_ref += 1;
-                    if holdings.resolve(d, &mut page) {
+                    if holdings.resolve(*key, digest, &mut page) {
                         progress.referenced.fetch_add(1, Ordering::Relaxed);
                     } else {
                         progress.resent.fetch_add(1, Ordering::Relaxed);

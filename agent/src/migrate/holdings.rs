@@ -1,12 +1,20 @@
 //! What the destination host holds: the pages of its own VMs, indexed by content, and the
 //! compact membership filter of them the source fetches before it sends anything.
 //!
-//! References name a page by its BLAKE3 digest, not by the scanner's xxh3: a guest on the
-//! destination could otherwise craft a page that collides with one of the migrating VM's
-//! and have its own bytes loaded into another tenant's memory. The filter and the index
-//! are keyed by the digest's first 8 bytes; what an index entry points at is read again
-//! and its full digest compared before it stands for a page, so a page changed or gone
-//! since the scan is a miss (the source sends it), never a wrong page.
+//! A reference names a page by its BLAKE3 digest: a guest on the destination must not be
+//! able to craft a page that passes for one of the migrating VM's and have its own bytes
+//! loaded into another tenant's memory. What an index entry points at is read again and
+//! its digest compared before it stands for a page, so a page changed or gone since the
+//! index was built is a miss (the source sends it), never a wrong page.
+//!
+//! The filter and the index are keyed by a cheaper hash, XXH3-64 with a seed the
+//! destination draws for each migration and sends only inside the mutual-TLS link: the
+//! index hashes every page the host holds (BLAKE3 there was about 70 % of its build time)
+//! and the source every page QEMU sends, and BLAKE3 is now computed only for the pages the
+//! filter says the destination holds, and for the page an entry points at when it is
+//! resolved. The key only finds a candidate; correctness rests on the digest. A guest
+//! that does not know the seed cannot aim collisions at it (and one that did would only
+//! cause misses, which the source bounds, see [`super::source`]).
 
 use std::{collections::HashMap, fs::File, os::unix::fs::FileExt as _};
 
@@ -22,54 +30,78 @@ pub fn digest(page: &[u8]) -> Digest {
     *blake3::hash(page).as_bytes()
 }
 
-/// The 64-bit key of a digest, for the filter and the index.
-pub fn key(d: &Digest) -> u64 {
-    let mut k = [0u8; 8];
-    k.copy_from_slice(&d[..8]);
-    u64::from_le_bytes(k)
+/// A page's key in the filter and the index of one migration (`seed`: see the module
+/// doc).
+pub fn key(page: &[u8], seed: u64) -> u64 {
+    xxhash_rust::xxh3::xxh3_64_with_seed(page, seed)
+}
+
+/// A seed from the kernel's random source, for one migration's keys.
+fn fresh_seed() -> u64 {
+    let mut b = [0u8; 8];
+    // SAFETY: writes at most `b.len()` bytes into `b`.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+    if usize::try_from(n).ok() != Some(b.len()) {
+        // getrandom(2) does not fail for 8 bytes once the pool is ready; the clock
+        // is a seed a guest cannot read either.
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        return xxhash_rust::xxh3::xxh3_64(&t.to_le_bytes());
+    }
+    u64::from_le_bytes(b)
 }
 
 const DESCRIPTOR: usize = xorf::BinaryFuse16::DESCRIPTOR_LEN;
+/// The key seed, before the descriptor.
+const SEED_LEN: usize = 8;
 
 /// The largest filter accepted from a peer: 32 Mi fingerprints (a destination with
 /// 128 GiB of distinct guest pages).
-pub const MAX_FILTER_BYTES: usize = DESCRIPTOR + (64 << 20);
+pub const MAX_FILTER_BYTES: usize = SEED_LEN + DESCRIPTOR + (64 << 20);
 
 /// A binary fuse filter (xorf's `BinaryFuse16`: 18 bits a page, about one false positive
 /// in 65,536) of the pages a host holds. A false positive costs one resend.
 #[derive(Debug, Clone)]
 pub struct Filter {
+    /// The seed of its keys ([`key`]).
+    seed: u64,
     descriptor: [u8; DESCRIPTOR],
     fingerprints: Vec<u16>,
 }
 
 impl Filter {
-    /// The filter of `keys` (sorted and deduplicated here).
-    pub fn build(mut keys: Vec<u64>) -> Filter {
+    /// The filter of `keys` (sorted and deduplicated here), keyed with `seed`.
+    pub fn build(mut keys: Vec<u64>, seed: u64) -> Filter {
         keys.sort_unstable();
         keys.dedup();
         let mut descriptor = [0u8; DESCRIPTOR];
+        let empty = Filter {
+            seed,
+            descriptor,
+            fingerprints: Vec::new(),
+        };
         if keys.is_empty() {
-            return Filter {
-                descriptor,
-                fingerprints: Vec::new(),
-            };
+            return empty;
         }
         match xorf::BinaryFuse16::try_from(&keys[..]) {
             Ok(f) => {
                 f.dma_copy_descriptor_to(&mut descriptor);
                 Filter {
+                    seed,
                     descriptor,
                     fingerprints: f.fingerprints.to_vec(),
                 }
             }
             // Construction fails only on duplicate keys, removed above; an empty filter
             // (every page sent) is the safe answer all the same.
-            Err(_) => Filter {
-                descriptor,
-                fingerprints: Vec::new(),
-            },
+            Err(_) => empty,
         }
+    }
+
+    /// The key of `page` in this filter.
+    pub fn key(&self, page: &[u8]) -> u64 {
+        key(page, self.seed)
     }
 
     /// A filter of no page (the destination holds none): nothing is in it.
@@ -87,12 +119,13 @@ impl Filter {
 
     /// Its size on the wire.
     pub fn encoded_len(&self) -> usize {
-        DESCRIPTOR + 2 * self.fingerprints.len()
+        SEED_LEN + DESCRIPTOR + 2 * self.fingerprints.len()
     }
 
-    /// Descriptor, then the fingerprints little-endian.
+    /// The seed, the descriptor, then the fingerprints, little-endian.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(self.encoded_len());
+        out.extend_from_slice(&self.seed.to_le_bytes());
         out.extend_from_slice(&self.descriptor);
         for f in &self.fingerprints {
             out.extend_from_slice(&f.to_le_bytes());
@@ -102,12 +135,15 @@ impl Filter {
 
     /// A peer's filter, checked so that no lookup can index outside it.
     pub fn decode(b: &[u8]) -> Result<Filter, String> {
-        if b.len() < DESCRIPTOR
+        if b.len() < SEED_LEN + DESCRIPTOR
             || b.len() > MAX_FILTER_BYTES
-            || !(b.len() - DESCRIPTOR).is_multiple_of(2)
+            || !(b.len() - SEED_LEN - DESCRIPTOR).is_multiple_of(2)
         {
             return Err(format!("a filter of {} bytes", b.len()));
         }
+        let mut seed = [0u8; SEED_LEN];
+        seed.copy_from_slice(&b[..SEED_LEN]);
+        let b = &b[SEED_LEN..];
         let mut descriptor = [0u8; DESCRIPTOR];
         descriptor.copy_from_slice(&b[..DESCRIPTOR]);
         let fingerprints: Vec<u16> = b[DESCRIPTOR..]
@@ -130,6 +166,7 @@ impl Filter {
             }
         }
         Ok(Filter {
+            seed: u64::from_le_bytes(seed),
             descriptor,
             fingerprints,
         })
@@ -145,6 +182,8 @@ struct Place {
 
 /// Pages of this host's VMs by content; see the module doc.
 pub struct Holdings {
+    /// This index's key seed (drawn when it is built).
+    seed: u64,
     index: HashMap<u64, Place>,
     mems: HashMap<u32, File>,
     /// Guest RAM read while indexing, in bytes.
@@ -163,9 +202,10 @@ pub const MAX_INDEX_PAGES: usize = 1 << 24;
 
 /// Bytes read from a VM at once while indexing (a job for one thread).
 const CHUNK: usize = 1 << 20;
-/// Threads that read and hash donor pages together: BLAKE3 hashes about 2.4 GB/s on one
-/// core here, so the largest index took ~27 s on one thread; a short burst of the host's
-/// cores while an operator waits for the migration to begin.
+/// Threads that read and hash donor pages together: reading through /proc/PID/mem is
+/// most of the work (BLAKE3, 2.4 GB/s on one core here, was most of it before the keys
+/// were XXH3); a short burst of the host's cores while an operator waits for the
+/// migration to begin.
 const MAX_THREADS: usize = 8;
 /// Guest RAM handed to the threads between two looks at the bound.
 const BATCH_BYTES: u64 = 1 << 30;
@@ -197,7 +237,12 @@ type Found = (Vec<(u64, Place)>, u64);
 /// job in `jobs`' order, hashed by up to `threads` threads. Only pages in RAM are read
 /// (reading a page the guest never touched would fault it in, a swapped one back); a job
 /// whose memory went away ends early.
-fn hash_in_parallel(jobs: &[Job], donors: &[(&Vm, File, Pagemap)], threads: usize) -> Vec<Found> {
+fn hash_in_parallel(
+    jobs: &[Job],
+    donors: &[(&Vm, File, Pagemap)],
+    threads: usize,
+    seed: u64,
+) -> Vec<Found> {
     let taken = std::sync::atomic::AtomicUsize::new(0);
     let work = || {
         let mut buf = vec![0u8; CHUNK];
@@ -230,7 +275,7 @@ fn hash_in_parallel(jobs: &[Job], donors: &[(&Vm, File, Pagemap)], threads: usiz
                             continue;
                         }
                         let addr = from + (k * PAGE) as u64;
-                        found.push((key(&digest(page)), Place { pid: vm.pid, addr }));
+                        found.push((key(page, seed), Place { pid: vm.pid, addr }));
                     }
                     i += run;
                 }
@@ -277,6 +322,7 @@ impl Holdings {
         threads: usize,
     ) -> Holdings {
         let mut h = Holdings {
+            seed: fresh_seed(),
             index: HashMap::new(),
             mems: HashMap::new(),
             scanned_bytes: 0,
@@ -327,7 +373,7 @@ impl Holdings {
                 end += 1;
             }
             let batch = &jobs[next..end];
-            for (found, read) in hash_in_parallel(batch, &donors, threads) {
+            for (found, read) in hash_in_parallel(batch, &donors, threads, h.seed) {
                 h.scanned_bytes += read;
                 for (k, place) in found {
                     if h.index.len() >= max_pages {
@@ -369,12 +415,13 @@ impl Holdings {
     }
 
     pub fn filter(&self) -> Filter {
-        Filter::build(self.index.keys().copied().collect())
+        Filter::build(self.index.keys().copied().collect(), self.seed)
     }
 
-    /// The page named `d`, read now from the VM that held it and checked against `d`.
-    pub fn resolve(&self, d: &Digest, out: &mut [u8; PAGE]) -> bool {
-        let Some(place) = self.index.get(&key(d)) else {
+    /// The page of key `k` (see the module doc) named `d`, read now from the VM that held
+    /// it and checked against `d`.
+    pub fn resolve(&self, k: u64, d: &Digest, out: &mut [u8; PAGE]) -> bool {
+        let Some(place) = self.index.get(&k) else {
             return false;
         };
         let Some(mem) = self.mems.get(&place.pid) else {
@@ -415,24 +462,27 @@ pub(crate) mod tests {
 
     #[test]
     fn a_filter_holds_its_keys_and_few_others() {
-        let keys: Vec<u64> = (0..100_000u64)
-            .map(|i| key(&digest(&i.to_le_bytes())))
-            .collect();
-        let f = Filter::decode(&Filter::build(keys.clone()).encode()).unwrap();
+        let keys: Vec<u64> = (0..100_000u64).map(|i| key(&i.to_le_bytes(), 7)).collect();
+        let f = Filter::decode(&Filter::build(keys.clone(), 7).encode()).unwrap();
         assert!(keys.iter().all(|&k| f.contains(k)));
+        assert_eq!(
+            f.key(&5u64.to_le_bytes()),
+            keys[5],
+            "the seed travels with it"
+        );
         let others = (100_000..200_000u64)
-            .filter(|i| f.contains(key(&digest(&i.to_le_bytes()))))
+            .filter(|i| f.contains(f.key(&i.to_le_bytes())))
             .count();
         assert!(others < 20, "{others} false positives in 100,000");
         assert!(f.encoded_len() < 100_000 * 5 / 2, "{}", f.encoded_len());
-        let empty = Filter::decode(&Filter::build(Vec::new()).encode()).unwrap();
+        let empty = Filter::decode(&Filter::build(Vec::new(), 7).encode()).unwrap();
         assert!(!empty.contains(keys[0]));
     }
 
     #[test]
     fn a_forged_filter_is_refused_or_harmless() {
-        let good = Filter::build((0..1000u64).collect()).encode();
-        for i in 0..DESCRIPTOR {
+        let good = Filter::build((0..1000u64).collect(), 7).encode();
+        for i in SEED_LEN..SEED_LEN + DESCRIPTOR {
             for v in [0u8, 1, 0x7f, 0xff] {
                 let mut b = good.clone();
                 b[i] = v;
@@ -444,7 +494,7 @@ pub(crate) mod tests {
             }
         }
         assert!(Filter::decode(&good[..good.len() - 1]).is_err());
-        assert!(Filter::decode(&good[..DESCRIPTOR + 2]).is_err());
+        assert!(Filter::decode(&good[..SEED_LEN + DESCRIPTOR + 2]).is_err());
         assert!(Filter::decode(&[0u8; 3]).is_err());
     }
 
@@ -454,15 +504,23 @@ pub(crate) mod tests {
         let h = Holdings::scan(std::slice::from_ref(&vm), None);
         assert_eq!(h.pages(), 4);
         let named = digest(&[3u8; PAGE]);
+        let f = h.filter();
+        let k = f.key(&[3u8; PAGE]);
         let mut out = [0u8; PAGE];
-        assert!(h.filter().contains(key(&named)));
-        assert!(h.resolve(&named, &mut out));
+        assert!(f.contains(k));
+        assert!(h.resolve(k, &named, &mut out));
         assert_eq!(out, [3u8; PAGE]);
+        // A key that finds a page whose digest is not the one named: a miss (a collision,
+        // or a forged reference).
+        assert!(!h.resolve(k, &digest(&[4u8; PAGE]), &mut out));
+        // Another migration's index draws another seed: its keys are not these.
+        let again = Holdings::scan(std::slice::from_ref(&vm), None);
+        assert_ne!(again.filter().key(&[3u8; PAGE]), k);
         // The page changes: a miss, not a wrong page.
         let off = ram.as_ptr().align_offset(PAGE);
         ram[off + 2 * PAGE] = 9;
-        assert!(!h.resolve(&named, &mut out));
-        assert!(!h.resolve(&digest(&[7u8; PAGE]), &mut out));
+        assert!(!h.resolve(k, &named, &mut out));
+        assert!(!h.resolve(f.key(&[7u8; PAGE]), &digest(&[7u8; PAGE]), &mut out));
         // The migrating VM's own UUID is left out.
         let mine = Vm {
             uuid: Some("u".into()),
@@ -535,7 +593,7 @@ pub(crate) mod tests {
         assert_eq!(h.scanned_bytes, 8 * PAGE as u64);
         assert_eq!(h.skipped_bytes, 8 * PAGE as u64);
         let f = Filter::decode(&h.filter().encode()).expect("a filter a source accepts");
-        assert!(f.contains(key(&digest(&[1u8; PAGE]))));
+        assert!(f.contains(f.key(&[1u8; PAGE])));
     }
 
     #[test]
@@ -544,7 +602,7 @@ pub(crate) mod tests {
         // The filter mixes its keys itself: consecutive ones are as good as any (and are
         // sorted already, which keeps this test quick).
         let keys: Vec<u64> = (0..MAX_INDEX_PAGES as u64).collect();
-        let f = Filter::build(keys);
+        let f = Filter::build(keys, 7);
         assert!(
             f.encoded_len() <= MAX_FILTER_BYTES,
             "{} bytes",

@@ -14,9 +14,10 @@ use super::{
     stream::PAGE,
 };
 
-/// Sent first by both ends: the protocol and its version (3: the stream's sum is XXH3-128;
-/// 2: BLAKE3, 1: SHA-256).
-pub const HELLO: &[u8; 8] = b"MFMIG\0\0\x03";
+/// Sent first by both ends: the protocol and its version (4: references carry the
+/// filter's seeded XXH3 key beside the digest, and the filter its seed; 3: the stream's
+/// sum is XXH3-128; 2: BLAKE3, 1: SHA-256).
+pub const HELLO: &[u8; 8] = b"MFMIG\0\0\x04";
 
 /// The largest run of raw bytes in one frame.
 pub const MAX_RAW: usize = 1 << 20;
@@ -82,8 +83,12 @@ impl Tally {
 #[derive(Debug, PartialEq, Eq)]
 pub enum Down {
     Raw(Vec<u8>),
-    /// A page the destination holds, by digest; references are numbered from 0 in order.
-    Ref(Digest),
+    /// A page the destination holds: its key in the destination's filter (which finds
+    /// it) and its digest (which it must match); references are numbered from 0 in order.
+    Ref {
+        key: u64,
+        digest: Digest,
+    },
     /// The page of reference `index` (the destination asked for it).
     Again {
         index: u64,
@@ -178,9 +183,10 @@ impl Frame for Down {
     fn encode(&self, out: &mut Vec<u8>) {
         match self {
             Down::Raw(b) => put_len(out, 1, b),
-            Down::Ref(d) => {
+            Down::Ref { key, digest } => {
                 out.push(2);
-                out.extend_from_slice(d);
+                out.extend_from_slice(&key.to_be_bytes());
+                out.extend_from_slice(digest);
             }
             Down::Again { index, page } => {
                 out.push(3);
@@ -198,9 +204,10 @@ impl Down {
         Ok(match s.read_u8().await? {
             1 => Down::Raw(read_len(s, MAX_RAW).await?),
             2 => {
-                let mut d = [0u8; 32];
-                s.read_exact(&mut d).await?;
-                Down::Ref(d)
+                let key = s.read_u64().await?;
+                let mut digest = [0u8; 32];
+                s.read_exact(&mut digest).await?;
+                Down::Ref { key, digest }
             }
             3 => {
                 let index = s.read_u64().await?;
@@ -256,7 +263,10 @@ mod tests {
     async fn frames_read_back_as_written() {
         let downs = vec![
             Down::Raw(vec![1, 2, 3]),
-            Down::Ref([7u8; 32]),
+            Down::Ref {
+                key: 0x0102_0304_0506_0708,
+                digest: [7u8; 32],
+            },
             Down::Again {
                 index: 9,
                 page: Box::new([5u8; PAGE]),

@@ -269,6 +269,39 @@ mod tests {
         assert_eq!(Progress::get(&pd.referenced), 1);
     }
 
+    /// A destination whose every held page changed after it sent its filter: each
+    /// reference is asked for again, so after the grace the source stops referencing and
+    /// sends the rest whole (a stall per page otherwise); the stream still arrives byte
+    /// for byte.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_destination_that_misses_most_references_gets_the_rest_whole() {
+        let n = usize::try_from(8 * source::MISS_GRACE).unwrap();
+        let pages: Vec<[u8; PAGE]> = (0..n)
+            .map(|i| {
+                let mut p = [0x5au8; PAGE];
+                p[..8].copy_from_slice(&(i as u64).to_le_bytes());
+                p
+            })
+            .collect();
+        let stream = stream::ram_stream(&pages);
+        let (mut ram, vm) = donor(&pages);
+        let h = Holdings::scan(&[vm], None);
+        assert_eq!(h.pages(), n);
+        let off = ram.as_ptr().align_offset(PAGE);
+        for i in 0..n {
+            ram[off + i * PAGE + 100] ^= 1;
+        }
+        let (got, ps, pd) = through(stream.clone(), h).await;
+        assert_eq!(got, stream);
+        let (referenced, resent) = (Progress::get(&ps.referenced), Progress::get(&ps.resent));
+        assert_eq!(resent, referenced, "every reference missed");
+        assert!(
+            (source::MISS_GRACE..4 * source::MISS_GRACE).contains(&referenced),
+            "{referenced} of {n} pages referenced"
+        );
+        assert_eq!(Progress::get(&pd.referenced), 0);
+    }
+
     #[test]
     fn the_writer_waits_only_when_ahead_of_the_bandwidth() {
         use std::time::Duration;
@@ -326,7 +359,7 @@ mod tests {
         tokio::spawn(async move { while qemu_out.write_all(&[0u8; PAGE]).await.is_ok() {} });
         link::hello(&mut b).await.unwrap();
         let mut f = Vec::new();
-        link::Up::Filter(holdings::Filter::build(Vec::new()).encode()).encode(&mut f);
+        link::Up::Filter(holdings::Filter::build(Vec::new(), 0).encode()).encode(&mut f);
         link::Up::Abort("disk full".into()).encode(&mut f);
         b.write_all(&f).await.unwrap();
         let r = tokio::time::timeout(std::time::Duration::from_secs(10), s)

@@ -3,6 +3,13 @@
 //! until the destination acknowledges it (at most [`WINDOW`] pages: the proxy stops
 //! reading from QEMU when the window is full), so that a page the destination could not
 //! resolve is sent again. The destination's return-path bytes are handed to QEMU.
+//!
+//! Each resend stalls the destination's stream for a round trip. Its copies may change
+//! or go (a donor VM rewriting or leaving), and the filter answers "maybe" for a page in
+//! 65,536 it does not hold; when more than one reference in [`MAX_MISS_SHARE`] is asked
+//! for again (after [`MISS_GRACE`] references), referencing stops and the rest is sent
+//! whole: a destination whose holdings melt away costs a plain migration, not a stall
+//! per page.
 
 use std::{
     collections::VecDeque,
@@ -17,7 +24,7 @@ use tokio::{
 
 use super::{
     Failure, Progress,
-    holdings::{Filter, digest, key},
+    holdings::{Filter, digest},
     link::{self, Down, Frame as _, MAX_RAW, Sum, Tally, Up},
     stream::{PAGE, Splitter, Token},
 };
@@ -31,6 +38,15 @@ pub const WINDOW: usize = 16_384;
 const QUEUED_BATCHES: usize = 2;
 /// How long the destination may take to send its filter (it indexes its VMs first).
 pub const FILTER_TIMEOUT: Duration = Duration::from_secs(300);
+/// References sent before the share of misses is judged.
+pub const MISS_GRACE: u64 = 1024;
+/// Referencing stops when more than one reference in this many was asked for again.
+pub const MAX_MISS_SHARE: u64 = 8;
+
+/// Whether references still pay: few enough of them were asked for again.
+fn references_pay(referenced: u64, resent: u64) -> bool {
+    referenced < MISS_GRACE || resent.saturating_mul(MAX_MISS_SHARE) <= referenced
+}
 
 /// Referenced pages not yet acknowledged, oldest first: (index, page).
 #[derive(Default)]
@@ -169,6 +185,7 @@ async fn forward<Q: AsyncRead>(
     let mut raw: Vec<u8> = Vec::new();
     let mut frames: Vec<u8> = Vec::new();
     let mut chunk = vec![0u8; 256 << 10];
+    let mut referencing = !filter.is_empty();
     loop {
         let n = qemu.read(&mut chunk).await.map_err(Failure::Qemu)?;
         let eof = n == 0;
@@ -189,13 +206,30 @@ async fn forward<Q: AsyncRead>(
             at += token.len();
             if token == Token::Page {
                 progress.pages.fetch_add(1, Ordering::Relaxed);
-                // A destination that holds nothing: no page is hashed for it.
-                let d = (!filter.is_empty()).then(|| digest(bytes));
-                if let Some(d) = d.filter(|d| filter.contains(key(d))) {
+                if referencing
+                    && !references_pay(
+                        progress.referenced.load(Ordering::Relaxed),
+                        progress.resent.load(Ordering::Relaxed),
+                    )
+                {
+                    referencing = false;
+                    tracing::warn!(
+                        "the destination asked for more than one reference in \
+                         {MAX_MISS_SHARE} again: the rest of the migration is sent whole"
+                    );
+                }
+                // A destination that holds nothing: no page is hashed for it; the digest
+                // only for a page its filter says it holds.
+                let k = referencing.then(|| filter.key(bytes));
+                if let Some(key) = k.filter(|k| filter.contains(*k)) {
                     if !raw.is_empty() {
                         Down::Raw(std::mem::take(&mut raw)).encode(&mut frames);
                     }
-                    Down::Ref(d).encode(&mut frames);
+                    Down::Ref {
+                        key,
+                        digest: digest(bytes),
+                    }
+                    .encode(&mut frames);
                     let mut page = Box::new([0u8; PAGE]);
                     page.copy_from_slice(bytes);
                     loop {
