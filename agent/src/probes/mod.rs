@@ -264,7 +264,10 @@ impl Probes {
             ),
         }
 
+        // No CO-RE relocations to apply (aya has none for Rust programs; the offsets above
+        // stand in for them): aya's own parse of the kernel's BTF (15 ms here) is skipped.
         let mut ebpf = EbpfLoader::new()
+            .btf(None)
             .override_global(OFFSETS_GLOBAL, &offsets, true)
             .load(EBPF_OBJECT)
             .map_err(ProbeError::Load)?;
