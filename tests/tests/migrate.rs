@@ -828,6 +828,16 @@ fn a_guest_moves_to_the_peer_holding_most_of_it_whose_agent_runs_it() {
         .and_then(|v| v.parse::<u64>().ok())
         .expect("the stream's bytes");
     assert_eq!(stream, summary["stream_bytes"].as_u64().unwrap());
+    let link = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("memfabric_migrations_incoming_link_bytes_total "))
+        .and_then(|v| v.parse::<u64>().ok())
+        .expect("the link's bytes");
+    assert_eq!(
+        link,
+        summary["wire_bytes"].as_u64().unwrap(),
+        "the destination took on the link what the source put on it"
+    );
 
     // An agent that died between the stream and the source's start left its incoming QEMU
     // paused: the next agent stops it, and leaves the guest that runs here alone.

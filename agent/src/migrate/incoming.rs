@@ -150,6 +150,8 @@ pub struct IncomingStats {
     /// QEMU's stream handed to incoming QEMUs, and the pages in it resolved from this
     /// host's memory or sent again.
     pub stream_bytes: AtomicU64,
+    /// What those streams took on the link to this host.
+    pub link_bytes: AtomicU64,
     pub referenced_pages: AtomicU64,
     pub resent_pages: AtomicU64,
 }
@@ -540,6 +542,8 @@ async fn receive(
             let st = &inc.stats;
             st.stream_bytes
                 .fetch_add(summary.stream_bytes, Ordering::Relaxed);
+            st.link_bytes
+                .fetch_add(summary.link_in_bytes, Ordering::Relaxed);
             st.referenced_pages
                 .fetch_add(summary.referenced, Ordering::Relaxed);
             st.resent_pages.fetch_add(summary.resent, Ordering::Relaxed);

@@ -42,6 +42,9 @@ pub struct Progress {
     pub qemu_bytes: AtomicU64,
     /// Frames written to the link by this end.
     pub wire_bytes: AtomicU64,
+    /// Frames read from the link by this end (destination: what the migration took on
+    /// the link, against `qemu_bytes` a plain one would have).
+    pub link_in_bytes: AtomicU64,
     /// The destination's filter.
     pub filter_bytes: AtomicU64,
     /// Page records seen (source).
@@ -63,6 +66,7 @@ impl Default for Progress {
         Progress {
             qemu_bytes: AtomicU64::new(0),
             wire_bytes: AtomicU64::new(0),
+            link_in_bytes: AtomicU64::new(0),
             filter_bytes: AtomicU64::new(0),
             pages: AtomicU64::new(0),
             referenced: AtomicU64::new(0),
@@ -245,6 +249,11 @@ mod tests {
         assert_eq!(Progress::get(&pd.referenced), 2);
         assert_eq!(Progress::get(&pd.resent), 0);
         let wire = Progress::get(&ps.wire_bytes);
+        assert_eq!(
+            Progress::get(&pd.link_in_bytes),
+            wire,
+            "what crossed, counted at both ends"
+        );
         assert!(
             wire < stream.len() as u64 - 2 * PAGE as u64 + 200,
             "{wire} bytes on the wire for {}",

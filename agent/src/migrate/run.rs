@@ -62,6 +62,10 @@ pub struct Summary {
     pub stream_bytes: u64,
     /// What this end wrote to the link.
     pub wire_bytes: u64,
+    /// What this end read from the link after the filter (destination: the migration's
+    /// frames).
+    #[serde(default)]
+    pub link_in_bytes: u64,
     pub filter_bytes: u64,
     pub pages: u64,
     pub referenced: u64,
@@ -80,6 +84,7 @@ impl Summary {
         Summary {
             stream_bytes: Progress::get(&p.qemu_bytes),
             wire_bytes: Progress::get(&p.wire_bytes),
+            link_in_bytes: Progress::get(&p.link_in_bytes),
             filter_bytes: Progress::get(&p.filter_bytes),
             pages: Progress::get(&p.pages),
             referenced: Progress::get(&p.referenced),

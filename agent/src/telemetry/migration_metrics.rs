@@ -44,6 +44,12 @@ impl Collector for MigrationCollector {
             "QEMU's migration stream handed to incoming QEMUs (what plain migrations would have carried)",
             s.stream_bytes.load(Relaxed),
         )?;
+        counter(
+            e,
+            "memfabric_migrations_incoming_link_bytes",
+            "What those streams took on the link to this host (raw bytes, references, pages sent again): against the stream's bytes, what the host's holdings saved",
+            s.link_bytes.load(Relaxed),
+        )?;
         let pages = [
             ("referenced", s.referenced_pages.load(Relaxed)),
             ("resent", s.resent_pages.load(Relaxed)),
