@@ -42,8 +42,9 @@ fn fresh_seed() -> u64 {
     // SAFETY: writes at most `b.len()` bytes into `b`.
     let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
     if usize::try_from(n).ok() != Some(b.len()) {
-        // getrandom(2) does not fail for 8 bytes once the pool is ready; the clock
-        // is a seed a guest cannot read either.
+        // getrandom(2) does not fail for 8 bytes once the pool is ready. The clock is
+        // guessable, but a guessed seed only lets a guest aim misses (resends, bounded
+        // by the source); the digest still decides what a reference is.
         let t = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos());
