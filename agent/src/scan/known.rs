@@ -60,6 +60,11 @@ pub struct KnownFrames {
     ksm: FxHashMap<u64, u64>,
     /// The current round.
     round: u32,
+    /// Frames checked in pass `checked_pass`: a frame is read once per check, not once
+    /// per page mapped to it (a KSM frame of zero-filled guest pages holds up to
+    /// `max_page_sharing` of them, and checking it read them all).
+    checked: rustc_hash::FxHashSet<u64>,
+    checked_pass: u32,
     pub stats: KnownStats,
 }
 
@@ -102,7 +107,13 @@ impl KnownFrames {
             .wrapping_add(u64::from(pass))
             .wrapping_mul(0x9E37_79B9_7F4A_7C15);
         if (mix >> 32).is_multiple_of(VERIFY_ONE_IN) {
-            return Lookup::Read { expect: Some(hash) };
+            if self.checked_pass != pass {
+                self.checked.clear();
+                self.checked_pass = pass;
+            }
+            if self.checked.insert(pfn) {
+                return Lookup::Read { expect: Some(hash) };
+            }
         }
         self.stats.skipped += 1;
         Lookup::Known(hash)
@@ -155,6 +166,25 @@ impl KnownFrames {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_checked_frame_is_read_once_per_pass_whatever_maps_it() {
+        let mut k = KnownFrames::default();
+        k.read(10, true, 0xabc_0000, None);
+        let pass = (1..1000)
+            .find(|&p| {
+                let mut probe = KnownFrames::default();
+                probe.read(10, true, 0xabc_0000, None);
+                matches!(probe.lookup(10, true, false, 0, p), Lookup::Read { .. })
+            })
+            .expect("a pass that checks frame 10");
+        // 256 pages merged onto frame 10 (KSM's max_page_sharing): one read checks it.
+        let reads = (0..256)
+            .filter(|_| matches!(k.lookup(10, true, false, 0, pass), Lookup::Read { .. }))
+            .count();
+        assert_eq!(reads, 1);
+        assert_eq!(k.stats.skipped, 255);
+    }
 
     #[test]
     fn zero_and_remembered_ksm_frames_are_not_read_and_a_sample_is_checked() {
