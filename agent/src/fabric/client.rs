@@ -4,16 +4,10 @@
 //! before a byte of it is used. The server's certificate must name the node: a member
 //! with a valid certificate of its own cannot answer for another host.
 
-use std::{
-    net::SocketAddr,
-    pin::Pin,
-    sync::Arc,
-    task::{Context, Poll},
-};
+use std::{net::SocketAddr, sync::Arc};
 
 use http_body_util::{BodyExt as _, Full, Limited};
 use hyper::body::Bytes;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::{
     stats::{FabricStats, Reject},
@@ -87,10 +81,11 @@ pub async fn call(
         .connect(name, tcp)
         .await
         .map_err(|e| (Some(Reject::Tls), format!("TLS: {e}")))?;
-    let io = hyper_util::rt::TokioIo::new(Counted {
-        inner: tls,
-        stats: stats.clone(),
-    });
+    // What the peer sends counts into the fabric's exchange figures.
+    let received = stats.clone();
+    let io = hyper_util::rt::TokioIo::new(crate::util::counted::CountedReads::new(tls, move |n| {
+        received.add_in(n)
+    }));
     let (mut sender, conn) = hyper::client::conn::http1::Builder::new()
         .max_buf_size(MAX_HEAD)
         .handshake::<_, Full<Bytes>>(io)
@@ -149,44 +144,6 @@ struct AbortOnDrop(tokio::task::JoinHandle<Result<(), hyper::Error>>);
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
-    }
-}
-
-/// A stream that counts the bytes it receives into the fabric's exchange figures.
-struct Counted<T> {
-    inner: T,
-    stats: Arc<FabricStats>,
-}
-
-impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
-        let n = buf.filled().len() - before;
-        if n > 0 {
-            self.stats.add_in(n);
-        }
-        r
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 

@@ -44,10 +44,11 @@ where
     link.write_all(&Up::Filter(filter).to_vec()).await?;
     link.flush().await?;
     let (link_rx, link_tx) = tokio::io::split(link);
-    let link_rx = Counted {
-        inner: link_rx,
-        progress: progress.clone(),
-    };
+    // What crossed the link to this host: `link_in_bytes`.
+    let counted = progress.clone();
+    let link_rx = crate::util::counted::CountedReads::new(link_rx, move |n| {
+        counted.link_in_bytes.fetch_add(n as u64, Ordering::Relaxed);
+    });
     let (qemu_rx, qemu_tx) = tokio::io::split(qemu);
     // Frames are read from a buffer and QEMU's bytes written through one (a page at a time
     // cost a read and a write call each); what is written is flushed before any wait for
@@ -171,29 +172,6 @@ fn frame_len(f: &Down) -> usize {
     match f {
         Down::Raw(b) => b.len(),
         _ => PAGE,
-    }
-}
-
-/// The link's reading half, counting what it reads into `progress.link_in_bytes`: the
-/// bytes the migration took on the link to this host.
-struct Counted<R> {
-    inner: R,
-    progress: Arc<Progress>,
-}
-
-impl<R: AsyncRead + Unpin> AsyncRead for Counted<R> {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let r = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
-        if let std::task::Poll::Ready(Ok(())) = &r {
-            let n = (buf.filled().len() - before) as u64;
-            self.progress.link_in_bytes.fetch_add(n, Ordering::Relaxed);
-        }
-        r
     }
 }
 

@@ -2,7 +2,9 @@
 
 pub mod clock;
 pub mod convert;
+pub mod counted;
 pub mod pem;
+pub mod random;
 
 /// Hands memory freed since the last call back to the kernel. glibc keeps what a thread
 /// frees in that thread's arena until the arena's top is free: the scan builds and drops
