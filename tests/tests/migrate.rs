@@ -822,19 +822,19 @@ fn a_guest_moves_to_the_peer_holding_most_of_it_whose_agent_runs_it() {
     ] {
         assert!(metrics.contains(line), "{line} not in\n{metrics}");
     }
-    let stream = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("memfabric_migrations_incoming_stream_bytes_total "))
-        .and_then(|v| v.parse::<u64>().ok())
-        .expect("the stream's bytes");
-    assert_eq!(stream, summary["stream_bytes"].as_u64().unwrap());
-    let link = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("memfabric_migrations_incoming_link_bytes_total "))
-        .and_then(|v| v.parse::<u64>().ok())
-        .expect("the link's bytes");
+    let counter = |name: &str| {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("no {name} in\n{metrics}"))
+    };
     assert_eq!(
-        link,
+        counter("memfabric_migrations_incoming_stream_bytes_total"),
+        summary["stream_bytes"].as_u64().unwrap()
+    );
+    assert_eq!(
+        counter("memfabric_migrations_incoming_link_bytes_total"),
         summary["wire_bytes"].as_u64().unwrap(),
         "the destination took on the link what the source put on it"
     );

@@ -36,23 +36,6 @@ pub fn key(page: &[u8], seed: u64) -> u64 {
     xxhash_rust::xxh3::xxh3_64_with_seed(page, seed)
 }
 
-/// A seed from the kernel's random source, for one migration's keys.
-fn fresh_seed() -> u64 {
-    let mut b = [0u8; 8];
-    // SAFETY: writes at most `b.len()` bytes into `b`.
-    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
-    if usize::try_from(n).ok() != Some(b.len()) {
-        // getrandom(2) does not fail for 8 bytes once the pool is ready. The clock is
-        // guessable, but a guessed seed only lets a guest aim misses (resends, bounded
-        // by the source); the digest still decides what a reference is.
-        let t = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos());
-        return xxhash_rust::xxh3::xxh3_64(&t.to_le_bytes());
-    }
-    u64::from_le_bytes(b)
-}
-
 const DESCRIPTOR: usize = xorf::BinaryFuse16::DESCRIPTOR_LEN;
 /// The key seed, before the descriptor.
 const SEED_LEN: usize = 8;
@@ -323,7 +306,9 @@ impl Holdings {
         threads: usize,
     ) -> Holdings {
         let mut h = Holdings {
-            seed: fresh_seed(),
+            // A guessed seed (the generator's clock fallback) only lets a guest aim
+            // misses, which the source bounds; the digest still decides.
+            seed: crate::util::random::u64_or_clock(),
             index: HashMap::new(),
             mems: HashMap::new(),
             scanned_bytes: 0,

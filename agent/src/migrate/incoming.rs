@@ -416,14 +416,11 @@ fn check_identity(req: &Request) -> Result<(), String> {
 /// 64 random bits, hex: a migration's id and directory name (short: unix socket paths
 /// hold at most 107 bytes). Not a secret (the token is).
 fn new_id() -> String {
-    let mut b = [0u8; 8];
-    if ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b).is_err() {
-        // No randomness: the time and pid still make a unique local name.
-        let t = crate::util::clock::since_epoch();
-        b = (t.as_secs() << 30 ^ u64::from(t.subsec_nanos()) ^ u64::from(std::process::id()))
-            .to_le_bytes();
-    }
-    b.iter().map(|x| format!("{x:02x}")).collect()
+    crate::util::random::u64_or_clock()
+        .to_le_bytes()
+        .iter()
+        .map(|x| format!("{x:02x}"))
+        .collect()
 }
 
 /// 128 random bits from the system's generator: a migration's token (none without
