@@ -109,24 +109,13 @@ impl PageState {
         self.changed() || self.changes() >= 2
     }
 
-    /// Present, unchanged for [`CALM_AFTER`] passes (or read once, with no history yet)
-    /// and not churning: at most one change within [`CHANGE_MEMORY`] passes. One change
-    /// is a page filled once (a guest's first write after zeroing, a one-off load);
-    /// requiring none had every page a booting or loading guest wrote read in eight more
-    /// passes (the timeline bench's agent in its first 120 s: 2.7 s of CPU before, 2.0 s
-    /// after, one run each).
-    ///
-    /// A page read once is calm too: the second pass over a new VM (or new memory) reads
-    /// its sample, and a 1 MiB chunk whose sampled pages changed in full, instead of
-    /// every page again. A guest's memory is mostly as it was a few seconds earlier (a
-    /// daemon starting on a running host); memory being rewritten is rewritten in
-    /// blocks, which the sample sees. Reading it all again was two fifths of the agent's
-    /// reads on the timeline bench (three 256 MiB guests: 1.3 of 2.0 GiB in the agent's
-    /// first 20 s).
+    /// Present, unchanged for [`CALM_AFTER`] passes and not churning: at most one
+    /// change within [`CHANGE_MEMORY`] passes. One change is a page filled once (a
+    /// guest's first write after zeroing, a one-off load); requiring none had every
+    /// page a booting or loading guest wrote read in eight more passes (the timeline
+    /// bench's agent in its first 120 s: 2.7 s of CPU before, 2.0 s after, one run each).
     pub fn calm(self) -> bool {
-        self.has(F_PRESENT)
-            && (self.unchanged() >= CALM_AFTER || !self.has(F_SEEN))
-            && self.changes() <= 1
+        self.has(F_PRESENT) && self.unchanged() >= CALM_AFTER && self.changes() <= 1
     }
 
     /// What a report sees of the page when pages count as stable after `stable_after`
@@ -210,18 +199,11 @@ mod tests {
     #[test]
     fn calm_pages_are_kept_with_their_content_flags() {
         let mut s = PageState::ABSENT.rescanned(5 << 16, F_ZERO);
-        assert!(s.calm(), "read once: calm, sampled in the next pass");
-        assert!(!s.changed(), "kept: counted unchanged, not changed");
         for _ in 0..CALM_AFTER {
+            assert!(!s.calm());
             s = s.rescanned(5 << 16, F_ZERO);
         }
         assert!(s.calm());
-        // Read once, then found changed: not calm until read unchanged.
-        let moved = PageState::ABSENT
-            .rescanned(5 << 16, 0)
-            .rescanned(6 << 16, 0);
-        assert!(!moved.calm());
-        assert!(!PageState::ABSENT.calm(), "absent: read when it comes");
         let k = s.kept(F_THP);
         assert_eq!(k.hash(), s.hash());
         assert_eq!(k.flags(), F_ZERO | F_THP | F_PRESENT | F_SEEN);
