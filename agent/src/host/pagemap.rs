@@ -70,8 +70,9 @@ impl Pagemap {
     /// and none for a lone frame the process maps exclusively between present pages on
     /// other frames: not the zero page, not a KSM page two mappings share (one left with
     /// a single mapping saves nothing and is taken as the plain page it now is), and not
-    /// part of a huge page (whose frames come in runs). A guest's 4 KiB pages scattered over the host's memory cost one system
-    /// call each: half of a calm pass's CPU (one page in eight read) went to them.
+    /// part of a huge page (whose frames come in runs). 4 KiB pages on scattered frames
+    /// cost one system call each: about a fifth of a calm pass's CPU (a pass that reads
+    /// one page in eight and looks up the frame of every page).
     pub fn frame_flags_of(&self, entries: &[Entry], out: &mut Vec<FrameFlags>) {
         out.clear();
         let Some(f) = &self.kpageflags else {
