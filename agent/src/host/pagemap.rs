@@ -19,12 +19,6 @@ impl Entry {
     pub fn in_ram(self) -> bool {
         self.present() && !self.swapped()
     }
-    /// Mapped by this process only (bit 56, `PM_MMAP_EXCLUSIVE`): the frame's mapcount is
-    /// one. Never set for the shared zero page (no struct page is looked at for it) nor
-    /// for a KSM page that two mappings share.
-    pub fn exclusive(self) -> bool {
-        self.0 & (1 << 56) != 0
-    }
     /// Page frame number (bits 0-54; 0 without CAP_SYS_ADMIN).
     pub fn pfn(self) -> u64 {
         self.0 & ((1 << 55) - 1)
@@ -66,13 +60,8 @@ impl Pagemap {
 
     /// The kpageflags of every entry's frame into `out` (reused): one read per run of
     /// consecutive frame numbers (a huge page's 512 frames cost one system call instead of
-    /// 512), none for a frame equal to the previous one (pages merged into one KSM page),
-    /// and none for a lone frame the process maps exclusively between present pages on
-    /// other frames: not the zero page, not a KSM page two mappings share (one left with
-    /// a single mapping saves nothing and is taken as the plain page it now is), and not
-    /// part of a huge page (whose frames come in runs). 4 KiB pages on scattered frames
-    /// cost one system call each: about a fifth of a calm pass's CPU (a pass that reads
-    /// one page in eight and looks up the frame of every page).
+    /// 512), and none for a frame equal to the previous one (pages merged into one KSM
+    /// page).
     pub fn frame_flags_of(&self, entries: &[Entry], out: &mut Vec<FrameFlags>) {
         out.clear();
         let Some(f) = &self.kpageflags else {
@@ -95,14 +84,6 @@ impl Pagemap {
                 && entries[j].pfn() == first + (j - i) as u64
             {
                 j += 1;
-            }
-            // Lone inside the slice: its neighbours are present on frames of their own. At
-            // the slice's ends the neighbour is unknown (a sampled pass's slices are one
-            // page): read.
-            if j == i + 1 && i > 0 && j < entries.len() && entries[i].exclusive() {
-                out.push(FrameFlags::default());
-                i = j;
-                continue;
             }
             let buf = &mut raw[..8 * (j - i)];
             if first == 0 || f.read_exact_at(buf, first * 8).is_err() {
@@ -144,7 +125,5 @@ mod tests {
         assert_eq!(e.pfn(), 0x1234);
         assert!(Entry(1 << 62).swapped());
         assert!(!Entry(0).present());
-        assert!(Entry((1 << 63) | (1 << 56)).exclusive());
-        assert!(!e.exclusive());
     }
 }
