@@ -10,6 +10,7 @@ use std::{
     fmt::Write as _,
     fs,
     path::Path,
+    sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
 
@@ -323,6 +324,19 @@ impl Baseline {
 /// One policy's run: its samples and, for `memfabric`, the controller's own CPU seconds.
 type Run = (Vec<Sample>, Option<f64>);
 
+/// Set by Ctrl-C or SIGTERM: the run under way ends at its next sample and is torn down
+/// as on an error (its daemon stopped, its guests stopped, KSM's settings restored). A
+/// signal used to end xtask at once, and its `Drop` teardown with it: the lab's guests
+/// and the daemon ran on, ksmd steered.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+fn not_interrupted() -> anyhow::Result<()> {
+    if INTERRUPTED.load(Ordering::SeqCst) {
+        bail!("interrupted; the lab is stopped and KSM's settings are restored");
+    }
+    Ok(())
+}
+
 fn run_policy(policy: Policy, load: &Load, agent: Option<&Path>) -> anyhow::Result<Run> {
     let mut ksm = KsmSession::begin()?;
     ksm.set(Knob::Run, "0")?;
@@ -371,6 +385,7 @@ fn run_profile(
         profile,
         ..UpOptions::default()
     })?;
+    not_interrupted()?;
     let mut base = Baseline::take();
     *daemon = policy.apply(ksm, agent)?;
     base.watch(daemon.as_ref());
@@ -378,6 +393,7 @@ fn run_profile(
     let mut samples = Vec::new();
     for i in 1..=seconds {
         std::thread::sleep((t0 + Duration::from_secs(i)).saturating_duration_since(Instant::now()));
+        not_interrupted()?;
         let s = base.sample(t0.elapsed().as_secs_f64());
         progress(policy, &s);
         samples.push(s);
@@ -399,11 +415,13 @@ fn run_scenario(
     scenario.play(
         &images,
         || {
+            not_interrupted()?;
             *daemon = policy.apply(ksm, agent)?;
             base_cell.borrow_mut().watch(daemon.as_ref());
             Ok(())
         },
         |t| {
+            not_interrupted()?;
             let base = base_cell.borrow();
             let s = base.sample(t as f64);
             progress(policy, &s);
@@ -443,6 +461,7 @@ pub(super) fn run(
     // SAFETY: single-threaded at this point; nothing else reads the environment.
     unsafe { std::env::set_var("MEMFABRIC_LAB_STATE", &state) };
     let dir = xtask::report::dir(out, &format!("ksm-{}", load.name()))?;
+    ctrlc::set_handler(|| INTERRUPTED.store(true, Ordering::SeqCst)).context("Ctrl-C handler")?;
     let mut runs = Vec::new();
     let mut controller_cpu = None;
     for &policy in policies {
