@@ -3,9 +3,25 @@
 use std::{
     path::PathBuf,
     process::{Command, Stdio},
+    sync::atomic::{AtomicBool, Ordering},
 };
 
 use anyhow::{Context as _, bail};
+
+/// Set by Ctrl-C or SIGTERM once [`catch_interrupts`] ran.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+/// From now on Ctrl-C and SIGTERM only set [`interrupted`]: a command that boots guests
+/// or changes KSM ends at its next check and runs its own teardown, which a signal's
+/// default action (the end of the process) skips. Once per process.
+pub fn catch_interrupts() -> anyhow::Result<()> {
+    ctrlc::set_handler(|| INTERRUPTED.store(true, Ordering::SeqCst)).context("Ctrl-C handler")
+}
+
+/// Whether Ctrl-C or SIGTERM arrived since [`catch_interrupts`].
+pub fn interrupted() -> bool {
+    INTERRUPTED.load(Ordering::SeqCst)
+}
 
 /// The workspace root (xtask lives one level below it).
 pub fn root() -> PathBuf {

@@ -4,13 +4,7 @@
 //! KSM.
 
 use memfabric::actuate::knobs::Knob;
-use std::{
-    process::Command,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
-};
+use std::process::Command;
 
 use anyhow::Context as _;
 use clap::Args;
@@ -37,14 +31,12 @@ pub(crate) fn run(args: DemoArgs) -> anyhow::Result<()> {
     let agent = build::agent()?;
 
     // Ctrl-C reaches the whole process group: the agent stops its display, and we clean up.
-    let interrupted = Arc::new(AtomicBool::new(false));
-    let flag = interrupted.clone();
-    ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst)).context("Ctrl-C handler")?;
+    cmd::catch_interrupts()?;
 
     let mut ksm = KsmSession::begin()?;
     let result = (|| {
         let guests = lab::up(&args.up.options())?;
-        if interrupted.load(Ordering::SeqCst) {
+        if cmd::interrupted() {
             return Ok(());
         }
         // Before KSM runs: what the page scanner says merging can save, and where.
@@ -69,7 +61,7 @@ pub(crate) fn run(args: DemoArgs) -> anyhow::Result<()> {
             watch.arg("--seconds").arg(s.to_string());
         }
         let status = watch.status().context("running memfabric watch")?;
-        if interrupted.load(Ordering::SeqCst) {
+        if cmd::interrupted() {
             return Ok(());
         }
         if !status.success() {

@@ -10,7 +10,6 @@ use std::{
     fmt::Write as _,
     fs,
     path::Path,
-    sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
 
@@ -324,14 +323,12 @@ impl Baseline {
 /// One policy's run: its samples and, for `memfabric`, the controller's own CPU seconds.
 type Run = (Vec<Sample>, Option<f64>);
 
-/// Set by Ctrl-C or SIGTERM: the run under way ends at its next sample and is torn down
-/// as on an error (its daemon stopped, its guests stopped, KSM's settings restored). A
-/// signal used to end xtask at once, and its `Drop` teardown with it: the lab's guests
-/// and the daemon ran on, ksmd steered.
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-
+/// After Ctrl-C or SIGTERM ([`xtask::cmd::catch_interrupts`]): the run under way ends at
+/// its next sample and is torn down as on an error (its daemon stopped, its guests
+/// stopped, KSM's settings restored). A signal used to end xtask at once, and its `Drop`
+/// teardown with it: the lab's guests and the daemon ran on, ksmd steered.
 fn not_interrupted() -> anyhow::Result<()> {
-    if INTERRUPTED.load(Ordering::SeqCst) {
+    if xtask::cmd::interrupted() {
         bail!("interrupted; the lab is stopped and KSM's settings are restored");
     }
     Ok(())
@@ -461,7 +458,7 @@ pub(super) fn run(
     // SAFETY: single-threaded at this point; nothing else reads the environment.
     unsafe { std::env::set_var("MEMFABRIC_LAB_STATE", &state) };
     let dir = xtask::report::dir(out, &format!("ksm-{}", load.name()))?;
-    ctrlc::set_handler(|| INTERRUPTED.store(true, Ordering::SeqCst)).context("Ctrl-C handler")?;
+    xtask::cmd::catch_interrupts()?;
     let mut runs = Vec::new();
     let mut controller_cpu = None;
     for &policy in policies {
