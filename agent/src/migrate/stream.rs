@@ -8,8 +8,16 @@
 //! devices' state, which has no length and cannot be skipped without QEMU's own
 //! descriptions.
 //!
-//! The splitter finds the 4 KiB bodies of `PAGE` records, the only thing a proxy may
-//! replace. What it does not know (device state, compressed or XBZRLE pages, postcopy,
+//! With QEMU's `multifd` capability the guest's pages go on channels of their own, one
+//! connection each beside the main one (`migration/multifd.c`): a 64-byte initial packet
+//! (magic `0x11223344`, version 1, the source's UUID, the channel's id), then packets of a
+//! 320-byte header (magic, version, flags, pages allocated, normal pages, the size of the
+//! data that follows, the packet's number, the RAM block's name) with an offset word per
+//! allocated page, followed by each normal page's 4 KiB. The splitter knows both kinds of
+//! channel by their first bytes.
+//!
+//! The splitter finds the 4 KiB bodies of `PAGE` records and of multifd packets, the only
+//! thing a proxy may replace. What it does not know (device state, compressed or XBZRLE pages, postcopy,
 //! subsections, another QEMU's layout) ends parsing: the rest of the stream is opaque and
 //! passes byte for byte. Correctness never rests on it: a body is only ever replaced by a
 //! reference to the same 4,096 bytes, checked by a cryptographic hash where it is resolved,
@@ -19,6 +27,19 @@
 pub const PAGE: usize = 4096;
 
 const MAGIC: &[u8; 8] = b"QEVM\0\0\0\x03";
+
+// Multifd channels (migration/multifd.h): their magic and version (big-endian), the
+// initial packet's and a packet header's sizes, the flags QEMU 7.2 to 9.x set on packets
+// of uncompressed pages (only SYNC; the compression methods and later kinds of packet use
+// other bits and are not parsed).
+const MULTIFD_MAGIC: [u8; 4] = 0x1122_3344u32.to_be_bytes();
+const MULTIFD_VERSION: u32 = 1;
+const MULTIFD_INIT: usize = 64;
+const MULTIFD_HEADER: usize = 320;
+const MULTIFD_FLAG_SYNC: u32 = 1;
+/// The most pages a multifd packet may announce that the splitter follows: QEMU
+/// allocates 128 (512 KiB of 4 KiB pages); more is a layout it does not know.
+const MULTIFD_MAX_PAGES: u32 = 4096;
 
 // Section types (migration/savevm.c).
 const SECTION_START: u8 = 0x01;
@@ -71,6 +92,12 @@ enum State {
     },
     RamRecords,
     PageBody,
+    /// A multifd channel: the next packet's header.
+    MultifdPacket,
+    /// A multifd packet's pages, `left` of them still to come.
+    MultifdPages {
+        left: u32,
+    },
     /// Not understood from here on: everything passes.
     Opaque,
 }
@@ -146,6 +173,17 @@ impl Splitter {
     pub fn next(&mut self, buf: &[u8]) -> Option<Token> {
         match self.state {
             State::Opaque => (!buf.is_empty()).then_some(Token::Raw(buf.len())),
+            State::Magic if buf.get(..4)? == MULTIFD_MAGIC => {
+                let init = buf.get(..MULTIFD_INIT)?;
+                if be32(&init[4..]) != MULTIFD_VERSION {
+                    return self.give_up(
+                        Stop::Unknown("a multifd channel of another version".into()),
+                        MULTIFD_INIT,
+                    );
+                }
+                self.state = State::MultifdPacket;
+                Some(Token::Raw(MULTIFD_INIT))
+            }
             State::Magic => {
                 let head = buf.get(..8)?;
                 if head == MAGIC {
@@ -185,7 +223,44 @@ impl Splitter {
                 self.pages += 1;
                 Some(Token::Page)
             }
+            State::MultifdPacket => self.multifd_packet(buf),
+            State::MultifdPages { left } => {
+                buf.get(..PAGE)?;
+                self.state = match left - 1 {
+                    0 => State::MultifdPacket,
+                    left => State::MultifdPages { left },
+                };
+                self.pages += 1;
+                Some(Token::Page)
+            }
         }
+    }
+
+    /// A multifd packet's header and offsets; its pages follow.
+    fn multifd_packet(&mut self, buf: &[u8]) -> Option<Token> {
+        let head = buf.get(..MULTIFD_HEADER)?;
+        let (version, flags) = (be32(&head[4..]), be32(&head[8..]));
+        let (alloc, normal, data) = (be32(&head[12..]), be32(&head[16..]), be32(&head[20..]));
+        let why = if head[..4] != MULTIFD_MAGIC || version != MULTIFD_VERSION {
+            "a multifd packet's magic or version"
+        } else if flags & !MULTIFD_FLAG_SYNC != 0 {
+            // Compressed pages, device state or a kind of packet not known here.
+            "multifd packet flags"
+        } else if alloc > MULTIFD_MAX_PAGES || normal > alloc {
+            "a multifd packet's page counts"
+        } else if normal > 0 && u64::from(data) != u64::from(normal) * PAGE as u64 {
+            // Pages of another size than 4 KiB. (A packet without pages may carry the
+            // last one's size: QEMU 7.2 does not reset it.)
+            "a multifd packet's data size"
+        } else {
+            let n = MULTIFD_HEADER + 8 * alloc as usize;
+            buf.get(..n)?;
+            if normal > 0 {
+                self.state = State::MultifdPages { left: normal };
+            }
+            return Some(Token::Raw(n));
+        };
+        self.give_up(Stop::Unknown(why.into()), MULTIFD_HEADER)
     }
 
     /// The stream ended with `buf` not yet consumed (a record cut short): it passes as it
@@ -463,18 +538,108 @@ pub(crate) mod tests {
         assert!(matches!(s.stopped(), Some(Stop::Unknown(_))));
     }
 
+    /// A multifd channel as QEMU 7.2 writes it: the initial packet of channel `id`, then
+    /// one packet per entry of `packets` (its pages; an empty one is a SYNC packet), as
+    /// captured from QEMU 7.2 (`multifd-channels` 2, a 64 MiB guest).
+    pub(crate) fn multifd_channel(id: u8, packets: &[&[[u8; PAGE]]]) -> Vec<u8> {
+        let mut s = MULTIFD_MAGIC.to_vec();
+        s.extend(MULTIFD_VERSION.to_be_bytes());
+        s.extend([0x5a; 16]);
+        s.push(id);
+        s.resize(MULTIFD_INIT, 0);
+        let mut size = 0u32;
+        for (n, pages) in packets.iter().enumerate() {
+            let alloc = 128u32;
+            s.extend(MULTIFD_MAGIC);
+            s.extend(MULTIFD_VERSION.to_be_bytes());
+            let flags = if pages.is_empty() {
+                MULTIFD_FLAG_SYNC
+            } else {
+                0
+            };
+            s.extend(flags.to_be_bytes());
+            s.extend(alloc.to_be_bytes());
+            let normal = u32::try_from(pages.len()).expect("a test's packet");
+            s.extend(normal.to_be_bytes());
+            // QEMU 7.2 leaves the last packet's data size in a packet without pages.
+            if !pages.is_empty() {
+                size = normal * 4096;
+            }
+            s.extend(size.to_be_bytes());
+            s.extend((n as u64).to_be_bytes());
+            s.extend([0u8; 32]);
+            let mut block = [0u8; 256];
+            block[..6].copy_from_slice(b"pc.ram");
+            s.extend(block);
+            for i in 0..alloc as usize {
+                let at = if i < pages.len() {
+                    (i * PAGE) as u64
+                } else {
+                    0
+                };
+                s.extend(at.to_be_bytes());
+            }
+            for p in *pages {
+                s.extend(p);
+            }
+        }
+        s
+    }
+
+    #[test]
+    fn finds_the_pages_of_a_multifd_channel_in_any_chunking() {
+        let p = pages();
+        let stream = multifd_channel(1, &[&p[..2], &[], &p[2..]]);
+        for chunk in [1, 5, 63, 64, 321, 4096, 1 << 20] {
+            let (tokens, s) = split(&stream, chunk);
+            let bodies: Vec<&[u8]> = tokens
+                .iter()
+                .filter(|(_, t)| *t == Token::Page)
+                .map(|&(at, _)| &stream[at..at + PAGE])
+                .collect();
+            assert_eq!(bodies, [&p[0][..], &p[1][..], &p[2][..]], "chunk {chunk}");
+            assert_eq!(s.records(), (3, 0));
+            assert_eq!(s.stopped(), None);
+        }
+    }
+
+    #[test]
+    fn a_multifd_channel_it_does_not_know_passes_whole() {
+        let p = pages();
+        let first_flags = MULTIFD_INIT + 8;
+        // zlib-compressed pages (compression bits in the flags).
+        let mut zlib = multifd_channel(0, &[&p[..1], &p[1..]]);
+        zlib[first_flags + 3] = 1 << 1;
+        // Another version of the initial packet, and pages of another size.
+        let mut version = multifd_channel(0, &[&p[..1]]);
+        version[7] = 2;
+        let mut size = multifd_channel(0, &[&p[..1]]);
+        size[MULTIFD_INIT + 21] ^= 0x40;
+        for stream in [zlib, version, size] {
+            let (tokens, s) = split(&stream, 100);
+            assert!(tokens.iter().all(|(_, t)| *t != Token::Page), "{s:?}");
+            assert!(matches!(s.stopped(), Some(Stop::Unknown(_))), "{s:?}");
+        }
+    }
+
     #[test]
     fn hostile_lengths_never_panic() {
         let p = pages();
         let base = sample(&p);
+        let multifd = multifd_channel(3, &[&p[..2], &[]]);
         // Every single-byte corruption of the headers: tokens still tile the stream.
-        for i in 0..200 {
-            for v in [0u8, 0x7f, 0xff] {
-                let mut s = base.clone();
-                s[i] = v;
-                let (tokens, _) = split(&s, 513);
-                let covered: usize = tokens.iter().map(|(_, t)| t.len()).sum();
-                assert_eq!(covered, s.len());
+        for (base, at) in [
+            (&base, 0..200),
+            (&multifd, 0..MULTIFD_INIT + MULTIFD_HEADER + 16),
+        ] {
+            for i in at {
+                for v in [0u8, 0x7f, 0xff] {
+                    let mut s = base.clone();
+                    s[i] = v;
+                    let (tokens, _) = split(&s, 513);
+                    let covered: usize = tokens.iter().map(|(_, t)| t.len()).sum();
+                    assert_eq!(covered, s.len());
+                }
             }
         }
     }
