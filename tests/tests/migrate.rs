@@ -155,7 +155,7 @@ fn a_guest_whose_twin_runs_on_the_destination_moves_with_a_fraction_of_the_bytes
     {
         return;
     }
-    migrate_beside_a_twin("migrate-test", 1, false);
+    migrate_beside_a_twin("migrate-test", 1, false, 0);
 }
 
 /// QEMU's return path (the destination QEMU's messages to the source: its shut and pong
@@ -166,12 +166,24 @@ fn a_migration_with_qemus_return_path_on_completes_through_the_proxies() {
     if !privileged("a_migration_with_qemus_return_path_on_completes_through_the_proxies") {
         return;
     }
-    migrate_beside_a_twin("migrate-rp-test", 11, true);
+    migrate_beside_a_twin("migrate-rp-test", 11, true, 0);
+}
+
+/// QEMU's multifd channels (three, beside the main one), each through a link of its own;
+/// their pages referenced like the main channel's.
+#[test]
+#[serial_test::serial]
+fn a_migration_with_multifd_channels_completes_through_the_proxies() {
+    if !privileged("a_migration_with_multifd_channels_completes_through_the_proxies") {
+        return;
+    }
+    migrate_beside_a_twin("migrate-mfd-test", 13, false, 3);
 }
 
 /// Guests `first` (migrated) and `first + 1` (its twin, the destination's donor) in a lab
-/// of their own; the migration through both proxies, then the checks.
-fn migrate_beside_a_twin(test: &str, first: u32, return_path: bool) {
+/// of their own; the migration through both proxies (QEMU's return path on or off, with
+/// `multifd` channels or none), then the checks.
+fn migrate_beside_a_twin(test: &str, first: u32, return_path: bool, multifd: u8) {
     let setup = Setup::new(test, 2, first);
     let (dir, src, donor) = (&setup.dir, &setup.guests[0], setup.guests[1].name.clone());
     let incoming = dir.join("incoming.sock");
@@ -182,17 +194,27 @@ fn migrate_beside_a_twin(test: &str, first: u32, return_path: bool) {
             .spawn()
             .expect("the incoming QEMU"),
     );
-    if return_path {
+    if return_path || multifd > 0 {
         let dst_qmp = dir.join("incoming.qmp");
         assert!(
             memfabric_harness::wait_for(Duration::from_secs(30), || dst_qmp.exists()),
             "the incoming QEMU's QMP socket"
         );
+        let capability = if return_path {
+            "return-path"
+        } else {
+            "multifd"
+        };
         let on = serde_json::json!({
-            "capabilities": [{ "capability": "return-path", "state": true }]
+            "capabilities": [{ "capability": capability, "state": true }]
         });
-        qmp(&dst_qmp, "migrate-set-capabilities", on.clone());
-        qmp(&setup.src_qmp(), "migrate-set-capabilities", on);
+        let channels = serde_json::json!({ "multifd-channels": multifd });
+        for q in [&dst_qmp, &setup.src_qmp()] {
+            qmp(q, "migrate-set-capabilities", on.clone());
+            if multifd > 0 {
+                qmp(q, "migrate-set-parameters", channels.clone());
+            }
+        }
     }
     // The operator's downtime limit, not QEMU's default, to tell it from a reset.
     qmp(
@@ -243,6 +265,8 @@ fn migrate_beside_a_twin(test: &str, first: u32, return_path: bool) {
     // What QEMU wrote is what the incoming QEMU was handed (both ends checked length and
     // checksum; the socket-proxy test below checks it by SHA-256 from outside).
     assert_eq!(sent.stream_bytes, received.stream_bytes);
+    assert_eq!(sent.channels, u64::from(multifd) + 1);
+    assert_eq!(received.channels, sent.channels);
     assert_eq!(sent.referenced, received.referenced + received.resent);
     // The twin holds the shared part of the guest: far fewer bytes on the wire.
     assert!(
@@ -752,7 +776,19 @@ fn a_guest_moves_to_the_peer_holding_most_of_it_whose_agent_runs_it() {
         "a dry run moved the guest: {status}"
     );
     assert!(migrated_qemu(&src.uuid, src.pid).is_none());
-    // --apply carries the move out through the proxies.
+    // --apply carries the move out through the proxies, here with QEMU's multifd (two
+    // channels beside the main one): the destination's agent gives its incoming QEMU the
+    // same.
+    qmp(
+        &setup.src_qmp(),
+        "migrate-set-capabilities",
+        serde_json::json!({ "capabilities": [{ "capability": "multifd", "state": true }] }),
+    );
+    qmp(
+        &setup.src_qmp(),
+        "migrate-set-parameters",
+        serde_json::json!({ "multifd-channels": 2 }),
+    );
     let (code, out, err) = on_source(
         &hosts,
         &[
@@ -786,6 +822,7 @@ fn a_guest_moves_to_the_peer_holding_most_of_it_whose_agent_runs_it() {
         "{wire} of {stream} bytes sent though the twin runs on the destination"
     );
     assert!(summary["referenced"].as_u64().unwrap() > 1000, "{summary}");
+    assert_eq!(summary["channels"], 3, "{summary}");
     // The guest runs on the destination; the source QEMU quit.
     assert!(
         memfabric_harness::wait_for(Duration::from_secs(10), || !lab::qemu::alive(src)),
@@ -997,6 +1034,8 @@ fn a_migration_driven_by_libvirt_goes_through_the_socket_proxy() {
     let sent = sent.expect("the migration through the socket proxy");
     let received = received.expect("the receiving side");
     assert_eq!(sent.stream_bytes, received.stream_bytes);
+    assert_eq!(sent.channels, 1);
+    assert_eq!(received.channels, sent.channels);
     // Joined only once both proxies succeeded (a tap never connected to would wait).
     let (written, delivered) = (written.join().unwrap(), delivered.join().unwrap());
     // By SHA-256, outside the proxies: what QEMU wrote is what the incoming QEMU got.

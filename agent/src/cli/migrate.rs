@@ -230,6 +230,13 @@ fn print(s: &Summary, json: bool) {
         s.referenced, s.resent
     );
     println!("time              {:>10.1} s", s.seconds);
+    if s.channels > 1 {
+        println!(
+            "channels          {:>10} (QEMU's main channel and {} multifd channels, a link each)",
+            s.channels,
+            s.channels - 1
+        );
+    }
     if let Some(d) = s.downtime_ms {
         println!("downtime          {d:>10} ms (QEMU's query-migrate)");
     }

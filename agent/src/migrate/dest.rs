@@ -14,7 +14,7 @@ use tokio::{
 use super::{
     Failure, Progress,
     holdings::Holdings,
-    link::{self, Down, Frame as _, Sum, Tally, Up},
+    link::{self, Channel, Down, Frame as _, Sum, Tally, Up},
     stream::PAGE,
 };
 
@@ -25,7 +25,8 @@ const IO_BUFFER: usize = 256 << 10;
 /// An acknowledgement every this many resolved references.
 const ACK_EVERY: u64 = 512;
 
-/// Runs the proxy until the source's stream ended and everything was handed to QEMU.
+/// Runs the proxy of a migration without multifd (one channel) until the source's stream
+/// ended and everything was handed to QEMU.
 pub async fn run<L, Q>(
     mut link: L,
     qemu: Q,
@@ -36,13 +37,58 @@ where
     L: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     Q: AsyncRead + AsyncWrite + Send + 'static,
 {
-    link::hello(&mut link).await?;
+    let channel = accept(&mut link).await?;
+    if channel != Channel::ALONE {
+        return Err(Failure::Peer(format!(
+            "channel {} of a migration with {} multifd channels, here where one channel \
+             is received",
+            channel.index, channel.multifd
+        )));
+    }
+    offer(&mut link, &holdings, &progress).await?;
+    serve(link, qemu, channel, holdings, progress).await
+}
+
+/// Sends this host's filter on the main channel's link, as soon as it is accepted: the
+/// source opens its other channels' links before it reads it.
+pub async fn offer<L>(link: &mut L, holdings: &Holdings, progress: &Progress) -> Result<(), Failure>
+where
+    L: AsyncWrite + Unpin,
+{
     let filter = holdings.filter().encode();
     progress
         .filter_bytes
         .store(filter.len() as u64, Ordering::Relaxed);
     link.write_all(&Up::Filter(filter).to_vec()).await?;
     link.flush().await?;
+    Ok(())
+}
+
+/// A link's start: the protocol's hello and the channel the source says it carries.
+pub async fn accept<L>(link: &mut L) -> Result<Channel, Failure>
+where
+    L: AsyncRead + AsyncWrite + Unpin,
+{
+    link::hello(link).await?;
+    Ok(Channel::read(link).await?)
+}
+
+/// Runs the proxy of one [`accept`]ed channel (the main one [`offer`]ed the filter) into
+/// its connection to the incoming QEMU until the source's stream on it ended and
+/// everything was handed to QEMU.
+pub async fn serve<L, Q>(
+    link: L,
+    qemu: Q,
+    channel: Channel,
+    holdings: Arc<Holdings>,
+    progress: Arc<Progress>,
+) -> Result<Sum, Failure>
+where
+    L: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    Q: AsyncRead + AsyncWrite + Send + 'static,
+{
+    tracing::debug!(channel = channel.index, "receiving a migration channel");
+    progress.channels.fetch_add(1, Ordering::Relaxed);
     let (link_rx, link_tx) = tokio::io::split(link);
     // What crossed the link to this host: `link_in_bytes`.
     let counted = progress.clone();
@@ -56,7 +102,12 @@ where
     let mut link_rx = tokio::io::BufReader::with_capacity(IO_BUFFER, link_rx);
     let mut qemu_tx = tokio::io::BufWriter::with_capacity(IO_BUFFER, qemu_tx);
     let (tx, rx) = mpsc::channel::<Vec<u8>>(16);
-    let writer = tokio::spawn(super::write_frames(link_tx, rx, progress.clone(), None));
+    let writer = tokio::spawn(super::write_frames(
+        link_tx,
+        rx,
+        progress.clone(),
+        super::Pace::new(None),
+    ));
     let back = tokio::spawn(back(qemu_rx, tx.clone()));
     let mut tally = Tally::default();
     let mut next_ref = 0u64;

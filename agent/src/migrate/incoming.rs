@@ -73,6 +73,10 @@ pub struct Request {
     /// namespaces) the source's QEMU is visible here too and is not a conflicting VM.
     #[serde(default)]
     pub source: Option<(String, u32)>,
+    /// The source QEMU's return path and multifd channels, which the incoming QEMU is
+    /// given before the source connects.
+    #[serde(default)]
+    pub capabilities: run::Capabilities,
 }
 
 /// The answer to a request: where the source's proxy connects, and the one-time token it
@@ -491,7 +495,12 @@ fn prepare(qemu: &Path, req: &Request, dir: &Path) -> Result<u32, (StatusCode, S
         .mode(0o700)
         .create(dir)
         .map_err(|e| internal(format!("{}: {e}", dir.display())))?;
-    super::incoming_qemu::start(qemu, &args, dir).map_err(conflict)
+    let pid = super::incoming_qemu::start(qemu, &args, dir).map_err(conflict)?;
+    if let Err(why) = super::incoming_qemu::configure(&dir.join("qmp.sock"), &req.capabilities) {
+        super::incoming_qemu::stop_qemu(pid, dir);
+        return Err(conflict(why));
+    }
+    Ok(pid)
 }
 
 /// What the proxy of one migration starts from.
@@ -689,6 +698,7 @@ mod tests {
             uuid: uuid.map(str::to_owned),
             args: args.iter().map(|a| (*a).to_owned()).collect(),
             source: None,
+            capabilities: Default::default(),
         })
         .unwrap()
     }

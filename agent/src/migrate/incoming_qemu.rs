@@ -80,6 +80,36 @@ fn live_qemu(dir: &Path) -> Option<u32> {
     pidfile(dir).filter(|p| runs_from(*p, dir))
 }
 
+/// Gives the incoming QEMU the source's return path and multifd channels, before the
+/// source connects.
+pub fn configure(qmp: &Path, caps: &run::Capabilities) -> Result<(), String> {
+    if *caps == run::Capabilities::default() {
+        return Ok(());
+    }
+    let mut q = Qmp::connect(qmp).map_err(|e| e.to_string())?;
+    let on: Vec<serde_json::Value> = [
+        ("return-path", caps.return_path),
+        ("multifd", caps.multifd > 0),
+    ]
+    .into_iter()
+    .filter(|(_, on)| *on)
+    .map(|(c, _)| serde_json::json!({ "capability": c, "state": true }))
+    .collect();
+    q.execute(
+        "migrate-set-capabilities",
+        serde_json::json!({ "capabilities": on }),
+    )
+    .map_err(|e| format!("the incoming QEMU's capabilities: {e}"))?;
+    if caps.multifd > 0 {
+        q.execute(
+            "migrate-set-parameters",
+            serde_json::json!({ "multifd-channels": caps.multifd }),
+        )
+        .map_err(|e| format!("the incoming QEMU's multifd channels: {e}"))?;
+    }
+    Ok(())
+}
+
 /// Waits until the incoming QEMU says the migration `completed` (it loaded every
 /// section).
 pub fn loaded(qmp: &Path) -> Result<(), String> {

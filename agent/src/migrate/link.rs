@@ -14,10 +14,11 @@ use super::{
     stream::PAGE,
 };
 
-/// Sent first by both ends: the protocol and its version (4: references carry the
+/// Sent first by both ends: the protocol and its version (5: the source names the
+/// channel a link carries, [`Channel`], right after it; 4: references carry the
 /// filter's seeded XXH3 key beside the digest, and the filter its seed; 3: the stream's
 /// sum is XXH3-128; 2: BLAKE3, 1: SHA-256).
-pub const HELLO: &[u8; 8] = b"MFMIG\0\0\x04";
+pub const HELLO: &[u8; 8] = b"MFMIG\0\0\x05";
 
 /// The largest run of raw bytes in one frame.
 pub const MAX_RAW: usize = 1 << 20;
@@ -138,6 +139,51 @@ pub async fn hello<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(s: &
         return bad("not a memfabric migration peer of this version");
     }
     Ok(())
+}
+
+/// The most multifd channels a migration may have through the proxies (QEMU allows 255;
+/// each is a connection and a TLS session of its own here).
+pub const MAX_MULTIFD: u8 = 64;
+
+/// Which of a migration's channels a link carries, sent by the source after [`HELLO`]:
+/// QEMU's main channel (index 0) or one of its `multifd` channels (1 to `multifd`), in the
+/// order the source QEMU opened them, which is the order the destination proxy connects
+/// them to the incoming QEMU (QEMU 7.2 takes its first connection for the main channel).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Channel {
+    pub index: u8,
+    /// How many multifd channels the migration has besides the main one.
+    pub multifd: u8,
+}
+
+impl Channel {
+    /// A migration without multifd: its one channel.
+    pub const ALONE: Channel = Channel {
+        index: 0,
+        multifd: 0,
+    };
+
+    /// The main channel, which carries the filter, QEMU's return path and everything but
+    /// the multifd channels' pages.
+    pub fn is_main(self) -> bool {
+        self.index == 0
+    }
+
+    pub async fn write<S: tokio::io::AsyncWrite + Unpin>(self, s: &mut S) -> R<()> {
+        s.write_all(&[self.index, self.multifd]).await?;
+        s.flush().await?;
+        Ok(())
+    }
+
+    pub async fn read<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> R<Channel> {
+        let (index, multifd) = (s.read_u8().await?, s.read_u8().await?);
+        if multifd > MAX_MULTIFD || index > multifd {
+            return bad(format!(
+                "channel {index} of 1 + {multifd} (at most {MAX_MULTIFD} multifd channels)"
+            ));
+        }
+        Ok(Channel { index, multifd })
+    }
 }
 
 async fn read_len<S: tokio::io::AsyncRead + Unpin>(s: &mut S, max: usize) -> R<Vec<u8>> {
@@ -299,6 +345,23 @@ mod tests {
         let mut r = &b[..];
         for u in &ups {
             assert_eq!(&Up::read(&mut r).await.unwrap(), u);
+        }
+    }
+
+    #[tokio::test]
+    async fn channels_read_back_and_impossible_ones_are_refused() {
+        let c = Channel {
+            index: 2,
+            multifd: 4,
+        };
+        let mut b = Vec::new();
+        c.write(&mut b).await.unwrap();
+        assert_eq!(Channel::read(&mut &b[..]).await.unwrap(), c);
+        for bytes in [[5u8, 4], [0, MAX_MULTIFD + 1]] {
+            assert!(matches!(
+                Channel::read(&mut &bytes[..]).await,
+                Err(LinkError::Protocol(_))
+            ));
         }
     }
 

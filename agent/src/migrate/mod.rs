@@ -8,12 +8,16 @@
 //! ```
 //!
 //! Stock QEMU on both ends: the source's QMP `migrate` points at the source proxy's
-//! socket, the destination QEMU listens with `-incoming unix:PATH`. QEMU's own
-//! compression, XBZRLE, multifd and postcopy stay off through the proxy (refused before
-//! anything starts): their records are not split, and multifd's extra channels are not
-//! carried. What the incoming QEMU is handed is checked end to end (length and XXH3-128 checksum)
-//! against what the source QEMU wrote; a failure anywhere cancels the migration and the
-//! VM keeps running on the source.
+//! socket, the destination QEMU listens with `-incoming unix:PATH`. With QEMU's `multifd`
+//! each of its channels crosses on a link of its own ([`link::Channel`]), connected to the
+//! incoming QEMU in the order the source QEMU opened them, its pages referenced like the
+//! main channel's with the filter the main link brought. QEMU's own compression (of the
+//! main channel or of multifd's), XBZRLE and postcopy stay off through the proxy (refused
+//! before anything starts): their records are not split, and postcopy runs the guest on
+//! the destination before its stream was verified. What the incoming QEMU is handed is
+//! checked end to end, channel by channel (length and XXH3-128 checksum), against what the
+//! source QEMU wrote; a failure anywhere cancels the migration and the VM keeps running on
+//! the source.
 
 pub mod command;
 pub mod dest;
@@ -59,6 +63,8 @@ pub struct Progress {
     /// The lowest downtime limit QEMU was given for this migration, in ms (source, see
     /// [`downtime`]); [`Progress::UNKNOWN`] while it was left as the operator set it.
     pub lowest_downtime_limit: AtomicU64,
+    /// QEMU's channels relayed: 1, or 1 + its multifd channels.
+    pub channels: AtomicU64,
 }
 
 impl Default for Progress {
@@ -73,6 +79,7 @@ impl Default for Progress {
             resent: AtomicU64::new(0),
             ram_remaining: AtomicU64::new(Progress::UNKNOWN),
             lowest_downtime_limit: AtomicU64::new(Progress::UNKNOWN),
+            channels: AtomicU64::new(0),
         }
     }
 }
@@ -151,24 +158,47 @@ fn pace(sent: u64, elapsed: std::time::Duration, limit: Option<u64>) -> std::tim
     }
 }
 
-/// The one writer of a link: frames from every task of a proxy, in the order sent, at
-/// most `limit` bytes per second (the operator's `--bandwidth`).
+/// The operator's cap on the bytes a migration puts on the link (`--bandwidth`), shared
+/// by the writers of all its channels' links.
+#[derive(Debug)]
+pub struct Pace {
+    limit: Option<u64>,
+    started: std::time::Instant,
+    sent: AtomicU64,
+}
+
+impl Pace {
+    /// At most `limit` bytes per second from now on (none: no cap).
+    pub fn new(limit: Option<u64>) -> std::sync::Arc<Pace> {
+        std::sync::Arc::new(Pace {
+            limit,
+            started: std::time::Instant::now(),
+            sent: AtomicU64::new(0),
+        })
+    }
+
+    /// How long a writer waits before it writes `n` more bytes.
+    fn before(&self, n: u64) -> std::time::Duration {
+        let sent = self.sent.fetch_add(n, Ordering::Relaxed);
+        pace(sent, self.started.elapsed(), self.limit)
+    }
+}
+
+/// The one writer of a link: frames from every task of a proxy, in the order sent, within
+/// the migration's `pace`.
 async fn write_frames<W: AsyncWrite + Unpin>(
     mut w: W,
     mut rx: mpsc::Receiver<Vec<u8>>,
     progress: std::sync::Arc<Progress>,
-    limit: Option<u64>,
+    pace: std::sync::Arc<Pace>,
 ) -> std::io::Result<()> {
-    let started = std::time::Instant::now();
-    let mut sent = 0u64;
     while let Some(frames) = rx.recv().await {
-        let wait = pace(sent, started.elapsed(), limit);
+        let wait = pace.before(frames.len() as u64);
         if !wait.is_zero() {
             w.flush().await?;
             tokio::time::sleep(wait).await;
         }
         w.write_all(&frames).await?;
-        sent += frames.len() as u64;
         progress
             .wire_bytes
             .fetch_add(frames.len() as u64, Ordering::Relaxed);
@@ -260,6 +290,79 @@ mod tests {
             stream.len()
         );
         assert_eq!(digest(&got), digest(&stream));
+    }
+
+    /// A migration with a multifd channel beside the main one, each on a link of its own:
+    /// the multifd channel's pages are referenced with the filter the main link brought,
+    /// and each channel arrives byte for byte.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_multifd_channel_is_referenced_with_the_main_channels_filter() {
+        use tokio::io::AsyncReadExt as _;
+        let pages = [[1u8; PAGE], [2u8; PAGE], [3u8; PAGE]];
+        let streams = [
+            stream::tests::sample(&pages),
+            stream::tests::multifd_channel(0, &[&pages[..], &[]]),
+        ];
+        let (_ram, vm) = donor(&[pages[0], pages[2]]);
+        let holdings = Arc::new(Holdings::scan(&[vm], None));
+        let (ps, pd) = (Arc::new(Progress::default()), Arc::new(Progress::default()));
+        let pace = Pace::new(None);
+        let mut links = Vec::new();
+        let mut tasks = Vec::new();
+        let mut delivered = Vec::new();
+        for (index, stream) in streams.iter().enumerate() {
+            let (a, mut b) = tokio::io::duplex(1 << 16);
+            let (src_qemu, mut qemu_out) = tokio::io::duplex(1 << 16);
+            let (dst_qemu, mut qemu_in) = tokio::io::duplex(1 << 16);
+            let (holdings, pd) = (holdings.clone(), pd.clone());
+            tasks.push(tokio::spawn(async move {
+                let channel = dest::accept(&mut b).await?;
+                if channel.is_main() {
+                    dest::offer(&mut b, &holdings, &pd).await?;
+                }
+                dest::serve(b, dst_qemu, channel, holdings, pd).await
+            }));
+            let stream = stream.clone();
+            tokio::spawn(async move {
+                qemu_out.write_all(&stream).await.unwrap();
+                qemu_out.shutdown().await.unwrap();
+                let mut sink = Vec::new();
+                let _ = qemu_out.read_to_end(&mut sink).await;
+            });
+            delivered.push(tokio::spawn(async move {
+                let mut got = Vec::new();
+                let _ = qemu_in.read_to_end(&mut got).await;
+                got
+            }));
+            let index = u8::try_from(index).unwrap();
+            links.push((index, a, src_qemu));
+        }
+        let mut filter = None;
+        for (index, mut a, src_qemu) in links {
+            let channel = link::Channel { index, multifd: 1 };
+            if let Some(f) = source::open(&mut a, channel, &ps).await.unwrap() {
+                filter = Some(f);
+            }
+            assert!(filter.is_some(), "the main channel brings the filter first");
+            tasks.push(tokio::spawn(source::relay(
+                src_qemu,
+                a,
+                filter.clone(),
+                ps.clone(),
+                pace.clone(),
+            )));
+        }
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+        for (d, stream) in delivered.into_iter().zip(&streams) {
+            assert_eq!(&d.await.unwrap(), stream);
+        }
+        // Pages 1 and 3 on each channel.
+        assert_eq!(Progress::get(&ps.referenced), 4);
+        assert_eq!(Progress::get(&pd.referenced), 4);
+        assert_eq!(Progress::get(&pd.channels), 2);
+        assert_eq!(Progress::get(&ps.channels), 2);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -87,7 +87,7 @@ async fn call<T: serde::de::DeserializeOwned>(
 /// Moves the VM; on success it runs on the destination and its source QEMU has quit.
 pub async fn migrate(opts: RemoteOptions, progress: Arc<Progress>) -> Result<Summary, Failure> {
     let qmp_path = opts.qmp.clone();
-    run::blocking(move || run::check_capabilities(&qmp_path)).await?;
+    let capabilities = run::blocking(move || run::check_capabilities(&qmp_path)).await?;
     let connector = opts.tls.load()?.client;
     let args: Vec<String> = crate::actuate::qmp::cmdline(opts.pid)
         .map_err(|e| Failure::Setup(format!("the VM's command line: {e}")))?
@@ -100,6 +100,7 @@ pub async fn migrate(opts: RemoteOptions, progress: Arc<Progress>) -> Result<Sum
         uuid: opts.uuid.clone(),
         args,
         source: Some((super::incoming_qemu::boot_id(), opts.pid)),
+        capabilities,
     })
     .map_err(|e| Failure::Setup(e.to_string()))?;
     let accepted: Accepted = call(

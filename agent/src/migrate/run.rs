@@ -18,6 +18,7 @@ use super::{
     downtime::{self, Governor},
     holdings::Holdings,
     limit_journal::{self, Journal},
+    link::{self, Channel},
     settled, source,
 };
 use crate::{
@@ -26,12 +27,14 @@ use crate::{
     host::inventory::{self, Selector},
 };
 
-/// QEMU's capabilities that change the stream's records or channels: off through the
-/// proxy.
+/// QEMU's capabilities that change the stream's records or channels in ways the proxy
+/// does not carry: off through it. (`multifd` is carried: each channel on a link of its
+/// own, uncompressed pages only.) Postcopy runs the guest on the destination before its
+/// stream has arrived, which the proxies' promise (the guest starts there only once
+/// every byte was verified, and runs on the source otherwise) cannot keep.
 const REFUSED_CAPABILITIES: &[&str] = &[
     "compress",
     "xbzrle",
-    "multifd",
     "postcopy-ram",
     "postcopy-preempt",
     "x-colo",
@@ -77,6 +80,9 @@ pub struct Summary {
     /// (source only).
     #[serde(default)]
     pub downtime_limit_ms: Option<u64>,
+    /// QEMU's channels through the proxies: 1, or 1 + its multifd channels.
+    #[serde(default)]
+    pub channels: u64,
 }
 
 impl Summary {
@@ -93,6 +99,7 @@ impl Summary {
             downtime_ms,
             downtime_limit_ms: Some(Progress::get(&p.lowest_downtime_limit))
                 .filter(|&ms| ms != Progress::UNKNOWN),
+            channels: Progress::get(&p.channels),
         }
     }
 }
@@ -144,8 +151,22 @@ pub fn await_status(
     }
 }
 
-/// Refuses a QEMU whose migration capabilities would change the stream's records.
-pub(super) fn check_capabilities(path: &Path) -> Result<(), Failure> {
+/// The source QEMU's migration settings that the incoming QEMU must share: QEMU stalls
+/// or fails a migration whose return path or channels its peer does not expect.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Capabilities {
+    /// QEMU's `return-path` capability.
+    #[serde(default)]
+    pub return_path: bool,
+    /// Its multifd channels besides the main one (0: `multifd` is off).
+    #[serde(default)]
+    pub multifd: u8,
+}
+
+/// Refuses a QEMU whose migration capabilities would change the stream's records; the
+/// settings the incoming QEMU must share.
+pub(super) fn check_capabilities(path: &Path) -> Result<Capabilities, Failure> {
     let caps = qmp(path, |q| {
         q.execute("query-migrate-capabilities", serde_json::json!({}))
     })?;
@@ -155,16 +176,53 @@ pub(super) fn check_capabilities(path: &Path) -> Result<(), Failure> {
         .flatten()
         .filter(|c| c["state"] == true)
         .filter_map(|c| c["capability"].as_str())
+        .collect();
+    let refused: Vec<&str> = on
+        .iter()
+        .copied()
         .filter(|c| REFUSED_CAPABILITIES.contains(c))
         .collect();
-    if on.is_empty() {
-        Ok(())
-    } else {
-        Err(Failure::Setup(format!(
+    if !refused.is_empty() {
+        return Err(Failure::Setup(format!(
             "QEMU has migration capabilities on that the proxy does not carry: {} \
              (turn them off: migrate-set-capabilities)",
-            on.join(", ")
-        )))
+            refused.join(", ")
+        )));
+    }
+    let return_path = on.contains(&"return-path");
+    if !on.contains(&"multifd") {
+        return Ok(Capabilities {
+            return_path,
+            multifd: 0,
+        });
+    }
+    let params = qmp(path, |q| {
+        q.execute("query-migrate-parameters", serde_json::json!({}))
+    })?;
+    Ok(Capabilities {
+        return_path,
+        multifd: multifd_channels(&params)?,
+    })
+}
+
+/// The multifd channels QEMU's migration parameters ask for, when the proxy carries them:
+/// uncompressed (`multifd-compression` none), at most [`link::MAX_MULTIFD`].
+fn multifd_channels(params: &serde_json::Value) -> Result<u8, Failure> {
+    let compression = params["multifd-compression"].as_str().unwrap_or("none");
+    if compression != "none" {
+        return Err(Failure::Setup(format!(
+            "QEMU compresses its multifd channels ({compression}), which the proxy does not \
+             carry (migrate-set-parameters multifd-compression=none)"
+        )));
+    }
+    let n = params["multifd-channels"].as_u64().unwrap_or(2);
+    match u8::try_from(n) {
+        Ok(n) if (1..=link::MAX_MULTIFD).contains(&n) => Ok(n),
+        _ => Err(Failure::Setup(format!(
+            "QEMU's multifd-channels is {n}; the proxy carries 1 to {} \
+             (migrate-set-parameters multifd-channels=N)",
+            link::MAX_MULTIFD
+        ))),
     }
 }
 
@@ -220,8 +278,9 @@ pub struct SocketSendOptions {
 /// proxy listens on `opts.socket` (mode 0600; an existing socket file there is replaced,
 /// anything else refused), takes one connection and relays it through the proxies. No
 /// QMP here: QEMU's capabilities are not checked (turn compression, XBZRLE, multifd and
-/// postcopy off), and on failure whoever drives QEMU cancels its migration (libvirt
-/// resumes the guest on the source).
+/// postcopy off: without QMP the proxy cannot learn how many multifd channels come), and
+/// on failure whoever drives QEMU cancels its migration (libvirt resumes the guest on the
+/// source).
 pub async fn send_via_socket(
     opts: SocketSendOptions,
     progress: Arc<Progress>,
@@ -265,14 +324,27 @@ pub async fn send_via_socket(
 pub async fn send(opts: SendOptions, progress: Arc<Progress>) -> Result<Summary, Failure> {
     let started = Instant::now();
     let qmp_path = opts.qmp.clone();
-    blocking(move || {
+    let multifd = blocking(move || {
         // What a migration command that did not finish left lowered (this QEMU's
         // included, before its limit is read as the operator's).
         limit_journal::recover(Path::new(limit_journal::DIR));
         check_capabilities(&qmp_path)
     })
-    .await?;
-    let link = connect_destination(&opts.tls, &opts.to, &opts.node, opts.token.as_ref()).await?;
+    .await?
+    .multifd;
+    // A link per channel, opened before QEMU starts: the main one first (it brings the
+    // destination's filter, which every channel uses).
+    let mut links = Vec::with_capacity(usize::from(multifd) + 1);
+    let mut filter = None;
+    for index in 0..=multifd {
+        let mut link =
+            connect_destination(&opts.tls, &opts.to, &opts.node, opts.token.as_ref()).await?;
+        let channel = Channel { index, multifd };
+        if let Some(f) = source::open(&mut link, channel, &progress).await? {
+            filter = Some(f);
+        }
+        links.push(link);
+    }
     let _ = std::fs::remove_dir_all(&opts.work_dir);
     // Not recursive: a directory someone else created meanwhile (the default lives under
     // the temporary directory) is an error, never a place for QEMU's socket.
@@ -290,26 +362,18 @@ pub async fn send(opts: SendOptions, progress: Arc<Progress>) -> Result<Summary,
         })
     })
     .await?;
-    let accepted = tokio::time::timeout(CONNECT_TIMEOUT, listener.accept()).await;
-    let _ = std::fs::remove_dir_all(&opts.work_dir);
-    let result = match accepted {
-        Ok(Ok((qemu, _))) => {
-            // Dropping the sender stops the poller at once (also when this future is
-            // dropped: an interrupted migration).
-            let (stop, stopped) = std::sync::mpsc::channel::<()>();
-            let poller = {
-                let (path, progress) = (opts.qmp.clone(), progress.clone());
-                tokio::task::spawn_blocking(move || watch_qemu(&path, &stopped, &progress))
-            };
-            let r = source::run(qemu, link, progress.clone(), opts.bandwidth).await;
-            // Stopped before the checks below open their own QMP sessions.
-            drop(stop);
-            let _ = poller.await;
-            r
-        }
-        Ok(Err(e)) => Err(Failure::Setup(format!("QEMU's connection: {e}"))),
-        Err(_) => Err(Failure::Setup("QEMU did not connect to the proxy".into())),
+    // Dropping the sender stops the poller at once (also when this future is dropped: an
+    // interrupted migration).
+    let (stop, stopped) = std::sync::mpsc::channel::<()>();
+    let poller = {
+        let (path, progress) = (opts.qmp.clone(), progress.clone());
+        tokio::task::spawn_blocking(move || watch_qemu(&path, &stopped, &progress))
     };
+    let result = relay_channels(&listener, links, filter, &progress, opts.bandwidth).await;
+    let _ = std::fs::remove_dir_all(&opts.work_dir);
+    // Stopped before the checks below open their own QMP sessions.
+    drop(stop);
+    let _ = poller.await;
     // QEMU's own view: it must end `completed` (then the guest is paused on the source
     // and runs on the destination once started there).
     let qmp_path = opts.qmp.clone();
@@ -327,6 +391,71 @@ pub async fn send(opts: SendOptions, progress: Arc<Progress>) -> Result<Summary,
             keep_on_source(&opts.qmp).await;
             Err(e)
         }
+    }
+}
+
+/// QEMU's connections to the proxy's socket, each relayed on its link in the order QEMU
+/// opened them (the main channel, then its multifd channels), until every channel's
+/// stream was confirmed; the first failure stops them all.
+async fn relay_channels<L>(
+    listener: &UnixListener,
+    links: Vec<L>,
+    filter: Option<Arc<super::holdings::Filter>>,
+    progress: &Arc<Progress>,
+    bandwidth: Option<u64>,
+) -> Result<(), Failure>
+where
+    L: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
+    let channels = links.len();
+    // The operator's bandwidth is the link's, shared by the channels.
+    let pace = super::Pace::new(bandwidth);
+    let mut relays = tokio::task::JoinSet::new();
+    let mut links = links.into_iter();
+    let mut accepted = 0;
+    while accepted < channels {
+        let deadline = tokio::time::Instant::now() + CONNECT_TIMEOUT;
+        let qemu = tokio::select! {
+            a = tokio::time::timeout_at(deadline, listener.accept()) => match a {
+                Ok(Ok((qemu, _))) => qemu,
+                Ok(Err(e)) => return Err(Failure::Setup(format!("QEMU's connection: {e}"))),
+                Err(_) => {
+                    return Err(Failure::Setup(format!(
+                        "QEMU opened {accepted} of its {channels} migration channels to the \
+                         proxy"
+                    )));
+                }
+            },
+            // A channel that failed meanwhile ends the migration at once.
+            Some(r) = relays.join_next(), if !relays.is_empty() => {
+                relayed(r)?;
+                continue;
+            }
+        };
+        let Some(link) = links.next() else { break };
+        accepted += 1;
+        relays.spawn(source::relay(
+            qemu,
+            link,
+            filter.clone(),
+            progress.clone(),
+            pace.clone(),
+        ));
+    }
+    while let Some(r) = relays.join_next().await {
+        relayed(r)?;
+    }
+    Ok(())
+}
+
+/// One channel's end: its failure, or a relay task that did not finish.
+fn relayed(
+    r: Result<Result<super::link::Sum, Failure>, tokio::task::JoinError>,
+) -> Result<(), Failure> {
+    match r {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(e),
+        Err(e) => Err(Failure::Peer(format!("a relay task: {e}"))),
     }
 }
 
@@ -512,9 +641,11 @@ pub async fn index(uuid: Option<String>) -> Result<Arc<Holdings>, Failure> {
 
 /// Receives one migration on `listener` (mutual TLS as `server`) into the incoming QEMU
 /// listening on `incoming`: from the first source within `accept_timeout` that completes
-/// the handshake and, when `token` is given, sends it first. A connection that fails
-/// either is dropped and the next one awaited, so that a stray or hostile connection
-/// cannot end the migration (the last refusal is named if none succeeds).
+/// the handshake and, when `token` is given, sends it first; with multifd, a link per
+/// channel, each connected to the incoming QEMU in the source QEMU's order. A connection
+/// that fails either, or names a channel this migration does not have (or has already),
+/// is dropped and the next one awaited, so that a stray or hostile connection cannot end
+/// the migration (the last refusal is named if none succeeds).
 pub async fn receive_on(
     listener: TcpListener,
     server: &tokio_rustls::TlsAcceptor,
@@ -526,29 +657,39 @@ pub async fn receive_on(
 ) -> Result<Summary, Failure> {
     let deadline = tokio::time::Instant::now() + accept_timeout;
     let mut refused: Option<String> = None;
-    let (link, started) = loop {
+    let mut started: Option<Instant> = None;
+    // The channels' links by index, once the first told how many there are.
+    let mut links: Vec<Option<_>> = Vec::new();
+    while links.is_empty() || links.iter().any(Option::is_none) {
         let accepted = tokio::time::timeout_at(deadline, listener.accept()).await;
         let (tcp, peer) = match accepted {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => return Err(Failure::Setup(format!("accepting: {e}"))),
             Err(_) => {
+                let have = links.iter().filter(|l| l.is_some()).count();
                 return Err(match refused {
                     Some(why) => Failure::Peer(why),
+                    None if have > 0 => Failure::Peer(format!(
+                        "the source opened {have} of its {} channels in time",
+                        links.len()
+                    )),
                     None => Failure::Setup("no source connected in time".into()),
                 });
             }
         };
         let _ = tcp.set_nodelay(true);
-        let started = Instant::now();
+        let mut refuse = |why: String| {
+            tracing::warn!("migration proxy: {why}");
+            refused = Some(why);
+        };
         let mut link = match tokio::time::timeout(CONNECT_TIMEOUT, server.accept(tcp)).await {
             Ok(Ok(l)) => l,
             Ok(Err(e)) => {
-                refused = Some(format!("TLS from {peer}: {e}"));
-                tracing::warn!("migration proxy: {}", refused.as_deref().unwrap_or(""));
+                refuse(format!("TLS from {peer}: {e}"));
                 continue;
             }
             Err(_) => {
-                refused = Some(format!("TLS from {peer}: timed out"));
+                refuse(format!("TLS from {peer}: timed out"));
                 continue;
             }
         };
@@ -557,16 +698,61 @@ pub async fn receive_on(
             let mut got = [0u8; 16];
             let read = tokio::time::timeout(CONNECT_TIMEOUT, link.read_exact(&mut got)).await;
             if !matches!(read, Ok(Ok(_))) || !tokens_match(&got, expected) {
-                refused = Some(format!("{peer} did not present the migration's token"));
-                tracing::warn!("migration proxy: {}", refused.as_deref().unwrap_or(""));
+                refuse(format!("{peer} did not present the migration's token"));
                 continue;
             }
         }
-        break (link, started);
-    };
-    let qemu = connect_incoming(incoming).await?;
-    dest::run(link, qemu, holdings, progress.clone()).await?;
-    Ok(Summary::of(&progress, started, None))
+        let channel = match tokio::time::timeout(CONNECT_TIMEOUT, dest::accept(&mut link)).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                refuse(format!("{peer}: {e}"));
+                continue;
+            }
+            Err(_) => {
+                refuse(format!("{peer}: no channel named in time"));
+                continue;
+            }
+        };
+        if links.is_empty() {
+            links.resize_with(usize::from(channel.multifd) + 1, || None);
+        }
+        let index = usize::from(channel.index);
+        if links.len() != usize::from(channel.multifd) + 1 || links[index].is_some() {
+            refuse(format!(
+                "{peer}: channel {} of 1 + {} does not fit the migration's 1 + {}",
+                channel.index,
+                channel.multifd,
+                links.len() - 1
+            ));
+            continue;
+        }
+        if channel.is_main() {
+            dest::offer(&mut link, &holdings, &progress).await?;
+        }
+        started.get_or_insert_with(Instant::now);
+        links[index] = Some((link, channel));
+    }
+    // In the source QEMU's order: the main channel first (QEMU 7.2 takes its first
+    // connection for it), each connected before the next.
+    let mut serving = tokio::task::JoinSet::new();
+    for (link, channel) in links.into_iter().flatten() {
+        let qemu = connect_incoming(incoming).await?;
+        serving.spawn(dest::serve(
+            link,
+            qemu,
+            channel,
+            holdings.clone(),
+            progress.clone(),
+        ));
+    }
+    while let Some(r) = serving.join_next().await {
+        relayed(r)?;
+    }
+    Ok(Summary::of(
+        &progress,
+        started.unwrap_or_else(Instant::now),
+        None,
+    ))
 }
 
 /// Compares tokens in time independent of where they differ.
@@ -596,6 +782,23 @@ mod tests {
     use tokio::io::AsyncWriteExt as _;
 
     use super::*;
+
+    #[test]
+    fn multifd_is_carried_uncompressed_within_the_channel_bound() {
+        let params = |v: serde_json::Value| multifd_channels(&v);
+        let ok = serde_json::json!({ "multifd-channels": 4, "multifd-compression": "none" });
+        assert_eq!(params(ok).unwrap(), 4);
+        // QEMU's default when it does not say.
+        assert_eq!(params(serde_json::json!({})).unwrap(), 2);
+        for bad in [
+            serde_json::json!({ "multifd-channels": 4, "multifd-compression": "zstd" }),
+            serde_json::json!({ "multifd-channels": 0 }),
+            serde_json::json!({ "multifd-channels": 255 }),
+        ] {
+            let e = params(bad.clone()).expect_err("refused").to_string();
+            assert!(e.contains("migrate-set-parameters"), "{bad}: {e}");
+        }
+    }
 
     #[test]
     fn tokens_match_only_byte_for_byte() {
@@ -653,7 +856,8 @@ mod tests {
         let tcp = TcpStream::connect(addr).await.unwrap();
         let mut link = src.connect(name(), tcp).await.unwrap();
         link.write_all(&token).await.unwrap();
-        link.flush().await.unwrap();
+        link::hello(&mut link).await.unwrap();
+        Channel::ALONE.write(&mut link).await.unwrap();
         let r = tokio::time::timeout(Duration::from_secs(20), receiving)
             .await
             .expect("the proxy went on")

@@ -23,9 +23,9 @@ use tokio::{
 };
 
 use super::{
-    Failure, Progress,
+    Failure, Pace, Progress,
     holdings::{Filter, digest},
-    link::{self, Down, Frame as _, MAX_RAW, Sum, Tally, Up},
+    link::{self, Channel, Down, Frame as _, MAX_RAW, Sum, Tally, Up},
     stream::{PAGE, Splitter, Token},
 };
 
@@ -55,8 +55,8 @@ struct Kept {
     freed: Notify,
 }
 
-/// Runs the proxy until the destination confirmed what it handed to its QEMU, which must
-/// be exactly what this QEMU wrote.
+/// Runs the proxy of a migration without multifd (one channel) until the destination
+/// confirmed what it handed to its QEMU, which must be exactly what this QEMU wrote.
 /// At most `bandwidth` bytes per second go on the link (none: as fast as it takes them).
 pub async fn run<Q, L>(
     qemu: Q,
@@ -68,34 +68,64 @@ where
     Q: AsyncRead + AsyncWrite + Send + 'static,
     L: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
-    link::hello(&mut link).await?;
-    let filter = match tokio::time::timeout(FILTER_TIMEOUT, Up::read(&mut link)).await {
-        Err(_) => {
-            return Err(Failure::Peer(
-                "no filter from the destination in time".into(),
-            ));
-        }
+    let filter = open(&mut link, Channel::ALONE, &progress).await?;
+    relay(qemu, link, filter, progress, Pace::new(bandwidth)).await
+}
+
+/// Opens a link for `channel`: the protocol's hello, the channel, and on the main
+/// channel the destination's filter (the other channels of the migration share it:
+/// `None` for them).
+pub async fn open<L>(
+    link: &mut L,
+    channel: Channel,
+    progress: &Progress,
+) -> Result<Option<Arc<Filter>>, Failure>
+where
+    L: AsyncRead + AsyncWrite + Unpin,
+{
+    link::hello(link).await?;
+    channel.write(link).await?;
+    if !channel.is_main() {
+        return Ok(None);
+    }
+    match tokio::time::timeout(FILTER_TIMEOUT, Up::read(link)).await {
+        Err(_) => Err(Failure::Peer(
+            "no filter from the destination in time".into(),
+        )),
         Ok(r) => match r? {
             Up::Filter(b) => {
                 progress
                     .filter_bytes
                     .store(b.len() as u64, Ordering::Relaxed);
-                Filter::decode(&b).map_err(Failure::Peer)?
+                Ok(Some(Arc::new(Filter::decode(&b).map_err(Failure::Peer)?)))
             }
-            Up::Abort(why) => return Err(Failure::Peer(why)),
-            other => return Err(Failure::Peer(format!("{other:?} before the filter"))),
+            Up::Abort(why) => Err(Failure::Peer(why)),
+            other => Err(Failure::Peer(format!("{other:?} before the filter"))),
         },
-    };
+    }
+}
+
+/// Runs the proxy of one channel on a link [`open`]ed for it, with the main channel's
+/// filter, until the destination confirmed what it handed to its QEMU on this channel;
+/// within `pace`, which the migration's channels share.
+pub async fn relay<Q, L>(
+    qemu: Q,
+    link: L,
+    filter: Option<Arc<Filter>>,
+    progress: Arc<Progress>,
+    pace: Arc<Pace>,
+) -> Result<Sum, Failure>
+where
+    Q: AsyncRead + AsyncWrite + Send + 'static,
+    L: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let filter = filter.unwrap_or_else(|| Arc::new(Filter::build(Vec::new(), 0)));
+    progress.channels.fetch_add(1, Ordering::Relaxed);
     let (mut link_rx, link_tx) = tokio::io::split(link);
     let (qemu_rx, mut qemu_tx) = tokio::io::split(qemu);
     let kept = Arc::new(Kept::default());
     let (tx, rx) = mpsc::channel::<Vec<u8>>(QUEUED_BATCHES);
-    let writer = tokio::spawn(super::write_frames(
-        link_tx,
-        rx,
-        progress.clone(),
-        bandwidth,
-    ));
+    let writer = tokio::spawn(super::write_frames(link_tx, rx, progress.clone(), pace));
     let forward = {
         let (tx, kept, progress) = (tx.clone(), kept.clone(), progress.clone());
         tokio::spawn(async move {
@@ -173,7 +203,7 @@ where
 async fn forward<Q: AsyncRead>(
     qemu: Q,
     tx: mpsc::Sender<Vec<u8>>,
-    filter: Filter,
+    filter: Arc<Filter>,
     kept: Arc<Kept>,
     progress: Arc<Progress>,
 ) -> Result<Sum, Failure> {
