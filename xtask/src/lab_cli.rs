@@ -28,6 +28,9 @@ pub(crate) enum LabCmd {
         /// Guest RAM (e.g. 256M, 2G); a larger guest holds proportionally more data.
         #[arg(long, default_value = "256M", value_parser = lab::parse_mem)]
         mem: u32,
+        /// QEMU's multifd channels (0: multifd off).
+        #[arg(long, default_value_t = 0)]
+        multifd: u8,
     },
 }
 
@@ -104,7 +107,12 @@ pub(crate) fn run(c: LabCmd) -> anyhow::Result<()> {
             print_status();
             Ok(())
         }
-        LabCmd::Migrate { rate, profile, mem } => {
+        LabCmd::Migrate {
+            rate,
+            profile,
+            mem,
+            multifd,
+        } => {
             if !xtask::cmd::is_root() {
                 bail!("the lab hosts are network namespaces: run as root");
             }
@@ -119,6 +127,7 @@ pub(crate) fn run(c: LabCmd) -> anyhow::Result<()> {
                 donors: vec!["twin"],
                 verify: true,
                 mem_mb: mem,
+                multifd,
             })
         }
         LabCmd::Down => {

@@ -10,7 +10,9 @@
 //! across the link and back), the way memfabric's proxies sit, so that the two differ only
 //! in what the proxies do (the relays' CPU is reported as the plain way's proxy CPU). QEMU's own bandwidth cap (`max-bandwidth`) is raised to 8 GiB/s
 //! for both, so that the link, not QEMU's default of 128 MiB/s, is what limits.
-//! Everything else is QEMU's default (downtime limit 300 ms, no capabilities).
+//! Everything else is QEMU's default (downtime limit 300 ms, no capabilities) unless
+//! `--multifd N` turns on QEMU's multifd with N channels at both ends: then each relay
+//! carries N + 1 connections, in the order QEMU opened them, as memfabric's proxies do.
 
 use std::{
     fmt::Write as _,
@@ -95,6 +97,8 @@ pub(crate) struct Options {
     pub donors: Vec<&'static str>,
     /// Guest RAM of the migrated guest and its twin, in MiB (the workload scaled to it).
     pub mem_mb: u32,
+    /// QEMU's multifd channels on both ends (0: off), for both ways.
+    pub multifd: u8,
     /// After each completed migration, start the guest on the destination and check that
     /// it runs there (then stop it).
     pub verify: bool,
@@ -247,6 +251,21 @@ impl Ctx<'_> {
             "migrate-set-parameters",
             json!({ "max-bandwidth": 8u64 << 30 }),
         )?;
+        let dst_qmp = dir.join("incoming.qmp");
+        if !wait_for(Duration::from_secs(30), || dst_qmp.exists()) {
+            bail!("{} did not appear in 30 s", dst_qmp.display());
+        }
+        let multifd = self.opts.multifd;
+        for q in [&src_qmp, &dst_qmp] {
+            let on = json!([{ "capability": "multifd", "state": multifd > 0 }]);
+            Qmp::connect(q)?.execute("migrate-set-capabilities", json!({ "capabilities": on }))?;
+            if multifd > 0 {
+                Qmp::connect(q)?.execute(
+                    "migrate-set-parameters",
+                    json!({ "multifd-channels": multifd }),
+                )?;
+            }
+        }
         let link0 = self.hosts.link_bytes()?;
         let started = Instant::now();
         let mut row = Row {
@@ -318,13 +337,20 @@ impl Ctx<'_> {
         let out = dir.join("out.sock");
         let dst_ns = self.hosts.entry(Side::Dst);
         let incoming = incoming.to_owned();
+        // QEMU's channels: the main one and its multifd ones, each a connection taken and
+        // passed on in order (each connected before the next is taken).
+        let channels = usize::from(self.opts.multifd) + 1;
         let dst_relay = thread::spawn(move || -> anyhow::Result<f64> {
             dst_ns.enter()?;
             let l = TcpListener::bind((DST_ADDR, 0))?;
             ready_tx.send(l.local_addr()?).ok();
-            let (tcp, _) = l.accept()?;
-            let unix = UnixStream::connect(&incoming)?;
-            relay(tcp, unix, None)
+            let mut relays = Vec::new();
+            for _ in 0..channels {
+                let (tcp, _) = l.accept()?;
+                let unix = UnixStream::connect(&incoming)?;
+                relays.push(thread::spawn(move || relay(tcp, unix, None)));
+            }
+            joined(relays)
         });
         let addr: SocketAddr = ready_rx
             .recv_timeout(Duration::from_secs(10))
@@ -334,9 +360,14 @@ impl Ctx<'_> {
         let counted = forwarded.clone();
         let src_relay = thread::spawn(move || -> anyhow::Result<f64> {
             src_ns.enter()?;
-            let (unix, _) = listener.accept()?;
-            let tcp = TcpStream::connect(addr)?;
-            relay(unix, tcp, Some(counted))
+            let mut relays = Vec::new();
+            for _ in 0..channels {
+                let (unix, _) = listener.accept()?;
+                let tcp = TcpStream::connect(addr)?;
+                let counted = counted.clone();
+                relays.push(thread::spawn(move || relay(unix, tcp, Some(counted))));
+            }
+            joined(relays)
         });
         qmp.execute(
             "migrate",
@@ -554,6 +585,17 @@ fn reap(k: &mut Children) -> anyhow::Result<(i32, f64)> {
         128 + libc::WTERMSIG(status)
     };
     Ok((code, secs(usage.ru_utime) + secs(usage.ru_stime)))
+}
+
+/// The CPU seconds of relays run on threads of their own, or the first one's error.
+fn joined(relays: Vec<thread::JoinHandle<anyhow::Result<f64>>>) -> anyhow::Result<f64> {
+    let mut cpu = 0.0;
+    for r in relays {
+        cpu += r
+            .join()
+            .map_err(|_| anyhow::anyhow!("a relay thread panicked"))??;
+    }
+    Ok(cpu)
 }
 
 /// Copies `a` to `b` (counting into `counted`) and `b` to `a` until both directions end;

@@ -85,6 +85,10 @@ pub(crate) enum Bench {
         /// holds proportionally more data.
         #[arg(long, default_value = "256M", value_parser = xtask::lab::parse_mem)]
         mem: u32,
+        /// QEMU's multifd channels on both ends, for both ways (0: multifd off, QEMU's
+        /// default).
+        #[arg(long, default_value_t = 0)]
+        multifd: u8,
     },
 }
 
@@ -141,6 +145,7 @@ pub(crate) fn run(which: Bench) -> anyhow::Result<()> {
         limit,
         repeat,
         mem,
+        multifd,
     } = &which
     {
         return migrate::run(&migrate::Options {
@@ -152,6 +157,7 @@ pub(crate) fn run(which: Bench) -> anyhow::Result<()> {
             donors: vec!["none", "twin"],
             verify: false,
             mem_mb: *mem,
+            multifd: *multifd,
             out: cmd::root().join("reports"),
         });
     }
