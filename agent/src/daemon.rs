@@ -812,6 +812,10 @@ pub async fn serve(
             fabric: fabric.clone(),
             auth: auth.as_ref().map(crate::http_auth::BasicAuth::stats_handle),
             incoming: incoming.clone(),
+            outgoing: cfg
+                .fabric
+                .as_ref()
+                .map(|_| Arc::new(crate::migrate::outgoing::Ledger::new(&cfg.state_dir))),
         },
     );
     let app = match auth {

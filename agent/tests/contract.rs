@@ -49,6 +49,10 @@ fn exposition() -> String {
         )),
         None,
         None,
+        // A state directory without records: the outgoing migrations' series at zero.
+        Some(Arc::new(memfabric::migrate::outgoing::Ledger::new(
+            &std::env::temp_dir().join(format!("memfabric-contract-{}", std::process::id())),
+        ))),
     );
     let mut text = String::new();
     prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
@@ -109,6 +113,11 @@ fn every_promised_metric_is_exported() {
         "memfabric_http_connections_evicted_total",
         "memfabric_http_accept_errors_total",
         "memfabric_http_busy_rejections_total",
+        "memfabric_migrations_outgoing_total",
+        "memfabric_migrations_outgoing_open",
+        "memfabric_migrations_outgoing_stream_bytes_total",
+        "memfabric_migrations_outgoing_wire_bytes_total",
+        "memfabric_migrations_outgoing_pages_total",
     ] {
         assert!(got.contains(name), "{name} missing; exported: {got:?}");
     }

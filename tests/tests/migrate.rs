@@ -475,6 +475,15 @@ fn agent_binary() -> PathBuf {
     bin
 }
 
+/// The value of the unlabelled (or fully labelled) series `name` in a metrics text.
+fn counter_in(metrics: &str, name: &str) -> u64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("no {name} in\n{metrics}"))
+}
+
 /// A `memfabric run` daemon on one of the two lab hosts, its fabric on the link; its
 /// HTTP API on that host's loopback, port 9977.
 fn fabric_daemon(
@@ -600,7 +609,8 @@ fn a_guest_moves_to_the_peer_holding_most_of_it_whose_agent_runs_it() {
         std::fs::write(
             &path,
             format!(
-                "[[domain]]\nname = \"elsewhere\"\nuuids = [{elsewhere}]\nshare = false\n\n\
+                "state_dir = \"{d}/state-{name}\"\n\n\
+                 [[domain]]\nname = \"elsewhere\"\nuuids = [{elsewhere}]\nshare = false\n\n\
                  [fabric]\nnode = \"{name}\"\nca_file = \"{d}/ca.crt\"\n\
                  cert_file = \"{d}/{name}-fabric.crt\"\nkey_file = \"{d}/{name}-fabric.key\"\n\
                  gossip_key_file = \"{k}\"\ngossip_interval_ms = 300\n{q}",
@@ -840,18 +850,21 @@ fn a_guest_moves_to_the_peer_holding_most_of_it_whose_agent_runs_it() {
     assert_eq!(status["status"], "running", "{status}");
     assert!(std::path::Path::new(&format!("/proc/{pid}")).exists());
     // The destination's agent counts it.
-    let entry = hosts.entry(Side::Dst);
-    let metrics = std::thread::spawn(move || {
-        entry.enter().unwrap();
-        ureq::get("http://127.0.0.1:9977/metrics")
-            .call()
-            .unwrap()
-            .body_mut()
-            .read_to_string()
-            .unwrap()
-    })
-    .join()
-    .unwrap();
+    let metrics_of = |side: Side| {
+        let entry = hosts.entry(side);
+        std::thread::spawn(move || {
+            entry.enter().unwrap();
+            ureq::get("http://127.0.0.1:9977/metrics")
+                .call()
+                .unwrap()
+                .body_mut()
+                .read_to_string()
+                .unwrap()
+        })
+        .join()
+        .unwrap()
+    };
+    let metrics = metrics_of(Side::Dst);
     for line in [
         "memfabric_migrations_incoming_total{outcome=\"running\"} 1",
         "memfabric_migrations_incoming_total{outcome=\"failed\"} 1",
@@ -859,13 +872,7 @@ fn a_guest_moves_to_the_peer_holding_most_of_it_whose_agent_runs_it() {
     ] {
         assert!(metrics.contains(line), "{line} not in\n{metrics}");
     }
-    let counter = |name: &str| {
-        metrics
-            .lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or_else(|| panic!("no {name} in\n{metrics}"))
-    };
+    let counter = |name: &str| counter_in(&metrics, name);
     assert_eq!(
         counter("memfabric_migrations_incoming_stream_bytes_total"),
         summary["stream_bytes"].as_u64().unwrap()
@@ -874,6 +881,25 @@ fn a_guest_moves_to_the_peer_holding_most_of_it_whose_agent_runs_it() {
         counter("memfabric_migrations_incoming_link_bytes_total"),
         summary["wire_bytes"].as_u64().unwrap(),
         "the destination took on the link what the source put on it"
+    );
+    // The source's agent counts what its commands sent: the refused and the interrupted
+    // migrations (their guest ran on here) and the applied one.
+    let metrics = metrics_of(Side::Src);
+    for line in [
+        "memfabric_migrations_outgoing_total{outcome=\"completed\"} 1",
+        "memfabric_migrations_outgoing_total{outcome=\"failed\"} 2",
+        "memfabric_migrations_outgoing_total{outcome=\"abandoned\"} 0",
+        "memfabric_migrations_outgoing_open 0",
+    ] {
+        assert!(metrics.contains(line), "{line} not in\n{metrics}");
+    }
+    let counter = |name: &str| counter_in(&metrics, name);
+    let pages = "memfabric_migrations_outgoing_pages_total{way=\"referenced\"}";
+    assert!(counter(pages) >= summary["referenced"].as_u64().unwrap());
+    assert!(
+        counter("memfabric_migrations_outgoing_stream_bytes_total")
+            > summary["stream_bytes"].as_u64().unwrap(),
+        "the applied migration's stream and some of the interrupted one's"
     );
 
     // An agent that died between the stream and the source's start left its incoming QEMU

@@ -17,7 +17,7 @@ use std::{
 
 use clap::{Args, Subcommand};
 use memfabric::migrate::{
-    Progress,
+    Progress, outgoing,
     remote::{self, RemoteOptions},
     run::{self, ReceiveOptions, SendOptions, Summary, Tls},
 };
@@ -159,10 +159,12 @@ fn qmp_of(which: &str) -> Result<PathBuf, String> {
     memfabric::actuate::qmp::socket_of(vm.pid).map_err(|e| format!("VM {which}: {e}; give --qmp"))
 }
 
-/// A progress line on stderr every second while `fut` runs.
+/// A progress line on stderr every second while `fut` runs (and the migration's record
+/// for the daemon's metrics, when one is kept).
 async fn with_progress<T>(
     progress: Arc<Progress>,
     what: &'static str,
+    record: Option<&outgoing::Recorder>,
     fut: impl std::future::Future<Output = T>,
 ) -> T {
     let started = Instant::now();
@@ -174,6 +176,9 @@ async fn with_progress<T>(
         loop {
             tick.tick().await;
             let p = &progress;
+            if let Some(r) = record {
+                r.write(p, outgoing::Outcome::Sending);
+            }
             let eta = p
                 .eta(started.elapsed())
                 .map_or_else(String::new, |d| format!(", ETA {:.0} s", d.as_secs_f64()));
@@ -361,9 +366,13 @@ pub(super) fn migrate_one(
         eprintln!("memfabric migrate: {msg}");
         ExitCode::from(code)
     };
-    let tls = match memfabric::config::FileConfig::load(config) {
+    let (tls, state_dir) = match memfabric::config::FileConfig::load(config) {
         Ok(f) => match (f.fabric.ca_file, f.fabric.cert_file, f.fabric.key_file) {
-            (Some(ca), Some(cert), Some(key)) => Tls { ca, cert, key },
+            (Some(ca), Some(cert), Some(key)) => (
+                Tls { ca, cert, key },
+                f.state_dir
+                    .unwrap_or_else(|| memfabric::config::DEFAULT_STATE_DIR.into()),
+            ),
             _ => {
                 return fail(
                     2,
@@ -418,11 +427,23 @@ pub(super) fn migrate_one(
         work_dir: std::env::temp_dir().join(format!("memfabric-migrate-{}", std::process::id())),
         bandwidth: p.bandwidth,
     };
+    // Kept in the daemon's state directory for its metrics (the daemon does not see this
+    // process's migration otherwise).
+    let record = outgoing::Recorder::open(&state_dir);
     let r = rt.block_on(with_progress(
         progress.clone(),
         "migrating",
+        record.as_ref(),
         remote::migrate(opts, progress.clone()),
     ));
+    if let Some(rec) = &record {
+        let outcome = match &r {
+            Ok(_) => outgoing::Outcome::Completed,
+            Err(memfabric::migrate::Failure::Undecided(_)) => outgoing::Outcome::Undecided,
+            Err(_) => outgoing::Outcome::Failed,
+        };
+        rec.write(&progress, outcome);
+    }
     match r {
         Ok(s) => {
             print(&s, p.json);
@@ -484,6 +505,7 @@ pub(super) fn run(args: MigrateArgs) -> anyhow::Result<ExitCode> {
             let r = rt.block_on(with_progress(
                 progress.clone(),
                 "sending",
+                None,
                 run::send_via_socket(opts, progress.clone()),
             ));
             (r, json)
@@ -522,6 +544,7 @@ pub(super) fn run(args: MigrateArgs) -> anyhow::Result<ExitCode> {
             let r = rt.block_on(with_progress(
                 progress.clone(),
                 "sending",
+                None,
                 run::send(opts, progress.clone()),
             ));
             (r, json)
@@ -547,6 +570,7 @@ pub(super) fn run(args: MigrateArgs) -> anyhow::Result<ExitCode> {
             let r = rt.block_on(with_progress(
                 progress.clone(),
                 "receiving",
+                None,
                 run::receive(opts, ready, progress.clone()),
             ));
             (r, json)

@@ -27,6 +27,7 @@ pub mod incoming;
 pub mod incoming_qemu;
 pub mod limit_journal;
 pub mod link;
+pub mod outgoing;
 pub mod remote;
 pub mod run;
 pub mod source;

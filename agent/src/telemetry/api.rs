@@ -27,6 +27,8 @@ pub struct Options {
     pub auth: Option<Arc<crate::http_auth::AuthStats>>,
     /// Migrations peers send here, when `[fabric]` is on.
     pub incoming: Option<Arc<crate::migrate::incoming::Incoming>>,
+    /// Migrations this host's commands send, when `[fabric]` is on.
+    pub outgoing: Option<Arc<crate::migrate::outgoing::Ledger>>,
 }
 
 /// JSON documents served at once (/v1/status, /v1/ranges): each is built in memory, so
@@ -454,6 +456,7 @@ pub fn router(state: Shared, opts: Options) -> Router {
         Some((opts.http.clone(), opts.auth.clone())),
         opts.fabric.clone(),
         opts.incoming.clone(),
+        opts.outgoing.clone(),
     ));
     Router::new()
         .route("/metrics", get(metrics))
@@ -572,7 +575,7 @@ mod tests {
     fn an_unreadable_ksm_value_is_absent_not_zero() {
         let mut s = StatusV1::default();
         s.ksm.unreadable = vec!["pages_sharing".into(), "cow_ksm".into()];
-        let reg = registry(Arc::new(RwLock::new(s)), None, None, None);
+        let reg = registry(Arc::new(RwLock::new(s)), None, None, None, None);
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &reg).unwrap();
         assert!(text.contains("memfabric_ksm_pages_shared 0"), "{text}");

@@ -28,7 +28,7 @@ pub use api::{Options, router};
 pub type Shared = Arc<RwLock<StatusV1>>;
 
 /// The registry serving `state` (and the HTTP server's counters, the fabric's and the
-/// incoming migrations', when given).
+/// incoming and outgoing migrations', when given).
 pub fn registry(
     state: Shared,
     http: Option<(
@@ -37,6 +37,7 @@ pub fn registry(
     )>,
     fabric: Option<Arc<crate::fabric::node::Fabric>>,
     incoming: Option<Arc<crate::migrate::incoming::Incoming>>,
+    outgoing: Option<Arc<crate::migrate::outgoing::Ledger>>,
 ) -> Registry {
     let mut r = Registry::default();
     r.register_collector(Box::new(host::HostCollector(state)));
@@ -48,6 +49,9 @@ pub fn registry(
     }
     if let Some(i) = incoming {
         r.register_collector(Box::new(migration_metrics::MigrationCollector(i)));
+    }
+    if let Some(o) = outgoing {
+        r.register_collector(Box::new(migration_metrics::OutgoingCollector(o)));
     }
     r
 }
