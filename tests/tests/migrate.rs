@@ -951,42 +951,57 @@ fn a_guest_moves_to_the_peer_holding_most_of_it_whose_agent_runs_it() {
 }
 
 /// A relay between two unix sockets that counts and SHA-256s what passes one way, as an
-/// observer independent of the proxies: it listens on `listen`, takes one connection,
-/// connects to `to` and copies both ways (the other way: QEMU's return path, unhashed).
-/// Returns the length and SHA-256 of what went from `listen`'s client to `to`.
-fn tap(listen: &Path, to: PathBuf) -> std::thread::JoinHandle<(u64, Vec<u8>)> {
+/// observer independent of the proxies: it listens on `listen`, takes `channels`
+/// connections (QEMU's main channel and its multifd ones), connects each to `to` in the
+/// order taken and copies both ways (the other way: QEMU's return path, unhashed).
+/// Returns, per channel in that order, the length and SHA-256 of what went from
+/// `listen`'s client to `to`.
+fn tap(
+    listen: &Path,
+    to: PathBuf,
+    channels: usize,
+) -> std::thread::JoinHandle<Vec<(u64, Vec<u8>)>> {
     use std::{
         io::{Read as _, Write as _},
         os::unix::net::{UnixListener, UnixStream},
     };
     let listener = UnixListener::bind(listen).expect("the tap's socket");
     std::thread::spawn(move || {
-        let (mut from, _) = listener.accept().expect("the tap's client");
-        let mut onward = UnixStream::connect(&to).expect("the tap's onward socket");
-        let (mut back_from, mut back_to) = (onward.try_clone().unwrap(), from.try_clone().unwrap());
-        std::thread::spawn(move || std::io::copy(&mut back_from, &mut back_to));
-        let mut sha = ring::digest::Context::new(&ring::digest::SHA256);
-        let (mut buf, mut bytes) = (vec![0u8; 256 << 10], 0u64);
-        loop {
-            let n = from.read(&mut buf).expect("reading the tapped stream");
-            if n == 0 {
-                break;
-            }
-            sha.update(&buf[..n]);
-            bytes += n as u64;
-            onward
-                .write_all(&buf[..n])
-                .expect("relaying the tapped stream");
-        }
-        let _ = onward.shutdown(std::net::Shutdown::Write);
-        (bytes, sha.finish().as_ref().to_vec())
+        let relays: Vec<_> = (0..channels)
+            .map(|_| {
+                let (mut from, _) = listener.accept().expect("the tap's client");
+                let mut onward = UnixStream::connect(&to).expect("the tap's onward socket");
+                let (mut back_from, mut back_to) =
+                    (onward.try_clone().unwrap(), from.try_clone().unwrap());
+                std::thread::spawn(move || std::io::copy(&mut back_from, &mut back_to));
+                std::thread::spawn(move || {
+                    let mut sha = ring::digest::Context::new(&ring::digest::SHA256);
+                    let (mut buf, mut bytes) = (vec![0u8; 256 << 10], 0u64);
+                    loop {
+                        let n = from.read(&mut buf).expect("reading the tapped stream");
+                        if n == 0 {
+                            break;
+                        }
+                        sha.update(&buf[..n]);
+                        bytes += n as u64;
+                        onward
+                            .write_all(&buf[..n])
+                            .expect("relaying the tapped stream");
+                    }
+                    let _ = onward.shutdown(std::net::Shutdown::Write);
+                    (bytes, sha.finish().as_ref().to_vec())
+                })
+            })
+            .collect();
+        relays.into_iter().map(|r| r.join().unwrap()).collect()
     })
 }
 
 /// A QEMU driven by someone else (libvirt holds its QMP socket): `send --qemu-socket`
-/// only listens, the driver (here the test, as libvirt's `--migrateuri unix://PATH`
-/// would) starts QEMU's migration to that socket, and the guest arrives byte for byte
-/// with a fraction of the bytes on the link.
+/// only listens, the driver (here the test, as libvirt's `--migrateuri unix://PATH
+/// --parallel --parallel-connections 2` would) starts QEMU's migration to that socket,
+/// with two multifd channels, and each channel arrives byte for byte with a fraction of
+/// the bytes on the link.
 #[test]
 #[serial_test::serial]
 fn a_migration_driven_by_libvirt_goes_through_the_socket_proxy() {
@@ -1007,9 +1022,28 @@ fn a_migration_driven_by_libvirt_goes_through_the_socket_proxy() {
             .spawn()
             .expect("the incoming QEMU"),
     );
+    let multifd = 2u8;
+    let dst_qmp = dir.join("incoming.qmp");
+    assert!(
+        memfabric_harness::wait_for(Duration::from_secs(30), || dst_qmp.exists()),
+        "the incoming QEMU's QMP socket"
+    );
+    for q in [&dst_qmp, &setup.src_qmp()] {
+        qmp(
+            q,
+            "migrate-set-capabilities",
+            serde_json::json!({ "capabilities": [{ "capability": "multifd", "state": true }] }),
+        );
+        qmp(
+            q,
+            "migrate-set-parameters",
+            serde_json::json!({ "multifd-channels": multifd }),
+        );
+    }
+    let channels = usize::from(multifd) + 1;
     let rt = runtime();
     let socket = proxy_in.clone();
-    let delivered = tap(&proxy_out, qemu_in);
+    let delivered = tap(&proxy_out, qemu_in, channels);
     let (addr_tx, addr_rx) = std::sync::mpsc::channel();
     let receive = run::receive(
         ReceiveOptions {
@@ -1035,6 +1069,7 @@ fn a_migration_driven_by_libvirt_goes_through_the_socket_proxy() {
                 node: "dst".into(),
                 tls: setup.src.clone(),
                 bandwidth: None,
+                multifd,
                 accept_timeout: Duration::from_secs(60),
             },
             Arc::new(Progress::default()),
@@ -1046,7 +1081,7 @@ fn a_migration_driven_by_libvirt_goes_through_the_socket_proxy() {
             assert!(memfabric_harness::wait_for(Duration::from_secs(30), || {
                 socket.exists()
             }));
-            let written = tap(&qemu_out, socket);
+            let written = tap(&qemu_out, socket, channels);
             qmp(&src_qmp, "migrate", serde_json::json!({ "uri": uri }));
             written
         })
@@ -1060,15 +1095,20 @@ fn a_migration_driven_by_libvirt_goes_through_the_socket_proxy() {
     let sent = sent.expect("the migration through the socket proxy");
     let received = received.expect("the receiving side");
     assert_eq!(sent.stream_bytes, received.stream_bytes);
-    assert_eq!(sent.channels, 1);
+    assert_eq!(sent.channels, channels as u64);
     assert_eq!(received.channels, sent.channels);
     // Joined only once both proxies succeeded (a tap never connected to would wait).
     let (written, delivered) = (written.join().unwrap(), delivered.join().unwrap());
-    // By SHA-256, outside the proxies: what QEMU wrote is what the incoming QEMU got.
-    assert_eq!(written.0, sent.stream_bytes);
+    // By SHA-256, outside the proxies: what QEMU wrote on each channel is what the
+    // incoming QEMU got on it.
+    assert_eq!(written.iter().map(|w| w.0).sum::<u64>(), sent.stream_bytes);
     assert_eq!(
         written, delivered,
-        "the stream QEMU wrote (length, SHA-256) differs"
+        "the streams QEMU wrote (length, SHA-256 per channel) differ"
+    );
+    assert!(
+        written[1..].iter().all(|w| w.0 > 1 << 20),
+        "the multifd channels carried the pages: {written:?}"
     );
     assert!(
         sent.wire_bytes * 10 < sent.stream_bytes * 6,

@@ -87,6 +87,10 @@ enum Side {
         /// left to whoever drives it.
         #[arg(long, conflicts_with_all = ["vm", "qmp"])]
         qemu_socket: Option<PathBuf>,
+        /// With --qemu-socket: the multifd channels QEMU opens besides the main one
+        /// (libvirt's `--parallel-connections`; 0: multifd off). Found over QMP otherwise.
+        #[arg(long, default_value_t = 0, requires = "qemu_socket", value_parser = clap::value_parser!(u8).range(0..=64))]
+        multifd: u8,
         /// The destination proxy's address (HOST:PORT).
         #[arg(long)]
         to: String,
@@ -492,6 +496,7 @@ pub(super) fn run(args: MigrateArgs) -> anyhow::Result<ExitCode> {
             tls,
             bandwidth,
             json,
+            multifd,
             ..
         } => {
             let opts = run::SocketSendOptions {
@@ -500,6 +505,7 @@ pub(super) fn run(args: MigrateArgs) -> anyhow::Result<ExitCode> {
                 node,
                 tls: tls.tls(),
                 bandwidth,
+                multifd,
                 accept_timeout: Duration::from_secs(600),
             };
             let r = rt.block_on(with_progress(
@@ -519,6 +525,7 @@ pub(super) fn run(args: MigrateArgs) -> anyhow::Result<ExitCode> {
             bandwidth,
             json,
             qemu_socket: None,
+            multifd: _,
         } => {
             let qmp = match (qmp, vm) {
                 (Some(q), _) => q,

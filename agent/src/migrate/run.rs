@@ -270,24 +270,35 @@ pub struct SocketSendOptions {
     pub node: String,
     pub tls: Tls,
     pub bandwidth: Option<u64>,
+    /// The multifd channels QEMU opens besides the main one (0: multifd off): without
+    /// QMP the proxy cannot ask QEMU.
+    pub multifd: u8,
     /// How long to wait for QEMU to connect.
     pub accept_timeout: Duration,
 }
 
 /// A migration whose QEMU is driven by someone else (libvirt holds its QMP socket): the
 /// proxy listens on `opts.socket` (mode 0600; an existing socket file there is replaced,
-/// anything else refused), takes one connection and relays it through the proxies. No
-/// QMP here: QEMU's capabilities are not checked (turn compression, XBZRLE, multifd and
-/// postcopy off: without QMP the proxy cannot learn how many multifd channels come), and
-/// on failure whoever drives QEMU cancels its migration (libvirt resumes the guest on the
-/// source).
+/// anything else refused), takes QEMU's connection (with multifd, as many as the
+/// operator said) and relays it through the proxies. No QMP here: QEMU's capabilities
+/// are not checked (turn compression, XBZRLE and postcopy off; `opts.multifd` must be
+/// QEMU's multifd channels), and on failure whoever drives QEMU cancels its migration
+/// (libvirt resumes the guest on the source).
 pub async fn send_via_socket(
     opts: SocketSendOptions,
     progress: Arc<Progress>,
 ) -> Result<Summary, Failure> {
     use std::os::unix::fs::{FileTypeExt as _, PermissionsExt as _};
     let started = Instant::now();
-    let link = connect_destination(&opts.tls, &opts.to, &opts.node, None).await?;
+    let (links, filter) = open_links(
+        &opts.tls,
+        &opts.to,
+        &opts.node,
+        None,
+        opts.multifd,
+        &progress,
+    )
+    .await?;
     match std::fs::symlink_metadata(&opts.socket) {
         Ok(m) if m.file_type().is_socket() => {
             let _ = std::fs::remove_file(&opts.socket);
@@ -303,20 +314,48 @@ pub async fn send_via_socket(
     let listener = UnixListener::bind(&opts.socket)
         .map_err(|e| Failure::Setup(format!("{}: {e}", opts.socket.display())))?;
     let _ = std::fs::set_permissions(&opts.socket, std::fs::Permissions::from_mode(0o600));
-    let accepted = tokio::time::timeout(opts.accept_timeout, listener.accept()).await;
+    let relayed = relay_channels(
+        &listener,
+        opts.accept_timeout,
+        links,
+        filter,
+        &progress,
+        opts.bandwidth,
+    )
+    .await;
     let _ = std::fs::remove_file(&opts.socket);
-    let qemu = match accepted {
-        Ok(Ok((qemu, _))) => qemu,
-        Ok(Err(e)) => return Err(Failure::Setup(format!("QEMU's connection: {e}"))),
-        Err(_) => {
-            return Err(Failure::Setup(format!(
-                "QEMU did not connect to {} in time",
-                opts.socket.display()
-            )));
-        }
-    };
-    source::run(qemu, link, progress.clone(), opts.bandwidth).await?;
+    relayed?;
     Ok(Summary::of(&progress, started, None))
+}
+
+/// A link to the destination for each of the migration's channels (the main one first:
+/// it brings the destination's filter, which every channel uses), opened before QEMU
+/// starts sending.
+async fn open_links(
+    tls: &Tls,
+    to: &str,
+    node: &str,
+    token: Option<&Token>,
+    multifd: u8,
+    progress: &Progress,
+) -> Result<
+    (
+        Vec<tokio_rustls::client::TlsStream<TcpStream>>,
+        Option<Arc<super::holdings::Filter>>,
+    ),
+    Failure,
+> {
+    let mut links = Vec::with_capacity(usize::from(multifd) + 1);
+    let mut filter = None;
+    for index in 0..=multifd {
+        let mut link = connect_destination(tls, to, node, token).await?;
+        let channel = Channel { index, multifd };
+        if let Some(f) = source::open(&mut link, channel, progress).await? {
+            filter = Some(f);
+        }
+        links.push(link);
+    }
+    Ok((links, filter))
 }
 
 /// Migrates the VM behind `opts.qmp` through the proxies; `progress` is updated as it
@@ -332,19 +371,15 @@ pub async fn send(opts: SendOptions, progress: Arc<Progress>) -> Result<Summary,
     })
     .await?
     .multifd;
-    // A link per channel, opened before QEMU starts: the main one first (it brings the
-    // destination's filter, which every channel uses).
-    let mut links = Vec::with_capacity(usize::from(multifd) + 1);
-    let mut filter = None;
-    for index in 0..=multifd {
-        let mut link =
-            connect_destination(&opts.tls, &opts.to, &opts.node, opts.token.as_ref()).await?;
-        let channel = Channel { index, multifd };
-        if let Some(f) = source::open(&mut link, channel, &progress).await? {
-            filter = Some(f);
-        }
-        links.push(link);
-    }
+    let (links, filter) = open_links(
+        &opts.tls,
+        &opts.to,
+        &opts.node,
+        opts.token.as_ref(),
+        multifd,
+        &progress,
+    )
+    .await?;
     let _ = std::fs::remove_dir_all(&opts.work_dir);
     // Not recursive: a directory someone else created meanwhile (the default lives under
     // the temporary directory) is an error, never a place for QEMU's socket.
@@ -369,7 +404,15 @@ pub async fn send(opts: SendOptions, progress: Arc<Progress>) -> Result<Summary,
         let (path, progress) = (opts.qmp.clone(), progress.clone());
         tokio::task::spawn_blocking(move || watch_qemu(&path, &stopped, &progress))
     };
-    let result = relay_channels(&listener, links, filter, &progress, opts.bandwidth).await;
+    let result = relay_channels(
+        &listener,
+        CONNECT_TIMEOUT,
+        links,
+        filter,
+        &progress,
+        opts.bandwidth,
+    )
+    .await;
     let _ = std::fs::remove_dir_all(&opts.work_dir);
     // Stopped before the checks below open their own QMP sessions.
     drop(stop);
@@ -396,9 +439,11 @@ pub async fn send(opts: SendOptions, progress: Arc<Progress>) -> Result<Summary,
 
 /// QEMU's connections to the proxy's socket, each relayed on its link in the order QEMU
 /// opened them (the main channel, then its multifd channels), until every channel's
-/// stream was confirmed; the first failure stops them all.
+/// stream was confirmed; the first failure stops them all. QEMU's first connection is
+/// awaited `first_within`, each further one [`CONNECT_TIMEOUT`].
 async fn relay_channels<L>(
     listener: &UnixListener,
+    first_within: Duration,
     links: Vec<L>,
     filter: Option<Arc<super::holdings::Filter>>,
     progress: &Arc<Progress>,
@@ -414,7 +459,12 @@ where
     let mut links = links.into_iter();
     let mut accepted = 0;
     while accepted < channels {
-        let deadline = tokio::time::Instant::now() + CONNECT_TIMEOUT;
+        let within = if accepted == 0 {
+            first_within
+        } else {
+            CONNECT_TIMEOUT
+        };
+        let deadline = tokio::time::Instant::now() + within;
         let qemu = tokio::select! {
             a = tokio::time::timeout_at(deadline, listener.accept()) => match a {
                 Ok(Ok((qemu, _))) => qemu,

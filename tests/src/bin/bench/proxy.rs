@@ -146,6 +146,7 @@ pub(crate) fn run(out: &Path, mib: usize, rounds: usize) -> anyhow::Result<()> {
                     node: "dst".into(),
                     tls: src_tls.clone(),
                     bandwidth: None,
+                    multifd: 0,
                     accept_timeout: Duration::from_secs(30),
                 },
                 Arc::new(Progress::default()),
