@@ -201,6 +201,12 @@ async fn read_text<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> R<String> {
     Ok(String::from_utf8_lossy(&v).into_owned())
 }
 
+/// Appends a [`Down::Raw`] frame of `body`, straight from where the bytes are (the
+/// source proxy's read buffer: no copy into a frame of their own first).
+pub fn put_raw(out: &mut Vec<u8>, body: &[u8]) {
+    put_len(out, 1, body);
+}
+
 fn put_len(out: &mut Vec<u8>, tag: u8, body: &[u8]) {
     out.push(tag);
     out.extend_from_slice(&u32::try_from(body.len()).unwrap_or(u32::MAX).to_be_bytes());
@@ -228,7 +234,7 @@ pub trait Frame {
 impl Frame for Down {
     fn encode(&self, out: &mut Vec<u8>) {
         match self {
-            Down::Raw(b) => put_len(out, 1, b),
+            Down::Raw(b) => put_raw(out, b),
             Down::Ref { key, digest } => {
                 out.push(2);
                 out.extend_from_slice(&key.to_be_bytes());

@@ -29,6 +29,8 @@ use super::{
     stream::{PAGE, Splitter, Token},
 };
 
+/// The most read from QEMU's socket at once.
+const READ: usize = 256 << 10;
 /// Referenced pages kept for resending: 64 MiB.
 pub const WINDOW: usize = 16_384;
 /// Batches of frames (each at most one read of QEMU's stream, 256 KiB) queued for the
@@ -212,15 +214,24 @@ async fn forward<Q: AsyncRead>(
     let mut tally = Tally::default();
     let mut buf: Vec<u8> = Vec::with_capacity(2 * MAX_RAW);
     let mut next_ref = 0u64;
-    let mut raw: Vec<u8> = Vec::new();
+    // Bytes of `buf` that pass as they are, not framed yet: framed straight from `buf`
+    // when a reference or the end of what was read interrupts them (a copy each byte
+    // saved over gathering them first).
+    let mut run: Option<(usize, usize)> = None;
     let mut frames: Vec<u8> = Vec::new();
-    let mut chunk = vec![0u8; 256 << 10];
     let mut referencing = !filter.is_empty();
     loop {
-        let n = qemu.read(&mut chunk).await.map_err(Failure::Qemu)?;
+        // Read straight into the buffer's spare room (no zeroing, no second copy), at most
+        // READ at once: a batch for the link is what one read brought.
+        let old = buf.len();
+        buf.reserve(READ);
+        let n = (&mut qemu)
+            .take(READ as u64)
+            .read_buf(&mut buf)
+            .await
+            .map_err(Failure::Qemu)?;
         let eof = n == 0;
-        buf.extend_from_slice(&chunk[..n]);
-        tally.update(&chunk[..n]);
+        tally.update(&buf[old..]);
         progress.qemu_bytes.fetch_add(n as u64, Ordering::Relaxed);
         let mut at = 0;
         loop {
@@ -232,8 +243,9 @@ async fn forward<Q: AsyncRead>(
                 },
                 None => break,
             };
-            let bytes = &buf[at..at + token.len()];
+            let begin = at;
             at += token.len();
+            let bytes = &buf[begin..at];
             if token == Token::Page {
                 progress.pages.fetch_add(1, Ordering::Relaxed);
                 if referencing
@@ -252,8 +264,8 @@ async fn forward<Q: AsyncRead>(
                 // only for a page its filter says it holds.
                 let k = referencing.then(|| filter.key(bytes));
                 if let Some(key) = k.filter(|k| filter.contains(*k)) {
-                    if !raw.is_empty() {
-                        Down::Raw(std::mem::take(&mut raw)).encode(&mut frames);
+                    if let Some((from, to)) = run.take() {
+                        link::put_raw(&mut frames, &buf[from..to]);
                     }
                     Down::Ref {
                         key,
@@ -284,15 +296,17 @@ async fn forward<Q: AsyncRead>(
                     continue;
                 }
             }
-            raw.extend_from_slice(bytes);
-            if raw.len() >= MAX_RAW {
-                Down::Raw(std::mem::take(&mut raw)).encode(&mut frames);
+            let from = run.map_or(begin, |(from, _)| from);
+            run = Some((from, at));
+            if at - from >= MAX_RAW {
+                link::put_raw(&mut frames, &buf[from..at]);
+                run = None;
             }
         }
-        buf.drain(..at);
-        if !raw.is_empty() {
-            Down::Raw(std::mem::take(&mut raw)).encode(&mut frames);
+        if let Some((from, to)) = run.take() {
+            link::put_raw(&mut frames, &buf[from..to]);
         }
+        buf.drain(..at);
         if eof {
             let sum = tally.sum();
             Down::End(sum.clone()).encode(&mut frames);
