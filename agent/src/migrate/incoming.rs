@@ -451,6 +451,13 @@ fn prepare(qemu: &Path, req: &Request, dir: &Path) -> Result<u32, (StatusCode, S
         )));
     }
     let args = command::incoming_args(&req.args, dir).map_err(bad)?;
+    if req.capabilities.multifd > super::link::MAX_MULTIFD {
+        return Err(bad(format!(
+            "{} multifd channels (at most {})",
+            req.capabilities.multifd,
+            super::link::MAX_MULTIFD
+        )));
+    }
     if let Some(root) = dir.parent() {
         super::incoming_qemu::sweep(root);
     }
@@ -750,6 +757,12 @@ mod tests {
                 "{hostile:?}"
             );
         }
+        let mut channels: serde_json::Value = serde_json::from_slice(&body(&[], None)).unwrap();
+        channels["capabilities"] = serde_json::json!({ "multifd": 200 });
+        assert_eq!(
+            refused(&serde_json::to_vec(&channels).unwrap()),
+            StatusCode::BAD_REQUEST
+        );
         // One migration at a time.
         let held = inc.busy.clone().try_acquire_owned().unwrap();
         assert_eq!(
@@ -759,7 +772,7 @@ mod tests {
         drop(held);
         assert_eq!(
             inc.stats.refused.load(Ordering::Relaxed),
-            8,
+            9,
             "every refusal counted"
         );
         // Nothing was started, nothing left behind but the (empty) incoming directory.
