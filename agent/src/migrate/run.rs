@@ -728,54 +728,33 @@ pub async fn receive_on(
             }
         };
         let _ = tcp.set_nodelay(true);
-        let mut refuse = |why: String| {
-            tracing::warn!("migration proxy: {why}");
-            refused = Some(why);
-        };
-        let mut link = match tokio::time::timeout(CONNECT_TIMEOUT, server.accept(tcp)).await {
-            Ok(Ok(l)) => l,
-            Ok(Err(e)) => {
-                refuse(format!("TLS from {peer}: {e}"));
-                continue;
-            }
-            Err(_) => {
-                refuse(format!("TLS from {peer}: timed out"));
-                continue;
-            }
-        };
-        if let Some(expected) = &token {
-            use tokio::io::AsyncReadExt as _;
-            let mut got = [0u8; 16];
-            let read = tokio::time::timeout(CONNECT_TIMEOUT, link.read_exact(&mut got)).await;
-            if !matches!(read, Ok(Ok(_))) || !tokens_match(&got, expected) {
-                refuse(format!("{peer} did not present the migration's token"));
-                continue;
-            }
-        }
-        let channel = match tokio::time::timeout(CONNECT_TIMEOUT, dest::accept(&mut link)).await {
-            Ok(Ok(c)) => c,
-            Ok(Err(e)) => {
-                refuse(format!("{peer}: {e}"));
-                continue;
-            }
-            Err(_) => {
-                refuse(format!("{peer}: no channel named in time"));
+        // A link that fails its handshake, or names a channel that does not fit, is refused.
+        let admitted =
+            handshake(server, tcp, peer, token.as_ref())
+                .await
+                .and_then(|(link, channel)| {
+                    if links.is_empty() {
+                        links.resize_with(usize::from(channel.multifd) + 1, || None);
+                    }
+                    let index = usize::from(channel.index);
+                    if links.len() != usize::from(channel.multifd) + 1 || links[index].is_some() {
+                        return Err(format!(
+                            "{peer}: channel {} of 1 + {} does not fit the migration's 1 + {}",
+                            channel.index,
+                            channel.multifd,
+                            links.len() - 1
+                        ));
+                    }
+                    Ok((link, channel, index))
+                });
+        let (mut link, channel, index) = match admitted {
+            Ok(l) => l,
+            Err(why) => {
+                tracing::warn!("migration proxy: {why}");
+                refused = Some(why);
                 continue;
             }
         };
-        if links.is_empty() {
-            links.resize_with(usize::from(channel.multifd) + 1, || None);
-        }
-        let index = usize::from(channel.index);
-        if links.len() != usize::from(channel.multifd) + 1 || links[index].is_some() {
-            refuse(format!(
-                "{peer}: channel {} of 1 + {} does not fit the migration's 1 + {}",
-                channel.index,
-                channel.multifd,
-                links.len() - 1
-            ));
-            continue;
-        }
         if channel.is_main() {
             dest::offer(&mut link, &holdings, &progress).await?;
         }
@@ -803,6 +782,35 @@ pub async fn receive_on(
         started.unwrap_or_else(Instant::now),
         None,
     ))
+}
+
+/// One connection's handshake, each step within [`CONNECT_TIMEOUT`]: mutual TLS, the
+/// migration's token (when one is given) and the channel the link carries; or why the
+/// connection is refused.
+async fn handshake(
+    server: &tokio_rustls::TlsAcceptor,
+    tcp: TcpStream,
+    peer: std::net::SocketAddr,
+    token: Option<&Token>,
+) -> Result<(tokio_rustls::server::TlsStream<TcpStream>, Channel), String> {
+    let mut link = match tokio::time::timeout(CONNECT_TIMEOUT, server.accept(tcp)).await {
+        Ok(Ok(l)) => l,
+        Ok(Err(e)) => return Err(format!("TLS from {peer}: {e}")),
+        Err(_) => return Err(format!("TLS from {peer}: timed out")),
+    };
+    if let Some(expected) = token {
+        use tokio::io::AsyncReadExt as _;
+        let mut got = [0u8; 16];
+        let read = tokio::time::timeout(CONNECT_TIMEOUT, link.read_exact(&mut got)).await;
+        if !matches!(read, Ok(Ok(_))) || !tokens_match(&got, expected) {
+            return Err(format!("{peer} did not present the migration's token"));
+        }
+    }
+    match tokio::time::timeout(CONNECT_TIMEOUT, dest::accept(&mut link)).await {
+        Ok(Ok(channel)) => Ok((link, channel)),
+        Ok(Err(e)) => Err(format!("{peer}: {e}")),
+        Err(_) => Err(format!("{peer}: no channel named in time")),
+    }
 }
 
 /// Compares tokens in time independent of where they differ.

@@ -501,17 +501,22 @@ pub(crate) mod tests {
         (out, s)
     }
 
+    /// The page bodies `tokens` found in `stream`.
+    fn bodies<'a>(stream: &'a [u8], tokens: &[(usize, Token)]) -> Vec<&'a [u8]> {
+        tokens
+            .iter()
+            .filter(|(_, t)| *t == Token::Page)
+            .map(|&(at, _)| &stream[at..at + PAGE])
+            .collect()
+    }
+
     #[test]
     fn finds_every_page_body_and_nothing_else_in_any_chunking() {
         let p = pages();
         let stream = sample(&p);
         for chunk in [1, 3, 7, 100, 4096, 1 << 20] {
             let (tokens, s) = split(&stream, chunk);
-            let bodies: Vec<&[u8]> = tokens
-                .iter()
-                .filter(|(_, t)| *t == Token::Page)
-                .map(|&(at, _)| &stream[at..at + PAGE])
-                .collect();
+            let bodies = bodies(&stream, &tokens);
             assert_eq!(bodies, [&p[0][..], &p[1][..], &p[2][..]], "chunk {chunk}");
             assert_eq!(s.records(), (3, 1));
             assert_eq!(s.stopped(), Some(&Stop::Devices));
@@ -592,11 +597,7 @@ pub(crate) mod tests {
         let stream = multifd_channel(1, &[&p[..2], &[], &p[2..]]);
         for chunk in [1, 5, 63, 64, 321, 4096, 1 << 20] {
             let (tokens, s) = split(&stream, chunk);
-            let bodies: Vec<&[u8]> = tokens
-                .iter()
-                .filter(|(_, t)| *t == Token::Page)
-                .map(|&(at, _)| &stream[at..at + PAGE])
-                .collect();
+            let bodies = bodies(&stream, &tokens);
             assert_eq!(bodies, [&p[0][..], &p[1][..], &p[2][..]], "chunk {chunk}");
             assert_eq!(s.records(), (3, 0));
             assert_eq!(s.stopped(), None);
