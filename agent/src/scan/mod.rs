@@ -583,6 +583,7 @@ impl Scanner {
                 let cpu = crate::util::thread_cpu();
                 self.recheck_round();
                 let cpu = crate::util::thread_cpu() - cpu;
+                tracing::trace!("recheck round: {:.1} ms of CPU", cpu * 1e3);
                 self.recheck_round_cpu = cpu;
                 spent += cpu;
                 if pay {

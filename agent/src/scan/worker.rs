@@ -319,13 +319,21 @@ fn scan_loop(
             if !scanned.is_empty() && arrived() {
                 break;
             }
-            let (started, cpu) = (Instant::now(), thread_cpu());
+            let (started, cpu, read) = (Instant::now(), thread_cpu(), scanner.bytes_read());
             let done = match kind {
                 PassKind::Full => scanner.pass(&[pid]),
                 PassKind::Sampled => scanner.pass_sampled(&[pid], SAMPLE_ONE_IN),
             };
             match done {
-                Ok(()) => scanned.push((pid, kind, thread_cpu() - cpu, started.elapsed())),
+                Ok(()) => {
+                    let cpu = thread_cpu() - cpu;
+                    tracing::debug!(
+                        "pass of {pid} ({kind:?}): {:.1} ms of CPU, {:.1} MiB read",
+                        cpu * 1e3,
+                        (scanner.bytes_read() - read) as f64 / f64::from(1 << 20)
+                    );
+                    scanned.push((pid, kind, cpu, started.elapsed()));
+                }
                 // It exited mid-scan (the next refresh drops it), or could not be read:
                 // tried again in a second, not in a loop.
                 Err(e) => {
@@ -396,6 +404,7 @@ fn report_charged(scanner: &mut Scanner, schedule: &mut Schedule) -> (Arc<Report
     let cpu = thread_cpu();
     let report = scanner.next_report();
     let cpu = thread_cpu() - cpu;
+    tracing::debug!("report built: {:.1} ms of CPU", cpu * 1e3);
     if !schedule.busy() {
         schedule.defer(cpu);
     }
