@@ -675,9 +675,22 @@ fn a_guest_moves_to_the_peer_holding_most_of_it_whose_agent_runs_it() {
         .1,
         logs()
     );
-    let (code, _, err) = migrate("dst");
+    let (code, out, err) = migrate("dst");
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("does not accept incoming migrations"), "{err}");
+    // `--json` reads as JSON on failure too: the outcome, the error, what had moved.
+    let failed: serde_json::Value = serde_json::from_str(out.trim()).expect(&out);
+    assert_eq!(failed["outcome"], "failed", "{failed}");
+    assert!(
+        failed["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("does not accept incoming migrations")),
+        "{failed}"
+    );
+    assert!(
+        failed["stream_bytes"].is_u64() && failed["wire_bytes"].is_u64(),
+        "{failed}"
+    );
     let status = qmp(&setup.src_qmp(), "query-status", serde_json::json!({}));
     assert_eq!(status["status"], "running", "{status}");
     assert!(migrated_qemu(&src.uuid, src.pid).is_none());

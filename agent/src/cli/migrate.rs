@@ -467,9 +467,52 @@ pub(super) fn migrate_one(
             eprintln!("{} runs on {node}", vm.name);
             ExitCode::SUCCESS
         }
-        Err(e @ memfabric::migrate::Failure::Undecided(_)) => fail(3, e.to_string()),
-        Err(e) => fail(1, format!("{e}; the VM keeps running on the source")),
+        Err(e @ memfabric::migrate::Failure::Undecided(_)) => {
+            let sofar = print_failure(&progress, "undecided", &e.to_string(), p.json);
+            fail(3, format!("{e} ({sofar})"))
+        }
+        Err(e) => {
+            let sofar = print_failure(&progress, "failed", &e.to_string(), p.json);
+            fail(
+                1,
+                format!("{e}; the VM keeps running on the source ({sofar})"),
+            )
+        }
     }
+}
+
+/// What a migration that did not complete had moved: as JSON on stdout with `--json` (a
+/// script reading the summary gets the outcome and the error instead of nothing), and as
+/// the returned text for the error line. An operator deciding whether to try again at
+/// another time or to another host wants to know how far it got.
+fn print_failure(progress: &Progress, outcome: &str, error: &str, json: bool) -> String {
+    let (stream, wire) = (
+        Progress::get(&progress.qemu_bytes),
+        Progress::get(&progress.wire_bytes),
+    );
+    let (referenced, resent) = (
+        Progress::get(&progress.referenced),
+        Progress::get(&progress.resent),
+    );
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "outcome": outcome,
+                "error": error,
+                "stream_bytes": stream,
+                "wire_bytes": wire,
+                "referenced": referenced,
+                "resent": resent,
+            })
+        );
+    }
+    format!(
+        "before it ended: stream {:.1} MiB, on the wire {:.1} MiB, {referenced} pages \
+         referenced, {resent} resent",
+        mib(stream),
+        mib(wire)
+    )
 }
 
 /// The runtime a migration runs on: two threads, so that the source proxy's reading,
@@ -589,7 +632,8 @@ pub(super) fn run(args: MigrateArgs) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Err(e) => {
-            eprintln!("memfabric migrate: {e}; the VM keeps running on the source");
+            let sofar = print_failure(&progress, "failed", &e.to_string(), json);
+            eprintln!("memfabric migrate: {e}; the VM keeps running on the source ({sofar})");
             Ok(ExitCode::from(1))
         }
     }
