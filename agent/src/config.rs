@@ -373,7 +373,7 @@ pub struct FileConfig {
     /// Percent of one core the page scanner may use (0 turns it off).
     pub scan_cpu_percent: Option<f64>,
     /// Percent of one core the page scanner uses while nothing changes (default: a
-    /// twenty-fifth of `scan_cpu_percent`, 0.2 at its default; equal to it: the scan never
+    /// hundredth of `scan_cpu_percent`, 0.05 at its default; equal to it: the scan never
     /// rests).
     pub scan_quiet_cpu_percent: Option<f64>,
     /// What the daemon may change (`["ksmd"]`); nothing by default.

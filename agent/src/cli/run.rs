@@ -41,7 +41,7 @@ pub(super) struct RunArgs {
     scan_cpu: Option<f64>,
     /// Percent of one core the page scanner uses while nothing changes (it rests between
     /// passes; new VMs, new memory, broken merges and moved rankings wake it) [default: a
-    /// twenty-fifth of --scan-cpu, 0.2].
+    /// hundredth of --scan-cpu, 0.05].
     #[arg(long, env = "MEMFABRIC_SCAN_QUIET_CPU")]
     scan_quiet_cpu: Option<f64>,
     /// Change the host: `ksmd` steers ksmd's scan rate; `hints` makes VM ranges mergeable

@@ -74,27 +74,38 @@ impl ScanWakes {
                 .probes
                 .map(|c| (c.new_memory_writes(), c.cow_breaks, c.write_protect_faults));
             let then = now.and_then(|n| self.writes.insert(pid, n));
-            let active = match (then, now) {
-                (Some(a), Some(b)) => {
-                    let breaks = if unknown_merges {
+            // Pages first touched and merges broken since the last tick.
+            let (populated, broken) = match (then, now) {
+                (Some(a), Some(b)) => (
+                    b.0.saturating_sub(a.0),
+                    if unknown_merges {
                         b.2.saturating_sub(a.2)
                     } else {
                         b.1.saturating_sub(a.1)
-                    };
-                    b.0.saturating_sub(a.0) >= NEW_MEMORY_PAGES || breaks >= COW_BREAKS
-                }
-                _ => false,
+                    },
+                ),
+                _ => (0, 0),
             };
+            let active = populated >= NEW_MEMORY_PAGES || broken >= COW_BREAKS;
             // The ranking is compared every tick, so its baseline stays current.
             let moved = self.moved(pid, ranked);
             if active || moved {
+                // Which signal, with its size: what a wake costs (passes over the whole
+                // VM) is weighed against what woke it.
                 tracing::debug!(
                     "waking the scan of {} (pid {pid}): {}",
                     s.vm.name,
                     if active {
-                        "new memory or broken merges"
+                        format!(
+                            "{populated} pages of new memory, {broken} merges broken{}",
+                            if unknown_merges {
+                                " (write-protect faults)"
+                            } else {
+                                ""
+                            }
+                        )
                     } else {
-                        "a merge candidate appeared or went"
+                        "a merge candidate appeared or went".to_owned()
                     }
                 );
                 wake.push(pid);

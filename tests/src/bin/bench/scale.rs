@@ -310,9 +310,10 @@ fn daemon_table(
         "\n## The daemon (`memfabric run --scan-cpu 5`, observing)\n\n\
          Steady windows of equal length, one daemon after the other on the same holders: \
          never resting (`--scan-quiet-cpu 5`, the budget always spent) and resting (the \
-         default, 0.2). A quiet VM is read about every `its pass's CPU x VMs / 0.2 %`: when \
-         that is longer than the window, the resting figure is the daemon's refresh alone \
-         and the scan's share comes on top, at most 0.2 % of a core (7.2 s/h). Then, with \
+         default, 0.05). A quiet VM is read about every `its pass's CPU x VMs / 0.05 %`: \
+         when that is longer than the window, the resting figure is the daemon's refresh \
+         and rechecks alone and the quiet passes' share comes on top, at most 0.05 % of a \
+         core (1.8 s/h) at any size. Then, with \
          the resting daemon: a merged 16 MiB range of one holder \
          starts being rewritten every second (time to its volatile verdict), and a new \
          4 GiB VM arrives (half content the others hold; from its start, time to its first \

@@ -2,7 +2,7 @@
 //! on the holders of one size. Measured in one run, side by side:
 //!
 //! - agent CPU per hour and RSS at steady state, resting (the default: a quiet VM is read
-//!   on its share of `--scan-quiet-cpu`, 0.2) and never resting (`--scan-quiet-cpu` equal to
+//!   on its share of `--scan-quiet-cpu`, 0.05) and never resting (`--scan-quiet-cpu` equal to
 //!   `--scan-cpu`: the scan spends its whole budget, as before), in windows of equal
 //!   length, each after the daemon settled;
 //! - with the resting daemon: the time to rank a new 4 GiB VM (first verdict: a range
@@ -164,12 +164,12 @@ pub(crate) fn run(
     // The prediction, with every VM scanned and resting: the daemon's figure against KSM's.
     if let Some(s) = status(&d) {
         // How often a quiet VM is read: its pass's CPU (wall time at the 5 % pace) times
-        // the VMs over the quiet budget (0.2 %), the median VM.
+        // the VMs over the quiet budget (the default: 5 % / QUIET_SHARE), the median VM.
         let mut every: Vec<f64> = s
             .vms
             .iter()
             .filter_map(|v| v.scan_pass_seconds)
-            .map(|wall| wall * 0.05 * n as f64 / 0.002)
+            .map(|wall| wall * 0.05 * n as f64 / (0.05 / memfabric::config::QUIET_SHARE))
             .collect();
         f.quiet_interval_s = xtask::report::median(&mut every);
         let zero_pages = s.ksm.ksm_zero_pages > 0;
