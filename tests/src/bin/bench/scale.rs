@@ -310,10 +310,10 @@ fn daemon_table(
         "\n## The daemon (`memfabric run --scan-cpu 5`, observing)\n\n\
          Steady windows of equal length, one daemon after the other on the same holders: \
          never resting (`--scan-quiet-cpu 5`, the budget always spent) and resting (the \
-         default, 0.05). A quiet VM is read about every `its pass's CPU x VMs / 0.05 %`: \
+         default, {quiet}). A quiet VM is read about every `its pass's CPU x VMs / {quiet} %`: \
          when that is longer than the window, the resting figure is the daemon's refresh \
-         and rechecks alone and the quiet passes' share comes on top, at most 0.05 % of a \
-         core (1.8 s/h) at any size. Then, with \
+         and rechecks alone and the quiet passes' share comes on top, at most {quiet} % of a \
+         core ({per_hour:.1} s/h) at any size. Then, with \
          the resting daemon: a merged 16 MiB range of one holder \
          starts being rewritten every second (time to its volatile verdict), and a new \
          4 GiB VM arrives (half content the others hold; from its start, time to its first \
@@ -321,7 +321,9 @@ fn daemon_table(
          against KSM's (sharing + zero pages), all VMs scanned.\n\n\
          | guest RAM | agent CPU s/h resting | never resting | ratio | a quiet VM read every \
          | MiB read/h resting / never | agent RSS MiB resting, peak (peak % of guest RAM) | new 4 GiB VM: first / final verdict | \
-         churn to verdict | prediction vs KSM |\n|---|---|---|---|---|---|---|---|---|---|"
+         churn to verdict | prediction vs KSM |\n|---|---|---|---|---|---|---|---|---|---|",
+        quiet = 5.0 / memfabric::config::QUIET_SHARE,
+        per_hour = 36.0 * 5.0 / memfabric::config::QUIET_SHARE,
     )?;
     for (gib, f) in daemon {
         let guest_mib = (*gib as f64) * 1024.0;
