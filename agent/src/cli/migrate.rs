@@ -440,12 +440,12 @@ pub(super) fn migrate_one(
         record.as_ref(),
         remote::migrate(opts, progress.clone()),
     ));
+    let outcome = match &r {
+        Ok(_) => outgoing::Outcome::Completed,
+        Err(memfabric::migrate::Failure::Undecided(_)) => outgoing::Outcome::Undecided,
+        Err(_) => outgoing::Outcome::Failed,
+    };
     if let Some(rec) = &record {
-        let outcome = match &r {
-            Ok(_) => outgoing::Outcome::Completed,
-            Err(memfabric::migrate::Failure::Undecided(_)) => outgoing::Outcome::Undecided,
-            Err(_) => outgoing::Outcome::Failed,
-        };
         rec.write(&progress, outcome);
     }
     match r {
@@ -467,16 +467,16 @@ pub(super) fn migrate_one(
             eprintln!("{} runs on {node}", vm.name);
             ExitCode::SUCCESS
         }
-        Err(e @ memfabric::migrate::Failure::Undecided(_)) => {
-            let sofar = print_failure(&progress, "undecided", &e.to_string(), p.json);
-            fail(3, format!("{e} ({sofar})"))
-        }
         Err(e) => {
-            let sofar = print_failure(&progress, "failed", &e.to_string(), p.json);
-            fail(
-                1,
-                format!("{e}; the VM keeps running on the source ({sofar})"),
-            )
+            let sofar = print_failure(&progress, outcome, &e.to_string(), p.json);
+            if outcome == outgoing::Outcome::Undecided {
+                fail(3, format!("{e} ({sofar})"))
+            } else {
+                fail(
+                    1,
+                    format!("{e}; the VM keeps running on the source ({sofar})"),
+                )
+            }
         }
     }
 }
@@ -485,7 +485,12 @@ pub(super) fn migrate_one(
 /// script reading the summary gets the outcome and the error instead of nothing), and as
 /// the returned text for the error line. An operator deciding whether to try again at
 /// another time or to another host wants to know how far it got.
-fn print_failure(progress: &Progress, outcome: &str, error: &str, json: bool) -> String {
+fn print_failure(
+    progress: &Progress,
+    outcome: outgoing::Outcome,
+    error: &str,
+    json: bool,
+) -> String {
     let (stream, wire) = (
         Progress::get(&progress.qemu_bytes),
         Progress::get(&progress.wire_bytes),
@@ -632,7 +637,7 @@ pub(super) fn run(args: MigrateArgs) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Err(e) => {
-            let sofar = print_failure(&progress, "failed", &e.to_string(), json);
+            let sofar = print_failure(&progress, outgoing::Outcome::Failed, &e.to_string(), json);
             eprintln!("memfabric migrate: {e}; the VM keeps running on the source ({sofar})");
             Ok(ExitCode::from(1))
         }
