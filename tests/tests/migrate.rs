@@ -727,43 +727,58 @@ fn a_guest_moves_to_the_peer_holding_most_of_it_whose_agent_runs_it() {
     });
     assert!(best, "no candidate for {} on dst: {}", src.name, logs());
 
-    // An operator's Ctrl-C mid-stream of a migration to `best` (the link capped so that
-    // the stream takes a while): the guest runs on the source, the destination drops its
-    // QEMU.
-    let interrupted = hosts
-        .command(Side::Src, &agent_binary())
-        .args(["migrate", "--vm", &src.name, "--to", "best", "--config"])
-        .arg(&src_cfg)
-        .args(["--endpoint", "http://127.0.0.1:9977", "--bandwidth", "20M"])
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    assert!(
-        memfabric_harness::wait_for(Duration::from_secs(60), || migrated_qemu(
-            &src.uuid, src.pid
-        )
-        .is_some()),
-        "the destination never started its QEMU: {}",
-        logs()
-    );
-    std::thread::sleep(Duration::from_secs(3));
-    // SAFETY: plain kill(2) of the migrate command this test started.
-    unsafe { libc::kill(interrupted.id() as i32, libc::SIGINT) };
-    let out = interrupted.wait_with_output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("to dst at"), "`best` is not dst: {err}");
-    assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(err.contains("interrupted"), "{err}");
-    let status = qmp(&setup.src_qmp(), "query-status", serde_json::json!({}));
-    assert_eq!(status["status"], "running", "{status}");
-    assert!(
-        memfabric_harness::wait_for(Duration::from_secs(30), || migrated_qemu(
-            &src.uuid, src.pid
-        )
-        .is_none()),
-        "the destination kept its QEMU after the source gave up: {}",
-        logs()
-    );
+    // An operator's Ctrl-C during a migration to `best` (the link capped so that the
+    // stream takes a while), twice: as soon as the destination started its QEMU (while it
+    // indexes its pages before answering, in the debug build at least) and once the
+    // stream flows. Either way the guest runs on the source, the destination drops its
+    // QEMU and the command says it was interrupted.
+    for mid_stream in [false, true] {
+        let answered = || logs().matches("proxy on port").count();
+        let answered_before = answered();
+        let interrupted = hosts
+            .command(Side::Src, &agent_binary())
+            .args(["migrate", "--vm", &src.name, "--to", "best", "--config"])
+            .arg(&src_cfg)
+            .args(["--endpoint", "http://127.0.0.1:9977", "--bandwidth", "20M"])
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        assert!(
+            memfabric_harness::wait_for(Duration::from_secs(60), || migrated_qemu(
+                &src.uuid, src.pid
+            )
+            .is_some()),
+            "the destination never started its QEMU: {}",
+            logs()
+        );
+        if mid_stream {
+            assert!(
+                memfabric_harness::wait_for(Duration::from_secs(120), || answered()
+                    > answered_before),
+                "the destination never answered: {}",
+                logs()
+            );
+            std::thread::sleep(Duration::from_secs(3));
+        }
+        // SAFETY: plain kill(2) of the migrate command this test started.
+        unsafe { libc::kill(interrupted.id() as i32, libc::SIGINT) };
+        let out = interrupted.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        eprintln!("interrupted (mid-stream: {mid_stream}): {err}");
+        assert!(err.contains("to dst at"), "`best` is not dst: {err}");
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(err.contains("interrupted"), "{err}");
+        let status = qmp(&setup.src_qmp(), "query-status", serde_json::json!({}));
+        assert_eq!(status["status"], "running", "{status}");
+        assert!(
+            memfabric_harness::wait_for(Duration::from_secs(30), || migrated_qemu(
+                &src.uuid, src.pid
+            )
+            .is_none()),
+            "the destination kept its QEMU after the source gave up: {}",
+            logs()
+        );
+    }
 
     // The consolidation plan: the three guests share most of their pages, so they fit on
     // one host, the destination, which runs two of them: the source's guest moves there.
@@ -880,7 +895,8 @@ fn a_guest_moves_to_the_peer_holding_most_of_it_whose_agent_runs_it() {
     let metrics = metrics_of(Side::Dst);
     for line in [
         "memfabric_migrations_incoming_total{outcome=\"running\"} 1",
-        "memfabric_migrations_incoming_total{outcome=\"failed\"} 1",
+        // The two interrupted migrations.
+        "memfabric_migrations_incoming_total{outcome=\"failed\"} 2",
         "memfabric_migrations_incoming_open 0",
     ] {
         assert!(metrics.contains(line), "{line} not in\n{metrics}");
@@ -900,7 +916,7 @@ fn a_guest_moves_to_the_peer_holding_most_of_it_whose_agent_runs_it() {
     let metrics = metrics_of(Side::Src);
     for line in [
         "memfabric_migrations_outgoing_total{outcome=\"completed\"} 1",
-        "memfabric_migrations_outgoing_total{outcome=\"failed\"} 2",
+        "memfabric_migrations_outgoing_total{outcome=\"failed\"} 3",
         "memfabric_migrations_outgoing_total{outcome=\"abandoned\"} 0",
         "memfabric_migrations_outgoing_open 0",
     ] {

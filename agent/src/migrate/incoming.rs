@@ -8,6 +8,7 @@
 //!      (QEMU started paused, listening; this host's pages indexed; the proxy on `port`)
 //! ... the source's proxy sends `token`, then streams to `port` (run::receive_on) ...
 //! POST /v1/fabric/migrations/{id}/start  -> the guest runs here, or an error
+//! POST /v1/fabric/migrations/{id}/cancel -> the source gave up: its QEMU here is stopped
 //! GET  /v1/fabric/migrations/{id}        -> where it stands
 //! ```
 //!
@@ -216,6 +217,7 @@ impl Incoming {
             .route("/v1/fabric/migrations", post(request))
             .route("/v1/fabric/migrations/{id}", get(status))
             .route("/v1/fabric/migrations/{id}/start", post(start))
+            .route("/v1/fabric/migrations/{id}/cancel", post(cancel))
             .layer(axum::extract::DefaultBodyLimit::max(MAX_REQUEST))
             .with_state(self.clone())
     }
@@ -529,16 +531,24 @@ async fn receive(
     _permit: tokio::sync::OwnedSemaphorePermit,
 ) {
     let progress = Arc::new(Progress::default());
-    let received = run::receive_on(
+    let socket = dir.join("incoming.sock");
+    let receiving = run::receive_on(
         proxy.listener,
         &inc.server,
         proxy.holdings,
-        &dir.join("incoming.sock"),
+        &socket,
         ACCEPT_WITHIN,
         Some(proxy.token),
         progress,
-    )
-    .await;
+    );
+    let received = tokio::select! {
+        r = receiving => r,
+        () = cancelled(&inc, &id) => {
+            tracing::warn!("incoming migration {id}: cancelled by the source; stopped");
+            stop(pid, &dir).await;
+            return;
+        }
+    };
     let verdict = match received {
         Ok(summary) => {
             let qmp = dir.join("qmp.sock");
@@ -579,6 +589,13 @@ async fn receive(
         let changed = inc.changed.notified();
         match inc.status_of(&id).map(|s| s.phase) {
             Some(Phase::Verified | Phase::Starting) => {}
+            Some(Phase::Failed) => {
+                // Cancelled by the source (or failed to start, already stopped: `stop`
+                // stops only the QEMU still running from this migration's directory).
+                tracing::warn!("incoming migration {id}: not started here; stopped");
+                stop(pid, &dir).await;
+                return;
+            }
             _ => return,
         }
         if tokio::time::timeout_at(deadline, changed).await.is_err() {
@@ -604,6 +621,40 @@ async fn status(Extract(inc): Extract<Arc<Incoming>>, UrlPath(id): UrlPath<Strin
     match inc.status_of(&id) {
         Some(s) => Json(s).into_response(),
         None => refuse(StatusCode::NOT_FOUND, format!("no migration {id:?} here")),
+    }
+}
+
+/// Resolves once migration `id` failed (a cancel moves it there) or is forgotten.
+async fn cancelled(inc: &Incoming, id: &str) {
+    loop {
+        let changed = inc.changed.notified();
+        match inc.status_of(id).map(|s| s.phase) {
+            None | Some(Phase::Failed) => return,
+            Some(_) => changed.await,
+        }
+    }
+}
+
+/// `POST /v1/fabric/migrations/{id}/cancel`: the source gave up (its operator's Ctrl-C)
+/// before starting the guest: the migration's task stops its QEMU here. 200 with its
+/// status; 409 once the guest is being started or runs here (then only the source's
+/// agent and its operator decide), 404 for an unknown migration.
+async fn cancel(Extract(inc): Extract<Arc<Incoming>>, UrlPath(id): UrlPath<String>) -> Response {
+    let why = || Some("cancelled by the source".to_owned());
+    let from = [Phase::Receiving, Phase::Verified];
+    if from
+        .into_iter()
+        .any(|f| inc.advance(&id, Some(f), Phase::Failed, why()))
+    {
+        return Json(inc.status_of(&id)).into_response();
+    }
+    match inc.status_of(&id) {
+        None => refuse(StatusCode::NOT_FOUND, format!("no migration {id:?} here")),
+        Some(s) if s.phase == Phase::Failed => Json(s).into_response(),
+        Some(s) => refuse(
+            StatusCode::CONFLICT,
+            format!("migration {id} is {:?}: too late to cancel", s.phase),
+        ),
     }
 }
 
@@ -791,6 +842,57 @@ mod tests {
         assert_eq!(s.status(), StatusCode::NOT_FOUND);
         let s = rt.block_on(start(Extract(inc.clone()), UrlPath("nope".into())));
         assert_eq!(s.status(), StatusCode::NOT_FOUND);
+        let s = rt.block_on(cancel(Extract(inc.clone()), UrlPath("nope".into())));
+        assert_eq!(s.status(), StatusCode::NOT_FOUND);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// A cancel fails a migration not started yet (its task, waiting on `cancelled`,
+    /// stops its QEMU), answers again the same, and leaves a started one alone.
+    #[test]
+    fn a_cancel_fails_a_migration_before_its_start_and_never_after() {
+        let (inc, dir) = incoming(Some("/bin/false"), "cancel");
+        let rt = rt();
+        for (id, phase) in [
+            ("receiving", Phase::Receiving),
+            ("verified", Phase::Verified),
+            ("running", Phase::Running),
+        ] {
+            inc.entries().push_back(Entry {
+                status: Status {
+                    id: id.into(),
+                    vm: "vm".into(),
+                    phase,
+                    error: None,
+                    summary: None,
+                },
+                dir: dir.join(id),
+                pid: u32::MAX,
+            });
+        }
+        for id in ["receiving", "verified"] {
+            let waiting = {
+                let inc = inc.clone();
+                rt.spawn(async move { cancelled(&inc, id).await })
+            };
+            let r = rt.block_on(cancel(Extract(inc.clone()), UrlPath(id.into())));
+            assert_eq!(r.status(), StatusCode::OK, "{id}");
+            let s = inc.status_of(id).unwrap();
+            assert_eq!(s.phase, Phase::Failed, "{id}");
+            assert_eq!(s.error.as_deref(), Some("cancelled by the source"));
+            rt.block_on(async {
+                tokio::time::timeout(Duration::from_secs(5), waiting)
+                    .await
+                    .expect("the migration's task sees the cancel")
+                    .unwrap()
+            });
+            let again = rt.block_on(cancel(Extract(inc.clone()), UrlPath(id.into())));
+            assert_eq!(again.status(), StatusCode::OK, "{id} again");
+        }
+        assert_eq!(inc.stats.failed.load(Ordering::Relaxed), 2);
+        let r = rt.block_on(cancel(Extract(inc.clone()), UrlPath("running".into())));
+        assert_eq!(r.status(), StatusCode::CONFLICT);
+        assert_eq!(inc.status_of("running").unwrap().phase, Phase::Running);
         let _ = std::fs::remove_dir_all(dir);
     }
 }

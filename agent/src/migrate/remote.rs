@@ -9,6 +9,8 @@
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
+use tokio::signal::unix::{SignalKind, signal};
+
 use super::{
     Failure, Progress,
     incoming::{Accepted, Request, Status},
@@ -20,6 +22,8 @@ use crate::fabric::{client, stats::FabricStats};
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(180);
 /// The start waits for the destination's last checks.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
+/// A cancel is answered at once (the destination stops its QEMU after answering).
+const CANCEL_TIMEOUT: Duration = Duration::from_secs(10);
 /// The largest answer read from the destination.
 const MAX_ANSWER: usize = 64 << 10;
 
@@ -85,7 +89,16 @@ async fn call<T: serde::de::DeserializeOwned>(
 }
 
 /// Moves the VM; on success it runs on the destination and its source QEMU has quit.
+///
+/// An operator's Ctrl-C before the start cancels the migration wherever it stands: the
+/// guest keeps running on the source and the destination stops the QEMU it started (told
+/// so explicitly; a request still being answered is awaited for that, a second Ctrl-C
+/// leaves at once and the destination stops its QEMU when no stream arrives).
 pub async fn migrate(opts: RemoteOptions, progress: Arc<Progress>) -> Result<Summary, Failure> {
+    // Caught from the first step: a Ctrl-C that killed the process while the destination
+    // prepares would leave its QEMU waiting for a stream that never comes.
+    let mut interrupt = signal(SignalKind::interrupt())
+        .map_err(|e| Failure::Setup(format!("catching Ctrl-C: {e}")))?;
     let qmp_path = opts.qmp.clone();
     let capabilities = run::blocking(move || run::check_capabilities(&qmp_path)).await?;
     let connector = opts.tls.load()?.client;
@@ -103,14 +116,41 @@ pub async fn migrate(opts: RemoteOptions, progress: Arc<Progress>) -> Result<Sum
         capabilities,
     })
     .map_err(|e| Failure::Setup(e.to_string()))?;
-    let accepted: Accepted = call(
+    let asking = call::<Accepted>(
         &connector,
         &opts,
         "/v1/fabric/migrations",
         request,
         REQUEST_TIMEOUT,
-    )
-    .await?;
+    );
+    tokio::pin!(asking);
+    let accepted = tokio::select! {
+        r = &mut asking => r?,
+        _ = interrupt.recv() => {
+            // The destination may be starting a QEMU for this request: its answer names
+            // the migration to cancel.
+            tracing::warn!(
+                "interrupted: waiting for {}'s answer to cancel the migration it prepares \
+                 (Ctrl-C again to leave now)",
+                opts.node
+            );
+            tokio::select! {
+                r = &mut asking => {
+                    if let Ok(a) = r {
+                        cancel(&connector, &opts, &a.id).await;
+                    }
+                }
+                _ = interrupt.recv() => {
+                    return Err(Failure::Setup(format!(
+                        "interrupted (Ctrl-C) twice: migration cancelled before {} \
+                         answered; it stops what it prepared when no stream arrives",
+                        opts.node
+                    )));
+                }
+            }
+            return Err(interrupted());
+        }
+    };
     let token = super::incoming::token_of_hex(&accepted.token)
         .ok_or_else(|| Failure::Peer(format!("{} answered no valid token", opts.node)))?;
     // The stream: on failure `send` already put the guest back (and the destination,
@@ -127,13 +167,15 @@ pub async fn migrate(opts: RemoteOptions, progress: Arc<Progress>) -> Result<Sum
         },
         progress,
     );
-    // An operator's Ctrl-C while the stream flows cancels the migration (the destination,
-    // whose link closes, stops its QEMU); the start below is not interrupted.
+    // A Ctrl-C while the stream flows cancels the migration; the start below is not
+    // interrupted (a Ctrl-C then is caught and ignored: the guest is paused between the
+    // two hosts until the destination answers).
     let summary = tokio::select! {
         r = sending => r?,
-        _ = tokio::signal::ctrl_c() => {
+        _ = interrupt.recv() => {
             run::keep_on_source(&opts.qmp).await;
-            return Err(Failure::Setup("interrupted (Ctrl-C): migration cancelled".into()));
+            cancel(&connector, &opts, &accepted.id).await;
+            return Err(interrupted());
         }
     };
     let start = format!("/v1/fabric/migrations/{}/start", accepted.id);
@@ -154,6 +196,20 @@ pub async fn migrate(opts: RemoteOptions, progress: Arc<Progress>) -> Result<Sum
              quit it if the guest runs on {}, resume it (QMP cont) if not",
             opts.node, accepted.id, opts.node
         ))),
+    }
+}
+
+fn interrupted() -> Failure {
+    Failure::Setup("interrupted (Ctrl-C): migration cancelled".into())
+}
+
+/// Tells the destination to stop what it prepared for migration `id` (its QEMU, its
+/// proxy). Best effort: a destination that does not answer stops it when no stream
+/// arrives, or when the source does not start the guest.
+async fn cancel(connector: &tokio_rustls::TlsConnector, opts: &RemoteOptions, id: &str) {
+    let path = format!("/v1/fabric/migrations/{id}/cancel");
+    if let Err(e) = call::<Status>(connector, opts, &path, Vec::new(), CANCEL_TIMEOUT).await {
+        tracing::warn!("cancelling migration {id} on {}: {e}", opts.node);
     }
 }
 
