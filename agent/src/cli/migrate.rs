@@ -187,12 +187,9 @@ async fn with_progress<T>(
                 .eta(started.elapsed())
                 .map_or_else(String::new, |d| format!(", ETA {:.0} s", d.as_secs_f64()));
             let line = format!(
-                "{what}: {:.0} s, stream {:.1} MiB, on the wire {:.1} MiB, {} pages referenced, {} resent{eta}",
+                "{what}: {:.0} s, {}{eta}",
                 started.elapsed().as_secs_f64(),
-                mib(Progress::get(&p.qemu_bytes)),
-                mib(Progress::get(&p.wire_bytes)),
-                Progress::get(&p.referenced),
-                Progress::get(&p.resent),
+                moved(p)
             );
             if tty {
                 eprint!("\r{line}   ");
@@ -491,32 +488,30 @@ fn print_failure(
     error: &str,
     json: bool,
 ) -> String {
-    let (stream, wire) = (
-        Progress::get(&progress.qemu_bytes),
-        Progress::get(&progress.wire_bytes),
-    );
-    let (referenced, resent) = (
-        Progress::get(&progress.referenced),
-        Progress::get(&progress.resent),
-    );
     if json {
         println!(
             "{}",
             serde_json::json!({
                 "outcome": outcome,
                 "error": error,
-                "stream_bytes": stream,
-                "wire_bytes": wire,
-                "referenced": referenced,
-                "resent": resent,
+                "stream_bytes": Progress::get(&progress.qemu_bytes),
+                "wire_bytes": Progress::get(&progress.wire_bytes),
+                "referenced": Progress::get(&progress.referenced),
+                "resent": Progress::get(&progress.resent),
             })
         );
     }
+    format!("before it ended: {}", moved(progress))
+}
+
+/// What a migration moved so far, for the progress line and the error line.
+fn moved(p: &Progress) -> String {
     format!(
-        "before it ended: stream {:.1} MiB, on the wire {:.1} MiB, {referenced} pages \
-         referenced, {resent} resent",
-        mib(stream),
-        mib(wire)
+        "stream {:.1} MiB, on the wire {:.1} MiB, {} pages referenced, {} resent",
+        mib(Progress::get(&p.qemu_bytes)),
+        mib(Progress::get(&p.wire_bytes)),
+        Progress::get(&p.referenced),
+        Progress::get(&p.resent),
     )
 }
 

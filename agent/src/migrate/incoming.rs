@@ -641,13 +641,10 @@ async fn cancelled(inc: &Incoming, id: &str) {
 /// agent and its operator decide), 404 for an unknown migration.
 async fn cancel(Extract(inc): Extract<Arc<Incoming>>, UrlPath(id): UrlPath<String>) -> Response {
     let why = || Some("cancelled by the source".to_owned());
-    let from = [Phase::Receiving, Phase::Verified];
-    if from
+    // Failed now if it was under way; a cancel of one failed already answers the same.
+    let _ = [Phase::Receiving, Phase::Verified]
         .into_iter()
-        .any(|f| inc.advance(&id, Some(f), Phase::Failed, why()))
-    {
-        return Json(inc.status_of(&id)).into_response();
-    }
+        .any(|f| inc.advance(&id, Some(f), Phase::Failed, why()));
     match inc.status_of(&id) {
         None => refuse(StatusCode::NOT_FOUND, format!("no migration {id:?} here")),
         Some(s) if s.phase == Phase::Failed => Json(s).into_response(),
